@@ -1,0 +1,5 @@
+"""python -m onnxadmm ..."""
+
+from .cli import main
+
+raise SystemExit(main())

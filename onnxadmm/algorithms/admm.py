@@ -1,0 +1,241 @@
+"""Layer-wise ADMM for   min f(W, b)  subject to  W ∈ C   (C given by its Z-step ``project``).
+
+Scaled-form iterations with a growing penalty ρ (Zhang et al. 2018; Kiaee et al. 2016 keep ρ fixed):
+    W  ← argmin f(W) + ρ/2 ‖W − Z + U‖²
+    Z  ← project(W + U, ρ)
+    U  ← U + W − Z;     ρ ← γρ (and U ← U/γ, keeping ρU fixed)
+then W = Z and a refit of the nonzero entries on their support.
+
+W-step, linear loss f = ‖W x̂ + b − y‖²: closed form W = (C + ρ'(Z − U))(Σ + ρ'I)⁻¹ with Σ = QΛQᵀ
+computed once, so every ρ costs two products. W-step through the activation σ: preconditioned gradient
+steps with per-output curvature a_o² = E[σ'(z_o)²] and the preconditioner a_o²κΣ̃ + ρ (same Q), each step
+accepted only when the objective decreases (halving otherwise).
+ρ is expressed relative to the mean curvature of f, so the settings do not depend on the layer's scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .problem import LayerProblem
+from .refit import Moments, bias_for, masked_refit, moments
+
+Projection = Callable[[torch.Tensor, float], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class AdmmSettings:
+    iterations: int = 40
+    rho_init: float = 0.02  # relative to the mean curvature of the layer objective
+    rho_growth: float = 1.2
+    inner_steps: int = 3  # gradient steps per W-step through the activation
+    refit_steps: int = 40  # masked steps through the activation after the support is fixed
+    grad_patches: int = 4096
+    tolerance: float = 1e-4  # stop when ‖W − Z‖ / ‖W₀‖ falls below it
+    seed: int = 0
+
+
+@dataclass
+class AdmmHistory:
+    """Per iteration: objective f(Z) (relative error), primal ‖W−Z‖/‖W₀‖, dual ρ‖Z−Z_prev‖/‖W₀‖, ρ."""
+
+    objective: list[float] = field(default_factory=list)
+    primal_residual: list[float] = field(default_factory=list)
+    dual_residual: list[float] = field(default_factory=list)
+    rho: list[float] = field(default_factory=list)
+
+    def record(self, objective: float, primal: float, dual: float, rho: float) -> None:
+        self.objective.append(float(objective))
+        self.primal_residual.append(float(primal))
+        self.dual_residual.append(float(dual))
+        self.rho.append(float(rho))
+
+    def as_dict(self) -> dict:
+        return {"objective": self.objective, "primal_residual": self.primal_residual,
+                "dual_residual": self.dual_residual, "rho": self.rho}
+
+
+def admm_linear(stats: Moments, w_start: torch.Tensor, project: Projection, settings: AdmmSettings,
+                rho_fixed: bool = False) -> tuple[torch.Tensor, AdmmHistory]:
+    """ADMM on the linear objective from its moments; returns Z (in C) and the history."""
+    sigma, cross = stats.sigma, stats.cross
+    eigenvalues, basis = torch.linalg.eigh(sigma)  # (G,d), (G,d,d)
+    eigenvalues = eigenvalues.clamp_min(0)
+    curvature = stats.mean_eigenvalue
+    norm0 = float(w_start.double().norm()) or 1.0
+    history = AdmmHistory()
+    w = w_start.double()
+    rho = settings.rho_init * curvature
+    z = project(w.float(), rho).double()
+    u = torch.zeros_like(w)
+    for step in range(settings.iterations):
+        rhs = cross + rho * (z - u)
+        w = torch.bmm(torch.bmm(rhs, basis) / (eigenvalues[:, None, :] + rho), basis.transpose(1, 2))
+        z_prev = z
+        z = project((w + u).float(), rho).double()
+        u = u + w - z
+        primal = float((w - z).norm()) / norm0
+        dual = rho * float((z - z_prev).norm()) / norm0
+        history.record(stats.relative_error(z), primal, dual, rho / curvature)
+        if primal < settings.tolerance and step >= 3:
+            break
+        if not rho_fixed:
+            u = u / settings.rho_growth
+            rho = rho * settings.rho_growth
+    return z.float(), history
+
+
+class ActivationObjective:
+    """f(W, b) = ‖σ(W x̂ + b) − t‖² / ‖t‖² on a fixed subset of patches, with its gradient and
+    the eigenbasis of the augmented input second moment Σ̃ = E[x̃x̃ᵀ], x̃ = [x̂; 1]."""
+
+    def __init__(self, problem: LayerProblem, settings: AdmmSettings):
+        count = problem.num_patches
+        take = min(count, max(settings.grad_patches, 4 * (problem.x_hat.shape[-1] + 1)))
+        generator = torch.Generator().manual_seed(settings.seed)
+        self.rows = torch.randperm(count, generator=generator)[:take].sort().values
+        self.problem = problem
+        self.target = problem.target("activation")[self.rows]
+        self.sides = problem.sides("hat", self.rows)
+        self.scale = 1.0 / (float(self.target.pow(2).sum()) or 1.0)
+        x = problem.x_hat[self.rows].transpose(0, 1).double()  # (G, M, d)
+        ones = torch.ones(x.shape[0], x.shape[1], 1, dtype=x.dtype)
+        self.x_aug = torch.cat([x, ones], dim=-1).float()  # (G, M, d+1)
+        x_aug = self.x_aug.double()
+        eigenvalues, basis = torch.linalg.eigh(torch.bmm(x_aug.transpose(1, 2), x_aug))  # S = X̃ᵀX̃
+        self.eigenvalues = eigenvalues.clamp_min(0).float()
+        self.basis = basis.float()
+        # Gauss-Newton curvature of row o: a_o²·κ·S with κ = 2·scale
+        self.kappa = 2.0 * self.scale
+        self.curvature = self.kappa * float(self.eigenvalues.mean()) or 1.0
+
+    def split(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return theta[..., :-1], theta[..., -1].reshape(-1)
+
+    def value_and_parts(self, theta: torch.Tensor):
+        """f(θ), dL/dz (M, Cout) and the per-output curvature factor a² (Cout)."""
+        g, r, _ = theta.shape
+        z = torch.bmm(self.x_aug, theta.transpose(1, 2)).transpose(0, 1).reshape(-1, g * r)
+        z = z.detach().requires_grad_(True)
+        with torch.enable_grad():
+            out = self.problem.sigma(z, self.sides)
+            (slope,) = torch.autograd.grad(out.sum(), z, allow_unused=True)
+        if slope is None:
+            slope = torch.zeros_like(z)
+        diff = out.detach() - self.target
+        value = float(diff.double().pow(2).sum()) * self.scale
+        dz = 2.0 * self.scale * diff * slope
+        a2 = slope.pow(2).mean(dim=0).clamp_min(1e-3)
+        return value, dz, a2
+
+    def value(self, theta: torch.Tensor) -> float:
+        g, r, _ = theta.shape
+        z = torch.bmm(self.x_aug, theta.transpose(1, 2)).transpose(0, 1).reshape(-1, g * r)
+        with torch.no_grad():
+            out = self.problem.sigma(z, self.sides)
+        return float((out - self.target).double().pow(2).sum()) * self.scale
+
+    def gradient(self, dz: torch.Tensor, shape) -> torch.Tensor:
+        g, r, _ = shape
+        dz_groups = dz.reshape(-1, g, r).transpose(0, 1)  # (G, M, R)
+        grad = torch.bmm(dz_groups.transpose(1, 2), self.x_aug)  # (G, R, d+1)
+        if not self.problem.fit_bias:
+            grad[..., -1] = 0.0
+        return grad
+
+    def precondition(self, grad: torch.Tensor, a2: torch.Tensor, rho: float) -> torch.Tensor:
+        g, r, _ = grad.shape
+        scaled = torch.bmm(grad, self.basis)  # (G, R, d+1)
+        denom = a2.reshape(g, r, 1) * self.kappa * self.eigenvalues[:, None, :] + rho
+        return torch.bmm(scaled / denom, self.basis.transpose(1, 2))
+
+
+def _descent(objective: ActivationObjective, theta: torch.Tensor, penalty, rho: float,
+             mask: torch.Tensor | None, steps: int) -> torch.Tensor:
+    """``steps`` preconditioned steps on f(θ) + penalty(θ), each accepted only if it decreases."""
+    def total(candidate: torch.Tensor) -> float:
+        return objective.value(candidate) + (penalty(candidate) if penalty else 0.0)
+
+    current = None
+    for _ in range(steps):
+        value, dz, a2 = objective.value_and_parts(theta)
+        if current is None:
+            current = value + (penalty(theta) if penalty else 0.0)
+        grad = objective.gradient(dz, theta.shape)
+        if penalty:
+            grad[..., :-1] += rho * penalty.residual(theta)
+        direction = objective.precondition(grad, a2, rho if penalty else 1e-3 * objective.curvature)
+        if mask is not None:
+            direction = direction * mask
+        step = 1.0
+        for _ in range(6):
+            candidate = theta - step * direction
+            candidate_value = total(candidate)
+            if candidate_value < current:
+                theta, current = candidate, candidate_value
+                break
+            step *= 0.5
+        else:
+            break
+    return theta
+
+
+class _Penalty:
+    """ρ/2 ‖W − Z + U‖² on the weight part of θ (not the bias)."""
+
+    def __init__(self, rho: float, z: torch.Tensor, u: torch.Tensor):
+        self.rho, self.anchor = rho, z - u
+
+    def residual(self, theta: torch.Tensor) -> torch.Tensor:
+        return theta[..., :-1] - self.anchor
+
+    def __call__(self, theta: torch.Tensor) -> float:
+        return 0.5 * self.rho * float(self.residual(theta).double().pow(2).sum())
+
+
+def admm_activation(problem: LayerProblem, w_start: torch.Tensor, b_start: torch.Tensor,
+                    project: Projection, settings: AdmmSettings, rho_fixed: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor, AdmmHistory, ActivationObjective]:
+    """ADMM whose W-step goes through the activation; returns Z, its bias, history, objective."""
+    objective = ActivationObjective(problem, settings)
+    g, r, d = w_start.shape
+    theta = torch.cat([w_start, b_start.reshape(g, r, 1)], dim=-1).clone()
+    norm0 = float(w_start.norm()) or 1.0
+    rho = settings.rho_init * objective.curvature
+    z = project(theta[..., :-1], rho)
+    u = torch.zeros_like(z)
+    history = AdmmHistory()
+    for step in range(settings.iterations):
+        penalty = _Penalty(rho, z, u)
+        theta = _descent(objective, theta, penalty, rho, None, settings.inner_steps)
+        w = theta[..., :-1]
+        z_prev = z
+        z = project(w + u, rho)
+        u = u + w - z
+        primal = float((w - z).norm()) / norm0
+        dual = rho * float((z - z_prev).norm()) / norm0
+        projected = torch.cat([z, theta[..., -1:]], dim=-1)
+        history.record(objective.value(projected), primal, dual, rho / objective.curvature)
+        if primal < settings.tolerance and step >= 3:
+            break
+        if not rho_fixed:
+            u = u / settings.rho_growth
+            rho = rho * settings.rho_growth
+    return z, theta[..., -1].reshape(-1), history, objective
+
+
+def refit_activation(objective: ActivationObjective, w: torch.Tensor, b: torch.Tensor,
+                     mask: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked preconditioned descent on the activation objective (support fixed, bias free)."""
+    g, r, _ = w.shape
+    theta = torch.cat([w * mask, b.reshape(g, r, 1)], dim=-1)
+    full_mask = torch.cat([mask.float(), torch.ones(g, r, 1)], dim=-1)
+    theta = _descent(objective, theta, None, 0.0, full_mask, steps)
+    return theta[..., :-1] * mask, theta[..., -1].reshape(-1)
+
+
+__all__ = ["AdmmSettings", "AdmmHistory", "admm_linear", "admm_activation", "refit_activation",
+           "moments", "masked_refit", "bias_for"]

@@ -1,0 +1,95 @@
+"""Least-squares refit of a layer on a fixed support, and the second moments it needs.
+
+Linear metric: with Σ = Cov(x̂), C = Cov(y, x̂) (per group), μ the means, each output row solves
+    min_w  w Σ wᵀ − 2 c wᵀ   subject to  w_j = 0 outside its support,
+i.e. w_S = c_S Σ_SS⁻¹, and the bias is b = μ_y − W μ_x. Rows are solved together by Jacobi-
+preconditioned conjugate gradients restricted to each row's support (exact in at most |S| steps).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .problem import LayerProblem
+
+
+@dataclass
+class Moments:
+    """Second moments of one layer problem in float64: Σ (G,d,d), C (G,R,d), μx (G,d), μy (Cout);
+    var_y = E‖y − μy‖², energy_y = E‖y‖² (so the relative error is (tr(WΣWᵀ) − 2tr(WCᵀ) + var_y) / energy_y)."""
+
+    sigma: torch.Tensor
+    cross: torch.Tensor
+    mean_x: torch.Tensor
+    mean_y: torch.Tensor
+    var_y: float
+    energy_y: float
+
+    def relative_error(self, w: torch.Tensor) -> float:
+        """Linear-metric relative error of W with its optimal bias."""
+        w = w.double()
+        quad = (torch.bmm(w, self.sigma) * w).sum() - 2 * (self.cross * w).sum()
+        return max(float(quad) + self.var_y, 0.0) / self.energy_y
+
+    @property
+    def mean_eigenvalue(self) -> float:
+        d = self.sigma.shape[-1]
+        return float(torch.diagonal(self.sigma, dim1=-2, dim2=-1).sum() / (self.sigma.shape[0] * d)) or 1.0
+
+
+def moments(problem: LayerProblem, damping: float = 1e-6) -> Moments:
+    """Centered (or, without a free bias, uncentered) moments of x̂ and y over the sampled patches."""
+    x = problem.x_hat.double().transpose(0, 1)  # (G, P, d)
+    y = problem.y_ref.double()
+    g, count, d = x.shape
+    r = y.shape[1] // g
+    if problem.fit_bias:
+        mean_x, mean_y = x.mean(dim=1), y.mean(dim=0)
+    else:
+        mean_x, mean_y = torch.zeros(g, d, dtype=x.dtype), torch.zeros(y.shape[1], dtype=x.dtype)
+    sigma = torch.bmm(x.transpose(1, 2), x) / count - mean_x[:, :, None] * mean_x[:, None, :]
+    y_groups = y.reshape(count, g, r).transpose(0, 1)  # (G, P, R)
+    cross = torch.bmm(y_groups.transpose(1, 2), x) / count - \
+        mean_y.reshape(g, r)[:, :, None] * mean_x[:, None, :]
+    scale = torch.diagonal(sigma, dim1=-2, dim2=-1).mean(dim=-1).clamp_min(1e-12)
+    sigma = sigma + damping * scale[:, None, None] * torch.eye(d, dtype=x.dtype)
+    var_y = float((y - mean_y).pow(2).sum()) / count
+    energy_y = float(y.pow(2).sum()) / count or 1.0
+    return Moments(sigma=sigma, cross=cross, mean_x=mean_x, mean_y=mean_y, var_y=var_y, energy_y=energy_y)
+
+
+def bias_for(stats: Moments, w: torch.Tensor) -> torch.Tensor:
+    """b = μ_y − W μ_x, the optimal bias for weights W under the linear metric."""
+    wx = torch.einsum("grd,gd->gr", w.double(), stats.mean_x).reshape(-1)
+    return (stats.mean_y - wx).float()
+
+
+def masked_refit(stats: Moments, w: torch.Tensor, mask: torch.Tensor, iterations: int | None = None,
+                 tolerance: float = 1e-10) -> torch.Tensor:
+    """Exact least squares of every row on its support (``mask``), warm-started at ``w``."""
+    sigma, cross = stats.sigma, stats.cross
+    m = mask.double()
+    w = w.double() * m
+    diag = torch.diagonal(sigma, dim1=-2, dim2=-1)[:, None, :].clamp_min(1e-30)  # (G,1,d)
+    residual = (cross - torch.bmm(w, sigma)) * m
+    z = residual / diag
+    p = z.clone()
+    rz = (residual * z).sum(-1, keepdim=True)
+    limit = iterations or int(min(mask.shape[-1], 500))
+    start = rz.abs().max().item() or 1.0
+    for _ in range(limit):
+        q = torch.bmm(p, sigma) * m
+        pq = (p * q).sum(-1, keepdim=True)
+        alpha = torch.where(pq > 0, rz / pq.clamp_min(1e-300), torch.zeros_like(pq))
+        w = w + alpha * p
+        residual = residual - alpha * q
+        z = residual / diag
+        rz_new = (residual * z).sum(-1, keepdim=True)
+        if rz_new.abs().max().item() <= tolerance * start:
+            break
+        beta = torch.where(rz > 0, rz_new / rz.clamp_min(1e-300), torch.zeros_like(rz))
+        p = z + beta * p
+        rz = rz_new
+    return (w * m).float()

@@ -1,0 +1,148 @@
+"""Solve one layer: choose the constraint set from the structure, run the solver, refit, measure.
+
+Solvers: ``admm`` (this package's method), and the baselines ``magnitude`` (keep the largest |w|, no
+data) and ``refit`` (magnitude support + exact least-squares refit, no ADMM).
+Errors are relative: ‖prediction − target‖² / ‖target‖² on the layer's sampled patches, in the metric
+of the chosen loss (after the activation, or before it for the linear loss).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .admm import AdmmSettings, admm_activation, admm_linear, refit_activation
+from .problem import LayerProblem
+from .projections.sparse import NM, HardThreshold, SoftThreshold, TopK, keep_count
+from .refit import bias_for, masked_refit, moments
+
+PENALTY_RHO = 1.0  # fixed ρ, relative to the layer's curvature, for the penalty methods (Kiaee et al.)
+PENALTY_SEARCH_STEPS = 10
+PENALTY_TOLERANCE = 0.005
+
+
+@dataclass(frozen=True)
+class Structure:
+    """What the layer is projected onto: ``kind`` in unstructured | nm | l1 | l0, at ``sparsity``."""
+
+    kind: str
+    sparsity: float = 0.0
+    n: int = 2
+    m: int = 4
+    taps: int = 1
+
+    def projection(self, w0: torch.Tensor):
+        """The Z-step of a constraint set (the penalties build theirs in the μ search)."""
+        if self.kind == "unstructured":
+            return TopK(keep_count(w0.numel(), self.sparsity))
+        if self.kind == "nm":
+            return NM(self.n, self.m, self.taps)
+        raise ValueError(f"structure {self.kind!r} has no fixed projection")
+
+
+@dataclass
+class LayerSolution:
+    weight: torch.Tensor  # (G, R, d)
+    bias: torch.Tensor  # (Cout,)
+    mask: torch.Tensor
+    error_dense: float  # original weights on the compressed model's inputs
+    error_projected: float  # magnitude projection of the original weights (no data)
+    error_final: float
+    history: dict = field(default_factory=dict)
+    penalty_mu: float | None = None
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - float(self.mask.float().mean())
+
+
+def solve_layer(problem: LayerProblem, structure: Structure, loss: str = "activation",
+                solver: str = "admm", settings: AdmmSettings = AdmmSettings()) -> LayerSolution:
+    w0, b0 = problem.w0, problem.b0
+    magnitude_w = _magnitude(w0, structure)
+    error_dense = problem.relative_error(w0, b0, loss)
+    error_projected = problem.relative_error(magnitude_w, b0, loss)
+    penalty_mu = None
+    history: dict = {}
+    if solver == "magnitude":
+        w, b = magnitude_w, b0
+    elif solver == "refit":
+        stats = moments(problem)
+        mask = magnitude_w != 0
+        w = masked_refit(stats, magnitude_w, mask)
+        b = bias_for(stats, w) if problem.fit_bias else b0
+    elif structure.kind in ("l1", "l0"):
+        w, b, history, penalty_mu = _penalty_search(problem, structure, loss, settings)
+    else:
+        w, b, history = _admm(problem, structure.projection(w0), loss, settings, rho_fixed=False)
+    mask = w != 0
+    return LayerSolution(weight=w, bias=b, mask=mask, error_dense=error_dense,
+                         error_projected=error_projected, error_final=problem.relative_error(w, b, loss),
+                         history=history, penalty_mu=penalty_mu)
+
+
+def _magnitude(w0: torch.Tensor, structure: Structure) -> torch.Tensor:
+    """The data-free projection at the same level (penalties: top-k at their target sparsity)."""
+    if structure.kind in ("l1", "l0"):
+        return TopK(keep_count(w0.numel(), structure.sparsity))(w0)
+    return structure.projection(w0)(w0)
+
+
+def _admm(problem: LayerProblem, project, loss: str, settings: AdmmSettings, rho_fixed: bool):
+    if loss == "linear":
+        stats = moments(problem)
+        z, history = admm_linear(stats, problem.w0, project, settings, rho_fixed=rho_fixed)
+        w = masked_refit(stats, z, z != 0)
+        b = bias_for(stats, w) if problem.fit_bias else problem.b0
+        return w, b, history.as_dict()
+    z, b, history, objective = admm_activation(problem, problem.w0, problem.b0, project, settings,
+                                               rho_fixed=rho_fixed)
+    w, b = refit_activation(objective, z, b if problem.fit_bias else problem.b0, z != 0,
+                            settings.refit_steps)
+    return w, b, history.as_dict()
+
+
+def _penalty_search(problem: LayerProblem, structure: Structure, loss: str, settings: AdmmSettings):
+    """Kiaee-style penalty ADMM (fixed ρ); the penalty weight μ is bisected (on a log scale) until the
+    layer reaches its allotted sparsity. Returns the trial closest to the target from above."""
+    w0 = problem.w0
+    settings = dataclasses.replace(settings, rho_init=PENALTY_RHO)
+    scale = float(w0.pow(2).mean().sqrt()) or 1.0
+    target = structure.sparsity
+    lo, hi = math.log(1e-4 * scale), math.log(10 * scale)
+    best = None
+    for _ in range(PENALTY_SEARCH_STEPS):
+        threshold = math.exp(0.5 * (lo + hi))
+        project = _FixedThreshold(structure.kind, threshold)
+        w, b, history = _admm(problem, project, loss, settings, rho_fixed=True)
+        achieved = 1.0 - float((w != 0).float().mean())
+        key = (achieved < target - PENALTY_TOLERANCE, abs(achieved - target))
+        if best is None or key < best[0]:
+            best = (key, w, b, history, project.mu)
+        if abs(achieved - target) <= PENALTY_TOLERANCE:
+            break
+        if achieved < target:
+            lo = math.log(threshold)
+        else:
+            hi = math.log(threshold)
+    _, w, b, history, mu = best
+    return w, b, history, mu
+
+
+class _FixedThreshold:
+    """Penalty prox with threshold τ at the fixed ADMM ρ; records the μ it implies:
+    τ = μ/ρ for ℓ1 (soft threshold), τ = √(2μ/ρ) for ℓ0 (hard threshold)."""
+
+    def __init__(self, kind: str, threshold: float):
+        self.kind, self.threshold = kind, threshold
+        self.mu = None
+
+    def __call__(self, v: torch.Tensor, rho: float) -> torch.Tensor:
+        if self.kind == "l1":
+            self.mu = self.threshold * rho
+            return SoftThreshold(self.mu)(v, rho)
+        self.mu = self.threshold ** 2 * rho / 2
+        return HardThreshold(self.mu)(v, rho)

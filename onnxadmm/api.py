@@ -1,0 +1,285 @@
+"""Python API: ``compress`` (load → layers → plan → layer-wise ADMM → export → validate → report),
+``validate`` (two models on held-out data, with gates) and ``check`` (preflight). Orchestration only:
+every step lives in its own module. Saving is separate (``CompressResult.save``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+
+from . import __version__
+from .analysis.layers import Declined, LayerSet, apply_exclude, find_layers
+from .calib.readers import SampleSet, evenly_spaced, open_samples, select
+from .config import CompressConfig, ValidateConfig, config_hash
+from .errors import UnsupportedModelError
+from .onnxio.graph import GraphView, TensorType
+from .onnxio.load import LoadedModel, default_opset, load_model, model_from_proto
+from .onnxio.normalize import normalize
+from .onnxio.save import METADATA_PREFIX, read_metadata, save_model_atomic
+from .report.schema import SCHEMA_VERSION, layer_row, machine
+
+log = logging.getLogger("onnxadmm")
+Progress = Callable[[str, int, int, str], None]
+
+
+@dataclass
+class CompressResult:
+    model: onnx.ModelProto
+    report: dict
+    passed: bool
+
+    def save(self, path: str | Path) -> int:
+        """Write the model atomically; returns bytes written. (The CLI checks the path first.)"""
+        written = save_model_atomic(self.model, path)
+        self.report.setdefault("output", {})["path"] = str(path)
+        self.report["output"]["size_bytes"] = written
+        return written
+
+
+def _load(model: Any) -> LoadedModel:
+    return model if isinstance(model, LoadedModel) else (
+        model_from_proto(model) if isinstance(model, onnx.ModelProto) else load_model(model))
+
+
+def model_inputs(view: GraphView) -> dict[str, TensorType]:
+    inputs = {}
+    for name in view.input_names:
+        tensor_type = view.types.get(name)
+        if tensor_type is None:
+            raise UnsupportedModelError(f"model input {name!r} has no tensor type; onnxadmm needs typed inputs")
+        inputs[name] = tensor_type
+    return inputs
+
+
+def _input_info(loaded: LoadedModel) -> dict:
+    model = loaded.model
+    return {"path": str(loaded.path) if loaded.path else None, "sha256": loaded.sha256,
+            "size_bytes": loaded.size_bytes, "opset": default_opset(model), "ir_version": model.ir_version,
+            "producer": f"{model.producer_name} {model.producer_version}".strip()}
+
+
+def _declines_for_method(found: LayerSet, config: CompressConfig) -> LayerSet:
+    if config.method != "nm":
+        return found
+    n, m = config.nm_pattern
+    kept, declined = [], list(found.declined)
+    for layer in found.layers:
+        taps = layer.conv.kernel[0] * layer.conv.kernel[1] if layer.conv else 1
+        cin = layer.in_features // taps
+        if cin % m:
+            declined.append(Declined(layer.name, layer.op_type,
+                                     f"{cin} input channels per group is not a multiple of M={m} for {n}:{m}"))
+        else:
+            kept.append(layer)
+    return LayerSet(kept, declined)
+
+
+def _evaluation_set(evaluation, inputs, calib_all: SampleSet, rest: np.ndarray, used: SampleSet,
+                    validate_config: ValidateConfig, seed: int) -> tuple[SampleSet, bool]:
+    if evaluation is not None:
+        samples = open_samples(evaluation, inputs, validate_config.labels, seed, what="evaluation")
+        held_out = True
+    elif len(rest):
+        samples, held_out = calib_all.subset(rest), True
+    else:
+        samples, held_out = used, False
+    if validate_config.eval_samples:
+        samples, _ = select(samples, min(validate_config.eval_samples, samples.num_samples), "evaluation")
+    return samples, held_out
+
+
+def compress(model: Any, calibration: Any, config: CompressConfig = CompressConfig(),
+             validate_config: ValidateConfig | None = None, evaluation: Any = None,
+             progress: Progress | None = None) -> CompressResult:
+    """Compress ``model`` (path, ModelProto or LoadedModel) with ``calibration`` samples.
+
+    ``evaluation`` (optional, same forms as calibration) is the held-out data for validation; without
+    it, calibration samples left out by ``calib_samples`` are used, or else the calibration samples
+    themselves (reported as not held-out).
+    """
+    import torch
+
+    from .calib.readers import SampleSet  # noqa: F401 - documented type
+    from .export.apply import apply_initializers, finalize
+    from .plan.planner import plan_sparsity
+    from .sequential import compress_layers
+    from .validate.gates import check_gate_inputs
+    from .validate.run import validate_models
+    from .runtime import cpu_threads
+
+    validate_config = validate_config or ValidateConfig()
+    progress = progress or (lambda *args: None)
+    started = time.perf_counter()
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(cpu_threads(config.threads))
+    try:
+        progress("load", 0, 1, "reading model")
+        loaded = _load(model)
+        previous = read_metadata(loaded.model)
+        notes: list[str] = []
+        if f"{METADATA_PREFIX}version" in previous:
+            message = (f"this model was already compressed by onnxadmm {previous[f'{METADATA_PREFIX}version']} "
+                       f"(config sha256 {previous.get(f'{METADATA_PREFIX}config_sha256', '?')[:12]})")
+            if not config.force:
+                raise UnsupportedModelError(message + "; compressing twice compounds the error. Pass --force "
+                                                      "to do it anyway")
+            notes.append(message + "; compressed again because of --force")
+        normalized = normalize(loaded.model)
+        notes.extend(normalized.rewrites)
+        view = normalized.view()
+        found = _declines_for_method(apply_exclude(find_layers(view), config.exclude), config)
+        if not found.layers:
+            reasons = "; ".join(f"{d.name}: {d.reason}" for d in found.declined[:5]) or "no Conv/Gemm/MatMul"
+            raise UnsupportedModelError(f"nothing to compress in this model ({reasons})")
+        inputs = model_inputs(view)
+        progress("calibration", 0, 1, "reading samples")
+        calib_all = open_samples(calibration, inputs, validate_config.labels, config.seed, labels_required=False)
+        calib, rest = select(calib_all, config.calib_samples)
+        eval_set, held_out = _evaluation_set(evaluation, inputs, calib_all, rest, calib, validate_config,
+                                             config.seed)
+        check_gate_inputs(validate_config, eval_set.labels is not None)
+        progress("plan", 0, 1, "measuring sensitivity")
+        plan = plan_sparsity(view, found.layers, calib, config)
+        solved = compress_layers(view, found.layers, calib, plan.levels, config, progress)
+        progress("export", 0, 1, "writing weights")
+        compressed = apply_initializers(normalized.model, solved.initializers)
+        digest = config_hash(config)
+        notes.extend(finalize(compressed, normalized.model, {
+            "version": __version__, "config_sha256": digest, "seed": str(config.seed),
+            "source_sha256": loaded.sha256, "method": config.method}))
+        solve_seconds = time.perf_counter() - started
+        progress("validate", 0, 1, f"{eval_set.num_samples} samples")
+        validation = validate_models(loaded.model, compressed, eval_set, validate_config, config.batch_size,
+                                     config.threads, held_out)
+        declined = solved.declined + found.declined
+        report = _compress_report(loaded, config, validate_config, digest, calib, plan, solved, declined,
+                                  validation, notes, started, solve_seconds)
+        progress("done", 1, 1, "")
+        return CompressResult(compressed, report, validation.passed)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _compress_report(loaded, config, validate_config, digest, calib, plan, solved, declined, validation,
+                     notes, started, solve_seconds) -> dict:
+    rows = [layer_row(o) for o in solved.outcomes]
+    total = sum(r["params"] for r in rows)
+    nonzero = sum(r["nonzero"] for r in rows)
+    fp_a, fp_b = validation.original, validation.compressed
+    return {
+        "schema_version": SCHEMA_VERSION, "kind": "compress", "tool": machine(),
+        "input": _input_info(loaded), "output": {},
+        "config": dataclasses.asdict(config), "validate_config": dataclasses.asdict(validate_config),
+        "config_sha256": digest, "seed": config.seed,
+        "calibration": {"source": calib.source, "samples": calib.num_samples,
+                        "representative": calib.representative},
+        "plan": {"strategy": plan.strategy, "probe_level": plan.probe_level,
+                 "measured_output_damage": plan.measured_damage},
+        "layers": rows, "declined": [dataclasses.asdict(d) for d in declined],
+        "totals": {"layers_compressed": len(rows), "layers_declined": len(declined),
+                   "weights_in_compressed_layers": total, "nonzero_in_compressed_layers": nonzero,
+                   "sparsity": 1 - nonzero / total if total else 0.0,
+                   "nonzero_reduction_x": fp_a.nonzero_layer_weights / max(fp_b.nonzero_layer_weights, 1)},
+        "validation": validation.as_dict(), "passed": validation.passed,
+        "timing": {"compress_s": solve_seconds, "total_s": time.perf_counter() - started,
+                   "peak_rss_mb": peak_rss_mb(), "activation_cache_peak_mb": solved.peak_cache_bytes / 2**20,
+                   "activation_spilled_mb": solved.spilled_bytes / 2**20},
+        "notes": notes,
+    }
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def validate(original: Any, compressed: Any, data: Any, config: ValidateConfig = ValidateConfig(),
+             batch_size: int = 32, threads: int = 0) -> tuple[dict, bool]:
+    """Compare two models on ``data``; returns (report, passed)."""
+    from .validate.gates import check_gate_inputs
+    from .validate.run import validate_models
+
+    started = time.perf_counter()
+    a, b = _load(original), _load(compressed)
+    view_a, view_b = GraphView(a.model), GraphView(b.model)
+    inputs = model_inputs(view_a)
+    if list(inputs) != view_b.input_names or view_a.output_names != view_b.output_names:
+        raise UnsupportedModelError(f"the two models differ in inputs/outputs: {list(inputs)} -> "
+                                    f"{view_b.input_names}, {view_a.output_names} -> {view_b.output_names}")
+    samples = open_samples(data, inputs, config.labels, what="evaluation")
+    if config.eval_samples:
+        samples, _ = select(samples, min(config.eval_samples, samples.num_samples), "evaluation")
+    check_gate_inputs(config, samples.labels is not None)
+    validation = validate_models(a.model, b.model, samples, config, batch_size, threads, True)
+    report = {"schema_version": SCHEMA_VERSION, "kind": "validate", "tool": machine(),
+              "input": _input_info(a), "output": _input_info(b), "validate_config": dataclasses.asdict(config),
+              "validation": validation.as_dict(), "passed": validation.passed,
+              "timing": {"total_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}}
+    return report, validation.passed
+
+
+def check(model: Any, config: CompressConfig = CompressConfig()) -> dict:
+    """Preflight: which layers would be compressed, which are declined and why, MACs and params."""
+    loaded = _load(model)
+    normalized = normalize(loaded.model)
+    view = normalized.view()
+    found = _declines_for_method(apply_exclude(find_layers(view), config.exclude), config)
+    from .bridge.torch_layer import BridgeError, activation_function
+
+    compressible, declined = [], [dataclasses.asdict(d) for d in found.declined]
+    for layer in found.layers:
+        try:
+            activation_function(view, layer)
+        except BridgeError as exc:
+            declined.append({"name": layer.name, "op_type": layer.op_type, "reason": str(exc)})
+            continue
+        compressible.append({"name": layer.name, "op_type": layer.op_type,
+                             "weight_shape": list(layer.weight_shape), "groups": layer.groups,
+                             "activation": layer.chain.description if layer.chain else "none",
+                             "params": layer.num_weights})
+    report = {"schema_version": SCHEMA_VERSION, "kind": "check", "tool": machine(), "input": _input_info(loaded),
+              "normalization": normalized.rewrites, "compressible": compressible, "declined": declined,
+              "unsupported_ops": _unsupported_ops(view), "estimate": _estimate(loaded.model, view)}
+    report["passed"] = bool(compressible)
+    return report
+
+
+def _unsupported_ops(view: GraphView) -> list[dict]:
+    """(op, opset) pairs onnx2torch has no converter for: fine outside layers, listed for information."""
+    from .bridge.torch_layer import converter_missing
+
+    opset = default_opset(view.model)
+    seen = {}
+    for node in view.nodes:
+        key = (node.domain or "ai.onnx", node.op_type)
+        if key not in seen and converter_missing(node, opset):
+            seen[key] = {"domain": key[0], "op_type": node.op_type, "opset": opset, "first_node": node.name}
+    return list(seen.values())
+
+
+def _estimate(model: onnx.ModelProto, view: GraphView) -> dict:
+    from .validate.footprint import footprint
+
+    feed = {}
+    for name, tensor_type in model_inputs(view).items():
+        if tensor_type.shape is None or any(not isinstance(d, int) for d in tensor_type.shape[1:]):
+            return {"macs": None, "params": None, "reason": f"input {name!r} has dynamic dimensions"}
+        feed[name] = np.zeros((1, *tensor_type.shape[1:]), dtype=tensor_type.dtype)
+    try:
+        fp = footprint(model, feed)
+    except Exception as exc:  # noqa: BLE001 - an estimate must not stop the preflight
+        return {"macs": None, "params": None, "reason": f"onnxruntime could not run it: {exc}"}
+    return {"macs_per_sample": fp.macs, "params": fp.params, "layer_weights": fp.layer_weights}
+
+
+__all__ = ["compress", "validate", "check", "CompressResult", "CompressConfig", "ValidateConfig",
+           "evenly_spaced"]

@@ -1,0 +1,123 @@
+"""The ONNX -> torch bridge (the only module that imports onnx2torch).
+
+A layer's activation chain is cut out of the graph as a small ONNX model and converted with onnx2torch,
+giving σ as a torch function for the loss taken through the nonlinearity. The layer together with its
+chain is converted too and run on real calibration inputs, to check that the canonical patch view
+(W x̂ + b, then σ) reproduces what the graph computes. Any failure is a BridgeError naming the node;
+the caller leaves that layer dense and reports why.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+
+from ..analysis.layers import Layer
+from ..onnxio.graph import GraphView
+from ..onnxio.load import default_opset
+
+
+class BridgeError(Exception):
+    """onnx2torch cannot convert, or the converted layer disagrees with the patch view."""
+
+
+def converter_missing(node: onnx.NodeProto, opset: int) -> bool:
+    """True when onnx2torch has no converter for this node's (domain, op_type) at ``opset``."""
+    from onnx2torch.node_converters.registry import get_converter
+
+    try:
+        get_converter(node.op_type, opset, node.domain or "")
+        return False
+    except NotImplementedError:
+        return True
+
+
+def _convert(view: GraphView, node_ids: list[int], inputs: list[str], output: str,
+             input_ranks: dict[str, int | None]) -> torch.nn.Module:
+    opset = default_opset(view.model)
+    for index in node_ids:
+        node = view.nodes[index]
+        if converter_missing(node, opset):
+            raise BridgeError(f"onnx2torch cannot convert node {node.name!r} ({node.op_type}, opset "
+                              f"{opset}); the layer stays dense")
+    needed = {t for i in node_ids for t in view.nodes[i].input if t in view.initializers}
+    graph = helper.make_graph(
+        [view.nodes[i] for i in node_ids], "onnxadmm_bridge",
+        [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT,
+                                       None if input_ranks.get(name) is None else [None] * input_ranks[name])
+         for name in inputs],
+        [helper.make_tensor_value_info(output, onnx.TensorProto.FLOAT, None)],
+        [_as_float32(view.initializers[t]) for t in sorted(needed)])
+    model = helper.make_model(graph, opset_imports=list(view.model.opset_import),
+                              ir_version=view.model.ir_version)
+    from onnx2torch import convert
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = convert(model)
+    except Exception as exc:  # noqa: BLE001 - onnx2torch raises many kinds
+        first = view.nodes[node_ids[0]]
+        raise BridgeError(f"onnx2torch failed on the subgraph starting at node {first.name!r}: "
+                          f"{type(exc).__name__}: {str(exc)[:200]}") from None
+    return module.eval()
+
+
+def _as_float32(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    """The solver works in float32: cast fp16/fp64 constants of the cut-out subgraph."""
+    if tensor.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
+        return numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float32), tensor.name)
+    return tensor
+
+
+def _patch_shape(layer: Layer) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Reshape (P, Cout) to a tensor of the layer output's rank with the channel on its own axis."""
+    rank = layer.output_rank or 2
+    if layer.op_type == "Conv":
+        return lambda t: t.reshape(t.shape[0], t.shape[1], *([1] * (rank - 2)))
+    return lambda t: t.reshape(t.shape[0], *([1] * (rank - 2)), t.shape[1])
+
+
+def activation_function(view: GraphView, layer: Layer):
+    """σ(z, sides) on (P, Cout) tensors, converted from the layer's chain; None for the identity."""
+    chain = layer.chain
+    if chain is None or chain.is_identity:
+        return None
+    rank = layer.output_rank or 2
+    inputs = [layer.output_name, *chain.side_inputs]
+    module = _convert(view, list(chain.node_ids), inputs, chain.output_name, {n: rank for n in inputs})
+    to_rank = _patch_shape(layer)
+
+    def sigma(z: torch.Tensor, sides: tuple) -> torch.Tensor:
+        out = module(to_rank(z), *(to_rank(s) for s in sides))
+        return out.reshape(z.shape[0], -1)
+
+    return sigma
+
+
+def verify_layer(view: GraphView, layer: Layer, x_batch: np.ndarray, side_batches: list[np.ndarray],
+                 positions: Callable[[torch.Tensor], torch.Tensor], expected: torch.Tensor) -> None:
+    """Run the converted layer + chain on one real batch; its values at the sampled positions must
+    match ``expected`` (σ(W₀x̂ + b₀) from the patch view). ``positions`` gathers (P, Cout) from the
+    full output tensor."""
+    chain = layer.chain
+    ids = [layer.node_index, *(chain.node_ids if chain else ())]
+    inputs = [layer.input_name, *(chain.side_inputs if chain else ())]
+    output = chain.output_name if chain and not chain.is_identity else layer.output_name
+    ranks = {layer.input_name: np.asarray(x_batch).ndim}
+    ranks.update({name: np.asarray(s).ndim for name, s in zip(inputs[1:], side_batches)})
+    module = _convert(view, ids, inputs, output, ranks)
+    with torch.no_grad():
+        full = module(torch.from_numpy(np.asarray(x_batch, dtype=np.float32)),
+                      *(torch.from_numpy(np.asarray(s, dtype=np.float32)) for s in side_batches))
+    got = positions(full)
+    scale = float(expected.abs().max()) or 1.0
+    error = float((got - expected).abs().max())
+    if not error <= 1e-3 * scale + 1e-5:
+        raise BridgeError(f"layer {layer.name!r}: the patch view disagrees with the converted graph "
+                          f"(max abs difference {error:.3g}, scale {scale:.3g}); left dense")

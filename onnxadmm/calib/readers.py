@@ -1,0 +1,299 @@
+"""Calibration and evaluation samples, from any of the sources users have, checked against the model.
+
+Sources (``open_samples``): a ``.npz`` keyed by input name (samples on axis 0); a folder of ``.npz`` /
+``.npy`` files or the ONNX model-zoo ``test_data_set_*/input_*.pb`` layout; ``random:N`` (flagged as
+not representative); in Python, an onnxruntime ``CalibrationDataReader`` (``get_next()``), an iterable
+of ``{input_name: array}`` or a dict of arrays. Names, dtypes, ranks, static dimensions and finiteness
+are checked, each error naming the input and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..errors import CalibrationError
+from ..onnxio.graph import TensorType
+
+
+@dataclass(frozen=True)
+class SampleSet:
+    """In-memory samples: one array per model input, samples on axis 0, plus optional labels."""
+
+    arrays: Mapping[str, np.ndarray]
+    source: str
+    representative: bool = True
+    labels: np.ndarray | None = None
+    fixed_batch: int | None = None  # the model's static batch size, if it has one
+
+    @property
+    def num_samples(self) -> int:
+        return len(next(iter(self.arrays.values())))
+
+    def subset(self, indices: np.ndarray) -> "SampleSet":
+        labels = None if self.labels is None else self.labels[indices]
+        return replace(self, arrays={k: v[indices] for k, v in self.arrays.items()}, labels=labels)
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        size = self.fixed_batch or batch_size
+        for start in range(0, self.num_samples, size):
+            yield {k: v[start:start + size] for k, v in self.arrays.items()}
+
+    def num_batches(self, batch_size: int) -> int:
+        size = self.fixed_batch or batch_size
+        return -(-self.num_samples // size)
+
+
+def evenly_spaced(total: int, count: int) -> np.ndarray:
+    """``count`` distinct indices spread evenly over ``range(total)`` (deterministic, class-balanced
+    on data sorted by class)."""
+    if count >= total:
+        return np.arange(total)
+    return np.floor(np.arange(count) * (total / count)).astype(np.int64)
+
+
+def select(samples: SampleSet, count: int | None, what: str = "calibration") -> tuple[SampleSet, np.ndarray]:
+    """Keep ``count`` evenly spaced samples; returns the subset and the indices left out."""
+    total = samples.num_samples
+    if count is None or count == total:
+        return samples, np.arange(0)
+    if count > total:
+        raise CalibrationError(f"asked for {count} {what} samples but {samples.source} holds only {total}; "
+                               f"lower --calib-samples or add data")
+    keep = evenly_spaced(total, count)
+    rest = np.setdiff1d(np.arange(total), keep)
+    return samples.subset(keep), rest
+
+
+def open_samples(spec: Any, inputs: Mapping[str, TensorType], labels_key: str | None = None,
+                 seed: int = 0, what: str = "calibration", labels_required: bool = True) -> SampleSet:
+    """Read ``spec`` and check it against the model ``inputs`` (name -> type).
+
+    ``labels_key`` names a labels array to set apart; with ``labels_required=False`` (calibration data,
+    which is used unlabelled) its absence is fine."""
+    if isinstance(spec, SampleSet):
+        raw, source, representative, labels = dict(spec.arrays), spec.source, spec.representative, spec.labels
+    elif isinstance(spec, (str, os.PathLike)) and str(spec).startswith("random:"):
+        raw, labels = _random(str(spec), inputs, seed), None
+        source, representative = str(spec), False
+        if labels_key and labels_required:
+            raise CalibrationError(f"--labels {labels_key!r} cannot be used with {spec}: random data "
+                                   "has no labels")
+    elif isinstance(spec, (str, os.PathLike)):
+        raw, source = _read_path(Path(spec), inputs, what), str(spec)
+        representative = True
+        labels = raw.pop(labels_key, None) if labels_key else None
+        if labels_key and labels is None and labels_required:
+            raise CalibrationError(f"{what} data {spec} has no array named {labels_key!r} for --labels "
+                                   f"(it has: {', '.join(sorted(raw))})")
+    elif isinstance(spec, Mapping):
+        raw, source, representative = {k: np.asarray(v) for k, v in spec.items()}, "dict of arrays", True
+        labels = raw.pop(labels_key, None) if labels_key else None
+    elif hasattr(spec, "get_next"):
+        raw, source, representative, labels = _drain_reader(spec), type(spec).__name__, True, None
+    elif hasattr(spec, "__iter__"):
+        raw, source, representative, labels = _concat_dicts(iter(spec), "iterable"), "iterable of dicts", True, None
+    else:
+        raise CalibrationError(f"cannot read {what} data from {type(spec).__name__}; give a .npz path, "
+                               "a folder, 'random:N', a CalibrationDataReader or an iterable of dicts")
+    arrays, fixed_batch = _check_against_model(raw, inputs, source, labels_key, what)
+    if labels is not None:
+        labels = _check_labels(labels, len(next(iter(arrays.values()))), labels_key or "labels", source)
+    return SampleSet(arrays=arrays, source=source, representative=representative, labels=labels,
+                     fixed_batch=fixed_batch)
+
+
+# -- sources -------------------------------------------------------------------------------------
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except ValueError as exc:
+        if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
+            raise CalibrationError(
+                f"{path} holds a pickled object array, which onnxadmm does not load (allow_pickle=False); "
+                "save numeric arrays, e.g. np.savez(path, input=x.astype(np.float32))") from None
+        raise CalibrationError(f"{path} is not a readable .npz: {exc}") from None
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise CalibrationError(f"{path} is not a readable .npz file: {exc}") from None
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        raise CalibrationError(f"{path}: cannot load ({exc}); pickled object arrays are not accepted") from None
+    except OSError as exc:
+        raise CalibrationError(f"{path} is not a readable .npy file: {exc}") from None
+
+
+def _read_path(path: Path, inputs: Mapping[str, TensorType], what: str) -> dict[str, np.ndarray]:
+    if not path.exists():
+        raise CalibrationError(f"{what} data not found: {path}")
+    if path.is_file():
+        if path.suffix == ".npy":
+            return _single_input(_load_npy(path), inputs, path)
+        return _load_npz(path)
+    zoo = sorted(path.glob("test_data_set_*"))
+    if zoo:
+        return _read_model_zoo(zoo, inputs)
+    files = sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy"))
+    if not files:
+        raise CalibrationError(f"folder {path} holds no .npz, .npy or test_data_set_* entries")
+    parts = [_load_npz(f) if f.suffix == ".npz" else _single_input(_load_npy(f), inputs, f) for f in files]
+    return _concat_dicts(iter(parts), str(path))
+
+
+def _single_input(array: np.ndarray, inputs: Mapping[str, TensorType], path: Path) -> dict[str, np.ndarray]:
+    if len(inputs) != 1:
+        raise CalibrationError(f"{path} is a bare .npy but the model has {len(inputs)} inputs "
+                               f"({', '.join(inputs)}); use a .npz keyed by input name")
+    return {next(iter(inputs)): array}
+
+
+def _read_model_zoo(folders: list[Path], inputs: Mapping[str, TensorType]) -> dict[str, np.ndarray]:
+    """ONNX model-zoo layout: test_data_set_k/input_i.pb, one sample batch per folder."""
+    names = list(inputs)
+    parts = []
+    for folder in folders:
+        sample = {}
+        for index, name in enumerate(names):
+            pb = folder / f"input_{index}.pb"
+            if not pb.is_file():
+                raise CalibrationError(f"{folder} lacks {pb.name} for model input {name!r}")
+            tensor = onnx.TensorProto()
+            try:
+                tensor.ParseFromString(pb.read_bytes())
+            except Exception as exc:  # noqa: BLE001 - protobuf raises several types
+                raise CalibrationError(f"{pb} is not a TensorProto: {exc}") from None
+            sample[tensor.name or name] = numpy_helper.to_array(tensor)
+        parts.append(sample)
+    return _concat_dicts(iter(parts), "test_data_set_*")
+
+
+def _drain_reader(reader) -> dict[str, np.ndarray]:
+    parts = []
+    for _ in range(1_000_000):
+        item = reader.get_next()
+        if item is None:
+            break
+        parts.append(item)
+    return _concat_dicts(iter(parts), type(reader).__name__)
+
+
+def _concat_dicts(parts: Iterator[Mapping[str, Any]], source: str) -> dict[str, np.ndarray]:
+    collected: dict[str, list[np.ndarray]] = {}
+    keys = None
+    for part in parts:
+        if not isinstance(part, Mapping):
+            raise CalibrationError(f"{source} yielded a {type(part).__name__}; expected a dict "
+                                   "{input_name: array}")
+        if keys is None:
+            keys = set(part)
+        elif set(part) != keys:
+            raise CalibrationError(f"{source}: items disagree on input names ({sorted(keys)} vs "
+                                   f"{sorted(part)})")
+        for name, value in part.items():
+            collected.setdefault(name, []).append(np.asarray(value))
+    if not collected:
+        raise CalibrationError(f"{source} yielded no samples")
+    try:
+        return {name: np.concatenate(chunks, axis=0) for name, chunks in collected.items()}
+    except ValueError as exc:
+        raise CalibrationError(f"{source}: items have inconsistent shapes ({exc})") from None
+
+
+def _random(spec: str, inputs: Mapping[str, TensorType], seed: int) -> dict[str, np.ndarray]:
+    try:
+        count = int(spec.split(":", 1)[1])
+    except ValueError:
+        raise CalibrationError(f"{spec!r}: random calibration is written random:N, e.g. random:64") from None
+    if count < 1:
+        raise CalibrationError(f"{spec!r} asks for zero samples; use random:N with N >= 1")
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for name, tensor_type in inputs.items():
+        if tensor_type.shape is None or any(not isinstance(d, int) for d in tensor_type.shape[1:]):
+            raise CalibrationError(f"input {name!r} has dynamic dimensions {tensor_type.shape}; random:N "
+                                   "needs static shapes after the batch axis, give real data")
+        if tensor_type.dtype.kind != "f":
+            raise CalibrationError(f"input {name!r} is {tensor_type.dtype}; random:N only generates float "
+                                   "inputs, give real data")
+        shape = (count,) + tuple(tensor_type.shape[1:])
+        arrays[name] = rng.standard_normal(shape).astype(tensor_type.dtype)
+    return arrays
+
+
+# -- checks --------------------------------------------------------------------------------------
+def _check_against_model(raw: dict[str, np.ndarray], inputs: Mapping[str, TensorType], source: str,
+                         labels_key: str | None, what: str) -> tuple[dict[str, np.ndarray], int | None]:
+    missing = [name for name in inputs if name not in raw]
+    if missing:
+        raise CalibrationError(f"{what} data {source} has no array for model input {missing[0]!r} "
+                               f"(it has: {', '.join(sorted(raw)) or 'nothing'}); key arrays by input name")
+    extra = sorted(set(raw) - set(inputs))
+    if extra:
+        hint = " (pass --labels NAME if one holds labels)" if labels_key is None else ""
+        raise CalibrationError(f"{what} data {source} has arrays {extra} that are not model inputs "
+                               f"({', '.join(inputs)}){hint}")
+    counts = set()
+    fixed_batch = None
+    arrays = {}
+    for name, tensor_type in inputs.items():
+        array = np.asarray(raw[name])
+        if array.dtype == object:
+            raise CalibrationError(f"input {name!r} in {source} is an object array; give numeric arrays")
+        expected = tensor_type.dtype
+        if array.dtype != expected:
+            raise CalibrationError(f"input {name!r} in {source} has dtype {array.dtype}, the model expects "
+                                   f"{expected}; convert it, e.g. x.astype(np.{expected.name})")
+        shape = tensor_type.shape
+        if shape is not None:
+            if array.ndim != len(shape):
+                raise CalibrationError(
+                    f"input {name!r} in {source} has shape {array.shape} (rank {array.ndim}); the model "
+                    f"expects rank {len(shape)} {_show(shape)} with samples on axis 0")
+            for axis in range(1, len(shape)):
+                if isinstance(shape[axis], int) and array.shape[axis] != shape[axis]:
+                    raise CalibrationError(
+                        f"input {name!r} in {source} has shape {array.shape}; the model expects "
+                        f"{_show(shape)} (axis {axis} must be {shape[axis]})")
+            if isinstance(shape[0], int) and shape[0] > 0:
+                fixed_batch = shape[0]
+        if array.shape[0] == 0:
+            raise CalibrationError(f"input {name!r} in {source} holds zero samples")
+        if array.dtype.kind == "f":
+            bad = ~np.isfinite(array)
+            if bad.any():
+                first = int(np.argwhere(bad.reshape(len(array), -1).any(axis=1))[0, 0])
+                raise CalibrationError(f"input {name!r} in {source} has {int(bad.sum())} NaN/inf values "
+                                       f"(first in sample {first}); clean the data")
+        counts.add(array.shape[0])
+        arrays[name] = np.ascontiguousarray(array)
+    if len(counts) > 1:
+        raise CalibrationError(f"{what} inputs in {source} have different sample counts: {sorted(counts)}")
+    if fixed_batch and next(iter(counts)) % fixed_batch:
+        raise CalibrationError(f"the model's batch axis is fixed at {fixed_batch} but {source} holds "
+                               f"{next(iter(counts))} samples, not a multiple of it")
+    return arrays, fixed_batch
+
+
+def _check_labels(labels: np.ndarray, count: int, key: str, source: str) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 1 or labels.dtype.kind not in "iu" or len(labels) != count:
+        raise CalibrationError(f"labels {key!r} in {source} must be {count} integer class indices, got "
+                               f"shape {labels.shape} dtype {labels.dtype}")
+    return labels.astype(np.int64)
+
+
+def _show(shape) -> str:
+    return "[" + ", ".join(str(d) if d is not None else "?" for d in shape) + "]"

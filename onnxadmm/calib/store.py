@@ -1,0 +1,79 @@
+"""Cached activations, one array per (tensor, batch), within a memory budget.
+
+When the arrays in memory exceed the budget, the oldest are written to a temporary folder as .npy and
+read back memory-mapped on access, so peak memory follows the setting, not the data set size.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+
+class TensorStore:
+    def __init__(self, budget_bytes: int, spill_dir: str | None = None):
+        self.budget_bytes = budget_bytes
+        self._memory: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+        self._disk: dict[tuple[str, int], Path] = {}
+        self._bytes = 0
+        self._spill_root = spill_dir
+        self._folder: Path | None = None
+        self.peak_bytes = 0
+        self.spilled_bytes = 0
+        self._files_written = 0
+
+    def __contains__(self, name: str) -> bool:
+        return any(key[0] == name for key in self._memory) or any(key[0] == name for key in self._disk)
+
+    def put(self, name: str, batch: int, array: np.ndarray) -> None:
+        self.drop_one(name, batch)
+        self._memory[(name, batch)] = array
+        self._bytes += array.nbytes
+        self.peak_bytes = max(self.peak_bytes, self._bytes)
+        self._spill()
+
+    def get(self, name: str, batch: int) -> np.ndarray:
+        key = (name, batch)
+        if key in self._memory:
+            return self._memory[key]
+        return np.load(self._disk[key], mmap_mode="r")
+
+    def drop(self, name: str) -> None:
+        for key in [k for k in self._memory if k[0] == name]:
+            self._bytes -= self._memory.pop(key).nbytes
+        for key in [k for k in self._disk if k[0] == name]:
+            self._disk.pop(key).unlink(missing_ok=True)
+
+    def drop_one(self, name: str, batch: int) -> None:
+        key = (name, batch)
+        if key in self._memory:
+            self._bytes -= self._memory.pop(key).nbytes
+        if key in self._disk:
+            self._disk.pop(key).unlink(missing_ok=True)
+
+    def names(self) -> set[str]:
+        return {k[0] for k in self._memory} | {k[0] for k in self._disk}
+
+    def _spill(self) -> None:
+        while self._bytes > self.budget_bytes and len(self._memory) > 1:
+            key, array = self._memory.popitem(last=False)
+            if self._folder is None:
+                self._folder = Path(tempfile.mkdtemp(prefix="onnxadmm-spill-", dir=self._spill_root))
+            self._files_written += 1
+            path = self._folder / f"{self._files_written}.npy"
+            np.save(path, array)
+            self._disk[key] = path
+            self._bytes -= array.nbytes
+            self.spilled_bytes += array.nbytes
+
+    def close(self) -> None:
+        self._memory.clear()
+        self._disk.clear()
+        self._bytes = 0
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None

@@ -1,0 +1,244 @@
+"""Settings as frozen dataclasses. A TOML file, a dict and the CLI flags map 1:1 onto the fields.
+
+Each field's ``metadata`` carries its help text (and choices), so the CLI flags are generated from
+here and ``--help`` never drifts from the code. Unknown keys are errors with a did-you-mean hint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+#: Compression methods. Each names a constraint set (the ADMM Z-step) and an export form.
+METHODS = {
+    "sparse": "unstructured top-k cardinality (Zhang et al. 2018)",
+    "nm": "N:M fine-grained sparsity along input channels",
+    "l1": "l1 penalty, soft thresholding (Kiaee et al. 2016)",
+    "l0": "l0 penalty, hard thresholding (Kiaee et al. 2016)",
+}
+LOSSES = ("activation", "linear")
+SOLVERS = ("admm", "magnitude", "refit")
+
+
+def _opt(help_text: str, choices: tuple[str, ...] | None = None, flag: str | None = None) -> dict:
+    meta: dict[str, Any] = {"help": help_text}
+    if choices:
+        meta["choices"] = tuple(choices)
+    if flag:
+        meta["flag"] = flag
+    return meta
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """What to compress and how. ``sparsity`` is the fraction of weights set to zero (0..1)."""
+
+    method: str = field(default="sparse", metadata=_opt("constraint set / structure", tuple(METHODS)))
+    sparsity: float = field(
+        default=0.5, metadata=_opt("global fraction of weights removed over the compressed layers")
+    )
+    nm: str = field(default="2:4", metadata=_opt("N:M pattern for --method nm (keep N of every M)"))
+    uniform: bool = field(
+        default=False,
+        metadata=_opt("same sparsity in every layer instead of the sensitivity-based allocation"),
+    )
+    exclude: tuple[str, ...] = field(
+        default=(),
+        metadata=_opt("leave dense: node names, name globs or op types (repeat or comma-separate)"),
+    )
+    loss: str = field(
+        default="activation",
+        metadata=_opt("layer objective: through the following activation, or before it", LOSSES),
+    )
+    solver: str = field(
+        default="admm",
+        metadata=_opt("admm, or the baselines: magnitude (no data) / refit (magnitude + least squares)",
+                      SOLVERS),
+    )
+    seed: int = field(default=0, metadata=_opt("seed for every random choice (sampling, init)"))
+    calib_samples: int | None = field(
+        default=None, metadata=_opt("use at most N calibration samples (evenly spaced, deterministic)")
+    )
+    batch_size: int = field(default=32, metadata=_opt("samples per onnxruntime call during calibration"))
+    max_memory_mb: int = field(
+        default=2048,
+        metadata=_opt("memory for cached activations; beyond it they spill to a temporary folder"),
+    )
+    sample_patches: int = field(
+        default=65536, metadata=_opt("input patches sampled per layer for its statistics")
+    )
+    grad_patches: int = field(
+        default=4096, metadata=_opt("patches used by the gradient steps through the activation")
+    )
+    admm_iterations: int = field(default=40, metadata=_opt("ADMM iterations per layer"))
+    rho_init: float = field(
+        default=0.02, metadata=_opt("initial ADMM penalty, relative to the mean eigenvalue of H")
+    )
+    rho_growth: float = field(default=1.2, metadata=_opt("rho multiplier per ADMM iteration"))
+    sensitivity_samples: int = field(
+        default=64, metadata=_opt("calibration samples used to measure per-layer sensitivity")
+    )
+    threads: int = field(default=0, metadata=_opt("torch/onnxruntime threads (0 = all cores)"))
+    force: bool = field(
+        default=False, metadata=_opt("compress a model that onnxadmm already compressed")
+    )
+
+    def __post_init__(self) -> None:
+        _check_choice("method", self.method, tuple(METHODS))
+        _check_choice("loss", self.loss, LOSSES)
+        _check_choice("solver", self.solver, SOLVERS)
+        _check_range("sparsity", self.sparsity, 0.0, 1.0, hi_open=True)
+        self.nm_pattern  # validates
+        for name in ("batch_size", "max_memory_mb", "sample_patches", "grad_patches",
+                     "admm_iterations", "sensitivity_samples"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.calib_samples is not None and self.calib_samples < 1:
+            raise ConfigError(f"calib_samples must be >= 1, got {self.calib_samples}")
+        if self.threads < 0:
+            raise ConfigError(f"threads must be >= 0, got {self.threads}")
+        if not self.rho_init > 0 or not self.rho_growth >= 1:
+            raise ConfigError("rho_init must be > 0 and rho_growth >= 1")
+
+    @property
+    def nm_pattern(self) -> tuple[int, int]:
+        """(N, M) parsed from ``nm``: keep N of every M consecutive input weights."""
+        try:
+            n_str, m_str = self.nm.split(":")
+            n, m = int(n_str), int(m_str)
+        except ValueError:
+            raise ConfigError(f"--nm must look like 2:4, got {self.nm!r}") from None
+        if not 0 < n < m:
+            raise ConfigError(f"--nm N:M needs 0 < N < M, got {self.nm!r}")
+        return n, m
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    """How the original and compressed models are compared in onnxruntime, and the CI gates."""
+
+    labels: str | None = field(
+        default=None, metadata=_opt("name of the labels array in the data .npz (enables accuracy)")
+    )
+    max_accuracy_drop: float | None = field(
+        default=None, metadata=_opt("gate: largest allowed top-1 drop, in percentage points")
+    )
+    min_agreement: float | None = field(
+        default=None, metadata=_opt("gate: smallest allowed top-1 agreement with the original (0..1)")
+    )
+    min_speedup: float | None = field(
+        default=None, metadata=_opt("gate: smallest allowed latency speed-up (original / compressed)")
+    )
+    eval_samples: int | None = field(
+        default=None, metadata=_opt("evaluate on at most N samples (evenly spaced)")
+    )
+    latency_batch_sizes: tuple[int, ...] = field(
+        default=(1,), metadata=_opt("batch sizes timed in the latency A/B (comma-separated)")
+    )
+    latency_rounds: int = field(default=30, metadata=_opt("A/B rounds per batch size"))
+    latency_threads: int = field(
+        default=0, metadata=_opt("onnxruntime intra-op threads while timing (0 = all cores)")
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
+            raise ConfigError("max_accuracy_drop is in percentage points and must be >= 0")
+        if self.min_agreement is not None:
+            _check_range("min_agreement", self.min_agreement, 0.0, 1.0)
+        if self.min_speedup is not None and not self.min_speedup > 0:
+            raise ConfigError("min_speedup must be > 0 (1.0 = as fast as the original)")
+        if not self.latency_batch_sizes or min(self.latency_batch_sizes) < 1:
+            raise ConfigError("latency_batch_sizes must list batch sizes >= 1")
+        if self.latency_rounds < 1 or self.latency_threads < 0:
+            raise ConfigError("latency_rounds must be >= 1 and latency_threads >= 0")
+        if self.eval_samples is not None and self.eval_samples < 1:
+            raise ConfigError("eval_samples must be >= 1")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        hint = difflib.get_close_matches(str(value), choices, n=1)
+        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}{extra}")
+
+
+def _check_range(name: str, value: float, lo: float, hi: float, hi_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and lo <= value
+    ok = ok and (value < hi if hi_open else value <= hi)
+    if not ok:
+        bracket = ")" if hi_open else "]"
+        raise ConfigError(f"{name} must be in [{lo}, {hi}{bracket}, got {value!r}")
+
+
+def _coerce(cls: type, name: str, value: Any) -> Any:
+    """Convert a TOML/JSON value to the field's declared type, or raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    target = hints[name]
+    args = typing.get_args(target)
+    optional = type(None) in args
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{name} cannot be empty")
+    base = next((a for a in args if a is not type(None)), target) if optional else target
+    origin = typing.get_origin(base)
+    try:
+        if origin is tuple:
+            (item_type, *_) = typing.get_args(base)
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(item_type(v.strip() if isinstance(v, str) else v) for v in items if v != "")
+        if base is bool:
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if base is int and isinstance(value, float) and not value.is_integer():
+            raise TypeError
+        return base(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be of type {getattr(base, '__name__', base)}, got {value!r}") from None
+
+
+def from_mapping(cls: type, mapping: Mapping[str, Any], where: str = "config"):
+    """Build ``cls`` from a dict, rejecting unknown keys (with a did-you-mean suggestion)."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in mapping.items():
+        name = key.replace("-", "_")
+        if name not in names:
+            hint = difflib.get_close_matches(name, names, n=1)
+            extra = f"; did you mean {hint[0]!r}?" if hint else ""
+            raise ConfigError(f"unknown key {key!r} in {where}{extra}")
+        kwargs[name] = _coerce(cls, name, value)
+    return cls(**kwargs)
+
+
+def load_toml(path: str | Path) -> tuple[CompressConfig, ValidateConfig]:
+    """Read a TOML file: top-level keys are CompressConfig fields, ``[validate]`` holds ValidateConfig."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    validate = data.pop("validate", {})
+    if not isinstance(validate, dict):
+        raise ConfigError(f"[validate] in {path} must be a table")
+    return (from_mapping(CompressConfig, data, str(path)),
+            from_mapping(ValidateConfig, validate, f"{path} [validate]"))
+
+
+def config_hash(*configs: Any) -> str:
+    """sha256 of the canonical JSON of the settings that change the output model."""
+    blob = json.dumps([dataclasses.asdict(c) for c in configs], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()

@@ -1,0 +1,67 @@
+"""Write the solved weights into (a copy of) the original graph and check the result.
+
+Only initializer values change here: same nodes, same input/output names, dtypes, dynamic axes, opset
+and ir_version. The model is stamped with ``onnxadmm.*`` metadata and must pass onnx.checker's full
+check (with strict shape inference) — unless the input itself fails it, which is then reported.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Mapping
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..errors import OnnxAdmmError
+from ..onnxio.save import PROTOBUF_LIMIT_BYTES, stamp_metadata
+
+
+def apply_initializers(model: onnx.ModelProto, values: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers named in ``values`` hold the new arrays (same dtype)."""
+    out = copy.copy(model)
+    replaced = set()
+    for index, tensor in enumerate(out.graph.initializer):
+        if tensor.name in values:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+            new = numpy_helper.from_array(np.asarray(values[tensor.name]).astype(dtype), tensor.name)
+            out.graph.initializer[index].CopyFrom(new)
+            replaced.add(tensor.name)
+    missing = set(values) - replaced
+    if missing:
+        raise OnnxAdmmError(f"internal error: initializers {sorted(missing)} not found in the graph")
+    for value in out.graph.input:  # keep declared shapes of overridable initializers consistent
+        if value.name in values and value.type.tensor_type.HasField("shape"):
+            dims = value.type.tensor_type.shape.dim
+            shape = np.asarray(values[value.name]).shape
+            if len(dims) != len(shape) or any(d.dim_value != s for d, s in zip(dims, shape)):
+                value.type.tensor_type.ClearField("shape")
+                value.type.tensor_type.shape.dim.extend(
+                    onnx.TensorShapeProto.Dimension(dim_value=s) for s in shape)
+    return out
+
+
+def full_check(model: onnx.ModelProto) -> str | None:
+    """None when onnx.checker's full check passes, else its first line."""
+    if model.ByteSize() >= PROTOBUF_LIMIT_BYTES:
+        return None  # checked from the saved file by the caller
+    try:
+        onnx.checker.check_model(model, full_check=True)
+        return None
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        return (str(exc).strip().splitlines() or ["invalid"])[0]
+
+
+def finalize(model: onnx.ModelProto, source: onnx.ModelProto, metadata: Mapping[str, str]) -> list[str]:
+    """Stamp metadata and run the full check; returns notes for the report. A failure that the
+    source model does not have is an error in onnxadmm, raised as such."""
+    stamp_metadata(model, metadata)
+    notes = []
+    problem = full_check(model)
+    if problem:
+        if full_check(source):
+            notes.append(f"onnx.checker full check fails on the input model too: {problem}")
+        else:
+            raise OnnxAdmmError(f"internal error: the compressed model fails onnx.checker ({problem})")
+    return notes

@@ -1,0 +1,164 @@
+"""A read-only index over a model's top-level graph: who produces and consumes each tensor, constants,
+inferred types, and a topological order (cycles and dangling inputs are reported by name).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict, deque
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..errors import UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class TensorType:
+    elem_type: int
+    shape: tuple[int | str | None, ...] | None  # int = static, str = symbolic, None = unknown
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(self.elem_type))
+
+
+def subgraph_outer_inputs(graph: onnx.GraphProto) -> set[str]:
+    """Names a (control-flow) subgraph reads from enclosing scopes."""
+    defined = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    used: set[str] = set()
+    for node in graph.node:
+        for name in node.input:
+            if name and name not in defined:
+                used.add(name)
+        for attr in node.attribute:
+            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for sub in subs:
+                used |= {n for n in subgraph_outer_inputs(sub) if n not in defined}
+        defined |= set(node.output)
+    return used - defined
+
+
+def node_inputs(node: onnx.NodeProto) -> list[str]:
+    """Explicit inputs plus the outer-scope names read by its subgraphs (If/Loop/Scan)."""
+    names = [n for n in node.input if n]
+    for attr in node.attribute:
+        subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for sub in subs:
+            names.extend(sorted(subgraph_outer_inputs(sub)))
+    return names
+
+
+class GraphView:
+    """Index of ``model.graph`` (top level). Node ids are positions in ``graph.node``."""
+
+    def __init__(self, model: onnx.ModelProto, inferred: onnx.ModelProto | None = None):
+        self.model = model
+        graph = model.graph
+        self.graph = graph
+        self.nodes: list[onnx.NodeProto] = list(graph.node)
+        self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
+        self.input_names: list[str] = [v.name for v in graph.input if v.name not in self.initializers]
+        self.output_names: list[str] = [v.name for v in graph.output]
+        self.producer: dict[str, int] = {}
+        self.consumers: dict[str, list[int]] = defaultdict(list)
+        self.node_by_name: dict[str, int] = {}
+        for index, node in enumerate(self.nodes):
+            self.node_by_name.setdefault(node.name, index)
+            for name in node.output:
+                if name:
+                    self.producer[name] = index
+            for name in node_inputs(node):
+                self.consumers[name].append(index)
+        self.types: dict[str, TensorType] = {}
+        source = inferred if inferred is not None else model
+        for value in list(source.graph.input) + list(source.graph.value_info) + list(source.graph.output):
+            parsed = _tensor_type(value)
+            if parsed is not None:
+                self.types[value.name] = parsed
+        for name, tensor in self.initializers.items():
+            self.types[name] = TensorType(tensor.data_type, tuple(tensor.dims))
+        self.order = self._topological_order()
+
+    # -- constants ---------------------------------------------------------------------------
+    def is_constant(self, name: str) -> bool:
+        return name in self.initializers
+
+    def constant(self, name: str) -> np.ndarray:
+        return numpy_helper.to_array(self.initializers[name])
+
+    # -- structure ---------------------------------------------------------------------------
+    def _topological_order(self) -> list[int]:
+        available = set(self.input_names) | set(self.initializers) | {""}
+        pending = {}
+        waiting: dict[str, list[int]] = defaultdict(list)
+        ready = deque()
+        for index, node in enumerate(self.nodes):
+            missing = {n for n in node_inputs(node) if n not in available}
+            for name in missing:
+                if name not in self.producer:
+                    raise UnsupportedModelError(
+                        f"node {node.name!r} ({node.op_type}) reads tensor {name!r}, which no node, "
+                        "graph input or initializer provides (dangling input); fix the exporter output")
+                waiting[name].append(index)
+            pending[index] = len(missing)
+            if not missing:
+                ready.append(index)
+        order = []
+        while ready:
+            index = ready.popleft()
+            order.append(index)
+            for name in self.nodes[index].output:
+                for consumer in waiting.pop(name, []):
+                    pending[consumer] -= 1
+                    if pending[consumer] == 0:
+                        ready.append(consumer)
+        if len(order) != len(self.nodes):
+            stuck = next(i for i, count in pending.items() if count > 0)
+            raise UnsupportedModelError(
+                f"the graph has a cycle through node {self.nodes[stuck].name!r} "
+                f"({self.nodes[stuck].op_type}); ONNX graphs must be acyclic")
+        return order
+
+    def ancestors(self, tensors, stop: set[int] | None = None) -> set[int]:
+        """Node ids needed to compute ``tensors`` (not crossing nodes in ``stop``)."""
+        stop = stop or set()
+        seen: set[int] = set()
+        stack = [self.producer[t] for t in tensors if t in self.producer]
+        while stack:
+            index = stack.pop()
+            if index in seen or index in stop:
+                continue
+            seen.add(index)
+            stack.extend(self.producer[n] for n in node_inputs(self.nodes[index]) if n in self.producer)
+        return seen
+
+    def sole_consumer(self, tensor: str) -> int | None:
+        """The only node reading ``tensor``, if exactly one does and it is not a graph output."""
+        users = self.consumers.get(tensor, [])
+        if len(users) == 1 and tensor not in self.output_names:
+            return users[0]
+        return None
+
+    def initializer_users(self, name: str) -> list[int]:
+        return list(self.consumers.get(name, []))
+
+
+def _tensor_type(value: onnx.ValueInfoProto) -> TensorType | None:
+    if not value.type.HasField("tensor_type"):
+        return None
+    tensor_type = value.type.tensor_type
+    if tensor_type.elem_type == 0:
+        return None
+    if not tensor_type.HasField("shape"):
+        return TensorType(tensor_type.elem_type, None)
+    dims = []
+    for dim in tensor_type.shape.dim:
+        if dim.HasField("dim_value"):
+            dims.append(int(dim.dim_value))
+        elif dim.HasField("dim_param"):
+            dims.append(dim.dim_param)
+        else:
+            dims.append(None)
+    return TensorType(tensor_type.elem_type, tuple(dims))

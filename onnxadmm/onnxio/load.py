@@ -1,0 +1,173 @@
+"""Read an ONNX file defensively: every failure becomes a BadInputError that names the file and the fix.
+
+External data is loaded only from files inside the model's own folder (no absolute paths, no ``..``).
+The input file is only ever opened for reading.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper
+
+from ..errors import BadInputError, UnsupportedModelError
+
+MIN_OPSET = 7
+
+
+@dataclass
+class LoadedModel:
+    """A parsed model with where it came from."""
+
+    model: onnx.ModelProto
+    path: Path | None
+    sha256: str
+    size_bytes: int
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_model(path: str | os.PathLike) -> LoadedModel:
+    """Parse, check external-data paths, load them, and check opset and graph validity."""
+    path = Path(path)
+    if not path.exists():
+        raise BadInputError(f"model file not found: {path}")
+    if path.is_dir():
+        raise BadInputError(f"{path} is a directory; give the path of an .onnx file")
+    size_bytes = path.stat().st_size
+    if size_bytes == 0:
+        raise BadInputError(f"{path} is empty (0 bytes); re-export the model")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as exc:
+        raise BadInputError(
+            f"{path} is not a readable ONNX model (protobuf parse failed: {exc}); "
+            "the file may be truncated or not ONNX at all") from None
+    except OSError as exc:
+        raise BadInputError(f"cannot read {path}: {exc}") from None
+    _check_looks_like_onnx(model, path)
+    _load_external_data(model, path)
+    check_model(model, str(path))
+    return LoadedModel(model=model, path=path, sha256=file_sha256(path), size_bytes=size_bytes)
+
+
+def model_from_proto(model: onnx.ModelProto) -> LoadedModel:
+    """Wrap an in-memory ModelProto (Python API) with the same checks as a file, minus the file."""
+    if not isinstance(model, onnx.ModelProto):
+        raise BadInputError(f"expected an onnx.ModelProto or a path, got {type(model).__name__}")
+    _check_looks_like_onnx(model, "<in-memory model>")
+    for tensor in _all_initializers(model.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            raise BadInputError("in-memory model still refers to external data; load it from its file")
+    check_model(model, "<in-memory model>")
+    blob = model.SerializeToString()
+    return LoadedModel(model=model, path=None, sha256=hashlib.sha256(blob).hexdigest(),
+                       size_bytes=len(blob))
+
+
+def _check_looks_like_onnx(model: onnx.ModelProto, where) -> None:
+    if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
+        raise BadInputError(f"{where} parsed, but it is not an ONNX model (no ir_version, graph or "
+                            "opset_import)")
+    if len(model.graph.node) == 0:
+        raise BadInputError(f"{where} has an empty graph (no nodes)")
+
+
+def _all_initializers(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_initializers(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _all_initializers(sub)
+
+
+def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
+    folder = path.resolve().parent
+    for tensor in _all_initializers(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = external_data_helper.ExternalDataInfo(tensor)
+        location = info.location
+        target = (folder / location).resolve()
+        if os.path.isabs(location) or not target.is_relative_to(folder):
+            raise BadInputError(
+                f"initializer {tensor.name!r} points to external data {location!r}, outside the model's "
+                f"folder {folder}; move the data file next to the model and use a relative path")
+        if not target.is_file():
+            raise BadInputError(f"external data file {location!r} of initializer {tensor.name!r} "
+                                f"is missing (looked in {folder})")
+        needed = (info.offset or 0) + (info.length or 0)
+        if info.length and target.stat().st_size < needed:
+            raise BadInputError(f"external data file {location!r} is shorter than initializer "
+                                f"{tensor.name!r} needs ({needed} bytes); the file is truncated")
+    try:
+        external_data_helper.load_external_data_for_model(model, str(folder))
+    except (OSError, ValueError) as exc:
+        raise BadInputError(f"cannot load external data of {path}: {exc}") from None
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    raise UnsupportedModelError("the model imports no default-domain (ai.onnx) opset")
+
+
+@functools.lru_cache(maxsize=1)
+def onnxruntime_max_opset() -> int:
+    """Highest ai.onnx opset this onnxruntime accepts, probed with a one-node model."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    def loads(opset: int) -> bool:
+        graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+        probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+        try:
+            ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+            return True
+        except Exception:  # noqa: BLE001 - any refusal means "not supported"
+            return False
+
+    best = 17
+    for opset in range(18, onnx.defs.onnx_opset_version() + 3):
+        if not loads(opset):
+            break
+        best = opset
+    return best
+
+
+def check_model(model: onnx.ModelProto, where: str) -> None:
+    """Opset range, then onnx.checker; failures name the problem and how to fix it."""
+    opset = default_opset(model)
+    if opset < MIN_OPSET:
+        raise UnsupportedModelError(
+            f"{where} uses ai.onnx opset {opset}; onnxadmm needs >= {MIN_OPSET}. Upgrade it with "
+            "onnx.version_converter.convert_version(model, 17)")
+    limit = onnxruntime_max_opset()
+    if opset > limit:
+        raise UnsupportedModelError(
+            f"{where} uses ai.onnx opset {opset}, newer than this onnxruntime supports ({limit}); "
+            f"re-export at opset <= {limit} or upgrade onnxruntime")
+    try:
+        if model.ByteSize() < (1 << 31) - 1:
+            onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid graph"
+        raise UnsupportedModelError(f"{where} fails onnx.checker: {first}") from None

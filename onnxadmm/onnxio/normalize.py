@@ -1,0 +1,170 @@
+"""Normalize a graph so layers can be found and converted, changing nothing else.
+
+Rewrites (each semantics-preserving):
+  * every node gets a unique, stable name (``{op_type}_{index}`` when missing; ``__k`` on duplicates);
+  * ``Constant`` nodes and ``Identity(initializer)`` chains that feed a Conv/Gemm/MatMul weight or bias,
+    or a Clip bound, become initializers (torch's legacy exporter puts Identity before Conv biases,
+    which onnx2torch cannot convert);
+  * ``Clip`` with an omitted min or max gets an explicit -inf / +inf constant (onnx2torch cannot
+    convert the omitted form).
+Shape inference runs on a copy: the exported model keeps the original value_info.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .graph import GraphView
+
+# (op_type -> input slots that hold constants we may need as initializers)
+_CONSTANT_SLOTS = {"Conv": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1), "Clip": (1, 2)}
+
+
+@dataclass
+class NormalizedModel:
+    """The model to edit and export (``model``) and its shape-inferred twin (``inferred``)."""
+
+    model: onnx.ModelProto
+    inferred: onnx.ModelProto
+    rewrites: list[str] = field(default_factory=list)
+
+    def view(self) -> GraphView:
+        return GraphView(self.model, self.inferred)
+
+
+def normalize(model: onnx.ModelProto) -> NormalizedModel:
+    model = copy.deepcopy(model)
+    rewrites: list[str] = []
+    _unique_names(model.graph, rewrites)
+    _fold_weight_constants(model.graph, rewrites)
+    if _default_opset(model) >= 11:
+        _explicit_clip_bounds(model.graph, rewrites)
+    inferred = _infer_shapes(model)
+    return NormalizedModel(model=model, inferred=inferred, rewrites=rewrites)
+
+
+def _unique_names(graph: onnx.GraphProto, rewrites: list[str]) -> None:
+    seen: dict[str, int] = {}
+    renamed = 0
+    for index, node in enumerate(graph.node):
+        name = node.name or f"{node.op_type}_{index}"
+        if name in seen:
+            seen[name] += 1
+            name = f"{name}__{seen[name]}"
+        if name != node.name:
+            renamed += 1
+            node.name = name
+        seen.setdefault(name, 0)
+    if renamed:
+        rewrites.append(f"named {renamed} unnamed or duplicate nodes")
+
+
+def _fold_weight_constants(graph: onnx.GraphProto, rewrites: list[str]) -> None:
+    outputs = {v.name for v in graph.output}
+    initializers = {t.name for t in graph.initializer}
+    wanted: set[str] = set()
+    for node in graph.node:
+        for slot in _CONSTANT_SLOTS.get(node.op_type, ()):
+            if slot < len(node.input) and node.input[slot]:
+                wanted.add(node.input[slot])
+    producers = {out: node for node in graph.node for out in node.output}
+    rename: dict[str, str] = {}
+    removed: list[onnx.NodeProto] = []
+    changed = True
+    while changed:
+        changed = False
+        for name in sorted(wanted):
+            node = producers.get(name)
+            if node is None or node in removed or name in outputs:
+                continue
+            if node.op_type == "Constant" and len(node.output) == 1:
+                tensor = _constant_tensor(node)
+                if tensor is None:
+                    continue
+                tensor.name = name
+                graph.initializer.append(tensor)
+                initializers.add(name)
+                removed.append(node)
+                changed = True
+            elif node.op_type == "Identity":
+                source = rename.get(node.input[0], node.input[0])
+                if source in initializers:
+                    rename[name] = source
+                    removed.append(node)
+                    changed = True
+                elif source in producers:
+                    wanted.add(source)  # fold what feeds the Identity first
+    if not removed:
+        return
+    for node in removed:
+        graph.node.remove(node)
+    for node in graph.node:
+        for slot, name in enumerate(node.input):
+            if name in rename:
+                node.input[slot] = rename[name]
+    counts = {op: sum(n.op_type == op for n in removed) for op in ("Constant", "Identity")}
+    rewrites.append("folded into initializers: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v))
+
+
+def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    for attr in node.attribute:
+        if attr.name == "value":
+            return copy.deepcopy(attr.t)
+        if attr.name == "value_float":
+            return numpy_helper.from_array(np.array(attr.f, dtype=np.float32))
+        if attr.name == "value_floats":
+            return numpy_helper.from_array(np.array(list(attr.floats), dtype=np.float32))
+        if attr.name == "value_int":
+            return numpy_helper.from_array(np.array(attr.i, dtype=np.int64))
+        if attr.name == "value_ints":
+            return numpy_helper.from_array(np.array(list(attr.ints), dtype=np.int64))
+    return None
+
+
+def _explicit_clip_bounds(graph: onnx.GraphProto, rewrites: list[str]) -> None:
+    """Clip(x, "", max) -> Clip(x, -inf, max); Clip(x, min) -> Clip(x, min, +inf). Opset >= 11 form."""
+    if not any(n.op_type == "Clip" for n in graph.node):
+        return
+    types = {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(onnx.helper.make_model(graph))
+        types = {v.name: v.type.tensor_type.elem_type
+                 for v in list(inferred.graph.value_info) + list(inferred.graph.input)}
+    except Exception:  # noqa: BLE001 - inference is best effort; fall back to float32
+        pass
+    fixed = 0
+    for node in graph.node:
+        if node.op_type != "Clip":
+            continue
+        inputs = list(node.input) + [""] * (3 - len(node.input))
+        if inputs[1] and inputs[2]:
+            continue
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(types.get(inputs[0], onnx.TensorProto.FLOAT))
+        for slot, value in ((1, -np.inf), (2, np.inf)):
+            if not inputs[slot]:
+                name = f"{node.name}_onnxadmm_{'min' if slot == 1 else 'max'}"
+                graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=dtype), name))
+                inputs[slot] = name
+        del node.input[:]
+        node.input.extend(inputs)
+        fixed += 1
+    if fixed:
+        rewrites.append(f"made {fixed} Clip bounds explicit (+-inf)")
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        if model.ByteSize() < (1 << 31) - 1:
+            return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # noqa: BLE001 - shapes also come from the runtime pass
+        pass
+    return model

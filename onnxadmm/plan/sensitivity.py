@@ -1,0 +1,99 @@
+"""Per-layer sensitivity, measured in onnxruntime on a few calibration samples.
+
+Curve shape (cheap, per layer): removing the entries with the smallest score s_j = w_j²·E[x_j²]
+(the output energy each weight carries, x_j its input feature) costs about
+    e(s) = Σ_{smallest fraction s of scores} s_j / Σ_j s_j.
+Scale (measured): prune the layer alone at a probe level, run the whole model, and take the relative
+change of the model outputs D = ‖f − f₀‖² / ‖f₀‖². The predicted damage of level s is α·e(s) with
+α = D / e(probe). One session serves every probe: the layer weights are made overridable inputs.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+
+from ..analysis.layers import Layer
+from ..calib.readers import SampleSet
+from ..onnxio.graph import GraphView
+from ..runtime import session
+
+
+def input_second_moments(view: GraphView, layers: list[Layer], samples: SampleSet, batch_size: int,
+                         threads: int) -> dict[str, np.ndarray]:
+    """E[x_j²] for every canonical input entry j of each layer, shape (G, d)."""
+    model = copy.copy(view.model)
+    model.graph.ClearField("output")
+    names = sorted({layer.input_name for layer in layers})
+    model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+    sess = session(model, threads)
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    for batch in samples.batches(batch_size):
+        for name, value in zip(names, sess.run(names, batch)):
+            value = np.asarray(value, dtype=np.float64)
+            layer = next(l for l in layers if l.input_name == name)
+            axis = 1 if layer.op_type == "Conv" else value.ndim - 1
+            moved = np.moveaxis(value, axis, -1).reshape(-1, value.shape[axis])
+            sums[name] = sums.get(name, 0.0) + (moved ** 2).sum(axis=0)
+            counts[name] = counts.get(name, 0) + moved.shape[0]
+    result = {}
+    for layer in layers:
+        per_channel = sums[layer.input_name] / max(counts[layer.input_name], 1)
+        taps = layer.in_features * layer.groups // per_channel.shape[0]
+        result[layer.name] = np.repeat(per_channel, taps).reshape(layer.groups, layer.in_features)
+    return result
+
+
+def entry_scores(w_canonical: np.ndarray, second_moment: np.ndarray) -> np.ndarray:
+    """s_j = w_j²·E[x_j²], same shape as the canonical weight (G, R, d)."""
+    return (w_canonical.astype(np.float64) ** 2) * second_moment[:, None, :]
+
+
+def error_curve(scores: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """e(s) for each sparsity in ``levels``: the share of Σ scores carried by the removed entries."""
+    flat = np.sort(scores.reshape(-1))
+    cumulative = np.concatenate([[0.0], np.cumsum(flat)])
+    removed = np.round(levels * flat.size).astype(int)
+    total = cumulative[-1] or 1.0
+    return cumulative[removed] / total
+
+
+def prune_by_score(w_canonical: np.ndarray, scores: np.ndarray, sparsity: float) -> np.ndarray:
+    """Zero the fraction ``sparsity`` of entries with the smallest score."""
+    flat = scores.reshape(-1)
+    removed = int(round(sparsity * flat.size))
+    order = np.argsort(flat, kind="stable")[:removed]
+    pruned = w_canonical.copy().reshape(-1)
+    pruned[order] = 0.0
+    return pruned.reshape(w_canonical.shape)
+
+
+def output_damage(view: GraphView, probes: dict[str, dict[str, np.ndarray]], samples: SampleSet,
+                  batch_size: int, threads: int) -> dict[str, float]:
+    """For each probe (layer name -> {initializer: value}), ‖f − f₀‖² / ‖f₀‖² over the model outputs."""
+    model = copy.copy(view.model)
+    overridable = sorted({init for values in probes.values() for init in values})
+    present = {v.name for v in model.graph.input}
+    for name in overridable:
+        if name not in present:
+            tensor = view.initializers[name]
+            model.graph.input.append(onnx.helper.make_tensor_value_info(name, tensor.data_type, tensor.dims))
+    if model.ir_version < 4:
+        model.ir_version = 4
+    sess = session(model, threads)
+    outputs = [o.name for o in sess.get_outputs()]
+    batches = list(samples.batches(batch_size))
+    reference = [sess.run(outputs, batch) for batch in batches]
+    energy = sum(float(np.sum(np.asarray(r, np.float64) ** 2)) for ref in reference for r in ref) or 1.0
+    damage = {}
+    for layer_name, values in probes.items():
+        total = 0.0
+        for batch, ref in zip(batches, reference):
+            got = sess.run(outputs, {**batch, **values})
+            total += sum(float(np.sum((np.asarray(g, np.float64) - np.asarray(r, np.float64)) ** 2))
+                         for g, r in zip(got, ref))
+        damage[layer_name] = total / energy
+    return damage

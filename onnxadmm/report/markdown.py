@@ -1,0 +1,100 @@
+"""Render a report dict as Markdown (for CI job summaries and humans)."""
+
+from __future__ import annotations
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def _validation(lines: list[str], v: dict) -> None:
+    lines.append(f"## Validation ({v['samples']} samples, {'held-out' if v['held_out'] else 'NOT held-out'}: "
+                 f"{v['data']})")
+    lines.append("")
+    lines.append("| metric | value |")
+    lines.append("|---|---|")
+    if v.get("agreement") is not None:
+        lines.append(f"| top-1 agreement with original | {v['agreement']:.4f} |")
+    if v.get("accuracy_original") is not None:
+        lines.append(f"| top-1 original / compressed | {100 * v['accuracy_original']:.2f} % / "
+                     f"{100 * v['accuracy_compressed']:.2f} % |")
+        lines.append(f"| top-1 drop | {v['accuracy_drop_pt']:.2f} pt |")
+    for out in v["outputs"]:
+        lines.append(f"| `{out['name']}` cosine / max-abs / rel. error | {out['cosine']:.6f} / "
+                     f"{_fmt(out['max_abs'])} / {_fmt(out['relative_error'])} |")
+    fa, fb = v["footprint"]["original"], v["footprint"]["compressed"]
+    lines.append(f"| file size raw | {fa['size_bytes']:,} → {fb['size_bytes']:,} B |")
+    lines.append(f"| file size zip | {fa['zipped_bytes']:,} → {fb['zipped_bytes']:,} B |")
+    lines.append(f"| nonzero params | {fa['nonzero_params']:,} → {fb['nonzero_params']:,} |")
+    lines.append(f"| dense MACs / sample | {fa['macs']:,} → {fb['macs']:,} |")
+    for lat in v["latency"]:
+        lines.append(f"| latency batch {lat['batch_size']}, {lat['threads']} thr | "
+                     f"{lat['original_ms_median']:.3f} → {lat['compressed_ms_median']:.3f} ms (median); "
+                     f"speed-up {lat['speedup']:.3f}× [{1 / lat['ratio_p90']:.3f}, {1 / lat['ratio_p10']:.3f}] |")
+    lines.append("")
+    if v.get("gains"):
+        lines.append("**What was gained**")
+        lines.append("")
+        lines.extend(f"- {g}" for g in v["gains"])
+        lines.append("")
+    if v["gates"]:
+        lines.append("**Gates**")
+        lines.append("")
+        for gate in v["gates"]:
+            lines.append(f"- {'PASS' if gate['passed'] else 'FAIL'} `{gate['name']}`: {gate['detail']}")
+        lines.append("")
+
+
+def render(report: dict) -> str:
+    lines = [f"# onnxadmm {report['kind']} report", ""]
+    status = "PASSED" if report.get("passed", True) else "FAILED (a gate was missed)"
+    lines.append(f"**Result: {status}**")
+    lines.append("")
+    if "input" in report:
+        lines.append(f"- input: `{report['input'].get('path')}` (sha256 {report['input']['sha256'][:12]}…)")
+    if report.get("output"):
+        lines.append(f"- output: `{report['output'].get('path')}`")
+    if "config" in report and "method" in report["config"]:
+        c = report["config"]
+        lines.append(f"- method `{c['method']}`, loss `{c['loss']}`, solver `{c['solver']}`, seed {c['seed']}")
+    if "calibration" in report:
+        cal = report["calibration"]
+        rep = "" if cal["representative"] else " — **random data, not representative**"
+        lines.append(f"- calibration: {cal['samples']} samples from `{cal['source']}`{rep}")
+    if "totals" in report:
+        t = report["totals"]
+        lines.append(f"- compressed layers: {t['layers_compressed']} (declined {t['layers_declined']}); "
+                     f"sparsity over them {t['sparsity']:.4f}; nonzero layer weights "
+                     f"{t['nonzero_reduction_x']:.2f}× fewer")
+    if "timing" in report:
+        tm = report["timing"]
+        lines.append(f"- time {tm['total_s']:.1f} s, peak RSS {tm['peak_rss_mb']:.0f} MB")
+    for note in report.get("notes", []):
+        lines.append(f"- note: {note}")
+    lines.append("")
+    if report.get("validation"):
+        _validation(lines, report["validation"])
+    if report.get("layers"):
+        lines.append("## Layers")
+        lines.append("")
+        lines.append("| layer | op | shape | activation | structure | target | sparsity | error dense → "
+                     "projected → final | s |")
+        lines.append("|---|---|---|---|---|---|---|---|---|")
+        for row in report["layers"]:
+            lines.append(f"| `{row['name']}` | {row['op_type']} | {'×'.join(map(str, row['weight_shape']))} | "
+                         f"{row['activation']} | {row['structure']} | {row['target_level']:.2f} | "
+                         f"{row['sparsity']:.3f} | {_fmt(row['error_dense'], 3)} → "
+                         f"{_fmt(row['error_projected'], 3)} → {_fmt(row['error_final'], 3)} | "
+                         f"{row['seconds']:.2f} |")
+        lines.append("")
+    if report.get("declined"):
+        lines.append("## Left dense")
+        lines.append("")
+        for row in report["declined"]:
+            lines.append(f"- `{row['name']}` ({row['op_type']}): {row['reason']}")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,50 @@
+"""onnxruntime sessions as this package uses them: CPU provider, fixed intra-op threads, and thread-pool
+spinning off, so two sessions timed side by side do not steal each other's cores (PHYSICS.md §5)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import onnx
+
+from .onnxio.save import PROTOBUF_LIMIT_BYTES
+
+
+def cpu_threads(requested: int) -> int:
+    """``requested`` threads, or every core this process may use when it is 0."""
+    if requested > 0:
+        return requested
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def session(model: onnx.ModelProto | bytes | str, threads: int = 0, optimize: bool = True):
+    """An InferenceSession on the CPU with ``threads`` intra-op threads (0 = all cores)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = cpu_threads(threads)
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if isinstance(model, onnx.ModelProto) and model.ByteSize() >= PROTOBUF_LIMIT_BYTES:
+        return _session_from_files(model, options)
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def _session_from_files(model: onnx.ModelProto, options):
+    """Models over protobuf's 2 GB limit go through a temporary file with external data."""
+    import copy
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="onnxadmm-session-") as folder:
+        path = os.path.join(folder, "model.onnx")
+        onnx.save_model(copy.copy(model), path, save_as_external_data=True, location="model.onnx.data")
+        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])

@@ -1,0 +1,148 @@
+"""The layer-wise loop: for each layer in dependency order, sample its problem from the activation
+stream (inputs from the model compressed so far), solve it, and write the new weights back so the
+following layers see them. A layer whose problem cannot be built (onnx2torch cannot convert its
+activation, shapes disagree at run time) stays dense and is reported.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .algorithms.admm import AdmmSettings
+from .algorithms.solve import Structure, solve_layer
+from .analysis.layers import Declined, Layer
+from .bridge.torch_layer import BridgeError, activation_function
+from .calib.readers import SampleSet
+from .calib.sampling import SampleSettings, SamplingError, sample_problem
+from .calib.stream import ActivationStream
+from .config import CompressConfig
+from .onnxio.graph import GraphView
+
+Progress = Callable[[str, int, int, str], None]
+
+
+@dataclass
+class LayerOutcome:
+    """What happened to one layer (becomes a row of the report)."""
+
+    layer: Layer
+    structure: Structure
+    target_level: float
+    sparsity: float
+    nonzero: int
+    error_dense: float
+    error_projected: float
+    error_final: float
+    seconds: float
+    patches: int
+    history: dict = field(default_factory=dict)
+    penalty_mu: float | None = None
+
+
+@dataclass
+class SequentialResult:
+    initializers: dict[str, np.ndarray]  # new values for weight / bias initializers
+    outcomes: list[LayerOutcome]
+    declined: list[Declined]
+    peak_cache_bytes: int
+    spilled_bytes: int
+
+
+def schedule(view: GraphView, layers: list[Layer]) -> list[Layer]:
+    """Topological order in which every layer feeding a layer's input or side inputs comes first."""
+    by_node = {layer.node_index: layer for layer in layers}
+    deps = {}
+    for layer in layers:
+        needed = [layer.input_name, *(layer.chain.side_inputs if layer.chain else ())]
+        deps[layer.name] = {by_node[i].name for i in view.ancestors(needed) if i in by_node}
+    position = {layer.name: view.order.index(layer.node_index) for layer in layers}
+    ordered, done = [], set()
+    remaining = sorted(layers, key=lambda l: position[l.name])
+    while remaining:
+        ready = next(l for l in remaining if deps[l.name] <= done)
+        ordered.append(ready)
+        done.add(ready.name)
+        remaining.remove(ready)
+    return ordered
+
+
+def structure_for(layer: Layer, config: CompressConfig, level: float) -> Structure:
+    kind = {"sparse": "unstructured", "nm": "nm", "l1": "l1", "l0": "l0"}[config.method]
+    n, m = config.nm_pattern
+    taps = layer.conv.kernel[0] * layer.conv.kernel[1] if layer.conv else 1
+    return Structure(kind=kind, sparsity=level, n=n, m=m, taps=taps)
+
+
+def admm_settings(config: CompressConfig) -> AdmmSettings:
+    return AdmmSettings(iterations=config.admm_iterations, rho_init=config.rho_init,
+                        rho_growth=config.rho_growth, grad_patches=config.grad_patches, seed=config.seed)
+
+
+def compress_layers(view: GraphView, layers: list[Layer], samples: SampleSet, levels: dict[str, float],
+                    config: CompressConfig, progress: Progress | None = None) -> SequentialResult:
+    progress = progress or (lambda *args: None)
+    order = schedule(view, layers)
+    pending: dict[str, int] = {}
+    for layer in order:
+        for name in (layer.input_name, *(layer.chain.side_inputs if layer.chain else ())):
+            pending[name] = pending.get(name, 0) + 1
+    budget = config.max_memory_mb << 20
+    stream = ActivationStream(view, samples, config.batch_size, budget // 2, config.threads,
+                              keep=lambda name: pending.get(name, 0) > 0)
+    sampling = SampleSettings(max_patches=config.sample_patches, memory_bytes=budget // 4, seed=config.seed)
+    settings = admm_settings(config)
+    initializers: dict[str, np.ndarray] = {}
+    outcomes: list[LayerOutcome] = []
+    declined: list[Declined] = []
+    try:
+        for index, layer in enumerate(order):
+            progress("solve", index, len(order), layer.name)
+            started = time.perf_counter()
+            sides = layer.chain.side_inputs if layer.chain else ()
+            stream.ensure([layer.input_name, *sides])
+            try:
+                outcome, values = _solve_one(stream, view, layer, index, levels[layer.name], config,
+                                             sampling, settings, samples.num_samples)
+            except (BridgeError, SamplingError) as exc:
+                declined.append(Declined(layer.name, layer.op_type, str(exc)))
+            else:
+                outcome.seconds = time.perf_counter() - started
+                outcomes.append(outcome)
+                initializers.update(values)
+                stream.set_initializers(values)
+            for name in (layer.input_name, *sides):
+                pending[name] -= 1
+            stream.evict()
+        progress("solve", len(order), len(order), "done")
+        return SequentialResult(initializers, outcomes, declined, stream.peak_bytes, stream.spilled_bytes)
+    finally:
+        stream.close()
+
+
+def _solve_one(stream, view, layer, index, level, config, sampling, settings, total_samples):
+    w0 = layer.canonical(view.constant(layer.weight_name))
+    b0 = layer.canonical_bias(view)
+    activation = activation_function(view, layer)
+    fit_bias = layer.bias_name is not None and layer.beta != 0
+    problem = sample_problem(stream, layer, index, w0, b0, activation, fit_bias, sampling, total_samples)
+    structure = structure_for(layer, config, level)
+    torch.manual_seed(config.seed + index)
+    solution = solve_layer(problem, structure, config.loss, config.solver, settings)
+    values = {layer.weight_name: layer.stored(solution.weight.numpy())}
+    if layer.bias_name is not None:
+        original = view.constant(layer.bias_name)
+        bias = solution.bias.numpy().astype(np.float64) / layer.beta
+        values[layer.bias_name] = np.broadcast_to(bias.reshape(-1), (layer.out_features,)) \
+            .reshape(original.shape if original.size == layer.out_features else (layer.out_features,)) \
+            .astype(original.dtype)
+    outcome = LayerOutcome(
+        layer=layer, structure=structure, target_level=level, sparsity=solution.sparsity,
+        nonzero=int(solution.mask.sum()), error_dense=solution.error_dense,
+        error_projected=solution.error_projected, error_final=solution.error_final, seconds=0.0,
+        patches=problem.num_patches, history=solution.history, penalty_mu=solution.penalty_mu)
+    return outcome, values

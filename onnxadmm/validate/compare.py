@@ -1,0 +1,74 @@
+"""Original vs compressed outputs on the same samples.
+
+For every output: cosine similarity, max |a − b|, and relative error ‖a − b‖ / ‖a‖ over all samples.
+For a classifier output (the first output, shape [N, C] with C > 1): top-1 agreement with the
+original, and top-1 accuracy of both when labels are given (drop in percentage points).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..calib.readers import SampleSet
+
+
+@dataclass
+class OutputDiff:
+    name: str
+    cosine: float
+    max_abs: float
+    relative_error: float
+
+
+@dataclass
+class Comparison:
+    samples: int
+    outputs: list[OutputDiff] = field(default_factory=list)
+    agreement: float | None = None
+    accuracy_original: float | None = None
+    accuracy_compressed: float | None = None
+
+    @property
+    def accuracy_drop_pt(self) -> float | None:
+        if self.accuracy_original is None:
+            return None
+        return 100.0 * (self.accuracy_original - self.accuracy_compressed)
+
+    def as_dict(self) -> dict:
+        return {"samples": self.samples, "agreement": self.agreement,
+                "accuracy_original": self.accuracy_original, "accuracy_compressed": self.accuracy_compressed,
+                "accuracy_drop_pt": self.accuracy_drop_pt,
+                "outputs": [o.__dict__ for o in self.outputs]}
+
+
+def run_all(sess, samples: SampleSet, batch_size: int) -> dict[str, np.ndarray]:
+    names = [o.name for o in sess.get_outputs()]
+    chunks: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for batch in samples.batches(batch_size):
+        for name, value in zip(names, sess.run(names, batch)):
+            chunks[name].append(np.asarray(value))
+    return {n: np.concatenate(v, axis=0) if v[0].ndim else np.stack(v) for n, v in chunks.items()}
+
+
+def compare(original: dict[str, np.ndarray], compressed: dict[str, np.ndarray],
+            labels: np.ndarray | None, count: int) -> Comparison:
+    result = Comparison(samples=count)
+    for name, a in original.items():
+        b = compressed[name]
+        a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+        norm_a, norm_b = np.linalg.norm(a64), np.linalg.norm(b64)
+        cosine = float(a64 @ b64 / (norm_a * norm_b)) if norm_a and norm_b else float(norm_a == norm_b)
+        result.outputs.append(OutputDiff(
+            name=name, cosine=cosine, max_abs=float(np.max(np.abs(a64 - b64))) if a64.size else 0.0,
+            relative_error=float(np.linalg.norm(a64 - b64) / norm_a) if norm_a else float(np.linalg.norm(b64))))
+    first = next(iter(original))
+    a, b = original[first], compressed[first]
+    if a.ndim == 2 and a.shape[1] > 1 and a.shape[0] == count:
+        top_a, top_b = a.argmax(axis=1), b.argmax(axis=1)
+        result.agreement = float(np.mean(top_a == top_b))
+        if labels is not None:
+            result.accuracy_original = float(np.mean(top_a == labels))
+            result.accuracy_compressed = float(np.mean(top_b == labels))
+    return result

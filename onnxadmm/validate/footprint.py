@@ -1,0 +1,102 @@
+"""Size and compute of a model as onnxruntime sees it.
+
+* size: serialized bytes, and bytes after zip (deflate) — zeros in dense weights only shrink the latter;
+* parameters: float initializer elements, and how many are nonzero;
+* MACs per sample of every Conv / Gemm / MatMul, from tensor shapes observed in one onnxruntime run:
+  Conv: |out| · Cin/G · kh · kw;  Gemm/MatMul: |out| · K.  ``dense`` is what the CPU executes;
+  ``nonzero`` counts only multiplications by nonzero weights (what a sparse kernel could skip to).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..onnxio.graph import GraphView
+from ..runtime import session
+
+
+@dataclass
+class Footprint:
+    size_bytes: int
+    zipped_bytes: int
+    params: int
+    nonzero_params: int
+    macs: int  # per sample, dense
+    nonzero_macs: int
+    layer_weights: int
+    nonzero_layer_weights: int
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def zipped_size(blob: bytes) -> int:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as archive:
+        archive.writestr("model.onnx", blob)
+    return buffer.tell()
+
+
+def _float_initializers(model: onnx.ModelProto):
+    for tensor in model.graph.initializer:
+        if tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                                onnx.TensorProto.BFLOAT16):
+            yield tensor
+
+
+def footprint(model: onnx.ModelProto, feed_one: dict[str, np.ndarray], threads: int = 0,
+              blob: bytes | None = None) -> Footprint:
+    """Measure ``model``; ``feed_one`` is a single-sample input used to observe shapes."""
+    if blob is None:
+        blob = model.SerializeToString()
+    params = nonzero = 0
+    arrays = {}
+    for tensor in _float_initializers(model):
+        array = numpy_helper.to_array(tensor)
+        arrays[tensor.name] = array
+        params += array.size
+        nonzero += int(np.count_nonzero(array))
+    view = GraphView(model)
+    compute = [i for i in view.order if view.nodes[i].op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose")]
+    probe = copy.copy(model)
+    names = sorted({t for i in compute for t in (view.nodes[i].input[0], view.nodes[i].output[0])})
+    existing = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in existing)
+    sess = session(probe, threads)
+    outputs = [o.name for o in sess.get_outputs()]
+    shapes = dict(zip(outputs, (np.shape(v) for v in sess.run(outputs, feed_one))))
+    macs = nonzero_macs = layer_weights = nonzero_layer_weights = 0
+    for index in compute:
+        node = view.nodes[index]
+        out_shape = shapes.get(node.output[0])
+        weight = arrays.get(node.input[1]) if len(node.input) > 1 else None
+        if out_shape is None:
+            continue
+        if node.op_type in ("Conv", "ConvTranspose"):
+            in_channels = shapes[node.input[0]][1]
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            kernel = int(np.prod(weight.shape[2:])) if weight is not None else 1
+            dense = int(np.prod(out_shape)) * (in_channels // group) * kernel
+            positions = int(np.prod(out_shape[2:])) * out_shape[0]
+        else:
+            depth = shapes[node.input[0]][-1]
+            dense = int(np.prod(out_shape)) * depth
+            positions = int(np.prod(out_shape[:-1]))
+        macs += dense
+        if weight is not None:
+            layer_weights += weight.size
+            nz = int(np.count_nonzero(weight))
+            nonzero_layer_weights += nz
+            nonzero_macs += nz * positions if node.op_type != "ConvTranspose" else dense
+        else:
+            nonzero_macs += dense
+    return Footprint(size_bytes=len(blob), zipped_bytes=zipped_size(blob), params=params,
+                     nonzero_params=nonzero, macs=macs, nonzero_macs=nonzero_macs,
+                     layer_weights=layer_weights, nonzero_layer_weights=nonzero_layer_weights)

@@ -1,0 +1,54 @@
+"""CI gates on the validation figures. A missed gate makes the command exit 1."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import ValidateConfig
+from ..errors import ConfigError
+from .compare import Comparison
+from .latency import LatencyAB
+
+
+@dataclass
+class GateResult:
+    name: str
+    threshold: float
+    value: float
+    passed: bool
+    detail: str
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def check_gate_inputs(config: ValidateConfig, has_labels: bool) -> None:
+    """Fail before any work when a gate cannot be evaluated with the data given."""
+    if config.max_accuracy_drop is not None and not has_labels:
+        raise ConfigError("--max-accuracy-drop needs labelled evaluation data: pass --labels KEY naming "
+                          "the labels array in the data .npz")
+
+
+def evaluate(config: ValidateConfig, comparison: Comparison, latencies: list[LatencyAB]) -> list[GateResult]:
+    gates = []
+    if config.max_accuracy_drop is not None:
+        drop = comparison.accuracy_drop_pt
+        if drop is None:
+            raise ConfigError("--max-accuracy-drop needs a classifier output ([N, C]) and labels")
+        gates.append(GateResult("max_accuracy_drop", config.max_accuracy_drop, drop,
+                                drop <= config.max_accuracy_drop + 1e-9,
+                                f"top-1 drop {drop:.2f} pt (limit {config.max_accuracy_drop:.2f} pt)"))
+    if config.min_agreement is not None:
+        if comparison.agreement is None:
+            raise ConfigError("--min-agreement needs a classifier output of shape [N, C] as first output")
+        gates.append(GateResult("min_agreement", config.min_agreement, comparison.agreement,
+                                comparison.agreement >= config.min_agreement,
+                                f"top-1 agreement {comparison.agreement:.4f} (min {config.min_agreement})"))
+    if config.min_speedup is not None:
+        worst = min(latencies, key=lambda l: l.speedup)
+        gates.append(GateResult("min_speedup", config.min_speedup, worst.speedup,
+                                worst.speedup >= config.min_speedup,
+                                f"speed-up {worst.speedup:.3f}x at batch {worst.batch_size} "
+                                f"(band {1 / worst.ratio_p90:.3f}-{1 / worst.ratio_p10:.3f}x; min "
+                                f"{config.min_speedup}x)"))
+    return gates
