@@ -104,9 +104,15 @@ def compress_layers(view: GraphView, layers: list[Layer], samples: SampleSet, le
             progress("solve", index, len(order), layer.name)
             started = time.perf_counter()
             sides = layer.chain.side_inputs if layer.chain else ()
+            level = levels[layer.name]
+            if level == 0 and config.method in ("sparse", "l1", "l0"):
+                outcomes.append(_unchanged(view, layer, structure_for(layer, config, 0.0)))
+                for name in (layer.input_name, *sides):
+                    pending[name] -= 1
+                continue
             stream.ensure([layer.input_name, *sides])
             try:
-                outcome, values = _solve_one(stream, view, layer, index, levels[layer.name], config,
+                outcome, values = _solve_one(stream, view, layer, index, level, config,
                                              sampling, settings, samples.num_samples)
             except (BridgeError, SamplingError) as exc:
                 declined.append(Declined(layer.name, layer.op_type, str(exc)))
@@ -122,6 +128,14 @@ def compress_layers(view: GraphView, layers: list[Layer], samples: SampleSet, le
         return SequentialResult(initializers, outcomes, declined, stream.peak_bytes, stream.spilled_bytes)
     finally:
         stream.close()
+
+
+def _unchanged(view: GraphView, layer: Layer, structure: Structure) -> LayerOutcome:
+    """A layer planned at level 0 keeps its original weights bit for bit (no refit)."""
+    nan = float("nan")
+    return LayerOutcome(layer=layer, structure=structure, target_level=0.0, sparsity=0.0,
+                        nonzero=int(np.count_nonzero(view.constant(layer.weight_name))), error_dense=nan, error_projected=nan, error_final=nan,
+                        seconds=0.0, patches=0)
 
 
 def _solve_one(stream, view, layer, index, level, config, sampling, settings, total_samples):

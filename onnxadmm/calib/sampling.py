@@ -35,7 +35,7 @@ class SampleSettings:
 def patch_budget(layer: Layer, num_sides: int, settings: SampleSettings) -> int:
     """Patches kept: the cap, lowered so x̂ (G·d), y and the side inputs fit the memory share."""
     floats_per_patch = layer.groups * layer.in_features + layer.out_features * (2 + 2 * num_sides)
-    return max(256, min(settings.max_patches, settings.memory_bytes // (4 * floats_per_patch)))
+    return min(settings.max_patches, max(256, settings.memory_bytes // (4 * floats_per_patch)))
 
 
 def sample_problem(stream: ActivationStream, layer: Layer, layer_index: int, w0: np.ndarray,

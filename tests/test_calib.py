@@ -1,0 +1,159 @@
+"""Calibration readers (sources and errors), the segment-by-segment stream, and layer sampling."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from models import run, samples_for, tiny_cnn, token_mlp
+from onnxadmm.analysis.layers import find_layers
+from onnxadmm.calib.readers import SampleSet, evenly_spaced, open_samples, select
+from onnxadmm.calib.sampling import SampleSettings, sample_problem
+from onnxadmm.calib.stream import COMPRESSED, ORIGINAL, ActivationStream
+from onnxadmm.errors import CalibrationError
+from onnxadmm.onnxio.graph import TensorType
+from onnxadmm.onnxio.normalize import normalize
+
+F32 = onnx.TensorProto.FLOAT
+INPUTS = {"input": TensorType(F32, ("N", 3, 12, 12))}
+
+
+def x(count=6, seed=0):
+    return np.random.default_rng(seed).standard_normal((count, 3, 12, 12)).astype(np.float32)
+
+
+def test_npz_with_labels(tmp_path):
+    np.savez(tmp_path / "c.npz", input=x(), labels=np.arange(6))
+    samples = open_samples(tmp_path / "c.npz", INPUTS, labels_key="labels")
+    assert samples.num_samples == 6 and list(samples.labels) == list(range(6))
+
+
+def test_folder_of_npz_and_npy_in_name_order(tmp_path):
+    np.savez(tmp_path / "a.npz", input=x(2, 0))
+    np.save(tmp_path / "b.npy", x(3, 1))
+    samples = open_samples(tmp_path, INPUTS)
+    assert samples.num_samples == 5
+    np.testing.assert_array_equal(samples.arrays["input"][2:], x(3, 1))
+
+
+def test_model_zoo_layout(tmp_path):
+    for k in range(2):
+        folder = tmp_path / f"test_data_set_{k}"
+        folder.mkdir()
+        (folder / "input_0.pb").write_bytes(numpy_helper.from_array(x(1, k), "input").SerializeToString())
+    assert open_samples(tmp_path, INPUTS).num_samples == 2
+
+
+def test_random_is_flagged_not_representative():
+    samples = open_samples("random:5", {"input": TensorType(F32, ("N", 3, 4, 4))}, seed=3)
+    assert samples.num_samples == 5 and not samples.representative
+    again = open_samples("random:5", {"input": TensorType(F32, ("N", 3, 4, 4))}, seed=3)
+    np.testing.assert_array_equal(samples.arrays["input"], again.arrays["input"])
+
+
+def test_reader_protocol_and_iterables():
+    class Reader:
+        def __init__(self):
+            self.items = iter([{"input": x(2, 0)}, {"input": x(1, 1)}])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    assert open_samples(Reader(), INPUTS).num_samples == 3
+    assert open_samples(({"input": x(1, k)} for k in range(4)), INPUTS).num_samples == 4
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"images": x()}, "no array for model input 'input'"),
+    ({"input": x().astype(np.float64)}, "dtype float64.*float32"),
+    ({"input": x()[:, :, :8]}, r"axis 2 must be 12"),
+    ({"input": x()[0]}, "rank"),
+    ({"input": np.full((2, 3, 12, 12), np.nan, np.float32)}, "NaN"),
+    ({"input": np.zeros((0, 3, 12, 12), np.float32)}, "zero samples"),
+    ({"input": x(), "extra": x()}, "not model inputs"),
+])
+def test_bad_calibration_names_the_input(tmp_path, arrays, message):
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(CalibrationError, match=message):
+        open_samples(tmp_path / "bad.npz", INPUTS)
+
+
+def test_pickled_object_array_is_refused(tmp_path):
+    np.savez(tmp_path / "p.npz", input=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(CalibrationError, match="pickled"):
+        open_samples(tmp_path / "p.npz", INPUTS)
+
+
+def test_too_few_samples_for_the_count():
+    samples = SampleSet({"input": x(6)}, "mem")
+    with pytest.raises(CalibrationError, match="only 6"):
+        select(samples, 10)
+    chosen, rest = select(samples, 3)
+    assert chosen.num_samples == 3 and len(rest) == 3
+
+
+def test_evenly_spaced_is_deterministic_and_spread():
+    picked = evenly_spaced(100, 10)
+    assert list(picked) == list(range(0, 100, 10))
+    assert len(set(evenly_spaced(7, 5))) == 5
+
+
+@pytest.mark.parametrize("budget", [1 << 30, 40_000])  # in memory, and spilling to disk
+def test_stream_matches_a_full_run(budget):
+    model = tiny_cnn()
+    norm = normalize(model)
+    view = norm.view()
+    feed = samples_for(model, 10)
+    samples = SampleSet(feed, "mem")
+    stream = ActivationStream(view, samples, batch_size=4, memory_budget_bytes=budget)
+    layers = find_layers(view).layers
+    probe = onnx.ModelProto()
+    probe.CopyFrom(norm.model)
+    probe.graph.output.extend(onnx.ValueInfoProto(name=l.input_name) for l in layers)
+    full = dict(zip([o.name for o in probe.graph.output], run(probe, feed)))
+    for layer in layers:
+        stream.ensure([layer.input_name])
+        got = np.concatenate([stream.get(ORIGINAL, layer.input_name, b) for b in range(stream.num_batches)])
+        np.testing.assert_allclose(got, full[layer.input_name], rtol=1e-5, atol=1e-5)
+    if budget < 1 << 20:
+        assert stream.spilled_bytes > 0
+    stream.close()
+
+
+def test_stream_sees_compressed_weights_only_downstream():
+    model = tiny_cnn()
+    view = normalize(model).view()
+    layers = find_layers(view).layers
+    stream = ActivationStream(view, SampleSet(samples_for(model, 4), "mem"), 4, 1 << 30)
+    stream.ensure([layers[1].input_name])
+    before = stream.get(ORIGINAL, layers[1].input_name, 0)
+    assert stream.get(COMPRESSED, layers[1].input_name, 0) is before  # shared until something differs
+    zero = np.zeros_like(view.constant(layers[1].weight_name))
+    stream.set_initializers({layers[1].weight_name: zero})
+    stream.ensure([layers[3].input_name])
+    assert layers[1].input_name not in stream.stores[ORIGINAL].names()  # no pending reader: evicted
+    assert not np.allclose(stream.get(ORIGINAL, layers[3].input_name, 0), stream.get(COMPRESSED, layers[3].input_name, 0))
+
+
+@pytest.mark.parametrize("builder", [tiny_cnn, token_mlp])
+def test_sampled_problem_matches_the_real_layer_output(builder):
+    model = builder()
+    view = normalize(model).view()
+    layers = find_layers(view).layers
+    samples = SampleSet(samples_for(model, 6), "mem")
+    stream = ActivationStream(view, samples, 3, 1 << 30)
+    from onnxadmm.bridge.torch_layer import activation_function
+
+    for index, layer in enumerate(layers):
+        stream.ensure([layer.input_name, *layer.chain.side_inputs])
+        w0 = layer.canonical(view.constant(layer.weight_name))
+        problem = sample_problem(stream, layer, index, w0, layer.canonical_bias(view),
+                                 activation_function(view, layer), True,
+                                 SampleSettings(max_patches=100, seed=0), samples.num_samples)
+        # verify_layer inside sample_problem compared with onnx2torch; here: sizes and determinism
+        assert problem.x_hat.shape[1:] == (layer.groups, layer.in_features)
+        assert 0 < problem.num_patches <= 100 + stream.num_batches
+        again = sample_problem(stream, layer, index, w0, layer.canonical_bias(view), None, True,
+                               SampleSettings(max_patches=100, seed=0), samples.num_samples, verify=False)
+        assert np.array_equal(problem.x_hat.numpy(), again.x_hat.numpy())
+    stream.close()

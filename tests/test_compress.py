@@ -1,0 +1,188 @@
+"""End to end through the Python API on tiny models built in code."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from models import GraphBuilder, mlp, run, samples_for, tiny_cnn, token_mlp
+from onnxadmm import CompressConfig, ValidateConfig, compress
+from onnxadmm.analysis.layers import find_layers
+from onnxadmm.errors import UnsupportedModelError
+from onnxadmm.export.apply import apply_initializers
+from onnxadmm.onnxio.normalize import normalize
+
+FAST = ValidateConfig(latency_rounds=3)
+
+
+def cfg(**kw):
+    base = dict(sensitivity_samples=16, admm_iterations=20, sample_patches=4096, grad_patches=1024)
+    base.update(kw)
+    return CompressConfig(**base)
+
+
+def io_signature(model):
+    def sig(values):
+        return [(v.name, v.type.tensor_type.elem_type,
+                 [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]) for v in values]
+    inits = {t.name for t in model.graph.initializer}
+    return sig([v for v in model.graph.input if v.name not in inits]), sig(model.graph.output)
+
+
+def layer_weights(model):
+    view = normalize(model).view()
+    return {l.name: (l, view.constant(l.weight_name)) for l in find_layers(view).layers}
+
+
+@pytest.fixture(scope="module")
+def cnn_result():
+    model = tiny_cnn()
+    result = compress(model, samples_for(model, 48), cfg(sparsity=0.6), FAST)
+    return model, result
+
+
+def test_output_keeps_the_contract(cnn_result):
+    model, result = cnn_result
+    out = result.model
+    assert io_signature(out) == io_signature(model)
+    assert out.opset_import == model.opset_import and out.ir_version == model.ir_version
+    onnx.checker.check_model(out, full_check=True)
+    feed = samples_for(model, 3, seed=9)
+    assert run(out, feed)[0].shape == run(model, feed)[0].shape
+    props = {p.key: p.value for p in out.metadata_props}
+    assert props["onnxadmm.seed"] == "0" and len(props["onnxadmm.source_sha256"]) == 64
+
+
+def test_sparsity_target_is_met_and_reported(cnn_result):
+    model, result = cnn_result
+    totals = result.report["totals"]
+    assert totals["sparsity"] == pytest.approx(0.6, abs=0.01)
+    weights = layer_weights(result.model)
+    kept = sum(np.count_nonzero(w) for _, w in weights.values())
+    total = sum(w.size for _, w in weights.values())
+    assert 1 - kept / total == pytest.approx(totals["sparsity"], abs=1e-9)
+    for row in result.report["layers"]:
+        assert row["error_final"] <= row["error_projected"] + 1e-9
+        assert len(row["admm_history"]["objective"]) >= 1
+    assert result.report["validation"]["agreement"] is not None
+    assert result.report["calibration"]["representative"] is True
+
+
+def test_allocation_is_not_uniform(cnn_result):
+    _, result = cnn_result
+    levels = {row["target_level"] for row in result.report["layers"]}
+    assert len(levels) > 1
+    assert result.report["plan"]["strategy"] == "sensitivity"
+
+
+def test_uniform_switch():
+    model = tiny_cnn()
+    result = compress(model, samples_for(model, 32), cfg(sparsity=0.5, uniform=True), FAST)
+    assert {row["target_level"] for row in result.report["layers"]} == {0.5}
+
+
+def test_nm_pattern_holds_in_the_exported_weights():
+    model = tiny_cnn()
+    result = compress(model, samples_for(model, 32), cfg(method="nm", nm="2:4"), FAST)
+    compressed = 0
+    for name, (layer, w) in layer_weights(result.model).items():
+        row = next((r for r in result.report["layers"] if r["name"] == name), None)
+        if row is None:
+            continue
+        canonical = layer.canonical(w)
+        taps = layer.conv.kernel[0] * layer.conv.kernel[1] if layer.conv else 1
+        g, r, d = canonical.shape
+        groups = (canonical.reshape(g, r, d // taps // 4, 4, taps) != 0).sum(axis=3)
+        assert groups.max() <= 2
+        compressed += 1
+    assert compressed >= 3
+    declined = {d["name"]: d["reason"] for d in result.report["declined"]}
+    assert any("not a multiple of M=4" in r for r in declined.values())  # the 3-channel stem
+
+
+@pytest.mark.parametrize("method", ["l1", "l0"])
+def test_penalty_methods_end_to_end(method):
+    model = mlp()
+    result = compress(model, samples_for(model, 128), cfg(method=method, sparsity=0.7, uniform=True), FAST)
+    for row in result.report["layers"]:
+        assert abs(row["sparsity"] - 0.7) <= 0.011
+        assert row["penalty_mu"] > 0
+
+
+@pytest.mark.parametrize("builder", [lambda: mlp(trans_b=False, alpha=0.5, beta=2.0), token_mlp])
+def test_gemm_layouts_and_3d_matmul(builder):
+    model = builder()
+    result = compress(model, samples_for(model, 64), cfg(sparsity=0.5), FAST)
+    expected_layers = 3 if any(n.op_type == "Gemm" for n in model.graph.node) else 2
+    assert len(result.report["layers"]) == expected_layers
+    assert result.report["totals"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert result.report["validation"]["outputs"][0]["cosine"] > 0.9
+
+
+def test_exact_round_trip_gives_identical_outputs():
+    model = tiny_cnn()
+    norm = normalize(model)
+    view = norm.view()
+    values = {}
+    for layer in find_layers(view).layers:
+        values[layer.weight_name] = layer.stored(layer.canonical(view.constant(layer.weight_name)))
+    again = apply_initializers(norm.model, values)
+    feed = samples_for(model, 5)
+    for a, b in zip(run(model, feed), run(again, feed)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_zero_sparsity_leaves_weights_untouched():
+    model = tiny_cnn()
+    result = compress(model, samples_for(model, 16), cfg(sparsity=0.0), FAST)
+    feed = samples_for(model, 4, seed=5)
+    np.testing.assert_allclose(run(result.model, feed)[0], run(model, feed)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_unconvertible_activation_leaves_that_layer_dense():
+    b = GraphBuilder()
+    y = b.conv("input", 3, 8, act="Mish")  # onnx2torch has no Mish converter
+    y = b.conv(y, 8, 8, act="Relu")
+    model = b.model([("input", ["N", 3, 8, 8])], [y], opset=18)
+    result = compress(model, samples_for(model, 16), cfg(sparsity=0.5, uniform=True), FAST)
+    declined = result.report["declined"]
+    assert len(declined) == 1 and "Mish" in declined[0]["reason"] and "onnx2torch" in declined[0]["reason"]
+    assert [r["name"] for r in result.report["layers"]] == [find_layers(normalize(model).view()).layers[1].name]
+    first = model.graph.initializer[0]
+    out_first = next(t for t in result.model.graph.initializer if t.name == first.name)
+    assert out_first == first  # left bit-identical
+
+
+def test_already_compressed_is_refused_unless_forced():
+    model = tiny_cnn()
+    feed = samples_for(model, 16)
+    once = compress(model, feed, cfg(sparsity=0.3), FAST).model
+    with pytest.raises(UnsupportedModelError, match="already compressed by onnxadmm"):
+        compress(once, feed, cfg(sparsity=0.3), FAST)
+    again = compress(once, feed, cfg(sparsity=0.3, force=True), FAST)
+    assert any("--force" in n for n in again.report["notes"])
+
+
+def test_random_calibration_is_flagged():
+    model = tiny_cnn()
+    result = compress(model, "random:16", cfg(sparsity=0.3), FAST)
+    assert result.report["calibration"]["representative"] is False
+    assert result.report["validation"]["held_out"] is False
+
+
+def test_two_runs_are_byte_identical():
+    model = tiny_cnn()
+    feed = samples_for(model, 24)
+    a = compress(model, feed, cfg(sparsity=0.5), FAST).model.SerializeToString()
+    b = compress(model, feed, cfg(sparsity=0.5), FAST).model.SerializeToString()
+    assert a == b
+
+
+def test_gates_decide_passed():
+    model = tiny_cnn()
+    feed = samples_for(model, 32)
+    strict = ValidateConfig(latency_rounds=3, min_agreement=1.0, min_speedup=5.0)
+    result = compress(model, feed, cfg(sparsity=0.9), strict)
+    assert result.passed is False
+    gates = {g["name"]: g["passed"] for g in result.report["validation"]["gates"]}
+    assert gates["min_speedup"] is False

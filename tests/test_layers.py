@@ -1,0 +1,93 @@
+"""Layer discovery: every Conv/Gemm/MatMul is a layer or declined with a reason; activation chains."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from models import GraphBuilder, mlp, tiny_cnn, token_mlp
+from onnxadmm.analysis.layers import apply_exclude, find_layers
+from onnxadmm.errors import ConfigError
+from onnxadmm.onnxio.normalize import normalize
+
+
+def layers_of(model):
+    view = normalize(model).view()
+    return view, find_layers(view)
+
+
+def test_tiny_cnn_layers_and_chains():
+    view, found = layers_of(tiny_cnn())
+    assert [l.op_type for l in found.layers] == ["Conv", "Conv", "Conv", "Conv", "Gemm"]
+    assert not found.declined
+    first, depthwise, grouped, strided, fc = found.layers
+    assert first.chain.description == "Relu"
+    assert depthwise.groups == 16 and depthwise.in_features == 9 and depthwise.chain.description == "Clip[0,6]"
+    assert grouped.groups == 2 and grouped.in_features == 8
+    assert grouped.chain.description == "Add(residual)+Relu"
+    assert grouped.chain.side_inputs == (first.chain.output_name,)
+    assert fc.chain.is_identity
+
+
+def test_canonical_view_round_trips_every_layout():
+    for model in (tiny_cnn(), mlp(trans_b=True, alpha=0.5), mlp(trans_b=False, alpha=2.0), token_mlp()):
+        view, found = layers_of(model)
+        for layer in found.layers:
+            stored = view.constant(layer.weight_name)
+            canonical = layer.canonical(stored)
+            assert canonical.shape == (layer.groups, layer.out_features // layer.groups, layer.in_features)
+            np.testing.assert_allclose(layer.stored(canonical), stored, rtol=1e-6)
+
+
+def test_gemm_alpha_and_transpose_in_the_canonical_view():
+    view, found = layers_of(mlp(trans_b=False, alpha=2.0))
+    layer = found.layers[0]
+    stored = view.constant(layer.weight_name)  # (K, N) because transB=0
+    np.testing.assert_allclose(layer.canonical(stored)[0], 2.0 * stored.T, rtol=1e-6)
+
+
+def test_silu_pattern_and_leaky_relu_are_chains():
+    b = GraphBuilder()
+    y = b.conv("input", 3, 8, act="SiLU")
+    y = b.conv(y, 8, 8, act="LeakyRelu")
+    model = b.model([("input", ["N", 3, 8, 8])], [y])
+    _, found = layers_of(model)
+    assert [l.chain.description for l in found.layers] == ["SiLU", "LeakyRelu"]
+
+
+def test_batchnorm_then_relu_is_one_chain():
+    b = GraphBuilder()
+    y = b.conv("input", 3, 8, act=None, bias=False)
+    ones, zeros = np.ones(8, np.float32), np.zeros(8, np.float32)
+    y = b.node("BatchNormalization", [y, b.const(ones * 2), b.const(zeros + 0.1), b.const(zeros), b.const(ones)])
+    y = b.node("Relu", [y])
+    _, found = layers_of(b.model([("input", ["N", 3, 8, 8])], [y]))
+    assert found.layers[0].chain.description == "BatchNormalization+Relu"
+
+
+def test_shared_weight_and_odd_operands_are_declined():
+    b = GraphBuilder()
+    w = b.const(b.weight(8, 8), "W")
+    h = b.node("Gemm", ["input", w], transB=1)
+    h = b.node("Gemm", [h, w], transB=1)  # same initializer twice
+    h = b.node("Gemm", [h, b.const(b.weight(4, 8), "W")], transA=1)  # (8,4)x(4,8)
+    const_left = b.node("MatMul", [b.const(b.weight(4, 4), "L"), b.node("Reshape", [h, b.const(np.array([4, -1]))])])
+    model = b.model([("input", [4, 8])], [const_left])
+    _, found = layers_of(model)
+    reasons = {d.name: d.reason for d in found.declined}
+    assert sum("shared" in r for r in reasons.values()) == 2
+    assert any("transA" in r for r in reasons.values())
+    assert any("left MatMul operand" in r for r in reasons.values())
+    assert not found.layers
+
+
+def test_exclude_by_name_glob_and_op_type():
+    _, found = layers_of(tiny_cnn())
+    names = [l.name for l in found.layers]
+    assert len(apply_exclude(found, ("Gemm",)).layers) == 4
+    assert len(apply_exclude(found, (names[0],)).layers) == 4
+    assert len(apply_exclude(found, ("Conv_*",)).layers) == 1
+    reasons = [d.reason for d in apply_exclude(found, ("Gemm",)).declined]
+    assert reasons == ["excluded by --exclude 'Gemm'"]
+    with pytest.raises(ConfigError, match="matches no"):
+        apply_exclude(found, ("nothing_like_this",))

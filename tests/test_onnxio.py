@@ -1,0 +1,177 @@
+"""Loading (every bad-input case names the problem), normalization rewrites, atomic saving."""
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from models import GraphBuilder, run, samples_for, tiny_cnn
+from onnxadmm.errors import BadInputError, ExportError, UnsupportedModelError
+from onnxadmm.onnxio.graph import GraphView
+from onnxadmm.onnxio.load import load_model
+from onnxadmm.onnxio.normalize import normalize
+from onnxadmm.onnxio.save import check_output_path, read_metadata, save_model_atomic, stamp_metadata
+
+
+def save(model, path):
+    onnx.save(model, str(path))
+    return path
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(BadInputError, match="not found"):
+        load_model(tmp_path / "nope.onnx")
+
+
+def test_directory_as_model(tmp_path):
+    with pytest.raises(BadInputError, match="is a directory"):
+        load_model(tmp_path)
+
+
+def test_zero_byte_file(tmp_path):
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    with pytest.raises(BadInputError, match="empty"):
+        load_model(tmp_path / "empty.onnx")
+
+
+def test_not_onnx(tmp_path):
+    (tmp_path / "text.onnx").write_text("definitely not a protobuf \xff\xfe")
+    with pytest.raises(BadInputError, match="not"):
+        load_model(tmp_path / "text.onnx")
+
+
+def test_truncated_onnx(tmp_path):
+    blob = tiny_cnn().SerializeToString()
+    (tmp_path / "cut.onnx").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(BadInputError, match="truncated|not"):
+        load_model(tmp_path / "cut.onnx")
+
+
+@pytest.mark.parametrize("escape", ["../outside.data", "ABSOLUTE"])
+def test_external_data_outside_the_model_folder_is_refused(tmp_path, escape):
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    onnx.save_model(tiny_cnn(), str(inner / "m.onnx"), save_as_external_data=True, location="m.data",
+                    size_threshold=0)
+    (inner / "m.data").rename(tmp_path / "outside.data")
+    location = str(tmp_path / "outside.data") if escape == "ABSOLUTE" else escape
+    model = onnx.load(str(inner / "m.onnx"), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    (inner / "m.onnx").write_bytes(model.SerializeToString())
+    with pytest.raises(BadInputError, match="outside the model's folder"):
+        load_model(inner / "m.onnx")
+
+
+def test_external_data_inside_the_folder_loads(tmp_path):
+    model = tiny_cnn()
+    onnx.save_model(model, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.data",
+                    size_threshold=0)
+    loaded = load_model(tmp_path / "m.onnx")
+    assert len(loaded.model.graph.initializer) == len(model.graph.initializer)
+    assert loaded.model.graph.initializer[0].data_location == TensorProto.DEFAULT
+
+
+def test_opset_below_7_is_refused(tmp_path):
+    b = GraphBuilder()
+    y = b.node("Relu", ["input"])
+    model = b.model([("input", ["N", 4])], [y], opset=6, ir_version=3)
+    with pytest.raises(UnsupportedModelError, match="opset 6"):
+        load_model(save(model, tmp_path / "old.onnx"))
+
+
+def test_opset_newer_than_onnxruntime_is_refused(tmp_path):
+    b = GraphBuilder()
+    y = b.node("Relu", ["input"])
+    model = b.model([("input", ["N", 4])], [y])
+    model.opset_import[0].version = 99
+    with pytest.raises(UnsupportedModelError, match="newer than this onnxruntime"):
+        load_model(save(model, tmp_path / "new.onnx"))
+
+
+def test_cycle_is_reported_with_a_node_name():
+    nodes = [helper.make_node("Relu", ["b"], ["a"], name="first"), helper.make_node("Relu", ["a"], ["b"], name="second")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("b", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(UnsupportedModelError, match="cycle through node"):
+        GraphView(model)
+
+
+def test_dangling_input_is_reported():
+    nodes = [helper.make_node("Add", ["x", "ghost"], ["y"], name="adder")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(UnsupportedModelError, match="'adder'.*'ghost'.*dangling"):
+        GraphView(model)
+
+
+def legacy_model():
+    """torch's legacy exporter style: Identity before the Conv bias, a Constant weight, a Clip without min."""
+    b = GraphBuilder()
+    w = b.const(b.weight(4, 3, 3, 3), "W")
+    bias = b.node("Identity", [b.const(np.zeros(4, np.float32) + 0.1, "B")])
+    weight_const = helper.make_node("Constant", [], ["wc"], name="",
+                                    value=numpy_helper.from_array(b.weight(4, 4, 1, 1)))
+    b.nodes.append(weight_const)
+    y = b.node("Conv", ["input", w, bias], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    y = b.node("Clip", [y, "", b.const(np.array(6, np.float32))])
+    y = b.node("Conv", [y, "wc"], kernel_shape=[1, 1])
+    return b.model([("input", ["N", 3, 6, 6])], [y])
+
+
+def test_normalize_folds_weight_constants_and_fills_clip_bounds():
+    model = legacy_model()
+    norm = normalize(model)
+    ops = [n.op_type for n in norm.model.graph.node]
+    assert "Identity" not in ops and "Constant" not in ops
+    clip = next(n for n in norm.model.graph.node if n.op_type == "Clip")
+    assert all(clip.input[1:3])
+    assert all(n.name for n in norm.model.graph.node)
+    assert len({n.name for n in norm.model.graph.node}) == len(norm.model.graph.node)
+    feed = samples_for(model, 4)
+    np.testing.assert_allclose(run(model, feed)[0], run(norm.model, feed)[0], rtol=1e-6, atol=1e-6)
+    assert model.graph.node[0].op_type == "Identity"  # the input proto is untouched
+
+
+def test_normalize_keeps_value_info_of_the_original():
+    model = tiny_cnn()
+    norm = normalize(model)
+    assert len(norm.model.graph.value_info) == len(model.graph.value_info)
+    assert len(norm.inferred.graph.value_info) > 0
+
+
+def test_save_is_atomic_and_refuses_the_input(tmp_path):
+    model = tiny_cnn()
+    source = save(model, tmp_path / "in.onnx")
+    before = source.read_bytes()
+    with pytest.raises(ExportError, match="is the input"):
+        check_output_path(source, source)
+    os.link(source, tmp_path / "hardlink.onnx")
+    with pytest.raises(ExportError, match="is the input"):
+        check_output_path(tmp_path / "hardlink.onnx", source)
+    with pytest.raises(ExportError, match="does not exist"):
+        check_output_path(tmp_path / "missing" / "out.onnx", source)
+    with pytest.raises(ExportError, match="is a directory"):
+        check_output_path(tmp_path, source)
+    out = tmp_path / "out.onnx"
+    stamp_metadata(model, {"version": "x", "seed": "3"})
+    written = save_model_atomic(model, out)
+    assert written == out.stat().st_size
+    assert read_metadata(onnx.load(str(out))) == {"onnxadmm.version": "x", "onnxadmm.seed": "3"}
+    assert source.read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_metadata_merge_keeps_producer_entries():
+    model = tiny_cnn()
+    model.metadata_props.add(key="author", value="someone")
+    stamp_metadata(model, {"version": "1"})
+    stamp_metadata(model, {"version": "2"})
+    props = {p.key: p.value for p in model.metadata_props}
+    assert props == {"author": "someone", "onnxadmm.version": "2"}
