@@ -1,0 +1,220 @@
+#!/usr/bin/env python3
+"""Benchmark onnxadmm on the test-bed models with their standard splits, baselines in the same run.
+
+    python scripts/bench_testbed.py --suite sparse [--models lenet5_mnist,resnet20_cifar10,...]
+
+Each model runs in its own process; inside it, every configuration (onnxadmm and the baselines) is
+compressed and validated one after another with the same data, so ratios are comparable. Results go
+to docs/bench/<suite>__<model>.json; docs/BENCHMARKS.md is re-rendered from every JSON there.
+Latency ratios are A/B interleaved inside one process (original vs compressed); absolute times on a
+shared 2-core machine are noisy and are not the figure to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTBED = ROOT.parent / "shared" / "testbed"
+RESULTS = ROOT / "docs" / "bench"
+MODELS = ["lenet5_mnist", "resnet20_cifar10", "resnet56_cifar10", "efficientnet_lite0_imagenet"]
+
+
+# -- data: the test-bed's standard splits ----------------------------------------------------------
+def preprocess(name: str, images: np.ndarray) -> np.ndarray:
+    spec = json.loads((TESTBED / "manifest.json").read_text())[name]["preprocess"]
+    mean = np.array([float(v) for v in str(spec["mean"]).split(",")], np.float32)
+    std = np.array([float(v) for v in str(spec["std"]).split(",")], np.float32)
+    x = (images.astype(np.float32) / float(spec["scale"]) - mean) / std
+    return np.ascontiguousarray(x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2))
+
+
+def standard_split(name: str) -> tuple[dict, dict, str]:
+    """(calibration inputs, evaluation inputs + labels, description) as the test-bed README defines."""
+    if name == "lenet5_mnist":
+        train, test = np.load(TESTBED / "data/mnist_train10k.npz"), np.load(TESTBED / "data/mnist_test.npz")
+        calib = {"input": preprocess(name, train["images"])}
+        evaluation = {"input": preprocess(name, test["images"]), "labels": test["labels"].astype(np.int64)}
+        return calib, evaluation, "calibration mnist_train10k (10,000); evaluation mnist_test (10,000)"
+    if name.endswith("cifar10"):
+        data = np.load(TESTBED / "data/cifar10_test.npz")
+        keep = np.zeros(len(data["labels"]), bool)
+        keep[::10] = True
+        x = preprocess(name, data["images"])
+        return ({"input": x[keep]}, {"input": x[~keep], "labels": data["labels"][~keep].astype(np.int64)},
+                "calibration cifar10_test[::10] (1,000); evaluation the other 9,000")
+    data = np.load(TESTBED / "data/imagenet_sample1000_224.npz")
+    x = preprocess(name, data["images"])
+    return ({"input": x[0::2]}, {"input": x[1::2], "labels": data["labels"][1::2].astype(np.int64)},
+            "calibration imagenet_sample1000 even indices (500); evaluation odd indices (500)")
+
+
+# -- memory --------------------------------------------------------------------------------------
+class PeakRss:
+    """Peak resident memory of this process while the block runs (sampled from /proc every 20 ms)."""
+
+    def __enter__(self):
+        self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _watch(self):
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+    @property
+    def mb(self) -> float:
+        return self.peak / 2**20
+
+
+# -- suites --------------------------------------------------------------------------------------
+def sparse_suite(name: str) -> list[dict]:
+    """Issue 2: unstructured ADMM vs magnitude and magnitude + least-squares refit, same per-layer levels."""
+    levels = {"lenet5_mnist": [0.8, 0.9, 0.95], "resnet20_cifar10": [0.5, 0.7],
+              "resnet56_cifar10": [0.5, 0.7], "efficientnet_lite0_imagenet": [0.3, 0.5]}[name]
+    runs = []
+    for level in levels:
+        for solver in ("admm", "refit", "magnitude"):
+            runs.append({"label": f"sparse {solver}", "group": f"sparsity {level}",
+                         "config": {"method": "sparse", "sparsity": level, "solver": solver}})
+    if name != "lenet5_mnist":
+        runs.append({"label": "nm 2:4 admm", "group": "2:4", "config": {"method": "nm", "nm": "2:4"}})
+        runs.append({"label": "nm 2:4 magnitude", "group": "2:4",
+                     "config": {"method": "nm", "nm": "2:4", "solver": "magnitude"}})
+    if name == "lenet5_mnist":
+        for method in ("l1", "l0"):
+            runs.append({"label": f"{method} admm", "group": "sparsity 0.9",
+                         "config": {"method": method, "sparsity": 0.9}})
+        runs.append({"label": "sparse admm, linear loss", "group": "sparsity 0.9",
+                     "config": {"method": "sparse", "sparsity": 0.9, "loss": "linear"}})
+        runs.append({"label": "sparse admm, uniform", "group": "sparsity 0.9",
+                     "config": {"method": "sparse", "sparsity": 0.9, "uniform": True}})
+    return runs
+
+
+SUITES = {"sparse": sparse_suite}
+
+
+def run_model(suite: str, name: str, only: str | None) -> dict:
+    from onnxadmm import CompressConfig, ValidateConfig, compress
+
+    calib, evaluation, split = standard_split(name)
+    model = TESTBED / "models" / f"{name}.onnx"
+    rows = []
+    levels_by_group: dict[str, dict] = {}
+    for spec in SUITES[suite](name):
+        if only and only not in spec["label"]:
+            continue
+        config = CompressConfig(**spec["config"])
+        validate = ValidateConfig(labels="labels", latency_batch_sizes=(1, 8), latency_rounds=20)
+        started = time.perf_counter()
+        with PeakRss() as rss:
+            result = compress(model, calib, config, validate, evaluation=evaluation)
+        wall = time.perf_counter() - started
+        report = result.report
+        levels = {r["name"]: r["target_level"] for r in report["layers"]}
+        key = json.dumps({k: v for k, v in spec["config"].items() if k != "solver"}, sort_keys=True)
+        if config.solver == "admm":
+            levels_by_group[key] = levels
+        same_levels = None if config.solver == "admm" else levels_by_group.get(key) == levels
+        v = report["validation"]
+        fa, fb = v["footprint"]["original"], v["footprint"]["compressed"]
+        rows.append({
+            "label": spec["label"], "group": spec["group"], "config": spec["config"],
+            "sparsity": report["totals"]["sparsity"], "nonzero_reduction_x": report["totals"]["nonzero_reduction_x"],
+            "top1_original": v["accuracy_original"], "top1": v["accuracy_compressed"],
+            "drop_pt": v["accuracy_drop_pt"], "agreement": v["agreement"],
+            "size_raw": fb["size_bytes"], "size_zip": fb["zipped_bytes"], "size_zip_original": fa["zipped_bytes"],
+            "macs_ratio": fb["macs"] / fa["macs"], "params_ratio": fb["nonzero_params"] / fa["nonzero_params"],
+            "latency": [{"batch": l["batch_size"], "threads": l["threads"], "ratio": l["ratio_median"],
+                         "p10": l["ratio_p10"], "p90": l["ratio_p90"]} for l in v["latency"]],
+            "compress_s": report["timing"]["compress_s"], "wall_s": wall, "peak_rss_mb": rss.mb,
+            "same_levels_as_admm": same_levels, "declined": len(report["declined"]),
+        })
+        print(f"[{name}] {spec['label']:<28} {spec['group']:<14} top1 {100 * v['accuracy_compressed']:.2f} "
+              f"drop {v['accuracy_drop_pt']:.2f} agree {v['agreement']:.4f} t {report['timing']['compress_s']:.0f}s "
+              f"rss {rss.mb:.0f}MB", flush=True)
+    return {"suite": suite, "model": name, "split": split, "rows": rows,
+            "command": " ".join(["python", "scripts/bench_testbed.py", "--suite", suite, "--models", name]),
+            "machine": {"cpus": os.cpu_count(), "uname": " ".join(os.uname())},
+            "date": time.strftime("%Y-%m-%d")}
+
+
+# -- rendering -----------------------------------------------------------------------------------
+def render() -> str:
+    lines = ["# Benchmarks", "",
+             "Measured on this project's shared 2-core x86-64 machine with `scripts/bench_testbed.py`; every "
+             "table comes from one process per model (command under each table). Latency is the median of "
+             "per-round ratios compressed/original, A/B interleaved in one process (2 threads, spinning off); "
+             "`[p10–p90]` is the spread over rounds. Absolute times are noisy here; compare ratios.", ""]
+    for path in sorted(RESULTS.glob("*.json")):
+        data = json.loads(path.read_text())
+        lines.append(f"## {data['suite']}: {data['model']}")
+        lines.append("")
+        lines.append(f"Split: {data['split']}. Original top-1: "
+                     f"{100 * data['rows'][0]['top1_original']:.2f} %. Date {data['date']}.")
+        lines.append("")
+        lines.append("| configuration | level | nonzero ↓× | top-1 % | drop pt | agreement | zip MB (orig) | "
+                     "MACs × | latency × b1 | latency × b8 | compress s | peak RSS MB |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in data["rows"]:
+            lat = {l["batch"]: f"{l['ratio']:.2f} [{l['p10']:.2f}–{l['p90']:.2f}]" for l in r["latency"]}
+            lines.append(
+                f"| {r['label']} | {r['group']} | {r['nonzero_reduction_x']:.2f} | {100 * r['top1']:.2f} | "
+                f"{r['drop_pt']:.2f} | {r['agreement']:.4f} | {r['size_zip'] / 1e6:.2f} "
+                f"({r['size_zip_original'] / 1e6:.2f}) | {r['macs_ratio']:.2f} | {lat.get(1, '—')} | "
+                f"{lat.get(8, '—')} | {r['compress_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+        lines.append("")
+        lines.append(f"Command: `{data['command']}`")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--suite", choices=sorted(SUITES), default="sparse")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--only", default=None, help="run only configurations whose label contains this")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--render-only", action="store_true", help="re-render docs/BENCHMARKS.md")
+    args = parser.parse_args()
+    if not (TESTBED / "manifest.json").is_file():
+        print(f"test-bed not found at {TESTBED}", file=sys.stderr)
+        return 2
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.worker:
+        result = run_model(args.suite, args.models, args.only)
+        (RESULTS / f"{args.suite}__{args.models}.json").write_text(json.dumps(result, indent=1))
+        return 0
+    if not args.render_only:
+        for name in args.models.split(","):
+            command = [sys.executable, __file__, "--suite", args.suite, "--models", name, "--worker"]
+            if args.only:
+                command += ["--only", args.only]
+            subprocess.run(command, check=True)
+    (ROOT / "docs" / "BENCHMARKS.md").write_text(render())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
