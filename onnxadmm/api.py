@@ -19,7 +19,7 @@ import onnx
 from . import __version__
 from .analysis.layers import Declined, LayerSet, apply_exclude, find_layers
 from .calib.readers import SampleSet, evenly_spaced, open_samples, select
-from .config import CompressConfig, ValidateConfig, config_hash
+from .config import CHANNEL_METHODS, CompressConfig, ValidateConfig, config_hash
 from .errors import UnsupportedModelError
 from .onnxio.graph import GraphView, TensorType
 from .onnxio.load import LoadedModel, default_opset, load_model, model_from_proto
@@ -111,7 +111,8 @@ def compress(model: Any, calibration: Any, config: CompressConfig = CompressConf
     from .calib.readers import SampleSet  # noqa: F401 - documented type
     from .export.apply import apply_initializers, finalize
     from .plan.planner import plan_sparsity
-    from .sequential import compress_layers
+    from .sequential import compress_layers, structure_for
+    from .structured import compress_channels, declined_groups
     from .validate.gates import check_gate_inputs
     from .validate.run import validate_models
     from .runtime import cpu_threads
@@ -136,7 +137,8 @@ def compress(model: Any, calibration: Any, config: CompressConfig = CompressConf
         normalized = normalize(loaded.model)
         notes.extend(normalized.rewrites)
         view = normalized.view()
-        found = _declines_for_method(apply_exclude(find_layers(view), config.exclude), config)
+        everything = find_layers(view)
+        found = _declines_for_method(apply_exclude(everything, config.exclude), config)
         if not found.layers:
             reasons = "; ".join(f"{d.name}: {d.reason}" for d in found.declined[:5]) or "no Conv/Gemm/MatMul"
             raise UnsupportedModelError(f"nothing to compress in this model ({reasons})")
@@ -147,11 +149,19 @@ def compress(model: Any, calibration: Any, config: CompressConfig = CompressConf
         eval_set, held_out = _evaluation_set(evaluation, inputs, calib_all, rest, calib, validate_config,
                                              config.seed)
         check_gate_inputs(validate_config, eval_set.labels is not None)
-        progress("plan", 0, 1, "measuring sensitivity")
-        plan = plan_sparsity(view, found.layers, calib, config)
-        solved = compress_layers(view, found.layers, calib, plan.levels, config, progress)
+        channels = None
+        if config.method in CHANNEL_METHODS:
+            channels = compress_channels(view, normalized.model, everything.layers, found.layers, calib, config,
+                                         progress)
+            plan, solved, compressed = channels.plan, channels.solved, channels.model
+            found.declined.extend(declined_groups(channels))
+        else:
+            progress("plan", 0, 1, "measuring sensitivity")
+            plan = plan_sparsity(view, found.layers, calib, config)
+            structures = {l.name: structure_for(l, config, plan.levels[l.name]) for l in found.layers}
+            solved = compress_layers(view, found.layers, calib, structures, plan.levels, config, progress)
+            compressed = apply_initializers(normalized.model, solved.initializers)
         progress("export", 0, 1, "writing weights")
-        compressed = apply_initializers(normalized.model, solved.initializers)
         digest = config_hash(config)
         notes.extend(finalize(compressed, normalized.model, {
             "version": __version__, "config_sha256": digest, "seed": str(config.seed),
@@ -163,6 +173,8 @@ def compress(model: Any, calibration: Any, config: CompressConfig = CompressConf
         declined = solved.declined + found.declined
         report = _compress_report(loaded, config, validate_config, digest, calib, plan, solved, declined,
                                   validation, notes, started, solve_seconds)
+        if channels is not None:
+            report["plan"] = channels.report()
         progress("done", 1, 1, "")
         return CompressResult(compressed, report, validation.passed)
     finally:
@@ -182,7 +194,7 @@ def _compress_report(loaded, config, validate_config, digest, calib, plan, solve
         "config_sha256": digest, "seed": config.seed,
         "calibration": {"source": calib.source, "samples": calib.num_samples,
                         "representative": calib.representative},
-        "plan": {"strategy": plan.strategy, "probe_level": plan.probe_level,
+        "plan": {"strategy": plan.strategy, "probe_level": getattr(plan, "probe_level", None),
                  "measured_output_damage": plan.measured_damage},
         "layers": rows, "declined": [dataclasses.asdict(d) for d in declined],
         "totals": {"layers_compressed": len(rows), "layers_declined": len(declined),

@@ -25,7 +25,11 @@ METHODS = {
     "nm": "N:M fine-grained sparsity along input channels",
     "l1": "l1 penalty, soft thresholding (Kiaee et al. 2016)",
     "l0": "l0 penalty, hard thresholding (Kiaee et al. 2016)",
+    "kernels": "whole (output, input-channel) kernels, channel-wise sparse connections (Changpinyo et al. 2017)",
+    "channel": "remove coupled channels (physically smaller, faster graph), ADMM on each consumer",
+    "l0-l21": "l0 + l2,1: remove channels, then element sparsity inside them (Bui et al. 2019)",
 }
+CHANNEL_METHODS = ("channel", "l0-l21")
 LOSSES = ("activation", "linear")
 SOLVERS = ("admm", "magnitude", "refit")
 
@@ -45,7 +49,14 @@ class CompressConfig:
 
     method: str = field(default="sparse", metadata=_opt("constraint set / structure", tuple(METHODS)))
     sparsity: float = field(
-        default=0.5, metadata=_opt("global fraction of weights removed over the compressed layers")
+        default=0.5, metadata=_opt("global fraction of weights removed over the compressed layers (for "
+                                   "l0-l21: inside the kept channels; for kernels: fraction of kernels)")
+    )
+    target_macs: float | None = field(
+        default=None, metadata=_opt("channel methods: MACs of the output as a fraction of the original's")
+    )
+    channel_multiple: int = field(
+        default=8, metadata=_opt("channel methods: kept widths are multiples of this (CPU kernels like 8/16)")
     )
     nm: str = field(default="2:4", metadata=_opt("N:M pattern for --method nm (keep N of every M)"))
     uniform: bool = field(
@@ -103,6 +114,16 @@ class CompressConfig:
                      "admm_iterations", "sensitivity_samples"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.method in CHANNEL_METHODS and self.target_macs is None:
+            raise ConfigError(f"--method {self.method} needs --target-macs F (fraction of the original MACs, "
+                              "e.g. 0.5)")
+        if self.target_macs is not None:
+            _check_range("target_macs", self.target_macs, 0.0, 1.0)
+            if self.method not in CHANNEL_METHODS:
+                raise ConfigError(f"--target-macs applies to --method {' | '.join(CHANNEL_METHODS)}, not "
+                                  f"{self.method!r} (zeros in dense weights do not reduce MACs)")
+        if self.channel_multiple < 1:
+            raise ConfigError(f"channel_multiple must be >= 1, got {self.channel_multiple}")
         if self.calib_samples is not None and self.calib_samples < 1:
             raise ConfigError(f"calib_samples must be >= 1, got {self.calib_samples}")
         if self.threads < 0:

@@ -71,11 +71,14 @@ def schedule(view: GraphView, layers: list[Layer]) -> list[Layer]:
     return ordered
 
 
+ELEMENT_KINDS = {"sparse": "unstructured", "nm": "nm", "l1": "l1", "l0": "l0", "kernels": "kernels"}
+
+
 def structure_for(layer: Layer, config: CompressConfig, level: float) -> Structure:
-    kind = {"sparse": "unstructured", "nm": "nm", "l1": "l1", "l0": "l0"}[config.method]
+    """The per-layer structure of the element-sparsity methods at ``level``."""
     n, m = config.nm_pattern
     taps = layer.conv.kernel[0] * layer.conv.kernel[1] if layer.conv else 1
-    return Structure(kind=kind, sparsity=level, n=n, m=m, taps=taps)
+    return Structure(kind=ELEMENT_KINDS[config.method], sparsity=level, n=n, m=m, taps=taps)
 
 
 def admm_settings(config: CompressConfig) -> AdmmSettings:
@@ -83,8 +86,11 @@ def admm_settings(config: CompressConfig) -> AdmmSettings:
                         rho_growth=config.rho_growth, grad_patches=config.grad_patches, seed=config.seed)
 
 
-def compress_layers(view: GraphView, layers: list[Layer], samples: SampleSet, levels: dict[str, float],
-                    config: CompressConfig, progress: Progress | None = None) -> SequentialResult:
+def compress_layers(view: GraphView, layers: list[Layer], samples: SampleSet, structures: dict[str, Structure],
+                    levels: dict[str, float], config: CompressConfig, progress: Progress | None = None
+                    ) -> SequentialResult:
+    """Solve every layer in ``layers`` for its ``structures`` entry (``levels`` is what the report calls
+    its target: sparsity, or the fraction of input channels removed); level 0 keeps a layer as it is."""
     progress = progress or (lambda *args: None)
     order = schedule(view, layers)
     pending: dict[str, int] = {}
@@ -105,15 +111,15 @@ def compress_layers(view: GraphView, layers: list[Layer], samples: SampleSet, le
             started = time.perf_counter()
             sides = layer.chain.side_inputs if layer.chain else ()
             level = levels[layer.name]
-            if level == 0 and config.method in ("sparse", "l1", "l0"):
-                outcomes.append(_unchanged(view, layer, structure_for(layer, config, 0.0)))
+            if level == 0 and structures[layer.name].kind != "nm":
+                outcomes.append(_unchanged(view, layer, structures[layer.name]))
                 for name in (layer.input_name, *sides):
                     pending[name] -= 1
                 continue
             stream.ensure([layer.input_name, *sides])
             try:
-                outcome, values = _solve_one(stream, view, layer, index, level, config,
-                                             sampling, settings, samples.num_samples)
+                outcome, values = _solve_one(stream, view, layer, index, level, structures[layer.name],
+                                             config, sampling, settings, samples.num_samples)
             except (BridgeError, SamplingError) as exc:
                 declined.append(Declined(layer.name, layer.op_type, str(exc)))
             else:
@@ -138,13 +144,12 @@ def _unchanged(view: GraphView, layer: Layer, structure: Structure) -> LayerOutc
                         seconds=0.0, patches=0)
 
 
-def _solve_one(stream, view, layer, index, level, config, sampling, settings, total_samples):
+def _solve_one(stream, view, layer, index, level, structure, config, sampling, settings, total_samples):
     w0 = layer.canonical(view.constant(layer.weight_name))
     b0 = layer.canonical_bias(view)
     activation = activation_function(view, layer)
     fit_bias = layer.bias_name is not None and layer.beta != 0
     problem = sample_problem(stream, layer, index, w0, b0, activation, fit_bias, sampling, total_samples)
-    structure = structure_for(layer, config, level)
     torch.manual_seed(config.seed + index)
     solution = solve_layer(problem, structure, config.loss, config.solver, settings)
     values = {layer.weight_name: layer.stored(solution.weight.numpy())}

@@ -16,6 +16,7 @@ import torch
 
 from .admm import AdmmSettings, admm_activation, admm_linear, refit_activation
 from .problem import LayerProblem
+from .projections.groups import ChannelsThenElements, InputChannels, Kernels
 from .projections.sparse import NM, HardThreshold, SoftThreshold, TopK, keep_count
 from .refit import bias_for, masked_refit, moments
 
@@ -26,13 +27,22 @@ PENALTY_TOLERANCE = 0.005
 
 @dataclass(frozen=True)
 class Structure:
-    """What the layer is projected onto: ``kind`` in unstructured | nm | l1 | l0, at ``sparsity``."""
+    """What the layer is projected onto.
+
+    ``kind``: unstructured | nm | l1 | l0 (element sparsity at ``sparsity``); kernels (keep whole
+    (output, input-channel) kernels, a fraction ``sparsity`` removed); channels (keep ``keep_channels``
+    input channels of ``width`` columns each, optionally pinned to ``fixed_channels``); l0-l21 (those
+    channels, then element sparsity ``sparsity`` inside them).
+    """
 
     kind: str
     sparsity: float = 0.0
     n: int = 2
     m: int = 4
     taps: int = 1
+    keep_channels: int | None = None
+    width: int = 1
+    fixed_channels: tuple[bool, ...] | None = None
 
     def projection(self, w0: torch.Tensor):
         """The Z-step of a constraint set (the penalties build theirs in the μ search)."""
@@ -40,6 +50,14 @@ class Structure:
             return TopK(keep_count(w0.numel(), self.sparsity))
         if self.kind == "nm":
             return NM(self.n, self.m, self.taps)
+        if self.kind == "kernels":
+            return Kernels(keep_count(w0.numel() // self.taps, self.sparsity), self.taps)
+        fixed = None if self.fixed_channels is None else torch.tensor(self.fixed_channels, dtype=torch.bool)
+        if self.kind == "channels":
+            return InputChannels(self.keep_channels, self.width, fixed)
+        if self.kind == "l0-l21":
+            kept = self.keep_channels * (w0.numel() // (w0.shape[-1] // self.width))
+            return ChannelsThenElements(self.keep_channels, self.width, keep_count(kept, self.sparsity), fixed)
         raise ValueError(f"structure {self.kind!r} has no fixed projection")
 
 

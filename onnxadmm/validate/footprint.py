@@ -51,6 +51,47 @@ def _float_initializers(model: onnx.ModelProto):
             yield tensor
 
 
+@dataclass(frozen=True)
+class NodeCost:
+    node: onnx.NodeProto
+    dense: int  # multiply-accumulates per sample
+    positions: int  # output positions per sample (each weight is used this many times)
+
+
+def node_macs(model: onnx.ModelProto, feed_one: dict[str, np.ndarray], threads: int = 0) -> dict[int, NodeCost]:
+    """Dense MACs of every Conv/ConvTranspose/Gemm/MatMul node (by node id), from shapes observed in one
+    onnxruntime run on ``feed_one`` (a single sample)."""
+    view = GraphView(model)
+    compute = [i for i in view.order if view.nodes[i].op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose")]
+    probe = copy.copy(model)
+    names = sorted({t for i in compute for t in (view.nodes[i].input[0], view.nodes[i].output[0])})
+    existing = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in existing)
+    sess = session(probe, threads)
+    outputs = [o.name for o in sess.get_outputs()]
+    shapes = dict(zip(outputs, (np.shape(v) for v in sess.run(outputs, feed_one))))
+    costs = {}
+    for index in compute:
+        node = view.nodes[index]
+        out_shape = shapes.get(node.output[0])
+        if out_shape is None:
+            continue
+        if node.op_type in ("Conv", "ConvTranspose"):
+            in_channels = shapes[node.input[0]][1]
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            weight_dims = view.types[node.input[1]].shape if node.input[1] in view.types else None
+            kernel = int(np.prod(weight_dims[2:])) if weight_dims and all(
+                isinstance(d, int) for d in weight_dims) else 1
+            dense = int(np.prod(out_shape)) * (in_channels // group) * kernel
+            positions = int(np.prod(out_shape[2:])) * out_shape[0]
+        else:
+            depth = shapes[node.input[0]][-1]
+            dense = int(np.prod(out_shape)) * depth
+            positions = int(np.prod(out_shape[:-1]))
+        costs[index] = NodeCost(node, dense, positions)
+    return costs
+
+
 def footprint(model: onnx.ModelProto, feed_one: dict[str, np.ndarray], threads: int = 0,
               blob: bytes | None = None) -> Footprint:
     """Measure ``model``; ``feed_one`` is a single-sample input used to observe shapes."""
@@ -63,40 +104,18 @@ def footprint(model: onnx.ModelProto, feed_one: dict[str, np.ndarray], threads: 
         arrays[tensor.name] = array
         params += array.size
         nonzero += int(np.count_nonzero(array))
-    view = GraphView(model)
-    compute = [i for i in view.order if view.nodes[i].op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose")]
-    probe = copy.copy(model)
-    names = sorted({t for i in compute for t in (view.nodes[i].input[0], view.nodes[i].output[0])})
-    existing = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in existing)
-    sess = session(probe, threads)
-    outputs = [o.name for o in sess.get_outputs()]
-    shapes = dict(zip(outputs, (np.shape(v) for v in sess.run(outputs, feed_one))))
     macs = nonzero_macs = layer_weights = nonzero_layer_weights = 0
-    for index in compute:
-        node = view.nodes[index]
-        out_shape = shapes.get(node.output[0])
+    for index, cost in node_macs(model, feed_one, threads).items():
+        node = cost.node
         weight = arrays.get(node.input[1]) if len(node.input) > 1 else None
-        if out_shape is None:
-            continue
-        if node.op_type in ("Conv", "ConvTranspose"):
-            in_channels = shapes[node.input[0]][1]
-            group = next((a.i for a in node.attribute if a.name == "group"), 1)
-            kernel = int(np.prod(weight.shape[2:])) if weight is not None else 1
-            dense = int(np.prod(out_shape)) * (in_channels // group) * kernel
-            positions = int(np.prod(out_shape[2:])) * out_shape[0]
-        else:
-            depth = shapes[node.input[0]][-1]
-            dense = int(np.prod(out_shape)) * depth
-            positions = int(np.prod(out_shape[:-1]))
-        macs += dense
+        macs += cost.dense
         if weight is not None:
             layer_weights += weight.size
             nz = int(np.count_nonzero(weight))
             nonzero_layer_weights += nz
-            nonzero_macs += nz * positions if node.op_type != "ConvTranspose" else dense
+            nonzero_macs += nz * cost.positions if node.op_type != "ConvTranspose" else cost.dense
         else:
-            nonzero_macs += dense
+            nonzero_macs += cost.dense
     return Footprint(size_bytes=len(blob), zipped_bytes=zipped_size(blob), params=params,
                      nonzero_params=nonzero, macs=macs, nonzero_macs=nonzero_macs,
                      layer_weights=layer_weights, nonzero_layer_weights=nonzero_layer_weights)

@@ -1,0 +1,277 @@
+"""Coupled channel groups: the sets of channels that must be removed together (Torch-Pruning's
+dependency groups, on ONNX nodes).
+
+A group starts at a layer's output channels and is closed under the graph's couplings:
+  * per-channel nodes pass the channel through (activations, BatchNormalization, pooling, per-channel
+    constant Add/Sub/Mul/Div, PRelu, Dropout/Identity, depthwise Conv with one filter per channel);
+  * an elementwise op of two computed tensors (a residual ``Add``, a gate ``Mul``) ties both operands,
+    so every producer of every operand loses the same channel indices;
+  * a Conv (group = 1), Gemm or MatMul reading the channels is a *consumer*: it loses the matching input
+    columns (kh·kw per channel for a Conv; a contiguous range of H·W features per channel when a
+    Flatten/Reshape to [N, C·H·W] sits in between).
+Anything else touching the channels (Concat, Split, Slice, Pad, Gather, Transpose, Reshape to other
+shapes, grouped Conv, a graph output, ...) declines the whole group with the node named: its channels
+stay, never a guess.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..onnxio.graph import GraphView
+from .layers import Layer
+
+CHANNELWISE_UNARY = {"Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu",
+                     "Celu", "Softplus", "Softsign", "Gelu", "Mish", "ThresholdedRelu", "Identity", "Dropout",
+                     "Neg", "Abs", "Erf", "Sqrt", "Exp", "Log", "Reciprocal", "Cast"}
+SPATIAL_POOLS = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"}
+ELEMENTWISE_BINARY = {"Add", "Sub", "Mul", "Div"}
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """A layer reading the group's channels: channel c is its input columns [c·width, (c+1)·width)."""
+
+    layer: str
+    node_index: int
+    width: int  # canonical input columns per channel (kh·kw, or H·W after a Flatten, or 1)
+
+
+@dataclass
+class ChannelGroup:
+    """Channels tied together; ``declined`` holds the reason when they must stay."""
+
+    name: str
+    channels: int
+    kind: str = "conv"  # "conv": channels on axis 1 of [N, C, ...]; "row": on the last axis
+    producers: list[int] = field(default_factory=list)  # node ids whose output rows are the channels
+    through: list[int] = field(default_factory=list)  # per-channel nodes (sliced along the channel)
+    consumers: list[Consumer] = field(default_factory=list)
+    tensors: set[str] = field(default_factory=set)  # tensors whose channel axis is this group
+    declined: str | None = None
+
+    @property
+    def member_nodes(self) -> list[int]:
+        return sorted({*self.producers, *self.through, *(c.node_index for c in self.consumers)})
+
+
+class _Decline(Exception):
+    pass
+
+
+def find_channel_groups(view: GraphView, layers: list[Layer]) -> list[ChannelGroup]:
+    """Every group started by a layer's output (each layer's output channels belong to one group)."""
+    by_node = {layer.node_index: layer for layer in layers}
+    groups: list[ChannelGroup] = []
+    claimed: set[str] = set()
+    for layer in sorted(layers, key=lambda l: view.order.index(l.node_index)):
+        if layer.output_name in claimed:
+            continue
+        group = ChannelGroup(name=layer.name, channels=layer.out_features)
+        try:
+            _close(view, by_node, group, layer)
+        except _Decline as reason:
+            group.declined = str(reason)
+        claimed |= group.tensors | {layer.output_name}
+        claimed |= {view.nodes[i].output[0] for i in group.producers}
+        if not group.declined and not group.consumers:
+            group.declined = "no layer reads these channels (nothing to refit)"
+        groups.append(group)
+    return groups
+
+
+def _axis_kind(layer: Layer) -> str:
+    return "conv" if layer.op_type == "Conv" else "row"
+
+
+def _close(view: GraphView, by_node: dict[int, Layer], group: ChannelGroup, start: Layer) -> None:
+    """Grow ``group`` from ``start``'s output until every tensor's producer and readers are explained."""
+    if start.op_type == "Conv" and start.groups != 1:
+        raise _Decline(f"grouped Conv {start.name!r} (group={start.groups}) cannot lose output channels alone")
+    kind = group.kind = _axis_kind(start)
+    producers, through, consumers = {start.node_index}, set(), {}
+    pending, seen = [start.output_name], set()
+    try:
+        while pending:
+            tensor = pending.pop()
+            if tensor in seen:
+                continue
+            seen.add(tensor)
+            if tensor in view.output_names:
+                raise _Decline(f"channels reach the graph output {tensor!r} (its shape must stay)")
+            _explain_producer(view, by_node, tensor, kind, group.channels, producers, through, pending)
+            for index in view.consumers.get(tensor, []):
+                if index in producers or index in through or index in consumers:
+                    continue
+                _explain_reader(view, by_node, tensor, index, kind, group.channels, through, consumers, pending)
+    finally:  # a declined group still records what it reached, so it is reported once
+        group.producers = sorted(producers, key=view.order.index)
+        group.through = sorted(through, key=view.order.index)
+        group.consumers = sorted(consumers.values(), key=lambda c: view.order.index(c.node_index))
+        group.tensors = seen
+
+
+def _explain_producer(view, by_node, tensor, kind, channels, producers, through, pending) -> None:
+    index = view.producer.get(tensor)
+    if index is None:
+        raise _Decline(f"channels of {tensor!r} come from a graph input or constant")
+    if index in producers or index in through:
+        return
+    node = view.nodes[index]
+    layer = by_node.get(index)
+    if layer is not None and _axis_kind(layer) == kind and node.output[0] == tensor:
+        if layer.op_type == "Conv" and layer.groups != 1:
+            if _is_depthwise(layer, channels):
+                through.add(index)
+                pending.append(node.input[0])
+                return
+            raise _Decline(f"grouped Conv {node.name!r} (group={layer.groups}) produces the channels")
+        if layer.out_features != channels:
+            raise _Decline(f"{node.name!r} produces {layer.out_features} channels, the group has {channels}")
+        producers.add(index)
+        return
+    if _per_channel_node(view, node, tensor, kind, channels):
+        through.add(index)
+        pending.extend(_channel_operands(view, node))
+        return
+    raise _Decline(f"node {node.name!r} ({node.op_type}) produces the channels and is not understood for "
+                   "channel pruning")
+
+
+def _explain_reader(view, by_node, tensor, index, kind, channels, through, consumers, pending) -> None:
+    node = view.nodes[index]
+    layer = by_node.get(index)
+    if layer is not None and node.input[0] == tensor and tensor not in node.input[1:]:
+        if layer.op_type == "Conv":
+            if kind != "conv":
+                raise _Decline(f"Conv {node.name!r} reads row features")
+            if layer.groups == 1:
+                consumers[index] = Consumer(layer.name, index, layer.conv.kernel[0] * layer.conv.kernel[1])
+                return
+            if _is_depthwise(layer, channels):
+                through.add(index)
+                pending.append(node.output[0])
+                return
+            raise _Decline(f"grouped Conv {node.name!r} (group={layer.groups}) reads the channels")
+        if kind != "row" or layer.in_features != channels:
+            raise _Decline(f"{node.op_type} {node.name!r} reads the channels on an axis that is not its K")
+        consumers[index] = Consumer(layer.name, index, 1)
+        return
+    if node.op_type in ("Flatten", "Reshape") and kind == "conv":
+        consumer = _flatten_into_layer(view, by_node, node, tensor, channels)
+        consumers[consumer.node_index] = consumer
+        through.add(index)
+        return
+    if _per_channel_node(view, node, tensor, kind, channels):
+        through.add(index)
+        pending.extend(_channel_operands(view, node))
+        pending.extend(o for o in node.output[:1])
+        return
+    raise _Decline(f"node {node.name!r} ({node.op_type}) reads the channels and is not understood for channel "
+                   "pruning")
+
+
+def _is_depthwise(layer: Layer, channels: int) -> bool:
+    """One filter per channel: group = Cin = Cout."""
+    return layer.op_type == "Conv" and layer.groups == layer.out_features == channels and \
+        layer.in_features == layer.conv.kernel[0] * layer.conv.kernel[1]
+
+
+def _attrs(node) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _per_channel_node(view: GraphView, node, tensor: str, kind: str, channels: int) -> bool:
+    """True when ``node`` maps channel c of its data operands to channel c of its output."""
+    op = node.op_type
+    if len(node.output) != 1 and op not in ("Dropout", "BatchNormalization"):
+        return False
+    if op == "Dropout" and len([o for o in node.output if o]) > 1:
+        return False
+    others = [n for n in node.input[1:] if n]
+    if op in CHANNELWISE_UNARY:
+        return all(view.is_constant(n) and int(np.prod(view.initializers[n].dims)) == 1 for n in others)
+    if op in SPATIAL_POOLS:
+        return kind == "conv"
+    if op == "BatchNormalization":
+        return kind == "conv" and all(view.is_constant(n) for n in others) and \
+            len([o for o in node.output if o]) == 1
+    if op == "PRelu":
+        return view.is_constant(node.input[1]) and _broadcasts(view, node.input[1], kind, channels,
+                                                               node.input[0])
+    if op in ELEMENTWISE_BINARY and len(node.input) == 2:
+        a, b = node.input
+        constants = [n for n in (a, b) if view.is_constant(n)]
+        if len(constants) == 1:
+            data = a if b in constants else b
+            return _broadcasts(view, constants[0], kind, channels, data) and (op in ("Add", "Mul") or
+                                                                                b in constants)
+        if not constants:
+            return _same_channels(view, a, b, kind)
+    return False
+
+
+def _channel_operands(view: GraphView, node) -> list[str]:
+    """The computed operands of a per-channel node (they carry the same channels)."""
+    if node.op_type in ELEMENTWISE_BINARY:
+        return [n for n in node.input if n and not view.is_constant(n)]
+    return [node.input[0]]
+
+
+def _broadcasts(view: GraphView, const: str, kind: str, channels: int, data: str) -> bool:
+    """A constant that is a scalar or varies only along the channel axis of ``data``."""
+    dims = list(view.initializers[const].dims)
+    if int(np.prod(dims)) == 1:
+        return True
+    if kind == "row":
+        return len(dims) >= 1 and dims[-1] == channels and all(d == 1 for d in dims[:-1])
+    data_type = view.types.get(data)
+    if data_type is None or data_type.shape is None:
+        return False
+    from_end = len(data_type.shape) - 1  # axis 1 of the data, counted from the end (right-aligned)
+    if len(dims) < from_end:
+        return False  # a short constant broadcasts on the trailing (spatial) axes, not the channels
+    axis = len(dims) - from_end
+    return dims[axis] == channels and all(d == 1 for i, d in enumerate(dims) if i != axis)
+
+
+def _same_channels(view: GraphView, a: str, b: str, kind: str) -> bool:
+    """Two computed operands with the same channel count at the channel axis (no channel broadcast)."""
+    ta, tb = view.types.get(a), view.types.get(b)
+    if ta is None or tb is None or ta.shape is None or tb.shape is None or len(ta.shape) != len(tb.shape):
+        return False
+    axis = 1 if kind == "conv" else len(ta.shape) - 1
+    ca, cb = ta.shape[axis], tb.shape[axis]
+    return isinstance(ca, int) and ca == cb and ca > 1
+
+
+def _flatten_into_layer(view: GraphView, by_node, node, tensor: str, channels: int) -> Consumer:
+    """Flatten(axis=1) or Reshape to [N, -1] of an [N, C, H, W] tensor feeding one Gemm/MatMul."""
+    shape = view.types.get(tensor).shape if view.types.get(tensor) else None
+    if shape is None or len(shape) < 2 or any(not isinstance(d, int) for d in shape[1:]):
+        raise _Decline(f"{node.op_type} {node.name!r}: the shape of {tensor!r} is not static")
+    if node.op_type == "Flatten" and _attrs(node).get("axis", 1) != 1:
+        raise _Decline(f"Flatten {node.name!r} with axis != 1")
+    if node.op_type == "Reshape":
+        if not view.is_constant(node.input[1]):
+            raise _Decline(f"Reshape {node.name!r} has a computed shape")
+        target = [int(v) for v in view.constant(node.input[1]).reshape(-1)]
+        features = int(np.prod(shape[1:]))
+        if len(target) != 2 or target[1] not in (-1, features) or target == [-1, -1] or \
+                (target[0] not in (0, -1) and target[1] == -1):
+            raise _Decline(f"Reshape {node.name!r} to {target} is not a flatten to [N, C·H·W]")
+        if _attrs(node).get("allowzero", 0):
+            raise _Decline(f"Reshape {node.name!r} with allowzero=1")
+    users = view.consumers.get(node.output[0], [])
+    if len(users) != 1 or node.output[0] in view.output_names:
+        raise _Decline(f"the output of {node.op_type} {node.name!r} has several readers")
+    layer = by_node.get(users[0])
+    width = int(np.prod(shape[2:])) if len(shape) > 2 else 1
+    if layer is None or layer.op_type == "Conv" or view.nodes[users[0]].input[0] != node.output[0] or \
+            layer.in_features != channels * width:
+        raise _Decline(f"{node.op_type} {node.name!r} does not feed a Gemm/MatMul layer with K = C·H·W")
+    return Consumer(layer.name, users[0], width)

@@ -1,0 +1,204 @@
+"""How many channels each coupled group keeps, for a MACs target (fraction of the model's MACs).
+
+Cost (of the exported graph): a node's MACs scale with the kept fraction of the group it reads and of
+the group it writes, MACs_n · f_in · f_out. Allocation works on the linear part Σ_g S_g f_g (S_g the
+MACs of the group's members) and then checks the exact bilinear total, tightening the budget until
+it holds.
+Damage of keeping k of C channels: channel scores s_c = Σ_consumers ‖W[:, c]‖²·E[x_c²] / energy
+(the share of each consumer's output energy carried by channel c); e(k) = share of Σ s removed with
+the C − k smallest. Its scale is measured: the group is pruned alone at the probe level and the
+relative change of the model outputs in onnxruntime gives α = D / e(probe); damage(k) = α·e(k).
+Kept widths are multiples of ``channel_multiple`` (what the CPU kernels like; PHYSICS.md §2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..analysis.channels import ChannelGroup
+from ..analysis.layers import Layer
+from ..calib.readers import SampleSet, evenly_spaced
+from ..config import CompressConfig
+from ..errors import ConfigError
+from ..onnxio.graph import GraphView
+from ..validate.footprint import node_macs
+from .allocate import Option, allocate
+from .sensitivity import input_second_moments, output_damage
+
+
+@dataclass
+class ChannelPlan:
+    keep: dict[str, int]  # group name -> channels kept
+    masks: dict[str, np.ndarray]  # group name -> (C,) bool, chosen before solving (else ADMM chooses)
+    macs_original: int
+    macs_planned: int
+    strategy: str
+    measured_damage: dict[str, float] = field(default_factory=dict)
+    scores: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def width_options(channels: int, multiple: int) -> list[int]:
+    """Kept widths offered for a group of ``channels``: multiples of ``multiple`` up to C, and C."""
+    if channels <= multiple:
+        return [channels]
+    return sorted({*range(multiple, channels, multiple), channels})
+
+
+def channel_scores(view: GraphView, group: ChannelGroup, layers: dict[str, Layer],
+                   moments: dict[str, np.ndarray]) -> np.ndarray:
+    """s_c: each consumer's output energy share carried by channel c, summed over consumers."""
+    total = np.zeros(group.channels)
+    for consumer in group.consumers:
+        layer = layers[consumer.layer]
+        w = layer.canonical(view.constant(layer.weight_name)).astype(np.float64)  # (G, R, d)
+        energy = (w ** 2) * moments[layer.name][:, None, :]
+        per_channel = energy.reshape(-1, group.channels, consumer.width).sum(axis=(0, 2))
+        total += per_channel / (per_channel.sum() or 1.0)
+    return total
+
+
+def producer_l1_scores(view: GraphView, group: ChannelGroup, layers_by_node: dict[int, Layer]) -> np.ndarray:
+    """Li et al. 2017: the ℓ1 norm of each output filter, summed over the group's producers."""
+    total = np.zeros(group.channels)
+    for index in group.producers:
+        layer = layers_by_node[index]
+        w = layer.canonical(view.constant(layer.weight_name)).reshape(layer.out_features, -1)
+        total += np.abs(w).sum(axis=1)
+    return total
+
+
+def top_mask(scores: np.ndarray, k: int) -> np.ndarray:
+    order = np.argsort(-scores, kind="stable")[:k]
+    mask = np.zeros(scores.shape[0], bool)
+    mask[order] = True
+    return mask
+
+
+def removed_share(scores: np.ndarray, k: int) -> float:
+    total = scores.sum() or 1.0
+    return float(np.sort(scores)[: scores.shape[0] - k].sum() / total)
+
+
+def exact_macs(costs: dict[int, int], groups: list[ChannelGroup], keep: dict[str, int]) -> int:
+    """Σ_n MACs_n · f_in(n) · f_out(n) for the kept widths (the exported graph's MACs)."""
+    factor = {index: 1.0 for index in costs}
+    for group in groups:
+        f = keep[group.name] / group.channels
+        reading = {c.node_index for c in group.consumers}
+        for index in {*group.producers, *group.through, *reading}:
+            if index in factor:
+                factor[index] *= f
+    return int(round(sum(costs[i] * factor[i] for i in costs)))
+
+
+def plan_channels(view: GraphView, layers: list[Layer], groups: list[ChannelGroup], samples: SampleSet,
+                  config: CompressConfig) -> ChannelPlan:
+    """Kept widths per group meeting ``config.target_macs`` (fraction of the whole model's MACs)."""
+    layers_by_name = {l.name: l for l in layers}
+    layers_by_node = {l.node_index: l for l in layers}
+    one = {name: array[:1] for name, array in samples.arrays.items()}
+    costs = {i: c.dense for i, c in node_macs(view.model, one, config.threads).items()}
+    total = sum(costs.values())
+    target = config.target_macs if config.target_macs is not None else 1.0
+    consumers = [layers_by_name[c.layer] for g in groups for c in g.consumers]
+    subset = samples.subset(evenly_spaced(samples.num_samples, min(config.sensitivity_samples,
+                                                                   samples.num_samples)))
+    moments = input_second_moments(view, consumers, subset, config.batch_size, config.threads) if consumers else {}
+    scores = {g.name: channel_scores(view, g, layers_by_name, moments) for g in groups}
+    options = {g.name: width_options(g.channels, config.channel_multiple) for g in groups}
+    damage: dict[str, float] = {}
+    if not groups or target >= 1.0:
+        keep = {g.name: g.channels for g in groups}
+        strategy = "none (target 1.0)"
+    elif config.uniform:
+        keep = _uniform(costs, groups, options, target * total)
+        strategy = "uniform"
+    else:
+        probe = float(np.clip(target, 0.3, 0.9))
+        probes, at_probe = {}, {}
+        for g in groups:
+            k = _nearest(options[g.name], probe * g.channels)
+            at_probe[g.name] = removed_share(scores[g.name], k)
+            mask = top_mask(scores[g.name], k)
+            probes[g.name] = {layers_by_name[c.layer].weight_name: _masked_weight(view, layers_by_name[c.layer],
+                                                                                 mask, c.width)
+                              for c in g.consumers}
+        damage = output_damage(view, probes, subset, config.batch_size, config.threads)
+        curves = {}
+        for g in groups:
+            alpha = damage[g.name] / max(at_probe[g.name], 1e-12) if at_probe[g.name] > 0 else 0.0
+            size = sum(costs.get(i, 0) for i in _members(g))
+            curves[g.name] = [Option(float(k), size * k / g.channels, alpha * removed_share(scores[g.name], k))
+                              for k in options[g.name]]
+        keep = _allocate(costs, groups, curves, target * total)
+        strategy = "sensitivity"
+    planned = exact_macs(costs, groups, keep)
+    if planned > target * total * (1 + 1e-9):
+        raise ConfigError(f"--target-macs {target} cannot be met: with every prunable channel group at its "
+                          f"smallest width the model keeps {planned / total:.3f} of its MACs "
+                          f"({sum(g.declined is not None for g in groups)} groups declined; see "
+                          "'onnxadmm check')")
+    masks = {}
+    for g in groups:
+        if config.solver != "admm":
+            masks[g.name] = top_mask(producer_l1_scores(view, g, layers_by_node), keep[g.name])
+        elif len(g.consumers) > 1 or config.method == "l0-l21":
+            masks[g.name] = top_mask(scores[g.name], keep[g.name])
+    return ChannelPlan(keep=keep, masks=masks, macs_original=total, macs_planned=planned, strategy=strategy,
+                       measured_damage=damage, scores=scores)
+
+
+def _members(group: ChannelGroup) -> set[int]:
+    return {*group.producers, *group.through, *(c.node_index for c in group.consumers)}
+
+
+def _nearest(options: list[int], value: float) -> int:
+    return min(options, key=lambda k: (abs(k - value), k))
+
+
+def _masked_weight(view: GraphView, layer: Layer, mask: np.ndarray, width: int) -> np.ndarray:
+    w = layer.canonical(view.constant(layer.weight_name))
+    columns = np.repeat(mask, width)
+    return layer.stored(w * columns[None, None, :])
+
+
+def _uniform(costs, groups, options, budget) -> dict[str, int]:
+    """The largest single kept fraction f (each group at its width option nearest f·C) within budget."""
+    lo, hi = 0.0, 1.0
+    best = {g.name: options[g.name][0] for g in groups}
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        keep = {g.name: _nearest(options[g.name], mid * g.channels) for g in groups}
+        if exact_macs(costs, groups, keep) <= budget:
+            lo, best = mid, keep
+        else:
+            hi = mid
+    return best
+
+
+def _allocate(costs, groups, curves, budget) -> dict[str, int]:
+    """Least Σ damage with the exact (bilinear) MACs within ``budget``: allocate on the linear costs,
+    then lower the linear budget by the overshoot until the exact total fits."""
+    fixed = sum(costs.values()) - sum(curve[-1].cost for curve in curves.values())
+    linear_budget = budget - fixed
+    cheapest = {g.name: int(curves[g.name][0].level) for g in groups}
+    keep = cheapest
+    for _ in range(30):
+        try:
+            chosen = allocate(curves, max(linear_budget, sum(c[0].cost for c in curves.values())),
+                              what="MACs target")
+        except ConfigError:
+            return cheapest
+        keep = {name: int(option.level) for name, option in chosen.items()}
+        overshoot = exact_macs(costs, groups, keep) - budget
+        if overshoot <= 0:
+            return keep
+        linear_budget -= max(overshoot, 1e-6 * budget)
+        if linear_budget < sum(c[0].cost for c in curves.values()) - 1e-9:
+            return cheapest
+    return keep if exact_macs(costs, groups, keep) <= budget else cheapest
+
+
+__all__ = ["ChannelPlan", "plan_channels", "width_options", "exact_macs"]

@@ -1,0 +1,127 @@
+"""Channel pruning end to end (``--method channel | l0-l21``): coupled groups → kept widths under the
+MACs target → layer-wise ADMM on each consumer with an input-channel constraint (through its
+activation, sequential) → exact refit on the kept channels → every member of each group sliced.
+
+During the solve a removed channel is a zero input column of its consumers, which computes exactly
+what the sliced graph computes; the slicing happens once, at the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+
+from .algorithms.projections.groups import channel_norms
+from .algorithms.solve import Structure
+from .analysis.channels import ChannelGroup, find_channel_groups
+from .analysis.layers import Declined, Layer
+from .calib.readers import SampleSet
+from .config import CompressConfig
+from .export.apply import apply_initializers
+from .export.channels import slice_channels
+from .onnxio.graph import GraphView
+from .plan.channels import ChannelPlan, plan_channels, top_mask
+from .sequential import Progress, SequentialResult, compress_layers
+
+
+@dataclass
+class ChannelResult:
+    model: onnx.ModelProto
+    plan: ChannelPlan
+    solved: SequentialResult
+    groups: list[ChannelGroup]
+    kept: dict[str, np.ndarray]
+
+    def report(self) -> dict:
+        rows = []
+        for group in self.groups:
+            row = {"name": group.name, "channels": group.channels, "kind": group.kind,
+                   "producers": len(group.producers), "through": len(group.through),
+                   "consumers": [c.layer for c in group.consumers], "declined": group.declined}
+            if group.name in self.kept:
+                row["kept"] = int(self.kept[group.name].sum())
+                row["measured_output_damage"] = self.plan.measured_damage.get(group.name)
+            rows.append(row)
+        return {"strategy": self.plan.strategy, "macs_original": self.plan.macs_original,
+                "macs_planned": self.plan.macs_planned,
+                "macs_planned_ratio": self.plan.macs_planned / max(self.plan.macs_original, 1),
+                "groups": rows}
+
+
+def group_declines(groups: list[ChannelGroup], excluded: set[str], layers: dict[int, Layer]) -> None:
+    """A group touching an excluded layer stays whole."""
+    for group in groups:
+        if group.declined:
+            continue
+        touched = [layers[i].name for i in group.member_nodes if i in layers and layers[i].name in excluded]
+        if touched:
+            group.declined = f"touches excluded layer {touched[0]!r}"
+
+
+def compress_channels(view: GraphView, model: onnx.ModelProto, all_layers: list[Layer], layers: list[Layer],
+                      samples: SampleSet, config: CompressConfig, progress: Progress) -> ChannelResult:
+    """``all_layers`` (before --exclude) define the groups; ``layers`` are the ones allowed to change."""
+    groups = find_channel_groups(view, all_layers)
+    allowed = {l.name for l in layers}
+    group_declines(groups, {l.name for l in all_layers} - allowed, {l.node_index: l for l in all_layers})
+    active = [g for g in groups if not g.declined]
+    progress("plan", 0, 1, f"{len(active)} channel groups; measuring sensitivity")
+    plan = plan_channels(view, layers, active, samples, config)
+    by_name = {l.name: l for l in layers}
+    structures: dict[str, Structure] = {}
+    levels: dict[str, float] = {}
+    consumer_group: dict[str, ChannelGroup] = {}
+    for group in active:
+        k = plan.keep[group.name]
+        if k >= group.channels:
+            continue
+        fixed = plan.masks.get(group.name)
+        for consumer in group.consumers:
+            structures[consumer.layer] = Structure(
+                kind="l0-l21" if config.method == "l0-l21" else "channels", sparsity=config.sparsity,
+                keep_channels=k, width=consumer.width,
+                fixed_channels=None if fixed is None else tuple(bool(v) for v in fixed))
+            levels[consumer.layer] = 1.0 - k / group.channels
+            consumer_group[consumer.layer] = group
+    solving = [by_name[name] for name in structures]
+    solved = compress_layers(view, solving, samples, structures, levels, config, progress)
+    masked = apply_initializers(model, solved.initializers)
+    kept = _kept_channels(view, active, plan, solved, by_name, structures)
+    declined_layers = {d.name for d in solved.declined}
+    for group in active:  # a consumer that could not be solved keeps its group whole
+        if any(c.layer in declined_layers for c in group.consumers):
+            kept[group.name] = np.ones(group.channels, bool)
+            group.declined = "a consumer could not be solved: " + next(
+                d.reason for d in solved.declined if d.name in {c.layer for c in group.consumers})
+    sliced = slice_channels(masked, active, kept)
+    return ChannelResult(sliced, plan, solved, groups, {g.name: kept[g.name] for g in active})
+
+
+def _kept_channels(view, groups, plan, solved, by_name, structures) -> dict[str, np.ndarray]:
+    """The channels each group keeps: its pinned mask, or the k largest input-column norms of the
+    solved consumer (ADMM chose them)."""
+    kept = {}
+    for group in groups:
+        k = plan.keep[group.name]
+        if k >= group.channels:
+            kept[group.name] = np.ones(group.channels, bool)
+        elif group.name in plan.masks:
+            kept[group.name] = plan.masks[group.name]
+        else:
+            consumer = group.consumers[0]
+            layer = by_name[consumer.layer]
+            weight = solved.initializers.get(layer.weight_name)
+            if weight is None:
+                kept[group.name] = np.ones(group.channels, bool)
+                continue
+            canonical = torch.from_numpy(layer.canonical(weight))
+            norms = channel_norms(canonical, consumer.width).numpy()
+            kept[group.name] = top_mask(norms, k)
+    return kept
+
+
+def declined_groups(result: ChannelResult) -> list[Declined]:
+    return [Declined(g.name, "channel group", g.declined) for g in result.groups if g.declined]
