@@ -258,8 +258,14 @@ def check(model: Any, config: CompressConfig = CompressConfig()) -> dict:
                              "weight_shape": list(layer.weight_shape), "groups": layer.groups,
                              "activation": layer.chain.description if layer.chain else "none",
                              "params": layer.num_weights})
+    from .analysis.channels import find_channel_groups
+
+    groups = [{"name": g.name, "channels": g.channels, "producers": len(g.producers),
+               "consumers": [c.layer for c in g.consumers], "declined": g.declined}
+              for g in find_channel_groups(view, found.layers)]
     report = {"schema_version": SCHEMA_VERSION, "kind": "check", "tool": machine(), "input": _input_info(loaded),
               "normalization": normalized.rewrites, "compressible": compressible, "declined": declined,
+              "channel_groups": groups,
               "unsupported_ops": _unsupported_ops(view), "estimate": _estimate(loaded.model, view)}
     report["passed"] = bool(compressible)
     return report

@@ -204,6 +204,12 @@ def run_check(args) -> int:
     for op in report["unsupported_ops"]:
         print(f"  onnx2torch has no converter for {op['domain']}::{op['op_type']} at opset {op['opset']} "
               f"(first: {op['first_node']}); only matters inside a layer's activation")
+    groups = report["channel_groups"]
+    prunable = [g for g in groups if not g["declined"]]
+    print(f"{len(prunable)} of {len(groups)} channel groups can lose channels (--method channel | l0-l21)")
+    for g in groups:
+        if g["declined"]:
+            print(f"  = {g['name']} ({g['channels']} channels) stays whole: {g['declined']}")
     estimate = report["estimate"]
     if estimate.get("macs_per_sample") is not None:
         print(f"  MACs per sample: {estimate['macs_per_sample']:,}; parameters: {estimate['params']:,}")

@@ -112,14 +112,36 @@ def sparse_suite(name: str) -> list[dict]:
     return runs
 
 
-SUITES = {"sparse": sparse_suite}
+def channel_suite(name: str) -> list[dict]:
+    """Issue 3: channel pruning at MACs targets; baselines in the same run: l1-norm filter pruning without
+    reconstruction (Li et al. 2017) and l1-norm + least-squares refit; uniform vs allocated; l0 + l2,1."""
+    runs = []
+    for target in (0.75, 0.5, 0.35):
+        for solver, label in (("admm", "channel admm"), ("refit", "l1-norm + LS refit"),
+                              ("magnitude", "l1-norm (Li 2017)")):
+            runs.append({"label": label, "group": f"MACs {target}",
+                         "config": {"method": "channel", "target_macs": target, "solver": solver}})
+        if target == 0.5:
+            runs.append({"label": "channel admm, uniform", "group": f"MACs {target}",
+                         "config": {"method": "channel", "target_macs": target, "uniform": True}})
+            runs.append({"label": "l0-l21 admm (50% inside)", "group": f"MACs {target}",
+                         "config": {"method": "l0-l21", "target_macs": target, "sparsity": 0.5}})
+    return runs
+
+
+SUITES = {"sparse": sparse_suite, "channel": channel_suite}
 
 
 def run_model(suite: str, name: str, only: str | None) -> dict:
     from onnxadmm import CompressConfig, ValidateConfig, compress
 
+    import onnx
+
+    from onnxadmm.validate.latency import measure
+
     calib, evaluation, split = standard_split(name)
     model = TESTBED / "models" / f"{name}.onnx"
+    model_proto = onnx.load(str(model))
     rows = []
     levels_by_group: dict[str, dict] = {}
     for spec in SUITES[suite](name):
@@ -132,6 +154,8 @@ def run_model(suite: str, name: str, only: str | None) -> dict:
             result = compress(model, calib, config, validate, evaluation=evaluation)
         wall = time.perf_counter() - started
         report = result.report
+        one_thread = [measure(model_proto, result.model, {"input": evaluation["input"][:size]}, 20, 1)
+                      for size in (1, 8)] if suite == "channel" else []
         levels = {r["name"]: r["target_level"] for r in report["layers"]}
         key = json.dumps({k: v for k, v in spec["config"].items() if k != "solver"}, sort_keys=True)
         if config.solver == "admm":
@@ -145,9 +169,11 @@ def run_model(suite: str, name: str, only: str | None) -> dict:
             "top1_original": v["accuracy_original"], "top1": v["accuracy_compressed"],
             "drop_pt": v["accuracy_drop_pt"], "agreement": v["agreement"],
             "size_raw": fb["size_bytes"], "size_zip": fb["zipped_bytes"], "size_zip_original": fa["zipped_bytes"],
-            "macs_ratio": fb["macs"] / fa["macs"], "params_ratio": fb["nonzero_params"] / fa["nonzero_params"],
+            "macs_ratio": fb["macs"] / fa["macs"], "params_ratio": fb["params"] / fa["params"],
+            "nonzero_params_ratio": fb["nonzero_params"] / fa["nonzero_params"],
             "latency": [{"batch": l["batch_size"], "threads": l["threads"], "ratio": l["ratio_median"],
-                         "p10": l["ratio_p10"], "p90": l["ratio_p90"]} for l in v["latency"]],
+                         "p10": l["ratio_p10"], "p90": l["ratio_p90"]}
+                        for l in v["latency"] + [o.as_dict() for o in one_thread]],
             "compress_s": report["timing"]["compress_s"], "wall_s": wall, "peak_rss_mb": rss.mb,
             "same_levels_as_admm": same_levels, "declined": len(report["declined"]),
         })
@@ -174,16 +200,21 @@ def render() -> str:
         lines.append(f"Split: {data['split']}. Original top-1: "
                      f"{100 * data['rows'][0]['top1_original']:.2f} %. Date {data['date']}.")
         lines.append("")
-        lines.append("| configuration | level | nonzero ↓× | top-1 % | drop pt | agreement | zip MB (orig) | "
-                     "MACs × | latency × b1 | latency × b8 | compress s | peak RSS MB |")
-        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        settings = sorted({(l["batch"], l["threads"]) for r in data["rows"] for l in r["latency"]},
+                          key=lambda bt: (-bt[1], bt[0]))
+        lines.append("| configuration | level | nonzero ↓× | params × | MACs × | top-1 % | drop pt | agreement | "
+                     "zip MB (orig) | " + " | ".join(f"latency × b{b} t{t}" for b, t in settings) +
+                     " | compress s | peak RSS MB |")
+        lines.append("|---" * (11 + len(settings)) + "|")
         for r in data["rows"]:
-            lat = {l["batch"]: f"{l['ratio']:.2f} [{l['p10']:.2f}–{l['p90']:.2f}]" for l in r["latency"]}
+            lat = {(l["batch"], l["threads"]): f"{l['ratio']:.2f} [{l['p10']:.2f}–{l['p90']:.2f}]"
+                   for l in r["latency"]}
             lines.append(
-                f"| {r['label']} | {r['group']} | {r['nonzero_reduction_x']:.2f} | {100 * r['top1']:.2f} | "
-                f"{r['drop_pt']:.2f} | {r['agreement']:.4f} | {r['size_zip'] / 1e6:.2f} "
-                f"({r['size_zip_original'] / 1e6:.2f}) | {r['macs_ratio']:.2f} | {lat.get(1, '—')} | "
-                f"{lat.get(8, '—')} | {r['compress_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+                f"| {r['label']} | {r['group']} | {r['nonzero_reduction_x']:.2f} | {r.get('params_ratio', 1):.2f} | "
+                f"{r['macs_ratio']:.2f} | {100 * r['top1']:.2f} | {r['drop_pt']:.2f} | {r['agreement']:.4f} | "
+                f"{r['size_zip'] / 1e6:.2f} ({r['size_zip_original'] / 1e6:.2f}) | " +
+                " | ".join(lat.get(bt, "—") for bt in settings) +
+                f" | {r['compress_s']:.1f} | {r['peak_rss_mb']:.0f} |")
         lines.append("")
         lines.append(f"Command: `{data['command']}`")
         lines.append("")

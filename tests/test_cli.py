@@ -49,6 +49,19 @@ def test_compress_writes_model_and_reports(workdir):
     onnx.checker.check_model(onnx.load(str(workdir / "out.onnx")), full_check=True)
 
 
+def test_channel_method_writes_a_smaller_faster_graph(workdir):
+    code, out, err = cli("compress", workdir / "in.onnx", workdir / "out.onnx", "--calib", workdir / "calib.npz",
+                         "--labels", "labels", "--method", "channel", "--target-macs", "0.7", *FAST)
+    assert code == 0, err
+    report = json.loads((workdir / "out.onnx.report.json").read_text())
+    fp = report["validation"]["footprint"]
+    assert fp["compressed"]["macs"] <= 0.7 * fp["original"]["macs"]
+    assert report["plan"]["groups"] and "physically smaller" in out
+    code, _, err = cli("compress", workdir / "in.onnx", workdir / "out2.onnx", "--calib", workdir / "calib.npz",
+                       "--method", "channel", *FAST)
+    assert code == 2 and "--target-macs" in err and not (workdir / "out2.onnx").exists()
+
+
 def test_missed_gate_exits_1_and_still_writes(workdir):
     code, out, _ = cli("compress", workdir / "in.onnx", workdir / "out.onnx", "--calib", workdir / "calib.npz",
                        "--labels", "labels", "--sparsity", "0.9", "--min-speedup", "10", *FAST)

@@ -95,24 +95,31 @@ def _close(view: GraphView, by_node: dict[int, Layer], group: ChannelGroup, star
     kind = group.kind = _axis_kind(start)
     producers, through, consumers = {start.node_index}, set(), {}
     pending, seen = [start.output_name], set()
-    try:
-        while pending:
-            tensor = pending.pop()
-            if tensor in seen:
-                continue
-            seen.add(tensor)
-            if tensor in view.output_names:
-                raise _Decline(f"channels reach the graph output {tensor!r} (its shape must stay)")
+    reasons: list[str] = []  # exploration goes on past a decline, so the whole group is reported once
+    while pending:
+        tensor = pending.pop()
+        if tensor in seen:
+            continue
+        seen.add(tensor)
+        if tensor in view.output_names:
+            reasons.append(f"channels reach the graph output {tensor!r} (its shape must stay)")
+        try:
             _explain_producer(view, by_node, tensor, kind, group.channels, producers, through, pending)
-            for index in view.consumers.get(tensor, []):
-                if index in producers or index in through or index in consumers:
-                    continue
+        except _Decline as reason:
+            reasons.append(str(reason))
+        for index in view.consumers.get(tensor, []):
+            if index in producers or index in through or index in consumers:
+                continue
+            try:
                 _explain_reader(view, by_node, tensor, index, kind, group.channels, through, consumers, pending)
-    finally:  # a declined group still records what it reached, so it is reported once
-        group.producers = sorted(producers, key=view.order.index)
-        group.through = sorted(through, key=view.order.index)
-        group.consumers = sorted(consumers.values(), key=lambda c: view.order.index(c.node_index))
-        group.tensors = seen
+            except _Decline as reason:
+                reasons.append(str(reason))
+    group.producers = sorted(producers, key=view.order.index)
+    group.through = sorted(through, key=view.order.index)
+    group.consumers = sorted(consumers.values(), key=lambda c: view.order.index(c.node_index))
+    group.tensors = seen
+    if reasons:
+        raise _Decline(reasons[0] + (f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""))
 
 
 def _explain_producer(view, by_node, tensor, kind, channels, producers, through, pending) -> None:

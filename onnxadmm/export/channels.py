@@ -33,7 +33,7 @@ def columns(keep: np.ndarray, width: int) -> np.ndarray:
 class _Slicer:
     def __init__(self, model: onnx.ModelProto):
         self.model = model
-        self.view = GraphView(model)
+        self.view = GraphView(model, _inferred(model))
         self.values: dict[str, np.ndarray] = {}
         self.renamed: dict[tuple[int, int], str] = {}
 
@@ -97,6 +97,14 @@ def slice_channels(model: onnx.ModelProto, groups: list[ChannelGroup], keep: Map
     del out.graph.value_info[:]
     out.graph.value_info.extend(kept_info)
     return out
+
+
+def _inferred(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """Shape inference for the ranks of per-channel operands (best effort)."""
+    try:
+        return onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - the analysis already required the ranks it needs
+        return None
 
 
 def _attr(node: onnx.NodeProto, name: str, default):

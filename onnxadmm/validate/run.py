@@ -84,6 +84,16 @@ def gains_statement(a: Footprint, b: Footprint, latencies: list[LatencyAB]) -> l
     if b.macs >= a.macs and b.nonzero_macs < a.nonzero_macs:
         lines.append("Zeros inside dense weights give no speed-up in onnxruntime on CPU (it runs dense "
                      "kernels): this compression buys file size (after zip), not latency.")
+    if b.macs < a.macs:
+        macs_ratio = b.macs / max(a.macs, 1)
+        lines.append(f"The graph is physically smaller (channels or factors removed): onnxruntime executes "
+                     f"{macs_ratio:.3f}x the MACs, so latency can fall with them; the measured ratio is below.")
+        for lat in latencies:
+            gap = lat.ratio_median / macs_ratio - 1.0
+            if abs(gap) > 0.15:
+                lines.append(f"At batch {lat.batch_size} the latency ratio {lat.ratio_median:.3f} is "
+                             f"{100 * gap:+.0f} % off the MACs ratio: fixed costs (layers left whole, memory-"
+                             "bound ops, per-call overhead at small sizes) do not shrink with MACs.")
     for lat in latencies:
         if abs(lat.speedup - 1.0) <= NOISE_BAND:
             verdict = "no measurable change"

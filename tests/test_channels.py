@@ -1,0 +1,323 @@
+"""Channel pruning: coupling analysis, physical slicing (checked against the masked full-width graph in
+onnxruntime, which computes exactly what the sliced graph must), projections, and the end-to-end method."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from models import GraphBuilder, run, samples_for
+from onnxadmm import CompressConfig, ValidateConfig, compress
+from onnxadmm.algorithms.projections.groups import ChannelsThenElements, Filters, InputChannels, Kernels
+from onnxadmm.analysis.channels import find_channel_groups
+from onnxadmm.analysis.layers import find_layers
+from onnxadmm.errors import ConfigError
+from onnxadmm.export.apply import apply_initializers
+from onnxadmm.export.channels import slice_channels
+from onnxadmm.onnxio.normalize import normalize
+
+
+# -- models, one per coupling kind -----------------------------------------------------------------
+def conv_chain():
+    b = GraphBuilder(1)
+    y = b.conv("input", 3, 16)
+    y = b.conv(y, 16, 8, act=None)
+    return b.model([("input", ["N", 3, 8, 8])], [y])
+
+
+def batchnorm_unfolded():
+    b = GraphBuilder(2)
+    y = b.conv("input", 3, 16, act=None)
+    c = 16
+    y = b.node("BatchNormalization", [y, b.const(b.rng.uniform(0.5, 2, c).astype(np.float32)),
+                                      b.const(b.rng.standard_normal(c).astype(np.float32)),
+                                      b.const(b.rng.standard_normal(c).astype(np.float32)),
+                                      b.const(b.rng.uniform(0.5, 2, c).astype(np.float32))])
+    y = b.activation(y, "Relu")
+    y = b.conv(y, 16, 8, act=None)
+    return b.model([("input", ["N", 3, 8, 8])], [y])
+
+
+def depthwise():
+    b = GraphBuilder(3)
+    y = b.conv("input", 3, 16, k=1, act="Relu6")
+    y = b.conv(y, 16, 16, groups=16, act="Relu6")
+    y = b.conv(y, 16, 8, k=1, act=None)
+    return b.model([("input", ["N", 3, 8, 8])], [y])
+
+
+def residual():
+    b = GraphBuilder(4)
+    stream = b.conv("input", 3, 16)
+    inner = b.conv(stream, 16, 16, act=None)
+    stream = b.node("Relu", [b.node("Add", [inner, stream])])
+    y = b.conv(stream, 16, 8, act=None)
+    return b.model([("input", ["N", 3, 8, 8])], [y])
+
+
+def flatten_gemm():
+    b = GraphBuilder(5)
+    y = b.conv("input", 3, 16, stride=2)
+    y = b.node("Flatten", [y], axis=1)
+    y = b.gemm(y, 16 * 4 * 4, 10, act=None)
+    return b.model([("input", ["N", 3, 8, 8])], [y])
+
+
+def pool_reshape_gemm(explicit: bool):
+    b = GraphBuilder(6)
+    y = b.conv("input", 3, 16)
+    y = b.node("MaxPool", [y], kernel_shape=[2, 2], strides=[2, 2])
+    y = b.node("GlobalAveragePool", [y])
+    y = b.node("Reshape", [y, b.const(np.array([-1, 16] if explicit else [0, -1], np.int64))])
+    y = b.gemm(y, 16, 10, trans_b=False, act=None)
+    return b.model([("input", ["N", 3, 8, 8])], [y])
+
+
+def per_channel_constants():
+    b = GraphBuilder(7)
+    y = b.conv("input", 3, 16, act=None)
+    y = b.node("Mul", [y, b.const(b.rng.uniform(0.5, 2, (1, 16, 1, 1)).astype(np.float32))])
+    y = b.node("Add", [b.const(b.rng.standard_normal((16, 1, 1)).astype(np.float32)), y])
+    y = b.node("PRelu", [y, b.const(np.full((16, 1, 1), 0.1, np.float32))])
+    y = b.conv(y, 16, 8, act=None)
+    return b.model([("input", ["N", 3, 8, 8])], [y])
+
+
+def silu_gate():
+    b = GraphBuilder(8)
+    y = b.conv("input", 3, 16, act="SiLU")
+    y = b.conv(y, 16, 8, act=None)
+    return b.model([("input", ["N", 3, 8, 8])], [y])
+
+
+def mlp_rows():
+    b = GraphBuilder(9)
+    h = b.gemm("input", 12, 32, act="Relu")
+    h = b.node("Mul", [h, b.const(b.rng.uniform(0.5, 2, 32).astype(np.float32))])
+    out = b.gemm(h, 32, 5, trans_b=False, act=None)
+    return b.model([("input", ["N", 12])], [out])
+
+
+def matmul_tokens():
+    b = GraphBuilder(10)
+    h = b.matmul("input", 8, 24, act="Relu")
+    out = b.matmul(h, 24, 8)
+    return b.model([("input", ["N", 5, 8])], [out])
+
+
+COUPLINGS = {"conv chain": conv_chain, "batchnorm": batchnorm_unfolded, "depthwise": depthwise,
+             "residual add": residual, "flatten into gemm": flatten_gemm,
+             "pool + reshape [0,-1] into gemm": lambda: pool_reshape_gemm(False),
+             "reshape with explicit size": lambda: pool_reshape_gemm(True),
+             "per-channel Mul/Add/PRelu": per_channel_constants, "SiLU gate": silu_gate,
+             "gemm rows": mlp_rows, "matmul on 3-D tokens": matmul_tokens}
+
+
+def analysed(model):
+    normalized = normalize(model)
+    view = normalized.view()
+    layers = find_layers(view).layers
+    return normalized.model, view, layers, find_channel_groups(view, layers)
+
+
+def masked_reference(model, view, layers, groups, keep):
+    """The full-width graph with every removed channel's consumer columns set to zero."""
+    by_name = {l.name: l for l in layers}
+    values = {}
+    for group in groups:
+        for consumer in group.consumers:
+            layer = by_name[consumer.layer]
+            stored = values.get(layer.weight_name, view.constant(layer.weight_name))
+            w = layer.canonical(stored) * np.repeat(keep[group.name], consumer.width)[None, None, :]
+            values[layer.weight_name] = layer.stored(w)
+    return apply_initializers(model, values)
+
+
+@pytest.mark.parametrize("kind", sorted(COUPLINGS))
+def test_sliced_graph_computes_what_the_masked_graph_computes(kind):
+    model, view, layers, groups = analysed(COUPLINGS[kind]())
+    active = [g for g in groups if not g.declined]
+    assert active, [g.declined for g in groups]
+    rng = np.random.default_rng(0)
+    keep = {}
+    for group in active:
+        mask = np.zeros(group.channels, bool)
+        mask[rng.choice(group.channels, group.channels // 2, replace=False)] = True
+        keep[group.name] = mask
+    sliced = slice_channels(model, active, keep)
+    onnx.checker.check_model(sliced, full_check=True)
+    feed = samples_for(model, 4, seed=3)
+    expected = run(masked_reference(model, view, layers, active, keep), feed)
+    got = run(sliced, feed)
+    for a, b in zip(expected, got):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+    before = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+    after = sum(int(np.prod(t.dims)) for t in sliced.graph.initializer)
+    assert after < before  # physically smaller
+    assert [o.name for o in sliced.graph.output] == [o.name for o in model.graph.output]
+
+
+def test_residual_group_ties_both_producers_and_every_reader():
+    _, view, layers, groups = analysed(residual())
+    stream = next(g for g in groups if len(g.producers) == 2)
+    assert stream.declined is None
+    assert len(stream.consumers) == 2  # the inner conv and the last conv read the stream
+    assert any(view.nodes[i].op_type == "Add" for i in stream.through)
+
+
+def test_depthwise_conv_passes_channels_through_and_gets_a_new_group_count():
+    model, view, layers, groups = analysed(depthwise())
+    group = next(g for g in groups if not g.declined and any(view.nodes[i].op_type == "Conv"
+                                                             for i in g.through))
+    keep = {group.name: np.arange(16) % 2 == 0}
+    sliced = slice_channels(model, [group], keep)
+    dw = next(n for n in sliced.graph.node if n.op_type == "Conv" and
+              any(a.name == "group" and a.i > 1 for a in n.attribute))
+    assert next(a.i for a in dw.attribute if a.name == "group") == 8
+
+
+def gather_on_channels():
+    b = GraphBuilder(11)
+    y = b.conv("input", 3, 16)
+    picked = b.node("Gather", [y, b.const(np.arange(0, 16, 2, dtype=np.int64))], axis=1)
+    z = b.conv(y, 16, 16)  # the same channels also feed a conv: the group must still stay whole
+    z = b.conv(z, 16, 8, act=None)
+    out = b.node("Concat", [z, picked], axis=1)
+    return b.model([("input", ["N", 3, 8, 8])], [out])
+
+
+def test_unknown_coupling_declines_its_group_and_names_the_node():
+    _, _, _, groups = analysed(gather_on_channels())
+    first = groups[0]
+    assert first.declined and "Gather" in first.declined
+    assert any(g.declined is None for g in groups)  # the conv -> conv group in the middle is still pruned
+
+
+def test_graph_output_and_concat_are_declined():
+    b = GraphBuilder(12)
+    y = b.conv("input", 3, 8)
+    z = b.conv("input", 3, 8)
+    out = b.node("Concat", [y, z], axis=1)
+    _, _, _, groups = analysed(b.model([("input", ["N", 3, 8, 8])], [out]))
+    assert all(g.declined and "Concat" in g.declined for g in groups)
+
+
+def test_channel_method_compresses_what_it_can_around_a_declined_group():
+    model = gather_on_channels()
+    result = compress(model, samples_for(model, 32), CompressConfig(method="channel", target_macs=0.8,
+                                                                    sensitivity_samples=8, admm_iterations=8),
+                      ValidateConfig(latency_rounds=2))
+    groups = result.report["plan"]["groups"]
+    assert any(g["declined"] and "Gather" in g["declined"] for g in groups)
+    assert any(d["op_type"] == "channel group" for d in result.report["declined"])
+    feed = samples_for(model, 2, seed=5)
+    assert run(result.model, feed)[0].shape == run(model, feed)[0].shape
+
+
+# -- end to end ------------------------------------------------------------------------------------
+def small_resnet(seed: int = 0):
+    b = GraphBuilder(seed)
+    stream = b.conv("input", 3, 16)
+    for _ in range(2):
+        inner = b.conv(stream, 16, 32)
+        inner = b.conv(inner, 32, 16, act=None)
+        stream = b.node("Relu", [b.node("Add", [inner, stream])])
+    y = b.node("Flatten", [b.node("GlobalAveragePool", [stream])])
+    return b.model([("input", ["N", 3, 10, 10])], [b.gemm(y, 16, 10, act=None)])
+
+
+@pytest.fixture(scope="module")
+def channel_result():
+    model = small_resnet()
+    config = CompressConfig(method="channel", target_macs=0.6, sensitivity_samples=16, admm_iterations=15,
+                            sample_patches=4096, grad_patches=1024)
+    return model, compress(model, samples_for(model, 48), config, ValidateConfig(latency_rounds=3))
+
+
+def test_channel_method_meets_the_macs_target_with_a_smaller_graph(channel_result):
+    model, result = channel_result
+    footprint = result.report["validation"]["footprint"]
+    assert footprint["compressed"]["macs"] <= 0.6 * footprint["original"]["macs"]
+    assert footprint["compressed"]["params"] < footprint["original"]["params"]
+    onnx.checker.check_model(result.model, full_check=True)
+    feed = samples_for(model, 3, seed=7)
+    assert run(result.model, feed)[0].shape == run(model, feed)[0].shape
+    kept = [g["kept"] for g in result.report["plan"]["groups"] if g.get("kept") is not None]
+    assert kept and all(k % 8 == 0 for k in kept)
+
+
+def test_admm_channel_beats_magnitude_channel_selection_at_equal_macs(channel_result):
+    model, result = channel_result
+    config = CompressConfig(method="channel", target_macs=0.6, sensitivity_samples=16, solver="magnitude")
+    baseline = compress(model, samples_for(model, 48), config, ValidateConfig(latency_rounds=3))
+    assert baseline.report["validation"]["footprint"]["compressed"]["macs"] == \
+        result.report["validation"]["footprint"]["compressed"]["macs"]
+    error = result.report["validation"]["outputs"][0]["relative_error"]
+    assert error < baseline.report["validation"]["outputs"][0]["relative_error"]
+
+
+def test_l0_l21_removes_channels_and_zeroes_elements_inside_them():
+    model = small_resnet(1)
+    config = CompressConfig(method="l0-l21", target_macs=0.7, sparsity=0.5, sensitivity_samples=16,
+                            admm_iterations=10)
+    result = compress(model, samples_for(model, 32), config, ValidateConfig(latency_rounds=2))
+    fp = result.report["validation"]["footprint"]
+    assert fp["compressed"]["macs"] <= 0.7 * fp["original"]["macs"]
+    rows = result.report["layers"]
+    assert rows and all(r["structure"] == "l0-l21" for r in rows)
+    # inside the consumers' kept channels about half of the weights are zero
+    assert fp["compressed"]["nonzero_layer_weights"] < 0.8 * fp["compressed"]["layer_weights"]
+
+
+def test_channel_method_needs_a_macs_target():
+    with pytest.raises(ConfigError, match="target-macs"):
+        CompressConfig(method="channel")
+    with pytest.raises(ConfigError, match="target-macs"):
+        CompressConfig(method="sparse", target_macs=0.5)
+
+
+# -- projections -----------------------------------------------------------------------------------
+def brute_force_best_channels(v, width, k):
+    from itertools import combinations
+
+    channels = v.shape[-1] // width
+    best = None
+    for kept in combinations(range(channels), k):
+        mask = torch.zeros(channels, dtype=torch.bool)
+        mask[list(kept)] = True
+        z = v * mask.repeat_interleave(width)[None, None, :]
+        dist = float((v - z).pow(2).sum())
+        best = dist if best is None else min(best, dist)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_input_channel_projection_is_in_the_set_idempotent_and_optimal(seed):
+    v = torch.randn(1, 4, 6 * 3, generator=torch.Generator().manual_seed(seed))
+    project = InputChannels(k=2, width=3)
+    z = project(v)
+    nonzero_channels = (z.reshape(1, 4, 6, 3).abs().sum(dim=(0, 1, 3)) > 0).sum()
+    assert nonzero_channels <= 2
+    assert torch.equal(project(z), z)
+    assert float((v - z).pow(2).sum()) == pytest.approx(brute_force_best_channels(v, 3, 2), rel=1e-6)
+
+
+def test_fixed_channels_pin_the_support():
+    v = torch.randn(1, 3, 8)
+    fixed = torch.tensor([True, False, False, True, False, False, False, True])
+    z = InputChannels(k=3, width=1, fixed=fixed)(v)
+    assert torch.equal(z != 0, fixed.expand(1, 3, 8) & (v != 0))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_filters_kernels_and_l0_l21_hold_their_constraints(seed):
+    v = torch.randn(2, 5, 4 * 9, generator=torch.Generator().manual_seed(seed))
+    rows = Filters(k=3)(v)
+    assert int((rows.abs().sum(-1) > 0).sum()) == 3 and torch.equal(Filters(3)(rows), rows)
+    kernels = Kernels(k=7, width=9)(v)
+    assert int((kernels.reshape(2, 5, 4, 9).abs().sum(-1) > 0).sum()) == 7
+    assert torch.equal(Kernels(7, 9)(kernels), kernels)
+    both = ChannelsThenElements(k=2, width=9, elements=30)(v)
+    assert int((both.reshape(2, 5, 4, 9).abs().sum(dim=(0, 1, 3)) > 0).sum()) <= 2
+    assert int((both != 0).sum()) == 30
+    assert torch.equal(ChannelsThenElements(2, 9, 30)(both), both)
