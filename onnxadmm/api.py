@@ -153,6 +153,11 @@ def compress(model: Any, calibration: Any, config: CompressConfig = CompressConf
         if config.method in CHANNEL_METHODS:
             channels = compress_channels(view, normalized.model, everything.layers, found.layers, calib, config,
                                          progress)
+            give_back = []
+            if config.max_macs is not None and (validate_config.max_accuracy_drop is not None or
+                                                validate_config.min_agreement is not None):
+                channels, give_back = _give_back(channels, view, normalized.model, everything, found, calib,
+                                                 eval_set, loaded.model, config, validate_config, progress)
             plan, solved, compressed = channels.plan, channels.solved, channels.model
             found.declined.extend(declined_groups(channels))
         else:
@@ -175,10 +180,37 @@ def compress(model: Any, calibration: Any, config: CompressConfig = CompressConf
                                   validation, notes, started, solve_seconds)
         if channels is not None:
             report["plan"] = channels.report()
+            report["plan"]["give_back"] = give_back
         progress("done", 1, 1, "")
         return CompressResult(compressed, report, validation.passed)
     finally:
         torch.set_num_threads(threads_before)
+
+
+def _give_back(channels, view, model, everything, found, calib, eval_set, original, config, validate_config,
+               progress):
+    """Accuracy gate with give-back: while the accuracy/agreement gate fails on the evaluation data, raise
+    the MACs target by ``give_back_step`` (the allocation returns width where it cuts damage most per
+    MAC) and solve again, up to ``max_macs``. Returns the last attempt and the list of attempts."""
+    from .structured import compress_channels
+    from .validate.compare import run_all
+    from .validate.run import accuracy_gates
+    from .runtime import session
+
+    outputs_original = run_all(session(original, config.threads), eval_set, config.batch_size)
+    target, attempts = config.target_macs, []
+    while True:
+        passed, comparison = accuracy_gates(outputs_original, channels.model, eval_set, validate_config,
+                                            config.batch_size, config.threads)
+        attempts.append({"target_macs": round(target, 6), "passed": passed, "agreement": comparison.agreement,
+                         "accuracy_drop_pt": comparison.accuracy_drop_pt,
+                         "macs_planned_ratio": channels.plan.macs_planned / max(channels.plan.macs_original, 1)})
+        if passed or target >= config.max_macs - 1e-9:
+            return channels, attempts
+        target = min(config.max_macs, target + config.give_back_step)
+        progress("give-back", len(attempts), len(attempts) + 1, f"gate missed; target MACs {target:.3f}")
+        channels = compress_channels(view, model, everything.layers, found.layers, calib,
+                                     dataclasses.replace(config, target_macs=target), progress)
 
 
 def _compress_report(loaded, config, validate_config, digest, calib, plan, solved, declined, validation,

@@ -55,6 +55,12 @@ class CompressConfig:
     target_macs: float | None = field(
         default=None, metadata=_opt("channel methods: MACs of the output as a fraction of the original's")
     )
+    max_macs: float | None = field(
+        default=None, metadata=_opt("channel methods with --max-accuracy-drop / --min-agreement: when the gate "
+                                    "is missed, give width back (--give-back-step at a time) up to this MACs "
+                                    "fraction until it holds")
+    )
+    give_back_step: float = field(default=0.05, metadata=_opt("MACs fraction given back per attempt"))
     channel_multiple: int = field(
         default=8, metadata=_opt("channel methods: kept widths are multiples of this (CPU kernels like 8/16)")
     )
@@ -122,6 +128,12 @@ class CompressConfig:
             if self.method not in CHANNEL_METHODS:
                 raise ConfigError(f"--target-macs applies to --method {' | '.join(CHANNEL_METHODS)}, not "
                                   f"{self.method!r} (zeros in dense weights do not reduce MACs)")
+        if self.max_macs is not None:
+            _check_range("max_macs", self.max_macs, 0.0, 1.0)
+            if self.target_macs is None or self.max_macs < self.target_macs:
+                raise ConfigError("--max-macs is the give-back ceiling: it needs --target-macs <= --max-macs")
+        if not 0 < self.give_back_step <= 1:
+            raise ConfigError(f"give_back_step must be in (0, 1], got {self.give_back_step}")
         if self.channel_multiple < 1:
             raise ConfigError(f"channel_multiple must be >= 1, got {self.channel_multiple}")
         if self.calib_samples is not None and self.calib_samples < 1:

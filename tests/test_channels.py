@@ -6,6 +6,7 @@ import onnx
 import pytest
 import torch
 
+from conftest import ROOT
 from models import GraphBuilder, run, samples_for
 from onnxadmm import CompressConfig, ValidateConfig, compress
 from onnxadmm.algorithms.projections.groups import ChannelsThenElements, Filters, InputChannels, Kernels
@@ -254,6 +255,23 @@ def test_admm_channel_beats_magnitude_channel_selection_at_equal_macs(channel_re
         result.report["validation"]["footprint"]["compressed"]["macs"]
     error = result.report["validation"]["outputs"][0]["relative_error"]
     assert error < baseline.report["validation"]["outputs"][0]["relative_error"]
+
+
+def test_missed_accuracy_gate_gives_width_back_until_it_holds():
+    """On the bundled LeNet-5 with real digits: a 0.3 MACs target misses a 99.5 % agreement gate; width
+    is given back until the gate holds."""
+    data = np.load(ROOT / "calibration" / "mnist_train1000.npz")
+    calib = {"input": data["input"][:300]}
+    held_out = {"input": data["input"][500:800], "labels": data["labels"][500:800]}
+    config = CompressConfig(method="channel", target_macs=0.3, max_macs=1.0, give_back_step=0.35,
+                            channel_multiple=4, sensitivity_samples=16, admm_iterations=5)
+    result = compress(ROOT / "calibration" / "lenet5_mnist.onnx", calib, config,
+                      ValidateConfig(labels="labels", min_agreement=0.995, latency_rounds=2), evaluation=held_out)
+    attempts = result.report["plan"]["give_back"]
+    assert len(attempts) >= 2 and not attempts[0]["passed"]
+    assert attempts[-1]["passed"] and result.passed
+    assert attempts[-1]["target_macs"] > attempts[0]["target_macs"]
+    assert result.report["validation"]["agreement"] >= 0.995
 
 
 def test_l0_l21_removes_channels_and_zeroes_elements_inside_them():

@@ -30,7 +30,8 @@ def allocate(options: Mapping[str, Sequence[Option]], budget: float, what: str =
                           f"costs {cheapest:.6g} > {budget:.6g}")
 
     def pick(price: float) -> dict[str, Option]:
-        return {name: min(opts, key=lambda o: (o.damage + price * o.cost, o.cost))
+        # among equal totals keep the costlier (less compressed) option: no damage is bought for nothing
+        return {name: min(opts, key=lambda o: (o.damage + price * o.cost, -o.cost))
                 for name, opts in options.items()}
 
     def total(choice: Mapping[str, Option]) -> float:

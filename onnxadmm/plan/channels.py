@@ -119,7 +119,7 @@ def plan_channels(view: GraphView, layers: list[Layer], groups: list[ChannelGrou
         probe = float(np.clip(target, 0.3, 0.9))
         probes, at_probe = {}, {}
         for g in groups:
-            k = _nearest(options[g.name], probe * g.channels)
+            k = _probe_width(options[g.name], probe * g.channels, scores[g.name])
             at_probe[g.name] = removed_share(scores[g.name], k)
             mask = top_mask(scores[g.name], k)
             probes[g.name] = {layers_by_name[c.layer].weight_name: _masked_weight(view, layers_by_name[c.layer],
@@ -152,6 +152,17 @@ def plan_channels(view: GraphView, layers: list[Layer], groups: list[ChannelGrou
 
 def _members(group: ChannelGroup) -> set[int]:
     return {*group.producers, *group.through, *(c.node_index for c in group.consumers)}
+
+
+def _probe_width(options: list[int], wanted: float, scores: np.ndarray) -> int:
+    """The width to probe at: nearest ``wanted`` below full width, narrowed until the removed channels carry
+    some score (removing only dead channels measures nothing)."""
+    below = options[:-1] or options
+    k = _nearest(below, wanted)
+    for smaller in sorted((o for o in below if o <= k), reverse=True):
+        if removed_share(scores, smaller) > 0:
+            return smaller
+    return k
 
 
 def _nearest(options: list[int], value: float) -> int:

@@ -91,6 +91,22 @@ def render(report: dict) -> str:
                          f"{_fmt(row['error_projected'], 3)} → {_fmt(row['error_final'], 3)} | "
                          f"{row['seconds']:.2f} |")
         lines.append("")
+    plan = report.get("plan") or {}
+    if plan.get("groups"):
+        lines.append(f"## Channel groups (MACs planned {plan['macs_planned_ratio']:.3f} of the original, "
+                     f"{plan['strategy']})")
+        lines.append("")
+        lines.append("| group | channels | kept | consumers | stays whole because |")
+        lines.append("|---|---|---|---|---|")
+        for g in plan["groups"]:
+            lines.append(f"| `{g['name']}` | {g['channels']} | {_fmt(g.get('kept'))} | {len(g['consumers'])} | "
+                         f"{g['declined'] or ''} |")
+        lines.append("")
+        for attempt in plan.get("give_back") or []:
+            lines.append(f"- give-back attempt at target MACs {attempt['target_macs']:.3f}: "
+                         f"{'gate holds' if attempt['passed'] else 'gate missed'} (agreement "
+                         f"{_fmt(attempt['agreement'])}, drop {_fmt(attempt['accuracy_drop_pt'])} pt)")
+        lines.append("")
     if report.get("declined"):
         lines.append("## Left dense")
         lines.append("")

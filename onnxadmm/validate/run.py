@@ -3,6 +3,7 @@ gates — and a plain statement of which gain is file size and which is speed.""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -69,6 +70,15 @@ def validate_models(original: onnx.ModelProto, compressed: onnx.ModelProto, samp
     validation = Validation(comparison, fp_a, fp_b, latencies, gates, held_out, samples.source)
     validation.gains = gains_statement(fp_a, fp_b, latencies)
     return validation
+
+
+def accuracy_gates(outputs_original: dict[str, np.ndarray], compressed: onnx.ModelProto, samples: SampleSet,
+                   config: ValidateConfig, batch_size: int, threads: int) -> tuple[bool, Comparison]:
+    """Only the accuracy / agreement gates (no latency): the cheap check between give-back attempts."""
+    outputs = run_all(session(compressed, threads), samples, batch_size)
+    comparison = compare(outputs_original, outputs, samples.labels, samples.num_samples)
+    accuracy_only = dataclasses.replace(config, min_speedup=None)
+    return all(g.passed for g in evaluate(accuracy_only, comparison, [])), comparison
 
 
 def gains_statement(a: Footprint, b: Footprint, latencies: list[LatencyAB]) -> list[str]:
