@@ -61,6 +61,10 @@ class CompressConfig:
                                     "fraction until it holds")
     )
     give_back_step: float = field(default=0.05, metadata=_opt("MACs fraction given back per attempt"))
+    refit_dense: bool = field(
+        default=True, metadata=_opt("channel methods: also refit the layers that lose no input channels to "
+                                    "the compressed model's inputs (sequential error compensation)")
+    )
     channel_multiple: int = field(
         default=8, metadata=_opt("channel methods: kept widths are multiples of this (CPU kernels like 8/16)")
     )
@@ -94,8 +98,9 @@ class CompressConfig:
     sample_patches: int = field(
         default=65536, metadata=_opt("input patches sampled per layer for its statistics")
     )
-    grad_patches: int = field(
-        default=4096, metadata=_opt("patches used by the gradient steps through the activation")
+    grad_patches: int | None = field(
+        default=None, metadata=_opt("patches used by the gradient steps through the activation (default: "
+                                    "32 per input of a row, between 4096 and 16384)")
     )
     admm_iterations: int = field(default=40, metadata=_opt("ADMM iterations per layer"))
     rho_init: float = field(
@@ -104,6 +109,9 @@ class CompressConfig:
     rho_growth: float = field(default=1.2, metadata=_opt("rho multiplier per ADMM iteration"))
     sensitivity_samples: int = field(
         default=64, metadata=_opt("calibration samples used to measure per-layer sensitivity")
+    )
+    sensitivity_probes: int = field(
+        default=6, metadata=_opt("channel methods: widths per group whose output damage is measured")
     )
     threads: int = field(default=0, metadata=_opt("torch/onnxruntime threads (0 = all cores)"))
     force: bool = field(
@@ -116,8 +124,10 @@ class CompressConfig:
         _check_choice("solver", self.solver, SOLVERS)
         _check_range("sparsity", self.sparsity, 0.0, 1.0, hi_open=True)
         self.nm_pattern  # validates
-        for name in ("batch_size", "max_memory_mb", "sample_patches", "grad_patches",
-                     "admm_iterations", "sensitivity_samples"):
+        if self.grad_patches is not None and self.grad_patches < 1:
+            raise ConfigError(f"grad_patches must be >= 1, got {self.grad_patches}")
+        for name in ("batch_size", "max_memory_mb", "sample_patches",
+                     "admm_iterations", "sensitivity_samples", "sensitivity_probes"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.method in CHANNEL_METHODS and self.target_macs is None:

@@ -111,7 +111,7 @@ def compress_layers(view: GraphView, layers: list[Layer], samples: SampleSet, st
             started = time.perf_counter()
             sides = layer.chain.side_inputs if layer.chain else ()
             level = levels[layer.name]
-            if level == 0 and structures[layer.name].kind != "nm":
+            if level == 0 and structures[layer.name].kind not in ("nm", "dense"):
                 outcomes.append(_unchanged(view, layer, structures[layer.name]))
                 for name in (layer.input_name, *sides):
                     pending[name] -= 1

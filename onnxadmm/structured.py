@@ -86,7 +86,11 @@ def compress_channels(view: GraphView, model: onnx.ModelProto, all_layers: list[
                 fixed_channels=None if fixed is None else tuple(bool(v) for v in fixed))
             levels[consumer.layer] = 1.0 - k / group.channels
             consumer_group[consumer.layer] = group
-    solving = [by_name[name] for name in structures]
+    if config.refit_dense:  # every other layer is refit to the compressed inputs (error compensation)
+        for layer in layers:
+            if layer.name not in structures:
+                structures[layer.name], levels[layer.name] = Structure(kind="dense"), 0.0
+    solving = [layer for layer in layers if layer.name in structures]
     solved = compress_layers(view, solving, samples, structures, levels, config, progress)
     masked = apply_initializers(model, solved.initializers)
     kept = _kept_channels(view, active, plan, solved, by_name, structures)

@@ -33,7 +33,7 @@ class AdmmSettings:
     rho_growth: float = 1.2
     inner_steps: int = 3  # gradient steps per W-step through the activation
     refit_steps: int = 40  # masked steps through the activation after the support is fixed
-    grad_patches: int = 4096
+    grad_patches: int | None = None  # None: 32·(d+1) rows, between 4096 and 16384
     tolerance: float = 1e-4  # stop when ‖W − Z‖ / ‖W₀‖ falls below it
     seed: int = 0
 
@@ -88,13 +88,23 @@ def admm_linear(stats: Moments, w_start: torch.Tensor, project: Projection, sett
     return z.float(), history
 
 
+def grad_rows(requested: int | None, inputs: int) -> int:
+    """Patches the gradient steps use: as asked, or 32 per unknown of a row (d + 1), in [4096, 16384].
+    Too few over-fit the activation refit to the subset (ResNet-56 channel pruning at 0.65 MACs lost
+    2.4 pt top-1 with 4096 rows, 0.8 pt with 16384)."""
+    if requested:
+        return requested
+    return int(min(16384, max(4096, 32 * (inputs + 1))))
+
+
 class ActivationObjective:
     """f(W, b) = ‖σ(W x̂ + b) − t‖² / ‖t‖² on a fixed subset of patches, with its gradient and
     the eigenbasis of the augmented input second moment Σ̃ = E[x̃x̃ᵀ], x̃ = [x̂; 1]."""
 
     def __init__(self, problem: LayerProblem, settings: AdmmSettings):
         count = problem.num_patches
-        take = min(count, max(settings.grad_patches, 4 * (problem.x_hat.shape[-1] + 1)))
+        take = min(count, max(grad_rows(settings.grad_patches, problem.x_hat.shape[-1]),
+                              4 * (problem.x_hat.shape[-1] + 1)))
         generator = torch.Generator().manual_seed(settings.seed)
         self.rows = torch.randperm(count, generator=generator)[:take].sort().values
         self.problem = problem

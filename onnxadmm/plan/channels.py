@@ -116,21 +116,22 @@ def plan_channels(view: GraphView, layers: list[Layer], groups: list[ChannelGrou
         keep = _uniform(costs, groups, options, target * total)
         strategy = "uniform"
     else:
-        probe = float(np.clip(target, 0.3, 0.9))
-        probes, at_probe = {}, {}
+        widths = {g.name: _probe_widths(options[g.name], scores[g.name], config.sensitivity_probes)
+                  for g in groups}
+        probes = {}
         for g in groups:
-            k = _probe_width(options[g.name], probe * g.channels, scores[g.name])
-            at_probe[g.name] = removed_share(scores[g.name], k)
-            mask = top_mask(scores[g.name], k)
-            probes[g.name] = {layers_by_name[c.layer].weight_name: _masked_weight(view, layers_by_name[c.layer],
-                                                                                 mask, c.width)
-                              for c in g.consumers}
-        damage = output_damage(view, probes, subset, config.batch_size, config.threads)
+            for k in widths[g.name]:
+                mask = top_mask(scores[g.name], k)
+                probes[f"{g.name}@{k}"] = {layers_by_name[c.layer].weight_name:
+                                           _masked_weight(view, layers_by_name[c.layer], mask, c.width)
+                                           for c in g.consumers}
+        measured = output_damage(view, probes, subset, config.batch_size, config.threads)
         curves = {}
         for g in groups:
-            alpha = damage[g.name] / max(at_probe[g.name], 1e-12) if at_probe[g.name] > 0 else 0.0
+            points = {g.channels: 0.0, **{k: measured[f"{g.name}@{k}"] for k in widths[g.name]}}
+            damage[g.name] = max(points.values())
             size = sum(costs.get(i, 0) for i in _members(g))
-            curves[g.name] = [Option(float(k), size * k / g.channels, alpha * removed_share(scores[g.name], k))
+            curves[g.name] = [Option(float(k), size * k / g.channels, _interpolate(points, k, scores[g.name]))
                               for k in options[g.name]]
         keep = _allocate(costs, groups, curves, target * total)
         strategy = "sensitivity"
@@ -154,15 +155,36 @@ def _members(group: ChannelGroup) -> set[int]:
     return {*group.producers, *group.through, *(c.node_index for c in group.consumers)}
 
 
-def _probe_width(options: list[int], wanted: float, scores: np.ndarray) -> int:
-    """The width to probe at: nearest ``wanted`` below full width, narrowed until the removed channels carry
-    some score (removing only dead channels measures nothing)."""
-    below = options[:-1] or options
-    k = _nearest(below, wanted)
-    for smaller in sorted((o for o in below if o <= k), reverse=True):
-        if removed_share(scores, smaller) > 0:
-            return smaller
-    return k
+def _probe_widths(options: list[int], scores: np.ndarray, count: int) -> list[int]:
+    """Up to ``count`` widths below full width, spread evenly over the options, always with the narrowest
+    (where damage is largest) and the widest that removes a channel carrying some score."""
+    below = options[:-1]
+    if len(below) <= count:
+        chosen = below
+    else:
+        chosen = sorted({below[round(i * (len(below) - 1) / (count - 1))] for i in range(count)})
+    live = [k for k in below if removed_share(scores, k) > 0]
+    if live and live[-1] not in chosen:
+        chosen = sorted({*chosen, live[-1]})
+    return chosen
+
+
+def _interpolate(points: dict[int, float], k: int, scores: np.ndarray) -> float:
+    """Measured damage at width k: exact at probed widths; between two, linear in the removed score share
+    (the curve's shape), which tracks damage better than the width does."""
+    if k in points:
+        return points[k]
+    below = max((p for p in points if p < k), default=None)
+    above = min(p for p in points if p > k)
+    if below is None:  # narrower than every probe: extrapolate from the narrowest along the score share
+        narrow = min(points)
+        share = removed_share(scores, narrow)
+        return points[narrow] * removed_share(scores, k) / share if share > 0 else points[narrow]
+    s_lo, s_hi, s_k = (removed_share(scores, x) for x in (above, below, k))  # share grows as k shrinks
+    if s_hi - s_lo <= 0:
+        return points[below]
+    t = (s_k - s_lo) / (s_hi - s_lo)
+    return points[above] + t * (points[below] - points[above])
 
 
 def _nearest(options: list[int], value: float) -> int:
