@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import torch
 
-from .algorithms.projections.groups import channel_norms
+from .algorithms.projections.groups import ChannelBlock, channel_norms
 from .algorithms.solve import Structure
 from .analysis.channels import ChannelGroup, find_channel_groups
 from .analysis.layers import Declined, Layer
@@ -71,21 +71,25 @@ def compress_channels(view: GraphView, model: onnx.ModelProto, all_layers: list[
     progress("plan", 0, 1, f"{len(active)} channel groups; measuring sensitivity")
     plan = plan_channels(view, layers, active, samples, config)
     by_name = {l.name: l for l in layers}
-    structures: dict[str, Structure] = {}
-    levels: dict[str, float] = {}
-    consumer_group: dict[str, ChannelGroup] = {}
+    blocks: dict[str, list[ChannelBlock]] = {}
+    widths: dict[str, int] = {}
     for group in active:
         k = plan.keep[group.name]
         if k >= group.channels:
             continue
         fixed = plan.masks.get(group.name)
         for consumer in group.consumers:
-            structures[consumer.layer] = Structure(
-                kind="l0-l21" if config.method == "l0-l21" else "channels", sparsity=config.sparsity,
-                keep_channels=k, width=consumer.width,
-                fixed_channels=None if fixed is None else tuple(bool(v) for v in fixed))
-            levels[consumer.layer] = 1.0 - k / group.channels
-            consumer_group[consumer.layer] = group
+            blocks.setdefault(consumer.layer, []).append(ChannelBlock(
+                consumer.offset, group.channels, k, None if fixed is None else tuple(bool(v) for v in fixed)))
+            widths[consumer.layer] = consumer.width
+    kind = "l0-l21" if config.method == "l0-l21" else "channels"
+    structures: dict[str, Structure] = {}
+    levels: dict[str, float] = {}
+    for name, parts in blocks.items():
+        parts.sort(key=lambda b: b.offset)
+        structures[name] = Structure(kind=kind, sparsity=config.sparsity, blocks=tuple(parts), width=widths[name])
+        total = by_name[name].in_features * by_name[name].groups // widths[name]
+        levels[name] = sum(b.channels - b.k for b in parts) / total
     if config.refit_dense:  # every other layer is refit to the compressed inputs (error compensation)
         for layer in layers:
             if layer.name not in structures:
@@ -105,8 +109,8 @@ def compress_channels(view: GraphView, model: onnx.ModelProto, all_layers: list[
 
 
 def _kept_channels(view, groups, plan, solved, by_name, structures) -> dict[str, np.ndarray]:
-    """The channels each group keeps: its pinned mask, or the k largest input-column norms of the
-    solved consumer (ADMM chose them)."""
+    """The channels each group keeps: its pinned mask, or the k largest input-column norms, in the group's
+    range, of the solved first consumer (ADMM chose them)."""
     kept = {}
     for group in groups:
         k = plan.keep[group.name]
@@ -123,7 +127,7 @@ def _kept_channels(view, groups, plan, solved, by_name, structures) -> dict[str,
                 continue
             canonical = torch.from_numpy(layer.canonical(weight))
             norms = channel_norms(canonical, consumer.width).numpy()
-            kept[group.name] = top_mask(norms, k)
+            kept[group.name] = top_mask(norms[consumer.offset:consumer.offset + group.channels], k)
     return kept
 
 

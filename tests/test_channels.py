@@ -106,7 +106,7 @@ def matmul_tokens():
     return b.model([("input", ["N", 5, 8])], [out])
 
 
-COUPLINGS = {"conv chain": conv_chain, "batchnorm": batchnorm_unfolded, "depthwise": depthwise,
+COUPLINGS = {"concat of branches + BN": lambda: concat_branches(), "conv chain": conv_chain, "batchnorm": batchnorm_unfolded, "depthwise": depthwise,
              "residual add": residual, "flatten into gemm": flatten_gemm,
              "pool + reshape [0,-1] into gemm": lambda: pool_reshape_gemm(False),
              "reshape with explicit size": lambda: pool_reshape_gemm(True),
@@ -129,7 +129,9 @@ def masked_reference(model, view, layers, groups, keep):
         for consumer in group.consumers:
             layer = by_name[consumer.layer]
             stored = values.get(layer.weight_name, view.constant(layer.weight_name))
-            w = layer.canonical(stored) * np.repeat(keep[group.name], consumer.width)[None, None, :]
+            channels = np.ones(consumer.space or group.channels, bool)
+            channels[consumer.offset:consumer.offset + group.channels] = keep[group.name]
+            w = layer.canonical(stored) * np.repeat(channels, consumer.width)[None, None, :]
             values[layer.weight_name] = layer.stored(w)
     return apply_initializers(model, values)
 
@@ -194,13 +196,36 @@ def test_unknown_coupling_declines_its_group_and_names_the_node():
     assert any(g.declined is None for g in groups)  # the conv -> conv group in the middle is still pruned
 
 
-def test_graph_output_and_concat_are_declined():
+def test_concat_into_the_graph_output_is_declined():
     b = GraphBuilder(12)
     y = b.conv("input", 3, 8)
     z = b.conv("input", 3, 8)
     out = b.node("Concat", [y, z], axis=1)
     _, _, _, groups = analysed(b.model([("input", ["N", 3, 8, 8])], [out]))
-    assert all(g.declined and "Concat" in g.declined for g in groups)
+    assert all(g.declined and "graph output" in g.declined for g in groups)
+
+
+def concat_branches():
+    """Two branches concatenated on channels, then BatchNormalization, Relu and a conv over both
+    (DenseNet / Inception style): each branch is its own group at its own offset."""
+    b = GraphBuilder(13)
+    stem = b.conv("input", 3, 8)
+    left = b.conv(stem, 8, 16, k=1)
+    right = b.conv(stem, 8, 8)
+    joined = b.node("Concat", [stem, left, right], axis=1)  # 8 + 16 + 8 channels
+    c = 32
+    joined = b.node("BatchNormalization", [joined, b.const(b.rng.uniform(0.5, 2, c).astype(np.float32)),
+                                           b.const(b.rng.standard_normal(c).astype(np.float32)),
+                                           b.const(b.rng.standard_normal(c).astype(np.float32)),
+                                           b.const(b.rng.uniform(0.5, 2, c).astype(np.float32))])
+    y = b.conv(b.activation(joined, "Relu"), 32, 8, act=None)
+    return b.model([("input", ["N", 3, 8, 8])], [y])
+
+
+def test_concat_places_each_group_at_its_offset():
+    _, view, _, groups = analysed(concat_branches())
+    offsets = sorted(c.offset for g in groups if not g.declined for c in g.consumers if c.space == 32)
+    assert offsets == [0, 8, 24]
 
 
 def test_channel_method_compresses_what_it_can_around_a_declined_group():
@@ -342,3 +367,19 @@ def test_filters_kernels_and_l0_l21_hold_their_constraints(seed):
     assert int((both.reshape(2, 5, 4, 9).abs().sum(dim=(0, 1, 3)) > 0).sum()) <= 2
     assert int((both != 0).sum()) == 30
     assert torch.equal(ChannelsThenElements(2, 9, 30)(both), both)
+
+
+def test_channel_method_prunes_groups_that_meet_in_a_concat():
+    model = concat_branches()
+    config = CompressConfig(method="channel", target_macs=0.7, channel_multiple=4, sensitivity_samples=8,
+                            admm_iterations=8)
+    result = compress(model, samples_for(model, 32), config, ValidateConfig(latency_rounds=2))
+    fp = result.report["validation"]["footprint"]
+    assert fp["compressed"]["macs"] <= 0.7 * fp["original"]["macs"]
+    kept = {g["name"]: g.get("kept") for g in result.report["plan"]["groups"] if not g["declined"]}
+    assert len(kept) == 3 and any(k is not None and k < 16 for k in kept.values())
+    final = next(n for n in result.model.graph.node if n.op_type == "Conv" and n.output[0] == model.graph.output[0].name)
+    width = next(t for t in result.model.graph.initializer if t.name == final.input[1]).dims[1]
+    assert width == sum(kept.values())  # the last conv reads exactly the kept channels of all three
+    feed = samples_for(model, 2, seed=4)
+    assert run(result.model, feed)[0].shape == run(model, feed)[0].shape

@@ -16,7 +16,7 @@ import torch
 
 from .admm import ActivationObjective, AdmmSettings, admm_activation, admm_linear, refit_activation
 from .problem import LayerProblem
-from .projections.groups import ChannelsThenElements, InputChannels, Kernels
+from .projections.groups import ChannelBlock, ChannelBlocks, ChannelsThenElements, Kernels
 from .projections.sparse import NM, HardThreshold, SoftThreshold, TopK, keep_count
 from .refit import bias_for, masked_refit, moments
 
@@ -30,8 +30,8 @@ class Structure:
     """What the layer is projected onto.
 
     ``kind``: unstructured | nm | l1 | l0 (element sparsity at ``sparsity``); kernels (keep whole
-    (output, input-channel) kernels, a fraction ``sparsity`` removed); channels (keep ``keep_channels``
-    input channels of ``width`` columns each, optionally pinned to ``fixed_channels``); l0-l21 (those
+    (output, input-channel) kernels, a fraction ``sparsity`` removed); channels (in each of ``blocks``,
+    one per channel group read, keep k input channels of ``width`` columns each, or pinned ones); l0-l21 (those
     channels, then element sparsity ``sparsity`` inside them).
     """
 
@@ -40,9 +40,8 @@ class Structure:
     n: int = 2
     m: int = 4
     taps: int = 1
-    keep_channels: int | None = None
+    blocks: tuple[ChannelBlock, ...] | None = None  # channels / l0-l21: which input channels each group keeps
     width: int = 1
-    fixed_channels: tuple[bool, ...] | None = None
 
     def projection(self, w0: torch.Tensor):
         """The Z-step of a constraint set (the penalties build theirs in the μ search)."""
@@ -52,12 +51,12 @@ class Structure:
             return NM(self.n, self.m, self.taps)
         if self.kind == "kernels":
             return Kernels(keep_count(w0.numel() // self.taps, self.sparsity), self.taps)
-        fixed = None if self.fixed_channels is None else torch.tensor(self.fixed_channels, dtype=torch.bool)
         if self.kind == "channels":
-            return InputChannels(self.keep_channels, self.width, fixed)
+            return ChannelBlocks(self.blocks, self.width)
         if self.kind == "l0-l21":
-            kept = self.keep_channels * (w0.numel() // (w0.shape[-1] // self.width))
-            return ChannelsThenElements(self.keep_channels, self.width, keep_count(kept, self.sparsity), fixed)
+            total = w0.shape[-1] // self.width
+            kept = ChannelBlocks(self.blocks, self.width).kept_channels(total) * (w0.numel() // total)
+            return ChannelsThenElements(0, self.width, keep_count(kept, self.sparsity), blocks=self.blocks)
         raise ValueError(f"structure {self.kind!r} has no fixed projection")
 
 

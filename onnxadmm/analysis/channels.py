@@ -8,10 +8,13 @@ A group starts at a layer's output channels and is closed under the graph's coup
     so every producer of every operand loses the same channel indices;
   * a Conv (group = 1), Gemm or MatMul reading the channels is a *consumer*: it loses the matching input
     columns (kh·kw per channel for a Conv; a contiguous range of H·W features per channel when a
-    Flatten/Reshape to [N, C·H·W] sits in between).
-Anything else touching the channels (Concat, Split, Slice, Pad, Gather, Transpose, Reshape to other
-shapes, grouped Conv, a graph output, ...) declines the whole group with the node named: its channels
-stay, never a guess.
+    Flatten/Reshape to [N, C·H·W] sits in between);
+  * a Concat on the channel axis places the group at an offset of a wider tensor (other groups fill the
+    rest); per-channel nodes and consumers past it touch only that range.
+Every tensor of a group has a *place* (offset, space): its channels are [offset, offset + C) of the
+tensor's ``space`` channels. Anything else touching the channels (Split, Slice, Pad, Gather, Transpose,
+Reshape to other shapes, grouped Conv, an elementwise op of two concatenated tensors, a graph output, ...)
+declines the whole group with the node named: its channels stay, never a guess.
 """
 
 from __future__ import annotations
@@ -34,11 +37,14 @@ ELEMENTWISE_BINARY = {"Add", "Sub", "Mul", "Div"}
 
 @dataclass(frozen=True)
 class Consumer:
-    """A layer reading the group's channels: channel c is its input columns [c·width, (c+1)·width)."""
+    """A layer reading the group's channels: group channel c is its input channel offset + c, i.e. the
+    canonical columns [(offset + c)·width, (offset + c + 1)·width) of its ``space`` channels."""
 
     layer: str
     node_index: int
     width: int  # canonical input columns per channel (kh·kw, or H·W after a Flatten, or 1)
+    offset: int = 0
+    space: int | None = None  # channels of the tensor it reads (None: the group's own count)
 
 
 @dataclass
@@ -51,7 +57,8 @@ class ChannelGroup:
     producers: list[int] = field(default_factory=list)  # node ids whose output rows are the channels
     through: list[int] = field(default_factory=list)  # per-channel nodes (sliced along the channel)
     consumers: list[Consumer] = field(default_factory=list)
-    tensors: set[str] = field(default_factory=set)  # tensors whose channel axis is this group
+    tensors: set[str] = field(default_factory=set)  # tensors whose channel axis holds this group
+    places: dict[int, tuple[int, int]] = field(default_factory=dict)  # through node -> (offset, space)
     declined: str | None = None
 
     @property
@@ -92,94 +99,154 @@ def _close(view: GraphView, by_node: dict[int, Layer], group: ChannelGroup, star
     """Grow ``group`` from ``start``'s output until every tensor's producer and readers are explained."""
     if start.op_type == "Conv" and start.groups != 1:
         raise _Decline(f"grouped Conv {start.name!r} (group={start.groups}) cannot lose output channels alone")
-    kind = group.kind = _axis_kind(start)
-    producers, through, consumers = {start.node_index}, set(), {}
-    pending, seen = [start.output_name], set()
-    reasons: list[str] = []  # exploration goes on past a decline, so the whole group is reported once
-    while pending:
-        tensor = pending.pop()
-        if tensor in seen:
+    group.kind = _axis_kind(start)
+    walk = _Walk(view, by_node, group)
+    walk.producers.add(start.node_index)
+    walk.visit(start.output_name, (0, group.channels))
+    while walk.pending:
+        tensor, place = walk.pending.pop()
+        if tensor in walk.places:
+            if walk.places[tensor] != place:
+                walk.reasons.append(f"tensor {tensor!r} holds the channels at two different offsets")
             continue
-        seen.add(tensor)
+        walk.places[tensor] = place
         if tensor in view.output_names:
-            reasons.append(f"channels reach the graph output {tensor!r} (its shape must stay)")
-        try:
-            _explain_producer(view, by_node, tensor, kind, group.channels, producers, through, pending)
-        except _Decline as reason:
-            reasons.append(str(reason))
+            walk.reasons.append(f"channels reach the graph output {tensor!r} (its shape must stay)")
+        walk.attempt(walk.explain_producer, tensor, place)
         for index in view.consumers.get(tensor, []):
-            if index in producers or index in through or index in consumers:
-                continue
-            try:
-                _explain_reader(view, by_node, tensor, index, kind, group.channels, through, consumers, pending)
-            except _Decline as reason:
-                reasons.append(str(reason))
-    group.producers = sorted(producers, key=view.order.index)
-    group.through = sorted(through, key=view.order.index)
-    group.consumers = sorted(consumers.values(), key=lambda c: view.order.index(c.node_index))
-    group.tensors = seen
-    if reasons:
+            if index not in walk.producers and index not in walk.through and index not in walk.consumers:
+                walk.attempt(walk.explain_reader, tensor, place, index)
+    group.producers = sorted(walk.producers, key=view.order.index)
+    group.through = sorted(walk.through, key=view.order.index)
+    group.places = dict(walk.through)
+    group.consumers = sorted(walk.consumers.values(), key=lambda c: view.order.index(c.node_index))
+    group.tensors = set(walk.places)
+    if walk.reasons:
+        reasons = walk.reasons
         raise _Decline(reasons[0] + (f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""))
 
 
-def _explain_producer(view, by_node, tensor, kind, channels, producers, through, pending) -> None:
-    index = view.producer.get(tensor)
-    if index is None:
-        raise _Decline(f"channels of {tensor!r} come from a graph input or constant")
-    if index in producers or index in through:
-        return
-    node = view.nodes[index]
-    layer = by_node.get(index)
-    if layer is not None and _axis_kind(layer) == kind and node.output[0] == tensor:
-        if layer.op_type == "Conv" and layer.groups != 1:
-            if _is_depthwise(layer, channels):
-                through.add(index)
-                pending.append(node.input[0])
-                return
-            raise _Decline(f"grouped Conv {node.name!r} (group={layer.groups}) produces the channels")
-        if layer.out_features != channels:
-            raise _Decline(f"{node.name!r} produces {layer.out_features} channels, the group has {channels}")
-        producers.add(index)
-        return
-    if _per_channel_node(view, node, tensor, kind, channels):
-        through.add(index)
-        pending.extend(_channel_operands(view, node))
-        return
-    raise _Decline(f"node {node.name!r} ({node.op_type}) produces the channels and is not understood for "
-                   "channel pruning")
+class _Walk:
+    """The state of one group's closure: members found so far, tensors to explain, and reasons to decline
+    (exploration goes on past a decline, so a group is reported once, whole)."""
+
+    def __init__(self, view: GraphView, by_node: dict[int, Layer], group: ChannelGroup):
+        self.view, self.by_node, self.group, self.kind = view, by_node, group, group.kind
+        self.producers: set[int] = set()
+        self.through: dict[int, tuple[int, int]] = {}
+        self.consumers: dict[int, Consumer] = {}
+        self.places: dict[str, tuple[int, int]] = {}
+        self.pending: list[tuple[str, tuple[int, int]]] = []
+        self.reasons: list[str] = []
+
+    def visit(self, tensor: str, place: tuple[int, int]) -> None:
+        self.pending.append((tensor, place))
+
+    def attempt(self, explain, *args) -> None:
+        try:
+            explain(*args)
+        except _Decline as reason:
+            self.reasons.append(str(reason))
+
+    def pass_through(self, node, index: int, place: tuple[int, int]) -> bool:
+        """A per-channel node joins the group with every computed operand (two computed operands only when
+        the group fills the whole tensor: after a Concat the other operand's layout is unknown)."""
+        operands = _channel_operands(self.view, node)
+        if not _per_channel_node(self.view, node, self.kind, place[1]) or \
+                (place[1] != self.group.channels and len(operands) != 1):
+            return False
+        self.through[index] = place
+        for operand in operands:
+            self.visit(operand, place)
+        return True
+
+    def explain_producer(self, tensor: str, place: tuple[int, int]) -> None:
+        view, channels = self.view, self.group.channels
+        index = view.producer.get(tensor)
+        if index is None:
+            raise _Decline(f"channels of {tensor!r} come from a graph input or constant")
+        if index in self.producers or index in self.through:
+            return
+        node = view.nodes[index]
+        layer = self.by_node.get(index)
+        space = place[1]
+        if layer is not None and _axis_kind(layer) == self.kind and node.output[0] == tensor:
+            if layer.op_type == "Conv" and layer.groups != 1:
+                if _is_depthwise(layer, space):
+                    self.through[index] = place
+                    self.visit(node.input[0], place)
+                    return
+                raise _Decline(f"grouped Conv {node.name!r} (group={layer.groups}) produces the channels")
+            if place != (0, channels) or layer.out_features != channels:
+                raise _Decline(f"{node.name!r} produces {layer.out_features} channels, the group has {channels} "
+                               f"at offset {place[0]}")
+            self.producers.add(index)
+            return
+        if self.pass_through(node, index, place):
+            return
+        raise _Decline(f"node {node.name!r} ({node.op_type}) produces the channels and is not understood for "
+                       "channel pruning")
+
+    def explain_reader(self, tensor: str, place: tuple[int, int], index: int) -> None:
+        view, channels = self.view, self.group.channels
+        node = view.nodes[index]
+        layer = self.by_node.get(index)
+        offset, space = place
+        if layer is not None and node.input[0] == tensor and tensor not in node.input[1:]:
+            if layer.op_type == "Conv":
+                if self.kind != "conv":
+                    raise _Decline(f"Conv {node.name!r} reads row features")
+                if layer.groups == 1:
+                    taps = layer.conv.kernel[0] * layer.conv.kernel[1]
+                    self.consumers[index] = Consumer(layer.name, index, taps, offset, space)
+                    return
+                if _is_depthwise(layer, space):
+                    self.through[index] = place
+                    self.visit(node.output[0], place)
+                    return
+                raise _Decline(f"grouped Conv {node.name!r} (group={layer.groups}) reads the channels")
+            if self.kind != "row" or layer.in_features != space:
+                raise _Decline(f"{node.op_type} {node.name!r} reads the channels on an axis that is not its K")
+            self.consumers[index] = Consumer(layer.name, index, 1, offset, space)
+            return
+        if node.op_type in ("Flatten", "Reshape") and self.kind == "conv":
+            consumer = _flatten_into_layer(view, self.by_node, node, tensor, place)
+            self.consumers[consumer.node_index] = consumer
+            self.through[index] = place
+            return
+        if node.op_type == "Concat":
+            self.through[index] = place
+            self.visit(node.output[0], _concat_place(view, node, tensor, place, self.kind))
+            return
+        if self.pass_through(node, index, place):
+            self.visit(node.output[0], place)
+            return
+        raise _Decline(f"node {node.name!r} ({node.op_type}) reads the channels and is not understood for "
+                       "channel pruning")
 
 
-def _explain_reader(view, by_node, tensor, index, kind, channels, through, consumers, pending) -> None:
-    node = view.nodes[index]
-    layer = by_node.get(index)
-    if layer is not None and node.input[0] == tensor and tensor not in node.input[1:]:
-        if layer.op_type == "Conv":
-            if kind != "conv":
-                raise _Decline(f"Conv {node.name!r} reads row features")
-            if layer.groups == 1:
-                consumers[index] = Consumer(layer.name, index, layer.conv.kernel[0] * layer.conv.kernel[1])
-                return
-            if _is_depthwise(layer, channels):
-                through.add(index)
-                pending.append(node.output[0])
-                return
-            raise _Decline(f"grouped Conv {node.name!r} (group={layer.groups}) reads the channels")
-        if kind != "row" or layer.in_features != channels:
-            raise _Decline(f"{node.op_type} {node.name!r} reads the channels on an axis that is not its K")
-        consumers[index] = Consumer(layer.name, index, 1)
-        return
-    if node.op_type in ("Flatten", "Reshape") and kind == "conv":
-        consumer = _flatten_into_layer(view, by_node, node, tensor, channels)
-        consumers[consumer.node_index] = consumer
-        through.add(index)
-        return
-    if _per_channel_node(view, node, tensor, kind, channels):
-        through.add(index)
-        pending.extend(_channel_operands(view, node))
-        pending.extend(o for o in node.output[:1])
-        return
-    raise _Decline(f"node {node.name!r} ({node.op_type}) reads the channels and is not understood for channel "
-                   "pruning")
+def _concat_place(view: GraphView, node, tensor: str, place: tuple[int, int], kind: str) -> tuple[int, int]:
+    """Where the group lands in a Concat's output: after the channels of the inputs before it."""
+    axis = _attrs(node).get("axis")
+    sizes = []
+    for name in node.input:
+        tensor_type = view.types.get(name)
+        if tensor_type is None or tensor_type.shape is None:
+            raise _Decline(f"Concat {node.name!r}: the shape of input {name!r} is unknown")
+        rank = len(tensor_type.shape)
+        channel_axis = 1 if kind == "conv" else rank - 1
+        if axis is None or axis % rank != channel_axis:
+            raise _Decline(f"Concat {node.name!r} joins on axis {axis}, not the channel axis")
+        size = tensor_type.shape[channel_axis]
+        if not isinstance(size, int):
+            raise _Decline(f"Concat {node.name!r}: input {name!r} has a dynamic channel count")
+        sizes.append(size)
+    if list(node.input).count(tensor) != 1:
+        raise _Decline(f"Concat {node.name!r} reads the channels twice")
+    position = list(node.input).index(tensor)
+    if sizes[position] != place[1]:
+        raise _Decline(f"Concat {node.name!r}: input {tensor!r} has {sizes[position]} channels, expected {place[1]}")
+    return sum(sizes[:position]) + place[0], sum(sizes)
 
 
 def _is_depthwise(layer: Layer, channels: int) -> bool:
@@ -192,8 +259,8 @@ def _attrs(node) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _per_channel_node(view: GraphView, node, tensor: str, kind: str, channels: int) -> bool:
-    """True when ``node`` maps channel c of its data operands to channel c of its output."""
+def _per_channel_node(view: GraphView, node, kind: str, channels: int) -> bool:
+    """True when ``node`` maps channel c of its data operands (``channels`` wide) to channel c of its output."""
     op = node.op_type
     if len(node.output) != 1 and op not in ("Dropout", "BatchNormalization"):
         return False
@@ -256,7 +323,7 @@ def _same_channels(view: GraphView, a: str, b: str, kind: str) -> bool:
     return isinstance(ca, int) and ca == cb and ca > 1
 
 
-def _flatten_into_layer(view: GraphView, by_node, node, tensor: str, channels: int) -> Consumer:
+def _flatten_into_layer(view: GraphView, by_node, node, tensor: str, place: tuple[int, int]) -> Consumer:
     """Flatten(axis=1) or Reshape to [N, -1] of an [N, C, H, W] tensor feeding one Gemm/MatMul."""
     shape = view.types.get(tensor).shape if view.types.get(tensor) else None
     if shape is None or len(shape) < 2 or any(not isinstance(d, int) for d in shape[1:]):
@@ -278,7 +345,8 @@ def _flatten_into_layer(view: GraphView, by_node, node, tensor: str, channels: i
         raise _Decline(f"the output of {node.op_type} {node.name!r} has several readers")
     layer = by_node.get(users[0])
     width = int(np.prod(shape[2:])) if len(shape) > 2 else 1
+    offset, space = place
     if layer is None or layer.op_type == "Conv" or view.nodes[users[0]].input[0] != node.output[0] or \
-            layer.in_features != channels * width:
+            layer.in_features != space * width:
         raise _Decline(f"{node.op_type} {node.name!r} does not feed a Gemm/MatMul layer with K = C·H·W")
-    return Consumer(layer.name, users[0], width)
+    return Consumer(layer.name, users[0], width, offset, space)

@@ -1,6 +1,6 @@
 """Physically remove channels: slice every member of each pruned group in (a copy of) the graph.
 
-For kept channels K of a group:
+For kept channels K of a group (shifted by the group's offset where a Concat put it in a wider tensor):
   producers   Conv W[K], B[K]; Gemm W[K, :] (transB) or W[:, K]; MatMul W[:, K]; bias[K]
   through     BatchNormalization scale/B/mean/var[K]; depthwise Conv W[K], B[K] and group = |K|;
               per-channel constants of Add/Sub/Mul/Div/PRelu sliced on their channel axis;
@@ -24,51 +24,66 @@ from ..analysis.channels import ChannelGroup
 from ..onnxio.graph import GraphView
 
 
-def columns(keep: np.ndarray, width: int) -> np.ndarray:
-    """Indices of the kept input columns: channel c owns [c·width, (c+1)·width)."""
-    kept = np.flatnonzero(keep)
-    return (kept[:, None] * width + np.arange(width)[None, :]).reshape(-1)
+def columns_of(channels: np.ndarray, width: int) -> np.ndarray:
+    """Input columns of the given channels: channel c owns [c·width, (c+1)·width)."""
+    return (np.asarray(channels)[:, None] * width + np.arange(width)[None, :]).reshape(-1)
 
 
 class _Slicer:
+    """Collects, per (node, input slot), the indices to delete along one axis — from every group, so a
+    tensor several groups share (after a Concat) is cut once — then writes the new initializers."""
+
     def __init__(self, model: onnx.ModelProto):
         self.model = model
         self.view = GraphView(model, _inferred(model))
-        self.values: dict[str, np.ndarray] = {}
-        self.renamed: dict[tuple[int, int], str] = {}
+        self.cuts: dict[tuple[int, int, int], set[int]] = {}  # (node, slot, axis) -> indices
+        self.group_cuts: dict[int, int] = {}  # depthwise conv -> channels removed
+        self.reshape_cuts: dict[int, int] = {}  # Reshape -> features removed
 
-    def value(self, name: str) -> np.ndarray:
-        if name not in self.values:
-            self.values[name] = self.view.constant(name)
-        return self.values[name]
-
-    def slice_input(self, node_index: int, slot: int, axis: int, index: np.ndarray) -> None:
+    def cut(self, node_index: int, slot: int, axis: int, indices) -> None:
         node = self.view.nodes[node_index]
-        name = node.input[slot]
-        if len(self.view.consumers.get(name, [])) > 1 and (node_index, slot) not in self.renamed:
-            fresh = f"{name}__onnxadmm_{node.name}_{slot}"
-            self.values[fresh] = self.value(name).copy()
-            self.renamed[(node_index, slot)] = fresh
-            node.input[slot] = fresh
-            name = fresh
-        array = self.value(name)
-        if array.ndim == 0 or array.size == 1:
+        if slot >= len(node.input) or not node.input[slot]:
             return
-        self.values[name] = np.take(array, index, axis=axis % array.ndim)
+        array_shape = self.view.initializers[node.input[slot]].dims
+        if int(np.prod(array_shape)) == 1:
+            return  # a scalar broadcasts over any width
+        key = (node_index, slot, axis % len(array_shape))  # a layer may lose rows and columns
+        self.cuts[key] = self.cuts.get(key, set()) | {int(i) for i in indices}
 
     def write(self) -> None:
-        graph = self.model.graph
+        graph, view = self.model.graph, self.view
+        values: dict[str, np.ndarray] = {}
+        for (node_index, slot, axis), indices in sorted(self.cuts.items()):
+            node = view.nodes[node_index]
+            name = node.input[slot]
+            if name not in values and len(view.consumers.get(name, [])) > 1:
+                fresh = f"{name}__onnxadmm_{node.name}_{slot}"
+                values[fresh] = view.constant(name)
+                node.input[slot] = name = fresh
+            array = values[name] if name in values else view.constant(name)
+            values[name] = np.delete(array, sorted(indices), axis=axis)
+        for node_index, removed in self.group_cuts.items():
+            for attr in view.nodes[node_index].attribute:
+                if attr.name == "group":
+                    attr.i -= removed
+        for node_index, removed in self.reshape_cuts.items():
+            node = view.nodes[node_index]
+            target = view.constant(node.input[1]).copy()
+            if target[1] > 0:
+                target[1] -= removed
+                fresh = f"{node.input[1]}__onnxadmm_{node.name}"
+                values[fresh] = target
+                node.input[1] = fresh
         existing = {t.name: i for i, t in enumerate(graph.initializer)}
-        for name, array in self.values.items():
+        for name, array in values.items():
             tensor = numpy_helper.from_array(np.ascontiguousarray(array), name)
             if name in existing:
                 graph.initializer[existing[name]].CopyFrom(tensor)
             else:
                 graph.initializer.append(tensor)
         used = {n for node in graph.node for n in node.input}
-        dead = [t for t in graph.initializer if t.name not in used and t.name not in
-                {v.name for v in graph.output}]
-        for tensor in dead:
+        outputs = {v.name for v in graph.output}
+        for tensor in [t for t in graph.initializer if t.name not in used and t.name not in outputs]:
             graph.initializer.remove(tensor)
 
 
@@ -83,13 +98,14 @@ def slice_channels(model: onnx.ModelProto, groups: list[ChannelGroup], keep: Map
         mask = np.asarray(keep[group.name], bool)
         if mask.all():
             continue
-        kept = np.flatnonzero(mask)
+        removed = np.flatnonzero(~mask)
         for index in group.producers:
-            _slice_producer(slicer, index, kept)
+            _cut_producer(slicer, index, removed)
         for index in group.through:
-            _slice_through(slicer, index, kept, group)
+            offset, space = group.places[index]
+            _cut_through(slicer, index, offset + removed, space, group.kind)
         for consumer in group.consumers:
-            _slice_consumer(slicer, consumer.node_index, mask, consumer.width)
+            _cut_consumer(slicer, consumer.node_index, consumer.offset + removed, consumer.width)
         dropped |= group.tensors
         dropped |= {view.nodes[i].output[0] for i in group.through}
     slicer.write()
@@ -111,69 +127,59 @@ def _attr(node: onnx.NodeProto, name: str, default):
     return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
-def _slice_producer(slicer: _Slicer, index: int, kept: np.ndarray) -> None:
+def _cut_producer(slicer: _Slicer, index: int, removed: np.ndarray) -> None:
     node = slicer.view.nodes[index]
     if node.op_type == "Conv":
-        slicer.slice_input(index, 1, 0, kept)
+        slicer.cut(index, 1, 0, removed)
     elif node.op_type == "Gemm":
-        slicer.slice_input(index, 1, 0 if _attr(node, "transB", 0) else 1, kept)
+        slicer.cut(index, 1, 0 if _attr(node, "transB", 0) else 1, removed)
     else:  # MatMul: x @ W, W (K, N)
-        slicer.slice_input(index, 1, 1, kept)
-    if len(node.input) > 2 and node.input[2]:
-        slicer.slice_input(index, 2, -1, kept)
+        slicer.cut(index, 1, 1, removed)
+    slicer.cut(index, 2, -1, removed)
 
 
-def _slice_consumer(slicer: _Slicer, index: int, mask: np.ndarray, width: int) -> None:
+def _cut_consumer(slicer: _Slicer, index: int, removed: np.ndarray, width: int) -> None:
     node = slicer.view.nodes[index]
     if node.op_type == "Conv":  # W (Cout, Cin, kh, kw): the kh·kw columns of a channel are its kernel
-        slicer.slice_input(index, 1, 1, np.flatnonzero(mask))
+        slicer.cut(index, 1, 1, removed)
         return
-    cols = columns(mask, width)
+    cols = columns_of(removed, width)
     if node.op_type == "Gemm":
-        slicer.slice_input(index, 1, 1 if _attr(node, "transB", 0) else 0, cols)
+        slicer.cut(index, 1, 1 if _attr(node, "transB", 0) else 0, cols)
     else:
-        slicer.slice_input(index, 1, 0, cols)
+        slicer.cut(index, 1, 0, cols)
 
 
-def _slice_through(slicer: _Slicer, index: int, kept: np.ndarray, group: ChannelGroup) -> None:
-    channels = group.channels
+def _cut_through(slicer: _Slicer, index: int, removed: np.ndarray, space: int, kind: str) -> None:
     view = slicer.view
     node = view.nodes[index]
     op = node.op_type
     if op == "Conv":  # depthwise: one filter per channel
-        slicer.slice_input(index, 1, 0, kept)
-        if len(node.input) > 2 and node.input[2]:
-            slicer.slice_input(index, 2, 0, kept)
-        for attr in node.attribute:
-            if attr.name == "group":
-                attr.i = int(len(kept))
+        slicer.cut(index, 1, 0, removed)
+        slicer.cut(index, 2, 0, removed)
+        slicer.group_cuts[index] = slicer.group_cuts.get(index, 0) + len(removed)
     elif op == "BatchNormalization":
         for slot in range(1, 5):
-            slicer.slice_input(index, slot, 0, kept)
+            slicer.cut(index, slot, 0, removed)
     elif op in ("Add", "Sub", "Mul", "Div", "PRelu"):
         for slot, name in enumerate(node.input):
             if name and view.is_constant(name):
-                array = slicer.value(name)
-                axis = _channel_axis_of_constant(array, group.kind, view, node)
+                axis = _channel_axis_of_constant(view.initializers[name], kind, view, node)
                 if axis is not None:
-                    slicer.slice_input(index, slot, axis, kept)
+                    slicer.cut(index, slot, axis, removed)
     elif op == "Reshape":
-        target = slicer.value(node.input[1]).copy()
-        if target[1] > 0:
-            width = int(target[1]) // channels
-            target[1] = len(kept) * width
-            fresh = f"{node.input[1]}__onnxadmm_{node.name}"
-            slicer.values[fresh] = target
-            node.input[1] = fresh
+        features = int(np.prod(view.types[node.input[0]].shape[1:]))
+        slicer.reshape_cuts[index] = slicer.reshape_cuts.get(index, 0) + len(removed) * (features // space)
 
 
-def _channel_axis_of_constant(array: np.ndarray, kind: str, view: GraphView, node) -> int | None:
+def _channel_axis_of_constant(tensor: onnx.TensorProto, kind: str, view: GraphView, node) -> int | None:
     """Axis of a per-channel constant that holds the channels (None for a scalar): the last axis for
     row features; for [N, C, ...] data the axis aligned (right-justified broadcast) with axis 1."""
-    if array.size == 1:
+    ndim = len(tensor.dims)
+    if int(np.prod(tensor.dims)) == 1:
         return None
     if kind == "row":
-        return array.ndim - 1
+        return ndim - 1
     data = next(n for n in node.input if n and not view.is_constant(n))
     rank = len(view.types[data].shape)
-    return array.ndim - (rank - 1)
+    return ndim - (rank - 1)

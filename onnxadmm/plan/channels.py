@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..analysis.channels import ChannelGroup
+from ..analysis.channels import ChannelGroup, Consumer
 from ..analysis.layers import Layer
 from ..calib.readers import SampleSet, evenly_spaced
 from ..config import CompressConfig
@@ -54,8 +54,9 @@ def channel_scores(view: GraphView, group: ChannelGroup, layers: dict[str, Layer
         layer = layers[consumer.layer]
         w = layer.canonical(view.constant(layer.weight_name)).astype(np.float64)  # (G, R, d)
         energy = (w ** 2) * moments[layer.name][:, None, :]
-        per_channel = energy.reshape(-1, group.channels, consumer.width).sum(axis=(0, 2))
-        total += per_channel / (per_channel.sum() or 1.0)
+        space = consumer.space or group.channels
+        per_channel = energy.reshape(-1, space, consumer.width).sum(axis=(0, 2))
+        total += per_channel[consumer.offset:consumer.offset + group.channels] / (per_channel.sum() or 1.0)
     return total
 
 
@@ -81,16 +82,28 @@ def removed_share(scores: np.ndarray, k: int) -> float:
     return float(np.sort(scores)[: scores.shape[0] - k].sum() / total)
 
 
+def member_shares(group: ChannelGroup) -> dict[int, tuple[str, float]]:
+    """For each MAC-carrying member: which side the group is on ("in" / "out"; a depthwise conv counts
+    as "out": its MACs follow its channel count once) and the group's share of that side's channels
+    (C / space after a Concat)."""
+    shares = {index: ("out", 1.0) for index in group.producers}
+    for index, (_, space) in group.places.items():
+        shares.setdefault(index, ("out", group.channels / space))
+    for consumer in group.consumers:
+        shares[consumer.node_index] = ("in", group.channels / (consumer.space or group.channels))
+    return shares
+
+
 def exact_macs(costs: dict[int, int], groups: list[ChannelGroup], keep: dict[str, int]) -> int:
-    """Σ_n MACs_n · f_in(n) · f_out(n) for the kept widths (the exported graph's MACs)."""
-    factor = {index: 1.0 for index in costs}
+    """Σ_n MACs_n · (1 − removed_in(n)) · (1 − removed_out(n)): each side loses the removed share of its
+    channels, summed over the groups on that side (the exported graph's MACs)."""
+    removed = {index: {"in": 0.0, "out": 0.0} for index in costs}
     for group in groups:
-        f = keep[group.name] / group.channels
-        reading = {c.node_index for c in group.consumers}
-        for index in {*group.producers, *group.through, *reading}:
-            if index in factor:
-                factor[index] *= f
-    return int(round(sum(costs[i] * factor[i] for i in costs)))
+        cut = 1.0 - keep[group.name] / group.channels
+        for index, (side, share) in member_shares(group).items():
+            if index in removed:
+                removed[index][side] += cut * share
+    return int(round(sum(costs[i] * (1 - removed[i]["in"]) * (1 - removed[i]["out"]) for i in costs)))
 
 
 def plan_channels(view: GraphView, layers: list[Layer], groups: list[ChannelGroup], samples: SampleSet,
@@ -123,14 +136,14 @@ def plan_channels(view: GraphView, layers: list[Layer], groups: list[ChannelGrou
             for k in widths[g.name]:
                 mask = top_mask(scores[g.name], k)
                 probes[f"{g.name}@{k}"] = {layers_by_name[c.layer].weight_name:
-                                           _masked_weight(view, layers_by_name[c.layer], mask, c.width)
+                                           _masked_weight(view, layers_by_name[c.layer], mask, c)
                                            for c in g.consumers}
         measured = output_damage(view, probes, subset, config.batch_size, config.threads)
         curves = {}
         for g in groups:
             points = {g.channels: 0.0, **{k: measured[f"{g.name}@{k}"] for k in widths[g.name]}}
             damage[g.name] = max(points.values())
-            size = sum(costs.get(i, 0) for i in _members(g))
+            size = sum(costs.get(i, 0) * share for i, (_, share) in member_shares(g).items())
             curves[g.name] = [Option(float(k), size * k / g.channels, _interpolate(points, k, scores[g.name]))
                               for k in options[g.name]]
         keep = _allocate(costs, groups, curves, target * total)
@@ -149,10 +162,6 @@ def plan_channels(view: GraphView, layers: list[Layer], groups: list[ChannelGrou
             masks[g.name] = top_mask(scores[g.name], keep[g.name])
     return ChannelPlan(keep=keep, masks=masks, macs_original=total, macs_planned=planned, strategy=strategy,
                        measured_damage=damage, scores=scores)
-
-
-def _members(group: ChannelGroup) -> set[int]:
-    return {*group.producers, *group.through, *(c.node_index for c in group.consumers)}
 
 
 def _probe_widths(options: list[int], scores: np.ndarray, count: int) -> list[int]:
@@ -191,10 +200,13 @@ def _nearest(options: list[int], value: float) -> int:
     return min(options, key=lambda k: (abs(k - value), k))
 
 
-def _masked_weight(view: GraphView, layer: Layer, mask: np.ndarray, width: int) -> np.ndarray:
+def _masked_weight(view: GraphView, layer: Layer, mask: np.ndarray, consumer: Consumer) -> np.ndarray:
+    """The consumer's weight with the input columns of the group's removed channels zeroed."""
     w = layer.canonical(view.constant(layer.weight_name))
-    columns = np.repeat(mask, width)
-    return layer.stored(w * columns[None, None, :])
+    space = consumer.space or mask.shape[0]
+    channels = np.ones(space, bool)
+    channels[consumer.offset:consumer.offset + mask.shape[0]] = mask
+    return layer.stored(w * np.repeat(channels, consumer.width)[None, None, :])
 
 
 def _uniform(costs, groups, options, budget) -> dict[str, int]:

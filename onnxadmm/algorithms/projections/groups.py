@@ -50,6 +50,43 @@ class InputChannels:
 
 
 @dataclass(frozen=True)
+class ChannelBlock:
+    """``channels`` consecutive input channels from ``offset`` that belong to one channel group: keep ``k``
+    of them (or exactly the ``fixed`` ones)."""
+
+    offset: int
+    channels: int
+    k: int
+    fixed: tuple[bool, ...] | None = None
+
+
+@dataclass(frozen=True)
+class ChannelBlocks:
+    """Input channels of several groups in one consumer (a Concat of groups): in each block keep its k
+    channels of largest ‖V_c‖_F (or its fixed ones); channels outside every block stay. Exact: the
+    objective separates over blocks and channels."""
+
+    blocks: tuple[ChannelBlock, ...]
+    width: int
+    name: str = "channels"
+
+    def keep(self, v: torch.Tensor) -> torch.Tensor:
+        norms = channel_norms(v, self.width)
+        keep = torch.ones(norms.shape[0], dtype=torch.bool)
+        for block in self.blocks:
+            span = slice(block.offset, block.offset + block.channels)
+            keep[span] = torch.tensor(block.fixed, dtype=torch.bool) if block.fixed is not None else \
+                top_k_mask(norms[span], block.k)
+        return keep
+
+    def kept_channels(self, total: int) -> int:
+        return total - sum(block.channels - block.k for block in self.blocks)
+
+    def __call__(self, v: torch.Tensor, rho: float = 1.0) -> torch.Tensor:
+        return v * expand_channels(self.keep(v), v.shape, self.width)
+
+
+@dataclass(frozen=True)
 class Filters:
     """Keep k output filters (rows): C = {V : at most k rows r with V[:, r, :] ≠ 0} — the ℓ2,1 group of
     Bui et al. 2019 in cardinality form. Projection: keep the k rows of largest ℓ2 norm."""
@@ -74,10 +111,12 @@ class ChannelsThenElements:
     width: int
     elements: int
     fixed: torch.Tensor | None = None
+    blocks: tuple[ChannelBlock, ...] | None = None  # instead of k / fixed: per-group blocks
     name: str = "l0-l21"
 
     def __call__(self, v: torch.Tensor, rho: float = 1.0) -> torch.Tensor:
-        grouped = InputChannels(self.k, self.width, self.fixed)(v)
+        grouped = ChannelBlocks(self.blocks, self.width)(v) if self.blocks is not None else \
+            InputChannels(self.k, self.width, self.fixed)(v)
         return grouped * top_k_mask(grouped.abs(), self.elements)
 
 
