@@ -55,6 +55,10 @@ class CompressConfig:
     target_macs: float | None = field(
         default=None, metadata=_opt("channel methods: MACs of the output as a fraction of the original's")
     )
+    target_latency: float | None = field(
+        default=None, metadata=_opt("channel methods: batch-1 latency of the output as a fraction of the "
+                                    "original's, from a per-layer table measured in onnxruntime here")
+    )
     max_macs: float | None = field(
         default=None, metadata=_opt("channel methods with --max-accuracy-drop / --min-agreement: when the gate "
                                     "is missed, give width back (--give-back-step at a time) up to this MACs "
@@ -130,18 +134,21 @@ class CompressConfig:
                      "admm_iterations", "sensitivity_samples", "sensitivity_probes"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.method in CHANNEL_METHODS and self.target_macs is None:
-            raise ConfigError(f"--method {self.method} needs --target-macs F (fraction of the original MACs, "
-                              "e.g. 0.5)")
-        if self.target_macs is not None:
-            _check_range("target_macs", self.target_macs, 0.0, 1.0)
-            if self.method not in CHANNEL_METHODS:
-                raise ConfigError(f"--target-macs applies to --method {' | '.join(CHANNEL_METHODS)}, not "
-                                  f"{self.method!r} (zeros in dense weights do not reduce MACs)")
+        if self.method in CHANNEL_METHODS and (self.target_macs is None) == (self.target_latency is None):
+            raise ConfigError(f"--method {self.method} needs one of --target-macs F or --target-latency F "
+                              "(fraction of the original, e.g. 0.5)")
+        for name in ("target_macs", "target_latency"):
+            if getattr(self, name) is not None:
+                _check_range(name, getattr(self, name), 0.0, 1.0)
+                if self.method not in CHANNEL_METHODS:
+                    raise ConfigError(f"--{name.replace('_', '-')} applies to --method "
+                                      f"{' | '.join(CHANNEL_METHODS)}, not {self.method!r} (zeros in dense "
+                                      "weights do not reduce MACs or latency)")
         if self.max_macs is not None:
             _check_range("max_macs", self.max_macs, 0.0, 1.0)
             if self.target_macs is None or self.max_macs < self.target_macs:
-                raise ConfigError("--max-macs is the give-back ceiling: it needs --target-macs <= --max-macs")
+                raise ConfigError("--max-macs is the give-back ceiling: it needs --target-macs <= --max-macs "
+                                  "(give-back works on the MACs target)")
         if not 0 < self.give_back_step <= 1:
             raise ConfigError(f"give_back_step must be in (0, 1], got {self.give_back_step}")
         if self.channel_multiple < 1:

@@ -48,7 +48,8 @@ class ChannelResult:
         return {"strategy": self.plan.strategy, "macs_original": self.plan.macs_original,
                 "macs_planned": self.plan.macs_planned,
                 "macs_planned_ratio": self.plan.macs_planned / max(self.plan.macs_original, 1),
-                "groups": rows}
+                "latency_ms_original": self.plan.latency_ms_original,
+                "latency_ms_planned": self.plan.latency_ms_planned, "groups": rows}
 
 
 def group_declines(groups: list[ChannelGroup], excluded: set[str], layers: dict[int, Layer]) -> None:

@@ -1,6 +1,8 @@
 """Channel pruning: coupling analysis, physical slicing (checked against the masked full-width graph in
 onnxruntime, which computes exactly what the sliced graph must), projections, and the end-to-end method."""
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -297,6 +299,18 @@ def test_missed_accuracy_gate_gives_width_back_until_it_holds():
     assert attempts[-1]["passed"] and result.passed
     assert attempts[-1]["target_macs"] > attempts[0]["target_macs"]
     assert result.report["validation"]["agreement"] >= 0.995
+
+
+def test_latency_target_plans_from_a_measured_per_layer_table(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    model = small_resnet(3)
+    config = CompressConfig(method="channel", target_latency=0.7, sensitivity_samples=8, admm_iterations=5)
+    result = compress(model, samples_for(model, 32), config, ValidateConfig(latency_rounds=2))
+    plan = result.report["plan"]
+    assert plan["latency_ms_planned"] <= 0.7 * plan["latency_ms_original"] + 1e-9
+    assert plan["macs_planned_ratio"] < 1.0
+    cache = list((tmp_path / "onnxadmm").glob("latency-*.json"))
+    assert cache and len(json.loads(cache[0].read_text())) > 0  # per-shape timings kept for the next run
 
 
 def test_l0_l21_removes_channels_and_zeroes_elements_inside_them():

@@ -61,6 +61,17 @@ class ChannelGroup:
     places: dict[int, tuple[int, int]] = field(default_factory=dict)  # through node -> (offset, space)
     declined: str | None = None
 
+    def member_shares(self) -> dict[int, tuple[str, float]]:
+        """For each member that computes: which side the group is on ("in" / "out"; a depthwise conv
+        counts as "out": its MACs follow its channel count once) and the group's share of that side's
+        channels (C / space after a Concat)."""
+        shares = {index: ("out", 1.0) for index in self.producers}
+        for index, (_, space) in self.places.items():
+            shares.setdefault(index, ("out", self.channels / space))
+        for consumer in self.consumers:
+            shares[consumer.node_index] = ("in", self.channels / (consumer.space or self.channels))
+        return shares
+
     @property
     def member_nodes(self) -> list[int]:
         return sorted({*self.producers, *self.through, *(c.node_index for c in self.consumers)})

@@ -37,6 +37,8 @@ class ChannelPlan:
     strategy: str
     measured_damage: dict[str, float] = field(default_factory=dict)
     scores: dict[str, np.ndarray] = field(default_factory=dict)
+    latency_ms_original: float | None = None  # whole model, batch 1 (latency target only)
+    latency_ms_planned: float | None = None  # predicted from the per-layer table
 
 
 def width_options(channels: int, multiple: int) -> list[int]:
@@ -82,51 +84,66 @@ def removed_share(scores: np.ndarray, k: int) -> float:
     return float(np.sort(scores)[: scores.shape[0] - k].sum() / total)
 
 
-def member_shares(group: ChannelGroup) -> dict[int, tuple[str, float]]:
-    """For each MAC-carrying member: which side the group is on ("in" / "out"; a depthwise conv counts
-    as "out": its MACs follow its channel count once) and the group's share of that side's channels
-    (C / space after a Concat)."""
-    shares = {index: ("out", 1.0) for index in group.producers}
-    for index, (_, space) in group.places.items():
-        shares.setdefault(index, ("out", group.channels / space))
-    for consumer in group.consumers:
-        shares[consumer.node_index] = ("in", group.channels / (consumer.space or group.channels))
-    return shares
-
-
 def exact_macs(costs: dict[int, int], groups: list[ChannelGroup], keep: dict[str, int]) -> int:
     """Σ_n MACs_n · (1 − removed_in(n)) · (1 − removed_out(n)): each side loses the removed share of its
     channels, summed over the groups on that side (the exported graph's MACs)."""
     removed = {index: {"in": 0.0, "out": 0.0} for index in costs}
     for group in groups:
         cut = 1.0 - keep[group.name] / group.channels
-        for index, (side, share) in member_shares(group).items():
+        for index, (side, share) in group.member_shares().items():
             if index in removed:
                 removed[index][side] += cut * share
     return int(round(sum(costs[i] * (1 - removed[i]["in"]) * (1 - removed[i]["out"]) for i in costs)))
 
 
+class MacsCost:
+    """Cost = MACs of the exported graph (``exact_macs``); linear part per group: its members' MACs share."""
+
+    unit = "MACs"
+
+    def __init__(self, costs: dict[int, int], groups: list[ChannelGroup]):
+        self.costs, self.groups, self.total = costs, groups, float(sum(costs.values()))
+
+    def option_cost(self, group: ChannelGroup, k: int) -> float:
+        size = sum(self.costs.get(i, 0) * share for i, (_, share) in group.member_shares().items())
+        return size * k / group.channels
+
+    def exact(self, keep: dict[str, int]) -> float:
+        return float(exact_macs(self.costs, self.groups, keep))
+
+
 def plan_channels(view: GraphView, layers: list[Layer], groups: list[ChannelGroup], samples: SampleSet,
                   config: CompressConfig) -> ChannelPlan:
-    """Kept widths per group meeting ``config.target_macs`` (fraction of the whole model's MACs)."""
+    """Kept widths per group meeting ``config.target_macs`` (fraction of the whole model's MACs) or
+    ``config.target_latency`` (fraction of its measured batch-1 latency, per-layer table)."""
     layers_by_name = {l.name: l for l in layers}
     layers_by_node = {l.node_index: l for l in layers}
     one = {name: array[:1] for name, array in samples.arrays.items()}
-    costs = {i: c.dense for i, c in node_macs(view.model, one, config.threads).items()}
-    total = sum(costs.values())
-    target = config.target_macs if config.target_macs is not None else 1.0
+    node_costs = node_macs(view.model, one, config.threads)
+    costs = {i: c.dense for i, c in node_costs.items()}
+    options = {g.name: width_options(g.channels, config.channel_multiple) for g in groups}
+    if config.target_latency is not None:
+        from .latency import LatencyCost, model_latency_ms
+
+        shapes = {view.nodes[i].input[0]: c.input_shape for i, c in node_costs.items()}
+        model = LatencyCost(view, groups, shapes, model_latency_ms(view.model, one, config.threads), options,
+                            config.threads)
+        target, what = config.target_latency, "--target-latency"
+    else:
+        model = MacsCost(costs, groups)
+        target, what = (config.target_macs if config.target_macs is not None else 1.0), "--target-macs"
     consumers = [layers_by_name[c.layer] for g in groups for c in g.consumers]
     subset = samples.subset(evenly_spaced(samples.num_samples, min(config.sensitivity_samples,
                                                                    samples.num_samples)))
     moments = input_second_moments(view, consumers, subset, config.batch_size, config.threads) if consumers else {}
     scores = {g.name: channel_scores(view, g, layers_by_name, moments) for g in groups}
-    options = {g.name: width_options(g.channels, config.channel_multiple) for g in groups}
     damage: dict[str, float] = {}
+    budget = target * model.total
     if not groups or target >= 1.0:
         keep = {g.name: g.channels for g in groups}
         strategy = "none (target 1.0)"
     elif config.uniform:
-        keep = _uniform(costs, groups, options, target * total)
+        keep = _uniform(model, groups, options, budget)
         strategy = "uniform"
     else:
         widths = {g.name: _probe_widths(options[g.name], scores[g.name], config.sensitivity_probes)
@@ -143,25 +160,28 @@ def plan_channels(view: GraphView, layers: list[Layer], groups: list[ChannelGrou
         for g in groups:
             points = {g.channels: 0.0, **{k: measured[f"{g.name}@{k}"] for k in widths[g.name]}}
             damage[g.name] = max(points.values())
-            size = sum(costs.get(i, 0) * share for i, (_, share) in member_shares(g).items())
-            curves[g.name] = [Option(float(k), size * k / g.channels, _interpolate(points, k, scores[g.name]))
+            curves[g.name] = [Option(float(k), model.option_cost(g, k), _interpolate(points, k, scores[g.name]))
                               for k in options[g.name]]
-        keep = _allocate(costs, groups, curves, target * total)
-        strategy = "sensitivity"
-    planned = exact_macs(costs, groups, keep)
-    if planned > target * total * (1 + 1e-9):
-        raise ConfigError(f"--target-macs {target} cannot be met: with every prunable channel group at its "
-                          f"smallest width the model keeps {planned / total:.3f} of its MACs "
+        keep = _allocate(model, groups, curves, budget)
+        strategy = f"sensitivity, {model.unit}"
+    planned = model.exact(keep)
+    if planned > budget * (1 + 1e-9):
+        raise ConfigError(f"{what} {target} cannot be met: with every prunable channel group at its smallest "
+                          f"width the model keeps {planned / model.total:.3f} of its {model.unit} "
                           f"({sum(g.declined is not None for g in groups)} groups declined; see "
                           "'onnxadmm check')")
+    macs_planned = exact_macs(costs, groups, keep)
     masks = {}
     for g in groups:
         if config.solver != "admm":
             masks[g.name] = top_mask(producer_l1_scores(view, g, layers_by_node), keep[g.name])
         elif len(g.consumers) > 1 or config.method == "l0-l21":
             masks[g.name] = top_mask(scores[g.name], keep[g.name])
-    return ChannelPlan(keep=keep, masks=masks, macs_original=total, macs_planned=planned, strategy=strategy,
-                       measured_damage=damage, scores=scores)
+    plan = ChannelPlan(keep=keep, masks=masks, macs_original=int(sum(costs.values())),
+                       macs_planned=macs_planned, strategy=strategy, measured_damage=damage, scores=scores)
+    if model.unit != "MACs":
+        plan.latency_ms_original, plan.latency_ms_planned = model.total, planned
+    return plan
 
 
 def _probe_widths(options: list[int], scores: np.ndarray, count: int) -> list[int]:
@@ -209,41 +229,41 @@ def _masked_weight(view: GraphView, layer: Layer, mask: np.ndarray, consumer: Co
     return layer.stored(w * np.repeat(channels, consumer.width)[None, None, :])
 
 
-def _uniform(costs, groups, options, budget) -> dict[str, int]:
+def _uniform(model, groups, options, budget) -> dict[str, int]:
     """The largest single kept fraction f (each group at its width option nearest f·C) within budget."""
     lo, hi = 0.0, 1.0
     best = {g.name: options[g.name][0] for g in groups}
     for _ in range(40):
         mid = 0.5 * (lo + hi)
         keep = {g.name: _nearest(options[g.name], mid * g.channels) for g in groups}
-        if exact_macs(costs, groups, keep) <= budget:
+        if model.exact(keep) <= budget:
             lo, best = mid, keep
         else:
             hi = mid
     return best
 
 
-def _allocate(costs, groups, curves, budget) -> dict[str, int]:
-    """Least Σ damage with the exact (bilinear) MACs within ``budget``: allocate on the linear costs,
-    then lower the linear budget by the overshoot until the exact total fits."""
-    fixed = sum(costs.values()) - sum(curve[-1].cost for curve in curves.values())
+def _allocate(model, groups, curves, budget) -> dict[str, int]:
+    """Least Σ damage with the exact cost (bilinear where a node is in two groups) within ``budget``:
+    allocate on the linear costs, then lower the linear budget by the overshoot until the exact total fits."""
+    fixed = model.exact({g.name: g.channels for g in groups}) - sum(curve[-1].cost for curve in curves.values())
     linear_budget = budget - fixed
     cheapest = {g.name: int(curves[g.name][0].level) for g in groups}
     keep = cheapest
+    floor = sum(c[0].cost for c in curves.values())
     for _ in range(30):
         try:
-            chosen = allocate(curves, max(linear_budget, sum(c[0].cost for c in curves.values())),
-                              what="MACs target")
+            chosen = allocate(curves, max(linear_budget, floor), what=f"{model.unit} target")
         except ConfigError:
             return cheapest
         keep = {name: int(option.level) for name, option in chosen.items()}
-        overshoot = exact_macs(costs, groups, keep) - budget
+        overshoot = model.exact(keep) - budget
         if overshoot <= 0:
             return keep
         linear_budget -= max(overshoot, 1e-6 * budget)
-        if linear_budget < sum(c[0].cost for c in curves.values()) - 1e-9:
+        if linear_budget < floor - 1e-9:
             return cheapest
-    return keep if exact_macs(costs, groups, keep) <= budget else cheapest
+    return keep if model.exact(keep) <= budget else cheapest
 
 
 __all__ = ["ChannelPlan", "plan_channels", "width_options", "exact_macs"]

@@ -56,7 +56,7 @@ class NodeCost:
     node: onnx.NodeProto
     dense: int  # multiply-accumulates per sample
     positions: int  # output positions per sample (each weight is used this many times)
-
+    input_shape: tuple[int, ...] = ()  # of the data input, as observed
 
 def node_macs(model: onnx.ModelProto, feed_one: dict[str, np.ndarray], threads: int = 0) -> dict[int, NodeCost]:
     """Dense MACs of every Conv/ConvTranspose/Gemm/MatMul node (by node id), from shapes observed in one
@@ -88,7 +88,7 @@ def node_macs(model: onnx.ModelProto, feed_one: dict[str, np.ndarray], threads: 
             depth = shapes[node.input[0]][-1]
             dense = int(np.prod(out_shape)) * depth
             positions = int(np.prod(out_shape[:-1]))
-        costs[index] = NodeCost(node, dense, positions)
+        costs[index] = NodeCost(node, dense, positions, tuple(shapes[node.input[0]]))
     return costs
 
 

@@ -1,0 +1,210 @@
+"""Per-layer latency table measured in onnxruntime on this machine, for a latency target.
+
+Each Conv / Gemm / MatMul that a channel group touches is cut out as a one-node model at its observed
+input shape (batch 1) and timed A/B against itself with the group's side narrowed to each candidate
+width (interleaved rounds, median of per-round ratios; ``validate/latency.py``). Times are cached per
+(op, attributes, shapes, threads), in memory and in ``$XDG_CACHE_HOME/onnxadmm/latency-<ort>-<cpu>.json``.
+
+Model latency for kept widths k:  T(k) = T₀ − Σ_n t_n + Σ_n t_n · Π_{g ∋ n} r_n,g(k_g)
+(T₀ the whole model, t_n a node alone at full width, r the measured ratio; nodes outside every group and
+the non-MAC ops are taken as unchanged, which is conservative).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..analysis.channels import ChannelGroup
+from ..onnxio.graph import GraphView
+from ..runtime import cpu_threads, session
+
+ROUNDS = 15
+
+
+def _cache_path() -> Path:
+    import onnxruntime
+
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "onnxadmm"
+    return root / f"latency-{onnxruntime.__version__}-{platform.machine()}.json"
+
+
+class LatencyTable:
+    """Times (ms) of one-node models, measured once per shape and kept on disk."""
+
+    def __init__(self, threads: int, use_disk: bool = True):
+        self.threads = cpu_threads(threads)
+        self.path = _cache_path() if use_disk else None
+        self.entries: dict[str, float] = {}
+        if self.path and self.path.is_file():
+            try:
+                self.entries = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                self.entries = {}
+
+    def ratio(self, node: onnx.NodeProto, input_shape: tuple[int, ...], weight: np.ndarray,
+              narrowed: dict[str, int]) -> tuple[float, float]:
+        """(full-width ms, narrowed/full ratio) of ``node`` alone; ``narrowed`` gives the new size of
+        "out" (output channels/features) and/or "in" (input channels/features)."""
+        key = hashlib.sha256(repr((node.op_type, sorted((a.name, str(helper.get_attribute_value(a)))
+                                                       for a in node.attribute),
+                                   tuple(input_shape), weight.shape, sorted(narrowed.items()),
+                                   self.threads)).encode()).hexdigest()
+        if key not in self.entries:
+            full = _one_node(node, input_shape, weight, {})
+            small = _one_node(node, input_shape, weight, narrowed)
+            x = np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)
+            small_shape = _narrowed_input(node, input_shape, narrowed)
+            self.entries[key] = list(measure_pair(full, small, {"x": x}, {"x": x[tuple(slice(0, d)
+                                                                                     for d in small_shape)]},
+                                                  self.threads))
+            self._save()
+        full_ms, ratio = self.entries[key]
+        return float(full_ms), float(ratio)
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.entries))
+            os.replace(tmp, self.path)
+        except OSError:
+            self.path = None  # a read-only home: keep the table in memory only
+
+
+def measure_pair(model_a, model_b, feed_a, feed_b, threads: int) -> tuple[float, float]:
+    """(A's median ms, median of per-round B/A ratios), rounds alternating A B / B A after a warm-up."""
+    sess_a, sess_b = session(model_a, threads), session(model_b, threads)
+    for _ in range(3):
+        sess_a.run(None, feed_a)
+        sess_b.run(None, feed_b)
+    repeats = max(1, int(np.ceil(0.005 / max(_time(sess_a, feed_a, 1), 1e-6))))
+    a, b = [], []
+    for index in range(ROUNDS):
+        pair = [(sess_a, feed_a, a), (sess_b, feed_b, b)]
+        for sess, feed, out in (pair if index % 2 == 0 else pair[::-1]):
+            out.append(_time(sess, feed, repeats))
+    a_ms, b_ms = np.array(a) * 1e3, np.array(b) * 1e3
+    return float(np.median(a_ms)), float(np.median(b_ms / a_ms))
+
+
+def _time(sess, feed, repeats: int) -> float:
+    start = time.perf_counter()
+    for _ in range(repeats):
+        sess.run(None, feed)
+    return (time.perf_counter() - start) / repeats
+
+
+def _narrowed_input(node: onnx.NodeProto, input_shape, narrowed: dict[str, int]) -> tuple[int, ...]:
+    shape = list(input_shape)
+    depthwise = node.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in node.attribute)
+    if "in" in narrowed:
+        shape[1 if node.op_type == "Conv" else -1] = narrowed["in"]
+    elif depthwise and "out" in narrowed:
+        shape[1] = narrowed["out"]
+    return tuple(shape)
+
+
+def _one_node(node: onnx.NodeProto, input_shape: tuple[int, ...], weight: np.ndarray,
+              narrowed: dict[str, int]) -> onnx.ModelProto:
+    """``node`` alone on an input of ``input_shape``, its weight cut to the narrowed sizes (values random:
+    dense kernels do not care)."""
+    shape = list(input_shape)
+    w_shape = list(weight.shape)
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    out_axis, in_axis = _weight_axes(node, attrs)
+    if "out" in narrowed:
+        w_shape[out_axis] = narrowed["out"]
+        if node.op_type == "Conv" and attrs.get("group", 1) > 1:  # depthwise: channels in = out = group
+            attrs["group"] = narrowed["out"]
+            shape[1] = narrowed["out"]
+    if "in" in narrowed:
+        w_shape[in_axis] = narrowed["in"]
+        shape[1 if node.op_type == "Conv" else -1] = narrowed["in"]
+    rng = np.random.default_rng(1)
+    inputs = ["x", "w"]
+    inits = [numpy_helper.from_array((rng.standard_normal(w_shape) * 0.05).astype(np.float32), "w")]
+    if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2]:
+        inits.append(numpy_helper.from_array(np.zeros(w_shape[out_axis], np.float32), "b"))
+        inputs.append("b")
+    one = helper.make_node(node.op_type, inputs, ["y"], **attrs)
+    graph = helper.make_graph([one], "one_node", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _weight_axes(node: onnx.NodeProto, attrs: dict) -> tuple[int, int]:
+    """(output axis, input axis) of the node's weight."""
+    if node.op_type == "Conv":
+        return 0, 1
+    if node.op_type == "Gemm" and attrs.get("transB", 0):
+        return 0, 1
+    return 1, 0
+
+
+class LatencyCost:
+    """The latency model T(k) above, for the groups of one model (ms)."""
+
+    unit = "batch-1 latency"
+
+    def __init__(self, view: GraphView, groups: list[ChannelGroup], shapes: dict[str, tuple[int, ...]],
+                 total_ms: float, options: dict[str, list[int]], threads: int, use_disk: bool = True):
+        self.table = LatencyTable(threads, use_disk)
+        self.total = total_ms
+        self.node_ms: dict[int, float] = {}
+        self.ratios: dict[tuple[str, int], dict[int, float]] = {}  # (group, node) -> {k: ratio}
+        self.groups = groups
+        for group in groups:
+            for index, (side, _share) in group.member_shares().items():
+                node = view.nodes[index]
+                if node.op_type not in ("Conv", "Gemm", "MatMul"):
+                    continue
+                weight = view.constant(node.input[1])
+                in_shape = (1, *shapes[node.input[0]][1:])
+                out_axis, in_axis = _weight_axes(node, {a.name: helper.get_attribute_value(a)
+                                                        for a in node.attribute})
+                per = {}
+                for k in options[group.name]:
+                    removed = group.channels - k
+                    if removed == 0:
+                        per[k] = 1.0
+                        continue
+                    if side == "out":
+                        narrowed = {"out": weight.shape[out_axis] - removed}
+                    else:
+                        width = next(c.width for c in group.consumers if c.node_index == index)
+                        cut = removed * (width if node.op_type != "Conv" else 1)
+                        narrowed = {"in": weight.shape[in_axis] - cut}
+                    full_ms, per[k] = self.table.ratio(node, in_shape, weight, narrowed)
+                    self.node_ms[index] = full_ms
+                self.ratios[(group.name, index)] = per
+
+    def option_cost(self, group: ChannelGroup, k: int) -> float:
+        return sum(self.node_ms.get(index, 0.0) * per[k] for (name, index), per in self.ratios.items()
+                   if name == group.name)
+
+    def exact(self, keep: dict[str, int]) -> float:
+        factor = {index: 1.0 for index in self.node_ms}
+        for (name, index), per in self.ratios.items():
+            if index in factor:
+                factor[index] *= per[keep[name]]
+        return self.total - sum(self.node_ms.values()) + sum(self.node_ms[i] * factor[i] for i in factor)
+
+
+def model_latency_ms(model: onnx.ModelProto, feed: dict[str, np.ndarray], threads: int, runs: int = 30) -> float:
+    """Median latency of the whole model on ``feed``."""
+    sess = session(model, threads)
+    for _ in range(3):
+        sess.run(None, feed)
+    times = [_time(sess, feed, 1) for _ in range(runs)]
+    return float(np.median(times) * 1e3)
