@@ -112,7 +112,7 @@ def compress(model: Any, calibration: Any, config: CompressConfig = CompressConf
     from .export.apply import apply_initializers, finalize
     from .plan.planner import plan_sparsity
     from .sequential import compress_layers, structure_for
-    from .structured import compress_channels, declined_groups
+    from .structured import compress_channels, compress_grouped, declined_groups
     from .validate.gates import check_gate_inputs
     from .validate.run import validate_models
     from .runtime import cpu_threads
@@ -150,7 +150,12 @@ def compress(model: Any, calibration: Any, config: CompressConfig = CompressConf
                                              config.seed)
         check_gate_inputs(validate_config, eval_set.labels is not None)
         channels = None
-        if config.method in CHANNEL_METHODS:
+        if config.method == "grouped":
+            channels = compress_grouped(view, normalized.model, everything.layers, found.layers, calib, config,
+                                        progress)
+            plan, solved, compressed = channels.plan, channels.solved, channels.model
+            give_back = []
+        elif config.method in CHANNEL_METHODS:
             channels = compress_channels(view, normalized.model, everything.layers, found.layers, calib, config,
                                          progress)
             give_back = []

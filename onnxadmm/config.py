@@ -28,6 +28,7 @@ METHODS = {
     "kernels": "whole (output, input-channel) kernels, channel-wise sparse connections (Changpinyo et al. 2017)",
     "channel": "remove coupled channels (physically smaller, faster graph), ADMM on each consumer",
     "l0-l21": "l0 + l2,1: remove channels, then element sparsity inside them (Bui et al. 2019)",
+    "grouped": "block-diagonal channel connections exported as grouped Convs (Changpinyo et al. 2017)",
 }
 CHANNEL_METHODS = ("channel", "l0-l21")
 LOSSES = ("activation", "linear")
@@ -68,6 +69,9 @@ class CompressConfig:
     refit_dense: bool = field(
         default=True, metadata=_opt("channel methods: also refit the layers that lose no input channels to "
                                     "the compressed model's inputs (sequential error compensation)")
+    )
+    conv_groups: int = field(
+        default=2, metadata=_opt("--method grouped: blocks per Conv pair (the exported Conv's group)")
     )
     channel_multiple: int = field(
         default=8, metadata=_opt("channel methods: kept widths are multiples of this (CPU kernels like 8/16)")
@@ -151,6 +155,8 @@ class CompressConfig:
                                   "(give-back works on the MACs target)")
         if not 0 < self.give_back_step <= 1:
             raise ConfigError(f"give_back_step must be in (0, 1], got {self.give_back_step}")
+        if self.conv_groups < 2:
+            raise ConfigError(f"conv_groups must be >= 2, got {self.conv_groups}")
         if self.channel_multiple < 1:
             raise ConfigError(f"channel_multiple must be >= 1, got {self.channel_multiple}")
         if self.calib_samples is not None and self.calib_samples < 1:

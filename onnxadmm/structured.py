@@ -8,13 +8,13 @@ what the sliced graph computes; the slicing happens once, at the end.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 import torch
 
-from .algorithms.projections.groups import ChannelBlock, channel_norms
+from .algorithms.projections.groups import ChannelBlock, balanced_assignment, channel_norms
 from .algorithms.solve import Structure
 from .analysis.channels import ChannelGroup, find_channel_groups
 from .analysis.layers import Declined, Layer
@@ -34,6 +34,7 @@ class ChannelResult:
     solved: SequentialResult
     groups: list[ChannelGroup]
     kept: dict[str, np.ndarray]
+    pairs: list = field(default_factory=list)  # --method grouped: the block-diagonal conv pairs
 
     def report(self) -> dict:
         rows = []
@@ -49,7 +50,10 @@ class ChannelResult:
                 "macs_planned": self.plan.macs_planned,
                 "macs_planned_ratio": self.plan.macs_planned / max(self.plan.macs_original, 1),
                 "latency_ms_original": self.plan.latency_ms_original,
-                "latency_ms_planned": self.plan.latency_ms_planned, "groups": rows}
+                "latency_ms_planned": self.plan.latency_ms_planned, "groups": rows,
+                "block_diagonal": [{"group": p.group.name, "producer": p.group.name,
+                                    "consumer": p.group.consumers[0].layer, "blocks": p.blocks}
+                                   for p in self.pairs]}
 
 
 def group_declines(groups: list[ChannelGroup], excluded: set[str], layers: dict[int, Layer]) -> None:
@@ -134,3 +138,79 @@ def _kept_channels(view, groups, plan, solved, by_name, structures) -> dict[str,
 
 def declined_groups(result: ChannelResult) -> list[Declined]:
     return [Declined(g.name, "channel group", g.declined) for g in result.groups if g.declined]
+
+
+def grouped_pairs(view: GraphView, groups: list[ChannelGroup], by_node: dict[int, Layer], blocks: int
+                  ) -> tuple[list[tuple[ChannelGroup, Layer, Layer]], list[tuple[ChannelGroup, str]]]:
+    """Groups that can become block-diagonal: one producer P and one consumer Q, both plain Convs whose
+    channel counts divide by ``blocks``, and only per-channel parameter nodes between them."""
+    chosen, skipped = [], []
+    for group in groups:
+        producer = by_node.get(group.producers[0]) if len(group.producers) == 1 else None
+        consumer = by_node.get(group.consumers[0].node_index) if len(group.consumers) == 1 else None
+        through_ops = {view.nodes[i].op_type for i in group.through}
+        if producer is None or consumer is None or producer.op_type != "Conv" or consumer.op_type != "Conv":
+            skipped.append((group, "not a single Conv -> Conv pair"))
+        elif through_ops & {"Conv", "Concat", "Flatten", "Reshape"} or group.consumers[0].space not in (
+                None, group.channels):
+            skipped.append((group, f"between the convs: {sorted(through_ops)}"))
+        elif any(n % blocks for n in (group.channels, producer.in_features // (producer.conv.kernel[0] *
+                                                                              producer.conv.kernel[1]),
+                                      consumer.out_features)):
+            skipped.append((group, f"channel counts not divisible by {blocks} blocks"))
+        else:
+            chosen.append((group, producer, consumer))
+    return chosen, skipped
+
+
+def compress_grouped(view: GraphView, model: onnx.ModelProto, all_layers: list[Layer], layers: list[Layer],
+                     samples: SampleSet, config: CompressConfig, progress: Progress) -> ChannelResult:
+    """``--method grouped``: every eligible Conv pair around a channel group becomes two grouped Convs of
+    ``config.conv_groups`` blocks. The channel-to-block assignment maximizes the data-weighted weight energy
+    both convs keep; then P and Q (and every other layer) are refit on their supports, in order."""
+    from .analysis.channels import find_channel_groups as find_groups
+    from .export.grouped import BlockPair, consumer_mask, producer_mask, to_grouped
+    from .plan.sensitivity import input_second_moments
+    from .calib.readers import evenly_spaced
+
+    groups = find_groups(view, all_layers)
+    allowed = {l.name for l in layers}
+    group_declines(groups, {l.name for l in all_layers} - allowed, {l.node_index: l for l in all_layers})
+    by_node = {l.node_index: l for l in layers}
+    chosen, skipped = grouped_pairs(view, [g for g in groups if not g.declined], by_node, config.conv_groups)
+    for group, reason in skipped:
+        group.declined = f"not made block-diagonal: {reason}"
+    progress("plan", 0, 1, f"{len(chosen)} conv pairs to make block-diagonal")
+    subset = samples.subset(evenly_spaced(samples.num_samples, min(config.sensitivity_samples,
+                                                                   samples.num_samples)))
+    involved = [layer for _, p, q in chosen for layer in (p, q)]
+    moments = input_second_moments(view, involved, subset, config.batch_size, config.threads) if involved else {}
+    pairs, structures, levels = [], {}, {}
+    for group, p, q in chosen:
+        g = config.conv_groups
+        taps_p, taps_q = p.conv.kernel[0] * p.conv.kernel[1], q.conv.kernel[0] * q.conv.kernel[1]
+        cin = p.in_features // taps_p
+        w1 = p.canonical(view.constant(p.weight_name))[0] ** 2 * moments[p.name][0][None, :]  # (C, Cin·taps)
+        w2 = q.canonical(view.constant(q.weight_name))[0] ** 2 * moments[q.name][0][None, :]  # (Cout, C·taps)
+        e1 = w1.reshape(group.channels, g, cin // g * taps_p).sum(-1) / (w1.sum() or 1.0)  # (C, G)
+        e2 = w2.reshape(g, q.out_features // g, group.channels, taps_q).sum(axis=(1, 3)).T / (w2.sum() or 1.0)
+        block_of = balanced_assignment(torch.from_numpy(e1 + e2))
+        pair = BlockPair(group, p.node_index, q.node_index, g, tuple(int(b) for b in block_of))
+        pairs.append(pair)
+        structures[p.name] = Structure(kind="mask", mask=torch.from_numpy(producer_mask(pair, cin, taps_p)))
+        structures[q.name] = Structure(kind="mask", mask=torch.from_numpy(
+            consumer_mask(pair, q.out_features, taps_q)))
+        levels[p.name] = levels[q.name] = 1.0 - 1.0 / g
+    if config.refit_dense:
+        for layer in layers:
+            structures.setdefault(layer.name, Structure(kind="dense"))
+            levels.setdefault(layer.name, 0.0)
+    solving = [layer for layer in layers if layer.name in structures]
+    solved = compress_layers(view, solving, samples, structures, levels, config, progress)
+    failed = {d.name for d in solved.declined}
+    pairs = [pair for pair, (_, p, q) in zip(pairs, chosen) if p.name not in failed and q.name not in failed]
+    masked = apply_initializers(model, solved.initializers)
+    plan = ChannelPlan(keep={}, masks={}, macs_original=0, macs_planned=0, strategy=f"{config.conv_groups} blocks")
+    result = ChannelResult(to_grouped(masked, pairs), plan, solved, groups, {})
+    result.pairs = pairs
+    return result

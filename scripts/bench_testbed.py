@@ -129,6 +129,10 @@ def channel_suite(name: str) -> list[dict]:
                          "config": {"method": "channel", "target_macs": target, "uniform": True}})
             runs.append({"label": "l0-l21 admm (50% inside)", "group": f"MACs {target}",
                          "config": {"method": "l0-l21", "target_macs": target, "sparsity": 0.5}})
+    if not large:
+        for blocks in (2, 4):
+            runs.append({"label": f"grouped (Changpinyo), {blocks} blocks", "group": f"{blocks} blocks",
+                         "config": {"method": "grouped", "conv_groups": blocks}})
     return runs
 
 

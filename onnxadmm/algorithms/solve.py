@@ -42,6 +42,7 @@ class Structure:
     taps: int = 1
     blocks: tuple[ChannelBlock, ...] | None = None  # channels / l0-l21: which input channels each group keeps
     width: int = 1
+    mask: torch.Tensor | None = field(default=None, compare=False)  # mask: a fixed support (G, R, d)
 
     def projection(self, w0: torch.Tensor):
         """The Z-step of a constraint set (the penalties build theirs in the μ search)."""
@@ -86,15 +87,15 @@ def solve_layer(problem: LayerProblem, structure: Structure, loss: str = "activa
     history: dict = {}
     if solver == "magnitude":
         w, b = magnitude_w, b0
-    elif solver == "refit" and structure.kind == "dense":
-        w, b = _refit_dense(problem, "linear", settings)
+    elif solver == "refit" and structure.kind in ("dense", "mask"):
+        w, b = _refit_dense(problem, "linear", settings, structure.mask)
     elif solver == "refit":
         stats = moments(problem)
         mask = magnitude_w != 0
         w = masked_refit(stats, magnitude_w, mask)
         b = bias_for(stats, w) if problem.fit_bias else b0
-    elif structure.kind == "dense":
-        w, b = _refit_dense(problem, loss, settings)
+    elif structure.kind in ("dense", "mask"):
+        w, b = _refit_dense(problem, loss, settings, structure.mask)
     elif structure.kind in ("l1", "l0"):
         w, b, history, penalty_mu = _penalty_search(problem, structure, loss, settings)
     else:
@@ -105,27 +106,30 @@ def solve_layer(problem: LayerProblem, structure: Structure, loss: str = "activa
                          history=history, penalty_mu=penalty_mu)
 
 
-def _refit_dense(problem: LayerProblem, loss: str, settings: AdmmSettings):
-    """No constraint: refit every weight so the layer reproduces the original outputs from the compressed
-    model's inputs (error compensation for layers upstream compression changed). Least squares
-    (W = C Σ⁻¹, b = μ_y − W μ_x), then — for the activation loss — masked descent through σ from the
-    better of W₀ and the least-squares W."""
+def _refit_dense(problem: LayerProblem, loss: str, settings: AdmmSettings, mask: torch.Tensor | None = None):
+    """Refit the weights on a fixed support (all of them when ``mask`` is None) so the layer reproduces
+    the original outputs from the compressed model's inputs (error compensation for layers upstream
+    compression changed). Least squares on the support (w_S = c_S Σ_SS⁻¹, b = μ_y − W μ_x), then — for the
+    activation loss — masked descent through σ from the better of W₀·mask and the least-squares W."""
     stats = moments(problem)
-    ones = torch.ones_like(problem.w0, dtype=torch.bool)
-    w = masked_refit(stats, problem.w0, ones)
+    support = torch.ones_like(problem.w0, dtype=torch.bool) if mask is None else mask.bool()
+    start = problem.w0 * support
+    w = masked_refit(stats, start, support)
     b = bias_for(stats, w) if problem.fit_bias else problem.b0
     if loss == "linear":
         return w, b
-    if problem.relative_error(w, b, loss) > problem.relative_error(problem.w0, problem.b0, loss):
-        w, b = problem.w0, problem.b0
+    if problem.relative_error(w, b, loss) > problem.relative_error(start, problem.b0, loss):
+        w, b = start, problem.b0
     objective = ActivationObjective(problem, settings)
-    return refit_activation(objective, w, b, ones, settings.refit_steps)
+    return refit_activation(objective, w, b, support, settings.refit_steps)
 
 
 def _magnitude(w0: torch.Tensor, structure: Structure) -> torch.Tensor:
     """The data-free projection at the same level (penalties: top-k at their target sparsity)."""
     if structure.kind == "dense":
         return w0
+    if structure.kind == "mask":
+        return w0 * structure.mask
     if structure.kind in ("l1", "l0"):
         return TopK(keep_count(w0.numel(), structure.sparsity))(w0)
     return structure.projection(w0)(w0)

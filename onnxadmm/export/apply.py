@@ -42,6 +42,20 @@ def apply_initializers(model: onnx.ModelProto, values: Mapping[str, np.ndarray])
     return out
 
 
+def write_initializers(graph: onnx.GraphProto, values: Mapping[str, np.ndarray]) -> None:
+    """Replace or add the initializers in ``values``, then drop initializers nothing reads any more."""
+    existing = {t.name: i for i, t in enumerate(graph.initializer)}
+    for name, array in values.items():
+        tensor = numpy_helper.from_array(np.ascontiguousarray(array), name)
+        if name in existing:
+            graph.initializer[existing[name]].CopyFrom(tensor)
+        else:
+            graph.initializer.append(tensor)
+    used = {n for node in graph.node for n in node.input} | {v.name for v in graph.output}
+    for tensor in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(tensor)
+
+
 def full_check(model: onnx.ModelProto) -> str | None:
     """None when onnx.checker's full check passes, else its first line."""
     if model.ByteSize() >= PROTOBUF_LIMIT_BYTES:

@@ -18,10 +18,11 @@ from typing import Mapping
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from ..analysis.channels import ChannelGroup
 from ..onnxio.graph import GraphView
+from .apply import write_initializers
 
 
 def columns_of(channels: np.ndarray, width: int) -> np.ndarray:
@@ -74,17 +75,7 @@ class _Slicer:
                 fresh = f"{node.input[1]}__onnxadmm_{node.name}"
                 values[fresh] = target
                 node.input[1] = fresh
-        existing = {t.name: i for i, t in enumerate(graph.initializer)}
-        for name, array in values.items():
-            tensor = numpy_helper.from_array(np.ascontiguousarray(array), name)
-            if name in existing:
-                graph.initializer[existing[name]].CopyFrom(tensor)
-            else:
-                graph.initializer.append(tensor)
-        used = {n for node in graph.node for n in node.input}
-        outputs = {v.name for v in graph.output}
-        for tensor in [t for t in graph.initializer if t.name not in used and t.name not in outputs]:
-            graph.initializer.remove(tensor)
+        write_initializers(graph, values)
 
 
 def slice_channels(model: onnx.ModelProto, groups: list[ChannelGroup], keep: Mapping[str, np.ndarray]

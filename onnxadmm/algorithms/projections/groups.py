@@ -134,3 +134,49 @@ class Kernels:
         kernels = v.reshape(g, r, d // self.width, self.width)
         keep = top_k_mask(kernels.pow(2).sum(-1), self.k)
         return (kernels * keep[..., None]).reshape(g, r, d)
+
+
+def balanced_assignment(scores: torch.Tensor) -> torch.Tensor:
+    """Assign each of C channels to one of G blocks, C/G per block, greedily by descending score
+    (scores (C, G)): the largest remaining (channel, block) pair is taken while the block has room.
+    Deterministic (stable order on ties); a ½-approximation of the best total, exact when one block
+    dominates each channel."""
+    channels, blocks = scores.shape
+    capacity = [channels // blocks] * blocks
+    block_of = torch.full((channels,), -1, dtype=torch.long)
+    order = torch.sort(scores.reshape(-1), descending=True, stable=True).indices
+    for flat in order.tolist():
+        c, b = divmod(flat, blocks)
+        if block_of[c] < 0 and capacity[b] > 0:
+            block_of[c] = b
+            capacity[b] -= 1
+    return block_of
+
+
+@dataclass(frozen=True)
+class BlockDiagonal:
+    """Channel-wise sparse connections in G blocks (Changpinyo et al. 2017), exportable as a grouped Conv:
+    output block b (rows [b·R/G, (b+1)·R/G)) keeps only the input channels assigned to block b, C/G of
+    them. ``assignment`` (C,) gives each input channel's block; without it the Z-step chooses the
+    assignment maximizing the kept energy Σ_b Σ_{c→b} ‖V[rows_b, c]‖² (greedy balanced assignment)."""
+
+    blocks: int
+    width: int
+    assignment: tuple[int, ...] | None = None
+    name: str = "grouped"
+
+    def mask(self, v: torch.Tensor) -> torch.Tensor:
+        g, r, d = v.shape
+        channels = d // self.width
+        rows = torch.arange(r) * self.blocks // r  # output block of each row
+        if self.assignment is not None:
+            block_of = torch.tensor(self.assignment, dtype=torch.long)
+        else:
+            energy = v.reshape(g, r, channels, self.width).pow(2).sum(dim=(0, 3))  # (R, C)
+            per_block = torch.stack([energy[rows == b].sum(0) for b in range(self.blocks)], dim=1)
+            block_of = balanced_assignment(per_block)
+        keep = rows[:, None] == block_of[None, :]  # (R, C)
+        return keep[:, :, None].expand(r, channels, self.width).reshape(1, r, d).expand(g, r, d)
+
+    def __call__(self, v: torch.Tensor, rho: float = 1.0) -> torch.Tensor:
+        return v * self.mask(v)
