@@ -112,24 +112,27 @@ def sparse_suite(name: str) -> list[dict]:
     return runs
 
 
+TARGETS: tuple[float, ...] = ()  # --targets: MACs targets of the channel suite instead of its defaults
+
+
 def channel_suite(name: str) -> list[dict]:
     """Issue 3: channel pruning at MACs targets; baselines in the same run: l1-norm filter pruning without
     reconstruction (Li et al. 2017) and l1-norm + least-squares refit; uniform vs allocated; l0 + l2,1."""
     runs = []
     large = name == "efficientnet_lite0_imagenet"  # 5-10 min a run here: baselines at one target only
-    for target in (0.75, 0.5) if large else (0.75, 0.5, 0.35):
+    for target in TARGETS or ((0.75, 0.5) if large else (0.75, 0.5, 0.35)):
         for solver, label in (("admm", "channel admm"), ("refit", "l1-norm + LS refit"),
                               ("magnitude", "l1-norm (Li 2017)")):
             if large and solver != "admm" and target != 0.75:
                 continue
             runs.append({"label": label, "group": f"MACs {target}",
                          "config": {"method": "channel", "target_macs": target, "solver": solver}})
-        if target == 0.5 and not large:
+        if target == 0.5 and not large and not TARGETS:
             runs.append({"label": "channel admm, uniform", "group": f"MACs {target}",
                          "config": {"method": "channel", "target_macs": target, "uniform": True}})
             runs.append({"label": "l0-l21 admm (50% inside)", "group": f"MACs {target}",
                          "config": {"method": "l0-l21", "target_macs": target, "sparsity": 0.5}})
-    if not large:
+    if not large and not TARGETS:
         for blocks in (2, 4):
             runs.append({"label": f"grouped (Changpinyo), {blocks} blocks", "group": f"{blocks} blocks",
                          "config": {"method": "grouped", "conv_groups": blocks}})
@@ -233,20 +236,27 @@ def main() -> int:
     parser.add_argument("--suite", choices=sorted(SUITES), default="sparse")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--only", default=None, help="run only configurations whose label contains this")
+    parser.add_argument("--targets", default="", help="channel suite: comma-separated MACs targets")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--render-only", action="store_true", help="re-render docs/BENCHMARKS.md")
     args = parser.parse_args()
+    global TARGETS
+    TARGETS = tuple(float(t) for t in args.targets.split(",") if t)
     if not (TESTBED / "manifest.json").is_file():
         print(f"test-bed not found at {TESTBED}", file=sys.stderr)
         return 2
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.worker:
         result = run_model(args.suite, args.models, args.only)
-        (RESULTS / f"{args.suite}__{args.models}.json").write_text(json.dumps(result, indent=1))
+        suffix = f"__targets-{args.targets.replace(',', '-')}" if args.targets else ""
+        if args.targets:
+            result["command"] += f" --targets {args.targets}"
+        (RESULTS / f"{args.suite}__{args.models}{suffix}.json").write_text(json.dumps(result, indent=1))
         return 0
     if not args.render_only:
         for name in args.models.split(","):
-            command = [sys.executable, __file__, "--suite", args.suite, "--models", name, "--worker"]
+            command = [sys.executable, __file__, "--suite", args.suite, "--models", name, "--worker",
+                       "--targets", args.targets]
             if args.only:
                 command += ["--only", args.only]
             subprocess.run(command, check=True)
