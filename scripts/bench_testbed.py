@@ -139,7 +139,18 @@ def channel_suite(name: str) -> list[dict]:
     return runs
 
 
-SUITES = {"sparse": sparse_suite, "channel": channel_suite}
+def latency_suite(name: str) -> list[dict]:
+    """Issue 3: what a latency target buys over a MACs target (PHYSICS.md: widths off multiples of 16 run as
+    slow as the next multiple); ADMM channel pruning only."""
+    return [{"label": "channel admm", "group": "MACs 0.65",
+             "config": {"method": "channel", "target_macs": 0.65}},
+            {"label": "channel admm, widths x16", "group": "MACs 0.65",
+             "config": {"method": "channel", "target_macs": 0.65, "channel_multiple": 16}},
+            {"label": "channel admm, latency target", "group": "latency 0.67",
+             "config": {"method": "channel", "target_latency": 0.67}}]
+
+
+SUITES = {"sparse": sparse_suite, "channel": channel_suite, "latency": latency_suite}
 
 
 def run_model(suite: str, name: str, only: str | None) -> dict:
@@ -165,7 +176,7 @@ def run_model(suite: str, name: str, only: str | None) -> dict:
         wall = time.perf_counter() - started
         report = result.report
         one_thread = [measure(model_proto, result.model, {"input": evaluation["input"][:size]}, 20, 1)
-                      for size in (1, 8)] if suite == "channel" else []
+                      for size in (1, 8)] if suite in ("channel", "latency") else []
         levels = {r["name"]: r["target_level"] for r in report["layers"]}
         key = json.dumps({k: v for k, v in spec["config"].items() if k != "solver"}, sort_keys=True)
         if config.solver == "admm":
