@@ -113,8 +113,8 @@ def verify_layer(view: GraphView, layer: Layer, x_batch: np.ndarray, side_batche
     ranks.update({name: np.asarray(s).ndim for name, s in zip(inputs[1:], side_batches)})
     module = _convert(view, ids, inputs, output, ranks)
     with torch.no_grad():
-        full = module(torch.from_numpy(np.asarray(x_batch, dtype=np.float32)),
-                      *(torch.from_numpy(np.asarray(s, dtype=np.float32)) for s in side_batches))
+        full = module(torch.from_numpy(np.array(x_batch, dtype=np.float32)),
+                      *(torch.from_numpy(np.array(s, dtype=np.float32)) for s in side_batches))
     got = positions(full)
     scale = float(expected.abs().max()) or 1.0
     error = float((got - expected).abs().max())
