@@ -213,7 +213,9 @@ def render() -> str:
              "Measured on this project's shared 2-core x86-64 machine with `scripts/bench_testbed.py`; every "
              "table comes from one process per model (command under each table). Latency is the median of "
              "per-round ratios compressed/original, A/B interleaved in one process (2 threads, spinning off); "
-             "`[p10–p90]` is the spread over rounds. Absolute times are noisy here; compare ratios.", ""]
+             "`[p10–p90]` is the spread over rounds. Absolute times are noisy here; compare ratios. Some runs "
+             "shared the two cores with other jobs (tests, other runs): their compress times are inflated and a "
+             "wide latency band (p90 well above the median) marks a disturbed measurement, not the model.", ""]
     for path in sorted(RESULTS.glob("*.json")):
         data = json.loads(path.read_text())
         lines.append(f"## {data['suite']}: {data['model']}")
