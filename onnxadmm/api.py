@@ -149,21 +149,15 @@ def compress(model: Any, calibration: Any, config: CompressConfig = CompressConf
         eval_set, held_out = _evaluation_set(evaluation, inputs, calib_all, rest, calib, validate_config,
                                              config.seed)
         check_gate_inputs(validate_config, eval_set.labels is not None)
-        channels = None
-        if config.method == "grouped":
-            channels = compress_grouped(view, normalized.model, everything.layers, found.layers, calib, config,
-                                        progress)
-            plan, solved, compressed = channels.plan, channels.solved, channels.model
-            give_back = []
-        elif config.method in CHANNEL_METHODS:
-            channels = compress_channels(view, normalized.model, everything.layers, found.layers, calib, config,
-                                         progress)
-            give_back = []
+        channels, give_back = None, []
+        if config.method == "grouped" or config.method in CHANNEL_METHODS:
+            method = compress_grouped if config.method == "grouped" else compress_channels
+            channels = method(view, normalized.model, everything.layers, found.layers, calib, config, progress)
             if config.max_macs is not None and (validate_config.max_accuracy_drop is not None or
                                                 validate_config.min_agreement is not None):
                 channels, give_back = _give_back(channels, view, normalized.model, everything, found, calib,
                                                  eval_set, loaded.model, config, validate_config, progress)
-            plan, solved, compressed = channels.plan, channels.solved, channels.model
+            solved, compressed = channels.solved, channels.model
             found.declined.extend(declined_groups(channels))
         else:
             progress("plan", 0, 1, "measuring sensitivity")
@@ -181,11 +175,13 @@ def compress(model: Any, calibration: Any, config: CompressConfig = CompressConf
         validation = validate_models(loaded.model, compressed, eval_set, validate_config, config.batch_size,
                                      config.threads, held_out)
         declined = solved.declined + found.declined
-        report = _compress_report(loaded, config, validate_config, digest, calib, plan, solved, declined,
-                                  validation, notes, started, solve_seconds)
         if channels is not None:
-            report["plan"] = channels.report()
-            report["plan"]["give_back"] = give_back
+            plan_report = {**channels.report(), "give_back": give_back}
+        else:
+            plan_report = {"strategy": plan.strategy, "probe_level": plan.probe_level,
+                           "measured_output_damage": plan.measured_damage}
+        report = _compress_report(loaded, config, validate_config, digest, calib, plan_report, solved, declined,
+                                  validation, notes, started, solve_seconds)
         progress("done", 1, 1, "")
         return CompressResult(compressed, report, validation.passed)
     finally:
@@ -218,7 +214,7 @@ def _give_back(channels, view, model, everything, found, calib, eval_set, origin
                                      dataclasses.replace(config, target_macs=target), progress)
 
 
-def _compress_report(loaded, config, validate_config, digest, calib, plan, solved, declined, validation,
+def _compress_report(loaded, config, validate_config, digest, calib, plan_report, solved, declined, validation,
                      notes, started, solve_seconds) -> dict:
     rows = [layer_row(o) for o in solved.outcomes]
     total = sum(r["params"] for r in rows)
@@ -231,8 +227,7 @@ def _compress_report(loaded, config, validate_config, digest, calib, plan, solve
         "config_sha256": digest, "seed": config.seed,
         "calibration": {"source": calib.source, "samples": calib.num_samples,
                         "representative": calib.representative},
-        "plan": {"strategy": plan.strategy, "probe_level": getattr(plan, "probe_level", None),
-                 "measured_output_damage": plan.measured_damage},
+        "plan": plan_report,
         "layers": rows, "declined": [dataclasses.asdict(d) for d in declined],
         "totals": {"layers_compressed": len(rows), "layers_declined": len(declined),
                    "weights_in_compressed_layers": total, "nonzero_in_compressed_layers": nonzero,

@@ -51,8 +51,8 @@ class ChannelResult:
                 "macs_planned_ratio": self.plan.macs_planned / max(self.plan.macs_original, 1),
                 "latency_ms_original": self.plan.latency_ms_original,
                 "latency_ms_planned": self.plan.latency_ms_planned, "groups": rows,
-                "block_diagonal": [{"group": p.group.name, "producer": p.group.name,
-                                    "consumer": p.group.consumers[0].layer, "blocks": p.blocks}
+                "block_diagonal": [{"group": p.group.name, "consumer": p.group.consumers[0].layer,
+                                    "blocks": p.blocks}
                                    for p in self.pairs]}
 
 
@@ -66,12 +66,28 @@ def group_declines(groups: list[ChannelGroup], excluded: set[str], layers: dict[
             group.declined = f"touches excluded layer {touched[0]!r}"
 
 
-def compress_channels(view: GraphView, model: onnx.ModelProto, all_layers: list[Layer], layers: list[Layer],
-                      samples: SampleSet, config: CompressConfig, progress: Progress) -> ChannelResult:
-    """``all_layers`` (before --exclude) define the groups; ``layers`` are the ones allowed to change."""
+def channel_groups(view: GraphView, all_layers: list[Layer], layers: list[Layer]) -> list[ChannelGroup]:
+    """The groups of ``all_layers`` (before --exclude); a group touching a layer not in ``layers`` stays whole."""
     groups = find_channel_groups(view, all_layers)
     allowed = {l.name for l in layers}
     group_declines(groups, {l.name for l in all_layers} - allowed, {l.node_index: l for l in all_layers})
+    return groups
+
+
+def refit_the_rest(structures: dict[str, Structure], levels: dict[str, float], layers: list[Layer],
+                   config: CompressConfig) -> None:
+    """With ``refit_dense``, every layer without a structure is refit to the compressed model's inputs
+    (sequential error compensation)."""
+    if config.refit_dense:
+        for layer in layers:
+            if layer.name not in structures:
+                structures[layer.name], levels[layer.name] = Structure(kind="dense"), 0.0
+
+
+def compress_channels(view: GraphView, model: onnx.ModelProto, all_layers: list[Layer], layers: list[Layer],
+                      samples: SampleSet, config: CompressConfig, progress: Progress) -> ChannelResult:
+    """``all_layers`` (before --exclude) define the groups; ``layers`` are the ones allowed to change."""
+    groups = channel_groups(view, all_layers, layers)
     active = [g for g in groups if not g.declined]
     progress("plan", 0, 1, f"{len(active)} channel groups; measuring sensitivity")
     plan = plan_channels(view, layers, active, samples, config)
@@ -95,14 +111,11 @@ def compress_channels(view: GraphView, model: onnx.ModelProto, all_layers: list[
         structures[name] = Structure(kind=kind, sparsity=config.sparsity, blocks=tuple(parts), width=widths[name])
         total = by_name[name].in_features * by_name[name].groups // widths[name]
         levels[name] = sum(b.channels - b.k for b in parts) / total
-    if config.refit_dense:  # every other layer is refit to the compressed inputs (error compensation)
-        for layer in layers:
-            if layer.name not in structures:
-                structures[layer.name], levels[layer.name] = Structure(kind="dense"), 0.0
+    refit_the_rest(structures, levels, layers, config)
     solving = [layer for layer in layers if layer.name in structures]
     solved = compress_layers(view, solving, samples, structures, levels, config, progress)
     masked = apply_initializers(model, solved.initializers)
-    kept = _kept_channels(view, active, plan, solved, by_name, structures)
+    kept = _kept_channels(active, plan, solved, by_name)
     declined_layers = {d.name for d in solved.declined}
     for group in active:  # a consumer that could not be solved keeps its group whole
         if any(c.layer in declined_layers for c in group.consumers):
@@ -113,7 +126,7 @@ def compress_channels(view: GraphView, model: onnx.ModelProto, all_layers: list[
     return ChannelResult(sliced, plan, solved, groups, {g.name: kept[g.name] for g in active})
 
 
-def _kept_channels(view, groups, plan, solved, by_name, structures) -> dict[str, np.ndarray]:
+def _kept_channels(groups, plan, solved, by_name) -> dict[str, np.ndarray]:
     """The channels each group keeps: its pinned mask, or the k largest input-column norms, in the group's
     range, of the solved first consumer (ADMM chose them)."""
     kept = {}
@@ -168,14 +181,12 @@ def compress_grouped(view: GraphView, model: onnx.ModelProto, all_layers: list[L
     """``--method grouped``: every eligible Conv pair around a channel group becomes two grouped Convs of
     ``config.conv_groups`` blocks. The channel-to-block assignment maximizes the data-weighted weight energy
     both convs keep; then P and Q (and every other layer) are refit on their supports, in order."""
-    from .analysis.channels import find_channel_groups as find_groups
+    from .calib.readers import evenly_spaced
     from .export.grouped import BlockPair, consumer_mask, producer_mask, to_grouped
     from .plan.sensitivity import input_second_moments
-    from .calib.readers import evenly_spaced
+    from .validate.footprint import node_macs
 
-    groups = find_groups(view, all_layers)
-    allowed = {l.name for l in layers}
-    group_declines(groups, {l.name for l in all_layers} - allowed, {l.node_index: l for l in all_layers})
+    groups = channel_groups(view, all_layers, layers)
     by_node = {l.node_index: l for l in layers}
     chosen, skipped = grouped_pairs(view, [g for g in groups if not g.declined], by_node, config.conv_groups)
     for group, reason in skipped:
@@ -201,16 +212,15 @@ def compress_grouped(view: GraphView, model: onnx.ModelProto, all_layers: list[L
         structures[q.name] = Structure(kind="mask", mask=torch.from_numpy(
             consumer_mask(pair, q.out_features, taps_q)))
         levels[p.name] = levels[q.name] = 1.0 - 1.0 / g
-    if config.refit_dense:
-        for layer in layers:
-            structures.setdefault(layer.name, Structure(kind="dense"))
-            levels.setdefault(layer.name, 0.0)
+    refit_the_rest(structures, levels, layers, config)
     solving = [layer for layer in layers if layer.name in structures]
     solved = compress_layers(view, solving, samples, structures, levels, config, progress)
     failed = {d.name for d in solved.declined}
     pairs = [pair for pair, (_, p, q) in zip(pairs, chosen) if p.name not in failed and q.name not in failed]
     masked = apply_initializers(model, solved.initializers)
-    plan = ChannelPlan(keep={}, masks={}, macs_original=0, macs_planned=0, strategy=f"{config.conv_groups} blocks")
-    result = ChannelResult(to_grouped(masked, pairs), plan, solved, groups, {})
-    result.pairs = pairs
-    return result
+    costs = node_macs(view.model, {name: array[:1] for name, array in samples.arrays.items()}, config.threads)
+    macs = sum(c.dense for c in costs.values())
+    saved = sum(costs[i].dense for pair in pairs for i in (pair.producer, pair.consumer)) * (1 - 1 / config.conv_groups)
+    plan = ChannelPlan(keep={}, masks={}, macs_original=macs, macs_planned=int(round(macs - saved)),
+                       strategy=f"{config.conv_groups} blocks")
+    return ChannelResult(to_grouped(masked, pairs), plan, solved, groups, {}, pairs)

@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import platform
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..analysis.channels import ChannelGroup
 from ..onnxio.graph import GraphView
 from ..runtime import cpu_threads, session
+from ..validate.latency import measure, timed
 
 ROUNDS = 15
 
@@ -59,18 +59,16 @@ class LatencyTable:
                                    tuple(input_shape), weight.shape, sorted(narrowed.items()),
                                    self.threads)).encode()).hexdigest()
         if key not in self.entries:
-            full = _one_node(node, input_shape, weight, {})
-            small = _one_node(node, input_shape, weight, narrowed)
             x = np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)
-            small_shape = _narrowed_input(node, input_shape, narrowed)
-            self.entries[key] = list(measure_pair(full, small, {"x": x}, {"x": x[tuple(slice(0, d)
-                                                                                     for d in small_shape)]},
-                                                  self.threads))
-            self._save()
+            small = x[tuple(slice(0, d) for d in _narrowed_input(node, input_shape, narrowed))]
+            result = measure(_one_node(node, input_shape, weight, {}), _one_node(node, input_shape, weight, narrowed),
+                             {"x": x}, ROUNDS, self.threads, feed_b={"x": small})
+            self.entries[key] = [result.original_ms_median, result.ratio_median]
         full_ms, ratio = self.entries[key]
         return float(full_ms), float(ratio)
 
-    def _save(self) -> None:
+    def save(self) -> None:
+        """Write the table to the disk cache (once, after a batch of measurements)."""
         if self.path is None:
             return
         try:
@@ -82,30 +80,8 @@ class LatencyTable:
             self.path = None  # a read-only home: keep the table in memory only
 
 
-def measure_pair(model_a, model_b, feed_a, feed_b, threads: int) -> tuple[float, float]:
-    """(A's median ms, median of per-round B/A ratios), rounds alternating A B / B A after a warm-up."""
-    sess_a, sess_b = session(model_a, threads), session(model_b, threads)
-    for _ in range(3):
-        sess_a.run(None, feed_a)
-        sess_b.run(None, feed_b)
-    repeats = max(1, int(np.ceil(0.005 / max(_time(sess_a, feed_a, 1), 1e-6))))
-    a, b = [], []
-    for index in range(ROUNDS):
-        pair = [(sess_a, feed_a, a), (sess_b, feed_b, b)]
-        for sess, feed, out in (pair if index % 2 == 0 else pair[::-1]):
-            out.append(_time(sess, feed, repeats))
-    a_ms, b_ms = np.array(a) * 1e3, np.array(b) * 1e3
-    return float(np.median(a_ms)), float(np.median(b_ms / a_ms))
-
-
-def _time(sess, feed, repeats: int) -> float:
-    start = time.perf_counter()
-    for _ in range(repeats):
-        sess.run(None, feed)
-    return (time.perf_counter() - start) / repeats
-
-
 def _narrowed_input(node: onnx.NodeProto, input_shape, narrowed: dict[str, int]) -> tuple[int, ...]:
+    """The node's input shape once its input (or, for a depthwise conv, its channels) is narrowed."""
     shape = list(input_shape)
     depthwise = node.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in node.attribute)
     if "in" in narrowed:
@@ -119,7 +95,7 @@ def _one_node(node: onnx.NodeProto, input_shape: tuple[int, ...], weight: np.nda
               narrowed: dict[str, int]) -> onnx.ModelProto:
     """``node`` alone on an input of ``input_shape``, its weight cut to the narrowed sizes (values random:
     dense kernels do not care)."""
-    shape = list(input_shape)
+    shape = list(_narrowed_input(node, input_shape, narrowed))
     w_shape = list(weight.shape)
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     out_axis, in_axis = _weight_axes(node, attrs)
@@ -127,10 +103,8 @@ def _one_node(node: onnx.NodeProto, input_shape: tuple[int, ...], weight: np.nda
         w_shape[out_axis] = narrowed["out"]
         if node.op_type == "Conv" and attrs.get("group", 1) > 1:  # depthwise: channels in = out = group
             attrs["group"] = narrowed["out"]
-            shape[1] = narrowed["out"]
     if "in" in narrowed:
         w_shape[in_axis] = narrowed["in"]
-        shape[1 if node.op_type == "Conv" else -1] = narrowed["in"]
     rng = np.random.default_rng(1)
     inputs = ["x", "w"]
     inits = [numpy_helper.from_array((rng.standard_normal(w_shape) * 0.05).astype(np.float32), "w")]
@@ -188,6 +162,7 @@ class LatencyCost:
                     full_ms, per[k] = self.table.ratio(node, in_shape, weight, narrowed)
                     self.node_ms[index] = full_ms
                 self.ratios[(group.name, index)] = per
+        self.table.save()
 
     def option_cost(self, group: ChannelGroup, k: int) -> float:
         return sum(self.node_ms.get(index, 0.0) * per[k] for (name, index), per in self.ratios.items()
@@ -204,7 +179,7 @@ class LatencyCost:
 def model_latency_ms(model: onnx.ModelProto, feed: dict[str, np.ndarray], threads: int, runs: int = 30) -> float:
     """Median latency of the whole model on ``feed``."""
     sess = session(model, threads)
+    names = [o.name for o in sess.get_outputs()]
     for _ in range(3):
-        sess.run(None, feed)
-    times = [_time(sess, feed, 1) for _ in range(runs)]
-    return float(np.median(times) * 1e3)
+        timed(sess, names, feed, 1)
+    return float(np.median([timed(sess, names, feed, 1) for _ in range(runs)]) * 1e3)

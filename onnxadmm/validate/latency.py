@@ -41,7 +41,8 @@ class LatencyAB:
         return {**self.__dict__, "speedup": self.speedup}
 
 
-def _timed(sess, names, feed, repeats: int) -> float:
+def timed(sess, names, feed, repeats: int) -> float:
+    """Seconds per call of ``sess.run`` over ``repeats`` calls."""
     start = time.perf_counter()
     for _ in range(repeats):
         sess.run(names, feed)
@@ -49,25 +50,27 @@ def _timed(sess, names, feed, repeats: int) -> float:
 
 
 def measure(model_a, model_b, feed: dict[str, np.ndarray], rounds: int, threads: int,
-            warmup: int = 3) -> LatencyAB:
-    """A/B latency of two models on the same ``feed`` (the batch size is the feed's first axis)."""
+            warmup: int = 3, feed_b: dict[str, np.ndarray] | None = None) -> LatencyAB:
+    """A/B latency of two models on the same ``feed`` (the batch size is the feed's first axis), or on
+    ``feed_b`` for B when the two take differently shaped inputs."""
+    feed_b = feed if feed_b is None else feed_b
     threads = cpu_threads(threads)
     sess_a, sess_b = session(model_a, threads), session(model_b, threads)
     names_a = [o.name for o in sess_a.get_outputs()]
     names_b = [o.name for o in sess_b.get_outputs()]
     for _ in range(warmup):
-        _timed(sess_a, names_a, feed, 1)
-        _timed(sess_b, names_b, feed, 1)
-    single = max(_timed(sess_a, names_a, feed, 1), 1e-6)
+        timed(sess_a, names_a, feed, 1)
+        timed(sess_b, names_b, feed_b, 1)
+    single = max(timed(sess_a, names_a, feed, 1), 1e-6)
     repeats = max(1, int(np.ceil(MIN_MEASURE_S / single)))
     times_a, times_b = [], []
     for index in range(rounds):
         if index % 2 == 0:
-            times_a.append(_timed(sess_a, names_a, feed, repeats))
-            times_b.append(_timed(sess_b, names_b, feed, repeats))
+            times_a.append(timed(sess_a, names_a, feed, repeats))
+            times_b.append(timed(sess_b, names_b, feed_b, repeats))
         else:
-            times_b.append(_timed(sess_b, names_b, feed, repeats))
-            times_a.append(_timed(sess_a, names_a, feed, repeats))
+            times_b.append(timed(sess_b, names_b, feed_b, repeats))
+            times_a.append(timed(sess_a, names_a, feed, repeats))
     a, b = np.array(times_a) * 1e3, np.array(times_b) * 1e3
     ratios = b / a
     batch = len(next(iter(feed.values())))
