@@ -19,7 +19,7 @@ import onnx
 from . import __version__
 from .analysis.layers import Declined, LayerSet, apply_exclude, find_layers
 from .calib.readers import SampleSet, evenly_spaced, open_samples, select
-from .config import CHANNEL_METHODS, CompressConfig, ValidateConfig, config_hash
+from .config import CHANNEL_METHODS, LOWRANK_METHODS, CompressConfig, ValidateConfig, config_hash
 from .errors import UnsupportedModelError
 from .onnxio.graph import GraphView, TensorType
 from .onnxio.load import LoadedModel, default_opset, load_model, model_from_proto
@@ -112,6 +112,7 @@ def compress(model: Any, calibration: Any, config: CompressConfig = CompressConf
     from .export.apply import apply_initializers, finalize
     from .plan.planner import plan_sparsity
     from .sequential import compress_layers, structure_for
+    from .factored import compress_factored
     from .structured import compress_channels, compress_grouped, declined_groups
     from .validate.gates import check_gate_inputs
     from .validate.run import validate_models
@@ -149,8 +150,11 @@ def compress(model: Any, calibration: Any, config: CompressConfig = CompressConf
         eval_set, held_out = _evaluation_set(evaluation, inputs, calib_all, rest, calib, validate_config,
                                              config.seed)
         check_gate_inputs(validate_config, eval_set.labels is not None)
-        channels, give_back = None, []
-        if config.method == "grouped" or config.method in CHANNEL_METHODS:
+        channels, factored, give_back = None, None, []
+        if config.method in LOWRANK_METHODS:
+            factored = compress_factored(view, normalized.model, found.layers, calib, config, progress)
+            solved, compressed = factored.solved, factored.model
+        elif config.method == "grouped" or config.method in CHANNEL_METHODS:
             method = compress_grouped if config.method == "grouped" else compress_channels
             channels = method(view, normalized.model, everything.layers, found.layers, calib, config, progress)
             if config.max_macs is not None and (validate_config.max_accuracy_drop is not None or
@@ -161,6 +165,8 @@ def compress(model: Any, calibration: Any, config: CompressConfig = CompressConf
             found.declined.extend(declined_groups(channels))
         else:
             progress("plan", 0, 1, "measuring sensitivity")
+            if config.target_params is not None:  # sparse at a parameter budget: sparsity = 1 − F
+                config = dataclasses.replace(config, sparsity=1.0 - config.target_params)
             plan = plan_sparsity(view, found.layers, calib, config)
             structures = {l.name: structure_for(l, config, plan.levels[l.name]) for l in found.layers}
             solved = compress_layers(view, found.layers, calib, structures, plan.levels, config, progress)
@@ -177,6 +183,8 @@ def compress(model: Any, calibration: Any, config: CompressConfig = CompressConf
         declined = solved.declined + found.declined
         if channels is not None:
             plan_report = {**channels.report(), "give_back": give_back}
+        elif factored is not None:
+            plan_report = factored.report()
         else:
             plan_report = {"strategy": plan.strategy, "probe_level": plan.probe_level,
                            "measured_output_damage": plan.measured_damage}

@@ -29,8 +29,13 @@ METHODS = {
     "channel": "remove coupled channels (physically smaller, faster graph), ADMM on each consumer",
     "l0-l21": "l0 + l2,1: remove channels, then element sparsity inside them (Bui et al. 2019)",
     "grouped": "block-diagonal channel connections exported as grouped Convs (Changpinyo et al. 2017)",
+    "lowrank": "W = A·B per layer, exported as two Convs / products (Ma et al. 2019)",
+    "lowrank-sparse": "W = A·B + S, S row-sparse (merged into the pair) or unstructured (Ma et al. 2019)",
 }
 CHANNEL_METHODS = ("channel", "l0-l21")
+LOWRANK_METHODS = ("lowrank", "lowrank-sparse")
+SPARSE_STRUCTURES = ("rows", "unstructured")
+OBJECTIVES = ("latency", "size")
 LOSSES = ("activation", "linear")
 SOLVERS = ("admm", "magnitude", "refit")
 
@@ -54,11 +59,32 @@ class CompressConfig:
                                    "l0-l21: inside the kept channels; for kernels: fraction of kernels)")
     )
     target_macs: float | None = field(
-        default=None, metadata=_opt("channel methods: MACs of the output as a fraction of the original's")
+        default=None, metadata=_opt("channel and lowrank methods: MACs of the output as a fraction of the "
+                                    "original's")
     )
     target_latency: float | None = field(
-        default=None, metadata=_opt("channel methods: batch-1 latency of the output as a fraction of the "
-                                    "original's, from a per-layer table measured in onnxruntime here")
+        default=None, metadata=_opt("channel and lowrank methods: batch-1 latency of the output as a fraction "
+                                    "of the original's, from a per-layer table measured in onnxruntime here")
+    )
+    target_params: float | None = field(
+        default=None, metadata=_opt("sparse and lowrank methods: nonzero weights of the compressible layers as "
+                                    "a fraction of the original's (for sparse: sparsity = 1 - F)")
+    )
+    rank_ratio: float | None = field(
+        default=None, metadata=_opt("lowrank methods: rank of every layer as a fraction of its full rank "
+                                    "min(Cout, Cin·kh·kw)")
+    )
+    sparse_structure: str = field(
+        default="rows", metadata=_opt("lowrank-sparse: S as whole output rows (merged into the factor pair: "
+                                      "fast) or unstructured (a dense-stored parallel branch: small, slower)",
+                                      SPARSE_STRUCTURES)
+    )
+    sparse_share: float = field(
+        default=0.5, metadata=_opt("lowrank-sparse: fraction of each layer's parameters given to S")
+    )
+    objective: str = field(
+        default="latency", metadata=_opt("lowrank methods: latency (only forms measured faster than the dense "
+                                         "layer) or size (any form with fewer parameters)", OBJECTIVES)
     )
     max_macs: float | None = field(
         default=None, metadata=_opt("channel methods with --max-accuracy-drop / --min-agreement: when the gate "
@@ -130,6 +156,8 @@ class CompressConfig:
         _check_choice("method", self.method, tuple(METHODS))
         _check_choice("loss", self.loss, LOSSES)
         _check_choice("solver", self.solver, SOLVERS)
+        _check_choice("sparse_structure", self.sparse_structure, SPARSE_STRUCTURES)
+        _check_choice("objective", self.objective, OBJECTIVES)
         _check_range("sparsity", self.sparsity, 0.0, 1.0, hi_open=True)
         self.nm_pattern  # validates
         if self.grad_patches is not None and self.grad_patches < 1:
@@ -144,10 +172,11 @@ class CompressConfig:
         for name in ("target_macs", "target_latency"):
             if getattr(self, name) is not None:
                 _check_range(name, getattr(self, name), 0.0, 1.0)
-                if self.method not in CHANNEL_METHODS:
+                if self.method not in CHANNEL_METHODS + LOWRANK_METHODS:
                     raise ConfigError(f"--{name.replace('_', '-')} applies to --method "
-                                      f"{' | '.join(CHANNEL_METHODS)}, not {self.method!r} (zeros in dense "
-                                      "weights do not reduce MACs or latency)")
+                                      f"{' | '.join(CHANNEL_METHODS + LOWRANK_METHODS)}, not {self.method!r} "
+                                      "(zeros in dense weights do not reduce MACs or latency)")
+        self._check_lowrank()
         if self.max_macs is not None:
             _check_range("max_macs", self.max_macs, 0.0, 1.0)
             if self.target_macs is None or self.max_macs < self.target_macs:
@@ -165,6 +194,34 @@ class CompressConfig:
             raise ConfigError(f"threads must be >= 0, got {self.threads}")
         if not self.rho_init > 0 or not self.rho_growth >= 1:
             raise ConfigError("rho_init must be > 0 and rho_growth >= 1")
+
+    def _check_lowrank(self) -> None:
+        for name in ("target_params", "rank_ratio"):
+            if getattr(self, name) is not None:
+                _check_range(name, getattr(self, name), 0.0, 1.0)
+                if name == "target_params" and getattr(self, name) == 0:
+                    raise ConfigError("target_params must be > 0")
+        if self.target_params is not None and self.method not in ("sparse",) + LOWRANK_METHODS:
+            raise ConfigError(f"--target-params applies to --method sparse | lowrank | lowrank-sparse, not "
+                              f"{self.method!r}")
+        if self.rank_ratio is not None and self.method not in LOWRANK_METHODS:
+            raise ConfigError(f"--rank-ratio applies to --method lowrank | lowrank-sparse, not {self.method!r}")
+        if not 0 < self.sparse_share < 1:
+            raise ConfigError(f"sparse_share must be in (0, 1), got {self.sparse_share}")
+        if self.method not in LOWRANK_METHODS:
+            return
+        targets = [n for n in ("rank_ratio", "target_params", "target_macs", "target_latency")
+                   if getattr(self, n) is not None]
+        if len(targets) != 1:
+            raise ConfigError(f"--method {self.method} needs exactly one of --rank-ratio, --target-params, "
+                              f"--target-macs, --target-latency (got {len(targets) or 'none'})")
+        if self.rank_ratio == 0:
+            raise ConfigError("rank_ratio must be > 0")
+        if self.method == "lowrank-sparse" and self.sparse_structure == "unstructured":
+            if self.objective == "latency" or targets[0] in ("target_macs", "target_latency"):
+                raise ConfigError("an unstructured S is exported as a dense-stored parallel branch + Add, slower "
+                                  "than the dense layer: use --sparse-structure rows (merged into the factor "
+                                  "pair), or --objective size with --rank-ratio / --target-params")
 
     @property
     def nm_pattern(self) -> tuple[int, int]:

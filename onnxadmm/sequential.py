@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .algorithms.admm import AdmmSettings
+from .algorithms.factorize import Factors
 from .algorithms.solve import Structure, solve_layer
 from .analysis.layers import Declined, Layer
 from .bridge.torch_layer import BridgeError, activation_function
@@ -42,6 +43,7 @@ class LayerOutcome:
     patches: int
     history: dict = field(default_factory=dict)
     penalty_mu: float | None = None
+    factors: Factors | None = None  # lowrank methods: the factor pair to export
 
 
 @dataclass
@@ -161,7 +163,10 @@ def _solve_one(stream, view, layer, index, level, structure, config, sampling, s
             .astype(original.dtype)
     outcome = LayerOutcome(
         layer=layer, structure=structure, target_level=level, sparsity=solution.sparsity,
-        nonzero=int(solution.mask.sum()), error_dense=solution.error_dense,
-        error_projected=solution.error_projected, error_final=solution.error_final, seconds=0.0,
-        patches=problem.num_patches, history=solution.history, penalty_mu=solution.penalty_mu)
+        nonzero=int(solution.mask.sum()) if solution.factors is None else solution.factors.nonzero,
+        error_dense=solution.error_dense, error_projected=solution.error_projected,
+        error_final=solution.error_final, seconds=0.0, patches=problem.num_patches, history=solution.history,
+        penalty_mu=solution.penalty_mu, factors=solution.factors)
+    if solution.factors is not None:
+        outcome.sparsity = 1.0 - outcome.nonzero / layer.num_weights
     return outcome, values

@@ -62,6 +62,27 @@ def test_channel_method_writes_a_smaller_faster_graph(workdir):
     assert code == 2 and "--target-macs" in err and not (workdir / "out2.onnx").exists()
 
 
+def test_lowrank_sparse_method_writes_factor_pairs(workdir):
+    code, out, err = cli("compress", workdir / "in.onnx", workdir / "out.onnx", "--calib", workdir / "calib.npz",
+                         "--labels", "labels", "--method", "lowrank-sparse", "--sparse-structure", "rows",
+                         "--rank-ratio", "0.25",
+                         "--objective", "size", "--loss", "linear", *FAST)
+    assert code == 0, err
+    report = json.loads((workdir / "out.onnx.report.json").read_text())
+    forms = report["plan"]["export_forms"]
+    assert forms and all("Conv 1x1" in f or "Gemm" in f for f in forms.values())
+    factored = [r for r in report["layers"] if "rank" in r]
+    assert factored and all(r["inner"] == r["rank"] + r["merged_rows"] for r in factored)
+    fp = report["validation"]["footprint"]
+    assert fp["compressed"]["macs"] < fp["original"]["macs"] and "physically smaller" in out
+    onnx.checker.check_model(onnx.load(str(workdir / "out.onnx")), full_check=True)
+    code, _, err = cli("compress", workdir / "in.onnx", workdir / "out2.onnx", "--calib", workdir / "calib.npz",
+                       "--labels", "labels", "--method", "lowrank-sparse", "--sparse-structure", "unstructured",
+                       "--target-params", "0.5",
+                       *FAST)
+    assert code == 2 and "--objective size" in err and not (workdir / "out2.onnx").exists()
+
+
 def test_missed_gate_exits_1_and_still_writes(workdir):
     code, out, _ = cli("compress", workdir / "in.onnx", workdir / "out.onnx", "--calib", workdir / "calib.npz",
                        "--labels", "labels", "--sparsity", "0.9", "--min-speedup", "10", *FAST)

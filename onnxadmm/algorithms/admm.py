@@ -247,5 +247,24 @@ def refit_activation(objective: ActivationObjective, w: torch.Tensor, b: torch.T
     return theta[..., :-1] * mask, theta[..., -1].reshape(-1)
 
 
+def refit_on_support(problem: LayerProblem, loss: str, settings: AdmmSettings, mask: torch.Tensor | None = None):
+    """Refit the weights on a fixed support (all of them when ``mask`` is None) so the layer reproduces
+    the original outputs from the compressed model's inputs (error compensation for layers upstream
+    compression changed). Least squares on the support (w_S = c_S Σ_SS⁻¹, b = μ_y − W μ_x), then — for the
+    activation loss — masked descent through σ from the better of W₀·mask and the least-squares W."""
+    stats = moments(problem)
+    support = torch.ones_like(problem.w0, dtype=torch.bool) if mask is None else mask.bool()
+    start = problem.w0 * support
+    w = masked_refit(stats, start, support)
+    b = bias_for(stats, w) if problem.fit_bias else problem.b0
+    if loss == "linear":
+        return w, b
+    if problem.relative_error(w, b, loss) > problem.relative_error(start, problem.b0, loss):
+        w, b = start, problem.b0
+    objective = ActivationObjective(problem, settings)
+    return refit_activation(objective, w, b, support, settings.refit_steps)
+
+
+
 __all__ = ["AdmmSettings", "AdmmHistory", "admm_linear", "admm_activation", "refit_activation",
-           "moments", "masked_refit", "bias_for"]
+           "refit_on_support", "moments", "masked_refit", "bias_for"]

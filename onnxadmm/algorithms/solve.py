@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .admm import ActivationObjective, AdmmSettings, admm_activation, admm_linear, refit_activation
+from .admm import AdmmSettings, admm_activation, admm_linear, refit_activation, refit_on_support
+from .factorize import Factors, RankSpec, solve_factored
 from .problem import LayerProblem
 from .projections.groups import ChannelBlock, ChannelBlocks, ChannelsThenElements, Kernels
 from .projections.sparse import NM, HardThreshold, SoftThreshold, TopK, keep_count
@@ -32,7 +33,8 @@ class Structure:
     ``kind``: unstructured | nm | l1 | l0 (element sparsity at ``sparsity``); kernels (keep whole
     (output, input-channel) kernels, a fraction ``sparsity`` removed); channels (in each of ``blocks``,
     one per channel group read, keep k input channels of ``width`` columns each, or pinned ones); l0-l21 (those
-    channels, then element sparsity ``sparsity`` inside them).
+    channels, then element sparsity ``sparsity`` inside them); lowrank / lowrank-sparse (W ≈ A·B (+ S) as
+    ``rank`` says, see ``factorize.py``); dense / mask (refit only, on all weights or a fixed support).
     """
 
     kind: str
@@ -43,6 +45,7 @@ class Structure:
     blocks: tuple[ChannelBlock, ...] | None = None  # channels / l0-l21: which input channels each group keeps
     width: int = 1
     mask: torch.Tensor | None = field(default=None, compare=False)  # mask: a fixed support (G, R, d)
+    rank: RankSpec | None = None  # lowrank / lowrank-sparse: rank of L and the form of S
 
     def projection(self, w0: torch.Tensor):
         """The Z-step of a constraint set (the penalties build theirs in the μ search)."""
@@ -71,6 +74,7 @@ class LayerSolution:
     error_final: float
     history: dict = field(default_factory=dict)
     penalty_mu: float | None = None
+    factors: Factors | None = None  # lowrank / lowrank-sparse: the exported pair (and S branch)
 
     @property
     def sparsity(self) -> float:
@@ -80,6 +84,8 @@ class LayerSolution:
 def solve_layer(problem: LayerProblem, structure: Structure, loss: str = "activation",
                 solver: str = "admm", settings: AdmmSettings = AdmmSettings()) -> LayerSolution:
     w0, b0 = problem.w0, problem.b0
+    if structure.kind in ("lowrank", "lowrank-sparse"):
+        return _solve_factored(problem, structure, loss, solver, settings)
     magnitude_w = _magnitude(w0, structure)
     error_dense = problem.relative_error(w0, b0, loss)
     error_projected = problem.relative_error(magnitude_w, b0, loss)
@@ -88,14 +94,14 @@ def solve_layer(problem: LayerProblem, structure: Structure, loss: str = "activa
     if solver == "magnitude":
         w, b = magnitude_w, b0
     elif solver == "refit" and structure.kind in ("dense", "mask"):
-        w, b = _refit_dense(problem, "linear", settings, structure.mask)
+        w, b = refit_on_support(problem, "linear", settings, structure.mask)
     elif solver == "refit":
         stats = moments(problem)
         mask = magnitude_w != 0
         w = masked_refit(stats, magnitude_w, mask)
         b = bias_for(stats, w) if problem.fit_bias else b0
     elif structure.kind in ("dense", "mask"):
-        w, b = _refit_dense(problem, loss, settings, structure.mask)
+        w, b = refit_on_support(problem, loss, settings, structure.mask)
     elif structure.kind in ("l1", "l0"):
         w, b, history, penalty_mu = _penalty_search(problem, structure, loss, settings)
     else:
@@ -106,22 +112,14 @@ def solve_layer(problem: LayerProblem, structure: Structure, loss: str = "activa
                          history=history, penalty_mu=penalty_mu)
 
 
-def _refit_dense(problem: LayerProblem, loss: str, settings: AdmmSettings, mask: torch.Tensor | None = None):
-    """Refit the weights on a fixed support (all of them when ``mask`` is None) so the layer reproduces
-    the original outputs from the compressed model's inputs (error compensation for layers upstream
-    compression changed). Least squares on the support (w_S = c_S Σ_SS⁻¹, b = μ_y − W μ_x), then — for the
-    activation loss — masked descent through σ from the better of W₀·mask and the least-squares W."""
-    stats = moments(problem)
-    support = torch.ones_like(problem.w0, dtype=torch.bool) if mask is None else mask.bool()
-    start = problem.w0 * support
-    w = masked_refit(stats, start, support)
-    b = bias_for(stats, w) if problem.fit_bias else problem.b0
-    if loss == "linear":
-        return w, b
-    if problem.relative_error(w, b, loss) > problem.relative_error(start, problem.b0, loss):
-        w, b = start, problem.b0
-    objective = ActivationObjective(problem, settings)
-    return refit_activation(objective, w, b, support, settings.refit_steps)
+def _solve_factored(problem: LayerProblem, structure: Structure, loss: str, solver: str,
+                    settings: AdmmSettings) -> LayerSolution:
+    w0, b0 = problem.w0, problem.b0
+    plain, *_ = solve_factored(problem, structure.rank, loss, "magnitude", settings)
+    w, b, factors, history = solve_factored(problem, structure.rank, loss, solver, settings)
+    return LayerSolution(weight=w, bias=b, mask=w != 0, error_dense=problem.relative_error(w0, b0, loss),
+                         error_projected=problem.relative_error(plain, b0, loss),
+                         error_final=problem.relative_error(w, b, loss), history=history, factors=factors)
 
 
 def _magnitude(w0: torch.Tensor, structure: Structure) -> torch.Tensor:

@@ -67,6 +67,29 @@ class LatencyTable:
         full_ms, ratio = self.entries[key]
         return float(full_ms), float(ratio)
 
+    def pair_ratio(self, node: onnx.NodeProto, input_shape: tuple[int, ...], weight: np.ndarray,
+                   inner: int) -> tuple[float, float]:
+        """(dense ms, factor-pair/dense ratio) of ``node`` alone against its low-rank pair of inner size
+        ``inner`` (the exported form of ``export/lowrank.py``)."""
+        key = hashlib.sha256(repr(("pair", node.op_type, sorted((a.name, str(helper.get_attribute_value(a)))
+                                                               for a in node.attribute),
+                                   tuple(input_shape), weight.shape, inner, self.threads)).encode()).hexdigest()
+        if key not in self.entries:
+            from ..analysis.layers import find_layers
+            from ..export.lowrank import FactoredLayer, factorize
+            from ..onnxio.graph import GraphView
+
+            dense = _one_node(node, input_shape, weight, {})
+            layer = find_layers(GraphView(dense)).layers[0]
+            rng = np.random.default_rng(2)
+            pair = factorize(dense, [FactoredLayer(layer, rng.standard_normal((layer.out_features, inner)) * 0.1,
+                                                   rng.standard_normal((inner, layer.in_features)) * 0.1, None)])
+            x = np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)
+            result = measure(dense, pair, {"x": x}, ROUNDS, self.threads)
+            self.entries[key] = [result.original_ms_median, result.ratio_median]
+        full_ms, ratio = self.entries[key]
+        return float(full_ms), float(ratio)
+
     def save(self) -> None:
         """Write the table to the disk cache (once, after a batch of measurements)."""
         if self.path is None:

@@ -3,6 +3,21 @@
 from __future__ import annotations
 
 
+def _factor_plan(lines: list[str], plan: dict) -> None:
+    planned = ", ".join(f"{k} {v[0] / v[1]:.3f} of the original" for k, v in plan["planned"].items()
+                        if v and v[1])
+    lines.append(f"## Factorized layers ({plan['strategy']}; planned {planned})")
+    lines.append("")
+    lines.append("| layer | exported form | pair latency / dense (measured) |")
+    lines.append("|---|---|---|")
+    for name, form in plan["export_forms"].items():
+        lines.append(f"| `{name}` | {form} | {_fmt(plan['pair_latency_ratio'].get(name))} |")
+    lines.append("")
+    for name, reason in plan["kept_dense"].items():
+        lines.append(f"- `{name}` kept dense: {reason}")
+    lines.append("")
+
+
 def _fmt(value, digits: int = 4) -> str:
     if value is None:
         return "—"
@@ -107,6 +122,8 @@ def render(report: dict) -> str:
                          f"{'gate holds' if attempt['passed'] else 'gate missed'} (agreement "
                          f"{_fmt(attempt['agreement'])}, drop {_fmt(attempt['accuracy_drop_pt'])} pt)")
         lines.append("")
+    if plan.get("export_forms") is not None:
+        _factor_plan(lines, plan)
     if report.get("declined"):
         lines.append("## Left dense")
         lines.append("")

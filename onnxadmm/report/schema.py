@@ -3,7 +3,8 @@
 Top-level keys of a ``compress`` report:
   schema_version, kind, tool, input, output, config, config_sha256, seed, calibration, plan,
   layers[] (name, op_type, weight_shape, activation, structure, target_level, sparsity, params, nonzero,
-            error_dense, error_projected, error_final, patches, seconds, admm_history),
+            error_dense, error_projected, error_final, patches, seconds, admm_history; for factorized layers
+            rank, inner (rank + merged rows), merged_rows, sparse_nonzero),
   declined[] (name, op_type, reason), totals, validation, passed, timing, notes.
 Errors are relative squared errors of the layer output on the sampled calibration patches:
   error_dense — original weights on the compressed model's inputs (error inherited from upstream);
@@ -32,6 +33,10 @@ def layer_row(outcome) -> dict[str, Any]:
         "error_dense": outcome.error_dense, "error_projected": outcome.error_projected,
         "error_final": outcome.error_final, "patches": outcome.patches, "seconds": round(outcome.seconds, 3),
         "penalty_mu": outcome.penalty_mu, "admm_history": outcome.history,
+        **({} if outcome.factors is None else {
+            "rank": outcome.factors.rank, "inner": outcome.factors.inner,
+            "merged_rows": outcome.factors.merged_rows,
+            "sparse_nonzero": None if outcome.factors.sparse is None else int((outcome.factors.sparse != 0).sum())}),
     }
 
 

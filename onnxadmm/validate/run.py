@@ -94,6 +94,9 @@ def gains_statement(a: Footprint, b: Footprint, latencies: list[LatencyAB]) -> l
     if b.macs >= a.macs and b.nonzero_macs < a.nonzero_macs:
         lines.append("Zeros inside dense weights give no speed-up in onnxruntime on CPU (it runs dense "
                      "kernels): this compression buys file size (after zip), not latency.")
+    if b.macs > a.macs:
+        lines.append("The compressed graph executes more dense MACs than the original (a dense-stored sparse "
+                     "branch runs beside a factor pair): it is smaller after zip, and slower.")
     if b.macs < a.macs:
         macs_ratio = b.macs / max(a.macs, 1)
         lines.append(f"The graph is physically smaller (channels or factors removed): onnxruntime executes "

@@ -1,0 +1,157 @@
+"""Solve one layer under a rank constraint: W ≈ A·B (low-rank) or W ≈ A·B + S (low-rank + sparse).
+
+Layer objective as elsewhere: f(W, b) = ‖σ(W x̂ + b) − σ(W₀x + b₀)‖² (``activation``) or
+‖W x̂ + b − (W₀x + b₀)‖² (``linear``), on the sampled patches. Single-group layers only (G = 1).
+
+* Whitened low-rank (the data metric, not ‖W − L‖): with Σ = Cov(x̂), C = Cov(y, x̂),
+      min_{rank L ≤ r} ‖L x̂ + b − y‖²  ⇔  min ‖L Σ^½ − C Σ^-½‖²  ⇒  L = P_r(C Σ^-½) Σ^-½,
+  exact for the linear loss (reduced-rank regression; with x̂ = x, C Σ^-½ = W₀ Σ^½: the SVD of W·H^½), and
+  its error for every r comes from one SVD: e(r) = (Var y − Σ_{i≤r} s_i²) / E‖y‖².
+* ADMM (``admm.py``) with the Z-step of ``projections/lowrank.py`` — rank r, or L + S — started from
+  the whitened solution; for the activation loss the W-step goes through σ.
+* Refit on the factored form: B (the row space of L) is kept, and [A | S] with S's support fixed is a
+  linear layer on the inputs [B x̂ ; x̂]; it is refit exactly (least squares) and, for the activation
+  loss, by masked descent through σ.
+Row-sparse S merges into the pair: A·B + E_I S_I = [A | E_I]·[B ; S_I] (rank r + c, c = |I|).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from .admm import AdmmSettings, admm_activation, admm_linear, refit_on_support
+from .problem import LayerProblem
+from .projections.lowrank import LowRankSparse, Rank, sparse_projection, truncated_svd
+from .refit import Moments, moments
+
+WHITENING_DAMPING = 1e-4  # ridge added to Σ (relative to its mean eigenvalue) before Σ^-½
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    """What a layer is factorized to: rank r of L, and S of ``sparse_count`` rows / channels / entries."""
+
+    rank: int
+    sparse_structure: str | None = None  # None | rows | columns | unstructured
+    sparse_count: int = 0
+    width: int = 1  # columns per input channel (kh·kw) for columns-sparse S
+
+
+@dataclass
+class Factors:
+    """W = left·right + sparse; ``left`` (Cout, k), ``right`` (k, d), ``sparse`` (Cout, d) or None
+    (only unstructured / column S stay a separate branch; rows are merged into the pair)."""
+
+    left: torch.Tensor
+    right: torch.Tensor
+    sparse: torch.Tensor | None
+    rank: int  # r of the low-rank part
+    merged_rows: int = 0  # c rows of S inside the pair (k = r + c)
+
+    @property
+    def inner(self) -> int:
+        return self.left.shape[1]
+
+    def dense(self) -> torch.Tensor:
+        w = self.left @ self.right
+        return w if self.sparse is None else w + self.sparse
+
+    @property
+    def nonzero(self) -> int:
+        count = int((self.left != 0).sum()) + int((self.right != 0).sum())
+        return count + (0 if self.sparse is None else int((self.sparse != 0).sum()))
+
+
+def whitened_low_rank(stats: Moments, rank: int, damping: float = WHITENING_DAMPING
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A (R, r), B (r, d), s) with A·B = P_r(C Σ^-½) Σ^-½ for group 0; s the singular values of C Σ^-½."""
+    sigma, cross = stats.sigma[0], stats.cross[0]
+    eigenvalues, basis = torch.linalg.eigh(sigma)
+    eigenvalues = eigenvalues.clamp_min(0) + damping * float(eigenvalues.clamp_min(0).mean())
+    inv_sqrt = (basis / eigenvalues.sqrt()) @ basis.T
+    u, s, vh = torch.linalg.svd(cross @ inv_sqrt, full_matrices=False)
+    r = min(rank, s.shape[0])
+    return (u[:, :r] * s[:r]).float(), (vh[:r] @ inv_sqrt).float(), s
+
+
+def rank_error_curve(stats: Moments) -> torch.Tensor:
+    """Linear-metric relative error of the best rank-r layer for r = 0..min(R, d) (index r)."""
+    _, _, s = whitened_low_rank(stats, 1)
+    explained = torch.cat([torch.zeros(1, dtype=s.dtype), torch.cumsum(s ** 2, 0)])
+    return ((stats.var_y - explained).clamp_min(0) / stats.energy_y).float()
+
+
+def solve_factored(problem: LayerProblem, spec: RankSpec, loss: str, solver: str,
+                   settings: AdmmSettings) -> tuple[torch.Tensor, torch.Tensor, Factors, dict]:
+    """Returns (W (1, R, d), b, factors, ADMM history) for ``spec`` on ``problem``."""
+    if problem.groups != 1:
+        raise ValueError("factorization is for single-group layers")
+    w0, b0 = problem.w0, problem.b0
+    if solver == "magnitude":  # plain truncated SVD of W, no data
+        a, b = truncated_svd(w0, spec.rank)
+        low = torch.bmm(a, b)
+        s = _sparse(spec)(w0 - low) if spec.sparse_structure else None
+        return (*_finish(problem, a[0], b[0], None if s is None else s[0], b0, spec, refit=None), {})
+    stats = moments(problem)
+    a, b, _ = whitened_low_rank(stats, spec.rank)
+    start = (a @ b)[None]
+    history: dict = {}
+    if solver == "refit" or (spec.sparse_structure is None and loss == "linear"):
+        z = start  # the whitened solution is exact for the linear loss
+    else:
+        project = Rank(spec.rank) if spec.sparse_structure is None else LowRankSparse(spec.rank, _sparse(spec))
+        if loss == "linear":
+            z, trace = admm_linear(stats, start, project, settings)
+        else:
+            z, _, trace, _ = admm_activation(problem, start, b0, project, settings)
+        history = trace.as_dict()
+    result = _from_z(problem, z, spec, loss, settings)
+    if z is not start and loss == "activation":  # never worse than the closed form, refit the same way
+        fallback = _from_z(problem, start, spec, loss, settings)
+        if problem.relative_error(fallback[0], fallback[1], loss) < problem.relative_error(result[0], result[1], loss):
+            result, history = fallback, {**history, "kept": "whitened start (ADMM ended worse)"}
+    return (*result, history)
+
+
+def _from_z(problem: LayerProblem, z: torch.Tensor, spec: RankSpec, loss: str, settings: AdmmSettings):
+    """Split Z into L (+ S), factor L, refit: (W, b, factors)."""
+    if spec.sparse_structure is None:
+        low, s = z, None
+    else:
+        low, s = LowRankSparse(spec.rank, _sparse(spec)).split(z)
+    a, b = truncated_svd(low, spec.rank)
+    return _finish(problem, a[0], b[0], None if s is None else s[0], problem.b0, spec, refit=(loss, settings))
+
+def _sparse(spec: RankSpec):
+    return sparse_projection(spec.sparse_structure, spec.sparse_count, spec.width)
+
+
+def _finish(problem: LayerProblem, a: torch.Tensor, b: torch.Tensor, s: torch.Tensor | None, bias: torch.Tensor,
+            spec: RankSpec, refit) -> tuple[torch.Tensor, torch.Tensor, Factors]:
+    """Refit [A | S] on [B x̂ ; x̂] (when ``refit`` is (loss, settings)), then build the exported factors."""
+    if refit is not None:
+        a, s, bias = _refit_factors(problem, a, b, s, *refit)
+    if s is not None and spec.sparse_structure == "rows":
+        rows = torch.nonzero(s.pow(2).sum(1) > 0).reshape(-1)
+        selector = torch.zeros(a.shape[0], len(rows))
+        selector[rows, torch.arange(len(rows))] = 1.0
+        factors = Factors(torch.cat([a, selector], 1), torch.cat([b, s[rows]], 0), None, a.shape[1], len(rows))
+    else:
+        factors = Factors(a, b, s, a.shape[1])
+    return factors.dense()[None], bias, factors
+
+
+def _refit_factors(problem: LayerProblem, a, b, s, loss: str, settings: AdmmSettings):
+    """Least squares (and descent through σ) of [A | S] with B and S's support fixed."""
+    x = problem.x_hat[:, 0, :]  # (P, d)
+    inputs = [x @ b.T] + ([x] if s is not None else [])
+    start = torch.cat([a] + ([s] if s is not None else []), 1)
+    support = torch.cat([torch.ones_like(a, dtype=torch.bool)] + ([s != 0] if s is not None else []), 1)
+    augmented = dataclasses.replace(problem, x_hat=torch.cat(inputs, 1)[:, None, :], w0=start[None])
+    w, bias = refit_on_support(augmented, loss, settings, support[None])
+    w = w[0]
+    r = a.shape[1]
+    return w[:, :r], (w[:, r:] if s is not None else None), bias

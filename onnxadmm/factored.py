@@ -1,0 +1,57 @@
+"""Low-rank and low-rank + sparse end to end (``--method lowrank | lowrank-sparse``, Ma et al. 2019):
+ranks per layer (``plan/lowrank.py``) → layer-wise ADMM with the rank / L+S Z-step, through the activation,
+sequential (``algorithms/factorize.py``) → every factorized layer exported as its factor pair
+(``export/lowrank.py``); layers left dense are refit to the compressed model's inputs.
+
+During the solve a factorized layer is its dense product A·B + S, which computes what the pair
+computes; the graph is rewritten once, at the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+
+from .algorithms.solve import Structure
+from .analysis.layers import Layer
+from .calib.readers import SampleSet
+from .config import CompressConfig
+from .export.apply import apply_initializers
+from .export.lowrank import FactoredLayer, export_form, factorize
+from .onnxio.graph import GraphView
+from .plan.lowrank import RankPlan, plan_ranks
+from .sequential import Progress, SequentialResult, compress_layers
+
+
+@dataclass
+class FactoredResult:
+    model: onnx.ModelProto
+    plan: RankPlan
+    solved: SequentialResult
+
+    def report(self) -> dict:
+        forms = {o.layer.name: export_form(o.layer, o.factors.inner, o.factors.sparse is not None)
+                 for o in self.solved.outcomes if o.factors is not None}
+        return {**self.plan.report(), "export_forms": forms}
+
+
+def compress_factored(view: GraphView, model: onnx.ModelProto, layers: list[Layer], samples: SampleSet,
+                      config: CompressConfig, progress: Progress) -> FactoredResult:
+    progress("plan", 0, 1, "choosing ranks")
+    plan = plan_ranks(view, layers, samples, config)
+    structures, levels = {}, {}
+    for layer in layers:
+        spec = plan.specs[layer.name]
+        if spec is None:
+            structures[layer.name] = Structure("dense" if config.refit_dense else "unstructured")
+            levels[layer.name] = 0.0
+        else:
+            structures[layer.name] = Structure(config.method, rank=spec)
+            levels[layer.name] = spec.rank / min(layer.out_features, layer.in_features)  # the rank ratio
+    solved = compress_layers(view, layers, samples, structures, levels, config, progress)
+    compressed = apply_initializers(model, solved.initializers)
+    factored = [FactoredLayer(o.layer, o.factors.left.numpy(), o.factors.right.numpy(),
+                              None if o.factors.sparse is None else o.factors.sparse.numpy())
+                for o in solved.outcomes if o.factors is not None]
+    return FactoredResult(factorize(compressed, factored), plan, solved)

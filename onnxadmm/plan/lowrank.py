@@ -1,0 +1,251 @@
+"""Choose each layer's rank (and S size) for ``--rank-ratio`` or a global params / MACs / latency target.
+
+Options per layer: dense, or a factorization with rank r of L on a grid (multiples of ``channel_multiple``
+under the latency objective, ≤ 32 evenly spaced ranks otherwise). For lowrank-sparse, S gets the share
+``sparse_share`` of the layer's parameters: p_L = r·(Cout + d), S = p_L·share/(1 − share) nonzeros
+(unstructured) or ⌊that/(d + 1)⌋ whole rows (merged into the pair: inner size r + c).
+Costs of the exported form: nonzero weights; MACs/sample = positions·k·(d + Cout) (+ positions·Cout·d
+for a dense-stored S branch); latency = the pair timed against the dense layer in onnxruntime.
+Damage: the output damage of the model with the layer alone at probe ranks, measured in onnxruntime
+(as in ``sensitivity.py``), interpolated in r; below the smallest probe it follows e(r), the share of the
+energy of W·diag(√E[x²]) beyond rank r (the whitened SVD curve with the input second moment taken
+diagonal). An L+S option counts as the rank with the same parameters. Allocation: ``allocate.py`` (least Σ damage under the budget).
+Under ``--objective latency`` a factorization measured no faster than its dense layer is never chosen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..algorithms.factorize import RankSpec
+from ..analysis.layers import Layer
+from ..calib.readers import SampleSet, evenly_spaced
+from ..config import CompressConfig
+from ..errors import ConfigError
+from ..onnxio.graph import GraphView
+from ..validate.footprint import node_macs
+from .allocate import Option, allocate
+from .sensitivity import input_second_moments, output_damage
+
+PROBE_RATIOS = (0.125, 0.25, 0.5, 0.75)  # probe ranks (fractions of full rank) whose damage is measured
+MAX_GRID = 32
+
+
+@dataclass
+class RankPlan:
+    specs: dict[str, RankSpec | None]  # None: the layer stays dense
+    strategy: str
+    dense_reasons: dict[str, str] = field(default_factory=dict)
+    planned: dict = field(default_factory=dict)  # {"params"|"macs"|"latency_ms": [planned, original]}
+    measured_damage: dict[str, float] = field(default_factory=dict)
+    latency_ratios: dict[str, float] = field(default_factory=dict)  # chosen pair / dense, measured
+
+    def report(self) -> dict:
+        return {"strategy": self.strategy, "planned": self.planned,
+                "ranks": {n: (None if s is None else {"rank": s.rank, "sparse": s.sparse_structure,
+                                                      "sparse_count": s.sparse_count})
+                          for n, s in self.specs.items()},
+                "kept_dense": self.dense_reasons, "measured_output_damage": self.measured_damage,
+                "pair_latency_ratio": self.latency_ratios}
+
+
+@dataclass(frozen=True)
+class _Choice:
+    spec: RankSpec
+    params: int
+    inner: int
+    macs: int
+    equivalent_rank: float
+
+
+def rank_grid(full: int, objective: str, multiple: int) -> list[int]:
+    if objective == "latency" and full >= 2 * multiple:
+        return list(range(multiple, full, multiple))
+    count = min(full - 1, MAX_GRID)
+    return sorted({max(1, int(round(v))) for v in np.linspace(1, full - 1, count)}) if full > 1 else []
+
+
+def choice_for(layer: Layer, rank: int, config: CompressConfig, positions: int) -> _Choice:
+    """The exported cost of rank ``rank`` (with its S) on ``layer``."""
+    rows, d = layer.out_features, layer.in_features
+    low = rank * (rows + d)
+    spec, inner, params, branch = RankSpec(rank), rank, low, 0
+    if config.method == "lowrank-sparse":
+        extra = low * config.sparse_share / (1 - config.sparse_share)
+        if config.sparse_structure == "rows":
+            count = min(rows, int(extra // (d + 1)))
+            spec, inner, params = RankSpec(rank, "rows", count), rank + count, low + count * (d + 1)
+        else:
+            count = min(rows * d, int(extra))
+            spec, params, branch = RankSpec(rank, "unstructured", count), low + count, rows * d
+    return _Choice(spec, params, inner, positions * (inner * (rows + d) + branch), params / (rows + d))
+
+
+def plan_ranks(view: GraphView, layers: list[Layer], samples: SampleSet, config: CompressConfig) -> RankPlan:
+    one = {name: array[:1] for name, array in samples.arrays.items()}
+    costs = node_macs(view.model, one, config.threads)
+    specs: dict[str, RankSpec | None] = {l.name: None for l in layers}
+    reasons: dict[str, str] = {}
+    eligible = []
+    for layer in layers:
+        if layer.groups > 1:
+            reasons[layer.name] = f"grouped conv (group={layer.groups}): a factorized split is slower"
+        elif min(layer.out_features, layer.in_features) < 2:
+            reasons[layer.name] = "rank 1 already"
+        else:
+            eligible.append(layer)
+    positions = {l.name: costs[l.node_index].positions if l.node_index in costs else 1 for l in layers}
+    timing = None
+    if config.objective == "latency" or config.target_latency is not None:
+        from .latency import LatencyTable
+
+        timing = LatencyTable(config.threads)
+    grids = {}
+    for layer in eligible:
+        full = min(layer.out_features, layer.in_features)
+        grid = [max(1, min(full, int(round(config.rank_ratio * full))))] if config.rank_ratio is not None \
+            else rank_grid(full, config.objective, config.channel_multiple)
+        choices = [choice_for(layer, r, config, positions[layer.name]) for r in grid]
+        choices = [c for c in choices if c.params < layer.num_weights]
+        if timing is not None:
+            node, shape = view.nodes[layer.node_index], costs[layer.node_index].input_shape
+            weight = view.constant(layer.weight_name)
+            faster = []
+            for c in choices:
+                dense_ms, ratio = timing.pair_ratio(node, (1, *shape[1:]), weight, c.inner)
+                if config.objective == "size" or ratio < 1.0:
+                    faster.append((c, dense_ms, ratio))
+            grids[layer.name] = faster
+        else:
+            grids[layer.name] = [(c, 0.0, 1.0) for c in choices]
+        if not grids[layer.name]:
+            reasons[layer.name] = ("no rank on the grid is faster than the dense layer in onnxruntime here"
+                                   if timing is not None else "no rank with fewer parameters than the dense layer")
+    if timing is not None:
+        timing.save()
+    eligible = [l for l in eligible if grids[l.name]]
+    if config.rank_ratio is not None:
+        for layer in eligible:
+            specs[layer.name] = grids[layer.name][0][0].spec
+        plan = RankPlan(specs, f"rank ratio {config.rank_ratio}", reasons)
+        plan.latency_ratios = {l.name: grids[l.name][0][2] for l in eligible if timing is not None}
+        plan.planned = _planned(layers, specs, grids, positions)
+        return plan
+    if not eligible:
+        raise ConfigError("the target cannot be met: no layer can be factorized ("
+                          + "; ".join(f"{n}: {r}" for n, r in list(reasons.items())[:4]) + ")")
+    curves, damage = _damage_curves(view, eligible, samples, config)
+    options, measure, budget, what, fixed, original = _options(view, layers, eligible, grids, curves, positions,
+                                                               costs, one, config)
+    cheapest = fixed + sum(min(o.cost for o in opts) for opts in options.values())
+    if cheapest > budget + fixed + 1e-9 * original:
+        slow = sum("faster" in r for r in reasons.values())
+        raise ConfigError(f"the {what} cannot be met by factorization: the strongest ranks on the grid bring the "
+                          f"model to {cheapest / original:.3f} of the original's {measure}"
+                          + (f"; {slow} layers have no factor pair faster than the dense layer in onnxruntime "
+                             "here (per-call overhead dominates small layers)" if slow else "")
+                          + ". Ask for less, or use --method channel for speed")
+    chosen = allocate(options, budget, what=what)
+    for layer in eligible:
+        level = chosen[layer.name].level
+        if level >= 0:
+            specs[layer.name] = grids[layer.name][int(level)][0].spec
+        else:
+            reasons.setdefault(layer.name, f"kept dense by the allocation (its {measure} buy more elsewhere)")
+    plan = RankPlan(specs, f"allocated under {what}", reasons, measured_damage=damage)
+    plan.latency_ratios = {l.name: grids[l.name][int(chosen[l.name].level)][2]
+                           for l in eligible if timing is not None and chosen[l.name].level >= 0}
+    plan.planned = _planned(layers, specs, grids, positions)
+    plan.planned[measure] = [fixed + sum(chosen[l.name].cost for l in eligible), original]
+    return plan
+
+
+def _planned(layers, specs, grids, positions) -> dict:
+    params = macs = params0 = macs0 = 0
+    for layer in layers:
+        dense_params, dense_macs = layer.num_weights, positions[layer.name] * layer.out_features * layer.in_features // layer.groups
+        params0, macs0 = params0 + dense_params, macs0 + dense_macs
+        spec = specs[layer.name]
+        if spec is None:
+            params, macs = params + dense_params, macs + dense_macs
+        else:
+            c = next(c for c, _, _ in grids[layer.name] if c.spec == spec)
+            params, macs = params + c.params, macs + c.macs
+    return {"params": [params, params0], "layer_macs": [macs, macs0]}
+
+
+def _damage_curves(view, layers, samples, config):
+    """Predicted damage per rank (index r) of each layer, and the measured damage at the probes.
+
+    The model output damage D (as in ``sensitivity.py``) is measured with the layer alone at the probe
+    ranks, each probe the best rank-p layer in the diagonal data metric; between probes D is interpolated
+    linearly in r (D(full) = 0), below the smallest probe it follows the energy curve e(r)·D(p)/e(p)."""
+    subset = samples.subset(evenly_spaced(samples.num_samples, min(config.sensitivity_samples, samples.num_samples)))
+    second = input_second_moments(view, layers, subset, config.batch_size, config.threads)
+    energy_curves, probes, ranks = {}, {}, {}
+    for layer in layers:
+        w = layer.canonical(view.constant(layer.weight_name))[0].astype(np.float64)
+        scale = np.sqrt(np.maximum(second[layer.name][0], 0)) + 1e-12
+        u, s, vh = np.linalg.svd(w * scale, full_matrices=False)
+        energy = s ** 2
+        tail = np.concatenate([[energy.sum()], energy.sum() - np.cumsum(energy)])
+        energy_curves[layer.name] = tail / (energy.sum() or 1.0)
+        ranks[layer.name] = sorted({max(1, int(round(f * len(s)))) for f in PROBE_RATIOS} - {len(s)})
+        for p in ranks[layer.name]:
+            approx = (u[:, :p] * s[:p]) @ vh[:p] / scale
+            probes[(layer.name, p)] = {layer.weight_name: layer.stored(approx[None])}
+    damage = output_damage(view, probes, subset, config.batch_size, config.threads)
+    curves, measured = {}, {}
+    for layer in layers:
+        full = len(energy_curves[layer.name]) - 1
+        points = ranks[layer.name]
+        values = [damage[(layer.name, p)] for p in points]
+        measured[layer.name] = dict(zip(map(str, points), values))
+        grid = np.arange(full + 1)
+        curve = np.interp(grid, points + [full], values + [0.0])
+        low = grid < points[0]
+        e = energy_curves[layer.name]
+        curve[low] = values[0] * e[low] / max(float(e[points[0]]), 1e-12)
+        curves[layer.name] = np.maximum.accumulate(curve[::-1])[::-1]  # never less damage at a lower rank
+    return curves, measured
+
+
+def _curve_at(curve: np.ndarray, rank: float) -> float:
+    """The curve at a fractional rank (linear between integers)."""
+    return float(np.interp(min(rank, len(curve) - 1), np.arange(len(curve)), curve))
+
+
+def _options(view, layers, eligible, grids, curves, positions, costs, one, config):
+    """Options per eligible layer (level = index on its grid, −1 = dense), the measure, the budget for the
+    eligible layers, its name, the cost outside them and the original total."""
+    fixed_dense = [l for l in layers if l not in eligible]
+    if config.target_latency is not None:
+        from .latency import model_latency_ms
+
+        total_ms = model_latency_ms(view.model, one, config.threads)
+        options = {l.name: [Option(-1, grids[l.name][0][1], 0.0)] +
+                   [Option(i, ms * ratio, _curve_at(curves[l.name], c.equivalent_rank))
+                    for i, (c, ms, ratio) in enumerate(grids[l.name])] for l in eligible}
+        movable = sum(grids[l.name][0][1] for l in eligible)
+        budget = config.target_latency * total_ms - (total_ms - movable)
+        if budget <= 0:
+            raise ConfigError(f"--target-latency {config.target_latency} cannot be met: the layers that can be "
+                              f"factorized take {movable:.3f} of {total_ms:.3f} ms")
+        return (options, "latency_ms", budget, f"--target-latency {config.target_latency}", total_ms - movable,
+                total_ms)
+    if config.target_macs is not None:
+        dense = {l.name: positions[l.name] * l.out_features * l.in_features for l in eligible}
+        total = sum(c.dense for c in costs.values())
+        options = {l.name: [Option(-1, dense[l.name], 0.0)] +
+                   [Option(i, c.macs, _curve_at(curves[l.name], c.equivalent_rank))
+                    for i, (c, _, _) in enumerate(grids[l.name])] for l in eligible}
+        fixed = total - sum(dense.values())
+        return options, "macs", config.target_macs * total - fixed, f"--target-macs {config.target_macs}", fixed, total
+    options = {l.name: [Option(-1, l.num_weights, 0.0)] +
+               [Option(i, c.params, _curve_at(curves[l.name], c.equivalent_rank))
+                for i, (c, _, _) in enumerate(grids[l.name])] for l in eligible}
+    total = sum(l.num_weights for l in layers)
+    fixed = sum(l.num_weights for l in fixed_dense)
+    return options, "params", config.target_params * total - fixed, f"--target-params {config.target_params}", fixed, total

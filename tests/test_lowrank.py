@@ -1,0 +1,322 @@
+"""Low-rank and low-rank + sparse (Ma et al. 2019): projections, the factored solve, export forms
+(onnxruntime against a numpy reference), and the method end to end."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from numpy.lib.stride_tricks import sliding_window_view
+
+from models import GraphBuilder, run, samples_for
+from onnxadmm.algorithms.admm import AdmmSettings
+from onnxadmm.algorithms.factorize import Factors, RankSpec, rank_error_curve, solve_factored, whitened_low_rank
+from onnxadmm.algorithms.problem import LayerProblem
+from onnxadmm.algorithms.projections.lowrank import (LowRankSparse, Rank, low_rank, sparse_projection,
+                                                     split_low_rank_sparse)
+from onnxadmm.algorithms.refit import moments
+from onnxadmm.analysis.layers import find_layers
+from onnxadmm.export.lowrank import FactoredLayer, factorize
+from onnxadmm.onnxio.graph import GraphView
+
+
+# -- projections ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", range(5))
+def test_rank_projection_meets_eckart_young(seed):
+    v = torch.randn(2, 12, 20, generator=torch.Generator().manual_seed(seed))
+    r = 4
+    projected = Rank(r)(v)
+    for g in range(2):
+        assert torch.linalg.matrix_rank(projected[g]) == r
+        s = torch.linalg.svdvals(v[g].double())
+        error = float((v[g] - projected[g]).double().pow(2).sum())
+        assert error == pytest.approx(float(s[r:].pow(2).sum()), rel=1e-4)
+    assert torch.allclose(Rank(r)(projected), projected, atol=1e-5)  # idempotent
+
+
+@pytest.mark.parametrize("structure,count", [("unstructured", 30), ("rows", 3), ("columns", 2)])
+@pytest.mark.parametrize("seed", range(4))
+def test_low_rank_sparse_alternation_never_increases_and_meets_constraints(structure, count, seed):
+    v = torch.randn(1, 16, 24, generator=torch.Generator().manual_seed(seed))
+    project = sparse_projection(structure, count, width=3)
+    history = []
+    low, s = split_low_rank_sparse(v, 3, project, iterations=25, history=history)
+    assert all(b <= a * (1 + 1e-9) + 1e-9 for a, b in zip(history, history[1:]))
+    assert torch.linalg.matrix_rank(low[0]) <= 3
+    if structure == "unstructured":
+        assert int((s != 0).sum()) <= count
+    elif structure == "rows":
+        assert int((s[0].abs().sum(1) > 0).sum()) <= count
+    else:
+        assert int((s[0].abs().sum(0).reshape(-1, 3).sum(1) > 0).sum()) <= count
+    # no worse than the pure low-rank projection at the same rank (S = 0 is feasible)
+    assert float((v - low - s).pow(2).sum()) <= float((v - low_rank(v, 3)).pow(2).sum()) + 1e-6
+
+
+def test_low_rank_sparse_projection_is_stateful_warm_start():
+    v = torch.randn(1, 10, 10, generator=torch.Generator().manual_seed(3))
+    project = LowRankSparse(2, sparse_projection("unstructured", 12))
+    z = project(v)
+    assert project.last_sparse is not None and int((project.last_sparse != 0).sum()) <= 12
+    again = project(v)  # warm-started from the first call's S: continues the descent, never worse
+    assert float((v - again).pow(2).sum()) <= float((v - z).pow(2).sum()) * (1 + 1e-6)
+
+
+# -- the factored solve -----------------------------------------------------------------------------
+def _problem(seed=0, patches=6000, rows=24, d=40, activation=True):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g) * torch.logspace(0, -1.5, d)
+    x = torch.relu(torch.randn(patches, d, generator=g) @ mix)
+    w0 = torch.randn(1, rows, d, generator=g) / d ** 0.5
+    b0 = torch.randn(rows, generator=g) * 0.1
+    y = x @ w0[0].T + b0
+    act = (lambda z, s: torch.relu(z)) if activation else None
+    return LayerProblem(x_hat=x[:, None, :].clone(), y_ref=y, w0=w0, b0=b0, activation=act)
+
+
+def test_whitened_low_rank_is_the_data_optimum_and_its_curve_is_exact():
+    problem = _problem(activation=False)
+    stats = moments(problem)
+    curve = rank_error_curve(stats)
+    assert curve[0] > curve[5] > curve[-1] and curve[-1] < 1e-3
+    for r in (2, 6):
+        a, b, _ = whitened_low_rank(stats, r)
+        w = (a @ b)[None]
+        error = problem.relative_error(w, problem.b0 * 0 + _bias(stats, w), "linear")
+        assert error == pytest.approx(float(curve[r]), rel=2e-2, abs=1e-5)
+        plain = low_rank(problem.w0, r)
+        assert error < problem.relative_error(plain, _bias(stats, plain), "linear")
+
+
+def _bias(stats, w):
+    from onnxadmm.algorithms.refit import bias_for
+    return bias_for(stats, w)
+
+
+@pytest.mark.parametrize("spec", [RankSpec(6), RankSpec(4, "rows", 3), RankSpec(4, "unstructured", 80)])
+def test_admm_through_activation_beats_plain_svd_and_factors_reproduce_the_weight(spec):
+    problem = _problem()
+    settings = AdmmSettings(iterations=15)
+    plain, _, _, _ = solve_factored(problem, spec, "activation", "magnitude", settings)
+    w, bias, factors, history = solve_factored(problem, spec, "activation", "admm", settings)
+    assert history["objective"]
+    assert problem.relative_error(w, bias, "activation") < 0.7 * problem.relative_error(plain, problem.b0,
+                                                                                       "activation")
+    assert torch.allclose(factors.dense()[None], w, atol=1e-5)
+    assert factors.rank == spec.rank
+    if spec.sparse_structure == "rows":
+        assert factors.sparse is None and factors.inner == spec.rank + factors.merged_rows
+        assert factors.merged_rows <= spec.sparse_count
+    if spec.sparse_structure == "unstructured":
+        assert int((factors.sparse != 0).sum()) <= spec.sparse_count
+
+
+def test_full_rank_solve_reproduces_the_layer():
+    problem = _problem(rows=8, d=12)
+    w, bias, factors, _ = solve_factored(problem, RankSpec(8), "linear", "admm", AdmmSettings())
+    assert problem.relative_error(w, bias, "linear") < 1e-6
+
+
+# -- export: onnxruntime vs a numpy reference ------------------------------------------------------
+def _conv_reference(x, w, b, stride, pad):
+    x = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    k = w.shape[-1]
+    windows = sliding_window_view(x, (k, k), axis=(2, 3))[:, :, ::stride, ::stride]  # N C H W k k
+    return np.einsum("nchwij,ocij->nohw", windows, w) + b[None, :, None, None]
+
+
+def _svd_factors(w, k):
+    u, s, vh = np.linalg.svd(w.astype(np.float64), full_matrices=False)
+    return (u[:, :k] * s[:k]), vh[:k]
+
+
+def _conv_model(stride=1, k=3):
+    b = GraphBuilder(4)
+    y = b.conv("input", 6, 10, k=k, stride=stride, act="Relu")
+    return b.model([("input", ["N", 6, 9, 9])], [y])
+
+
+@pytest.mark.parametrize("stride,k", [(1, 3), (2, 3), (1, 1)])
+@pytest.mark.parametrize("form", ["full", "rank", "rows", "branch"])
+def test_conv_export_forms_match_numpy(stride, k, form):
+    model = _conv_model(stride, k)
+    view = GraphView(model)
+    layer = find_layers(view).layers[0]
+    w = view.constant(layer.weight_name).reshape(10, -1)
+    bias = view.constant(layer.bias_name)
+    rng = np.random.default_rng(0)
+    inner = w.shape[1] if form == "full" else 3
+    left, right = _svd_factors(w, min(inner, min(w.shape)))
+    sparse = None
+    if form == "rows":  # two whole rows merged into the pair: [A | E_I]·[B ; S_I]
+        rows = np.array([1, 7])
+        selector = np.zeros((10, 2))
+        selector[rows, [0, 1]] = 1
+        left, right = np.hstack([left, selector]), np.vstack([right, rng.standard_normal((2, w.shape[1]))])
+    if form == "branch":
+        sparse = rng.standard_normal(w.shape) * (rng.random(w.shape) < 0.1)
+    dense = left @ right + (0 if sparse is None else sparse)
+    out = factorize(model, [FactoredLayer(layer, left, right, sparse)])
+    onnx.checker.check_model(out, full_check=True)
+    assert [n.op_type for n in out.graph.node].count("Conv") == (3 if sparse is not None else 2)
+    feed = samples_for(model, 3)
+    got = run(out, feed)[0]
+    expected = np.maximum(_conv_reference(feed["input"].astype(np.float64), dense.reshape(10, 6, k, k), bias,
+                                          stride, k // 2), 0)
+    assert np.abs(got - expected).max() < 1e-4
+    if form == "full":
+        assert np.abs(got - run(model, feed)[0]).max() < 1e-4
+    assert [o.name for o in out.graph.output] == [o.name for o in model.graph.output]
+
+
+@pytest.mark.parametrize("trans_b,alpha,beta", [(True, 1.0, 1.0), (False, 0.5, 2.0)])
+@pytest.mark.parametrize("branch", [False, True])
+def test_gemm_export_matches_numpy(trans_b, alpha, beta, branch):
+    b = GraphBuilder(5)
+    y = b.gemm("input", 12, 9, trans_b=trans_b, alpha=alpha, beta=beta, act=None)
+    model = b.model([("input", ["N", 12])], [y])
+    view = GraphView(model)
+    layer = find_layers(view).layers[0]
+    w = layer.canonical(view.constant(layer.weight_name))[0]  # includes alpha
+    bias = layer.canonical_bias(view)  # includes beta
+    left, right = _svd_factors(w, 4)
+    sparse = np.where(np.random.default_rng(1).random(w.shape) < 0.1, 1.0, 0.0) if branch else None
+    out = factorize(model, [FactoredLayer(layer, left, right, sparse)])
+    onnx.checker.check_model(out, full_check=True)
+    feed = samples_for(model, 4)
+    dense = left @ right + (0 if sparse is None else sparse)
+    expected = feed["input"] @ dense.T + bias
+    assert np.abs(run(out, feed)[0] - expected).max() < 1e-4
+
+
+def test_matmul_3d_full_rank_reproduces_original():
+    b = GraphBuilder(6)
+    y = b.matmul("input", 16, 12, act="Relu")
+    model = b.model([("input", ["N", 5, 16])], [y])
+    view = GraphView(model)
+    layer = find_layers(view).layers[0]
+    w = layer.canonical(view.constant(layer.weight_name))[0]
+    left, right = _svd_factors(w, 12)
+    out = factorize(model, [FactoredLayer(layer, left, right, None)])
+    feed = samples_for(model, 3)
+    assert np.abs(run(out, feed)[0] - run(model, feed)[0]).max() < 1e-4
+    left, right = _svd_factors(w, 3)
+    got = run(factorize(model, [FactoredLayer(layer, left, right, None)]), feed)[0]
+    assert np.abs(got - np.maximum(feed["input"] @ (left @ right).T, 0)).max() < 1e-4
+
+
+def test_conv1d_full_rank_reproduces_original():
+    b = GraphBuilder(7)
+    w = b.const(b.weight(8, 4, 3), "W")
+    y = b.node("Conv", ["input", w, b.const(np.zeros(8, np.float32))], kernel_shape=[3], pads=[1, 1], strides=[2])
+    model = b.model([("input", ["N", 4, 11])], [y])
+    view = GraphView(model)
+    layer = find_layers(view).layers[0]
+    left, right = _svd_factors(view.constant(layer.weight_name).reshape(8, -1), 8)
+    feed = samples_for(model, 2)
+    out = factorize(model, [FactoredLayer(layer, left, right, None)])
+    onnx.checker.check_model(out, full_check=True)
+    assert np.abs(run(out, feed)[0] - run(model, feed)[0]).max() < 1e-4
+
+
+# -- the methods end to end ------------------------------------------------------------------------
+def tiny_encoder(seed=0, tokens=6, width=16, hidden=32):
+    """One transformer encoder layer: single-head Softmax attention, residual Adds, LayerNormalization,
+    a ReLU MLP with bias Adds — MatMul on 3-D inputs throughout."""
+    b = GraphBuilder(seed)
+    q, k, v = (b.matmul("input", width, width) for _ in range(3))
+    scores = b.node("Mul", [b.node("MatMul", [q, b.node("Transpose", [k], perm=[0, 2, 1])]),
+                            b.const(np.array(width ** -0.5, np.float32))])
+    attention = b.node("MatMul", [b.node("Softmax", [scores], axis=-1), v])
+    h = b.node("Add", ["input", b.matmul(attention, width, width)])
+    norm = lambda x: b.node("LayerNormalization", [x, b.const(np.ones(width, np.float32)),
+                                                   b.const(np.zeros(width, np.float32))], axis=-1)
+    h = norm(h)
+    f = b.node("Relu", [b.node("Add", [b.matmul(h, width, hidden), b.const(np.full(hidden, 0.1, np.float32))])])
+    out = norm(b.node("Add", [h, b.matmul(f, hidden, width)]))
+    return b.model([("input", ["N", tokens, width])], [out])
+
+
+def test_lowrank_on_a_transformer_encoder_factorizes_every_matmul():
+    from onnxadmm import CompressConfig, compress
+
+    model = tiny_encoder()
+    calib = samples_for(model, 48)
+    config = CompressConfig(method="lowrank", rank_ratio=0.25, objective="size", admm_iterations=10)
+    result = compress(model, calib, config)
+    onnx.checker.check_model(result.model, full_check=True)
+    rows = {r["name"]: r for r in result.report["layers"]}
+    assert len(rows) == 6 and all(r["rank"] == 4 for r in rows.values())
+    assert sum(n.op_type == "MatMul" for n in result.model.graph.node) == 2 + 2 * 6
+    # the data-aware solve beats the truncated SVD of W in the layer's own metric
+    assert all(r["error_final"] < r["error_projected"] for r in rows.values())
+    assert [o.name for o in result.model.graph.output] == [o.name for o in model.graph.output]
+    feed = samples_for(model, 8, seed=9)
+    got, ref = run(result.model, feed)[0], run(model, feed)[0]
+    assert got.shape == ref.shape and np.isfinite(got).all()
+
+
+def test_target_params_is_met_for_lowrank_and_sparse():
+    from models import tiny_cnn
+    from onnxadmm import CompressConfig, compress
+
+    model = tiny_cnn()
+    calib = samples_for(model, 48)
+    for config in (CompressConfig(method="lowrank", target_params=0.5, objective="size", admm_iterations=8),
+                   CompressConfig(method="lowrank-sparse", target_params=0.5, objective="size",
+                                  sparse_structure="unstructured", admm_iterations=8),
+                   CompressConfig(method="sparse", target_params=0.5, admm_iterations=8)):
+        result = compress(model, calib, config)
+        totals = result.report["totals"]
+        assert totals["nonzero_in_compressed_layers"] <= 0.5 * totals["weights_in_compressed_layers"] * 1.01, config
+        if config.method != "sparse":
+            planned, original = result.report["plan"]["planned"]["params"]
+            assert planned <= 0.5 * original * 1.001
+            assert result.report["plan"]["kept_dense"]["Conv_10"].startswith("grouped conv")
+
+
+def test_unstructured_s_branch_is_reported_as_slower(tmp_path):
+    from models import tiny_cnn
+    from onnxadmm import CompressConfig, compress
+
+    model = tiny_cnn()
+    result = compress(model, samples_for(model, 32), CompressConfig(
+        method="lowrank-sparse", rank_ratio=0.25, objective="size", sparse_structure="unstructured",
+        admm_iterations=5))
+    assert any(n.op_type == "Add" and n.name.endswith("onnxadmm_add_sparse") for n in result.model.graph.node)
+    gains = " ".join(result.report["validation"]["gains"])
+    assert "more dense MACs" in gains and "slower" in gains
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(method="lowrank"), "exactly one of"),
+    (dict(method="lowrank", rank_ratio=0.5, target_params=0.5), "exactly one of"),
+    (dict(method="lowrank-sparse", target_params=0.5, sparse_structure="unstructured"), "--objective size"),
+    (dict(method="lowrank-sparse", target_macs=0.5, sparse_structure="unstructured", objective="size"), "rows"),
+    (dict(method="channel", target_macs=0.5, target_params=0.5), "--target-params applies"),
+    (dict(method="sparse", rank_ratio=0.5), "--rank-ratio applies"),
+    (dict(method="lowrank", rank_ratio=1.5), "rank_ratio must be in"),
+])
+def test_lowrank_config_errors(kwargs, message):
+    from onnxadmm.config import CompressConfig
+    from onnxadmm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message.replace("-", r"\-").replace("(", r"\(")):
+        CompressConfig(**kwargs)
+
+
+def test_latency_objective_keeps_layers_whose_pair_is_not_faster(tmp_path, monkeypatch):
+    """Under --objective latency a factorization is chosen only where the measured pair is faster: tiny
+    layers are dominated by per-call overhead, so the pair is slower and they stay dense, with the reason."""
+    from models import tiny_cnn
+    from onnxadmm import CompressConfig, compress
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    model = tiny_cnn()
+    result = compress(model, samples_for(model, 32), CompressConfig(method="lowrank", rank_ratio=0.25,
+                                                                    admm_iterations=5))
+    plan = result.report["plan"]
+    for name, ratio in plan["pair_latency_ratio"].items():
+        assert ratio < 1.0
+    slow = [n for n, reason in plan["kept_dense"].items() if "faster" in reason]
+    assert set(slow) | set(plan["pair_latency_ratio"]) >= {"Conv_4", "Conv_26", "Gemm_36"}
+    assert (tmp_path / "onnxadmm").is_dir()  # the pair timings are cached
