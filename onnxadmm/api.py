@@ -114,8 +114,8 @@ def compress(model: Any, calibration: Any, config: CompressConfig = CompressConf
     from .sequential import compress_layers, structure_for
     from .factored import compress_factored
     from .structured import compress_channels, compress_grouped, declined_groups
-    from .validate.gates import check_gate_inputs
-    from .validate.run import validate_models
+    from .validation.gates import check_gate_inputs
+    from .validation.run import validate_models
     from .runtime import cpu_threads
 
     validate_config = validate_config or ValidateConfig()
@@ -202,8 +202,8 @@ def _give_back(channels, view, model, everything, found, calib, eval_set, origin
     the MACs target by ``give_back_step`` (the allocation returns width where it cuts damage most per
     MAC) and solve again, up to ``max_macs``. Returns the last attempt and the list of attempts."""
     from .structured import compress_channels
-    from .validate.compare import run_all
-    from .validate.run import accuracy_gates
+    from .validation.compare import run_all
+    from .validation.run import accuracy_gates
     from .runtime import session
 
     outputs_original = run_all(session(original, config.threads), eval_set, config.batch_size)
@@ -257,8 +257,8 @@ def peak_rss_mb() -> float:
 def validate(original: Any, compressed: Any, data: Any, config: ValidateConfig = ValidateConfig(),
              batch_size: int = 32, threads: int = 0) -> tuple[dict, bool]:
     """Compare two models on ``data``; returns (report, passed)."""
-    from .validate.gates import check_gate_inputs
-    from .validate.run import validate_models
+    from .validation.gates import check_gate_inputs
+    from .validation.run import validate_models
 
     started = time.perf_counter()
     a, b = _load(original), _load(compressed)
@@ -272,11 +272,49 @@ def validate(original: Any, compressed: Any, data: Any, config: ValidateConfig =
         samples, _ = select(samples, min(config.eval_samples, samples.num_samples), "evaluation")
     check_gate_inputs(config, samples.labels is not None)
     validation = validate_models(a.model, b.model, samples, config, batch_size, threads, True)
+    platform = platform_check(a.model, b.model, samples, config) if config.platform else None
     report = {"schema_version": SCHEMA_VERSION, "kind": "validate", "tool": machine(),
               "input": _input_info(a), "output": _input_info(b), "validate_config": dataclasses.asdict(config),
               "validation": validation.as_dict(), "passed": validation.passed,
               "timing": {"total_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}}
-    return report, validation.passed
+    if platform is not None:
+        report["platform_check"] = platform
+        report["passed"] = validation.passed and platform["passed"]
+    return report, report["passed"]
+
+
+def platform_check(original: onnx.ModelProto, compressed: onnx.ModelProto, samples: SampleSet,
+                   config: ValidateConfig, progress: Progress | None = None) -> dict:
+    """Both models on the first ``platform_samples`` samples in the other platform's onnxruntime (emulated)
+    and here; outputs compared (``validation/aarch64.py``)."""
+    import tempfile
+
+    from .runtime import session
+    from .validation.aarch64 import compare, prepare
+
+    progress = progress or (lambda *args: None)
+    progress("platform", 0, 1, f"{config.platform}: preparing the emulated onnxruntime")
+    env = prepare(log=lambda message: progress("platform", 0, 1, message))
+    count = min(config.platform_samples, samples.num_samples)
+    feed = {name: array[:count] for name, array in samples.arrays.items()}
+    x86 = []
+    for model in (original, compressed):
+        sess = session(model, 1)
+        names = [o.name for o in sess.get_outputs()]
+        runs = [sess.run(names, {n: v[i:i + 1] for n, v in feed.items()}) for i in range(count)]
+        x86.append([np.concatenate([r[k] for r in runs]) for k in range(len(names))])
+    with tempfile.TemporaryDirectory(prefix="onnxadmm-platform-") as folder:
+        paths = []
+        for name, model in (("original", original), ("compressed", compressed)):
+            path = Path(folder) / f"{name}.onnx"
+            large = model.ByteSize() >= (1 << 31) - (1 << 20)
+            onnx.save_model(model, str(path), save_as_external_data=large, location=f"{name}.onnx.data")
+            paths.append(path)
+        progress("platform", 0, 1, f"running {count} samples under qemu")
+        arm = env.run(paths, feed)
+    result = compare(x86, arm["outputs"], ["original", "compressed"])
+    result.update({"samples": count, "emulated_machine": arm["machine"], "onnxruntime": arm["ort"]})
+    return result
 
 
 def check(model: Any, config: CompressConfig = CompressConfig()) -> dict:
@@ -325,7 +363,7 @@ def _unsupported_ops(view: GraphView) -> list[dict]:
 
 
 def _estimate(model: onnx.ModelProto, view: GraphView) -> dict:
-    from .validate.footprint import footprint
+    from .validation.footprint import footprint
 
     feed = {}
     for name, tensor_type in model_inputs(view).items():

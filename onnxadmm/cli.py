@@ -240,6 +240,15 @@ def _print_summary(report: dict, report_path: Path | None) -> None:
         lines.extend(v.get("gains", []))
         for gate in v.get("gates", []):
             lines.append(f"gate {gate['name']}: {'PASS' if gate['passed'] else 'FAIL'} — {gate['detail']}")
+    platform = report.get("platform_check")
+    if platform:
+        for row in platform["models"]:
+            lines.append(f"{platform['platform']}: {row['model']} max |diff| vs x86 {row['max_abs_diff_vs_x86']:.2e} "
+                         f"(max |output| {row['max_abs_output']:.3g}), "
+                         f"{'within' if row['within_fp32_tolerance'] else 'OUTSIDE'} fp32 tolerance; top-1 "
+                         f"agreement with the x86 original {row['top1_agreement_with_original_x86']:.4f} "
+                         f"on {platform['samples']} samples")
+        lines.append(f"platform check: {'PASS' if platform['passed'] else 'FAIL'} ({platform['note']})")
     if report_path:
         lines.append(f"report: {report_path} (+ {report_path.with_suffix('.md').name})")
     print("\n".join(lines))

@@ -36,6 +36,7 @@ CHANNEL_METHODS = ("channel", "l0-l21")
 LOWRANK_METHODS = ("lowrank", "lowrank-sparse")
 SPARSE_STRUCTURES = ("rows", "unstructured")
 OBJECTIVES = ("latency", "size")
+PLATFORMS = ("linux-aarch64",)
 LOSSES = ("activation", "linear")
 SOLVERS = ("admm", "magnitude", "refit")
 
@@ -262,6 +263,12 @@ class ValidateConfig:
     latency_threads: int = field(
         default=0, metadata=_opt("onnxruntime intra-op threads while timing (0 = all cores)")
     )
+    platform: str | None = field(
+        default=None, metadata=_opt("also run both models in onnxruntime for this platform (emulated with qemu) "
+                                    "and compare outputs with this machine's run; outputs only, never speed",
+                                    PLATFORMS)
+    )
+    platform_samples: int = field(default=32, metadata=_opt("samples run under emulation by --platform"))
 
     def __post_init__(self) -> None:
         if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
@@ -276,6 +283,10 @@ class ValidateConfig:
             raise ConfigError("latency_rounds must be >= 1 and latency_threads >= 0")
         if self.eval_samples is not None and self.eval_samples < 1:
             raise ConfigError("eval_samples must be >= 1")
+        if self.platform is not None:
+            _check_choice("platform", self.platform, PLATFORMS)
+        if self.platform_samples < 1:
+            raise ConfigError("platform_samples must be >= 1")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -41,3 +41,9 @@ class GateFailed(OnnxAdmmError):
     """A validation gate (accuracy drop, agreement, speed-up) was missed."""
 
     exit_code = 1
+
+
+class PlatformError(OnnxAdmmError):
+    """A cross-platform check (``--platform``) cannot run on this machine: the message says what to install."""
+
+    exit_code = 2

@@ -184,7 +184,7 @@ def compress_grouped(view: GraphView, model: onnx.ModelProto, all_layers: list[L
     from .calib.readers import evenly_spaced
     from .export.grouped import BlockPair, consumer_mask, producer_mask, to_grouped
     from .plan.sensitivity import input_second_moments
-    from .validate.footprint import node_macs
+    from .validation.footprint import node_macs
 
     groups = channel_groups(view, all_layers, layers)
     by_node = {l.node_index: l for l in layers}

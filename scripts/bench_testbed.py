@@ -189,7 +189,7 @@ def run_model(suite: str, name: str, only: str | None) -> dict:
 
     import onnx
 
-    from onnxadmm.validate.latency import measure
+    from onnxadmm.validation.latency import measure
 
     calib, evaluation, split = standard_split(name)
     model = TESTBED / "models" / f"{name}.onnx"

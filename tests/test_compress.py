@@ -186,3 +186,16 @@ def test_gates_decide_passed():
     assert result.passed is False
     gates = {g["name"]: g["passed"] for g in result.report["validation"]["gates"]}
     assert gates["min_speedup"] is False
+
+
+def test_public_api_names_are_functions_even_after_the_pipeline_modules_load():
+    """`from onnxadmm import validate` must give the function, not a subpackage of the same name (a
+    subpackage import binds its name on the package and would shadow the lazy API attribute)."""
+    import importlib
+
+    import onnxadmm
+    for module in ("onnxadmm.validation.run", "onnxadmm.api", "onnxadmm.calib.readers"):
+        importlib.import_module(module)
+    from onnxadmm import check, compress, validate
+
+    assert all(callable(f) and not isinstance(f, type(onnxadmm)) for f in (check, compress, validate))

@@ -23,7 +23,7 @@ from ..calib.readers import SampleSet, evenly_spaced
 from ..config import CompressConfig
 from ..errors import ConfigError
 from ..onnxio.graph import GraphView
-from ..validate.footprint import node_macs
+from ..validation.footprint import node_macs
 from .allocate import Option, allocate
 from .sensitivity import input_second_moments, output_damage
 

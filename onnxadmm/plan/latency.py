@@ -2,7 +2,7 @@
 
 Each Conv / Gemm / MatMul that a channel group touches is cut out as a one-node model at its observed
 input shape (batch 1) and timed A/B against itself with the group's side narrowed to each candidate
-width (interleaved rounds, median of per-round ratios; ``validate/latency.py``). Times are cached per
+width (interleaved rounds, median of per-round ratios; ``validation/latency.py``). Times are cached per
 (op, attributes, shapes, threads), in memory and in ``$XDG_CACHE_HOME/onnxadmm/latency-<ort>-<cpu>.json``.
 
 Model latency for kept widths k:  T(k) = T₀ − Σ_n t_n + Σ_n t_n · Π_{g ∋ n} r_n,g(k_g)
@@ -25,7 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..analysis.channels import ChannelGroup
 from ..onnxio.graph import GraphView
 from ..runtime import cpu_threads, session
-from ..validate.latency import measure, timed
+from ..validation.latency import measure, timed
 
 ROUNDS = 15
 

@@ -18,6 +18,22 @@ def _factor_plan(lines: list[str], plan: dict) -> None:
     lines.append("")
 
 
+def _platform(lines: list[str], check: dict) -> None:
+    lines.append(f"## Platform check: {check['platform']} — {'PASS' if check['passed'] else 'FAIL'}")
+    lines.append("")
+    lines.append(f"onnxruntime {check['onnxruntime']} on {check['emulated_machine']}, {check['samples']} samples, "
+                 f"tolerance rtol {check['tolerance']['rtol']}, atol {check['tolerance']['atol']}. {check['note']}.")
+    lines.append("")
+    lines.append("| model | max abs diff vs x86 | max abs output | within tolerance | top-1 same as x86 | "
+                 "top-1 agreement with x86 original |")
+    lines.append("|---|---|---|---|---|---|")
+    for row in check["models"]:
+        lines.append(f"| {row['model']} | {row['max_abs_diff_vs_x86']:.2e} | {row['max_abs_output']:.3g} | "
+                     f"{row['within_fp32_tolerance']} | {row['top1_same_as_x86']:.4f} | "
+                     f"{row['top1_agreement_with_original_x86']:.4f} |")
+    lines.append("")
+
+
 def _fmt(value, digits: int = 4) -> str:
     if value is None:
         return "—"
@@ -124,6 +140,8 @@ def render(report: dict) -> str:
         lines.append("")
     if plan.get("export_forms") is not None:
         _factor_plan(lines, plan)
+    if report.get("platform_check"):
+        _platform(lines, report["platform_check"])
     if report.get("declined"):
         lines.append("## Left dense")
         lines.append("")
