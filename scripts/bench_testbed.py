@@ -305,7 +305,12 @@ def main() -> int:
         suffix = f"__targets-{args.targets.replace(',', '-')}" if args.targets else ""
         if args.targets:
             result["command"] += f" --targets {args.targets}"
-        (RESULTS / f"{args.suite}__{args.models}{suffix}.json").write_text(json.dumps(result, indent=1))
+        path = RESULTS / f"{args.suite}__{args.models}{suffix}.json"
+        if args.only and path.is_file():  # a partial rerun replaces its rows in the earlier results
+            earlier = json.loads(path.read_text())
+            fresh = {(r["label"], r["group"]) for r in result["rows"]}
+            result["rows"] = [r for r in earlier["rows"] if (r["label"], r["group"]) not in fresh] + result["rows"]
+        path.write_text(json.dumps(result, indent=1))
         return 0
     if not args.render_only:
         for name in args.models.split(","):

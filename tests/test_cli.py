@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 
@@ -96,6 +97,8 @@ def test_missed_gate_exits_1_and_still_writes(workdir):
     (["--method", "sparce"], "invalid choice"),
     (["--exclude", "no_such_layer"], "matches no Conv/Gemm/MatMul"),
     (["--max-accuracy-drop", "1"], "needs labelled evaluation data"),
+    (["--method", "lowrank", "--target-params", "0.01", "--objective", "size"], "cannot be met"),
+    (["--method", "channel", "--target-macs", "0.7", "--sparsity", "0.5", "--rank-ratio", "0.5"], "--rank-ratio"),
 ])
 def test_usage_errors_exit_2(workdir, args, message):
     np.savez(workdir / "unlabelled.npz", input=np.load(workdir / "calib.npz")["input"])
@@ -151,6 +154,19 @@ def test_bad_input_exits_3_with_a_clear_message(workdir, model, calib, out, mess
     if out == "out.onnx":
         assert not (workdir / "out.onnx").exists()
     assert not [p for p in workdir.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("folder", ["/proc", "readonly"])
+def test_output_in_a_folder_that_cannot_be_written_exits_3(workdir, folder):
+    if folder == "readonly":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders; /proc covers the case")
+        (workdir / folder).mkdir()
+        (workdir / folder).chmod(0o555)
+        folder = workdir / folder
+    code, _, err = cli("compress", workdir / "in.onnx", f"{folder}/out.onnx", "--calib", workdir / "calib.npz",
+                       "--labels", "labels", *FAST)
+    assert code == 3 and "cannot write in output folder" in err
 
 
 def test_check_lists_layers(workdir):

@@ -5,6 +5,8 @@ import os
 import numpy as np
 import onnx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from models import GraphBuilder, run, samples_for, tiny_cnn
@@ -175,3 +177,31 @@ def test_metadata_merge_keeps_producer_entries():
     stamp_metadata(model, {"version": "2"})
     props = {p.key: p.value for p in model.metadata_props}
     assert props == {"author": "someone", "onnxadmm.version": "2"}
+
+
+def _corrupt(blob: bytes, edits: list[tuple[int, int]], cut: int | None) -> bytes:
+    data = bytearray(blob)
+    for position, value in edits:
+        data[position % len(data)] = value
+    return bytes(data[:cut] if cut else data)
+
+
+@settings(max_examples=120, deadline=5000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 255)), max_size=12),
+       cut=st.one_of(st.none(), st.integers(1, 4000)))
+def test_loader_never_raises_anything_but_a_clear_error_on_corrupted_bytes(tmp_path, edits, cut):
+    """Randomly corrupted / truncated ModelProto bytes: either a model that loads and normalizes, or a
+    BadInputError (exit 3) — never another exception, never a hang (hypothesis deadline)."""
+    from onnxadmm.analysis.layers import find_layers
+    from onnxadmm.onnxio.normalize import normalize
+
+    path = tmp_path / "fuzz.onnx"
+    path.write_bytes(_corrupt(FUZZ_SOURCE, edits, cut))
+    try:
+        loaded = load_model(path)
+        find_layers(normalize(loaded.model).view())
+    except BadInputError:
+        pass
+
+
+FUZZ_SOURCE = tiny_cnn().SerializeToString()

@@ -125,6 +125,9 @@ def find_layers(view: GraphView) -> LayerSet:
         except _Decline as reason:
             found.declined.append(Declined(node.name, node.op_type, str(reason)))
             continue
+        except (ValueError, TypeError, IndexError, ArithmeticError) as exc:  # malformed attributes or shapes
+            found.declined.append(Declined(node.name, node.op_type, f"could not be analysed ({exc})"))
+            continue
         found.layers.append(layer)
     return found
 
@@ -199,6 +202,8 @@ def _conv(view: GraphView, index: int, node: onnx.NodeProto) -> Layer:
         raise _Decline(f"{len(dims) - 2}-D convolution is not supported (1-D and 2-D are)")
     attrs = _attrs(node)
     groups = int(attrs.get("group", 1))
+    if groups < 1 or min(dims) < 1:
+        raise _Decline(f"invalid Conv (group={groups}, weight shape {dims})")
     cout = dims[0]
     if cout % groups:
         raise _Decline(f"Cout={cout} is not divisible by group={groups}")

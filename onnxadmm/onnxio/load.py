@@ -171,3 +171,6 @@ def check_model(model: onnx.ModelProto, where: str) -> None:
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid graph"
         raise UnsupportedModelError(f"{where} fails onnx.checker: {first}") from None
+    except UnicodeDecodeError as exc:  # a string field (a name, a doc string) is not valid UTF-8
+        raise BadInputError(f"{where} has a text field that is not valid UTF-8 ({exc.reason} at byte "
+                            f"{exc.start}); the file is corrupt") from None

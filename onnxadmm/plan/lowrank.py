@@ -146,7 +146,9 @@ def plan_ranks(view: GraphView, layers: list[Layer], samples: SampleSet, config:
                           f"model to {cheapest / original:.3f} of the original's {measure}"
                           + (f"; {slow} layers have no factor pair faster than the dense layer in onnxruntime "
                              "here (per-call overhead dominates small layers)" if slow else "")
-                          + ". Ask for less, or use --method channel for speed")
+                          + ". Ask for less, or use "
+                          + ("--method sparse (any sparsity)" if measure == "params" else "--method channel")
+                          + " instead")
     chosen = allocate(options, budget, what=what)
     for layer in eligible:
         level = chosen[layer.name].level
@@ -180,8 +182,9 @@ def _damage_curves(view, layers, samples, config):
     """Predicted damage per rank (index r) of each layer, and the measured damage at the probes.
 
     The model output damage D (as in ``sensitivity.py``) is measured with the layer alone at the probe
-    ranks, each probe the best rank-p layer in the diagonal data metric; between probes D is interpolated
-    linearly in r (D(full) = 0), below the smallest probe it follows the energy curve e(r)·D(p)/e(p)."""
+    ranks p, each probe the method's structure with the parameters of rank p in the diagonal data metric
+    (``_probe_weight``); between probes D is interpolated linearly in the equivalent rank (D(full) = 0),
+    below the smallest probe it follows the energy curve e(r)·D(p)/e(p)."""
     subset = samples.subset(evenly_spaced(samples.num_samples, min(config.sensitivity_samples, samples.num_samples)))
     second = input_second_moments(view, layers, subset, config.batch_size, config.threads)
     energy_curves, probes, ranks = {}, {}, {}
@@ -194,7 +197,7 @@ def _damage_curves(view, layers, samples, config):
         energy_curves[layer.name] = tail / (energy.sum() or 1.0)
         ranks[layer.name] = sorted({max(1, int(round(f * len(s)))) for f in PROBE_RATIOS} - {len(s)})
         for p in ranks[layer.name]:
-            approx = (u[:, :p] * s[:p]) @ vh[:p] / scale
+            approx = _probe_weight(w * scale, u, s, vh, p, config) / scale
             probes[(layer.name, p)] = {layer.weight_name: layer.stored(approx[None])}
     damage = output_damage(view, probes, subset, config.batch_size, config.threads)
     curves, measured = {}, {}
@@ -210,6 +213,27 @@ def _damage_curves(view, layers, samples, config):
         curve[low] = values[0] * e[low] / max(float(e[points[0]]), 1e-12)
         curves[layer.name] = np.maximum.accumulate(curve[::-1])[::-1]  # never less damage at a lower rank
     return curves, measured
+
+
+def _probe_weight(ws: np.ndarray, u, s, vh, p: int, config: CompressConfig) -> np.ndarray:
+    """The structure at the parameters of rank p, data-free (diagonally scaled W = ``ws``, its SVD u s vh):
+    rank p for lowrank; for lowrank-sparse rank r = p·(1 − share) plus S from the residual — the c rows of
+    largest norm, or the k largest entries — with the rest of p·(Cout + d) parameters."""
+    if config.method != "lowrank-sparse":
+        return (u[:, :p] * s[:p]) @ vh[:p]
+    rows, d = ws.shape
+    r = max(1, int(round(p * (1 - config.sparse_share))))
+    low = (u[:, :r] * s[:r]) @ vh[:r]
+    residual = ws - low
+    budget = max(0, (p - r) * (rows + d))
+    keep = np.zeros_like(residual, dtype=bool)
+    if config.sparse_structure == "rows":
+        count = min(rows, budget // (d + 1))
+        keep[np.argsort(-np.square(residual).sum(1), kind="stable")[:count]] = True
+    else:
+        flat = np.argsort(-np.abs(residual).reshape(-1), kind="stable")[:min(budget, residual.size)]
+        keep.reshape(-1)[flat] = True
+    return low + residual * keep
 
 
 def _curve_at(curve: np.ndarray, rank: float) -> float:
