@@ -320,3 +320,14 @@ def test_latency_objective_keeps_layers_whose_pair_is_not_faster(tmp_path, monke
     slow = [n for n, reason in plan["kept_dense"].items() if "faster" in reason]
     assert set(slow) | set(plan["pair_latency_ratio"]) >= {"Conv_4", "Conv_26", "Gemm_36"}
     assert (tmp_path / "onnxadmm").is_dir()  # the pair timings are cached
+
+
+def test_lowrank_sparse_is_byte_identical_across_runs():
+    from models import tiny_cnn
+    from onnxadmm import CompressConfig, compress
+
+    model = tiny_cnn()
+    calib = samples_for(model, 32)
+    config = CompressConfig(method="lowrank-sparse", target_params=0.6, objective="size", admm_iterations=5, seed=3)
+    first, second = (compress(model, calib, config).model.SerializeToString() for _ in range(2))
+    assert first == second

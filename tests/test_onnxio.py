@@ -205,3 +205,22 @@ def test_loader_never_raises_anything_but_a_clear_error_on_corrupted_bytes(tmp_p
 
 
 FUZZ_SOURCE = tiny_cnn().SerializeToString()
+
+
+def test_shared_bias_is_unshared_so_both_layers_compress():
+    """Exporters deduplicate equal tensors (fresh BatchNorm folds to equal biases): two convs reading one
+    bias are both compressible after normalization, and the graph computes the same."""
+    from onnxadmm.analysis.layers import find_layers
+
+    b = GraphBuilder(3)
+    bias = b.const(np.zeros(8, np.float32), "B")
+    y = b.node("Conv", ["input", b.const(b.weight(8, 3, 3, 3), "W"), bias], kernel_shape=[3, 3], pads=[1] * 4)
+    y = b.node("Conv", [b.node("Relu", [y]), b.const(b.weight(8, 8, 3, 3), "W"), bias], kernel_shape=[3, 3],
+               pads=[1] * 4)
+    model = b.model([("input", ["N", 3, 6, 6])], [y])
+    assert len(find_layers(GraphView(model)).declined) == 2
+    normalized = normalize(model)
+    assert len(find_layers(normalized.view()).layers) == 2
+    assert any("private copy" in r for r in normalized.rewrites)
+    feed = samples_for(model, 2)
+    assert np.allclose(run(normalized.model, feed)[0], run(model, feed)[0])

@@ -6,7 +6,10 @@ Rewrites (each semantics-preserving):
     or a Clip bound, become initializers (torch's legacy exporter puts Identity before Conv biases,
     which onnx2torch cannot convert);
   * ``Clip`` with an omitted min or max gets an explicit -inf / +inf constant (onnx2torch cannot
-    convert the omitted form).
+    convert the omitted form);
+  * a Conv/Gemm bias initializer read by several nodes gets one private copy per Conv/Gemm (exporters
+    deduplicate equal tensors: the folded BatchNorm biases of a freshly initialized network are all
+    equal), so each layer's bias can be refit. Shared *weights* stay shared and their layers are declined.
 Shape inference runs on a copy: the exported model keeps the original value_info.
 """
 
@@ -44,6 +47,7 @@ def normalize(model: onnx.ModelProto) -> NormalizedModel:
     _fold_weight_constants(model.graph, rewrites)
     if _default_opset(model) >= 11:
         _explicit_clip_bounds(model.graph, rewrites)
+    _unshare_biases(model.graph, rewrites)
     inferred = _infer_shapes(model)
     return NormalizedModel(model=model, inferred=inferred, rewrites=rewrites)
 
@@ -155,6 +159,31 @@ def _explicit_clip_bounds(graph: onnx.GraphProto, rewrites: list[str]) -> None:
         fixed += 1
     if fixed:
         rewrites.append(f"made {fixed} Clip bounds explicit (+-inf)")
+
+
+def _unshare_biases(graph: onnx.GraphProto, rewrites: list[str]) -> None:
+    initializers = {t.name: t for t in graph.initializer}
+    overridable = {v.name for v in graph.input}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    copied, sources = 0, set()
+    for node in graph.node:
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3:
+            continue
+        name = node.input[2]
+        if name in initializers and name not in overridable and readers[name] > 1:
+            private = numpy_helper.from_array(numpy_helper.to_array(initializers[name]), f"{name}__{node.name}")
+            graph.initializer.append(private)
+            node.input[2] = private.name
+            readers[name] -= 1
+            copied += 1
+            sources.add(name)
+    for tensor in [t for t in graph.initializer if t.name in sources and readers[t.name] == 0]:
+        graph.initializer.remove(tensor)
+    if copied:
+        rewrites.append(f"gave {copied} Conv/Gemm nodes a private copy of a bias they shared")
 
 
 def _default_opset(model: onnx.ModelProto) -> int:
