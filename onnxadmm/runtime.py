@@ -8,6 +8,7 @@ import tempfile
 
 import onnx
 
+from .errors import UnsupportedModelError
 from .onnxio.save import PROTOBUF_LIMIT_BYTES
 
 
@@ -35,7 +36,15 @@ def session(model: onnx.ModelProto | bytes | str, threads: int = 0, optimize: bo
     if isinstance(model, onnx.ModelProto) and model.ByteSize() >= PROTOBUF_LIMIT_BYTES:
         return _session_from_files(model, options)
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+            ort.capi.onnxruntime_pybind11_state.NotImplemented) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsupportedModelError(
+            f"onnxruntime (CPU) cannot load the model: {first}. onnxadmm calibrates and validates in "
+            "onnxruntime, so every node must be one it runs: register the custom-op library or replace "
+            "the node before compressing") from None
 
 
 def _session_from_files(model: onnx.ModelProto, options):
