@@ -304,10 +304,10 @@ def test_missed_accuracy_gate_gives_width_back_until_it_holds():
 def test_latency_target_plans_from_a_measured_per_layer_table(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     model = small_resnet(3)
-    config = CompressConfig(method="channel", target_latency=0.7, sensitivity_samples=8, admm_iterations=5)
+    config = CompressConfig(method="channel", target_latency=0.85, sensitivity_samples=8, admm_iterations=5)
     result = compress(model, samples_for(model, 32), config, ValidateConfig(latency_rounds=2))
     plan = result.report["plan"]
-    assert plan["latency_ms_planned"] <= 0.7 * plan["latency_ms_original"] + 1e-9
+    assert plan["latency_ms_planned"] <= 0.85 * plan["latency_ms_original"] + 1e-9
     assert plan["macs_planned_ratio"] < 1.0
     cache = list((tmp_path / "onnxadmm").glob("latency-*.json"))
     assert cache and len(json.loads(cache[0].read_text())) > 0  # per-shape timings kept for the next run

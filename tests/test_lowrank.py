@@ -331,3 +331,16 @@ def test_lowrank_sparse_is_byte_identical_across_runs():
     config = CompressConfig(method="lowrank-sparse", target_params=0.6, objective="size", admm_iterations=5, seed=3)
     first, second = (compress(model, calib, config).model.SerializeToString() for _ in range(2))
     assert first == second
+
+
+def test_target_macs_is_met_in_the_exported_graph():
+    from models import tiny_cnn
+    from onnxadmm import CompressConfig, compress
+
+    model = tiny_cnn()
+    result = compress(model, samples_for(model, 32), CompressConfig(method="lowrank", target_macs=0.7,
+                                                                    objective="size", admm_iterations=5))
+    fp = result.report["validation"]["footprint"]
+    assert fp["compressed"]["macs"] <= 0.7 * fp["original"]["macs"] * 1.001
+    planned, original = result.report["plan"]["planned"]["macs"]
+    assert planned == pytest.approx(fp["compressed"]["macs"], rel=0.01) and original == fp["original"]["macs"]

@@ -3,7 +3,8 @@
 Options per layer: dense, or a factorization with rank r of L on a grid (multiples of ``channel_multiple``
 under the latency objective, ≤ 32 evenly spaced ranks otherwise). For lowrank-sparse, S gets the share
 ``sparse_share`` of the layer's parameters: p_L = r·(Cout + d), S = p_L·share/(1 − share) nonzeros
-(unstructured) or ⌊that/(d + 1)⌋ whole rows (merged into the pair: inner size r + c).
+(unstructured) or ⌊that/(d + 1)⌋ whole rows (merged into the pair: inner size r + c); under a global
+target it also offers L alone at every rank, so S is used only where its measured damage per parameter pays.
 Costs of the exported form: nonzero weights; MACs/sample = positions·k·(d + Cout) (+ positions·Cout·d
 for a dense-stored S branch); latency = the pair timed against the dense layer in onnxruntime.
 Damage: the output damage of the model with the layer alone at probe ranks, measured in onnxruntime
@@ -58,6 +59,7 @@ class _Choice:
     inner: int
     macs: int
     equivalent_rank: float
+    with_sparse: bool = False  # lowrank-sparse: an L+S option (else L alone)
 
 
 def rank_grid(full: int, objective: str, multiple: int) -> list[int]:
@@ -67,12 +69,14 @@ def rank_grid(full: int, objective: str, multiple: int) -> list[int]:
     return sorted({max(1, int(round(v))) for v in np.linspace(1, full - 1, count)}) if full > 1 else []
 
 
-def choice_for(layer: Layer, rank: int, config: CompressConfig, positions: int) -> _Choice:
-    """The exported cost of rank ``rank`` (with its S) on ``layer``."""
+def choice_for(layer: Layer, rank: int, config: CompressConfig, positions: int, with_sparse: bool = True
+               ) -> _Choice:
+    """The exported cost of rank ``rank`` (with its S for lowrank-sparse) on ``layer``."""
     rows, d = layer.out_features, layer.in_features
     low = rank * (rows + d)
     spec, inner, params, branch = RankSpec(rank), rank, low, 0
-    if config.method == "lowrank-sparse":
+    with_sparse = with_sparse and config.method == "lowrank-sparse"
+    if with_sparse:
         extra = low * config.sparse_share / (1 - config.sparse_share)
         if config.sparse_structure == "rows":
             count = min(rows, int(extra // (d + 1)))
@@ -80,7 +84,7 @@ def choice_for(layer: Layer, rank: int, config: CompressConfig, positions: int) 
         else:
             count = min(rows * d, int(extra))
             spec, params, branch = RankSpec(rank, "unstructured", count), low + count, rows * d
-    return _Choice(spec, params, inner, positions * (inner * (rows + d) + branch), params / (rows + d))
+    return _Choice(spec, params, inner, positions * (inner * (rows + d) + branch), params / (rows + d), with_sparse)
 
 
 def plan_ranks(view: GraphView, layers: list[Layer], samples: SampleSet, config: CompressConfig) -> RankPlan:
@@ -108,6 +112,8 @@ def plan_ranks(view: GraphView, layers: list[Layer], samples: SampleSet, config:
         grid = [max(1, min(full, int(round(config.rank_ratio * full))))] if config.rank_ratio is not None \
             else rank_grid(full, config.objective, config.channel_multiple)
         choices = [choice_for(layer, r, config, positions[layer.name]) for r in grid]
+        if config.method == "lowrank-sparse" and config.rank_ratio is None:  # S only where it pays
+            choices += [choice_for(layer, r, config, positions[layer.name], with_sparse=False) for r in grid]
         choices = [c for c in choices if c.params < layer.num_weights]
         if timing is not None:
             node, shape = view.nodes[layer.node_index], costs[layer.node_index].input_shape
@@ -179,6 +185,17 @@ def _planned(layers, specs, grids, positions) -> dict:
 
 
 def _damage_curves(view, layers, samples, config):
+    """{(layer, with_sparse): curve}: lowrank-sparse measures L+S and L alone, lowrank only L."""
+    kinds = (True, False) if config.method == "lowrank-sparse" else (False,)
+    curves, measured = {}, {}
+    for with_sparse in kinds:
+        part, damage = _damage_curves_of(view, layers, samples, config, with_sparse)
+        curves.update({(name, with_sparse): c for name, c in part.items()})
+        measured.update({f"{name}{' (L+S)' if with_sparse else ''}": d for name, d in damage.items()})
+    return curves, measured
+
+
+def _damage_curves_of(view, layers, samples, config, with_sparse: bool):
     """Predicted damage per rank (index r) of each layer, and the measured damage at the probes.
 
     The model output damage D (as in ``sensitivity.py``) is measured with the layer alone at the probe
@@ -197,7 +214,7 @@ def _damage_curves(view, layers, samples, config):
         energy_curves[layer.name] = tail / (energy.sum() or 1.0)
         ranks[layer.name] = sorted({max(1, int(round(f * len(s)))) for f in PROBE_RATIOS} - {len(s)})
         for p in ranks[layer.name]:
-            approx = _probe_weight(w * scale, u, s, vh, p, config) / scale
+            approx = _probe_weight(w * scale, u, s, vh, p, config, with_sparse) / scale
             probes[(layer.name, p)] = {layer.weight_name: layer.stored(approx[None])}
     damage = output_damage(view, probes, subset, config.batch_size, config.threads)
     curves, measured = {}, {}
@@ -215,11 +232,11 @@ def _damage_curves(view, layers, samples, config):
     return curves, measured
 
 
-def _probe_weight(ws: np.ndarray, u, s, vh, p: int, config: CompressConfig) -> np.ndarray:
+def _probe_weight(ws: np.ndarray, u, s, vh, p: int, config: CompressConfig, with_sparse: bool) -> np.ndarray:
     """The structure at the parameters of rank p, data-free (diagonally scaled W = ``ws``, its SVD u s vh):
     rank p for lowrank; for lowrank-sparse rank r = p·(1 − share) plus S from the residual — the c rows of
     largest norm, or the k largest entries — with the rest of p·(Cout + d) parameters."""
-    if config.method != "lowrank-sparse":
+    if not with_sparse:
         return (u[:, :p] * s[:p]) @ vh[:p]
     rows, d = ws.shape
     r = max(1, int(round(p * (1 - config.sparse_share))))
@@ -250,7 +267,7 @@ def _options(view, layers, eligible, grids, curves, positions, costs, one, confi
 
         total_ms = model_latency_ms(view.model, one, config.threads)
         options = {l.name: [Option(-1, grids[l.name][0][1], 0.0)] +
-                   [Option(i, ms * ratio, _curve_at(curves[l.name], c.equivalent_rank))
+                   [Option(i, ms * ratio, _curve_at(curves[(l.name, c.with_sparse)], c.equivalent_rank))
                     for i, (c, ms, ratio) in enumerate(grids[l.name])] for l in eligible}
         movable = sum(grids[l.name][0][1] for l in eligible)
         budget = config.target_latency * total_ms - (total_ms - movable)
@@ -263,12 +280,12 @@ def _options(view, layers, eligible, grids, curves, positions, costs, one, confi
         dense = {l.name: positions[l.name] * l.out_features * l.in_features for l in eligible}
         total = sum(c.dense for c in costs.values())
         options = {l.name: [Option(-1, dense[l.name], 0.0)] +
-                   [Option(i, c.macs, _curve_at(curves[l.name], c.equivalent_rank))
+                   [Option(i, c.macs, _curve_at(curves[(l.name, c.with_sparse)], c.equivalent_rank))
                     for i, (c, _, _) in enumerate(grids[l.name])] for l in eligible}
         fixed = total - sum(dense.values())
         return options, "macs", config.target_macs * total - fixed, f"--target-macs {config.target_macs}", fixed, total
     options = {l.name: [Option(-1, l.num_weights, 0.0)] +
-               [Option(i, c.params, _curve_at(curves[l.name], c.equivalent_rank))
+               [Option(i, c.params, _curve_at(curves[(l.name, c.with_sparse)], c.equivalent_rank))
                 for i, (c, _, _) in enumerate(grids[l.name])] for l in eligible}
     total = sum(l.num_weights for l in layers)
     fixed = sum(l.num_weights for l in fixed_dense)
