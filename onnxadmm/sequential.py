@@ -56,17 +56,24 @@ class SequentialResult:
 
 
 def schedule(view: GraphView, layers: list[Layer]) -> list[Layer]:
-    """Topological order in which every layer feeding a layer's input or side inputs comes first."""
+    """Topological order in which every layer feeding a layer's input or side inputs comes first.
+
+    Two layers can be each other's side input: a residual Add of a block's last conv and its shortcut
+    (downsample) conv. Then the one that comes first in the graph is solved first, seeing the other at
+    its current (original) weights through the side input; input dependencies are never relaxed."""
     by_node = {layer.node_index: layer for layer in layers}
-    deps = {}
-    for layer in layers:
-        needed = [layer.input_name, *(layer.chain.side_inputs if layer.chain else ())]
-        deps[layer.name] = {by_node[i].name for i in view.ancestors(needed) if i in by_node}
+
+    def feeding(names) -> set[str]:
+        return {by_node[i].name for i in view.ancestors(list(names)) if i in by_node}
+
+    inputs = {l.name: feeding([l.input_name]) for l in layers}
+    sides = {l.name: feeding(l.chain.side_inputs) if l.chain and l.chain.side_inputs else set() for l in layers}
     position = {layer.name: view.order.index(layer.node_index) for layer in layers}
     ordered, done = [], set()
     remaining = sorted(layers, key=lambda l: position[l.name])
     while remaining:
-        ready = next(l for l in remaining if deps[l.name] <= done)
+        ready = next((l for l in remaining if inputs[l.name] | sides[l.name] <= done), None) or \
+            next((l for l in remaining if inputs[l.name] <= done), remaining[0])
         ordered.append(ready)
         done.add(ready.name)
         remaining.remove(ready)

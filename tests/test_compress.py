@@ -199,3 +199,19 @@ def test_public_api_names_are_functions_even_after_the_pipeline_modules_load():
     from onnxadmm import check, compress, validate
 
     assert all(callable(f) and not isinstance(f, type(onnxadmm)) for f in (check, compress, validate))
+
+
+def test_residual_with_a_shortcut_conv_is_scheduled():
+    """torchvision's ResNet downsample: the block's last conv and the shortcut conv meet at one Add, so each
+    is the other's side input. Both are solved (the first in graph order sees the other's original weights)."""
+    from models import GraphBuilder
+
+    b = GraphBuilder(8)
+    x = b.conv("input", 3, 8)
+    main = b.conv(b.conv(x, 8, 16, stride=2), 16, 16, act=None)
+    shortcut = b.conv(x, 8, 16, k=1, stride=2, act=None)
+    y = b.node("Relu", [b.node("Add", [main, shortcut])])
+    model = b.model([("input", ["N", 3, 8, 8])], [y])
+    result = compress(model, samples_for(model, 16), CompressConfig(sparsity=0.5, uniform=True, admm_iterations=5))
+    assert result.report["totals"]["layers_compressed"] == 4
+    assert not result.report["declined"]
