@@ -54,27 +54,20 @@ class LatencyTable:
               narrowed: dict[str, int]) -> tuple[float, float]:
         """(full-width ms, narrowed/full ratio) of ``node`` alone; ``narrowed`` gives the new size of
         "out" (output channels/features) and/or "in" (input channels/features)."""
-        key = hashlib.sha256(repr((node.op_type, sorted((a.name, str(helper.get_attribute_value(a)))
-                                                       for a in node.attribute),
-                                   tuple(input_shape), weight.shape, sorted(narrowed.items()),
-                                   self.threads)).encode()).hexdigest()
-        if key not in self.entries:
-            x = np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)
+        def run():
             small = x[tuple(slice(0, d) for d in _narrowed_input(node, input_shape, narrowed))]
-            result = measure(_one_node(node, input_shape, weight, {}), _one_node(node, input_shape, weight, narrowed),
-                             {"x": x}, ROUNDS, self.threads, feed_b={"x": small})
-            self.entries[key] = [result.original_ms_median, result.ratio_median]
-        full_ms, ratio = self.entries[key]
-        return float(full_ms), float(ratio)
+            return measure(_one_node(node, input_shape, weight, {}), _one_node(node, input_shape, weight, narrowed),
+                           {"x": x}, ROUNDS, self.threads, feed_b={"x": small})
+
+        x = np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)
+        return self._cached((*_node_key(node), tuple(input_shape), weight.shape, sorted(narrowed.items()),
+                             self.threads), run)
 
     def pair_ratio(self, node: onnx.NodeProto, input_shape: tuple[int, ...], weight: np.ndarray,
                    inner: int) -> tuple[float, float]:
         """(dense ms, factor-pair/dense ratio) of ``node`` alone against its low-rank pair of inner size
         ``inner`` (the exported form of ``export/lowrank.py``)."""
-        key = hashlib.sha256(repr(("pair", node.op_type, sorted((a.name, str(helper.get_attribute_value(a)))
-                                                               for a in node.attribute),
-                                   tuple(input_shape), weight.shape, inner, self.threads)).encode()).hexdigest()
-        if key not in self.entries:
+        def run():
             from ..analysis.layers import find_layers
             from ..export.lowrank import FactoredLayer, factorize
             from ..onnxio.graph import GraphView
@@ -85,7 +78,15 @@ class LatencyTable:
             pair = factorize(dense, [FactoredLayer(layer, rng.standard_normal((layer.out_features, inner)) * 0.1,
                                                    rng.standard_normal((inner, layer.in_features)) * 0.1, None)])
             x = np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)
-            result = measure(dense, pair, {"x": x}, ROUNDS, self.threads)
+            return measure(dense, pair, {"x": x}, ROUNDS, self.threads)
+
+        return self._cached(("pair", *_node_key(node), tuple(input_shape), weight.shape, inner, self.threads), run)
+
+    def _cached(self, parts: tuple, run) -> tuple[float, float]:
+        """(A ms, B/A ratio) for the measurement named by ``parts``; ``run()`` measures it when not cached."""
+        key = hashlib.sha256(repr(parts).encode()).hexdigest()
+        if key not in self.entries:
+            result = run()
             self.entries[key] = [result.original_ms_median, result.ratio_median]
         full_ms, ratio = self.entries[key]
         return float(full_ms), float(ratio)
@@ -101,6 +102,11 @@ class LatencyTable:
             os.replace(tmp, self.path)
         except OSError:
             self.path = None  # a read-only home: keep the table in memory only
+
+
+def _node_key(node: onnx.NodeProto) -> tuple:
+    """The node's op type and attributes, as they enter the cache key."""
+    return node.op_type, sorted((a.name, str(helper.get_attribute_value(a))) for a in node.attribute)
 
 
 def _narrowed_input(node: onnx.NodeProto, input_shape, narrowed: dict[str, int]) -> tuple[int, ...]:

@@ -187,23 +187,23 @@ def _planned(layers, specs, grids, positions) -> dict:
 def _damage_curves(view, layers, samples, config):
     """{(layer, with_sparse): curve}: lowrank-sparse measures L+S and L alone, lowrank only L."""
     kinds = (True, False) if config.method == "lowrank-sparse" else (False,)
+    subset = samples.subset(evenly_spaced(samples.num_samples, min(config.sensitivity_samples, samples.num_samples)))
+    second = input_second_moments(view, layers, subset, config.batch_size, config.threads)
     curves, measured = {}, {}
     for with_sparse in kinds:
-        part, damage = _damage_curves_of(view, layers, samples, config, with_sparse)
+        part, damage = _damage_curves_of(view, layers, subset, second, config, with_sparse)
         curves.update({(name, with_sparse): c for name, c in part.items()})
         measured.update({f"{name}{' (L+S)' if with_sparse else ''}": d for name, d in damage.items()})
     return curves, measured
 
 
-def _damage_curves_of(view, layers, samples, config, with_sparse: bool):
+def _damage_curves_of(view, layers, subset, second, config, with_sparse: bool):
     """Predicted damage per rank (index r) of each layer, and the measured damage at the probes.
 
     The model output damage D (as in ``sensitivity.py``) is measured with the layer alone at the probe
     ranks p, each probe the method's structure with the parameters of rank p in the diagonal data metric
     (``_probe_weight``); between probes D is interpolated linearly in the equivalent rank (D(full) = 0),
     below the smallest probe it follows the energy curve e(r)·D(p)/e(p)."""
-    subset = samples.subset(evenly_spaced(samples.num_samples, min(config.sensitivity_samples, samples.num_samples)))
-    second = input_second_moments(view, layers, subset, config.batch_size, config.threads)
     energy_curves, probes, ranks = {}, {}, {}
     for layer in layers:
         w = layer.canonical(view.constant(layer.weight_name))[0].astype(np.float64)
