@@ -108,15 +108,8 @@ def compress(model: Any, calibration: Any, config: CompressConfig = CompressConf
     """
     import torch
 
-    from .calib.readers import SampleSet  # noqa: F401 - documented type
-    from .export.apply import apply_initializers, finalize
-    from .plan.planner import plan_sparsity
-    from .sequential import compress_layers, structure_for
-    from .factored import compress_factored
-    from .structured import compress_channels, compress_grouped, declined_groups
-    from .validation.gates import check_gate_inputs
-    from .validation.run import validate_models
     from .runtime import cpu_threads
+    from .validation.run import validate_models
 
     validate_config = validate_config or ValidateConfig()
     progress = progress or (lambda *args: None)
@@ -135,65 +128,101 @@ def compress(model: Any, calibration: Any, config: CompressConfig = CompressConf
                 raise UnsupportedModelError(message + "; compressing twice compounds the error. Pass --force "
                                                       "to do it anyway")
             notes.append(message + "; compressed again because of --force")
-        normalized = normalize(loaded.model)
-        notes.extend(normalized.rewrites)
-        view = normalized.view()
-        everything = find_layers(view)
-        found = _declines_for_method(apply_exclude(everything, config.exclude), config)
-        if not found.layers:
-            reasons = "; ".join(f"{d.name}: {d.reason}" for d in found.declined[:5]) or "no Conv/Gemm/MatMul"
-            raise UnsupportedModelError(f"nothing to compress in this model ({reasons})")
-        inputs = model_inputs(view)
-        progress("calibration", 0, 1, "reading samples")
-        calib_all = open_samples(calibration, inputs, validate_config.labels, config.seed, labels_required=False)
-        calib, rest = select(calib_all, config.calib_samples)
-        eval_set, held_out = _evaluation_set(evaluation, inputs, calib_all, rest, calib, validate_config,
-                                             config.seed)
-        check_gate_inputs(validate_config, eval_set.labels is not None)
-        channels, factored, give_back = None, None, []
-        if config.method in LOWRANK_METHODS:
-            factored = compress_factored(view, normalized.model, found.layers, calib, config, progress)
-            solved, compressed = factored.solved, factored.model
-        elif config.method == "grouped" or config.method in CHANNEL_METHODS:
-            method = compress_grouped if config.method == "grouped" else compress_channels
-            channels = method(view, normalized.model, everything.layers, found.layers, calib, config, progress)
-            if config.max_macs is not None and (validate_config.max_accuracy_drop is not None or
-                                                validate_config.min_agreement is not None):
-                channels, give_back = _give_back(channels, view, normalized.model, everything, found, calib,
-                                                 eval_set, loaded.model, config, validate_config, progress)
-            solved, compressed = channels.solved, channels.model
-            found.declined.extend(declined_groups(channels))
-        else:
-            progress("plan", 0, 1, "measuring sensitivity")
-            if config.target_params is not None:  # sparse at a parameter budget: sparsity = 1 − F
-                config = dataclasses.replace(config, sparsity=1.0 - config.target_params)
-            plan = plan_sparsity(view, found.layers, calib, config)
-            structures = {l.name: structure_for(l, config, plan.levels[l.name]) for l in found.layers}
-            solved = compress_layers(view, found.layers, calib, structures, plan.levels, config, progress)
-            compressed = apply_initializers(normalized.model, solved.initializers)
-        progress("export", 0, 1, "writing weights")
-        digest = config_hash(config)
-        notes.extend(finalize(compressed, normalized.model, {
-            "version": __version__, "config_sha256": digest, "seed": str(config.seed),
-            "source_sha256": loaded.sha256, "method": config.method}))
+        solution = _solve_and_export(loaded, calibration, evaluation, config, validate_config, progress)
+        notes.extend(solution.notes)
+        config, calib, eval_set, solved = solution.config, solution.calib, solution.eval_set, solution.solved
         solve_seconds = time.perf_counter() - started
         progress("validate", 0, 1, f"{eval_set.num_samples} samples")
-        validation = validate_models(loaded.model, compressed, eval_set, validate_config, config.batch_size,
-                                     config.threads, held_out)
-        declined = solved.declined + found.declined
-        if channels is not None:
-            plan_report = {**channels.report(), "give_back": give_back}
-        elif factored is not None:
-            plan_report = factored.report()
-        else:
-            plan_report = {"strategy": plan.strategy, "probe_level": plan.probe_level,
-                           "measured_output_damage": plan.measured_damage}
-        report = _compress_report(loaded, config, validate_config, digest, calib, plan_report, solved, declined,
-                                  validation, notes, started, solve_seconds)
+        validation = validate_models(loaded.model, solution.model, eval_set, validate_config, config.batch_size,
+                                     config.threads, solution.held_out)
+        report = _compress_report(loaded, config, validate_config, solution.digest, calib, solution.plan_report,
+                                  solved, solution.declined, validation, notes, started, solve_seconds)
         progress("done", 1, 1, "")
-        return CompressResult(compressed, report, validation.passed)
+        return CompressResult(solution.model, report, validation.passed)
     finally:
         torch.set_num_threads(threads_before)
+
+
+@dataclass
+class _Solution:
+    """What the solve hands to validation: the compressed model and what the report needs. The normalized
+    graph, its view and the solved weight arrays are not kept (a model over 2 GB must not be held thrice)."""
+
+    model: onnx.ModelProto
+    solved: Any  # SequentialResult, with its weight arrays dropped (they live in ``model`` now)
+    config: CompressConfig
+    calib: SampleSet
+    eval_set: SampleSet
+    held_out: bool
+    plan_report: dict
+    declined: list
+    digest: str
+    notes: list[str]
+
+
+def _solve_and_export(loaded: LoadedModel, calibration, evaluation, config: CompressConfig,
+                      validate_config: ValidateConfig, progress: Progress) -> _Solution:
+    """Normalize, find the layers, plan, solve and write the weights back (the whole pipeline before
+    validation)."""
+    from .export.apply import apply_initializers, finalize
+    from .factored import compress_factored
+    from .plan.planner import plan_sparsity
+    from .sequential import compress_layers, structure_for
+    from .structured import compress_channels, compress_grouped, declined_groups
+    from .validation.gates import check_gate_inputs
+
+    notes: list[str] = []
+    normalized = normalize(loaded.model)
+    notes.extend(normalized.rewrites)
+    view = normalized.view()
+    everything = find_layers(view)
+    found = _declines_for_method(apply_exclude(everything, config.exclude), config)
+    if not found.layers:
+        reasons = "; ".join(f"{d.name}: {d.reason}" for d in found.declined[:5]) or "no Conv/Gemm/MatMul"
+        raise UnsupportedModelError(f"nothing to compress in this model ({reasons})")
+    inputs = model_inputs(view)
+    progress("calibration", 0, 1, "reading samples")
+    calib_all = open_samples(calibration, inputs, validate_config.labels, config.seed, labels_required=False)
+    calib, rest = select(calib_all, config.calib_samples)
+    eval_set, held_out = _evaluation_set(evaluation, inputs, calib_all, rest, calib, validate_config,
+                                         config.seed)
+    check_gate_inputs(validate_config, eval_set.labels is not None)
+    channels, factored, give_back = None, None, []
+    if config.method in LOWRANK_METHODS:
+        factored = compress_factored(view, normalized.model, found.layers, calib, config, progress)
+        solved, compressed = factored.solved, factored.model
+    elif config.method == "grouped" or config.method in CHANNEL_METHODS:
+        method = compress_grouped if config.method == "grouped" else compress_channels
+        channels = method(view, normalized.model, everything.layers, found.layers, calib, config, progress)
+        if config.max_macs is not None and (validate_config.max_accuracy_drop is not None or
+                                            validate_config.min_agreement is not None):
+            channels, give_back = _give_back(channels, view, normalized.model, everything, found, calib,
+                                             eval_set, loaded.model, config, validate_config, progress)
+        solved, compressed = channels.solved, channels.model
+        found.declined.extend(declined_groups(channels))
+    else:
+        progress("plan", 0, 1, "measuring sensitivity")
+        if config.target_params is not None:  # sparse at a parameter budget: sparsity = 1 − F
+            config = dataclasses.replace(config, sparsity=1.0 - config.target_params)
+        plan = plan_sparsity(view, found.layers, calib, config)
+        structures = {l.name: structure_for(l, config, plan.levels[l.name]) for l in found.layers}
+        solved = compress_layers(view, found.layers, calib, structures, plan.levels, config, progress)
+        compressed = apply_initializers(normalized.model, solved.initializers)
+    progress("export", 0, 1, "writing weights")
+    digest = config_hash(config)
+    notes.extend(finalize(compressed, normalized.model, {
+        "version": __version__, "config_sha256": digest, "seed": str(config.seed),
+        "source_sha256": loaded.sha256, "method": config.method}))
+    declined = solved.declined + found.declined
+    if channels is not None:
+        plan_report = {**channels.report(), "give_back": give_back}
+    elif factored is not None:
+        plan_report = factored.report()
+    else:
+        plan_report = {"strategy": plan.strategy, "probe_level": plan.probe_level,
+                       "measured_output_damage": plan.measured_damage}
+    solved = dataclasses.replace(solved, initializers={})
+    return _Solution(compressed, solved, config, calib, eval_set, held_out, plan_report, declined, digest, notes)
 
 
 def _give_back(channels, view, model, everything, found, calib, eval_set, original, config, validate_config,
@@ -307,8 +336,7 @@ def platform_check(original: onnx.ModelProto, compressed: onnx.ModelProto, sampl
         paths = []
         for name, model in (("original", original), ("compressed", compressed)):
             path = Path(folder) / f"{name}.onnx"
-            large = model.ByteSize() >= (1 << 31) - (1 << 20)
-            onnx.save_model(model, str(path), save_as_external_data=large, location=f"{name}.onnx.data")
+            save_model_atomic(model, path)  # (over 2 GB: external data, the model in memory unchanged)
             paths.append(path)
         progress("platform", 0, 1, f"running {count} samples under qemu")
         arm = env.run(paths, feed)

@@ -4,7 +4,8 @@ sequential (``algorithms/factorize.py``) → every factorized layer exported as 
 (``export/lowrank.py``); layers left dense are refit to the compressed model's inputs.
 
 During the solve a factorized layer is its dense product A·B + S, which computes what the pair
-computes; the graph is rewritten once, at the end.
+computes; the graph is rewritten once, at the end. A layer planned as S alone (rank 0) is solved and
+stored as a sparse layer.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ def compress_factored(view: GraphView, model: onnx.ModelProto, layers: list[Laye
         if spec is None:
             structures[layer.name] = Structure("dense" if config.refit_dense else "unstructured")
             levels[layer.name] = 0.0
+        elif spec.rank == 0:  # S alone: a sparse layer with the planned nonzeros (Zhang et al.'s Z-step)
+            sparsity = 1.0 - spec.sparse_count / layer.num_weights
+            structures[layer.name], levels[layer.name] = Structure("unstructured", sparsity), sparsity
         else:
             structures[layer.name] = Structure(config.method, rank=spec)
             levels[layer.name] = spec.rank / min(layer.out_features, layer.in_features)  # the rank ratio

@@ -3,13 +3,16 @@ spinning off, so two sessions timed side by side do not steal each other's cores
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
+from pathlib import Path
+from typing import Sequence
 
 import onnx
 
 from .errors import UnsupportedModelError
-from .onnxio.save import PROTOBUF_LIMIT_BYTES
+from .onnxio.save import exceeds_protobuf_limit, without_initializers, write_with_external_data
 
 
 def cpu_threads(requested: int) -> int:
@@ -26,14 +29,8 @@ def session(model: onnx.ModelProto | bytes | str, threads: int = 0, optimize: bo
     """An InferenceSession on the CPU with ``threads`` intra-op threads (0 = all cores)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = cpu_threads(threads)
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = 3
-    if not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if isinstance(model, onnx.ModelProto) and model.ByteSize() >= PROTOBUF_LIMIT_BYTES:
+    options = _options(threads, optimize)
+    if isinstance(model, onnx.ModelProto) and exceeds_protobuf_limit(model):
         return _session_from_files(model, options)
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     try:
@@ -47,13 +44,41 @@ def session(model: onnx.ModelProto | bytes | str, threads: int = 0, optimize: bo
             "the node before compressing") from None
 
 
-def _session_from_files(model: onnx.ModelProto, options):
-    """Models over protobuf's 2 GB limit go through a temporary file with external data."""
-    import copy
-
+def _options(threads: int, optimize: bool):
     import onnxruntime as ort
 
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = cpu_threads(threads)
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return options
+
+
+def _session_from_files(model: onnx.ModelProto, options, extra_outputs: Sequence[str] = ()):
+    """Models over protobuf's 2 GB limit go through a temporary file with external data, written tensor by
+    tensor from ``model`` (not copied); ``extra_outputs`` are added to the written graph's outputs."""
+    import onnxruntime as ort
+
+    skeleton = without_initializers(model)
+    _add_outputs(skeleton, extra_outputs)
     with tempfile.TemporaryDirectory(prefix="onnxadmm-session-") as folder:
         path = os.path.join(folder, "model.onnx")
-        onnx.save_model(copy.copy(model), path, save_as_external_data=True, location="model.onnx.data")
+        write_with_external_data(skeleton, model.graph.initializer, Path(path), "model.onnx.data")
         return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def session_with_outputs(model: onnx.ModelProto, names: Sequence[str], threads: int = 0):
+    """A session whose outputs also include the intermediate tensors ``names`` (the model is not changed)."""
+    if exceeds_protobuf_limit(model):
+        return _session_from_files(model, _options(threads, True), names)
+    probe = copy.deepcopy(model)
+    _add_outputs(probe, names)
+    return session(probe, threads)
+
+
+def _add_outputs(model: onnx.ModelProto, names: Sequence[str]) -> None:
+    existing = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in existing)

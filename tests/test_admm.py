@@ -41,6 +41,20 @@ def test_masked_refit_is_exact_least_squares():
             assert torch.all(w[g, r, ~mask[g, r]] == 0)
 
 
+def test_masked_refit_of_a_large_layer_in_row_blocks_equals_the_whole_solve(monkeypatch):
+    """Rows are independent least-squares problems: solving them a block at a time (bounded memory for
+    huge layers) gives the same weights."""
+    from onnxadmm.algorithms import refit
+
+    prob = problem(groups=2, d=10, rows=7)
+    stats = moments(prob)
+    mask = torch.rand(prob.w0.shape, generator=torch.Generator().manual_seed(2)) > 0.5
+    whole = masked_refit(stats, prob.w0, mask, tolerance=1e-14)
+    monkeypatch.setattr(refit, "REFIT_BLOCK_ELEMENTS", 2 * 10 * 3)  # 3 rows a block: blocks of 3, 3, 1
+    blocked = masked_refit(stats, prob.w0, mask, tolerance=1e-14)
+    torch.testing.assert_close(blocked, whole, rtol=1e-5, atol=1e-6)
+
+
 def test_admm_linear_lands_in_the_set_and_records_history():
     prob = problem(relu=False)
     stats = moments(prob)

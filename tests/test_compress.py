@@ -3,7 +3,6 @@
 import numpy as np
 import onnx
 import pytest
-import torch
 
 from models import GraphBuilder, mlp, run, samples_for, tiny_cnn, token_mlp
 from onnxadmm import CompressConfig, ValidateConfig, compress

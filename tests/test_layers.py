@@ -1,9 +1,7 @@
 """Layer discovery: every Conv/Gemm/MatMul is a layer or declined with a reason; activation chains."""
 
 import numpy as np
-import onnx
 import pytest
-from onnx import helper, numpy_helper
 
 from models import GraphBuilder, mlp, tiny_cnn, token_mlp
 from onnxadmm.analysis.layers import apply_exclude, find_layers

@@ -9,7 +9,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from models import GraphBuilder, run, samples_for
 from onnxadmm.algorithms.admm import AdmmSettings
-from onnxadmm.algorithms.factorize import Factors, RankSpec, rank_error_curve, solve_factored, whitened_low_rank
+from onnxadmm.algorithms.factorize import RankSpec, rank_error_curve, solve_factored, whitened_low_rank
 from onnxadmm.algorithms.problem import LayerProblem
 from onnxadmm.algorithms.projections.lowrank import (LowRankSparse, Rank, low_rank, sparse_projection,
                                                      split_low_rank_sparse)
@@ -344,3 +344,37 @@ def test_target_macs_is_met_in_the_exported_graph():
     assert fp["compressed"]["macs"] <= 0.7 * fp["original"]["macs"] * 1.001
     planned, original = result.report["plan"]["planned"]["macs"]
     assert planned == pytest.approx(fp["compressed"]["macs"], rel=0.01) and original == fp["original"]["macs"]
+
+
+def test_lowrank_sparse_unstructured_chooses_l_where_low_rank_and_s_where_sparse():
+    """At equal parameters L + S includes both pure forms: a rank-2 layer gets an L, a layer with 85 %
+    exact zeros (full rank) gets S alone, and the model is reproduced almost exactly at half the parameters."""
+    from models import GraphBuilder
+    from onnxadmm import CompressConfig, compress
+
+    b = GraphBuilder(11)
+    rng = np.random.default_rng(11)
+    low_rank = (rng.standard_normal((32, 2)) @ rng.standard_normal((2, 32)) / 4).astype(np.float32)
+    sparse = (rng.standard_normal((32, 32)) * (rng.random((32, 32)) < 0.15) / 2).astype(np.float32)
+    h = b.node("Relu", [b.node("MatMul", ["input", b.const(low_rank, "W")])])
+    y = b.node("MatMul", [h, b.const(sparse, "W")])
+    model = b.model([("input", ["N", 32])], [y])
+    result = compress(model, samples_for(model, 64), CompressConfig(
+        method="lowrank-sparse", target_params=0.5, objective="size", sparse_structure="unstructured",
+        admm_iterations=8))
+    ranks = result.report["plan"]["ranks"]
+    first, second = (ranks[n.name] for n in model.graph.node if n.op_type == "MatMul")
+    assert first is not None and first["rank"] >= 2
+    assert second == {"rank": 0, "sparse": "unstructured", "sparse_count": second["sparse_count"]}
+    assert second["sparse_count"] >= int((sparse != 0).sum())
+    rows = {r["name"]: r for r in result.report["layers"]}
+    second_name = [n.name for n in model.graph.node if n.op_type == "MatMul"][1]
+    assert "rank" not in rows[second_name] and rows[second_name]["nonzero"] <= second["sparse_count"]
+    totals = result.report["totals"]
+    assert totals["nonzero_in_compressed_layers"] <= 0.5 * totals["weights_in_compressed_layers"] * 1.01
+    feed = samples_for(model, 16, seed=4)
+    got, ref = run(result.model, feed)[0], run(model, feed)[0]
+    assert float(np.abs(got - ref).max()) <= 1e-3 * float(np.abs(ref).max())
+    from onnxadmm.report.markdown import render
+
+    assert f"`{second_name}` kept as a sparse layer (S alone" in render(result.report)

@@ -78,3 +78,37 @@ def test_fp16_model_end_to_end_keeps_its_dtype():
     weights = {t.name: t for t in result.model.graph.initializer}
     assert weights["W"].data_type == TensorProto.FLOAT16
     assert result.report["totals"]["layers_compressed"] + len(result.report["declined"]) == 1
+
+
+def test_loop_body_reading_an_outer_weight_is_left_alone_and_the_rest_compresses():
+    """Loop x2: v ← Relu(v · s), with s an outer-scope initializer read inside the body. The body is not
+    entered; the convolutions around the Loop compress and the Loop's captured weight is untouched."""
+    b = GraphBuilder(6)
+    y = b.conv("input", 3, 8)
+    scale = b.const(np.full((1, 8, 1, 1), 0.9, np.float32))
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("Mul", ["v_in", scale], ["scaled"]),
+         helper.make_node("Relu", ["scaled"], ["v_out"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_in", TensorProto.FLOAT, ["N", 8, 6, 6])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, ["N", 8, 6, 6])])
+    trips, keep_going = b.const(np.array(2, np.int64)), b.const(np.array(True))
+    y = b.node("Loop", [trips, keep_going, y], body=body)
+    y = b.conv(y, 8, 4, act=None)
+    graph = helper.make_graph(b.nodes, "loop", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                              ["N", 3, 6, 6])],
+                              [helper.make_tensor_value_info(y, TensorProto.FLOAT, ["N", 4, 6, 6])], b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    result = compress(model, samples_for(model, 16), FAST)
+    assert result.report["totals"]["layers_compressed"] == 2
+    loop = next(n for n in result.model.graph.node if n.op_type == "Loop")
+    assert loop.attribute[0].g.node[1].input[1] == scale
+    captured = next(t for t in result.model.graph.initializer if t.name == scale)
+    np.testing.assert_array_equal(numpy_helper.to_array(captured), np.float32(0.9))
+    onnx.checker.check_model(result.model, full_check=True)
+    feed = samples_for(model, 3, seed=5)
+    assert run(result.model, feed)[0].shape == run(model, feed)[0].shape

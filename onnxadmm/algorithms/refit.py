@@ -66,10 +66,25 @@ def bias_for(stats: Moments, w: torch.Tensor) -> torch.Tensor:
     return (stats.mean_y - wx).float()
 
 
+REFIT_BLOCK_ELEMENTS = 1 << 22  # rows are solved in blocks of ≤ 4 M weights (32 MB per float64 work array)
+
+
 def masked_refit(stats: Moments, w: torch.Tensor, mask: torch.Tensor, iterations: int | None = None,
                  tolerance: float = 1e-10) -> torch.Tensor:
-    """Exact least squares of every row on its support (``mask``), warm-started at ``w``."""
-    sigma, cross = stats.sigma, stats.cross
+    """Exact least squares of every row on its support (``mask``), warm-started at ``w``. Rows are
+    independent problems, so a large layer is solved a block of rows at a time (bounded working memory)."""
+    rows, d = w.shape[1], w.shape[2]
+    block = max(1, REFIT_BLOCK_ELEMENTS // max(1, d * w.shape[0]))
+    if rows <= block:
+        return _masked_refit_rows(stats.sigma, stats.cross, w, mask, iterations, tolerance)
+    return torch.cat([_masked_refit_rows(stats.sigma, stats.cross[:, i:i + block], w[:, i:i + block],
+                                         mask[:, i:i + block], iterations, tolerance)
+                      for i in range(0, rows, block)], dim=1)
+
+
+def _masked_refit_rows(sigma: torch.Tensor, cross: torch.Tensor, w: torch.Tensor, mask: torch.Tensor,
+                       iterations: int | None, tolerance: float) -> torch.Tensor:
+    """Jacobi-preconditioned CG on w Σ_SS = c_S for the rows given (``cross`` and ``w`` of those rows)."""
     m = mask.double()
     w = w.double() * m
     diag = torch.diagonal(sigma, dim1=-2, dim2=-1)[:, None, :].clamp_min(1e-30)  # (G,1,d)

@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
 from onnx import helper
 
 from ..onnxio.graph import GraphView
@@ -199,7 +198,7 @@ class _Walk:
                        "channel pruning")
 
     def explain_reader(self, tensor: str, place: tuple[int, int], index: int) -> None:
-        view, channels = self.view, self.group.channels
+        view = self.view
         node = view.nodes[index]
         layer = self.by_node.get(index)
         offset, space = place

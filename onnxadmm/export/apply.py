@@ -7,7 +7,6 @@ check (with strict shape inference) — unless the input itself fails it, which 
 
 from __future__ import annotations
 
-import copy
 from typing import Mapping
 
 import numpy as np
@@ -15,19 +14,21 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import OnnxAdmmError
-from ..onnxio.save import PROTOBUF_LIMIT_BYTES, stamp_metadata
+from ..onnxio.save import exceeds_protobuf_limit, stamp_metadata, without_initializers
 
 
 def apply_initializers(model: onnx.ModelProto, values: Mapping[str, np.ndarray]) -> onnx.ModelProto:
     """A copy of ``model`` whose initializers named in ``values`` hold the new arrays (same dtype)."""
-    out = copy.copy(model)
+    out = without_initializers(model)  # then each initializer once: new ones are not copied twice
     replaced = set()
-    for index, tensor in enumerate(out.graph.initializer):
+    for tensor in model.graph.initializer:
         if tensor.name in values:
             dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-            new = numpy_helper.from_array(np.asarray(values[tensor.name]).astype(dtype), tensor.name)
-            out.graph.initializer[index].CopyFrom(new)
+            out.graph.initializer.append(numpy_helper.from_array(np.asarray(values[tensor.name]).astype(dtype),
+                                                                 tensor.name))
             replaced.add(tensor.name)
+        else:
+            out.graph.initializer.append(tensor)
     missing = set(values) - replaced
     if missing:
         raise OnnxAdmmError(f"internal error: initializers {sorted(missing)} not found in the graph")
@@ -58,7 +59,7 @@ def write_initializers(graph: onnx.GraphProto, values: Mapping[str, np.ndarray])
 
 def full_check(model: onnx.ModelProto) -> str | None:
     """None when onnx.checker's full check passes, else its first line."""
-    if model.ByteSize() >= PROTOBUF_LIMIT_BYTES:
+    if exceeds_protobuf_limit(model):
         return None  # checked from the saved file by the caller
     try:
         onnx.checker.check_model(model, full_check=True)

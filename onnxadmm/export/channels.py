@@ -22,6 +22,7 @@ from onnx import helper
 
 from ..analysis.channels import ChannelGroup
 from ..onnxio.graph import GraphView
+from ..onnxio.normalize import infer_types
 from .apply import write_initializers
 
 
@@ -106,12 +107,9 @@ def slice_channels(model: onnx.ModelProto, groups: list[ChannelGroup], keep: Map
     return out
 
 
-def _inferred(model: onnx.ModelProto) -> onnx.ModelProto | None:
-    """Shape inference for the ranks of per-channel operands (best effort)."""
-    try:
-        return onnx.shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001 - the analysis already required the ranks it needs
-        return None
+def _inferred(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shape inference for the ranks of per-channel operands (best effort, weightless)."""
+    return infer_types(model, data_prop=False)
 
 
 def _attr(node: onnx.NodeProto, name: str, default):

@@ -17,6 +17,7 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from ..errors import BadInputError, UnsupportedModelError
+from .save import exceeds_protobuf_limit, serialized_pieces
 
 MIN_OPSET = 7
 
@@ -72,9 +73,11 @@ def model_from_proto(model: onnx.ModelProto) -> LoadedModel:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             raise BadInputError("in-memory model still refers to external data; load it from its file")
     check_model(model, "<in-memory model>")
-    blob = model.SerializeToString()
-    return LoadedModel(model=model, path=None, sha256=hashlib.sha256(blob).hexdigest(),
-                       size_bytes=len(blob))
+    size, pieces = serialized_pieces(model)
+    digest = hashlib.sha256()
+    for piece in pieces:
+        digest.update(piece)
+    return LoadedModel(model=model, path=None, sha256=digest.hexdigest(), size_bytes=size)
 
 
 def _check_looks_like_onnx(model: onnx.ModelProto, where) -> None:
@@ -166,7 +169,7 @@ def check_model(model: onnx.ModelProto, where: str) -> None:
             f"{where} uses ai.onnx opset {opset}, newer than this onnxruntime supports ({limit}); "
             f"re-export at opset <= {limit} or upgrade onnxruntime")
     try:
-        if model.ByteSize() < (1 << 31) - 1:
+        if not exceeds_protobuf_limit(model):
             onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid graph"

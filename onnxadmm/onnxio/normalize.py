@@ -23,6 +23,7 @@ import onnx
 from onnx import numpy_helper
 
 from .graph import GraphView
+from .save import without_initializers
 
 # (op_type -> input slots that hold constants we may need as initializers)
 _CONSTANT_SLOTS = {"Conv": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1), "Clip": (1, 2)}
@@ -48,7 +49,7 @@ def normalize(model: onnx.ModelProto) -> NormalizedModel:
     if _default_opset(model) >= 11:
         _explicit_clip_bounds(model.graph, rewrites)
     _unshare_biases(model.graph, rewrites)
-    inferred = _infer_shapes(model)
+    inferred = infer_types(model)
     return NormalizedModel(model=model, inferred=inferred, rewrites=rewrites)
 
 
@@ -190,10 +191,24 @@ def _default_opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+SHAPE_PROXY_MIN_ELEMENTS = 1024  # initializers at least this large enter shape inference as typed inputs
+
+
+def infer_types(model: onnx.ModelProto, data_prop: bool = True) -> onnx.ModelProto:
+    """The model's graph with inferred value_info and no weights (only its types are read).
+
+    Inference runs on a proxy in which every large initializer is a graph input of the same type and
+    shape: types come out the same (small constants, which shape arithmetic may read, stay), and a model
+    of any size costs no copy of its weights and never meets protobuf's 2 GB limit."""
+    proxy = without_initializers(model)
+    declared = {v.name for v in proxy.graph.input}
+    for tensor in model.graph.initializer:
+        if int(np.prod(tensor.dims, dtype=np.int64)) < SHAPE_PROXY_MIN_ELEMENTS:
+            proxy.graph.initializer.append(tensor)
+        elif tensor.name not in declared:
+            proxy.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type,
+                                                                        list(tensor.dims)))
     try:
-        if model.ByteSize() < (1 << 31) - 1:
-            return onnx.shape_inference.infer_shapes(model, data_prop=True)
+        return onnx.shape_inference.infer_shapes(proxy, data_prop=data_prop)
     except Exception:  # noqa: BLE001 - shapes also come from the runtime pass
-        pass
-    return model
+        return proxy

@@ -5,18 +5,73 @@ Models whose protobuf would exceed 2 GB are written with external data in ``<nam
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import onnx
+from google.protobuf.message import EncodeError
+from onnx import numpy_helper
 
 from ..errors import ExportError
 
 PROTOBUF_LIMIT_BYTES = (1 << 31) - (1 << 20)  # keep 1 MB of margin under protobuf's 2 GB
 METADATA_PREFIX = "onnxadmm."
+
+
+def exceeds_protobuf_limit(model: onnx.ModelProto) -> bool:
+    """True when ``model`` cannot be serialized as one protobuf (protobuf refuses even to size it then)."""
+    try:
+        return model.ByteSize() >= PROTOBUF_LIMIT_BYTES
+    except EncodeError:
+        return True
+
+
+def without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of everything but the graph's initializers (cheap: the weights are not copied)."""
+    return _copy_except(model, {"graph": lambda graph: _copy_except(graph, {"initializer": None})})
+
+
+def _copy_except(message, special: dict):
+    out = type(message)()
+    for field, value in message.ListFields():
+        if field.name in special:
+            if special[field.name] is not None:
+                getattr(out, field.name).CopyFrom(special[field.name](value))
+        elif _repeated(field):
+            getattr(out, field.name).extend(value)
+        elif field.type == field.TYPE_MESSAGE:
+            getattr(out, field.name).CopyFrom(value)
+        else:
+            setattr(out, field.name, value)
+    return out
+
+
+def serialized_pieces(model: onnx.ModelProto) -> tuple[int, Iterable[bytes]]:
+    """(serialized size, its bytes in pieces): one blob under protobuf's 2 GB limit; above it the graph
+    without initializers, then each initializer (the same bytes up to field framing)."""
+    if not exceeds_protobuf_limit(model):
+        blob = model.SerializeToString()
+        return len(blob), [blob]
+    return serialized_size(model), itertools.chain([without_initializers(model).SerializeToString()],
+                                                   (t.SerializeToString() for t in model.graph.initializer))
+
+
+def _repeated(field) -> bool:
+    """``is_repeated`` (protobuf ≥ 5) or the older ``label``."""
+    return field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+
+
+def serialized_size(model: onnx.ModelProto) -> int:
+    """Bytes of the serialized model; above 2 GB the sum of its parts (graph, then each initializer, with
+    protobuf's field framing)."""
+    if not exceeds_protobuf_limit(model):
+        return model.ByteSize()
+    framing = 6  # tag + length varint of an initializer inside the graph
+    return without_initializers(model).ByteSize() + sum(t.ByteSize() + framing for t in model.graph.initializer)
 
 
 def check_output_path(out: str | os.PathLike, input_path: str | os.PathLike | None) -> Path:
@@ -76,7 +131,7 @@ def save_model_atomic(model: onnx.ModelProto, out: str | os.PathLike) -> int:
     """Write ``model`` to ``out`` atomically; returns the bytes written (model + external data)."""
     out = Path(out)
     folder = out.parent if str(out.parent) else Path(".")
-    if model.ByteSize() < PROTOBUF_LIMIT_BYTES:
+    if not exceeds_protobuf_limit(model):
         blob = model.SerializeToString()
         handle, tmp = tempfile.mkstemp(dir=folder, prefix=f".{out.name}.", suffix=".tmp")
         try:
@@ -97,11 +152,52 @@ def _save_with_external_data(model: onnx.ModelProto, out: Path, folder: Path) ->
     staging = Path(tempfile.mkdtemp(dir=folder, prefix=f".{out.name}.", suffix=".tmp"))
     try:
         staged = staging / out.name
-        onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
-        total = staged.stat().st_size + (staging / data_name).stat().st_size
+        total = write_with_external_data(without_initializers(model), model.graph.initializer, staged, data_name)
         os.replace(staging / data_name, folder / data_name)
         os.replace(staged, out)
         return total
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+EXTERNAL_MIN_BYTES = 1024  # smaller tensors stay inside the .onnx (as onnx.save_model does)
+
+
+def write_with_external_data(skeleton: onnx.ModelProto, initializers: Iterable[onnx.TensorProto], path: Path,
+                             location: str) -> int:
+    """Write ``skeleton`` (a model without initializers) plus ``initializers`` to ``path``, the tensor bytes
+    in ``location`` next to it; returns the bytes written. Neither argument is modified and no copy of the
+    weights is made (``onnx.save_model`` would rewrite the caller's model in place), so a model over 2 GB
+    costs one tensor at a time."""
+    path = Path(path)
+    stubs, offset = [], 0
+    with open(path.parent / location, "wb") as data:
+        for tensor in initializers:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                raise ExportError(f"initializer {tensor.name!r} still refers to external data; load its data first")
+            raw = tensor.raw_data if tensor.HasField("raw_data") else None
+            if tensor.data_type == onnx.TensorProto.STRING or (raw is None and tensor.ByteSize() < EXTERNAL_MIN_BYTES) \
+                    or (raw is not None and len(raw) < EXTERNAL_MIN_BYTES):
+                stubs.append(tensor)
+                continue
+            if raw is None:  # typed fields (float_data, ...): the little-endian bytes ONNX stores as raw_data
+                array = numpy_helper.to_array(tensor)
+                raw = array.astype(array.dtype.newbyteorder("<")).tobytes()
+            stub = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,
+                                    data_location=onnx.TensorProto.EXTERNAL)
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
+                stub.external_data.add(key=key, value=value)
+            data.write(raw)
+            offset += len(raw)
+            stubs.append(stub)
+        data.flush()
+        os.fsync(data.fileno())
+    model = onnx.ModelProto()
+    model.CopyFrom(skeleton)
+    model.graph.initializer.extend(stubs)
+    blob = model.SerializeToString()
+    with open(path, "wb") as stream:
+        stream.write(blob)
+        stream.flush()
+        os.fsync(stream.fileno())
+    return len(blob) + offset

@@ -4,7 +4,10 @@ Options per layer: dense, or a factorization with rank r of L on a grid (multipl
 under the latency objective, ≤ 32 evenly spaced ranks otherwise). For lowrank-sparse, S gets the share
 ``sparse_share`` of the layer's parameters: p_L = r·(Cout + d), S = p_L·share/(1 − share) nonzeros
 (unstructured) or ⌊that/(d + 1)⌋ whole rows (merged into the pair: inner size r + c); under a global
-target it also offers L alone at every rank, so S is used only where its measured damage per parameter pays.
+target it also offers L alone at every rank, and with an unstructured S also S alone (L = 0: the layer kept
+as a sparse layer with the parameters of rank r), so each part is used only where its measured damage per
+parameter pays — at equal parameters L + S then has the sparse-only and the low-rank-only plans among its
+choices.
 Costs of the exported form: nonzero weights; MACs/sample = positions·k·(d + Cout) (+ positions·Cout·d
 for a dense-stored S branch); latency = the pair timed against the dense layer in onnxruntime.
 Damage: the output damage of the model with the layer alone at probe ranks, measured in onnxruntime
@@ -32,6 +35,7 @@ from .sensitivity import input_second_moments, output_damage
 
 PROBE_RATIOS = (0.125, 0.25, 0.5, 0.75)  # probe ranks (fractions of full rank) whose damage is measured
 MAX_GRID = 32
+ENERGY_FLOOR = 1e-6  # energy spans below this are treated as empty (no shape to follow)
 
 
 @dataclass
@@ -59,7 +63,7 @@ class _Choice:
     inner: int
     macs: int
     equivalent_rank: float
-    with_sparse: bool = False  # lowrank-sparse: an L+S option (else L alone)
+    kind: str = "L"  # L alone | L+S | S alone (rank 0: a sparse layer, stored dense)
 
 
 def rank_grid(full: int, objective: str, multiple: int) -> list[int]:
@@ -84,7 +88,21 @@ def choice_for(layer: Layer, rank: int, config: CompressConfig, positions: int, 
         else:
             count = min(rows * d, int(extra))
             spec, params, branch = RankSpec(rank, "unstructured", count), low + count, rows * d
-    return _Choice(spec, params, inner, positions * (inner * (rows + d) + branch), params / (rows + d), with_sparse)
+    return _Choice(spec, params, inner, positions * (inner * (rows + d) + branch), params / (rows + d),
+                   "L+S" if with_sparse else "L")
+
+
+def sparse_choice(layer: Layer, rank: int, positions: int) -> _Choice:
+    """S alone with the parameters of rank ``rank``: k = r·(Cout + d) nonzeros in the dense layer."""
+    rows, d = layer.out_features, layer.in_features
+    count = min(rows * d, rank * (rows + d))
+    return _Choice(RankSpec(0, "unstructured", count), count, 0, positions * rows * d, count / (rows + d), "S")
+
+
+def _sparse_alone(config: CompressConfig) -> bool:
+    """S alone is offered for an unstructured S under a global target (it is the sparse method's form)."""
+    return (config.method == "lowrank-sparse" and config.sparse_structure == "unstructured"
+            and config.rank_ratio is None)
 
 
 def plan_ranks(view: GraphView, layers: list[Layer], samples: SampleSet, config: CompressConfig) -> RankPlan:
@@ -114,6 +132,8 @@ def plan_ranks(view: GraphView, layers: list[Layer], samples: SampleSet, config:
         choices = [choice_for(layer, r, config, positions[layer.name]) for r in grid]
         if config.method == "lowrank-sparse" and config.rank_ratio is None:  # S only where it pays
             choices += [choice_for(layer, r, config, positions[layer.name], with_sparse=False) for r in grid]
+        if _sparse_alone(config):
+            choices += [sparse_choice(layer, r, positions[layer.name]) for r in grid]
         choices = [c for c in choices if c.params < layer.num_weights]
         if timing is not None:
             node, shape = view.nodes[layer.node_index], costs[layer.node_index].input_shape
@@ -185,25 +205,34 @@ def _planned(layers, specs, grids, positions) -> dict:
 
 
 def _damage_curves(view, layers, samples, config):
-    """{(layer, with_sparse): curve}: lowrank-sparse measures L+S and L alone, lowrank only L."""
-    kinds = (True, False) if config.method == "lowrank-sparse" else (False,)
+    """{(layer, kind): curve}: lowrank-sparse measures L+S, L alone (and S alone for an unstructured S),
+    lowrank only L."""
+    kinds = ("L+S", "L") if config.method == "lowrank-sparse" else ("L",)
+    kinds += ("S",) if _sparse_alone(config) else ()
     subset = samples.subset(evenly_spaced(samples.num_samples, min(config.sensitivity_samples, samples.num_samples)))
     second = input_second_moments(view, layers, subset, config.batch_size, config.threads)
-    curves, measured = {}, {}
-    for with_sparse in kinds:
-        part, damage = _damage_curves_of(view, layers, subset, second, config, with_sparse)
-        curves.update({(name, with_sparse): c for name, c in part.items()})
-        measured.update({f"{name}{' (L+S)' if with_sparse else ''}": d for name, d in damage.items()})
+    removed = output_damage(view, {l.name: {l.weight_name: np.zeros_like(view.constant(l.weight_name))}
+                                   for l in layers}, subset, config.batch_size, config.threads)
+    curves, measured = {}, {name: {"0": d} for name, d in removed.items()}
+    for kind in kinds:
+        part, damage = _damage_curves_of(view, layers, subset, second, removed, config, kind)
+        curves.update({(name, kind): c for name, c in part.items()})
+        for name, d in damage.items():
+            measured.setdefault(f"{name}{'' if kind == 'L' else f' ({kind})'}", {}).update(d)
     return curves, measured
 
 
-def _damage_curves_of(view, layers, subset, second, config, with_sparse: bool):
+def _damage_curves_of(view, layers, subset, second, removed, config, kind: str):
     """Predicted damage per rank (index r) of each layer, and the measured damage at the probes.
 
     The model output damage D (as in ``sensitivity.py``) is measured with the layer alone at the probe
     ranks p, each probe the method's structure with the parameters of rank p in the diagonal data metric
-    (``_probe_weight``); between probes D is interpolated linearly in the equivalent rank (D(full) = 0),
-    below the smallest probe it follows the energy curve e(r)·D(p)/e(p)."""
+    (``_probe_weight``), and with the layer removed (W = 0, ``removed``: D(0)); between probes D is
+    interpolated linearly in the equivalent rank (D(full) = 0); below the smallest probe p₀ it goes from
+    D(p₀) to D(0) in the shape of the energy curve e(r) — the share of the scaled weight's energy beyond
+    rank r (L, L+S) or outside its r·(Cout + d) largest entries (S alone):
+        D(r) = D(p₀) + (D(0) − D(p₀))·(e(r) − e(p₀)) / (1 − e(p₀)).
+    Anchoring both ends matters: a layer barely hurt at p₀ can still be ruined far below it."""
     energy_curves, probes, ranks = {}, {}, {}
     for layer in layers:
         w = layer.canonical(view.constant(layer.weight_name))[0].astype(np.float64)
@@ -211,10 +240,15 @@ def _damage_curves_of(view, layers, subset, second, config, with_sparse: bool):
         u, s, vh = np.linalg.svd(w * scale, full_matrices=False)
         energy = s ** 2
         tail = np.concatenate([[energy.sum()], energy.sum() - np.cumsum(energy)])
+        if kind == "S":
+            entries = np.sort(np.square(w * scale).reshape(-1))[::-1]
+            kept = np.concatenate([[0.0], np.cumsum(entries)])
+            counts = np.minimum(np.arange(len(s) + 1) * sum(w.shape), entries.size)
+            tail = entries.sum() - kept[counts]
         energy_curves[layer.name] = tail / (energy.sum() or 1.0)
         ranks[layer.name] = sorted({max(1, int(round(f * len(s)))) for f in PROBE_RATIOS} - {len(s)})
         for p in ranks[layer.name]:
-            approx = _probe_weight(w * scale, u, s, vh, p, config, with_sparse) / scale
+            approx = _probe_weight(w * scale, u, s, vh, p, config, kind) / scale
             probes[(layer.name, p)] = {layer.weight_name: layer.stored(approx[None])}
     damage = output_damage(view, probes, subset, config.batch_size, config.threads)
     curves, measured = {}, {}
@@ -227,19 +261,24 @@ def _damage_curves_of(view, layers, subset, second, config, with_sparse: bool):
         curve = np.interp(grid, points + [full], values + [0.0])
         low = grid < points[0]
         e = energy_curves[layer.name]
-        curve[low] = values[0] * e[low] / max(float(e[points[0]]), 1e-12)
+        first, zero = float(e[points[0]]), max(removed[layer.name], values[0])
+        if 1.0 - first > ENERGY_FLOOR:
+            curve[low] = values[0] + (zero - values[0]) * (e[low] - first) / (1.0 - first)
+        else:  # the probe keeps no energy either: linear in r
+            curve[low] = zero + (values[0] - zero) * grid[low] / points[0]
         curves[layer.name] = np.maximum.accumulate(curve[::-1])[::-1]  # never less damage at a lower rank
     return curves, measured
 
 
-def _probe_weight(ws: np.ndarray, u, s, vh, p: int, config: CompressConfig, with_sparse: bool) -> np.ndarray:
+def _probe_weight(ws: np.ndarray, u, s, vh, p: int, config: CompressConfig, kind: str) -> np.ndarray:
     """The structure at the parameters of rank p, data-free (diagonally scaled W = ``ws``, its SVD u s vh):
-    rank p for lowrank; for lowrank-sparse rank r = p·(1 − share) plus S from the residual — the c rows of
-    largest norm, or the k largest entries — with the rest of p·(Cout + d) parameters."""
-    if not with_sparse:
+    rank p for L alone; for L+S rank r = p·(1 − share) plus S from the residual — the c rows of largest
+    norm, or the k largest entries — with the rest of p·(Cout + d) parameters; for S alone the p·(Cout + d)
+    largest entries of ``ws``."""
+    if kind == "L":
         return (u[:, :p] * s[:p]) @ vh[:p]
     rows, d = ws.shape
-    r = max(1, int(round(p * (1 - config.sparse_share))))
+    r = 0 if kind == "S" else max(1, int(round(p * (1 - config.sparse_share))))
     low = (u[:, :r] * s[:r]) @ vh[:r]
     residual = ws - low
     budget = max(0, (p - r) * (rows + d))
@@ -267,7 +306,7 @@ def _options(view, layers, eligible, grids, curves, positions, costs, one, confi
 
         total_ms = model_latency_ms(view.model, one, config.threads)
         options = {l.name: [Option(-1, grids[l.name][0][1], 0.0)] +
-                   [Option(i, ms * ratio, _curve_at(curves[(l.name, c.with_sparse)], c.equivalent_rank))
+                   [Option(i, ms * ratio, _curve_at(curves[(l.name, c.kind)], c.equivalent_rank))
                     for i, (c, ms, ratio) in enumerate(grids[l.name])] for l in eligible}
         movable = sum(grids[l.name][0][1] for l in eligible)
         budget = config.target_latency * total_ms - (total_ms - movable)
@@ -280,12 +319,12 @@ def _options(view, layers, eligible, grids, curves, positions, costs, one, confi
         dense = {l.name: positions[l.name] * l.out_features * l.in_features for l in eligible}
         total = sum(c.dense for c in costs.values())
         options = {l.name: [Option(-1, dense[l.name], 0.0)] +
-                   [Option(i, c.macs, _curve_at(curves[(l.name, c.with_sparse)], c.equivalent_rank))
+                   [Option(i, c.macs, _curve_at(curves[(l.name, c.kind)], c.equivalent_rank))
                     for i, (c, _, _) in enumerate(grids[l.name])] for l in eligible}
         fixed = total - sum(dense.values())
         return options, "macs", config.target_macs * total - fixed, f"--target-macs {config.target_macs}", fixed, total
     options = {l.name: [Option(-1, l.num_weights, 0.0)] +
-               [Option(i, c.params, _curve_at(curves[(l.name, c.with_sparse)], c.equivalent_rank))
+               [Option(i, c.params, _curve_at(curves[(l.name, c.kind)], c.equivalent_rank))
                 for i, (c, _, _) in enumerate(grids[l.name])] for l in eligible}
     total = sum(l.num_weights for l in layers)
     fixed = sum(l.num_weights for l in fixed_dense)

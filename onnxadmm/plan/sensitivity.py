@@ -18,17 +18,14 @@ import onnx
 from ..analysis.layers import Layer
 from ..calib.readers import SampleSet
 from ..onnxio.graph import GraphView
-from ..runtime import session
+from ..runtime import session, session_with_outputs
 
 
 def input_second_moments(view: GraphView, layers: list[Layer], samples: SampleSet, batch_size: int,
                          threads: int) -> dict[str, np.ndarray]:
     """E[x_j²] for every canonical input entry j of each layer, shape (G, d)."""
-    model = copy.copy(view.model)
-    model.graph.ClearField("output")
     names = sorted({layer.input_name for layer in layers})
-    model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
-    sess = session(model, threads)
+    sess = session_with_outputs(view.model, names, threads)
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     for batch in samples.batches(batch_size):
@@ -74,7 +71,7 @@ def prune_by_score(w_canonical: np.ndarray, scores: np.ndarray, sparsity: float)
 def output_damage(view: GraphView, probes: dict[str, dict[str, np.ndarray]], samples: SampleSet,
                   batch_size: int, threads: int) -> dict[str, float]:
     """For each probe (layer name -> {initializer: value}), ‖f − f₀‖² / ‖f₀‖² over the model outputs."""
-    model = copy.copy(view.model)
+    model = copy.deepcopy(view.model)  # (copy.copy serializes: fails over 2 GB)
     overridable = sorted({init for values in probes.values() for init in values})
     present = {v.name for v in model.graph.input}
     for name in overridable:

@@ -13,6 +13,10 @@ def _factor_plan(lines: list[str], plan: dict) -> None:
     for name, form in plan["export_forms"].items():
         lines.append(f"| `{name}` | {form} | {_fmt(plan['pair_latency_ratio'].get(name))} |")
     lines.append("")
+    for name, spec in plan["ranks"].items():
+        if spec is not None and spec["rank"] == 0:
+            lines.append(f"- `{name}` kept as a sparse layer (S alone, {spec['sparse_count']} nonzeros): its measured "
+                         "damage per parameter was lower than any factorization's")
     for name, reason in plan["kept_dense"].items():
         lines.append(f"- `{name}` kept dense: {reason}")
     lines.append("")

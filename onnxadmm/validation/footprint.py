@@ -9,9 +9,9 @@
 
 from __future__ import annotations
 
-import copy
 import io
 import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +19,8 @@ import onnx
 from onnx import numpy_helper
 
 from ..onnxio.graph import GraphView
-from ..runtime import session
+from ..onnxio.save import serialized_pieces
+from ..runtime import session_with_outputs
 
 
 @dataclass
@@ -37,11 +38,28 @@ class Footprint:
         return dict(self.__dict__)
 
 
-def zipped_size(blob: bytes) -> int:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as archive:
-        archive.writestr("model.onnx", blob)
-    return buffer.tell()
+def zipped_size(blob: bytes | Iterable[bytes]) -> int:
+    """Bytes of a zip (deflate, level 6) holding the model; ``blob`` may come in pieces (models over 2 GB)."""
+    counter = _ByteCounter()
+    with zipfile.ZipFile(counter, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as archive:
+        with archive.open("model.onnx", "w", force_zip64=True) as entry:
+            for piece in ([blob] if isinstance(blob, bytes) else blob):
+                entry.write(piece)
+    return counter.size
+
+
+class _ByteCounter(io.RawIOBase):
+    """A write-only sink that keeps only the count (the zip of a large model is never held in memory)."""
+
+    def __init__(self):
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.size += len(data)
+        return len(data)
 
 
 def _float_initializers(model: onnx.ModelProto):
@@ -63,11 +81,8 @@ def node_macs(model: onnx.ModelProto, feed_one: dict[str, np.ndarray], threads: 
     onnxruntime run on ``feed_one`` (a single sample)."""
     view = GraphView(model)
     compute = [i for i in view.order if view.nodes[i].op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose")]
-    probe = copy.copy(model)
     names = sorted({t for i in compute for t in (view.nodes[i].input[0], view.nodes[i].output[0])})
-    existing = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in existing)
-    sess = session(probe, threads)
+    sess = session_with_outputs(model, names, threads)
     outputs = [o.name for o in sess.get_outputs()]
     shapes = dict(zip(outputs, (np.shape(v) for v in sess.run(outputs, feed_one))))
     costs = {}
@@ -95,8 +110,7 @@ def node_macs(model: onnx.ModelProto, feed_one: dict[str, np.ndarray], threads: 
 def footprint(model: onnx.ModelProto, feed_one: dict[str, np.ndarray], threads: int = 0,
               blob: bytes | None = None) -> Footprint:
     """Measure ``model``; ``feed_one`` is a single-sample input used to observe shapes."""
-    if blob is None:
-        blob = model.SerializeToString()
+    size_bytes, pieces = (len(blob), [blob]) if blob is not None else serialized_pieces(model)
     params = nonzero = 0
     arrays = {}
     for tensor in _float_initializers(model):
@@ -116,6 +130,6 @@ def footprint(model: onnx.ModelProto, feed_one: dict[str, np.ndarray], threads: 
             nonzero_macs += nz * cost.positions if node.op_type != "ConvTranspose" else cost.dense
         else:
             nonzero_macs += cost.dense
-    return Footprint(size_bytes=len(blob), zipped_bytes=zipped_size(blob), params=params,
+    return Footprint(size_bytes=size_bytes, zipped_bytes=zipped_size(pieces), params=params,
                      nonzero_params=nonzero, macs=macs, nonzero_macs=nonzero_macs,
                      layer_weights=layer_weights, nonzero_layer_weights=nonzero_layer_weights)

@@ -52,10 +52,8 @@ def _feed_of(samples: SampleSet, batch_size: int) -> dict[str, np.ndarray]:
 def validate_models(original: onnx.ModelProto, compressed: onnx.ModelProto, samples: SampleSet,
                     config: ValidateConfig, batch_size: int = 32, threads: int = 0, held_out: bool = True,
                     original_blob: bytes | None = None, compressed_blob: bytes | None = None) -> Validation:
-    sess_a, sess_b = session(original, threads), session(compressed, threads)
-    outputs_a = run_all(sess_a, samples, batch_size)
-    outputs_b = run_all(sess_b, samples, batch_size)
-    del sess_a, sess_b
+    outputs_a = run_all(session(original, threads), samples, batch_size)  # one session at a time
+    outputs_b = run_all(session(compressed, threads), samples, batch_size)
     comparison = compare(outputs_a, outputs_b, samples.labels, samples.num_samples)
     one = _feed_of(samples, samples.fixed_batch or 1)
     fp_a = footprint(original, one, threads, original_blob)
