@@ -11,6 +11,9 @@ weights each, stored as external data next to the .onnx.
   pipeline around the solve — sessions, streaming, export and the footprint of a model that cannot be
   serialized whole), validated and written as external data; its peak RSS is printed.
 
+Measured here (2026-11-23): 4 branches, peak RSS 3076 MB with 64 samples and 3139 MB with 256; 34 branches
+(2.12 GB), peak RSS 13.9 GB (6.4× the weights), compress 254 s.
+
     python -m pytest -m slow tests/test_large_model.py -s
 """
 
@@ -82,6 +85,9 @@ def test_model_over_2gb_in_external_data_compresses_end_to_end(tmp_path):
     print(f"\nmodel weights {data_bytes / 2**30:.2f} GB in external data; peak RSS {rss:.0f} MB "
           f"({rss * 2**20 / data_bytes:.2f}× the weights); compress {report['timing']['compress_s']:.0f} s")
     assert report["totals"]["layers_compressed"] == OVER_2GB_BRANCHES
+    # held once each: the input, its normalized graph, the solved weights, the compressed model, and
+    # onnxruntime's sessions (measured 6.4× here; copying the model per step had reached 8.3×)
+    assert rss * 2**20 <= 8 * data_bytes
     assert report["totals"]["sparsity"] == pytest.approx(0.5, abs=0.01)
     fp = report["validation"]["footprint"]
     assert fp["original"]["size_bytes"] > 2 * 2**30 and fp["compressed"]["size_bytes"] > 2 * 2**30
