@@ -12,7 +12,11 @@ from typing import Sequence
 import onnx
 
 from .errors import UnsupportedModelError
-from .onnxio.save import exceeds_protobuf_limit, without_initializers, write_with_external_data
+from .onnxio.save import (
+    exceeds_protobuf_limit,
+    without_initializers,
+    write_with_external_data,
+)
 
 
 def cpu_threads(requested: int) -> int:

@@ -37,7 +37,7 @@ class _Slicer:
 
     def __init__(self, model: onnx.ModelProto):
         self.model = model
-        self.view = GraphView(model, _inferred(model))
+        self.view = GraphView(model, infer_types(model, data_prop=False))
         self.cuts: dict[tuple[int, int, int], set[int]] = {}  # (node, slot, axis) -> indices
         self.group_cuts: dict[int, int] = {}  # depthwise conv -> channels removed
         self.reshape_cuts: dict[int, int] = {}  # Reshape -> features removed
@@ -105,11 +105,6 @@ def slice_channels(model: onnx.ModelProto, groups: list[ChannelGroup], keep: Map
     del out.graph.value_info[:]
     out.graph.value_info.extend(kept_info)
     return out
-
-
-def _inferred(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Shape inference for the ranks of per-channel operands (best effort, weightless)."""
-    return infer_types(model, data_prop=False)
 
 
 def _attr(node: onnx.NodeProto, name: str, default):

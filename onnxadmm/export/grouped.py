@@ -20,8 +20,9 @@ import onnx
 
 from ..analysis.channels import ChannelGroup
 from ..onnxio.graph import GraphView
+from ..onnxio.normalize import infer_types
 from .apply import write_initializers
-from .channels import _channel_axis_of_constant, _inferred
+from .channels import _channel_axis_of_constant
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ def to_grouped(model: onnx.ModelProto, pairs: list[BlockPair]) -> onnx.ModelProt
     """A copy of ``model`` (whose P/Q weights are already zero outside the blocks) with every pair
     rewritten as grouped Convs and the channel permutation folded into the group's members."""
     out = copy.deepcopy(model)
-    view = GraphView(out, _inferred(out))
+    view = GraphView(out, infer_types(out, data_prop=False))
     values: dict[str, np.ndarray] = {}
 
     def value(name: str) -> np.ndarray:

@@ -52,26 +52,22 @@ def _copy_except(message, special: dict):
 
 def serialized_pieces(model: onnx.ModelProto) -> tuple[int, Iterable[bytes]]:
     """(serialized size, its bytes in pieces): one blob under protobuf's 2 GB limit; above it the graph
-    without initializers, then each initializer (the same bytes up to field framing)."""
+    without initializers, then each initializer (the same bytes up to each initializer's field framing of
+    ``FRAMING_BYTES``)."""
     if not exceeds_protobuf_limit(model):
         blob = model.SerializeToString()
         return len(blob), [blob]
-    return serialized_size(model), itertools.chain([without_initializers(model).SerializeToString()],
-                                                   (t.SerializeToString() for t in model.graph.initializer))
+    skeleton = without_initializers(model).SerializeToString()
+    size = len(skeleton) + sum(t.ByteSize() + FRAMING_BYTES for t in model.graph.initializer)
+    return size, itertools.chain([skeleton], (t.SerializeToString() for t in model.graph.initializer))
+
+
+FRAMING_BYTES = 6  # tag + length varint of an initializer inside the graph
 
 
 def _repeated(field) -> bool:
     """``is_repeated`` (protobuf ≥ 5) or the older ``label``."""
     return field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
-
-
-def serialized_size(model: onnx.ModelProto) -> int:
-    """Bytes of the serialized model; above 2 GB the sum of its parts (graph, then each initializer, with
-    protobuf's field framing)."""
-    if not exceeds_protobuf_limit(model):
-        return model.ByteSize()
-    framing = 6  # tag + length varint of an initializer inside the graph
-    return without_initializers(model).ByteSize() + sum(t.ByteSize() + framing for t in model.graph.initializer)
 
 
 def check_output_path(out: str | os.PathLike, input_path: str | os.PathLike | None) -> Path:
@@ -176,8 +172,8 @@ def write_with_external_data(skeleton: onnx.ModelProto, initializers: Iterable[o
             if tensor.data_location == onnx.TensorProto.EXTERNAL:
                 raise ExportError(f"initializer {tensor.name!r} still refers to external data; load its data first")
             raw = tensor.raw_data if tensor.HasField("raw_data") else None
-            if tensor.data_type == onnx.TensorProto.STRING or (raw is None and tensor.ByteSize() < EXTERNAL_MIN_BYTES) \
-                    or (raw is not None and len(raw) < EXTERNAL_MIN_BYTES):
+            size = len(raw) if raw is not None else tensor.ByteSize()
+            if tensor.data_type == onnx.TensorProto.STRING or size < EXTERNAL_MIN_BYTES:
                 stubs.append(tensor)
                 continue
             if raw is None:  # typed fields (float_data, ...): the little-endian bytes ONNX stores as raw_data
