@@ -33,7 +33,7 @@ def session(model: onnx.ModelProto | bytes | str, threads: int = 0, optimize: bo
     """An InferenceSession on the CPU with ``threads`` intra-op threads (0 = all cores)."""
     import onnxruntime as ort
 
-    options = _options(threads, optimize)
+    options = session_options(threads, optimize)
     if isinstance(model, onnx.ModelProto) and exceeds_protobuf_limit(model):
         return _session_from_files(model, options)
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
@@ -48,7 +48,7 @@ def session(model: onnx.ModelProto | bytes | str, threads: int = 0, optimize: bo
             "the node before compressing") from None
 
 
-def _options(threads: int, optimize: bool):
+def session_options(threads: int, optimize: bool):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -77,7 +77,7 @@ def _session_from_files(model: onnx.ModelProto, options, extra_outputs: Sequence
 def session_with_outputs(model: onnx.ModelProto, names: Sequence[str], threads: int = 0):
     """A session whose outputs also include the intermediate tensors ``names`` (the model is not changed)."""
     if exceeds_protobuf_limit(model):
-        return _session_from_files(model, _options(threads, True), names)
+        return _session_from_files(model, session_options(threads, True), names)
     probe = copy.deepcopy(model)
     _add_outputs(probe, names)
     return session(probe, threads)

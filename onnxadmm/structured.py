@@ -100,8 +100,11 @@ def compress_channels(view: GraphView, model: onnx.ModelProto, all_layers: list[
             continue
         fixed = plan.masks.get(group.name)
         for consumer in group.consumers:
+            place = consumer.place
+            part = None if fixed is None else fixed[place.lo:place.hi]
             blocks.setdefault(consumer.layer, []).append(ChannelBlock(
-                consumer.offset, group.channels, k, None if fixed is None else tuple(bool(v) for v in fixed)))
+                place.offset, place.count, k if part is None else int(part.sum()),
+                None if part is None else tuple(bool(v) for v in part)))
             widths[consumer.layer] = consumer.width
     kind = "l0-l21" if config.method == "l0-l21" else "channels"
     structures: dict[str, Structure] = {}
@@ -128,7 +131,8 @@ def compress_channels(view: GraphView, model: onnx.ModelProto, all_layers: list[
 
 def _kept_channels(groups, plan, solved, by_name) -> dict[str, np.ndarray]:
     """The channels each group keeps: its pinned mask, or the k largest input-column norms, in the group's
-    range, of the solved first consumer (ADMM chose them)."""
+    range, of the solved first consumer (ADMM chose them; a group without a pinned mask is uniform, so that
+    consumer reads all of its channels)."""
     kept = {}
     for group in groups:
         k = plan.keep[group.name]
@@ -145,7 +149,7 @@ def _kept_channels(groups, plan, solved, by_name) -> dict[str, np.ndarray]:
                 continue
             canonical = torch.from_numpy(layer.canonical(weight))
             norms = channel_norms(canonical, consumer.width).numpy()
-            kept[group.name] = top_mask(norms[consumer.offset:consumer.offset + group.channels], k)
+            kept[group.name] = top_mask(norms[consumer.place.offset:consumer.place.offset + group.channels], k)
     return kept
 
 
@@ -164,8 +168,8 @@ def grouped_pairs(view: GraphView, groups: list[ChannelGroup], by_node: dict[int
         through_ops = {view.nodes[i].op_type for i in group.through}
         if producer is None or consumer is None or producer.op_type != "Conv" or consumer.op_type != "Conv":
             skipped.append((group, "not a single Conv -> Conv pair"))
-        elif through_ops & {"Conv", "Concat", "Flatten", "Reshape"} or group.consumers[0].space not in (
-                None, group.channels):
+        elif through_ops & {"Conv", "Concat", "Flatten", "Reshape", "Split", "Slice", "Pad"} or \
+                not group.uniform or not group.consumers[0].place.whole:
             skipped.append((group, f"between the convs: {sorted(through_ops)}"))
         elif any(n % blocks for n in (group.channels, producer.in_features // (producer.conv.kernel[0] *
                                                                               producer.conv.kernel[1]),

@@ -18,6 +18,7 @@ from onnxadmm.errors import ConfigError
 from onnxadmm.export.apply import apply_initializers
 from onnxadmm.export.channels import slice_channels
 from onnxadmm.onnxio.normalize import normalize
+from onnxadmm.plan.channels import exact_macs, group_mask
 
 
 # -- models, one per coupling kind -----------------------------------------------------------------
@@ -108,7 +109,68 @@ def matmul_tokens():
     return b.model([("input", ["N", 5, 8])], [out])
 
 
-COUPLINGS = {"concat of branches + BN": lambda: concat_branches(), "conv chain": conv_chain, "batchnorm": batchnorm_unfolded, "depthwise": depthwise,
+def option_a_shortcut(opset: int = 17):
+    """The CIFAR ResNets' option-A shortcut: a stride-2 block adds x[:, :, ::2, ::2] zero-padded with C/2
+    channels on each side (Slice on the spatial axes, Pad on the channel axis) to its wider conv output,
+    so the 8-channel stage-1 stream is channels [4, 12) of the 16-channel stage-2 stream."""
+    b = GraphBuilder(14)
+    x = b.conv("input", 3, 8)
+    y = b.conv(b.conv(x, 8, 8), 8, 8, act=None)
+    x = b.node("Relu", [b.node("Add", [y, x])])
+    z = b.conv(b.conv(x, 8, 16, stride=2), 16, 16, act=None)
+    big = np.array([2**62, 2**62], np.int64)
+    if opset >= 10:
+        strided = b.node("Slice", [x, b.const(np.zeros(2, np.int64)), b.const(big),
+                                   b.const(np.array([2, 3], np.int64)), b.const(np.array([2, 2], np.int64))])
+    else:
+        strided = b.node("MaxPool", [x], kernel_shape=[1, 1], strides=[2, 2])
+    if opset >= 11:
+        padded = b.node("Pad", [strided, b.const(np.array([0, 4, 0, 0, 0, 4, 0, 0], np.int64))], mode="constant")
+    else:
+        padded = b.node("Pad", [strided], pads=[0, 4, 0, 0, 0, 4, 0, 0], mode="constant", value=0.0)
+    x = b.node("Relu", [b.node("Add", [z, padded])])
+    logits = b.gemm(b.node("Flatten", [b.node("GlobalAveragePool", [x])]), 16, 5, act=None)
+    return b.model([("input", ["N", 3, 8, 8])], [logits], opset=opset)
+
+
+def split_branches(explicit: bool = True):
+    """One conv's channels split 6 + 10 (or 8 + 8, sizes implicit) into two branches that join again."""
+    b = GraphBuilder(15)
+    y = b.conv("input", 3, 16)
+    sizes = [6, 10] if explicit else [8, 8]
+    inputs = [y, b.const(np.array(sizes, np.int64))] if explicit else [y]
+    left, right = b.node("Split", inputs, n_out=2, axis=1)
+    joined = b.node("Add", [b.conv(left, sizes[0], 8, act=None), b.conv(right, sizes[1], 8, act=None)])
+    out = b.conv(b.node("Relu", [joined]), 8, 4, act=None)
+    return b.model([("input", ["N", 3, 8, 8])], [out])
+
+
+def channel_slice():
+    """A conv reads channels [4, 12) of another conv's output, which a second conv reads whole."""
+    b = GraphBuilder(16)
+    y = b.conv("input", 3, 16)
+    part = b.node("Slice", [y, b.const(np.array([4], np.int64)), b.const(np.array([12], np.int64)),
+                            b.const(np.array([1], np.int64))])
+    joined = b.node("Add", [b.conv(part, 8, 8, act=None), b.conv(y, 16, 8, act=None)])
+    out = b.conv(b.node("Relu", [joined]), 8, 4, act=None)
+    return b.model([("input", ["N", 3, 8, 8])], [out])
+
+
+def concat_into_residual():
+    """Two 8-channel branches concatenated and added to a 16-channel conv: the Concat's inputs are the
+    halves of the residual group."""
+    b = GraphBuilder(17)
+    joined = b.node("Concat", [b.conv("input", 3, 8), b.conv("input", 3, 8)], axis=1)
+    stream = b.node("Relu", [b.node("Add", [joined, b.conv("input", 3, 16, act=None)])])
+    out = b.conv(stream, 16, 4, act=None)
+    return b.model([("input", ["N", 3, 8, 8])], [out])
+
+
+COUPLINGS = {"option-A shortcut (spatial Slice + channel Pad)": option_a_shortcut,
+             "option-A shortcut, opset 10 (Pad attributes)": lambda: option_a_shortcut(10),
+             "split into branches": split_branches, "split into equal parts": lambda: split_branches(False),
+             "slice of channels": channel_slice, "concat into a residual add": concat_into_residual,
+             "concat of branches + BN": lambda: concat_branches(), "conv chain": conv_chain, "batchnorm": batchnorm_unfolded, "depthwise": depthwise,
              "residual add": residual, "flatten into gemm": flatten_gemm,
              "pool + reshape [0,-1] into gemm": lambda: pool_reshape_gemm(False),
              "reshape with explicit size": lambda: pool_reshape_gemm(True),
@@ -131,8 +193,9 @@ def masked_reference(model, view, layers, groups, keep):
         for consumer in group.consumers:
             layer = by_name[consumer.layer]
             stored = values.get(layer.weight_name, view.constant(layer.weight_name))
-            channels = np.ones(consumer.space or group.channels, bool)
-            channels[consumer.offset:consumer.offset + group.channels] = keep[group.name]
+            place = consumer.place
+            channels = np.ones(place.space, bool)
+            channels[place.offset:place.offset + place.count] = keep[group.name][place.lo:place.hi]
             w = layer.canonical(stored) * np.repeat(channels, consumer.width)[None, None, :]
             values[layer.weight_name] = layer.stored(w)
     return apply_initializers(model, values)
@@ -144,11 +207,7 @@ def test_sliced_graph_computes_what_the_masked_graph_computes(kind):
     active = [g for g in groups if not g.declined]
     assert active, [g.declined for g in groups]
     rng = np.random.default_rng(0)
-    keep = {}
-    for group in active:
-        mask = np.zeros(group.channels, bool)
-        mask[rng.choice(group.channels, group.channels // 2, replace=False)] = True
-        keep[group.name] = mask
+    keep = {g.name: group_mask(g, rng.random(g.channels), g.channels // 2) for g in active}
     sliced = slice_channels(model, active, keep)
     onnx.checker.check_model(sliced, full_check=True)
     feed = samples_for(model, 4, seed=3)
@@ -168,6 +227,46 @@ def test_residual_group_ties_both_producers_and_every_reader():
     assert stream.declined is None
     assert len(stream.consumers) == 2  # the inner conv and the last conv read the stream
     assert any(view.nodes[i].op_type == "Add" for i in stream.through)
+
+
+def test_option_a_shortcut_makes_the_stage_streams_one_group_with_nested_ranges():
+    model, view, layers, groups = analysed(option_a_shortcut())
+    stream = next(g for g in groups if len(g.producers) == 3)  # stem, block conv, stride-2 block conv
+    assert stream.declined is None and stream.channels == 16 and not stream.uniform
+    stage1 = {view.nodes[i].name: p for i, (_, p) in stream.members.items() if view.nodes[i].op_type == "Conv"}
+    assert sorted({(p.lo, p.hi) for p in stage1.values()}) == [(0, 16), (4, 12)]
+    # remove stream channels 0 (a pad channel), 5 (a stage-1 channel) and 15 (a pad channel)
+    keep = {g.name: np.ones(g.channels, bool) for g in groups if not g.declined}
+    keep[stream.name][[0, 5, 15]] = False
+    sliced = slice_channels(model, [stream], keep)
+    pad = next(n for n in sliced.graph.node if n.op_type == "Pad")
+    pads = next(onnx.numpy_helper.to_array(t) for t in sliced.graph.initializer if t.name == pad.input[1])
+    assert pads.tolist() == [0, 3, 0, 0, 0, 3, 0, 0]  # 7 stage-1 channels inside 3 + 7 + 3
+    feed = samples_for(model, 4, seed=3)
+    np.testing.assert_allclose(run(sliced, feed)[0], run(masked_reference(model, view, layers, [stream], keep),
+                                                           feed)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_every_member_range_keeps_a_channel_and_macs_count_the_ranges():
+    model, view, layers, groups = analysed(split_branches())
+    group = next(g for g in groups if not g.uniform)
+    scores = np.arange(group.channels, dtype=float)  # the left branch (channels 0-5) scores lowest
+    mask = group_mask(group, scores, 4)
+    assert mask[:6].sum() == 1 and mask[6:].sum() == 4  # the left branch is never emptied
+    costs = {i: 100 for i in group.members if view.nodes[i].op_type == "Conv"}
+    # the producer loses 11 of 16 outputs; the left conv 5 of 6 inputs; the right conv 6 of 10
+    expected = 100 * (5 / 16) + 100 * (1 / 6) + 100 * (4 / 10)
+    assert exact_macs(costs, [group], {group.name: 4}, {group.name: scores}) == round(expected)
+
+
+def test_grouped_conv_that_is_not_depthwise_declines_its_groups_by_name():
+    b = GraphBuilder(18)
+    y = b.conv(b.conv("input", 3, 16), 16, 16)
+    out = b.conv(b.conv(y, 16, 16, groups=4), 16, 4, act=None)
+    _, _, _, groups = analysed(b.model([("input", ["N", 3, 8, 8])], [out]))
+    assert groups[0].declined is None  # the first conv's channels are read by a plain conv: pruned
+    assert "grouped Conv" in groups[1].declined and "group=4" in groups[1].declined
+    assert "grouped Conv" in groups[2].declined
 
 
 def test_depthwise_conv_passes_channels_through_and_gets_a_new_group_count():
@@ -226,7 +325,7 @@ def concat_branches():
 
 def test_concat_places_each_group_at_its_offset():
     _, view, _, groups = analysed(concat_branches())
-    offsets = sorted(c.offset for g in groups if not g.declined for c in g.consumers if c.space == 32)
+    offsets = sorted(c.place.offset for g in groups if not g.declined for c in g.consumers if c.place.space == 32)
     assert offsets == [0, 8, 24]
 
 
@@ -445,3 +544,59 @@ def test_grouped_method_cuts_the_pairs_macs_by_the_block_count():
     feed = samples_for(model, 2, seed=6)
     assert run(result.model, feed)[0].shape == run(model, feed)[0].shape
     assert result.report["validation"]["outputs"][0]["cosine"] > 0.5
+
+
+class _BilinearCost:
+    """Two groups that share one big node (cost 100 · f_stream · f_inner) plus a node of their own each."""
+
+    unit = "MACs"
+    total = 120.0
+
+    def exact(self, keep):
+        stream, inner = keep["stream"] / 8, keep["inner"] / 8
+        return 100 * stream * inner + 10 * stream + 10 * inner
+
+
+def test_allocation_descends_on_the_exact_cost_and_never_buys_a_destroyed_output():
+    from onnxadmm.plan.allocate import Option
+    from onnxadmm.plan.channels import _allocate, additive_damage
+
+    model = _BilinearCost()
+    raw = {"stream": {2: 0.99, 4: 0.5, 6: 0.05, 8: 0.0}, "inner": {2: 0.3, 4: 0.1, 6: 0.02, 8: 0.0}}
+    # linear costs that ignore the shared node: allocating on them alone cannot find the real price
+    curves = {name: [Option(float(k), 10 * k / 8, additive_damage(d)) for k, d in sorted(points.items())]
+              for name, points in raw.items()}
+    groups = [type("G", (), {"name": n, "channels": 8})() for n in raw]
+    keep = _allocate(model, groups, curves, 0.5 * model.total)
+    assert model.exact(keep) <= 0.5 * model.total
+    assert keep["stream"] > 2  # the one-step collapse of the stream (D ≈ 1) is never the cheap way down
+    assert keep == {"stream": 6, "inner": 4}  # 100·(6/8)(4/8) + 7.5 + 5 = 50 ≤ 60, least Σ damage
+    assert additive_damage(0.01) == pytest.approx(0.0101, rel=1e-3)
+    assert additive_damage(0.99) > 50 and additive_damage(1.2) > additive_damage(0.99)
+
+
+def test_report_says_where_the_time_goes_node_by_node():
+    from onnxadmm.report.markdown import render
+
+    model = option_a_shortcut()
+    result = compress(model, samples_for(model, 32), CompressConfig(method="channel", target_macs=0.6,
+                                                                    channel_multiple=2, sensitivity_samples=8,
+                                                                    admm_iterations=4),
+                      ValidateConfig(latency_rounds=2))
+    split = result.report["validation"]["time_split"]
+    assert split["totals_ms"]["compute"]["original"] > 0
+    pruned = [row for row in split["layers"] if row["macs_ratio"] < 1]
+    assert pruned  # conv nodes paired by name, with the compressed one's smaller output or input
+    for row in pruned:
+        assert row["time_ms_compressed"] > 0
+    assert any(line.startswith("Profiled at batch 1") for line in result.report["validation"]["gains"])
+    assert "Where the time goes" in render(result.report)
+
+
+def test_concat_of_a_tensor_with_itself_through_a_relu_is_declined():
+    b = GraphBuilder(19)
+    y = b.conv("input", 3, 8, act=None)
+    joined = b.node("Concat", [y, b.node("Relu", [y])], axis=1)  # channel c sits at c and 8 + c
+    out = b.conv(joined, 16, 4, act=None)
+    _, _, _, groups = analysed(b.model([("input", ["N", 3, 8, 8])], [out]))
+    assert "two places" in groups[0].declined

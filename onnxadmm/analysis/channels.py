@@ -1,20 +1,27 @@
 """Coupled channel groups: the sets of channels that must be removed together (Torch-Pruning's
 dependency groups, on ONNX nodes).
 
-A group starts at a layer's output channels and is closed under the graph's couplings:
-  * per-channel nodes pass the channel through (activations, BatchNormalization, pooling, per-channel
-    constant Add/Sub/Mul/Div, PRelu, Dropout/Identity, depthwise Conv with one filter per channel);
+A group has C *group channels*. Every tensor that holds some of them has a ``Place``: group channels
+[lo, hi) sit at positions [offset, offset + hi − lo) of the tensor's ``space`` channels. A group starts at
+a layer's output channels and is closed under the graph's couplings:
+  * per-channel nodes pass the channels through (activations, BatchNormalization, pooling, per-channel
+    constant Add/Sub/Mul/Div, PRelu, Dropout/Identity, a Slice or Pad on spatial axes only, a depthwise
+    Conv with one filter per channel);
   * an elementwise op of two computed tensors (a residual ``Add``, a gate ``Mul``) ties both operands,
-    so every producer of every operand loses the same channel indices;
+    so every producer of every operand loses the same channels;
   * a Conv (group = 1), Gemm or MatMul reading the channels is a *consumer*: it loses the matching input
     columns (kh·kw per channel for a Conv; a contiguous range of H·W features per channel when a
     Flatten/Reshape to [N, C·H·W] sits in between);
-  * a Concat on the channel axis places the group at an offset of a wider tensor (other groups fill the
-    rest); per-channel nodes and consumers past it touch only that range.
-Every tensor of a group has a *place* (offset, space): its channels are [offset, offset + C) of the
-tensor's ``space`` channels. Anything else touching the channels (Split, Slice, Pad, Gather, Transpose,
-Reshape to other shapes, grouped Conv, an elementwise op of two concatenated tensors, a graph output, ...)
-declines the whole group with the node named: its channels stay, never a guess.
+  * Concat, Split, a Slice on the channel axis (step 1) and a zero Pad on the channel axis move channels
+    to other positions of a wider or narrower tensor: their places follow the offsets.
+When a tensor holding only part of a group meets a wider tensor it must stay aligned with (the CIFAR
+ResNets' option-A shortcut: ``Slice`` + channel ``Pad`` into a residual ``Add`` with a wider conv; a
+``Split`` of one conv's output), the group is restarted from the wider tensor's producer, so the narrow
+stream's channels become a sub-range [lo, hi) of the wide one's: removing wide channel c removes narrow
+channel c − lo with it, and a removed pad channel shrinks the pad.
+Anything else touching the channels (Gather, Transpose, Reshape to other shapes, a grouped Conv that is
+not depthwise, a graph output, ...) declines the whole group with the node named: its channels stay,
+never a guess.
 """
 
 from __future__ import annotations
@@ -32,18 +39,58 @@ CHANNELWISE_UNARY = {"Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "Har
                      "Neg", "Abs", "Erf", "Sqrt", "Exp", "Log", "Reciprocal", "Cast"}
 SPATIAL_POOLS = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"}
 ELEMENTWISE_BINARY = {"Add", "Sub", "Mul", "Div"}
+CHANNEL_MOVERS = ("Concat", "Split", "Slice", "Pad")
+
+
+@dataclass(frozen=True)
+class Place:
+    """Group channels [lo, hi) sit at positions [offset, offset + hi − lo) of a tensor of ``space`` channels."""
+
+    lo: int
+    hi: int
+    offset: int
+    space: int
+
+    @property
+    def count(self) -> int:
+        return self.hi - self.lo
+
+    @property
+    def whole(self) -> bool:
+        """The tensor holds group channels only."""
+        return self.count == self.space
+
+    def positions(self, channels) -> np.ndarray:
+        """Tensor positions of those of the given group channels that this tensor holds."""
+        channels = np.asarray(channels, dtype=np.int64)
+        return self.offset + channels[(channels >= self.lo) & (channels < self.hi)] - self.lo
+
+    def narrowed(self, start: int, stop: int) -> Place | None:
+        """The part at positions [start, stop), as a place in a tensor of stop − start channels (None: no
+        group channel there)."""
+        first, last = max(start, self.offset), min(stop, self.offset + self.count)
+        if first >= last:
+            return None
+        return Place(self.lo + first - self.offset, self.lo + last - self.offset, first - start, stop - start)
+
+    def widened(self, start: int, space: int) -> Place:
+        """This tensor seen at positions [start, start + self.space) of a tensor of ``space`` channels."""
+        return Place(self.lo, self.hi, self.offset + start, space)
+
+
+def full_place(channels: int) -> Place:
+    return Place(0, channels, 0, channels)
 
 
 @dataclass(frozen=True)
 class Consumer:
-    """A layer reading the group's channels: group channel c is its input channel offset + c, i.e. the
-    canonical columns [(offset + c)·width, (offset + c + 1)·width) of its ``space`` channels."""
+    """A layer reading group channels: group channel c of ``place`` is its input channel
+    place.offset + c − place.lo, i.e. the canonical columns [j·width, (j + 1)·width) of that channel j."""
 
     layer: str
     node_index: int
     width: int  # canonical input columns per channel (kh·kw, or H·W after a Flatten, or 1)
-    offset: int = 0
-    space: int | None = None  # channels of the tensor it reads (None: the group's own count)
+    place: Place
 
 
 @dataclass
@@ -53,27 +100,21 @@ class ChannelGroup:
     name: str
     channels: int
     kind: str = "conv"  # "conv": channels on axis 1 of [N, C, ...]; "row": on the last axis
-    producers: list[int] = field(default_factory=list)  # node ids whose output rows are the channels
-    through: list[int] = field(default_factory=list)  # per-channel nodes (sliced along the channel)
+    producers: list[int] = field(default_factory=list)  # node ids whose output rows are group channels
+    through: list[int] = field(default_factory=list)  # per-channel nodes and channel movers
     consumers: list[Consumer] = field(default_factory=list)
-    tensors: set[str] = field(default_factory=set)  # tensors whose channel axis holds this group
-    places: dict[int, tuple[int, int]] = field(default_factory=dict)  # through node -> (offset, space)
+    places: dict[str, Place] = field(default_factory=dict)  # every tensor holding group channels
+    members: dict[int, tuple[str, Place]] = field(default_factory=dict)  # node -> (side, place of that side)
     declined: str | None = None
 
-    def member_shares(self) -> dict[int, tuple[str, float]]:
-        """For each member that computes: which side the group is on ("in" / "out"; a depthwise conv
-        counts as "out": its MACs follow its channel count once) and the group's share of that side's
-        channels (C / space after a Concat)."""
-        shares = {index: ("out", 1.0) for index in self.producers}
-        for index, (_, space) in self.places.items():
-            shares.setdefault(index, ("out", self.channels / space))
-        for consumer in self.consumers:
-            shares[consumer.node_index] = ("in", self.channels / (consumer.space or self.channels))
-        return shares
+    @property
+    def uniform(self) -> bool:
+        """Every member holds all C channels: how many are removed decides every member's width, not which."""
+        return all(place.count == self.channels for _, place in self.members.values())
 
     @property
     def member_nodes(self) -> list[int]:
-        return sorted({*self.producers, *self.through, *(c.node_index for c in self.consumers)})
+        return sorted(self.members)
 
 
 class _Decline(Exception):
@@ -88,52 +129,102 @@ def find_channel_groups(view: GraphView, layers: list[Layer]) -> list[ChannelGro
     for layer in sorted(layers, key=lambda l: view.order.index(l.node_index)):
         if layer.output_name in claimed:
             continue
-        group = ChannelGroup(name=layer.name, channels=layer.out_features)
-        try:
-            _close(view, by_node, group, layer)
-        except _Decline as reason:
-            group.declined = str(reason)
-        claimed |= group.tensors | {layer.output_name}
-        claimed |= {view.nodes[i].output[0] for i in group.producers}
+        group = _grown_group(view, by_node, layer, claimed)
+        claimed |= set(group.places) | {layer.output_name}
         if not group.declined and not group.consumers:
             group.declined = "no layer reads these channels (nothing to refit)"
         groups.append(group)
     return groups
 
 
+def _grown_group(view: GraphView, by_node: dict[int, Layer], start: Layer, claimed: set[str]) -> ChannelGroup:
+    """The closed group of ``start``'s channels; when they turn out to be part of a wider tensor, the group
+    of that tensor's producer instead (it contains them)."""
+    tried = {start.node_index}
+    while True:
+        group = ChannelGroup(name=start.name, channels=start.out_features)
+        wider = _close(view, by_node, group, start)
+        if wider is None:
+            return group
+        tensor, space = wider
+        seed = _seed_layer(view, by_node, tensor, space, group.kind)
+        if seed is None or seed.node_index in tried or seed.output_name in claimed:
+            group.declined = (f"channels join the wider tensor {tensor!r}, and no layer producing all of its "
+                              f"{space} channels was found")
+            return group
+        tried.add(seed.node_index)
+        start = seed
+
+
+def _seed_layer(view: GraphView, by_node: dict[int, Layer], tensor: str, space: int, kind: str,
+                depth: int = 0) -> Layer | None:
+    """A layer whose output carries all ``space`` channels of ``tensor`` unchanged (back through per-channel
+    nodes and both operands of elementwise ones)."""
+    index = view.producer.get(tensor)
+    if index is None or depth > 64:
+        return None
+    node, layer = view.nodes[index], by_node.get(index)
+    if layer is not None and node.output[0] == tensor:
+        if layer.op_type == "Conv" and layer.groups != 1:
+            return _seed_layer(view, by_node, node.input[0], space, kind, depth + 1) \
+                if _is_depthwise(layer, space) else None
+        return layer if layer.out_features == space else None
+    try:
+        if not _per_channel_node(view, node, kind, space):
+            return None
+    except _Decline:
+        return None
+    for operand in _channel_operands(view, node):
+        found = _seed_layer(view, by_node, operand, space, kind, depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
 def _axis_kind(layer: Layer) -> str:
     return "conv" if layer.op_type == "Conv" else "row"
 
 
-def _close(view: GraphView, by_node: dict[int, Layer], group: ChannelGroup, start: Layer) -> None:
-    """Grow ``group`` from ``start``'s output until every tensor's producer and readers are explained."""
+def _close(view: GraphView, by_node: dict[int, Layer], group: ChannelGroup, start: Layer
+           ) -> tuple[str, int] | None:
+    """Grow ``group`` from ``start``'s output until every tensor's producer and readers are explained.
+    Returns (tensor, channels) instead when the group is part of that wider tensor (restart from there)."""
     if start.op_type == "Conv" and start.groups != 1:
-        raise _Decline(f"grouped Conv {start.name!r} (group={start.groups}) cannot lose output channels alone")
+        group.declined = f"grouped Conv {start.name!r} (group={start.groups}) cannot lose output channels alone"
+        return None
     group.kind = _axis_kind(start)
     walk = _Walk(view, by_node, group)
-    walk.producers.add(start.node_index)
-    walk.visit(start.output_name, (0, group.channels))
-    while walk.pending:
+    walk.producers[start.node_index] = full_place(group.channels)
+    walk.visit(start.output_name, full_place(group.channels))
+    while walk.pending and walk.wider is None:
         tensor, place = walk.pending.pop()
         if tensor in walk.places:
             if walk.places[tensor] != place:
-                walk.reasons.append(f"tensor {tensor!r} holds the channels at two different offsets")
+                walk.reasons.append(f"tensor {tensor!r} holds the channels at two different places")
             continue
         walk.places[tensor] = place
         if tensor in view.output_names:
             walk.reasons.append(f"channels reach the graph output {tensor!r} (its shape must stay)")
         walk.attempt(walk.explain_producer, tensor, place)
         for index in view.consumers.get(tensor, []):
-            if index not in walk.producers and index not in walk.through and index not in walk.consumers:
+            if index in walk.through and view.nodes[index].op_type in CHANNEL_MOVERS:
+                walk.attempt(walk.check_mover, tensor, place, index)
+            elif index not in walk.producers and index not in walk.through and index not in walk.consumers:
                 walk.attempt(walk.explain_reader, tensor, place, index)
-    group.producers = sorted(walk.producers, key=view.order.index)
-    group.through = sorted(walk.through, key=view.order.index)
-    group.places = dict(walk.through)
-    group.consumers = sorted(walk.consumers.values(), key=lambda c: view.order.index(c.node_index))
-    group.tensors = set(walk.places)
+    if walk.wider is not None:
+        return walk.wider
+    order = view.order.index
+    group.producers = sorted(walk.producers, key=order)
+    group.through = sorted(walk.through, key=order)
+    group.consumers = sorted(walk.consumers.values(), key=lambda c: order(c.node_index))
+    group.places = dict(walk.places)
+    group.members = {**{i: ("out", p) for i, p in walk.producers.items()},
+                     **{i: ("out", p) for i, p in walk.through.items()},
+                     **{c.node_index: ("in", c.place) for c in group.consumers}}
     if walk.reasons:
         reasons = walk.reasons
-        raise _Decline(reasons[0] + (f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""))
+        group.declined = reasons[0] + (f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else "")
+    return None
 
 
 class _Walk:
@@ -142,14 +233,15 @@ class _Walk:
 
     def __init__(self, view: GraphView, by_node: dict[int, Layer], group: ChannelGroup):
         self.view, self.by_node, self.group, self.kind = view, by_node, group, group.kind
-        self.producers: set[int] = set()
-        self.through: dict[int, tuple[int, int]] = {}
+        self.producers: dict[int, Place] = {}
+        self.through: dict[int, Place] = {}
         self.consumers: dict[int, Consumer] = {}
-        self.places: dict[str, tuple[int, int]] = {}
-        self.pending: list[tuple[str, tuple[int, int]]] = []
+        self.places: dict[str, Place] = {}
+        self.pending: list[tuple[str, Place]] = []
         self.reasons: list[str] = []
+        self.wider: tuple[str, int] | None = None  # a wider tensor the group turned out to be part of
 
-    def visit(self, tensor: str, place: tuple[int, int]) -> None:
+    def visit(self, tensor: str, place: Place) -> None:
         self.pending.append((tensor, place))
 
     def attempt(self, explain, *args) -> None:
@@ -158,20 +250,58 @@ class _Walk:
         except _Decline as reason:
             self.reasons.append(str(reason))
 
-    def pass_through(self, node, index: int, place: tuple[int, int]) -> bool:
-        """A per-channel node joins the group with every computed operand (two computed operands only when
-        the group fills the whole tensor: after a Concat the other operand's layout is unknown)."""
-        operands = _channel_operands(self.view, node)
-        if not _per_channel_node(self.view, node, self.kind, place[1]) or \
-                (place[1] != self.group.channels and len(operands) != 1):
+    def pass_through(self, node, index: int, place: Place) -> bool:
+        """A per-channel node joins the group with its computed operands and its output. Two computed
+        operands (a residual Add) must hold the same channels: if the group fills only part of them, the
+        group is the wider tensor's."""
+        if not _per_channel_node(self.view, node, self.kind, place.space):
             return False
+        operands = _channel_operands(self.view, node)
+        if len(operands) > 1 and not place.whole:
+            self.wider = (node.output[0], place.space)
+            return True
         self.through[index] = place
         for operand in operands:
             self.visit(operand, place)
+        self.visit(node.output[0], place)
         return True
 
-    def explain_producer(self, tensor: str, place: tuple[int, int]) -> None:
-        view, channels = self.view, self.group.channels
+    def move(self, node, index: int, tensor: str, place: Place) -> bool:
+        """Concat / Split / channel Slice / channel Pad: each narrow tensor is positions [start, start + n)
+        of the wide one; the place of every tensor of the node follows from the one known."""
+        pieces = channel_pieces(self.view, node, self.kind)
+        if pieces is None:
+            return False
+        wide = next((place.widened(start, wide_space) for narrow, _, start, wide_space in pieces
+                     if narrow == tensor), place)
+        wide_tensor = pieces[0][1]
+        self.through[index] = wide
+        self.visit(wide_tensor, wide)
+        for narrow, _, start, _ in pieces:
+            part = wide.narrowed(start, start + self.view_channels(narrow))
+            if part is not None:
+                self.visit(narrow, part)
+        return True
+
+    def check_mover(self, tensor: str, place: Place, index: int) -> None:
+        """A mover met again from another of its tensors (Concat(x, Relu(x))): that tensor's place must be
+        the one the mover gives it, or the group's channels sit at two places of the wide tensor."""
+        node = self.view.nodes[index]
+        pieces = channel_pieces(self.view, node, self.kind)
+        if pieces is None:  # a spatial Slice / Pad: per-channel, its tensors share one place
+            return
+        wide = self.through[index]
+        expected = wide if tensor == pieces[0][1] else next(
+            wide.narrowed(start, start + self.view_channels(narrow)) for narrow, _, start, _ in pieces
+            if narrow == tensor)
+        if expected != place:
+            raise _Decline(f"{node.op_type} {node.name!r} holds the group's channels at two places")
+
+    def view_channels(self, tensor: str) -> int:
+        return _channels_of(self.view, tensor, self.kind, "")
+
+    def explain_producer(self, tensor: str, place: Place) -> None:
+        view = self.view
         index = view.producer.get(tensor)
         if index is None:
             raise _Decline(f"channels of {tensor!r} come from a graph input or constant")
@@ -179,84 +309,164 @@ class _Walk:
             return
         node = view.nodes[index]
         layer = self.by_node.get(index)
-        space = place[1]
         if layer is not None and _axis_kind(layer) == self.kind and node.output[0] == tensor:
             if layer.op_type == "Conv" and layer.groups != 1:
-                if _is_depthwise(layer, space):
+                if _is_depthwise(layer, place.space):
                     self.through[index] = place
                     self.visit(node.input[0], place)
                     return
-                raise _Decline(f"grouped Conv {node.name!r} (group={layer.groups}) produces the channels")
-            if place != (0, channels) or layer.out_features != channels:
-                raise _Decline(f"{node.name!r} produces {layer.out_features} channels, the group has {channels} "
-                               f"at offset {place[0]}")
-            self.producers.add(index)
+                raise _Decline(f"grouped Conv {node.name!r} (group={layer.groups}) produces the channels and "
+                               "is not depthwise (its groups tie input and output channels block by block)")
+            if not place.whole:
+                self.wider = (tensor, place.space)
+                return
+            self.producers[index] = place
             return
-        if self.pass_through(node, index, place):
+        if self.pass_through(node, index, place) or self.move(node, index, tensor, place):
             return
         raise _Decline(f"node {node.name!r} ({node.op_type}) produces the channels and is not understood for "
                        "channel pruning")
 
-    def explain_reader(self, tensor: str, place: tuple[int, int], index: int) -> None:
+    def explain_reader(self, tensor: str, place: Place, index: int) -> None:
         view = self.view
         node = view.nodes[index]
         layer = self.by_node.get(index)
-        offset, space = place
         if layer is not None and node.input[0] == tensor and tensor not in node.input[1:]:
             if layer.op_type == "Conv":
                 if self.kind != "conv":
                     raise _Decline(f"Conv {node.name!r} reads row features")
                 if layer.groups == 1:
                     taps = layer.conv.kernel[0] * layer.conv.kernel[1]
-                    self.consumers[index] = Consumer(layer.name, index, taps, offset, space)
+                    self.consumers[index] = Consumer(layer.name, index, taps, place)
                     return
-                if _is_depthwise(layer, space):
+                if _is_depthwise(layer, place.space) and place.whole:
                     self.through[index] = place
                     self.visit(node.output[0], place)
                     return
-                raise _Decline(f"grouped Conv {node.name!r} (group={layer.groups}) reads the channels")
-            if self.kind != "row" or layer.in_features != space:
+                raise _Decline(f"grouped Conv {node.name!r} (group={layer.groups}) reads the channels and is "
+                               "not depthwise (its groups tie input and output channels block by block)")
+            if self.kind != "row" or layer.in_features != place.space:
                 raise _Decline(f"{node.op_type} {node.name!r} reads the channels on an axis that is not its K")
-            self.consumers[index] = Consumer(layer.name, index, 1, offset, space)
+            self.consumers[index] = Consumer(layer.name, index, 1, place)
             return
         if node.op_type in ("Flatten", "Reshape") and self.kind == "conv":
             consumer = _flatten_into_layer(view, self.by_node, node, tensor, place)
             self.consumers[consumer.node_index] = consumer
             self.through[index] = place
             return
-        if node.op_type == "Concat":
-            self.through[index] = place
-            self.visit(node.output[0], _concat_place(view, node, tensor, place, self.kind))
-            return
-        if self.pass_through(node, index, place):
-            self.visit(node.output[0], place)
+        if self.pass_through(node, index, place) or self.move(node, index, tensor, place):
             return
         raise _Decline(f"node {node.name!r} ({node.op_type}) reads the channels and is not understood for "
                        "channel pruning")
 
 
-def _concat_place(view: GraphView, node, tensor: str, place: tuple[int, int], kind: str) -> tuple[int, int]:
-    """Where the group lands in a Concat's output: after the channels of the inputs before it."""
-    axis = _attrs(node).get("axis")
-    sizes = []
-    for name in node.input:
-        tensor_type = view.types.get(name)
-        if tensor_type is None or tensor_type.shape is None:
-            raise _Decline(f"Concat {node.name!r}: the shape of input {name!r} is unknown")
-        rank = len(tensor_type.shape)
-        channel_axis = 1 if kind == "conv" else rank - 1
-        if axis is None or axis % rank != channel_axis:
-            raise _Decline(f"Concat {node.name!r} joins on axis {axis}, not the channel axis")
-        size = tensor_type.shape[channel_axis]
-        if not isinstance(size, int):
-            raise _Decline(f"Concat {node.name!r}: input {name!r} has a dynamic channel count")
-        sizes.append(size)
-    if list(node.input).count(tensor) != 1:
-        raise _Decline(f"Concat {node.name!r} reads the channels twice")
-    position = list(node.input).index(tensor)
-    if sizes[position] != place[1]:
-        raise _Decline(f"Concat {node.name!r}: input {tensor!r} has {sizes[position]} channels, expected {place[1]}")
-    return sum(sizes[:position]) + place[0], sum(sizes)
+def _channels_of(view: GraphView, tensor: str, kind: str, what: str) -> int:
+    tensor_type = view.types.get(tensor)
+    if tensor_type is None or tensor_type.shape is None:
+        raise _Decline(f"{what}the shape of {tensor!r} is unknown")
+    size = tensor_type.shape[1 if kind == "conv" else len(tensor_type.shape) - 1]
+    if not isinstance(size, int):
+        raise _Decline(f"{what}{tensor!r} has a dynamic channel count")
+    return size
+
+
+def _channel_axis(view: GraphView, tensor: str, kind: str) -> tuple[int, int]:
+    """(channel axis, rank) of ``tensor``."""
+    tensor_type = view.types.get(tensor)
+    if tensor_type is None or tensor_type.shape is None:
+        raise _Decline(f"the rank of {tensor!r} is unknown")
+    rank = len(tensor_type.shape)
+    return (1 if kind == "conv" else rank - 1), rank
+
+
+def channel_pieces(view: GraphView, node, kind: str) -> list[tuple[str, str, int, int]] | None:
+    """How a channel mover places channels: [(narrow tensor, wide tensor, start, wide channels)], the narrow
+    tensor being positions [start, start + its channels) of the wide one. None when the node is not a mover
+    or leaves the channel axis alone (a spatial Slice or Pad is a per-channel node)."""
+    op = node.op_type
+    if op not in CHANNEL_MOVERS:
+        return None
+    what = f"{op} {node.name!r}: "
+    if op in ("Concat", "Split"):  # the parts, in order, tile the whole tensor along the channel axis
+        whole, parts = (node.output[0], list(node.input)) if op == "Concat" else (node.input[0], list(node.output))
+        axis, rank = _channel_axis(view, whole, kind)
+        if _attrs(node).get("axis", 0) % rank != axis:
+            raise _Decline(f"{what}{'joins' if op == 'Concat' else 'splits'} on axis "
+                           f"{_attrs(node).get('axis', 0)}, not the channel axis")
+        if len(set(parts)) != len(parts):
+            raise _Decline(f"{what}reads the same tensor twice")
+        total = _channels_of(view, whole, kind, what)
+        pieces, start = [], 0
+        for name in parts:
+            pieces.append((name, whole, start, total))
+            start += _channels_of(view, name, kind, what)
+        return pieces
+    if op == "Slice":
+        bounds = _slice_bounds(view, node, kind)
+        if bounds is None:
+            return None
+        start, total = bounds
+        return [(node.output[0], node.input[0], start, total)]
+    pads = _channel_pads(view, node, kind)
+    if pads is None:
+        return None
+    return [(node.input[0], node.output[0], pads[0], _channels_of(view, node.output[0], kind, what))]
+
+
+def _slice_bounds(view: GraphView, node, kind: str) -> tuple[int, int] | None:
+    """(start, input channels) of a Slice that takes a step-1 range of channels; None when it leaves the
+    channel axis whole."""
+    what = f"Slice {node.name!r}: "
+    axis, rank = _channel_axis(view, node.input[0], kind)
+    attrs = _attrs(node)
+    if len(node.input) > 1:
+        names = list(node.input[1:]) + [""] * (5 - len(node.input))
+        if not all(view.is_constant(n) for n in names if n):
+            raise _Decline(f"{what}computed bounds")
+        starts, ends = (view.constant(n).reshape(-1).tolist() for n in names[:2])
+        axes = view.constant(names[2]).reshape(-1).tolist() if names[2] else list(range(len(starts)))
+        steps = view.constant(names[3]).reshape(-1).tolist() if names[3] else [1] * len(starts)
+    else:
+        starts, ends = list(attrs["starts"]), list(attrs["ends"])
+        axes, steps = list(attrs.get("axes", range(len(starts)))), [1] * len(starts)
+    axes = [int(a) % rank for a in axes]
+    if axis not in axes:
+        return None
+    i = axes.index(axis)
+    total = _channels_of(view, node.input[0], kind, what)
+    start, end, step = int(starts[i]), int(ends[i]), int(steps[i])
+    start, end = (min(max(v + total if v < 0 else v, 0), total) for v in (start, end))
+    if step == 1 and start == 0 and end >= total:
+        return None
+    if step != 1:
+        raise _Decline(f"{what}takes every {step}th channel")
+    return start, total
+
+
+def _channel_pads(view: GraphView, node, kind: str) -> tuple[int, int] | None:
+    """(before, after) zero channels a Pad adds on the channel axis; None when it pads other axes only."""
+    what = f"Pad {node.name!r}: "
+    axis, rank = _channel_axis(view, node.input[0], kind)
+    attrs = _attrs(node)
+    if len(node.input) > 1:
+        if not view.is_constant(node.input[1]):
+            raise _Decline(f"{what}computed pads")
+        if len(node.input) > 3 and node.input[3]:
+            raise _Decline(f"{what}pads selected axes (the 'axes' input)")
+        pads = view.constant(node.input[1]).reshape(-1).tolist()
+        value = view.constant(node.input[2]).reshape(-1) if len(node.input) > 2 and node.input[2] else None
+    else:
+        pads, value = list(attrs.get("pads", [])), np.array([attrs.get("value", 0.0)])
+    if len(pads) != 2 * rank:
+        raise _Decline(f"{what}{len(pads)} pads for a rank-{rank} tensor")
+    before, after = int(pads[axis]), int(pads[axis + rank])
+    if before == after == 0:
+        return None
+    mode = attrs.get("mode", b"constant")
+    if (mode.decode() if isinstance(mode, bytes) else mode) != "constant" or before < 0 or after < 0 or \
+            (value is not None and value.size and np.any(value != 0)):
+        raise _Decline(f"{what}only zero padding of the channel axis is understood")
+    return before, after
 
 
 def _is_depthwise(layer: Layer, channels: int) -> bool:
@@ -281,6 +491,8 @@ def _per_channel_node(view: GraphView, node, kind: str, channels: int) -> bool:
         return all(view.is_constant(n) and int(np.prod(view.initializers[n].dims)) == 1 for n in others)
     if op in SPATIAL_POOLS:
         return kind == "conv"
+    if op in ("Slice", "Pad"):
+        return channel_pieces(view, node, kind) is None
     if op == "BatchNormalization":
         return kind == "conv" and all(view.is_constant(n) for n in others) and \
             len([o for o in node.output if o]) == 1
@@ -333,7 +545,7 @@ def _same_channels(view: GraphView, a: str, b: str, kind: str) -> bool:
     return isinstance(ca, int) and ca == cb and ca > 1
 
 
-def _flatten_into_layer(view: GraphView, by_node, node, tensor: str, place: tuple[int, int]) -> Consumer:
+def _flatten_into_layer(view: GraphView, by_node, node, tensor: str, place: Place) -> Consumer:
     """Flatten(axis=1) or Reshape to [N, -1] of an [N, C, H, W] tensor feeding one Gemm/MatMul."""
     shape = view.types.get(tensor).shape if view.types.get(tensor) else None
     if shape is None or len(shape) < 2 or any(not isinstance(d, int) for d in shape[1:]):
@@ -355,8 +567,7 @@ def _flatten_into_layer(view: GraphView, by_node, node, tensor: str, place: tupl
         raise _Decline(f"the output of {node.op_type} {node.name!r} has several readers")
     layer = by_node.get(users[0])
     width = int(np.prod(shape[2:])) if len(shape) > 2 else 1
-    offset, space = place
     if layer is None or layer.op_type == "Conv" or view.nodes[users[0]].input[0] != node.output[0] or \
-            layer.in_features != space * width:
+            layer.in_features != place.space * width:
         raise _Decline(f"{node.op_type} {node.name!r} does not feed a Gemm/MatMul layer with K = C·H·W")
-    return Consumer(layer.name, users[0], width, offset, space)
+    return Consumer(layer.name, users[0], width, place)

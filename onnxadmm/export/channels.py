@@ -1,10 +1,13 @@
 """Physically remove channels: slice every member of each pruned group in (a copy of) the graph.
 
-For kept channels K of a group (shifted by the group's offset where a Concat put it in a wider tensor):
+For the removed group channels R, each tensor of the group loses the positions its ``Place`` gives them
+(R ∩ [lo, hi) shifted to the tensor's offset), and each member follows its tensors:
   producers   Conv W[K], B[K]; Gemm W[K, :] (transB) or W[:, K]; MatMul W[:, K]; bias[K]
   through     BatchNormalization scale/B/mean/var[K]; depthwise Conv W[K], B[K] and group = |K|;
               per-channel constants of Add/Sub/Mul/Div/PRelu sliced on their channel axis;
-              Reshape to [N, C·H·W] gets |K|·H·W when the size is explicit
+              Reshape to [N, C·H·W] gets |K|·H·W when the size is explicit;
+              Split sizes, channel-Slice bounds and channel-Pad widths shrink by the removed positions
+              they cover (a removed pad channel is a narrower pad)
   consumers   Conv W[:, K]; Gemm/MatMul the input columns of K (H·W consecutive columns per channel
               after a Flatten)
 A constant that other nodes also read is copied before slicing. Value-info of the sliced tensors is
@@ -20,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..analysis.channels import ChannelGroup
+from ..analysis.channels import CHANNEL_MOVERS, ChannelGroup, channel_pieces
 from ..onnxio.graph import GraphView
 from ..onnxio.normalize import infer_types
 from .apply import write_initializers
@@ -41,6 +44,8 @@ class _Slicer:
         self.cuts: dict[tuple[int, int, int], set[int]] = {}  # (node, slot, axis) -> indices
         self.group_cuts: dict[int, int] = {}  # depthwise conv -> channels removed
         self.reshape_cuts: dict[int, int] = {}  # Reshape -> features removed
+        self.removed: dict[str, set[int]] = {}  # tensor -> removed channel positions (every group)
+        self.movers: dict[int, str] = {}  # Split / Slice / Pad node on the channel axis -> group kind
 
     def cut(self, node_index: int, slot: int, axis: int, indices) -> None:
         node = self.view.nodes[node_index]
@@ -76,7 +81,72 @@ class _Slicer:
                 fresh = f"{node.input[1]}__onnxadmm_{node.name}"
                 values[fresh] = target
                 node.input[1] = fresh
+        for node_index, kind in self.movers.items():
+            self._move(view.nodes[node_index], kind, values)
         write_initializers(graph, values)
+
+    def _move(self, node: onnx.NodeProto, kind: str, values: dict[str, np.ndarray]) -> None:
+        """New Split sizes / Slice bounds / Pad widths: each loses the removed positions it covers."""
+        view = self.view
+        shape = view.types[node.input[0]].shape
+        axis = 1 if kind == "conv" else len(shape) - 1
+        removed_in = np.array(sorted(self.removed.get(node.input[0], ())), dtype=np.int64)
+
+        def before(position: int) -> int:
+            return int(np.searchsorted(removed_in, position))
+
+        if node.op_type == "Split":
+            sizes = [view.types[o].shape[axis] for o in node.output]
+            starts = np.cumsum([0, *sizes])
+            new = np.array([size - (before(starts[i + 1]) - before(starts[i])) for i, size in enumerate(sizes)],
+                           dtype=np.int64)
+            if self.opset >= 13:
+                fresh = f"{node.name}__onnxadmm_split"
+                values[fresh] = new
+                while len(node.input) < 2:
+                    node.input.append("")
+                node.input[1] = fresh
+                _drop_attr(node, "num_outputs")
+            else:
+                _set_attr(node, "split", [int(v) for v in new])
+        elif node.op_type == "Slice":
+            total = shape[axis]
+            if len(node.input) > 1:
+                names = list(node.input[1:]) + [""] * (5 - len(node.input))
+                starts, ends = (view.constant(n).reshape(-1).copy() for n in names[:2])
+                axes = view.constant(names[2]).reshape(-1) if names[2] else np.arange(len(starts))
+            else:
+                starts, ends = (np.array(_attr(node, k, []), np.int64) for k in ("starts", "ends"))
+                axes = np.array(_attr(node, "axes", list(range(len(starts)))))
+            i = int(np.flatnonzero(np.asarray(axes) % len(shape) == axis)[0])
+            lo, hi = (min(max(int(v) + total if v < 0 else int(v), 0), total) for v in (starts[i], ends[i]))
+            starts[i], ends[i] = lo - before(lo), hi - before(hi)
+            if len(node.input) > 1:
+                for slot, array in ((1, starts), (2, ends)):
+                    fresh = f"{node.name}__onnxadmm_{slot}"
+                    values[fresh] = array.astype(view.constant(node.input[slot]).dtype)
+                    node.input[slot] = fresh
+            else:
+                _set_attr(node, "starts", [int(v) for v in starts])
+                _set_attr(node, "ends", [int(v) for v in ends])
+        else:  # Pad: removed output positions left of / right of the input are pad channels
+            removed_out = np.array(sorted(self.removed.get(node.output[0], ())), dtype=np.int64)
+            rank = len(shape)
+            pads = (view.constant(node.input[1]) if len(node.input) > 1 else
+                    np.array(_attr(node, "pads", []), np.int64)).reshape(-1).copy()
+            first, width = int(pads[axis]), int(shape[axis])
+            pads[axis] -= int(np.sum(removed_out < first))
+            pads[axis + rank] -= int(np.sum(removed_out >= first + width))
+            if len(node.input) > 1:
+                fresh = f"{node.name}__onnxadmm_pads"
+                values[fresh] = pads.astype(np.int64)
+                node.input[1] = fresh
+            else:
+                _set_attr(node, "pads", [int(v) for v in pads])
+
+    @property
+    def opset(self) -> int:
+        return next((o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def slice_channels(model: onnx.ModelProto, groups: list[ChannelGroup], keep: Mapping[str, np.ndarray]
@@ -91,15 +161,16 @@ def slice_channels(model: onnx.ModelProto, groups: list[ChannelGroup], keep: Map
         if mask.all():
             continue
         removed = np.flatnonzero(~mask)
+        for tensor, place in group.places.items():
+            slicer.removed.setdefault(tensor, set()).update(int(p) for p in place.positions(removed))
         for index in group.producers:
-            _cut_producer(slicer, index, removed)
+            _cut_producer(slicer, index, group.places[view.nodes[index].output[0]].positions(removed))
         for index in group.through:
-            offset, space = group.places[index]
-            _cut_through(slicer, index, offset + removed, space, group.kind)
+            _cut_through(slicer, index, group, removed)
         for consumer in group.consumers:
-            _cut_consumer(slicer, consumer.node_index, consumer.offset + removed, consumer.width)
-        dropped |= group.tensors
-        dropped |= {view.nodes[i].output[0] for i in group.through}
+            _cut_consumer(slicer, consumer.node_index, consumer.place.positions(removed), consumer.width)
+        dropped |= set(group.places)
+        dropped |= {name for i in group.through for name in view.nodes[i].output}
     slicer.write()
     kept_info = [v for v in out.graph.value_info if v.name not in dropped]
     del out.graph.value_info[:]
@@ -134,10 +205,28 @@ def _cut_consumer(slicer: _Slicer, index: int, removed: np.ndarray, width: int) 
         slicer.cut(index, 1, 0, cols)
 
 
-def _cut_through(slicer: _Slicer, index: int, removed: np.ndarray, space: int, kind: str) -> None:
+def _drop_attr(node: onnx.NodeProto, name: str) -> None:
+    for attr in list(node.attribute):
+        if attr.name == name:
+            node.attribute.remove(attr)
+
+
+def _set_attr(node: onnx.NodeProto, name: str, value) -> None:
+    _drop_attr(node, name)
+    node.attribute.append(helper.make_attribute(name, value))
+
+
+def _cut_through(slicer: _Slicer, index: int, group: ChannelGroup, channels: np.ndarray) -> None:
     view = slicer.view
     node = view.nodes[index]
     op = node.op_type
+    kind = group.kind
+    place = group.places.get(node.output[0]) or group.places[node.input[0]]
+    removed = place.positions(channels)
+    if op in CHANNEL_MOVERS:  # a Concat's sizes follow its inputs; the others carry explicit bounds
+        if op != "Concat" and channel_pieces(view, node, kind) is not None:
+            slicer.movers[index] = kind
+        return
     if op == "Conv":  # depthwise: one filter per channel
         slicer.cut(index, 1, 0, removed)
         slicer.cut(index, 2, 0, removed)
@@ -152,8 +241,9 @@ def _cut_through(slicer: _Slicer, index: int, removed: np.ndarray, space: int, k
                 if axis is not None:
                     slicer.cut(index, slot, axis, removed)
     elif op == "Reshape":
-        features = int(np.prod(view.types[node.input[0]].shape[1:]))
-        slicer.reshape_cuts[index] = slicer.reshape_cuts.get(index, 0) + len(removed) * (features // space)
+        shape = view.types[node.input[0]].shape
+        removed = group.places[node.input[0]].positions(channels)
+        slicer.reshape_cuts[index] = slicer.reshape_cuts.get(index, 0) + len(removed) * int(np.prod(shape[2:]))
 
 
 def _channel_axis_of_constant(tensor: onnx.TensorProto, kind: str, view: GraphView, node) -> int | None:

@@ -1,13 +1,17 @@
 """How many channels each coupled group keeps, for a MACs target (fraction of the model's MACs).
 
-Cost (of the exported graph): a node's MACs scale with the kept fraction of the group it reads and of
-the group it writes, MACs_n · f_in · f_out. Allocation works on the linear part Σ_g S_g f_g (S_g the
-MACs of the group's members) and then checks the exact bilinear total, tightening the budget until
-it holds.
+Cost (of the exported graph): a node's MACs scale with the kept fraction of the channels it reads and of
+those it writes, MACs_n · f_in · f_out; a member holding a sub-range of its group's channels (the narrow
+stream behind an option-A shortcut, one output of a Split) keeps the fraction of *its* range that the
+group's kept channels cover. Allocation: the better (less Σ damage) of a convex-hull allocation on the
+linear part Σ_g S_g f_g, with the budget tightened until the exact total holds, and a greedy descent on the
+exact cost (needed where one group, such as a ResNet's residual streams, shares almost every conv with
+another group and the cost is bilinear everywhere).
 Damage of keeping k of C channels: channel scores s_c = Σ_consumers ‖W[:, c]‖²·E[x_c²] / energy
 (the share of each consumer's output energy carried by channel c); e(k) = share of Σ s removed with
 the C − k smallest. Its scale is measured: the group is pruned alone at the probe level and the
-relative change of the model outputs in onnxruntime gives α = D / e(probe); damage(k) = α·e(k).
+relative change of the model outputs in onnxruntime gives α = D / e(probe); damage(k) = α·e(k); the
+allocation adds D / (1 − D) (see ``additive_damage``).
 Kept widths are multiples of ``channel_multiple`` (what the CPU kernels like; PHYSICS.md §2).
 """
 
@@ -50,15 +54,15 @@ def width_options(channels: int, multiple: int) -> list[int]:
 
 def channel_scores(view: GraphView, group: ChannelGroup, layers: dict[str, Layer],
                    moments: dict[str, np.ndarray]) -> np.ndarray:
-    """s_c: each consumer's output energy share carried by channel c, summed over consumers."""
+    """s_c: each consumer's output energy share carried by channel c, summed over the consumers reading c."""
     total = np.zeros(group.channels)
     for consumer in group.consumers:
         layer = layers[consumer.layer]
         w = layer.canonical(view.constant(layer.weight_name)).astype(np.float64)  # (G, R, d)
         energy = (w ** 2) * moments[layer.name][:, None, :]
-        space = consumer.space or group.channels
-        per_channel = energy.reshape(-1, space, consumer.width).sum(axis=(0, 2))
-        total += per_channel[consumer.offset:consumer.offset + group.channels] / (per_channel.sum() or 1.0)
+        place = consumer.place
+        per_channel = energy.reshape(-1, place.space, consumer.width).sum(axis=(0, 2))
+        total[place.lo:place.hi] += per_channel[place.offset:place.offset + place.count] / (per_channel.sum() or 1.0)
     return total
 
 
@@ -67,8 +71,9 @@ def producer_l1_scores(view: GraphView, group: ChannelGroup, layers_by_node: dic
     total = np.zeros(group.channels)
     for index in group.producers:
         layer = layers_by_node[index]
+        place = group.members[index][1]
         w = layer.canonical(view.constant(layer.weight_name)).reshape(layer.out_features, -1)
-        total += np.abs(w).sum(axis=1)
+        total[place.lo:place.hi] += np.abs(w).sum(axis=1)
     return total
 
 
@@ -79,37 +84,61 @@ def top_mask(scores: np.ndarray, k: int) -> np.ndarray:
     return mask
 
 
+def group_mask(group: ChannelGroup, scores: np.ndarray, k: int) -> np.ndarray:
+    """The k channels of highest score, plus the best of any member range that would lose all of its
+    channels (a tensor of zero channels is not a graph onnxruntime runs)."""
+    mask = top_mask(scores, k)
+    if not group.uniform:
+        ranges = {(p.lo, p.hi) for p in group.places.values()} | {(p.lo, p.hi) for _, p in group.members.values()}
+        for lo, hi in sorted(ranges):
+            if hi > lo and not mask[lo:hi].any():
+                mask[lo + int(np.argmax(scores[lo:hi]))] = True
+    return mask
+
+
+def removed_channels(group: ChannelGroup, k: int, scores: np.ndarray | None) -> np.ndarray:
+    """The group channels removed when k are kept. In a uniform group only their number matters; otherwise
+    they are the ones ``group_mask`` drops, which decides how many each member loses."""
+    if group.uniform or scores is None:
+        return np.arange(max(group.channels - k, 0))
+    return np.flatnonzero(~group_mask(group, scores, k))
+
+
 def removed_share(scores: np.ndarray, k: int) -> float:
     total = scores.sum() or 1.0
     return float(np.sort(scores)[: scores.shape[0] - k].sum() / total)
 
 
-def exact_macs(costs: dict[int, int], groups: list[ChannelGroup], keep: dict[str, int]) -> int:
-    """Σ_n MACs_n · (1 − removed_in(n)) · (1 − removed_out(n)): each side loses the removed share of its
-    channels, summed over the groups on that side (the exported graph's MACs)."""
+def exact_macs(costs: dict[int, int], groups: list[ChannelGroup], keep: dict[str, int],
+               scores: dict[str, np.ndarray] | None = None) -> int:
+    """Σ_n MACs_n · (1 − removed_in(n)) · (1 − removed_out(n)): each side loses the share of its channels
+    that are removed group channels, summed over the groups on that side (the exported graph's MACs)."""
     removed = {index: {"in": 0.0, "out": 0.0} for index in costs}
     for group in groups:
-        cut = 1.0 - keep[group.name] / group.channels
-        for index, (side, share) in group.member_shares().items():
+        channels = removed_channels(group, keep[group.name], (scores or {}).get(group.name))
+        for index, (side, place) in group.members.items():
             if index in removed:
-                removed[index][side] += cut * share
+                removed[index][side] += len(place.positions(channels)) / place.space
     return int(round(sum(costs[i] * (1 - removed[i]["in"]) * (1 - removed[i]["out"]) for i in costs)))
 
 
 class MacsCost:
-    """Cost = MACs of the exported graph (``exact_macs``); linear part per group: its members' MACs share."""
+    """Cost = MACs of the exported graph (``exact_macs``); linear part per group: each member's MACs times
+    the share of its channels that are kept group channels."""
 
     unit = "MACs"
 
-    def __init__(self, costs: dict[int, int], groups: list[ChannelGroup]):
-        self.costs, self.groups, self.total = costs, groups, float(sum(costs.values()))
+    def __init__(self, costs: dict[int, int], groups: list[ChannelGroup], scores: dict[str, np.ndarray]):
+        self.costs, self.groups, self.scores = costs, groups, scores
+        self.total = float(sum(costs.values()))
 
     def option_cost(self, group: ChannelGroup, k: int) -> float:
-        size = sum(self.costs.get(i, 0) * share for i, (_, share) in group.member_shares().items())
-        return size * k / group.channels
+        channels = removed_channels(group, k, self.scores.get(group.name))
+        return sum(self.costs.get(i, 0) * (place.count - len(place.positions(channels))) / place.space
+                   for i, (_, place) in group.members.items())
 
     def exact(self, keep: dict[str, int]) -> float:
-        return float(exact_macs(self.costs, self.groups, keep))
+        return float(exact_macs(self.costs, self.groups, keep, self.scores))
 
 
 def plan_channels(view: GraphView, layers: list[Layer], groups: list[ChannelGroup], samples: SampleSet,
@@ -122,21 +151,21 @@ def plan_channels(view: GraphView, layers: list[Layer], groups: list[ChannelGrou
     node_costs = node_macs(view.model, one, config.threads)
     costs = {i: c.dense for i, c in node_costs.items()}
     options = {g.name: width_options(g.channels, config.channel_multiple) for g in groups}
-    if config.target_latency is not None:
-        from .latency import LatencyCost, model_latency_ms
-
-        shapes = {view.nodes[i].input[0]: c.input_shape for i, c in node_costs.items()}
-        model = LatencyCost(view, groups, shapes, model_latency_ms(view.model, one, config.threads), options,
-                            config.threads)
-        target, what = config.target_latency, "--target-latency"
-    else:
-        model = MacsCost(costs, groups)
-        target, what = (config.target_macs if config.target_macs is not None else 1.0), "--target-macs"
     consumers = [layers_by_name[c.layer] for g in groups for c in g.consumers]
     subset = samples.subset(evenly_spaced(samples.num_samples, min(config.sensitivity_samples,
                                                                    samples.num_samples)))
     moments = input_second_moments(view, consumers, subset, config.batch_size, config.threads) if consumers else {}
     scores = {g.name: channel_scores(view, g, layers_by_name, moments) for g in groups}
+    if config.target_latency is not None:
+        from .latency import LatencyCost, model_latency_ms
+
+        shapes = {view.nodes[i].input[0]: c.input_shape for i, c in node_costs.items()}
+        model = LatencyCost(view, groups, shapes, model_latency_ms(view.model, one, config.threads), options,
+                            config.threads, scores)
+        target, what = config.target_latency, "--target-latency"
+    else:
+        model = MacsCost(costs, groups, scores)
+        target, what = (config.target_macs if config.target_macs is not None else 1.0), "--target-macs"
     damage: dict[str, float] = {}
     budget = target * model.total
     if not groups or target >= 1.0:
@@ -151,7 +180,7 @@ def plan_channels(view: GraphView, layers: list[Layer], groups: list[ChannelGrou
         probes = {}
         for g in groups:
             for k in widths[g.name]:
-                mask = top_mask(scores[g.name], k)
+                mask = group_mask(g, scores[g.name], k)
                 probes[f"{g.name}@{k}"] = {layers_by_name[c.layer].weight_name:
                                            _masked_weight(view, layers_by_name[c.layer], mask, c)
                                            for c in g.consumers}
@@ -160,7 +189,8 @@ def plan_channels(view: GraphView, layers: list[Layer], groups: list[ChannelGrou
         for g in groups:
             points = {g.channels: 0.0, **{k: measured[f"{g.name}@{k}"] for k in widths[g.name]}}
             damage[g.name] = max(points.values())
-            curves[g.name] = [Option(float(k), model.option_cost(g, k), _interpolate(points, k, scores[g.name]))
+            curves[g.name] = [Option(float(k), model.option_cost(g, k),
+                                     additive_damage(_interpolate(points, k, scores[g.name])))
                               for k in options[g.name]]
         keep = _allocate(model, groups, curves, budget)
         strategy = f"sensitivity, {model.unit}"
@@ -170,18 +200,26 @@ def plan_channels(view: GraphView, layers: list[Layer], groups: list[ChannelGrou
                           f"width the model keeps {planned / model.total:.3f} of its {model.unit} "
                           f"({sum(g.declined is not None for g in groups)} groups declined; see "
                           "'onnxadmm check')")
-    macs_planned = exact_macs(costs, groups, keep)
+    macs_planned = exact_macs(costs, groups, keep, scores)
     masks = {}
     for g in groups:
         if config.solver != "admm":
-            masks[g.name] = top_mask(producer_l1_scores(view, g, layers_by_node), keep[g.name])
-        elif len(g.consumers) > 1 or config.method == "l0-l21":
-            masks[g.name] = top_mask(scores[g.name], keep[g.name])
+            masks[g.name] = group_mask(g, producer_l1_scores(view, g, layers_by_node), keep[g.name])
+        elif len(g.consumers) > 1 or config.method == "l0-l21" or not g.uniform:
+            masks[g.name] = group_mask(g, scores[g.name], keep[g.name])
     plan = ChannelPlan(keep=keep, masks=masks, macs_original=int(sum(costs.values())),
                        macs_planned=macs_planned, strategy=strategy, measured_damage=damage, scores=scores)
     if model.unit != "MACs":
         plan.latency_ms_original, plan.latency_ms_planned = model.total, planned
     return plan
+
+
+def additive_damage(damage: float) -> float:
+    """What the allocation adds up: D / (1 − D) for the measured D = ‖f − f₀‖²/‖f₀‖². Small damages add
+    (independent output errors add in energy) and D / (1 − D) ≈ D there; but D is bounded — an output that
+    is destroyed has changed by about its own energy, D ≈ 1 — so summing raw D would rate wiping out the
+    model with one group as no worse than a few moderate steps. Past D = 1 the option is unaffordable."""
+    return damage / (1.0 - damage) if damage < 0.999 else 1e3 * damage
 
 
 def _probe_widths(options: list[int], scores: np.ndarray, count: int) -> list[int]:
@@ -223,9 +261,9 @@ def _nearest(options: list[int], value: float) -> int:
 def _masked_weight(view: GraphView, layer: Layer, mask: np.ndarray, consumer: Consumer) -> np.ndarray:
     """The consumer's weight with the input columns of the group's removed channels zeroed."""
     w = layer.canonical(view.constant(layer.weight_name))
-    space = consumer.space or mask.shape[0]
-    channels = np.ones(space, bool)
-    channels[consumer.offset:consumer.offset + mask.shape[0]] = mask
+    place = consumer.place
+    channels = np.ones(place.space, bool)
+    channels[place.offset:place.offset + place.count] = mask[place.lo:place.hi]
     return layer.stored(w * np.repeat(channels, consumer.width)[None, None, :])
 
 
@@ -244,26 +282,80 @@ def _uniform(model, groups, options, budget) -> dict[str, int]:
 
 
 def _allocate(model, groups, curves, budget) -> dict[str, int]:
-    """Least Σ damage with the exact cost (bilinear where a node is in two groups) within ``budget``:
-    allocate on the linear costs, then lower the linear budget by the overshoot until the exact total fits."""
+    """Least Σ damage with the exact cost within ``budget``: the better (less Σ damage, within budget) of
+    the convex-hull allocation on the linear costs and the greedy descent on the exact costs. The linear
+    costs are exact when every node is in one group; a group tied to every layer (a residual stream that
+    the option-A shortcuts join across stages) makes the exact cost bilinear in two groups' widths almost
+    everywhere, and then only the greedy descent sees the real price of each step."""
+    candidates = [keep for keep in (_allocate_linear(model, groups, curves, budget),
+                                    _allocate_greedy(model, groups, curves, budget)) if keep is not None]
+    if not candidates:
+        return {g.name: int(curves[g.name][0].level) for g in groups}
+
+    def damage(keep):
+        return sum(next(o.damage for o in curves[name] if int(o.level) == k) for name, k in keep.items())
+
+    return min(candidates, key=lambda keep: (damage(keep), -model.exact(keep)))
+
+
+def _allocate_linear(model, groups, curves, budget) -> dict[str, int] | None:
+    """Allocate on the linear costs, then lower the linear budget by the overshoot until the exact total
+    fits (None if it never does)."""
     fixed = model.exact({g.name: g.channels for g in groups}) - sum(curve[-1].cost for curve in curves.values())
     linear_budget = budget - fixed
-    cheapest = {g.name: int(curves[g.name][0].level) for g in groups}
-    keep = cheapest
     floor = sum(c[0].cost for c in curves.values())
     for _ in range(30):
         try:
             chosen = allocate(curves, max(linear_budget, floor), what=f"{model.unit} target")
         except ConfigError:
-            return cheapest
+            return None
         keep = {name: int(option.level) for name, option in chosen.items()}
         overshoot = model.exact(keep) - budget
         if overshoot <= 0:
             return keep
         linear_budget -= max(overshoot, 1e-6 * budget)
         if linear_budget < floor - 1e-9:
-            return cheapest
-    return keep if model.exact(keep) <= budget else cheapest
+            return None
+    return None
 
 
-__all__ = ["ChannelPlan", "plan_channels", "width_options", "exact_macs"]
+def _allocate_greedy(model, groups, curves, budget) -> dict[str, int] | None:
+    """From full width, repeatedly narrow the group whose step (to any narrower width) adds the least damage
+    per unit of exact cost saved. Steps that reach the budget are candidate endings (a large step that ends
+    far below it is compared by its total damage, never by its rate); the best ending wins (None if none)."""
+    index = {g.name: len(curves[g.name]) - 1 for g in groups}
+
+    def keep_of(chosen):
+        return {name: int(curves[name][i].level) for name, i in chosen.items()}
+
+    def damage_of(chosen):
+        return sum(curves[name][i].damage for name, i in chosen.items())
+
+    current = model.exact(keep_of(index))
+    if current <= budget:
+        return keep_of(index)
+    best_end = None
+    while True:
+        step = None
+        for name, i in index.items():
+            for j in range(i):
+                trial = {**index, name: j}
+                cost = model.exact(keep_of(trial))
+                if cost <= budget:
+                    total = damage_of(trial)
+                    if best_end is None or total < best_end[0]:
+                        best_end = (total, trial)
+                    continue
+                saved = current - cost
+                if saved <= 0:
+                    continue
+                rate = (curves[name][j].damage - curves[name][i].damage) / saved
+                if step is None or rate < step[0]:
+                    step = (rate, name, j, cost)
+        if step is None or (best_end is not None and damage_of(index) >= best_end[0]):
+            return None if best_end is None else keep_of(best_end[1])
+        _, name, j, current = step
+        index[name] = j
+
+
+__all__ = ["ChannelPlan", "plan_channels", "width_options", "exact_macs", "group_mask", "removed_channels"]

@@ -23,6 +23,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..analysis.channels import ChannelGroup
+from .channels import removed_channels
 from ..onnxio.graph import GraphView
 from ..runtime import cpu_threads, session
 from ..validation.latency import measure, timed
@@ -161,14 +162,15 @@ class LatencyCost:
     unit = "batch-1 latency"
 
     def __init__(self, view: GraphView, groups: list[ChannelGroup], shapes: dict[str, tuple[int, ...]],
-                 total_ms: float, options: dict[str, list[int]], threads: int, use_disk: bool = True):
+                 total_ms: float, options: dict[str, list[int]], threads: int,
+                 scores: dict[str, np.ndarray] | None = None, use_disk: bool = True):
         self.table = LatencyTable(threads, use_disk)
         self.total = total_ms
         self.node_ms: dict[int, float] = {}
         self.ratios: dict[tuple[str, int], dict[int, float]] = {}  # (group, node) -> {k: ratio}
         self.groups = groups
         for group in groups:
-            for index, (side, _share) in group.member_shares().items():
+            for index, (side, place) in group.members.items():
                 node = view.nodes[index]
                 if node.op_type not in ("Conv", "Gemm", "MatMul"):
                     continue
@@ -178,7 +180,7 @@ class LatencyCost:
                                                         for a in node.attribute})
                 per = {}
                 for k in options[group.name]:
-                    removed = group.channels - k
+                    removed = len(place.positions(removed_channels(group, k, (scores or {}).get(group.name))))
                     if removed == 0:
                         per[k] = 1.0
                         continue

@@ -76,12 +76,37 @@ def _validation(lines: list[str], v: dict) -> None:
         lines.append("")
         lines.extend(f"- {g}" for g in v["gains"])
         lines.append("")
+    if v.get("time_split"):
+        _time_split(lines, v["time_split"])
     if v["gates"]:
         lines.append("**Gates**")
         lines.append("")
         for gate in v["gates"]:
             lines.append(f"- {'PASS' if gate['passed'] else 'FAIL'} `{gate['name']}`: {gate['detail']}")
         lines.append("")
+
+
+def _time_split(lines: list[str], split: dict, top: int = 15) -> None:
+    """Per-node kernel times (onnxruntime profiler, batch 1): by op, then the slowest weight-product nodes."""
+    lines.append("**Where the time goes** (onnxruntime profiler, batch 1, median kernel time per run; node names "
+                 "as onnxruntime runs the graph)")
+    lines.append("")
+    lines.append("| op | original ms | compressed ms | ratio |")
+    lines.append("|---|---|---|---|")
+    for row in split["by_op_ms"]:
+        ratio = row["compressed"] / row["original"] if row["original"] else None
+        lines.append(f"| {row['op']} | {row['original']:.3f} | {row['compressed']:.3f} | {_fmt(ratio, 3)} |")
+    lines.append("")
+    lines.append("| node | output shape original → compressed | MACs × | time ms original → compressed | time × |")
+    lines.append("|---|---|---|---|---|")
+    for row in split["layers"][:top]:
+        a, b = row["output_shape"]
+        lines.append(f"| `{row['name']}` | {'×'.join(map(str, a))} → {'×'.join(map(str, b))} | "
+                     f"{row['macs_ratio']:.3f} | {row['time_ms_original']:.3f} → {row['time_ms_compressed']:.3f} | "
+                     f"{_fmt(row['time_ratio'], 3)} |")
+    if len(split["layers"]) > top:
+        lines.append(f"| … {len(split['layers']) - top} more in the JSON report | | | | |")
+    lines.append("")
 
 
 def render(report: dict) -> str:

@@ -16,6 +16,7 @@ from .compare import Comparison, compare, run_all
 from .footprint import Footprint, footprint
 from .gates import GateResult, evaluate
 from .latency import LatencyAB, measure
+from .profile import explain, time_split
 
 # A speed-up inside this band is reported as "no measurable change".
 NOISE_BAND = 0.05
@@ -31,6 +32,7 @@ class Validation:
     held_out: bool
     data_source: str
     gains: list[str] = field(default_factory=list)
+    time_split: dict | None = None  # per-node kernel times, original vs compressed (when MACs fell)
 
     @property
     def passed(self) -> bool:
@@ -40,7 +42,8 @@ class Validation:
         return {"data": self.data_source, "held_out": self.held_out, **self.comparison.as_dict(),
                 "footprint": {"original": self.original.as_dict(), "compressed": self.compressed.as_dict()},
                 "latency": [l.as_dict() for l in self.latency],
-                "gates": [g.as_dict() for g in self.gates], "passed": self.passed, "gains": self.gains}
+                "gates": [g.as_dict() for g in self.gates], "passed": self.passed, "gains": self.gains,
+                "time_split": self.time_split}
 
 
 def _feed_of(samples: SampleSet, batch_size: int) -> dict[str, np.ndarray]:
@@ -67,6 +70,11 @@ def validate_models(original: onnx.ModelProto, compressed: onnx.ModelProto, samp
     gates = evaluate(config, comparison, latencies)
     validation = Validation(comparison, fp_a, fp_b, latencies, gates, held_out, samples.source)
     validation.gains = gains_statement(fp_a, fp_b, latencies)
+    if fp_b.macs < fp_a.macs and latencies:  # structure removed: say where the time went, node by node
+        split = time_split(original, compressed, one, config.latency_threads or threads)
+        if split is not None:
+            validation.time_split = split.as_dict()
+            validation.gains.extend(explain(validation.time_split, fp_b.macs / max(fp_a.macs, 1)))
     return validation
 
 

@@ -1,0 +1,160 @@
+"""Where the time goes: per-node kernel times from onnxruntime's profiler, original vs compressed, so a
+latency ratio that does not follow the MACs ratio is explained node by node.
+
+Both models are profiled as onnxruntime runs them (graph optimizations on: fused and re-laid-out nodes,
+named as onnxruntime names them; the sliced graph keeps the original's node names, so the two profiles
+pair up by name). A node's MACs come from the shapes the profiler records: output elements × the
+weight's elements per output channel (Cin/group · kh · kw) for a Conv, M·N·K for a product. A node's
+time is the median of its per-run kernel times after warm-up (single runs of microsecond kernels are
+disturbed by thread wake-ups; the median is not).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from ..onnxio.save import exceeds_protobuf_limit
+from ..runtime import cpu_threads, session_options
+
+COMPUTE_OPS = {"Conv", "FusedConv", "NchwcConv", "Gemm", "MatMul", "FusedMatMul", "FusedGemm", "ConvTranspose"}
+
+
+@dataclass
+class NodeTime:
+    name: str
+    op: str
+    time_ms: float  # median per run
+    macs: int  # 0 for ops without a weight product
+    output_shape: tuple[int, ...]
+
+
+def profile_nodes(model: onnx.ModelProto, feed: dict[str, np.ndarray], threads: int, runs: int = 30,
+                  warmup: int = 3) -> dict[str, NodeTime] | None:
+    """Median kernel time per node over ``runs`` runs (None for a model over the 2 GB protobuf limit)."""
+    import onnxruntime as ort
+
+    if exceeds_protobuf_limit(model):
+        return None
+    with tempfile.TemporaryDirectory(prefix="onnxadmm-profile-") as folder:
+        options = session_options(cpu_threads(threads), True)
+        options.enable_profiling = True
+        options.profile_file_prefix = os.path.join(folder, "profile")
+        sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        names = [o.name for o in sess.get_outputs()]
+        for _ in range(warmup + runs):
+            sess.run(names, feed)
+        with open(sess.end_profiling()) as handle:
+            events = json.load(handle)
+    starts = sorted(e["ts"] for e in events if e.get("name") == "model_run")
+    after = starts[warmup] if len(starts) > warmup else 0
+    nodes: dict[str, NodeTime] = {}
+    durations: dict[str, list[float]] = {}
+    for event in events:
+        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time") or event["ts"] < after:
+            continue
+        name = event["name"][: -len("_kernel_time")]
+        args = event.get("args", {})
+        if name not in nodes:
+            out = _shapes(args.get("output_type_shape"))
+            nodes[name] = NodeTime(name, args.get("op_name", "?"), 0.0, _macs(args), out[0] if out else ())
+        durations.setdefault(name, []).append(event["dur"] / 1e3)
+    for name, node in nodes.items():
+        node.time_ms = float(np.median(durations[name]))
+    return nodes
+
+
+def _shapes(entries) -> list[tuple[int, ...]]:
+    return [tuple(int(d) for d in next(iter(entry.values()))) for entry in entries or [] if entry]
+
+
+def _macs(args: dict) -> int:
+    op = args.get("op_name", "")
+    inputs, outputs = _shapes(args.get("input_type_shape")), _shapes(args.get("output_type_shape"))
+    if op not in COMPUTE_OPS or len(inputs) < 2 or not outputs:
+        return 0
+    if "Conv" in op:  # weight (Cout, Cin/group, kh, kw): each output element costs Cin/group · kh · kw
+        weight = inputs[1]
+        return int(np.prod(outputs[0])) * int(np.prod(weight[1:])) if len(weight) >= 3 else 0
+    depth = inputs[0][-1] if inputs[0] else 0
+    return int(np.prod(outputs[0])) * int(depth)
+
+
+@dataclass
+class TimeSplit:
+    """Original vs compressed profiles, paired by node name."""
+
+    original: dict[str, NodeTime]
+    compressed: dict[str, NodeTime]
+
+    def totals(self) -> dict[str, tuple[float, float]]:
+        """ms per run of the weight-product nodes ("compute") and of everything else ("other")."""
+        out = {"compute": [0.0, 0.0], "other": [0.0, 0.0]}
+        for side, nodes in enumerate((self.original, self.compressed)):
+            for node in nodes.values():
+                out["compute" if node.macs else "other"][side] += node.time_ms
+        return {k: (v[0], v[1]) for k, v in out.items()}
+
+    def by_op(self) -> list[tuple[str, float, float]]:
+        """(op, original ms, compressed ms), slowest first."""
+        ops: dict[str, list[float]] = {}
+        for side, nodes in enumerate((self.original, self.compressed)):
+            for node in nodes.values():
+                ops.setdefault(node.op, [0.0, 0.0])[side] += node.time_ms
+        return sorted(((op, a, b) for op, (a, b) in ops.items()), key=lambda row: -row[1])
+
+    def layers(self) -> list[dict]:
+        """Each weight-product node in both profiles: MACs and time, original → compressed."""
+        rows = []
+        for name, a in self.original.items():
+            b = self.compressed.get(name)
+            if not a.macs or b is None or not b.macs:
+                continue
+            rows.append({"name": name, "op": a.op, "macs_ratio": b.macs / a.macs,
+                         "time_ms_original": a.time_ms, "time_ms_compressed": b.time_ms,
+                         "time_ratio": b.time_ms / a.time_ms if a.time_ms else None,
+                         "output_shape": [list(a.output_shape), list(b.output_shape)]})
+        return sorted(rows, key=lambda r: -r["time_ms_original"])
+
+    def as_dict(self) -> dict:
+        totals = self.totals()
+        return {"totals_ms": {k: {"original": a, "compressed": b} for k, (a, b) in totals.items()},
+                "by_op_ms": [{"op": op, "original": a, "compressed": b} for op, a, b in self.by_op()],
+                "layers": self.layers()}
+
+
+def time_split(original: onnx.ModelProto, compressed: onnx.ModelProto, feed: dict[str, np.ndarray],
+               threads: int, runs: int = 30) -> TimeSplit | None:
+    a = profile_nodes(original, feed, threads, runs)
+    b = profile_nodes(compressed, feed, threads, runs)
+    return None if a is None or b is None else TimeSplit(a, b)
+
+
+def explain(split: dict, macs_ratio: float) -> list[str]:
+    """Plain sentences: how the compute nodes' time follows their MACs, and how much of the time is in
+    nodes whose cost does not scale with the weights."""
+    totals = split["totals_ms"]
+    compute, other = totals["compute"], totals["other"]
+    whole = compute["original"] + other["original"]
+    if whole <= 0 or compute["original"] <= 0:
+        return []
+    compressed_whole = compute["compressed"] + other["compressed"]
+    lines = [f"Profiled at batch 1: weight-product nodes (Conv/Gemm/MatMul) take {100 * compute['original'] / whole:.0f} % "
+             f"of the original's kernel time and run at {compute['compressed'] / compute['original']:.3f}x their "
+             f"time for {macs_ratio:.3f}x the MACs; the other nodes (elementwise, pooling, layout) take "
+             f"{100 * other['original'] / whole:.0f} % and run at "
+             f"{other['compressed'] / max(other['original'], 1e-12):.3f}x; kernel time in all "
+             f"{compressed_whole / whole:.3f}x."]
+    slow = [row for row in split["layers"] if row["time_ratio"] is not None and
+            row["time_ratio"] > 1.15 * row["macs_ratio"] and row["macs_ratio"] < 0.999]
+    if slow:
+        worst = sorted(slow, key=lambda r: -(r["time_ms_compressed"] - r["macs_ratio"] * r["time_ms_original"]))
+        named = ", ".join(f"`{r['name']}` ({r['macs_ratio']:.2f}x MACs, {r['time_ratio']:.2f}x time)" for r in worst[:3])
+        lines.append(f"{len(slow)} pruned layers run more than 15 % slower than their MACs predict (small or "
+                     f"odd widths use the CPU kernels less well), most of all {named}.")
+    return lines
