@@ -18,7 +18,7 @@ from onnxadmm.errors import ConfigError
 from onnxadmm.export.apply import apply_initializers
 from onnxadmm.export.channels import slice_channels
 from onnxadmm.onnxio.normalize import normalize
-from onnxadmm.plan.channels import exact_macs, group_mask
+from onnxadmm.plan.channels import exact_macs, group_mask, removed_sets
 
 
 # -- models, one per coupling kind -----------------------------------------------------------------
@@ -256,7 +256,8 @@ def test_every_member_range_keeps_a_channel_and_macs_count_the_ranges():
     costs = {i: 100 for i in group.members if view.nodes[i].op_type == "Conv"}
     # the producer loses 11 of 16 outputs; the left conv 5 of 6 inputs; the right conv 6 of 10
     expected = 100 * (5 / 16) + 100 * (1 / 6) + 100 * (4 / 10)
-    assert exact_macs(costs, [group], {group.name: 4}, {group.name: scores}) == round(expected)
+    removed_of = removed_sets([group], {group.name: [4]}, {group.name: scores})
+    assert exact_macs(costs, [group], {group.name: 4}, removed_of) == round(expected)
 
 
 def test_grouped_conv_that_is_not_depthwise_declines_its_groups_by_name():

@@ -272,13 +272,10 @@ class _Walk:
         pieces = channel_pieces(self.view, node, self.kind)
         if pieces is None:
             return False
-        wide = next((place.widened(start, wide_space) for narrow, _, start, wide_space in pieces
-                     if narrow == tensor), place)
-        wide_tensor = pieces[0][1]
+        wide, parts = _mover_places(pieces, tensor, place)
         self.through[index] = wide
-        self.visit(wide_tensor, wide)
-        for narrow, _, start, _ in pieces:
-            part = wide.narrowed(start, start + self.view_channels(narrow))
+        self.visit(pieces[0][1], wide)
+        for narrow, part in parts.items():
             if part is not None:
                 self.visit(narrow, part)
         return True
@@ -290,15 +287,9 @@ class _Walk:
         pieces = channel_pieces(self.view, node, self.kind)
         if pieces is None:  # a spatial Slice / Pad: per-channel, its tensors share one place
             return
-        wide = self.through[index]
-        expected = wide if tensor == pieces[0][1] else next(
-            wide.narrowed(start, start + self.view_channels(narrow)) for narrow, _, start, _ in pieces
-            if narrow == tensor)
-        if expected != place:
+        wide, parts = _mover_places(pieces, pieces[0][1], self.through[index])
+        if (wide if tensor == pieces[0][1] else parts[tensor]) != place:
             raise _Decline(f"{node.op_type} {node.name!r} holds the group's channels at two places")
-
-    def view_channels(self, tensor: str) -> int:
-        return _channels_of(self.view, tensor, self.kind, "")
 
     def explain_producer(self, tensor: str, place: Place) -> None:
         view = self.view
@@ -360,6 +351,14 @@ class _Walk:
                        "channel pruning")
 
 
+def _mover_places(pieces: list[tuple[str, str, int, int, int]], tensor: str, place: Place
+                  ) -> tuple[Place, dict[str, Place | None]]:
+    """Given ``tensor``'s place, the wide tensor's place and each narrow tensor's (None: none of the group)."""
+    wide = next((place.widened(start, wide_space) for narrow, _, start, _, wide_space in pieces
+                 if narrow == tensor), place)
+    return wide, {narrow: wide.narrowed(start, start + count) for narrow, _, start, count, _ in pieces}
+
+
 def _channels_of(view: GraphView, tensor: str, kind: str, what: str) -> int:
     tensor_type = view.types.get(tensor)
     if tensor_type is None or tensor_type.shape is None:
@@ -379,9 +378,9 @@ def _channel_axis(view: GraphView, tensor: str, kind: str) -> tuple[int, int]:
     return (1 if kind == "conv" else rank - 1), rank
 
 
-def channel_pieces(view: GraphView, node, kind: str) -> list[tuple[str, str, int, int]] | None:
-    """How a channel mover places channels: [(narrow tensor, wide tensor, start, wide channels)], the narrow
-    tensor being positions [start, start + its channels) of the wide one. None when the node is not a mover
+def channel_pieces(view: GraphView, node, kind: str) -> list[tuple[str, str, int, int, int]] | None:
+    """How a channel mover places channels: [(narrow tensor, wide tensor, start, narrow channels, wide
+    channels)], the narrow tensor being positions [start, start + narrow channels) of the wide one. None when the node is not a mover
     or leaves the channel axis alone (a spatial Slice or Pad is a per-channel node)."""
     op = node.op_type
     if op not in CHANNEL_MOVERS:
@@ -398,19 +397,21 @@ def channel_pieces(view: GraphView, node, kind: str) -> list[tuple[str, str, int
         total = _channels_of(view, whole, kind, what)
         pieces, start = [], 0
         for name in parts:
-            pieces.append((name, whole, start, total))
-            start += _channels_of(view, name, kind, what)
+            count = _channels_of(view, name, kind, what)
+            pieces.append((name, whole, start, count, total))
+            start += count
         return pieces
     if op == "Slice":
         bounds = _slice_bounds(view, node, kind)
         if bounds is None:
             return None
         start, total = bounds
-        return [(node.output[0], node.input[0], start, total)]
+        return [(node.output[0], node.input[0], start, _channels_of(view, node.output[0], kind, what), total)]
     pads = _channel_pads(view, node, kind)
     if pads is None:
         return None
-    return [(node.input[0], node.output[0], pads[0], _channels_of(view, node.output[0], kind, what))]
+    return [(node.input[0], node.output[0], pads[0], _channels_of(view, node.input[0], kind, what),
+             _channels_of(view, node.output[0], kind, what))]
 
 
 def _slice_bounds(view: GraphView, node, kind: str) -> tuple[int, int] | None:

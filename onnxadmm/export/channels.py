@@ -240,9 +240,8 @@ def _cut_through(slicer: _Slicer, index: int, group: ChannelGroup, channels: np.
                 axis = _channel_axis_of_constant(view.initializers[name], kind, view, node)
                 if axis is not None:
                     slicer.cut(index, slot, axis, removed)
-    elif op == "Reshape":
+    elif op == "Reshape":  # its output is not a group tensor: ``removed`` are its input's positions
         shape = view.types[node.input[0]].shape
-        removed = group.places[node.input[0]].positions(channels)
         slicer.reshape_cuts[index] = slicer.reshape_cuts.get(index, 0) + len(removed) * int(np.prod(shape[2:]))
 
 

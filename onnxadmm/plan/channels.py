@@ -109,13 +109,23 @@ def removed_share(scores: np.ndarray, k: int) -> float:
     return float(np.sort(scores)[: scores.shape[0] - k].sum() / total)
 
 
+def removed_sets(groups: list[ChannelGroup], options: dict[str, list[int]], scores: dict[str, np.ndarray]
+                 ) -> dict[tuple[str, int], np.ndarray]:
+    """``removed_channels`` of every group at every width option, computed once for the cost models."""
+    return {(g.name, k): removed_channels(g, k, scores.get(g.name)) for g in groups for k in options[g.name]}
+
+
 def exact_macs(costs: dict[int, int], groups: list[ChannelGroup], keep: dict[str, int],
-               scores: dict[str, np.ndarray] | None = None) -> int:
+               removed_of: dict[tuple[str, int], np.ndarray] | None = None) -> int:
     """Σ_n MACs_n · (1 − removed_in(n)) · (1 − removed_out(n)): each side loses the share of its channels
-    that are removed group channels, summed over the groups on that side (the exported graph's MACs)."""
+    that are removed group channels, summed over the groups on that side (the exported graph's MACs).
+    ``removed_of`` gives each (group, kept width)'s removed channels (default: uniform groups' count)."""
     removed = {index: {"in": 0.0, "out": 0.0} for index in costs}
     for group in groups:
-        channels = removed_channels(group, keep[group.name], (scores or {}).get(group.name))
+        k = keep[group.name]
+        channels = (removed_of or {}).get((group.name, k))
+        if channels is None:
+            channels = removed_channels(group, k, None)
         for index, (side, place) in group.members.items():
             if index in removed:
                 removed[index][side] += len(place.positions(channels)) / place.space
@@ -128,17 +138,18 @@ class MacsCost:
 
     unit = "MACs"
 
-    def __init__(self, costs: dict[int, int], groups: list[ChannelGroup], scores: dict[str, np.ndarray]):
-        self.costs, self.groups, self.scores = costs, groups, scores
+    def __init__(self, costs: dict[int, int], groups: list[ChannelGroup],
+                 removed_of: dict[tuple[str, int], np.ndarray]):
+        self.costs, self.groups, self.removed_of = costs, groups, removed_of
         self.total = float(sum(costs.values()))
 
     def option_cost(self, group: ChannelGroup, k: int) -> float:
-        channels = removed_channels(group, k, self.scores.get(group.name))
+        channels = self.removed_of[(group.name, k)]
         return sum(self.costs.get(i, 0) * (place.count - len(place.positions(channels))) / place.space
                    for i, (_, place) in group.members.items())
 
     def exact(self, keep: dict[str, int]) -> float:
-        return float(exact_macs(self.costs, self.groups, keep, self.scores))
+        return float(exact_macs(self.costs, self.groups, keep, self.removed_of))
 
 
 def plan_channels(view: GraphView, layers: list[Layer], groups: list[ChannelGroup], samples: SampleSet,
@@ -156,15 +167,16 @@ def plan_channels(view: GraphView, layers: list[Layer], groups: list[ChannelGrou
                                                                    samples.num_samples)))
     moments = input_second_moments(view, consumers, subset, config.batch_size, config.threads) if consumers else {}
     scores = {g.name: channel_scores(view, g, layers_by_name, moments) for g in groups}
+    removed_of = removed_sets(groups, options, scores)
     if config.target_latency is not None:
         from .latency import LatencyCost, model_latency_ms
 
         shapes = {view.nodes[i].input[0]: c.input_shape for i, c in node_costs.items()}
         model = LatencyCost(view, groups, shapes, model_latency_ms(view.model, one, config.threads), options,
-                            config.threads, scores)
+                            config.threads, removed_of)
         target, what = config.target_latency, "--target-latency"
     else:
-        model = MacsCost(costs, groups, scores)
+        model = MacsCost(costs, groups, removed_of)
         target, what = (config.target_macs if config.target_macs is not None else 1.0), "--target-macs"
     damage: dict[str, float] = {}
     budget = target * model.total
@@ -200,7 +212,7 @@ def plan_channels(view: GraphView, layers: list[Layer], groups: list[ChannelGrou
                           f"width the model keeps {planned / model.total:.3f} of its {model.unit} "
                           f"({sum(g.declined is not None for g in groups)} groups declined; see "
                           "'onnxadmm check')")
-    macs_planned = exact_macs(costs, groups, keep, scores)
+    macs_planned = exact_macs(costs, groups, keep, removed_of)
     masks = {}
     for g in groups:
         if config.solver != "admm":
@@ -358,4 +370,5 @@ def _allocate_greedy(model, groups, curves, budget) -> dict[str, int] | None:
         index[name] = j
 
 
-__all__ = ["ChannelPlan", "plan_channels", "width_options", "exact_macs", "group_mask", "removed_channels"]
+__all__ = ["ChannelPlan", "plan_channels", "width_options", "exact_macs", "group_mask", "removed_channels",
+           "removed_sets"]

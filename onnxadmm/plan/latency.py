@@ -23,7 +23,6 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..analysis.channels import ChannelGroup
-from .channels import removed_channels
 from ..onnxio.graph import GraphView
 from ..runtime import cpu_threads, session
 from ..validation.latency import measure, timed
@@ -163,7 +162,7 @@ class LatencyCost:
 
     def __init__(self, view: GraphView, groups: list[ChannelGroup], shapes: dict[str, tuple[int, ...]],
                  total_ms: float, options: dict[str, list[int]], threads: int,
-                 scores: dict[str, np.ndarray] | None = None, use_disk: bool = True):
+                 removed_of: dict[tuple[str, int], np.ndarray], use_disk: bool = True):
         self.table = LatencyTable(threads, use_disk)
         self.total = total_ms
         self.node_ms: dict[int, float] = {}
@@ -180,7 +179,7 @@ class LatencyCost:
                                                         for a in node.attribute})
                 per = {}
                 for k in options[group.name]:
-                    removed = len(place.positions(removed_channels(group, k, (scores or {}).get(group.name))))
+                    removed = len(place.positions(removed_of[(group.name, k)]))
                     if removed == 0:
                         per[k] = 1.0
                         continue
