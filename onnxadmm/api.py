@@ -167,6 +167,7 @@ def _solve_and_export(loaded: LoadedModel, calibration, evaluation, config: Comp
     from .export.apply import apply_initializers, finalize
     from .factored import compress_factored
     from .plan.planner import plan_sparsity
+    from .refine import refine
     from .sequential import compress_layers, structure_for
     from .structured import compress_channels, compress_grouped, declined_groups
     from .validation.gates import check_gate_inputs
@@ -190,7 +191,8 @@ def _solve_and_export(loaded: LoadedModel, calibration, evaluation, config: Comp
     channels, factored, give_back = None, None, []
     if config.method in LOWRANK_METHODS:
         factored = compress_factored(view, normalized.model, found.layers, calib, config, progress)
-        solved, compressed = factored.solved, factored.model
+        solved = factored.solved
+        compressed, solved.refined = refine(view, factored.model, calib, config, progress)
     elif config.method == "grouped" or config.method in CHANNEL_METHODS:
         method = compress_grouped if config.method == "grouped" else compress_channels
         channels = method(view, normalized.model, everything.layers, found.layers, calib, config, progress)
@@ -207,7 +209,8 @@ def _solve_and_export(loaded: LoadedModel, calibration, evaluation, config: Comp
         plan = plan_sparsity(view, found.layers, calib, config)
         structures = {l.name: structure_for(l, config, plan.levels[l.name]) for l in found.layers}
         solved = compress_layers(view, found.layers, calib, structures, plan.levels, config, progress)
-        compressed = apply_initializers(normalized.model, solved.initializers)
+        compressed, solved.refined = refine(view, apply_initializers(normalized.model, solved.initializers),
+                                            calib, config, progress)
     progress("export", 0, 1, "writing weights")
     digest = config_hash(config)
     notes.extend(finalize(compressed, normalized.model, {
@@ -265,7 +268,8 @@ def _compress_report(loaded, config, validate_config, digest, calib, plan_report
         "calibration": {"source": calib.source, "samples": calib.num_samples,
                         "representative": calib.representative},
         "plan": plan_report,
-        "layers": rows, "declined": [dataclasses.asdict(d) for d in declined],
+        "layers": rows, "refined_blocks": [dataclasses.asdict(o) for o in solved.refined],
+        "declined": [dataclasses.asdict(d) for d in declined],
         "totals": {"layers_compressed": len(rows), "layers_declined": len(declined),
                    "weights_in_compressed_layers": total, "nonzero_in_compressed_layers": nonzero,
                    "sparsity": 1 - nonzero / total if total else 0.0,

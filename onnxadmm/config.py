@@ -97,6 +97,15 @@ class CompressConfig:
         default=True, metadata=_opt("channel methods: also refit the layers that lose no input channels to "
                                     "the compressed model's inputs (sequential error compensation)")
     )
+    refine_epochs: int = field(
+        default=0, metadata=_opt("block-wise refinement after the layer-wise solve: epochs of Adam over the "
+                                 "calibration samples per block, supports fixed, no labels (0 = off)")
+    )
+    refine_lr: float = field(default=1e-3, metadata=_opt("block-wise refinement: Adam learning rate"))
+    refine_block_layers: int = field(
+        default=2, metadata=_opt("block-wise refinement: merge cut-to-cut stretches until a block holds this "
+                                 "many compressed layers")
+    )
     conv_groups: int = field(
         default=2, metadata=_opt("--method grouped: blocks per Conv pair (the exported Conv's group)")
     )
@@ -195,6 +204,8 @@ class CompressConfig:
             raise ConfigError(f"threads must be >= 0, got {self.threads}")
         if not self.rho_init > 0 or not self.rho_growth >= 1:
             raise ConfigError("rho_init must be > 0 and rho_growth >= 1")
+        if self.refine_epochs < 0 or not self.refine_lr > 0 or self.refine_block_layers < 1:
+            raise ConfigError("refine_epochs must be >= 0, refine_lr > 0 and refine_block_layers >= 1")
 
     def _check_lowrank(self) -> None:
         for name in ("target_params", "rank_ratio"):

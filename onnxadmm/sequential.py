@@ -53,6 +53,7 @@ class SequentialResult:
     declined: list[Declined]
     peak_cache_bytes: int
     spilled_bytes: int
+    refined: list = field(default_factory=list)  # block-wise refinement outcomes (refine.py), when it ran
 
 
 def schedule(view: GraphView, layers: list[Layer]) -> list[Layer]:

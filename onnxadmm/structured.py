@@ -24,6 +24,7 @@ from .export.apply import apply_initializers
 from .export.channels import slice_channels
 from .onnxio.graph import GraphView
 from .plan.channels import ChannelPlan, plan_channels, top_mask
+from .refine import refine
 from .sequential import Progress, SequentialResult, compress_layers
 
 
@@ -117,7 +118,6 @@ def compress_channels(view: GraphView, model: onnx.ModelProto, all_layers: list[
     refit_the_rest(structures, levels, layers, config)
     solving = [layer for layer in layers if layer.name in structures]
     solved = compress_layers(view, solving, samples, structures, levels, config, progress)
-    masked = apply_initializers(model, solved.initializers)
     kept = _kept_channels(active, plan, solved, by_name)
     declined_layers = {d.name for d in solved.declined}
     for group in active:  # a consumer that could not be solved keeps its group whole
@@ -125,8 +125,21 @@ def compress_channels(view: GraphView, model: onnx.ModelProto, all_layers: list[
             kept[group.name] = np.ones(group.channels, bool)
             group.declined = "a consumer could not be solved: " + next(
                 d.reason for d in solved.declined if d.name in {c.layer for c in group.consumers})
+    masked, solved.refined = refine(view, apply_initializers(model, solved.initializers), samples, config,
+                                    progress, removed_positions(active, kept))
     sliced = slice_channels(masked, active, kept)
     return ChannelResult(sliced, plan, solved, groups, {g.name: kept[g.name] for g in active})
+
+
+def removed_positions(groups: list[ChannelGroup], kept: dict[str, np.ndarray]) -> dict[str, tuple[int, np.ndarray]]:
+    """Per tensor of the groups, (channel axis, positions that slicing will remove)."""
+    removed: dict[str, tuple[int, np.ndarray]] = {}
+    for group in groups:
+        channels = np.flatnonzero(~kept[group.name])
+        for tensor, place in group.places.items():
+            axis, before = 1 if group.kind == "conv" else -1, removed.get(tensor, (0, np.empty(0, np.int64)))[1]
+            removed[tensor] = (axis, np.union1d(before, place.positions(channels)))
+    return removed
 
 
 def _kept_channels(groups, plan, solved, by_name) -> dict[str, np.ndarray]:
@@ -221,7 +234,8 @@ def compress_grouped(view: GraphView, model: onnx.ModelProto, all_layers: list[L
     solved = compress_layers(view, solving, samples, structures, levels, config, progress)
     failed = {d.name for d in solved.declined}
     pairs = [pair for pair, (_, p, q) in zip(pairs, chosen) if p.name not in failed and q.name not in failed]
-    masked = apply_initializers(model, solved.initializers)
+    masked, solved.refined = refine(view, apply_initializers(model, solved.initializers), samples, config,
+                                    progress)
     costs = node_macs(view.model, {name: array[:1] for name, array in samples.arrays.items()}, config.threads)
     macs = sum(c.dense for c in costs.values())
     saved = sum(costs[i].dense for pair in pairs for i in (pair.producer, pair.consumer)) * (1 - 1 / config.conv_groups)

@@ -115,6 +115,9 @@ def sparse_suite(name: str) -> list[dict]:
 TARGETS: tuple[float, ...] = ()  # --targets: MACs targets of the channel suite instead of its defaults
 
 
+REFINE = {"refine_epochs": 30}  # block-wise refinement rows (docs: README "Refinement")
+
+
 def channel_suite(name: str) -> list[dict]:
     """Issue 3: channel pruning at MACs targets; baselines in the same run: l1-norm filter pruning without
     reconstruction (Li et al. 2017) and l1-norm + least-squares refit; uniform vs allocated; l0 + l2,1."""
@@ -130,6 +133,10 @@ def channel_suite(name: str) -> list[dict]:
         if target == 0.75 and large and not TARGETS:  # what error compensation (dense refits) does here
             runs.append({"label": "channel admm, no dense refit", "group": f"MACs {target}",
                          "config": {"method": "channel", "target_macs": target, "refit_dense": False}})
+        if not large or target == 0.75:  # block-wise refinement after the layer-wise solve
+            runs.append({"label": "channel admm + block refine", "group": f"MACs {target}",
+                         "config": {"method": "channel", "target_macs": target, **REFINE,
+                                    **({"refit_dense": False, "refine_block_layers": 3} if large else {})}})
         if target == 0.5 and not large and not TARGETS:
             runs.append({"label": "channel admm, uniform", "group": f"MACs {target}",
                          "config": {"method": "channel", "target_macs": target, "uniform": True}})
@@ -180,6 +187,8 @@ def lowrank_suite(name: str) -> list[dict]:
         for method in ("lowrank", "lowrank-sparse"):
             runs.append({"label": f"{method}, latency objective", "group": "latency 0.7",
                          "config": {"method": method, "target_latency": 0.7}})
+            runs.append({"label": f"{method}, latency objective + block refine", "group": "latency 0.7",
+                         "config": {"method": method, "target_latency": 0.7, **REFINE}})
     return runs
 
 
@@ -200,7 +209,7 @@ def run_model(suite: str, name: str, only: str | None) -> dict:
     rows = []
     levels_by_group: dict[str, dict] = {}
     for spec in SUITES[suite](name):
-        if only and only not in spec["label"]:
+        if only and not any(part in f"{spec['label']} @ {spec['group']}" for part in only.split(";")):
             continue
         config = CompressConfig(**spec["config"])
         validate = ValidateConfig(labels="labels", latency_batch_sizes=(1, 8), latency_rounds=20)
@@ -291,7 +300,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--suite", choices=sorted(SUITES), default="sparse")
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--only", default=None, help="run only configurations whose label contains this")
+    parser.add_argument("--only", default=None, help="run only configurations whose 'label @ group' contains one of these "
+                                                         "';'-separated strings")
     parser.add_argument("--targets", default="", help="channel / lowrank suite: comma-separated MACs / params "
                                                       "targets instead of the suite's defaults")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

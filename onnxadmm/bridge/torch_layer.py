@@ -39,12 +39,7 @@ def converter_missing(node: onnx.NodeProto, opset: int) -> bool:
 
 def _convert(view: GraphView, node_ids: list[int], inputs: list[str], output: str,
              input_ranks: dict[str, int | None]) -> torch.nn.Module:
-    opset = default_opset(view.model)
-    for index in node_ids:
-        node = view.nodes[index]
-        if converter_missing(node, opset):
-            raise BridgeError(f"onnx2torch cannot convert node {node.name!r} ({node.op_type}, opset "
-                              f"{opset}); the layer stays dense")
+    check_convertible(view, node_ids, "; the layer stays dense")
     needed = {t for i in node_ids for t in view.nodes[i].input if t in view.initializers}
     graph = helper.make_graph(
         [view.nodes[i] for i in node_ids], "onnxadmm_bridge",
@@ -55,6 +50,21 @@ def _convert(view: GraphView, node_ids: list[int], inputs: list[str], output: st
         [_as_float32(view.initializers[t]) for t in sorted(needed)])
     model = helper.make_model(graph, opset_imports=list(view.model.opset_import),
                               ir_version=view.model.ir_version)
+    return onnx_to_torch(model, view.nodes[node_ids[0]])
+
+
+def check_convertible(view: GraphView, node_ids: list[int], consequence: str = "") -> None:
+    """BridgeError naming the first node onnx2torch has no converter for."""
+    opset = default_opset(view.model)
+    for index in node_ids:
+        node = view.nodes[index]
+        if converter_missing(node, opset):
+            raise BridgeError(f"onnx2torch cannot convert node {node.name!r} ({node.op_type}, opset "
+                              f"{opset}){consequence}")
+
+
+def onnx_to_torch(model: onnx.ModelProto, first: onnx.NodeProto) -> torch.nn.Module:
+    """onnx2torch's module for ``model`` in eval mode; any failure is a BridgeError naming ``first``."""
     from onnx2torch import convert
 
     try:
@@ -62,7 +72,6 @@ def _convert(view: GraphView, node_ids: list[int], inputs: list[str], output: st
             warnings.simplefilter("ignore")
             module = convert(model)
     except Exception as exc:  # noqa: BLE001 - onnx2torch raises many kinds
-        first = view.nodes[node_ids[0]]
         raise BridgeError(f"onnx2torch failed on the subgraph starting at node {first.name!r}: "
                           f"{type(exc).__name__}: {str(exc)[:200]}") from None
     return module.eval()

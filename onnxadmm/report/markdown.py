@@ -109,6 +109,20 @@ def _time_split(lines: list[str], split: dict, top: int = 15) -> None:
     lines.append("")
 
 
+def _refined(lines: list[str], rows: list[dict]) -> None:
+    kept = sum(r["kept"] for r in rows)
+    lines.append(f"## Block-wise refinement ({kept} of {len(rows)} blocks improved; relative error of the "
+                 "block output on held-out calibration samples)")
+    lines.append("")
+    lines.append("| block | layers | error before → after | kept | s | note |")
+    lines.append("|---|---|---|---|---|---|")
+    for r in rows:
+        lines.append(f"| `{r['block']}` | {len(r['layers'])} | {_fmt(r['loss_before'], 3)} → "
+                     f"{_fmt(r['loss_after'], 3)} | {'epoch ' + str(r.get('best_epoch')) if r['kept'] else 'no'} | {r['seconds']:.1f} | "
+                     f"{r['note']} |")
+    lines.append("")
+
+
 def render(report: dict) -> str:
     lines = [f"# onnxadmm {report['kind']} report", ""]
     status = "PASSED" if report.get("passed", True) else "FAILED (a gate was missed)"
@@ -151,6 +165,8 @@ def render(report: dict) -> str:
                          f"{_fmt(row['error_projected'], 3)} → {_fmt(row['error_final'], 3)} | "
                          f"{row['seconds']:.2f} |")
         lines.append("")
+    if report.get("refined_blocks"):
+        _refined(lines, report["refined_blocks"])
     plan = report.get("plan") or {}
     if plan.get("groups"):
         lines.append(f"## Channel groups (MACs planned {plan['macs_planned_ratio']:.3f} of the original, "

@@ -1,0 +1,249 @@
+"""Block-wise refinement (after the layer-wise solve; ``--refine-epochs N``).
+
+Layer-wise reconstruction leaves each layer's error to the next; a block (a residual block, or a few
+layers between cut tensors: ``analysis/blocks.py``) can correct it jointly. For each block B in order,
+the weights of its compressed layers minimize
+
+    L(W) = ‖f_B(x̂; W) − f_B(x; W₀)‖² / ‖f_B(x; W₀)‖²
+
+over the calibration samples with Adam (cosine learning rate), x̂ the compressed model's input to B
+(refined blocks before it), x the original's. The support of every weight is fixed — after each step
+W ← W ⊙ M with M = (W ≠ 0) at the start — so sparsity patterns and removed channels stay exactly as
+solved. Every tenth calibration sample is held out: each block keeps the weights of the epoch with the
+lowest held-out loss, or its solved weights if no epoch beat them. No labels are used. A block onnx2torch cannot convert runs unchanged in onnxruntime.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import onnx
+import torch
+
+from .analysis.blocks import Block, find_blocks, nodes_between
+from .export.apply import apply_initializers
+from .bridge.torch_block import BlockModule, WeightHandle, convert_block, find_weights
+from .bridge.torch_layer import BridgeError
+from .calib.readers import SampleSet
+from .config import CompressConfig
+from .onnxio.graph import GraphView, TensorType
+from .onnxio.subgraph import cut
+from .runtime import session
+from .sequential import Progress
+
+
+@dataclass
+class BlockOutcome:
+    """One block's refinement (a row of the report). Losses are relative, on held-out calibration samples."""
+
+    block: str
+    layers: list[str]
+    loss_before: float | None
+    loss_after: float | None
+    kept: bool
+    seconds: float
+    note: str = ""
+    best_epoch: int = 0  # the epoch whose weights were kept (0: the solved weights)
+
+
+Ignored = Mapping[str, tuple[int, np.ndarray]]  # tensor -> (axis, positions) left out of the loss
+
+
+def refine(original: GraphView, compressed: onnx.ModelProto, samples: SampleSet, config: CompressConfig,
+           progress: Progress | None = None, ignored: Ignored | None = None
+           ) -> tuple[onnx.ModelProto, list[BlockOutcome]]:
+    """``compressed`` (same inputs, outputs and cut tensors as ``original``) refined block by block; one
+    outcome per block. Trained: the initializers that differ from the original's (solved layers, factor
+    pairs); layers left as they were stay so (training those too was measured to overfit EfficientNet-Lite0's
+    large late layers on 450 images). ``ignored`` positions of a block output (channels that will be sliced
+    away) do not count in its loss. Off (unchanged, no outcomes) when ``config.refine_epochs`` is 0."""
+    if not config.refine_epochs:
+        return compressed, []
+    values, outcomes = refine_blocks(original, compressed, samples, config, progress, ignored or {})
+    return (apply_initializers(compressed, values) if values else compressed), outcomes
+
+
+def changed_initializers(original: GraphView, compressed: GraphView) -> set[str]:
+    """Float initializers of ``compressed`` that the original does not have or holds with other values."""
+    changed = set()
+    for name, tensor in compressed.initializers.items():
+        if tensor.data_type != onnx.TensorProto.FLOAT or len(tensor.dims) == 0:
+            continue
+        if name not in original.initializers or not np.array_equal(compressed.constant(name),
+                                                                    original.constant(name)):
+            changed.add(name)
+    return changed
+
+
+def refine_blocks(original: GraphView, compressed: onnx.ModelProto, samples: SampleSet, config: CompressConfig,
+                  progress: Progress | None = None, ignored: Ignored | None = None
+                  ) -> tuple[dict[str, np.ndarray], list[BlockOutcome]]:
+    """Refined values of the changed initializers, and one outcome per block (blocks are counted in
+    nodes that read a changed initializer)."""
+    progress = progress or (lambda *args: None)
+    view = GraphView(compressed)
+    changed = changed_initializers(original, view)
+    counted = {i for i, node in enumerate(view.nodes) if any(n in changed for n in node.input)}
+    blocks = find_blocks(view, counted, config.refine_block_layers)
+    teacher_values = {name: np.asarray(a) for name, a in samples.arrays.items()}
+    student_values = dict(teacher_values)
+    refined: dict[str, np.ndarray] = {}
+    outcomes = []
+    held_out = np.arange(samples.num_samples) % 10 == 9 if samples.num_samples >= 20 else \
+        np.zeros(samples.num_samples, bool)
+    for index, block in enumerate(blocks):
+        progress("refine", index, len(blocks), block.name)
+        started = time.perf_counter()
+        outcome = BlockOutcome(block.name, [view.nodes[i].name for i in block.counted], None, None, False, 0.0)
+        targets, teacher_note = _teacher(original, block, teacher_values, samples, config)
+        weights = {name: _loss_weight(targets[name], (ignored or {}).get(name)) for name in block.outputs}
+        try:
+            student = convert_block(view, block.node_ids, block.outputs, {}, _types(student_values))
+        except BridgeError as exc:
+            student_values = _run_onnx(view, block, student_values, config)
+            outcome.note = f"not refined: {exc}"
+        else:
+            trainable = {n for i in block.node_ids for n in view.nodes[i].input if n in changed}
+            handles = find_weights(student, {n: view.constant(n) for n in trainable})
+            if handles:
+                torch.manual_seed(config.seed + index)
+                refined.update(_train(student, handles, student_values, targets, weights, held_out, config, index,
+                                      outcome))
+            else:
+                outcome.note = "no compressed weights found in the converted block"
+            student_values = _run_torch(student, student_values, config.batch_size)
+        outcome.note = "; ".join(n for n in (outcome.note, teacher_note) if n)
+        teacher_values = targets
+        outcome.seconds = time.perf_counter() - started
+        outcomes.append(outcome)
+    progress("refine", len(blocks), len(blocks), "done")
+    return refined, outcomes
+
+
+def _teacher(original: GraphView, block: Block, values: Mapping[str, np.ndarray], samples: SampleSet,
+             config: CompressConfig) -> tuple[dict[str, np.ndarray], str]:
+    """The original model's values of the block outputs: the original's nodes between the same cut
+    tensors (torch, else onnxruntime), or, when those tensors are no cut of the original, the whole
+    original model from the samples."""
+    ids = nodes_between(original, block.inputs, block.outputs)
+    if ids is None:
+        whole = Block(list(original.order), list(samples.arrays), block.outputs, [])
+        return _run_onnx(original, whole, samples.arrays, config), "targets from the whole original model"
+    piece = Block(ids, block.inputs, block.outputs, [])
+    try:
+        teacher = convert_block(original, ids, block.outputs, {}, _types(values))
+    except BridgeError:
+        return _run_onnx(original, piece, values, config), ""
+    return _run_torch(teacher, values, config.batch_size), ""
+
+
+def _types(values: Mapping[str, np.ndarray]) -> dict[str, TensorType]:
+    return {n: TensorType(onnx.helper.np_dtype_to_tensor_dtype(a.dtype), (None,) * a.ndim)
+            for n, a in values.items()}
+
+
+def _loss_weight(target: np.ndarray, ignored: tuple[int, np.ndarray] | None) -> torch.Tensor:
+    """1 where the block output counts in the loss, 0 at the ignored positions (broadcast over samples)."""
+    if ignored is None or not len(ignored[1]):
+        return torch.ones(())
+    axis, positions = ignored
+    axis %= target.ndim
+    weight = np.ones(target.shape[axis], np.float32)
+    weight[np.asarray(positions, dtype=np.int64)] = 0
+    return torch.from_numpy(weight.reshape([-1 if a == axis else 1 for a in range(target.ndim)]))
+
+
+def relative_loss(block: BlockModule, inputs: Mapping[str, np.ndarray], targets: Mapping[str, np.ndarray],
+                  weights: Mapping[str, torch.Tensor], rows: np.ndarray, batch_size: int) -> float:
+    """Σ‖w ⊙ (f(x̂) − y)‖² / Σ‖w ⊙ y‖² over the samples ``rows``."""
+    error = energy = 0.0
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            take = rows[start:start + batch_size]
+            outs = block({n: torch.from_numpy(a[take]) for n, a in inputs.items() if n in block.input_names})
+            for out, name in zip(outs, block.output_names):
+                y = torch.from_numpy(targets[name][take]) * weights[name]
+                error += float((out * weights[name] - y).pow(2).sum())
+                energy += float(y.pow(2).sum())
+    return error / max(energy, 1e-30)
+
+
+def _train(student: BlockModule, handles: dict[str, WeightHandle], inputs, targets, weights,
+           held_out: np.ndarray, config: CompressConfig, index: int, outcome: BlockOutcome) -> dict[str, np.ndarray]:
+    """Adam on the block's relative loss with fixed supports. After every epoch the held-out loss is
+    measured; the weights of the best epoch are returned as ONNX values (none when no epoch beat the
+    solved weights)."""
+    train_rows, check_rows = np.flatnonzero(~held_out), np.flatnonzero(held_out)
+    check_rows = check_rows if len(check_rows) else train_rows
+    tensors = [h.tensor for h in handles.values()]
+    masks = [(t != 0).float() for t in tensors]
+    best = [t.detach().clone() for t in tensors]
+    outcome.loss_before = best_loss = relative_loss(student, inputs, targets, weights, check_rows,
+                                                    config.batch_size)
+    energy = {name: float((torch.from_numpy(targets[name][train_rows]) * weights[name]).pow(2).mean()) or 1.0
+              for name in student.output_names}
+    for tensor in tensors:
+        tensor.requires_grad_(True)
+    optimizer = torch.optim.Adam(tensors, lr=config.refine_lr)
+    batch = min(config.batch_size, len(train_rows))
+    per_epoch = math.ceil(len(train_rows) / batch)
+    steps = config.refine_epochs * per_epoch
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    rng = np.random.default_rng(config.seed + index)
+    for epoch in range(config.refine_epochs):
+        order = rng.permutation(train_rows)
+        for start in range(0, len(order), batch):
+            take = np.sort(order[start:start + batch])
+            outs = student({n: torch.from_numpy(a[take]) for n, a in inputs.items() if n in student.input_names})
+            loss = sum(((out - torch.from_numpy(targets[name][take])) * weights[name]).pow(2).mean() / energy[name]
+                       for out, name in zip(outs, student.output_names))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            with torch.no_grad():
+                for tensor, mask in zip(tensors, masks):
+                    tensor.mul_(mask)
+        check = relative_loss(student, inputs, targets, weights, check_rows, config.batch_size)
+        if check < best_loss:
+            best_loss, best, outcome.best_epoch = check, [t.detach().clone() for t in tensors], epoch + 1
+    with torch.no_grad():
+        for tensor, value in zip(tensors, best):
+            tensor.requires_grad_(False)
+            tensor.copy_(value)
+    outcome.loss_after = best_loss
+    outcome.kept = best_loss < outcome.loss_before
+    if not outcome.kept:
+        outcome.note = "no epoch lowered the held-out loss; solved weights kept"
+        return {}
+    return {name: handle.to_onnx() for name, handle in handles.items()}
+
+
+def _run_torch(block: BlockModule, inputs: Mapping[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
+    count = len(next(iter(inputs.values())))
+    parts: list[list[np.ndarray]] = [[] for _ in block.output_names]
+    with torch.no_grad():
+        for start in range(0, count, batch_size):
+            outs = block({n: torch.from_numpy(a[start:start + batch_size]) for n, a in inputs.items()
+                          if n in block.input_names})
+            for part, out in zip(parts, outs):
+                part.append(out.numpy())
+    return {name: np.concatenate(part) for name, part in zip(block.output_names, parts)}
+
+
+def _run_onnx(view: GraphView, block: Block, inputs: Mapping[str, np.ndarray],
+              config: CompressConfig) -> dict[str, np.ndarray]:
+    model = cut(view, block.node_ids, block.outputs, _types(inputs))
+    sess = session(model, config.threads)
+    names = [v.name for v in model.graph.input]
+    count = len(next(iter(inputs.values())))
+    parts: list[list[np.ndarray]] = [[] for _ in block.outputs]
+    for start in range(0, count, config.batch_size):
+        outs = sess.run(block.outputs, {n: inputs[n][start:start + config.batch_size] for n in names})
+        for part, out in zip(parts, outs):
+            part.append(out)
+    return {name: np.concatenate(part) for name, part in zip(block.outputs, parts)}
