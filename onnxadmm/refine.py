@@ -10,7 +10,9 @@ over the calibration samples with Adam (cosine learning rate), x̂ the compresse
 (refined blocks before it), x the original's. The support of every weight is fixed — after each step
 W ← W ⊙ M with M = (W ≠ 0) at the start — so sparsity patterns and removed channels stay exactly as
 solved. Every tenth calibration sample is held out: each block keeps the weights of the epoch with the
-lowest held-out loss, or its solved weights if no epoch beat them. No labels are used. A block onnx2torch cannot convert runs unchanged in onnxruntime.
+lowest held-out loss, or its solved weights if no epoch beat them. No labels are used. A block onnx2torch
+cannot convert runs unchanged in onnxruntime. The block inputs and targets of every calibration sample
+are held in memory (outside ``--max-memory-mb``).
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ import onnx
 import torch
 
 from .analysis.blocks import Block, find_blocks, nodes_between
-from .export.apply import apply_initializers
 from .bridge.torch_block import BlockModule, WeightHandle, convert_block, find_weights
 from .bridge.torch_layer import BridgeError
 from .calib.readers import SampleSet
 from .config import CompressConfig
+from .export.apply import apply_initializers
 from .onnxio.graph import GraphView, TensorType
 from .onnxio.subgraph import cut
 from .runtime import session
