@@ -181,6 +181,9 @@ def lowrank_suite(name: str) -> list[dict]:
             for loss in ("activation", "linear") if with_linear else ("activation",):
                 runs.append({"label": f"{label}, {loss} loss", "group": group,
                              "config": {**base, **config, "loss": loss}})
+        runs.append({"label": "L+S row S merged, activation loss + block refine", "group": group,
+                     "config": {**base, "method": "lowrank-sparse", "sparse_structure": "rows", "objective": "size",
+                                **REFINE}})
         runs.append({"label": "truncated SVD, no data", "group": group,
                      "config": {**base, "method": "lowrank", "objective": "size", "solver": "magnitude"}})
     if large and not TARGETS:
