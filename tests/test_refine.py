@@ -182,3 +182,15 @@ def test_excluded_layers_are_not_trained():
     changed = [n for n in before if onnx.numpy_helper.to_array(after[n]).tobytes() !=
                onnx.numpy_helper.to_array(before[n]).tobytes()]
     assert len(changed) >= 6  # the other four layers' weights and biases were trained
+
+
+def test_block_diagonal_pairs_stay_grouped_after_refinement():
+    model = residual_net(6)
+    calib = samples_for(model, 200)
+    result = compress(model, calib, CompressConfig(method="grouped", conv_groups=2, admm_iterations=10,
+                                                   refine_epochs=5))
+    assert result.report["refined_blocks"] and result.report["plan"]["block_diagonal"]
+    groups = [a.i for n in result.model.graph.node if n.op_type == "Conv" for a in n.attribute if a.name == "group"]
+    assert groups.count(2) >= 2
+    out = run(result.model, calib)[0]
+    assert out.shape == (200, 10) and np.isfinite(out).all()
