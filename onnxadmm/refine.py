@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 import torch
 
-from .analysis.blocks import Block, find_blocks, nodes_between
+from .analysis.blocks import Block, constant_nodes, find_blocks, nodes_between
 from .bridge.torch_block import BlockModule, WeightHandle, convert_block, find_weights
 from .bridge.torch_layer import BridgeError
 from .calib.readers import SampleSet
@@ -91,6 +91,7 @@ def refine_blocks(original: GraphView, compressed: onnx.ModelProto, samples: Sam
     changed = changed_initializers(original, view)
     counted = {i for i, node in enumerate(view.nodes) if any(n in changed for n in node.input)}
     blocks = find_blocks(view, counted, config.refine_block_layers)
+    original_constants = constant_nodes(original)
     teacher_values = {name: np.asarray(a) for name, a in samples.arrays.items()}
     student_values = dict(teacher_values)
     refined: dict[str, np.ndarray] = {}
@@ -101,7 +102,7 @@ def refine_blocks(original: GraphView, compressed: onnx.ModelProto, samples: Sam
         progress("refine", index, len(blocks), block.name)
         started = time.perf_counter()
         outcome = BlockOutcome(block.name, [view.nodes[i].name for i in block.counted], None, None, False, 0.0)
-        targets, teacher_note = _teacher(original, block, teacher_values, samples, config)
+        targets, teacher_note = _teacher(original, original_constants, block, teacher_values, samples, config)
         weights = {name: _loss_weight(targets[name], (ignored or {}).get(name)) for name in block.outputs}
         try:
             student = convert_block(view, block.node_ids, block.outputs, {}, _types(student_values))
@@ -126,12 +127,12 @@ def refine_blocks(original: GraphView, compressed: onnx.ModelProto, samples: Sam
     return refined, outcomes
 
 
-def _teacher(original: GraphView, block: Block, values: Mapping[str, np.ndarray], samples: SampleSet,
-             config: CompressConfig) -> tuple[dict[str, np.ndarray], str]:
+def _teacher(original: GraphView, constants: set[int], block: Block, values: Mapping[str, np.ndarray],
+             samples: SampleSet, config: CompressConfig) -> tuple[dict[str, np.ndarray], str]:
     """The original model's values of the block outputs: the original's nodes between the same cut
     tensors (torch, else onnxruntime), or, when those tensors are no cut of the original, the whole
     original model from the samples."""
-    ids = nodes_between(original, block.inputs, block.outputs)
+    ids = nodes_between(original, block.inputs, block.outputs, constants)
     if ids is None:
         whole = Block(list(original.order), list(samples.arrays), block.outputs, [])
         return _run_onnx(original, whole, samples.arrays, config), "targets from the whole original model"
@@ -226,26 +227,27 @@ def _train(student: BlockModule, handles: dict[str, WeightHandle], inputs, targe
 
 
 def _run_torch(block: BlockModule, inputs: Mapping[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
-    count = len(next(iter(inputs.values())))
-    parts: list[list[np.ndarray]] = [[] for _ in block.output_names]
-    with torch.no_grad():
-        for start in range(0, count, batch_size):
-            outs = block({n: torch.from_numpy(a[start:start + batch_size]) for n, a in inputs.items()
-                          if n in block.input_names})
-            for part, out in zip(parts, outs):
-                part.append(out.numpy())
-    return {name: np.concatenate(part) for name, part in zip(block.output_names, parts)}
+    def run(feed):
+        with torch.no_grad():
+            return [out.numpy() for out in block({n: torch.from_numpy(a) for n, a in feed.items()})]
+
+    return _in_batches(run, inputs, block.input_names, block.output_names, batch_size)
 
 
 def _run_onnx(view: GraphView, block: Block, inputs: Mapping[str, np.ndarray],
               config: CompressConfig) -> dict[str, np.ndarray]:
     model = cut(view, block.node_ids, block.outputs, _types(inputs))
     sess = session(model, config.threads)
-    names = [v.name for v in model.graph.input]
-    count = len(next(iter(inputs.values())))
-    parts: list[list[np.ndarray]] = [[] for _ in block.outputs]
-    for start in range(0, count, config.batch_size):
-        outs = sess.run(block.outputs, {n: inputs[n][start:start + config.batch_size] for n in names})
-        for part, out in zip(parts, outs):
+    return _in_batches(lambda feed: sess.run(block.outputs, feed), inputs, [v.name for v in model.graph.input],
+                       block.outputs, config.batch_size)
+
+
+def _in_batches(run, inputs: Mapping[str, np.ndarray], names: list[str], outputs: list[str],
+                batch_size: int) -> dict[str, np.ndarray]:
+    """``run`` (a feed of ``names`` -> arrays of ``outputs``) over all samples, ``batch_size`` at a time."""
+    count = len(inputs[names[0]])
+    parts: list[list[np.ndarray]] = [[] for _ in outputs]
+    for start in range(0, count, batch_size):
+        for part, out in zip(parts, run({n: inputs[n][start:start + batch_size] for n in names})):
             part.append(out)
-    return {name: np.concatenate(part) for name, part in zip(block.outputs, parts)}
+    return {name: np.concatenate(part) for name, part in zip(outputs, parts)}

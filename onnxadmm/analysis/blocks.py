@@ -94,12 +94,14 @@ def with_constants(view: GraphView, node_ids, constants: set[int]) -> list[int]:
     return [i for i in view.order if i in chosen]
 
 
-def nodes_between(view: GraphView, inputs: list[str], outputs: list[str]) -> list[int] | None:
+def nodes_between(view: GraphView, inputs: list[str], outputs: list[str],
+                  constants: set[int] | None = None) -> list[int] | None:
     """The nodes computing ``outputs`` from ``inputs`` (and constants) in ``view``, or None when the
-    outputs depend on the graph before the inputs through anything else (not a cut in this graph)."""
+    outputs depend on the graph before the inputs through anything else (not a cut in this graph).
+    ``constants``: ``constant_nodes(view)``, if the caller has it."""
     if any(t not in view.producer and t not in view.input_names for t in outputs):
         return None
-    constants = constant_nodes(view)
+    constants = constant_nodes(view) if constants is None else constants
     before = view.ancestors(inputs) - constants
     nodes = view.ancestors(outputs) - before
     produced = {o for i in nodes for o in view.nodes[i].output if o}
