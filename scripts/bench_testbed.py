@@ -122,8 +122,8 @@ def channel_suite(name: str) -> list[dict]:
     """Issue 3: channel pruning at MACs targets; baselines in the same run: l1-norm filter pruning without
     reconstruction (Li et al. 2017) and l1-norm + least-squares refit; uniform vs allocated; l0 + l2,1."""
     runs = []
-    large = name == "efficientnet_lite0_imagenet"  # 5-10 min a run here: baselines at one target only
-    for target in TARGETS or ((0.75, 0.5) if large else (0.75, 0.5, 0.35)):
+    large = name == "efficientnet_lite0_imagenet"  # 5-10 min a run here: baselines, l0-l21 at one target only
+    for target in TARGETS or (0.75, 0.5, 0.35):
         for solver, label in (("admm", "channel admm"), ("refit", "l1-norm + LS refit"),
                               ("magnitude", "l1-norm (Li 2017)")):
             if large and solver != "admm" and target != 0.75:
@@ -136,14 +136,15 @@ def channel_suite(name: str) -> list[dict]:
         if not large or target == 0.75:  # block-wise refinement after the layer-wise solve
             runs.append({"label": "channel admm + block refine", "group": f"MACs {target}",
                          "config": {"method": "channel", "target_macs": target, **REFINE,
-                                    **({"refit_dense": False, "refine_block_layers": 3} if large else {})}})
+                                    **({"refine_block_layers": 3} if large else {})}})
         if target == 0.5 and not large and not TARGETS:
             runs.append({"label": "channel admm, uniform", "group": f"MACs {target}",
                          "config": {"method": "channel", "target_macs": target, "uniform": True}})
+        if target == (0.75 if large else 0.5) and not TARGETS:
             runs.append({"label": "l0-l21 admm (50% inside)", "group": f"MACs {target}",
                          "config": {"method": "l0-l21", "target_macs": target, "sparsity": 0.5}})
-    if not large and not TARGETS:
-        for blocks in (2, 4):
+    if not TARGETS:
+        for blocks in (2,) if large else (2, 4):
             runs.append({"label": f"grouped (Changpinyo), {blocks} blocks", "group": f"{blocks} blocks",
                          "config": {"method": "grouped", "conv_groups": blocks}})
     return runs
@@ -165,8 +166,10 @@ def lowrank_suite(name: str) -> list[dict]:
     unstructured S and with a row-sparse S (merged into the pair), each with the loss through the activation
     and the linear loss; plain truncated SVD without data as the baseline. All at --objective size (the
     forms are priced in parameters). ResNet-56 (4-8 min a run here): params 0.5 only, the linear-loss
-    ablation for the two fast forms, and the latency objective at --target-latency 0.7."""
-    large = name == "resnet56_cifar10"
+    ablation for the two fast forms, and the latency objective at --target-latency 0.7. EfficientNet-Lite0
+    (5-10 min a run): params 0.5, the loss through the activation only, no refinement row."""
+    large = name in ("resnet56_cifar10", "efficientnet_lite0_imagenet")
+    huge = name == "efficientnet_lite0_imagenet"
     runs = []
     for target in TARGETS or ((0.5,) if large else (0.5, 0.3)):
         group = f"params {target}"
@@ -178,15 +181,16 @@ def lowrank_suite(name: str) -> list[dict]:
                    ("L+S row S merged", {"method": "lowrank-sparse", "sparse_structure": "rows",
                                          "objective": "size"}, True)]
         for label, config, with_linear in methods:
-            for loss in ("activation", "linear") if with_linear else ("activation",):
+            for loss in ("activation", "linear") if with_linear and not huge else ("activation",):
                 runs.append({"label": f"{label}, {loss} loss", "group": group,
                              "config": {**base, **config, "loss": loss}})
-        runs.append({"label": "L+S row S merged, activation loss + block refine", "group": group,
-                     "config": {**base, "method": "lowrank-sparse", "sparse_structure": "rows", "objective": "size",
-                                **REFINE}})
+        if not huge:
+            runs.append({"label": "L+S row S merged, activation loss + block refine", "group": group,
+                         "config": {**base, "method": "lowrank-sparse", "sparse_structure": "rows",
+                                    "objective": "size", **REFINE}})
         runs.append({"label": "truncated SVD, no data", "group": group,
                      "config": {**base, "method": "lowrank", "objective": "size", "solver": "magnitude"}})
-    if large and not TARGETS:
+    if large and not huge and not TARGETS:
         for method in ("lowrank", "lowrank-sparse"):
             runs.append({"label": f"{method}, latency objective", "group": "latency 0.7",
                          "config": {"method": method, "target_latency": 0.7}})

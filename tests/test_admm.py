@@ -114,3 +114,55 @@ def test_through_activation_loss_cares_only_about_what_relu_passes():
     linear = solve_layer(prob, Structure("unstructured", 0.85), "linear", "admm")
     after_relu_of_linear = prob.relative_error(linear.weight, linear.bias, "activation")
     assert sol.error_final <= after_relu_of_linear
+
+
+def _gemm_problem(samples: int, d: int, upstream, seed: int, rows: int = 8) -> tuple[LayerProblem, callable]:
+    """A Gemm layer (one patch per sample, ids 0..samples−1) whose compressed-model inputs are
+    ``upstream(x, gen)``; also returns a maker of fresh problems from the same distribution."""
+    gen = torch.Generator().manual_seed(seed)
+    w0 = torch.randn(1, rows, d, generator=gen) / d ** 0.5
+    b0 = torch.randn(rows, generator=gen) * 0.1
+
+    def make(count: int, gen: torch.Generator) -> LayerProblem:
+        x = torch.relu(torch.randn(count, 1, d, generator=gen) + 0.3)
+        y = torch.einsum("pgd,grd->pgr", x, w0).reshape(count, -1) + b0
+        return LayerProblem(x_hat=upstream(x, gen), y_ref=y, w0=w0, b0=b0, activation=None,
+                            sample_ids=torch.arange(count))
+
+    return make(samples, gen), lambda: make(4000, torch.Generator().manual_seed(seed + 100))
+
+
+def test_dense_refit_with_fewer_samples_than_inputs_does_not_fit_the_noise():
+    """200 samples for 400 inputs, upstream noise that carries no signal: the plain least squares
+    interpolates the noise and is worse than the original weights on fresh samples; the held-out
+    choice of the shrinkage (λ = ∞ allowed) is not."""
+    from onnxadmm.algorithms.admm import refit_on_support
+
+    prob, fresh = _gemm_problem(200, 400, lambda x, gen: x + 0.3 * torch.randn(x.shape, generator=gen), seed=3)
+    stats = moments(prob)
+    plain = masked_refit(stats, prob.w0, torch.ones_like(prob.w0, dtype=torch.bool))
+    guarded_w, guarded_b = refit_on_support(prob, "linear", AdmmSettings())
+    test = fresh()
+    original = test.relative_error(prob.w0, prob.b0, "linear")
+    assert test.relative_error(plain, bias_for(stats, plain), "linear") > 1.2 * original
+    assert test.relative_error(guarded_w, guarded_b, "linear") <= 1.01 * original
+
+
+def test_dense_refit_still_compensates_a_systematic_upstream_change():
+    """Upstream channels halved (a signal, not noise): the held-out choice keeps the compensation,
+    W ≈ 2·W₀, and the error on fresh samples falls far below the original weights'."""
+    from onnxadmm.algorithms.admm import refit_on_support
+
+    prob, fresh = _gemm_problem(2000, 40, lambda x, gen: 0.5 * x, seed=4)
+    w, b = refit_on_support(prob, "activation", AdmmSettings())
+    test = fresh()
+    assert test.relative_error(w, b, "linear") < 0.01 * test.relative_error(prob.w0, prob.b0, "linear")
+
+
+def test_held_out_patches_are_every_tenth_sample_and_need_enough_samples():
+    prob, _ = _gemm_problem(200, 10, lambda x, gen: x, seed=5)
+    held = prob.held_out()
+    assert held.sum() == 20 and bool((prob.sample_ids[held] % 10 == 9).all())
+    few, _ = _gemm_problem(50, 10, lambda x, gen: x, seed=5)
+    assert few.held_out() is None  # 5 held-out samples: too few to choose on
+    assert LayerProblem(x_hat=prob.x_hat, y_ref=prob.y_ref, w0=prob.w0, b0=prob.b0).held_out() is None

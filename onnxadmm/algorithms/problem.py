@@ -15,6 +15,8 @@ from typing import Callable
 import torch
 
 Activation = Callable[[torch.Tensor, tuple], torch.Tensor]
+HOLD_OUT_EVERY = 10  # held-out patches: those of every 10th calibration sample
+MIN_HELD_OUT_SAMPLES = 8  # fewer held-out samples than this: no held-out check
 
 
 @dataclass
@@ -27,7 +29,26 @@ class LayerProblem:
     side_ref: tuple[torch.Tensor, ...] = ()  # (P, Cout) each, original model
     activation: Activation | None = None  # None = identity
     fit_bias: bool = True
+    sample_ids: torch.Tensor | None = None  # (P,) the calibration sample each patch comes from
     _target: torch.Tensor | None = field(default=None, repr=False)
+
+    def held_out(self, every: int = HOLD_OUT_EVERY) -> torch.Tensor | None:
+        """(P,) mask of the patches from every ``every``-th calibration sample (id ≡ every−1 mod every);
+        None without sample ids or when fewer than ``MIN_HELD_OUT_SAMPLES`` samples would be held out."""
+        if self.sample_ids is None:
+            return None
+        held = self.sample_ids % every == every - 1
+        if int(torch.unique(self.sample_ids[held]).numel()) < MIN_HELD_OUT_SAMPLES or bool(held.all()):
+            return None
+        return held
+
+    def subset(self, rows: torch.Tensor) -> "LayerProblem":
+        """The same problem on the patches ``rows`` (a mask or indices)."""
+        return LayerProblem(
+            x_hat=self.x_hat[rows], y_ref=self.y_ref[rows], w0=self.w0, b0=self.b0,
+            side_hat=tuple(s[rows] for s in self.side_hat), side_ref=tuple(s[rows] for s in self.side_ref),
+            activation=self.activation, fit_bias=self.fit_bias,
+            sample_ids=None if self.sample_ids is None else self.sample_ids[rows])
 
     @property
     def groups(self) -> int:

@@ -39,25 +39,66 @@ class Moments:
         return float(torch.diagonal(self.sigma, dim1=-2, dim2=-1).sum() / (self.sigma.shape[0] * d)) or 1.0
 
 
-def moments(problem: LayerProblem, damping: float = 1e-6) -> Moments:
-    """Centered (or, without a free bias, uncentered) moments of x̂ and y over the sampled patches."""
+@dataclass
+class _Sums:
+    """Raw sums over a set of patches (float64): n, Σx (G,d), Σy (Cout), Σxxᵀ (G,d,d), Σyxᵀ (G,R,d), Σ‖y‖²."""
+
+    count: int
+    x: torch.Tensor
+    y: torch.Tensor
+    xx: torch.Tensor
+    yx: torch.Tensor
+    yy: float
+
+    def __sub__(self, other: "_Sums") -> "_Sums":
+        return _Sums(self.count - other.count, self.x - other.x, self.y - other.y, self.xx - other.xx,
+                     self.yx - other.yx, self.yy - other.yy)
+
+
+def _sums(problem: LayerProblem) -> _Sums:
     x = problem.x_hat.double().transpose(0, 1)  # (G, P, d)
     y = problem.y_ref.double()
-    g, count, d = x.shape
-    r = y.shape[1] // g
-    if problem.fit_bias:
-        mean_x, mean_y = x.mean(dim=1), y.mean(dim=0)
+    g, count, _ = x.shape
+    y_groups = y.reshape(count, g, -1).transpose(0, 1)  # (G, P, R)
+    return _Sums(count, x.sum(dim=1), y.sum(dim=0), torch.bmm(x.transpose(1, 2), x),
+                 torch.bmm(y_groups.transpose(1, 2), x), float(y.pow(2).sum()))
+
+
+def _moments(sums: _Sums, fit_bias: bool, damping: float) -> Moments:
+    count, (g, d) = max(sums.count, 1), sums.x.shape
+    if fit_bias:
+        mean_x, mean_y = sums.x / count, sums.y / count
     else:
-        mean_x, mean_y = torch.zeros(g, d, dtype=x.dtype), torch.zeros(y.shape[1], dtype=x.dtype)
-    sigma = torch.bmm(x.transpose(1, 2), x) / count - mean_x[:, :, None] * mean_x[:, None, :]
-    y_groups = y.reshape(count, g, r).transpose(0, 1)  # (G, P, R)
-    cross = torch.bmm(y_groups.transpose(1, 2), x) / count - \
-        mean_y.reshape(g, r)[:, :, None] * mean_x[:, None, :]
+        mean_x, mean_y = torch.zeros_like(sums.x), torch.zeros_like(sums.y)
+    sigma = sums.xx / count - mean_x[:, :, None] * mean_x[:, None, :]
+    cross = sums.yx / count - mean_y.reshape(g, -1)[:, :, None] * mean_x[:, None, :]
     scale = torch.diagonal(sigma, dim1=-2, dim2=-1).mean(dim=-1).clamp_min(1e-12)
-    sigma = sigma + damping * scale[:, None, None] * torch.eye(d, dtype=x.dtype)
-    var_y = float((y - mean_y).pow(2).sum()) / count
-    energy_y = float(y.pow(2).sum()) / count or 1.0
-    return Moments(sigma=sigma, cross=cross, mean_x=mean_x, mean_y=mean_y, var_y=var_y, energy_y=energy_y)
+    sigma = sigma + damping * scale[:, None, None] * torch.eye(d, dtype=sigma.dtype)
+    energy_y = sums.yy / count
+    var_y = max(energy_y - float(mean_y.pow(2).sum()), 0.0)
+    return Moments(sigma=sigma, cross=cross, mean_x=mean_x, mean_y=mean_y, var_y=var_y, energy_y=energy_y or 1.0)
+
+
+def moments(problem: LayerProblem, damping: float = 1e-6) -> Moments:
+    """Centered (or, without a free bias, uncentered) moments of x̂ and y over the sampled patches."""
+    return _moments(_sums(problem), problem.fit_bias, damping)
+
+
+def split_moments(problem: LayerProblem, held: torch.Tensor, damping: float = 1e-6) -> tuple[Moments, Moments]:
+    """Moments of the patches outside ``held`` and of all patches, from one pass over the data
+    (the held-out sums are subtracted from the full sums)."""
+    total = _sums(problem)
+    fit = total - _sums(problem.subset(held))
+    return _moments(fit, problem.fit_bias, damping), _moments(total, problem.fit_bias, damping)
+
+
+def ridge(stats: Moments, strength: float, anchor: torch.Tensor) -> Moments:
+    """The moments of   min E‖y − Wx − b‖² + λ‖W − A‖²,  λ = ``strength`` × the mean eigenvalue of Σ:
+    Σ → Σ + λI and C → C + λA, so the least squares on them shrinks toward the anchor A (λ → ∞ gives A)."""
+    lam = strength * stats.mean_eigenvalue
+    eye = torch.eye(stats.sigma.shape[-1], dtype=stats.sigma.dtype)
+    return Moments(sigma=stats.sigma + lam * eye, cross=stats.cross + lam * anchor.double(), mean_x=stats.mean_x,
+                   mean_y=stats.mean_y, var_y=stats.var_y, energy_y=stats.energy_y)
 
 
 def bias_for(stats: Moments, w: torch.Tensor) -> torch.Tensor:

@@ -45,16 +45,19 @@ def sample_problem(stream: ActivationStream, layer: Layer, layer_index: int, w0:
     sides = list(layer.chain.side_inputs) if layer.chain else []
     budget = patch_budget(layer, len(sides), settings)
     w0_t, b0_t = torch.from_numpy(np.array(w0, np.float32)), torch.from_numpy(np.array(b0, np.float32))
-    parts = {"x_hat": [], "y": [], "side_hat": [[] for _ in sides], "side_ref": [[] for _ in sides]}
+    parts = {"x_hat": [], "y": [], "ids": [], "side_hat": [[] for _ in sides], "side_ref": [[] for _ in sides]}
+    first_sample = 0  # global index of the batch's first calibration sample
     for batch in range(stream.num_batches):
         x_ref = torch.from_numpy(np.array(stream.get(ORIGINAL, layer.input_name, batch), dtype=np.float32))
         x_hat = torch.from_numpy(np.array(stream.get(COMPRESSED, layer.input_name, batch), dtype=np.float32))
         rng = np.random.default_rng([settings.seed, layer_index, batch])
         quota = math.ceil(budget * _samples_in(layer, x_ref) / total_samples)
         if layer.op_type == "Conv":
-            p_ref, p_hat, gather = _conv_positions(layer, x_ref, x_hat, rng, quota)
+            p_ref, p_hat, gather, ids = _conv_positions(layer, x_ref, x_hat, rng, quota)
         else:
-            p_ref, p_hat, gather = _row_positions(layer, x_ref, x_hat, rng, quota)
+            p_ref, p_hat, gather, ids = _row_positions(layer, x_ref, x_hat, rng, quota)
+        parts["ids"].append(ids + first_sample)
+        first_sample += _samples_in(layer, x_ref)
         y = torch.bmm(p_ref.transpose(0, 1), w0_t.transpose(1, 2)).transpose(0, 1).reshape(len(p_ref), -1) + b0_t
         side_ref_full = [np.asarray(stream.get(ORIGINAL, s, batch), dtype=np.float32) for s in sides]
         for k, name in enumerate(sides):
@@ -72,7 +75,7 @@ def sample_problem(stream: ActivationStream, layer: Layer, layer_index: int, w0:
         x_hat=torch.cat(parts["x_hat"]), y_ref=torch.cat(parts["y"]), w0=w0_t, b0=b0_t,
         side_hat=tuple(torch.cat(p) for p in parts["side_hat"]),
         side_ref=tuple(torch.cat(p) for p in parts["side_ref"]),
-        activation=activation, fit_bias=fit_bias)
+        activation=activation, fit_bias=fit_bias, sample_ids=torch.cat(parts["ids"]))
 
 
 def _samples_in(layer: Layer, x: torch.Tensor) -> int:
@@ -107,7 +110,7 @@ def _conv_positions(layer: Layer, x_ref: torch.Tensor, x_hat: torch.Tensor, rng,
                                 f"(the output of layer {layer.name!r})")
         return full[sample, :, oy, ox]
 
-    return p_ref, p_hat, gather
+    return p_ref, p_hat, gather, sample
 
 
 def _row_positions(layer: Layer, x_ref: torch.Tensor, x_hat: torch.Tensor, rng, quota: int):
@@ -126,7 +129,8 @@ def _row_positions(layer: Layer, x_ref: torch.Tensor, x_hat: torch.Tensor, rng, 
                                 f"layer {layer.name!r}")
         return full.reshape(-1, layer.out_features)[picked]
 
-    return rows_ref[picked][:, None, :], rows_hat[picked][:, None, :], gather
+    per_sample = max(1, expected_rows // _samples_in(layer, x_ref))
+    return rows_ref[picked][:, None, :], rows_hat[picked][:, None, :], gather, picked // per_sample
 
 
 __all__ = ["SampleSettings", "SamplingError", "sample_problem", "patch_budget", "BridgeError"]
