@@ -153,6 +153,14 @@ def test_sampled_problem_matches_the_real_layer_output(builder):
         # verify_layer inside sample_problem compared with onnx2torch; here: sizes and determinism
         assert problem.x_hat.shape[1:] == (layer.groups, layer.in_features)
         assert 0 < problem.num_patches <= 100 + stream.num_batches
+        ids = problem.sample_ids.numpy()  # the calibration sample of each patch (held-out refit choice)
+        assert ids.shape == (problem.num_patches,) and np.all(np.diff(ids) >= 0)
+        assert ids.min() >= 0 and ids.max() < samples.num_samples and len(np.unique(ids)) > 1
+        if index == 0:  # the model input: each patch's values come from its own sample
+            inputs = next(iter(samples_for(model, 6).values()))
+            for patch, sample in zip(problem.x_hat.numpy(), ids):
+                values = patch.reshape(-1)
+                assert np.isin(values[values != 0], inputs[sample]).all()
         again = sample_problem(stream, layer, index, w0, layer.canonical_bias(view), None, True,
                                SampleSettings(max_patches=100, seed=0), samples.num_samples, verify=False)
         assert np.array_equal(problem.x_hat.numpy(), again.x_hat.numpy())

@@ -256,10 +256,11 @@ def refit_on_support(problem: LayerProblem, loss: str, settings: AdmmSettings, m
     compression changed). Least squares on the support shrunk toward A = W₀·mask:
         (Σ + λI) w_S = c_S + λ a_S,   b = μ_y − W μ_x,
     then — for the activation loss — masked descent through σ. λ is chosen on held-out calibration samples
-    (``LayerProblem.held_out``) among ``RIDGE_STRENGTHS`` and λ = ∞ (keep A), and the descent is run
-    (on all samples) only if, run on the others, it lowers the held-out error: with few samples per input (a classifier on 1280 features fed by 500
-    images) the plain least squares fits the calibration noise. Without held-out samples: λ = 0, and the
-    better of A and the least squares on the calibration error starts the descent."""
+    (``LayerProblem.held_out``) among ``RIDGE_STRENGTHS`` and λ = ∞ (keep A), and the descent is run (on
+    all samples) only if, run on the others, it lowers the held-out error: with few samples per input (a
+    classifier on 1280 features fed by 500 images) the plain least squares fits the calibration noise.
+    Without held-out samples: λ = 0, and the better of A and the least squares on the calibration error
+    starts the descent."""
     support = torch.ones_like(problem.w0, dtype=torch.bool) if mask is None else mask.bool()
     start = problem.w0 * support
     held = problem.held_out()
