@@ -29,6 +29,20 @@ RESULTS = ROOT / "docs" / "bench"
 MODELS = ["lenet5_mnist", "resnet20_cifar10", "resnet56_cifar10", "efficientnet_lite0_imagenet"]
 
 
+def _commit() -> str:
+    """The checkout's short commit (+ "dirty" with uncommitted changes): which code measured a row."""
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True,
+                                  check=True).stdout.strip()
+        return git("rev-parse", "--short", "HEAD") + (" dirty" if git("status", "--porcelain", "onnxadmm") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+COMMIT = _commit()
+
+
 # -- data: the test-bed's standard splits ----------------------------------------------------------
 def preprocess(name: str, images: np.ndarray) -> np.ndarray:
     spec = json.loads((TESTBED / "manifest.json").read_text())[name]["preprocess"]
@@ -253,6 +267,7 @@ def run_model(suite: str, name: str, only: str | None) -> dict:
                         for l in v["latency"] + [o.as_dict() for o in one_thread]],
             "compress_s": report["timing"]["compress_s"], "wall_s": wall, "peak_rss_mb": rss.mb,
             "same_levels_as_admm": same_levels, "declined": len(report["declined"]),
+            "measured": f"{time.strftime('%Y-%m-%d')} {COMMIT}",
         })
         print(f"[{name}] {spec['label']:<28} {spec['group']:<14} top1 {100 * v['accuracy_compressed']:.2f} "
               f"drop {v['accuracy_drop_pt']:.2f} agree {v['agreement']:.4f} t {report['timing']['compress_s']:.0f}s "
@@ -277,17 +292,20 @@ def render() -> str:
         lines.append(f"## {data['suite']}: {data['model']}")
         lines.append("")
         top1 = next((r["top1_original"] for r in data["rows"] if "top1_original" in r), float("nan"))
-        lines.append(f"Split: {data['split']}. Original top-1: {100 * top1:.2f} %. Date {data['date']}.")
+        lines.append(f"Split: {data['split']}. Original top-1: {100 * top1:.2f} %. Date {data['date']}. "
+                     "Rows without a commit in the last column come from earlier runs (partial reruns with "
+                     "`--only` replace only their own rows).")
         lines.append("")
         settings = sorted({(l["batch"], l["threads"]) for r in data["rows"] for l in r.get("latency", [])},
                           key=lambda bt: (-bt[1], bt[0]))
         lines.append("| configuration | level | nonzero ↓× | params × | MACs × | top-1 % | drop pt | agreement | "
                      "zip MB (orig) | " + " | ".join(f"latency × b{b} t{t}" for b, t in settings) +
-                     " | compress s | peak RSS MB |")
-        lines.append("|---" * (11 + len(settings)) + "|")
+                     " | compress s | peak RSS MB | measured |")
+        lines.append("|---" * (12 + len(settings)) + "|")
         for r in data["rows"]:
             if "error" in r:
-                lines.append(f"| {r['label']} | {r['group']} | not met: {r['error']} |" + " |" * (9 + len(settings)))
+                lines.append(f"| {r['label']} | {r['group']} | not met: {r['error']} |" + " |" * (9 + len(settings))
+                             + f" {r.get('measured', '')} |")
                 continue
             lat = {(l["batch"], l["threads"]): f"{l['ratio']:.2f} [{l['p10']:.2f}–{l['p90']:.2f}]"
                    for l in r["latency"]}
@@ -296,7 +314,7 @@ def render() -> str:
                 f"{r['macs_ratio']:.2f} | {100 * r['top1']:.2f} | {r['drop_pt']:.2f} | {r['agreement']:.4f} | "
                 f"{r['size_zip'] / 1e6:.2f} ({r['size_zip_original'] / 1e6:.2f}) | " +
                 " | ".join(lat.get(bt, "—") for bt in settings) +
-                f" | {r['compress_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+                f" | {r['compress_s']:.1f} | {r['peak_rss_mb']:.0f} | {r.get('measured', '')} |")
         lines.append("")
         lines.append(f"Command: `{data['command']}`")
         lines.append("")
