@@ -84,8 +84,9 @@ class CompressConfig:
         default=0.5, metadata=_opt("lowrank-sparse: fraction of each layer's parameters given to S")
     )
     objective: str = field(
-        default="latency", metadata=_opt("lowrank methods: latency (only forms measured faster than the dense "
-                                         "layer) or size (any form with fewer parameters)", OBJECTIVES)
+        default="latency", metadata=_opt("lowrank methods and --method grouped: latency (only forms measured "
+                                         "faster than the dense layers) or size (any form with fewer parameters)",
+                                         OBJECTIVES)
     )
     max_macs: float | None = field(
         default=None, metadata=_opt("channel methods with --max-accuracy-drop / --min-agreement: when the gate "

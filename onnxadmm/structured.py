@@ -36,6 +36,7 @@ class ChannelResult:
     groups: list[ChannelGroup]
     kept: dict[str, np.ndarray]
     pairs: list = field(default_factory=list)  # --method grouped: the block-diagonal conv pairs
+    pair_latency_ratios: dict[str, float] = field(default_factory=dict)  # group -> grouped/dense time, measured
 
     def report(self) -> dict:
         rows = []
@@ -53,7 +54,8 @@ class ChannelResult:
                 "latency_ms_original": self.plan.latency_ms_original,
                 "latency_ms_planned": self.plan.latency_ms_planned, "groups": rows,
                 "block_diagonal": [{"group": p.group.name, "consumer": p.group.consumers[0].layer,
-                                    "blocks": p.blocks}
+                                    "blocks": p.blocks,
+                                    "measured_latency_ratio": self.pair_latency_ratios.get(p.group.name)}
                                    for p in self.pairs]}
 
 
@@ -193,11 +195,37 @@ def grouped_pairs(view: GraphView, groups: list[ChannelGroup], by_node: dict[int
     return chosen, skipped
 
 
+def faster_pairs(view: GraphView, chosen: list[tuple[ChannelGroup, Layer, Layer]], input_shapes: dict[int, tuple],
+                 blocks: int, threads: int) -> tuple[list, list[tuple[ChannelGroup, str]], dict[str, float]]:
+    """The pairs whose grouped form is faster: P and Q, each timed alone in onnxruntime (batch 1) against its
+    grouped form, kept when Σ t_n·r_n < Σ t_n over the two convs (grouped convs of few channels per block
+    can be slower than dense ones here). Returns (kept, skipped with the reason, group -> measured ratio)."""
+    from .plan.latency import LatencyTable
+
+    table = LatencyTable(threads)
+    kept, skipped, ratios = [], [], {}
+    for group, p, q in chosen:
+        dense_ms = grouped_ms = 0.0
+        for layer in (p, q):
+            ms, ratio = table.grouped_ratio(view.nodes[layer.node_index], (1, *input_shapes[layer.node_index][1:]),
+                                            view.constant(layer.weight_name), blocks)
+            dense_ms, grouped_ms = dense_ms + ms, grouped_ms + ms * ratio
+        ratios[group.name] = grouped_ms / dense_ms
+        if ratios[group.name] < 1.0:
+            kept.append((group, p, q))
+        else:
+            skipped.append((group, f"its grouped convs measured {ratios[group.name]:.2f}x the dense pair's time "
+                                   "here (--objective size keeps it)"))
+    table.save()
+    return kept, skipped, ratios
+
+
 def compress_grouped(view: GraphView, model: onnx.ModelProto, all_layers: list[Layer], layers: list[Layer],
                      samples: SampleSet, config: CompressConfig, progress: Progress) -> ChannelResult:
     """``--method grouped``: every eligible Conv pair around a channel group becomes two grouped Convs of
-    ``config.conv_groups`` blocks. The channel-to-block assignment maximizes the data-weighted weight energy
-    both convs keep; then P and Q (and every other layer) are refit on their supports, in order."""
+    ``config.conv_groups`` blocks (under ``--objective latency``, only the pairs measured faster that way).
+    The channel-to-block assignment maximizes the data-weighted weight energy both convs keep; then P and Q
+    (and every other layer) are refit on their supports, in order."""
     from .calib.readers import evenly_spaced
     from .export.grouped import BlockPair, consumer_mask, producer_mask, to_grouped
     from .plan.sensitivity import input_second_moments
@@ -206,6 +234,13 @@ def compress_grouped(view: GraphView, model: onnx.ModelProto, all_layers: list[L
     groups = channel_groups(view, all_layers, layers)
     by_node = {l.node_index: l for l in layers}
     chosen, skipped = grouped_pairs(view, [g for g in groups if not g.declined], by_node, config.conv_groups)
+    costs = node_macs(view.model, {name: array[:1] for name, array in samples.arrays.items()}, config.threads)
+    ratios = {}
+    if config.objective == "latency" and chosen:
+        progress("plan", 0, 1, f"timing {len(chosen)} conv pairs dense vs grouped")
+        chosen, slower, ratios = faster_pairs(view, chosen, {i: c.input_shape for i, c in costs.items()},
+                                              config.conv_groups, config.threads)
+        skipped += slower
     for group, reason in skipped:
         group.declined = f"not made block-diagonal: {reason}"
     progress("plan", 0, 1, f"{len(chosen)} conv pairs to make block-diagonal")
@@ -236,9 +271,8 @@ def compress_grouped(view: GraphView, model: onnx.ModelProto, all_layers: list[L
     pairs = [pair for pair, (_, p, q) in zip(pairs, chosen) if p.name not in failed and q.name not in failed]
     masked, solved.refined = refine(view, apply_initializers(model, solved.initializers), samples, config,
                                     progress)
-    costs = node_macs(view.model, {name: array[:1] for name, array in samples.arrays.items()}, config.threads)
     macs = sum(c.dense for c in costs.values())
     saved = sum(costs[i].dense for pair in pairs for i in (pair.producer, pair.consumer)) * (1 - 1 / config.conv_groups)
     plan = ChannelPlan(keep={}, masks={}, macs_original=macs, macs_planned=int(round(macs - saved)),
                        strategy=f"{config.conv_groups} blocks")
-    return ChannelResult(to_grouped(masked, pairs), plan, solved, groups, {}, pairs)
+    return ChannelResult(to_grouped(masked, pairs), plan, solved, groups, {}, pairs, ratios)

@@ -537,7 +537,8 @@ def test_grouped_export_computes_what_the_block_masked_graph_computes():
 
 def test_grouped_method_cuts_the_pairs_macs_by_the_block_count():
     model = pair_model()
-    config = CompressConfig(method="grouped", conv_groups=2, sensitivity_samples=8, admm_iterations=5)
+    config = CompressConfig(method="grouped", conv_groups=2, sensitivity_samples=8, admm_iterations=5,
+                            objective="size")
     result = compress(model, samples_for(model, 32), config, ValidateConfig(latency_rounds=2))
     assert len(result.report["plan"]["block_diagonal"]) == 1
     fp = result.report["validation"]["footprint"]
@@ -546,6 +547,36 @@ def test_grouped_method_cuts_the_pairs_macs_by_the_block_count():
     assert run(result.model, feed)[0].shape == run(model, feed)[0].shape
     assert result.report["validation"]["outputs"][0]["cosine"] > 0.5
 
+
+def test_grouped_method_under_the_latency_objective_keeps_only_pairs_measured_faster(tmp_path, monkeypatch):
+    from onnxadmm.plan.latency import LatencyTable
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    from onnxadmm.structured import grouped_pairs
+    from onnxadmm.validation.footprint import node_macs
+
+    model = pair_model()
+    normalized, view, layers, groups = analysed(model)
+    [(group, p, q)] = grouped_pairs(view, groups, {l.node_index: l for l in layers}, 2)[0]
+    config = CompressConfig(method="grouped", conv_groups=2, sensitivity_samples=8, admm_iterations=5,
+                            objective="latency")
+    result = compress(model, samples_for(model, 32), config, ValidateConfig(latency_rounds=2))
+    # the pair's time as grouped convs, from the same per-shape table the method used (cached on disk)
+    table = LatencyTable(config.threads)
+    costs = node_macs(normalized, samples_for(model, 1), config.threads)
+    timed = [table.grouped_ratio(view.nodes[l.node_index], costs[l.node_index].input_shape,
+                                 view.constant(l.weight_name), 2) for l in (p, q)]
+    expected = sum(ms * r for ms, r in timed) / sum(ms for ms, _ in timed)
+    pairs = result.report["plan"]["block_diagonal"]
+    grouped_convs = [n for n in result.model.graph.node if n.op_type == "Conv"
+                     and any(a.name == "group" and a.i == 2 for a in n.attribute)]
+    if expected < 1.0:
+        assert len(pairs) == 1 and pairs[0]["measured_latency_ratio"] == pytest.approx(expected)
+        assert len(grouped_convs) == 2
+    else:
+        assert pairs == [] and grouped_convs == []
+        reason = next(g["declined"] for g in result.report["plan"]["groups"] if g["name"] == group.name)
+        assert f"{expected:.2f}x the dense pair's time" in reason
 
 class _BilinearCost:
     """Two groups that share one big node (cost 100 · f_stream · f_inner) plus a node of their own each."""

@@ -187,7 +187,7 @@ def test_excluded_layers_are_not_trained():
 def test_block_diagonal_pairs_stay_grouped_after_refinement():
     model = residual_net(6)
     calib = samples_for(model, 200)
-    result = compress(model, calib, CompressConfig(method="grouped", conv_groups=2, admm_iterations=10,
+    result = compress(model, calib, CompressConfig(method="grouped", conv_groups=2, admm_iterations=10, objective="size",
                                                    refine_epochs=5))
     assert result.report["refined_blocks"] and result.report["plan"]["block_diagonal"]
     groups = [a.i for n in result.model.graph.node if n.op_type == "Conv" for a in n.attribute if a.name == "group"]

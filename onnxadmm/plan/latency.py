@@ -82,6 +82,18 @@ class LatencyTable:
 
         return self._cached(("pair", *_node_key(node), tuple(input_shape), weight.shape, inner, self.threads), run)
 
+    def grouped_ratio(self, node: onnx.NodeProto, input_shape: tuple[int, ...], weight: np.ndarray,
+                      blocks: int) -> tuple[float, float]:
+        """(dense ms, grouped/dense ratio) of Conv ``node`` alone against the same conv with ``blocks``
+        groups (weight Cout × Cin/G × kh × kw: the exported form of ``export/grouped.py``)."""
+        def run():
+            x = np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)
+            return measure(_one_node(node, input_shape, weight, {}),
+                           _one_node(node, input_shape, weight, {}, group=blocks), {"x": x}, ROUNDS, self.threads)
+
+        return self._cached(("grouped", *_node_key(node), tuple(input_shape), weight.shape, blocks, self.threads),
+                            run)
+
     def _cached(self, parts: tuple, run) -> tuple[float, float]:
         """(A ms, B/A ratio) for the measurement named by ``parts``; ``run()`` measures it when not cached."""
         key = hashlib.sha256(repr(parts).encode()).hexdigest()
@@ -121,9 +133,9 @@ def _narrowed_input(node: onnx.NodeProto, input_shape, narrowed: dict[str, int])
 
 
 def _one_node(node: onnx.NodeProto, input_shape: tuple[int, ...], weight: np.ndarray,
-              narrowed: dict[str, int]) -> onnx.ModelProto:
+              narrowed: dict[str, int], group: int | None = None) -> onnx.ModelProto:
     """``node`` alone on an input of ``input_shape``, its weight cut to the narrowed sizes (values random:
-    dense kernels do not care)."""
+    dense kernels do not care); ``group`` makes a plain Conv a grouped one (Cin/group weight columns)."""
     shape = list(_narrowed_input(node, input_shape, narrowed))
     w_shape = list(weight.shape)
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -134,6 +146,9 @@ def _one_node(node: onnx.NodeProto, input_shape: tuple[int, ...], weight: np.nda
             attrs["group"] = narrowed["out"]
     if "in" in narrowed:
         w_shape[in_axis] = narrowed["in"]
+    if group is not None:
+        attrs["group"] = group
+        w_shape[1] //= group
     rng = np.random.default_rng(1)
     inputs = ["x", "w"]
     inits = [numpy_helper.from_array((rng.standard_normal(w_shape) * 0.05).astype(np.float32), "w")]
