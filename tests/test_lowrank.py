@@ -110,6 +110,21 @@ def test_admm_through_activation_beats_plain_svd_and_factors_reproduce_the_weigh
         assert int((factors.sparse != 0).sum()) <= spec.sparse_count
 
 
+def test_s_alone_through_lowrank_sparse_solves_as_well_as_the_sparse_method():
+    """Rank 0 + unstructured S (the planner's "S alone" option) is the sparse method's problem; on a ReLU
+    layer with negative biases it must not be stuck at W = 0 (dead outputs) but reach the same error."""
+    from onnxadmm.algorithms.solve import Structure, solve_layer
+
+    problem = _problem()
+    settings = AdmmSettings(iterations=15)
+    keep = problem.w0.numel() // 2
+    sparse = solve_layer(problem, Structure("unstructured", sparsity=0.5), settings=settings)
+    w, bias, factors, _ = solve_factored(problem, RankSpec(0, "unstructured", keep), "activation", "admm", settings)
+    assert factors.rank == 0 and int((w != 0).sum()) <= keep
+    assert problem.relative_error(w, bias, "activation") <= 1.1 * sparse.error_final + 1e-4
+    assert problem.relative_error(w, bias, "activation") < 0.1 * problem.relative_error(0 * w, bias, "activation")
+
+
 def test_full_rank_solve_reproduces_the_layer():
     problem = _problem(rows=8, d=12)
     w, bias, factors, _ = solve_factored(problem, RankSpec(8), "linear", "admm", AdmmSettings())

@@ -7,8 +7,9 @@ Layer objective as elsewhere: f(W, b) = ‖σ(W x̂ + b) − σ(W₀x + b₀)‖
       min_{rank L ≤ r} ‖L x̂ + b − y‖²  ⇔  min ‖L Σ^½ − C Σ^-½‖²  ⇒  L = P_r(C Σ^-½) Σ^-½,
   exact for the linear loss (reduced-rank regression; with x̂ = x, C Σ^-½ = W₀ Σ^½: the SVD of W·H^½), and
   its error for every r comes from one SVD: e(r) = (Var y − Σ_{i≤r} s_i²) / E‖y‖².
-* ADMM (``admm.py``) with the Z-step of ``projections/lowrank.py`` — rank r, or L + S — started from
-  the whitened solution; for the activation loss the W-step goes through σ.
+* ADMM (``admm.py``) with the Z-step of ``projections/lowrank.py`` — rank r started from the whitened
+  solution, L + S from W₀ (the whitened solution stays the fallback); for the activation loss the W-step
+  goes through σ.
 * Refit on the factored form: B (the row space of L) is kept, and [A | S] with S's support fixed is a
   linear layer on the inputs [B x̂ ; x̂]; it is refit exactly (least squares) and, for the activation
   loss, by masked descent through σ.
@@ -103,13 +104,17 @@ def solve_factored(problem: LayerProblem, spec: RankSpec, loss: str, solver: str
         z = start  # the whitened solution is exact for the linear loss
     else:
         project = Rank(spec.rank) if spec.sparse_structure is None else LowRankSparse(spec.rank, _sparse(spec))
+        # With an S part ADMM starts from W₀ (its first Z-step is the SVD initialization L = P_r(W₀),
+        # S = P_S(W₀ − L)): from the whitened L alone, S starts at 0 and, for S alone (r = 0), W = 0 puts
+        # every ReLU output with b₀ < 0 where the gradient is zero — the descent never leaves it.
+        admm_start = start if spec.sparse_structure is None else w0
         if loss == "linear":
-            z, trace = admm_linear(stats, start, project, settings)
+            z, trace = admm_linear(stats, admm_start, project, settings)
         else:
-            z, _, trace, _ = admm_activation(problem, start, b0, project, settings)
+            z, _, trace, _ = admm_activation(problem, admm_start, b0, project, settings)
         history = trace.as_dict()
     result = _from_z(problem, z, spec, loss, settings)
-    if z is not start and loss == "activation":  # never worse than the closed form, refit the same way
+    if z is not start:  # never worse than the whitened closed form, refit the same way
         fallback = _from_z(problem, start, spec, loss, settings)
         if problem.relative_error(fallback[0], fallback[1], loss) < problem.relative_error(result[0], result[1], loss):
             result, history = fallback, {**history, "kept": "whitened start (ADMM ended worse)"}
