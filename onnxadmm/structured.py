@@ -197,9 +197,10 @@ def grouped_pairs(view: GraphView, groups: list[ChannelGroup], by_node: dict[int
 
 def faster_pairs(view: GraphView, chosen: list[tuple[ChannelGroup, Layer, Layer]], input_shapes: dict[int, tuple],
                  blocks: int, threads: int) -> tuple[list, list[tuple[ChannelGroup, str]], dict[str, float]]:
-    """The pairs whose grouped form is faster: P and Q, each timed alone in onnxruntime (batch 1) against its
-    grouped form, kept when Σ t_n·r_n < Σ t_n over the two convs (grouped convs of few channels per block
-    can be slower than dense ones here). Returns (kept, skipped with the reason, group -> measured ratio)."""
+    """The pairs whose grouped form is faster: P and Q, each timed in onnxruntime (batch 1) against its
+    grouped form, in context (``LatencyTable.grouped_ratio``: the layout reorders a grouped conv can cost
+    its neighbours are counted), kept when Σ t_n·r_n < Σ t_n over the two convs. Returns (kept, skipped
+    with the reason, group -> measured ratio)."""
     from .plan.latency import LatencyTable
 
     table = LatencyTable(threads)

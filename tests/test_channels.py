@@ -578,6 +578,45 @@ def test_grouped_method_under_the_latency_objective_keeps_only_pairs_measured_fa
         reason = next(g["declined"] for g in result.report["plan"]["groups"] if g["name"] == group.name)
         assert f"{expected:.2f}x the dense pair's time" in reason
 
+def test_grouped_timing_sandwich_is_the_conv_between_two_dense_1x1_convs():
+    from onnx import helper
+    from onnxadmm.plan.latency import _one_node
+
+    node = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    weight = np.zeros((12, 8, 3, 3), np.float32)
+    model = _one_node(node, (1, 8, 6, 6), weight, {}, group=2, sandwich=True)
+    assert [n.op_type for n in model.graph.node] == ["Conv"] * 3
+    w = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert w["w_before"].shape == (8, 8, 1, 1) and w["w"].shape == (12, 4, 3, 3) and w["w_after"].shape == (12, 12, 1, 1)
+    x = np.random.default_rng(0).standard_normal((1, 8, 6, 6)).astype(np.float32)
+    inner = np.einsum("oc,nchw->nohw", w["w_before"][:, :, 0, 0], x)
+    padded = np.pad(inner, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (3, 3), axis=(2, 3))  # n c h w i j
+    grouped = np.concatenate([np.einsum("nchwij,ocij->nohw", windows[:, 4 * g:4 * g + 4], w["w"][6 * g:6 * g + 6])
+                              for g in range(2)], axis=1)
+    expected = np.einsum("oc,nchw->nohw", w["w_after"][:, :, 0, 0], grouped)
+    assert np.allclose(run(model, {"x": x})[0], expected, atol=1e-4)
+
+
+def test_grouped_ratio_adds_the_in_context_difference_to_the_node_alone():
+    """ratio = (t + Δ) / t: t the dense conv alone, Δ = grouped − dense between its 1×1 neighbours."""
+    from onnx import helper
+    from onnxadmm.plan.latency import LatencyTable, _node_key
+
+    node = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[1, 1])
+    weight, shape = np.zeros((16, 8, 1, 1), np.float32), (1, 8, 4, 4)
+    table = LatencyTable(1, use_disk=False)
+    key = (*_node_key(node), shape, weight.shape, 2, table.threads)
+    table._cached(("grouped", *key), lambda: _Timed(2.0, 0.5))  # alone: grouped looks 2x faster
+    table._cached(("grouped-sandwich", *key), lambda: _Timed(5.0, 1.1))  # in context: 0.5 ms slower
+    assert table.grouped_ratio(node, shape, weight, 2) == (2.0, pytest.approx(1.25))
+
+
+class _Timed:
+    def __init__(self, original_ms_median, ratio_median):
+        self.original_ms_median, self.ratio_median = original_ms_median, ratio_median
+
+
 class _BilinearCost:
     """Two groups that share one big node (cost 100 · f_stream · f_inner) plus a node of their own each."""
 
