@@ -393,3 +393,27 @@ def test_lowrank_sparse_unstructured_chooses_l_where_low_rank_and_s_where_sparse
     from onnxadmm.report.markdown import render
 
     assert f"`{second_name}` kept as a sparse layer (S alone" in render(result.report)
+
+
+def test_logits_damage_is_the_softmax_kl_and_ignores_a_shift_of_every_score():
+    """The planner's damage on a (N, K) output is KL(softmax f₀ ‖ softmax f): zero when every score
+    moves by the same amount (the softmax is unchanged, the squared error is not), and larger when the
+    winning classes change (scores reversed) than when every score shrinks (same winners)."""
+    from onnxadmm.calib.readers import SampleSet
+    from onnxadmm.plan.sensitivity import output_damage
+
+    b = GraphBuilder(3)
+    model = b.model([("input", ["N", 6])], [b.gemm("input", 6, 4, act=None)])
+    view = GraphView(model)
+    layer = find_layers(view).layers[0]
+    w, bias_name = view.constant(layer.weight_name), view.nodes[layer.node_index].input[2]
+    bias = view.constant(bias_name)
+    samples = SampleSet({"input": samples_for(model, 64)["input"]}, "test")
+    probes = {"shift": {bias_name: bias + 5.0},
+              "shrink": {layer.weight_name: 0.7 * w, bias_name: 0.7 * bias},
+              "reverse": {layer.weight_name: -w, bias_name: -bias}}
+    kl = output_damage(view, probes, samples, 16, 1, logits_kl=True)
+    squared = output_damage(view, probes, samples, 16, 1)
+    assert kl["shift"] < 1e-9 < squared["shift"]
+    assert kl["reverse"] > 5 * kl["shrink"] > 0
+    assert squared["shrink"] == pytest.approx(0.09, rel=1e-3)

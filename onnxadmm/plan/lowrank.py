@@ -212,7 +212,7 @@ def _damage_curves(view, layers, samples, config):
     subset = samples.subset(evenly_spaced(samples.num_samples, min(config.sensitivity_samples, samples.num_samples)))
     second = input_second_moments(view, layers, subset, config.batch_size, config.threads)
     removed = output_damage(view, {l.name: {l.weight_name: np.zeros_like(view.constant(l.weight_name))}
-                                   for l in layers}, subset, config.batch_size, config.threads)
+                                   for l in layers}, subset, config.batch_size, config.threads, logits_kl=True)
     curves, measured = {}, {name: {"0": d} for name, d in removed.items()}
     for kind in kinds:
         part, damage = _damage_curves_of(view, layers, subset, second, removed, config, kind)
@@ -252,7 +252,7 @@ def _damage_curves_of(view, layers, subset, second, removed, config, kind: str):
         for p in ranks[layer.name]:
             approx = _probe_weight(w * scale, u, s, vh, p, config, kind) / scale
             probes[(layer.name, p)] = {layer.weight_name: layer.stored(approx[None])}
-    damage = output_damage(view, probes, subset, config.batch_size, config.threads)
+    damage = output_damage(view, probes, subset, config.batch_size, config.threads, logits_kl=True)
     curves, measured = {}, {}
     for layer in layers:
         full = len(energy_curves[layer.name]) - 1

@@ -69,8 +69,14 @@ def prune_by_score(w_canonical: np.ndarray, scores: np.ndarray, sparsity: float)
 
 
 def output_damage(view: GraphView, probes: dict[str, dict[str, np.ndarray]], samples: SampleSet,
-                  batch_size: int, threads: int) -> dict[str, float]:
-    """For each probe (layer name -> {initializer: value}), ‖f − f₀‖² / ‖f₀‖² over the model outputs."""
+                  batch_size: int, threads: int, logits_kl: bool = False) -> dict[str, float]:
+    """For each probe (layer name -> {initializer: value}), ‖f − f₀‖² / ‖f₀‖² over the model outputs.
+
+    ``logits_kl``: an output of shape (N, K ≥ 2) is read as class scores and judged by the mean
+    KL(softmax f₀ ‖ softmax f) instead (the other outputs keep the relative squared error). The squared
+    error over all K scores is dominated by the many classes that never win: EfficientNet-Lite0's
+    classifier kept at rank 162 changes it by 0.30 and top-1 from 88.4 to 76.0 %, at 29 % of its entries
+    by 0.71 and top-1 86.6 % — the KL orders them as top-1 does (0.95 and 0.16)."""
     model = copy.deepcopy(view.model)  # (copy.copy serializes: fails over 2 GB)
     overridable = sorted({init for values in probes.values() for init in values})
     present = {v.name for v in model.graph.input}
@@ -83,14 +89,28 @@ def output_damage(view: GraphView, probes: dict[str, dict[str, np.ndarray]], sam
     sess = session(model, threads)
     outputs = [o.name for o in sess.get_outputs()]
     batches = list(samples.batches(batch_size))
-    reference = [sess.run(outputs, batch) for batch in batches]
-    energy = sum(float(np.sum(np.asarray(r, np.float64) ** 2)) for ref in reference for r in ref) or 1.0
+    reference = [[np.asarray(r, np.float64) for r in sess.run(outputs, batch)] for batch in batches]
+    scores = [logits_kl and r.ndim == 2 and r.shape[1] >= 2 for r in reference[0]]
+    energy = sum(float(np.sum(r ** 2)) for ref in reference for r, kl in zip(ref, scores) if not kl) or 1.0
+    count = sum(len(ref[0]) for ref in reference) if reference else 1
     damage = {}
     for layer_name, values in probes.items():
-        total = 0.0
+        squared = divergence = 0.0
         for batch, ref in zip(batches, reference):
             got = sess.run(outputs, {**batch, **values})
-            total += sum(float(np.sum((np.asarray(g, np.float64) - np.asarray(r, np.float64)) ** 2))
-                         for g, r in zip(got, ref))
-        damage[layer_name] = total / energy
+            for g, r, kl in zip(got, ref, scores):
+                if kl:
+                    divergence += float(np.sum(_kl_rows(r, np.asarray(g, np.float64))))
+                else:
+                    squared += float(np.sum((np.asarray(g, np.float64) - r) ** 2))
+        damage[layer_name] = squared / energy + divergence / count
     return damage
+
+
+def _kl_rows(reference: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """KL(softmax reference ‖ softmax scores) per row."""
+    log_p = reference - reference.max(1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))
+    log_q = scores - scores.max(1, keepdims=True)
+    log_q -= np.log(np.exp(log_q).sum(1, keepdims=True))
+    return (np.exp(log_p) * (log_p - log_q)).sum(1)
