@@ -90,9 +90,9 @@ def output_damage(view: GraphView, probes: dict[str, dict[str, np.ndarray]], sam
     outputs = [o.name for o in sess.get_outputs()]
     batches = list(samples.batches(batch_size))
     reference = [[np.asarray(r, np.float64) for r in sess.run(outputs, batch)] for batch in batches]
-    scores = [logits_kl and r.ndim == 2 and r.shape[1] >= 2 for r in reference[0]]
+    scores = [logits_kl and r.ndim == 2 and r.shape[1] >= 2 for r in (reference[0] if reference else [])]
     energy = sum(float(np.sum(r ** 2)) for ref in reference for r, kl in zip(ref, scores) if not kl) or 1.0
-    count = sum(len(ref[0]) for ref in reference) if reference else 1
+    count = sum(len(ref[0]) for ref in reference) or 1
     damage = {}
     for layer_name, values in probes.items():
         squared = divergence = 0.0
