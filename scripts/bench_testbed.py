@@ -218,6 +218,60 @@ def lowrank_suite(name: str) -> list[dict]:
 SUITES = {"sparse": sparse_suite, "channel": channel_suite, "latency": latency_suite, "lowrank": lowrank_suite}
 
 
+# -- paired comparison: two compressed models on the same evaluation samples --------------------------
+PAIRED = {  # suite -> (row A, row B) label pairs compared per group, where both rows carry correct_bits
+    "lowrank": [("L+S unstructured S, activation loss", "sparse, activation loss"),
+                ("L+S unstructured S, activation loss", "low-rank, activation loss")],
+    "channel": [("channel admm", "l1-norm + LS refit")],
+}
+
+
+def correct_bits(model, evaluation: dict, batch_size: int = 250) -> str:
+    """Which evaluation samples the model classifies right (top-1 of its first output), packed as hex."""
+    from onnxadmm.runtime import session
+
+    sess = session(model, 2)
+    inputs = {k: v for k, v in evaluation.items() if k != "labels"}
+    count = len(evaluation["labels"])
+    top1 = np.concatenate([np.asarray(sess.run(None, {k: v[i:i + batch_size] for k, v in inputs.items()})[0])
+                           .reshape(min(batch_size, count - i), -1).argmax(1) for i in range(0, count, batch_size)])
+    return np.packbits(top1 == evaluation["labels"]).tobytes().hex()
+
+
+def mcnemar(bits_a: str, bits_b: str, count: int) -> tuple[int, int, float]:
+    """(samples only A gets right, only B gets right, exact two-sided McNemar p-value): under H0 (equal
+    accuracy) each discordant sample is A's with probability 1/2, p = min(1, 2·P[Bin(n, ½) ≤ min(a, b)])."""
+    import math
+
+    a = np.unpackbits(np.frombuffer(bytes.fromhex(bits_a), np.uint8))[:count].astype(bool)
+    b = np.unpackbits(np.frombuffer(bytes.fromhex(bits_b), np.uint8))[:count].astype(bool)
+    only_a, only_b = int(np.sum(a & ~b)), int(np.sum(b & ~a))
+    n = only_a + only_b
+    tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1))
+    return only_a, only_b, min(1.0, 2 * tail / 2 ** n) if n else 1.0
+
+
+def paired_lines(suite: str, rows: list[dict]) -> list[str]:
+    """A table of the suite's paired comparisons (``PAIRED``) for every group where both rows were measured
+    with correct_bits; its p-value says whether a top-1 difference is more than evaluation-sample noise."""
+    found = {(r["label"], r["group"]): r for r in rows if r.get("correct_bits")}
+    lines = []
+    for group in dict.fromkeys(r["group"] for r in rows):
+        for label_a, label_b in PAIRED.get(suite, []):
+            a, b = found.get((label_a, group)), found.get((label_b, group))
+            if a is None or b is None or a.get("evaluated") != b.get("evaluated"):
+                continue
+            only_a, only_b, p = mcnemar(a["correct_bits"], b["correct_bits"], a["evaluated"])
+            lines.append(f"| {group} | {label_a} | {label_b} | {100 * (a['top1'] - b['top1']):+.2f} | "
+                         f"{only_a} | {only_b} | {p:.3g} |")
+    if not lines:
+        return []
+    return ["Paired on the same evaluation samples (exact McNemar test; p ≥ 0.05: the top-1 difference is "
+            "within what the evaluation sample explains):", "",
+            "| group | A | B | A − B top-1 pt | only A right | only B right | p |", "|---|---|---|---|---|---|---|",
+            *lines, ""]
+
+
 def run_model(suite: str, name: str, only: str | None) -> dict:
     from onnxadmm import CompressConfig, ValidateConfig, compress
     from onnxadmm.errors import ConfigError
@@ -270,6 +324,7 @@ def run_model(suite: str, name: str, only: str | None) -> dict:
             "compress_s": report["timing"]["compress_s"], "wall_s": wall, "peak_rss_mb": rss.mb,
             "same_levels_as_admm": same_levels, "declined": len(report["declined"]),
             "measured": f"{time.strftime('%Y-%m-%d')} {COMMIT}",
+            "evaluated": len(evaluation["labels"]), "correct_bits": correct_bits(result.model, evaluation),
         })
         print(f"[{name}] {spec['label']:<28} {spec['group']:<14} top1 {100 * v['accuracy_compressed']:.2f} "
               f"drop {v['accuracy_drop_pt']:.2f} agree {v['agreement']:.4f} t {report['timing']['compress_s']:.0f}s "
@@ -318,6 +373,7 @@ def render() -> str:
                 " | ".join(lat.get(bt, "—") for bt in settings) +
                 f" | {r['compress_s']:.1f} | {r['peak_rss_mb']:.0f} | {r.get('measured', '')} |")
         lines.append("")
+        lines.extend(paired_lines(data["suite"], data["rows"]))
         lines.append(f"Command: `{data['command']}`")
         lines.append("")
     return "\n".join(lines)
