@@ -87,6 +87,39 @@ def test_whitened_low_rank_is_the_data_optimum_and_its_curve_is_exact():
         assert error < problem.relative_error(plain, _bias(stats, plain), "linear")
 
 
+@pytest.mark.parametrize("samples, inputs", [(200, 400), (3000, 40)])
+def test_whitened_start_chooses_its_shrinkage_on_held_out_samples(samples, inputs):
+    """Fewer calibration samples than inputs (a classifier on 1280 features fed by 500 images): the plain
+    whitened rank-r fit follows the calibration noise and is worse on fresh samples than the truncated SVD
+    of W₀; the held-out choice is as good as the better of the two, with few samples and with many."""
+    from onnxadmm.algorithms.factorize import whitened_start
+    from onnxadmm.algorithms.projections.lowrank import truncated_svd
+
+    gen = torch.Generator().manual_seed(3)
+    w0, b0 = torch.randn(1, 40, inputs, generator=gen) / inputs ** 0.5, torch.randn(40, generator=gen) * 0.1
+
+    def make(count, gen):
+        x = torch.relu(torch.randn(count, 1, inputs, generator=gen) + 0.3)
+        y = torch.einsum("pgd,grd->pgr", x, w0).reshape(count, -1) + b0
+        return LayerProblem(x_hat=x + 0.3 * torch.randn(x.shape, generator=gen), y_ref=y, w0=w0, b0=b0,
+                            sample_ids=torch.arange(count))
+
+    prob, fresh = make(samples, gen), make(4000, torch.Generator().manual_seed(9))
+    a, b, _ = whitened_low_rank(moments(prob), 10)
+    u, v = truncated_svd(w0, 10)
+    chosen, how = whitened_start(prob, 10, "linear")
+
+    def error(w):
+        return fresh.relative_error(w, _bias(moments(fresh), w), "linear")
+
+    plain, svd, got = error((a @ b)[None]), error(u @ v), error(chosen[None])
+    assert got <= 1.001 * min(plain, svd)
+    if samples < inputs:
+        assert plain > 1.2 * got and "truncated SVD" in how
+    else:
+        assert "whitened" in how
+
+
 def _bias(stats, w):
     from onnxadmm.algorithms.refit import bias_for
     return bias_for(stats, w)

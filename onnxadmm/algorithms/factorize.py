@@ -7,6 +7,9 @@ Layer objective as elsewhere: f(W, b) = ‖σ(W x̂ + b) − σ(W₀x + b₀)‖
       min_{rank L ≤ r} ‖L x̂ + b − y‖²  ⇔  min ‖L Σ^½ − C Σ^-½‖²  ⇒  L = P_r(C Σ^-½) Σ^-½,
   exact for the linear loss (reduced-rank regression; with x̂ = x, C Σ^-½ = W₀ Σ^½: the SVD of W·H^½), and
   its error for every r comes from one SVD: e(r) = (Var y − Σ_{i≤r} s_i²) / E‖y‖².
+  With few samples per input it fits the calibration noise, so the start is the rank-r ridge toward W₀,
+      min_{rank L ≤ r} E‖L x̂ + b − y‖² + λ‖L − W₀‖²   (the same formula on Σ + λI, C + λW₀),
+  λ chosen on held-out calibration samples; λ → ∞ is the truncated SVD of W₀ (``whitened_start``).
 * ADMM (``admm.py``) with the Z-step of ``projections/lowrank.py`` — rank r started from the whitened
   solution, L + S from W₀ (the whitened solution stays the fallback); for the activation loss the W-step
   goes through σ.
@@ -23,10 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .admm import AdmmSettings, admm_activation, admm_linear, refit_on_support
+from .admm import RIDGE_STRENGTHS, AdmmSettings, admm_activation, admm_linear, refit_on_support
 from .problem import LayerProblem
 from .projections.lowrank import LowRankSparse, Rank, sparse_projection, truncated_svd
-from .refit import Moments, moments
+from .refit import Moments, bias_for, moments, ridge, split_moments
 
 WHITENING_DAMPING = 1e-4  # ridge added to Σ (relative to its mean eigenvalue) before Σ^-½
 
@@ -78,6 +81,37 @@ def whitened_low_rank(stats: Moments, rank: int, damping: float = WHITENING_DAMP
     return (u[:, :r] * s[:r]).float(), (vh[:r] @ inv_sqrt).float(), s
 
 
+def whitened_start(problem: LayerProblem, rank: int, loss: str) -> tuple[torch.Tensor, str]:
+    """The rank-r start L (R, d) and how it was chosen: the whitened low-rank of the ridge
+    min_{rank L ≤ r} E‖L x̂ + b − y‖² + λ‖L − W₀‖² (λ = strength × mean eigenvalue of Σ), with the strength
+    among ``RIDGE_STRENGTHS`` or ∞ (the truncated SVD of W₀) that gives the least ``loss`` error on the
+    held-out calibration samples, then solved on all samples. Without held-out samples: λ = 0."""
+    held = problem.held_out()
+    if held is None:
+        a, b, _ = whitened_low_rank(moments(problem), rank)
+        return a @ b, "whitened"
+    fit_stats, all_stats = split_moments(problem, held)
+    check = problem.subset(held)
+
+    def fitted(stats: Moments | None, strength: float) -> torch.Tensor:
+        if stats is None:  # λ = ∞
+            a, b = truncated_svd(problem.w0, rank)
+            return (a @ b)[0]
+        a, b, _ = whitened_low_rank(ridge(stats, strength, problem.w0), rank)
+        return a @ b
+
+    def held_error(low: torch.Tensor) -> float:
+        bias = bias_for(fit_stats, low[None]) if problem.fit_bias else problem.b0
+        return check.relative_error(low[None], bias, loss)
+
+    errors = {strength: held_error(fitted(fit_stats, strength)) for strength in RIDGE_STRENGTHS}
+    errors[float("inf")] = held_error(fitted(None, 0.0))
+    best = min(errors, key=lambda k: (errors[k], -k))
+    if best == float("inf"):
+        return fitted(None, 0.0), "truncated SVD of W0 (held-out choice)"
+    return fitted(all_stats, best), f"whitened, ridge {best:g} (held-out choice)"
+
+
 def rank_error_curve(stats: Moments) -> torch.Tensor:
     """Linear-metric relative error of the best rank-r layer for r = 0..min(R, d) (index r)."""
     _, _, s = whitened_low_rank(stats, 1)
@@ -97,9 +131,9 @@ def solve_factored(problem: LayerProblem, spec: RankSpec, loss: str, solver: str
         s = _sparse(spec)(w0 - low) if spec.sparse_structure else None
         return (*_finish(problem, a[0], b[0], None if s is None else s[0], b0, spec, refit=None), {})
     stats = moments(problem)
-    a, b, _ = whitened_low_rank(stats, spec.rank)
-    start = (a @ b)[None]
-    history: dict = {}
+    low, chosen = whitened_start(problem, spec.rank, loss)
+    start = low[None]
+    history: dict = {"start": chosen}
     if solver == "refit" or (spec.sparse_structure is None and loss == "linear"):
         z = start  # the whitened solution is exact for the linear loss
     else:
@@ -112,7 +146,7 @@ def solve_factored(problem: LayerProblem, spec: RankSpec, loss: str, solver: str
             z, trace = admm_linear(stats, admm_start, project, settings)
         else:
             z, _, trace, _ = admm_activation(problem, admm_start, b0, project, settings)
-        history = trace.as_dict()
+        history = {**history, **trace.as_dict()}
     result = _from_z(problem, z, spec, loss, settings)
     if z is not start:  # never worse than the whitened closed form, refit the same way
         fallback = _from_z(problem, start, spec, loss, settings)
