@@ -221,7 +221,8 @@ SUITES = {"sparse": sparse_suite, "channel": channel_suite, "latency": latency_s
 # -- paired comparison: two compressed models on the same evaluation samples --------------------------
 PAIRED = {  # suite -> (row A, row B) label pairs compared per group, where both rows carry correct_bits
     "lowrank": [("L+S unstructured S, activation loss", "sparse, activation loss"),
-                ("L+S unstructured S, activation loss", "low-rank, activation loss")],
+                ("L+S unstructured S, activation loss", "low-rank, activation loss"),
+                ("low-rank, activation loss", "low-rank, linear loss")],
     "channel": [("channel admm", "l1-norm + LS refit")],
 }
 
