@@ -29,7 +29,7 @@ import torch
 from .admm import RIDGE_STRENGTHS, AdmmSettings, admm_activation, admm_linear, refit_on_support
 from .problem import LayerProblem
 from .projections.lowrank import LowRankSparse, Rank, sparse_projection, truncated_svd
-from .refit import Moments, bias_for, moments, ridge, split_moments
+from .refit import Moments, bias_for, moments, split_moments
 
 WHITENING_DAMPING = 1e-4  # ridge added to Σ (relative to its mean eigenvalue) before Σ^-½
 
@@ -69,21 +69,39 @@ class Factors:
         return count + (0 if self.sparse is None else int((self.sparse != 0).sum()))
 
 
+class RidgeReducedRank:
+    """The best rank-r layer in the data metric with a ridge toward the anchor A (W₀):
+        min_{rank L ≤ r} E‖L x̂ + b − y‖² + λ‖L − A‖²  ⇒  L = P_r(C' Σ'^-½) Σ'^-½,  Σ' = Σ + λI, C' = C + λA,
+    for any λ from one eigendecomposition of Σ (Σ + λI has the same eigenvectors). Group 0 only."""
+
+    def __init__(self, stats: Moments, anchor: torch.Tensor | None = None):
+        eigenvalues, self.basis = torch.linalg.eigh(stats.sigma[0])
+        self.eigenvalues = eigenvalues.clamp_min(0)
+        self.cross, self.mean_eigenvalue = stats.cross[0], stats.mean_eigenvalue
+        self.anchor = None if anchor is None else anchor[0].double()
+
+    def solve(self, rank: int, strength: float = 0.0, damping: float = WHITENING_DAMPING
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(A (R, r), B (r, d), s) with A·B = L for λ = ``strength`` × the mean eigenvalue of Σ; s the singular
+        values of C' Σ'^-½. ``damping`` (relative to the mean eigenvalue of Σ') keeps Σ'^-½ finite."""
+        lam = strength * self.mean_eigenvalue
+        eigenvalues = self.eigenvalues + lam
+        eigenvalues = eigenvalues + damping * float(eigenvalues.mean())
+        inv_sqrt = (self.basis / eigenvalues.sqrt()) @ self.basis.T
+        cross = self.cross if lam == 0 or self.anchor is None else self.cross + lam * self.anchor
+        u, s, vh = torch.linalg.svd(cross @ inv_sqrt, full_matrices=False)
+        r = min(rank, s.shape[0])
+        return (u[:, :r] * s[:r]).float(), (vh[:r] @ inv_sqrt).float(), s
+
+
 def whitened_low_rank(stats: Moments, rank: int, damping: float = WHITENING_DAMPING
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(A (R, r), B (r, d), s) with A·B = P_r(C Σ^-½) Σ^-½ for group 0; s the singular values of C Σ^-½."""
-    sigma, cross = stats.sigma[0], stats.cross[0]
-    eigenvalues, basis = torch.linalg.eigh(sigma)
-    eigenvalues = eigenvalues.clamp_min(0) + damping * float(eigenvalues.clamp_min(0).mean())
-    inv_sqrt = (basis / eigenvalues.sqrt()) @ basis.T
-    u, s, vh = torch.linalg.svd(cross @ inv_sqrt, full_matrices=False)
-    r = min(rank, s.shape[0])
-    return (u[:, :r] * s[:r]).float(), (vh[:r] @ inv_sqrt).float(), s
+    return RidgeReducedRank(stats).solve(rank, 0.0, damping)
 
 
 def whitened_start(problem: LayerProblem, rank: int, loss: str) -> tuple[torch.Tensor, str]:
-    """The rank-r start L (R, d) and how it was chosen: the whitened low-rank of the ridge
-    min_{rank L ≤ r} E‖L x̂ + b − y‖² + λ‖L − W₀‖² (λ = strength × mean eigenvalue of Σ), with the strength
+    """The rank-r start L (R, d) and how it was chosen: ``RidgeReducedRank`` toward W₀ with the strength
     among ``RIDGE_STRENGTHS`` or ∞ (the truncated SVD of W₀) that gives the least ``loss`` error on the
     held-out calibration samples, then solved on all samples. Without held-out samples: λ = 0."""
     held = problem.held_out()
@@ -92,24 +110,24 @@ def whitened_start(problem: LayerProblem, rank: int, loss: str) -> tuple[torch.T
         return a @ b, "whitened"
     fit_stats, all_stats = split_moments(problem, held)
     check = problem.subset(held)
-
-    def fitted(stats: Moments | None, strength: float) -> torch.Tensor:
-        if stats is None:  # λ = ∞
-            a, b = truncated_svd(problem.w0, rank)
-            return (a @ b)[0]
-        a, b, _ = whitened_low_rank(ridge(stats, strength, problem.w0), rank)
-        return a @ b
+    on_fit = RidgeReducedRank(fit_stats, problem.w0)
 
     def held_error(low: torch.Tensor) -> float:
         bias = bias_for(fit_stats, low[None]) if problem.fit_bias else problem.b0
         return check.relative_error(low[None], bias, loss)
 
-    errors = {strength: held_error(fitted(fit_stats, strength)) for strength in RIDGE_STRENGTHS}
-    errors[float("inf")] = held_error(fitted(None, 0.0))
+    errors = {}
+    for strength in RIDGE_STRENGTHS:
+        a, b, _ = on_fit.solve(rank, strength)
+        errors[strength] = held_error(a @ b)
+    u, v = truncated_svd(problem.w0, rank)
+    svd = (u @ v)[0]
+    errors[float("inf")] = held_error(svd)
     best = min(errors, key=lambda k: (errors[k], -k))
     if best == float("inf"):
-        return fitted(None, 0.0), "truncated SVD of W0 (held-out choice)"
-    return fitted(all_stats, best), f"whitened, ridge {best:g} (held-out choice)"
+        return svd, "truncated SVD of W0 (held-out choice)"
+    a, b, _ = RidgeReducedRank(all_stats, problem.w0).solve(rank, best)
+    return a @ b, f"whitened, ridge {best:g} (held-out choice)"
 
 
 def rank_error_curve(stats: Moments) -> torch.Tensor:
