@@ -198,3 +198,15 @@ def test_validate_command_gates(workdir):
     assert code == 2  # a negative limit is a config error
     code, out, _ = cli(*common, "--min-agreement", "1.0", "--min-speedup", "50")
     assert code == 1 and "FAIL" in out
+
+
+@pytest.mark.parametrize("preset, expected", [({}, "30000"), ({"GOMP_SPINCOUNT": "5"}, "5"),
+                                              ({"OMP_WAIT_POLICY": "ACTIVE"}, None)])
+def test_importing_onnxadmm_bounds_openmp_spinning_unless_the_user_chose(preset, expected):
+    """Set before torch loads, so torch's OpenMP threads sleep after 30,000 spin rounds (starving each other
+    on shared cores otherwise); a wait policy or spin count the user set is left alone."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    code = "import os, onnxadmm; print(os.environ.get('GOMP_SPINCOUNT'))"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, **preset}, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == str(expected)
