@@ -107,7 +107,7 @@ def test_whitened_start_chooses_its_shrinkage_on_held_out_samples(samples, input
     prob, fresh = make(samples, gen), make(4000, torch.Generator().manual_seed(9))
     a, b, _ = whitened_low_rank(moments(prob), 10)
     u, v = truncated_svd(w0, 10)
-    chosen, how = whitened_start(prob, 10, "linear")
+    chosen, how = whitened_start(prob, moments(prob), 10, "linear")
 
     def error(w):
         return fresh.relative_error(w, _bias(moments(fresh), w), "linear")

@@ -100,15 +100,16 @@ def whitened_low_rank(stats: Moments, rank: int, damping: float = WHITENING_DAMP
     return RidgeReducedRank(stats).solve(rank, 0.0, damping)
 
 
-def whitened_start(problem: LayerProblem, rank: int, loss: str) -> tuple[torch.Tensor, str]:
+def whitened_start(problem: LayerProblem, stats: Moments, rank: int, loss: str) -> tuple[torch.Tensor, str]:
     """The rank-r start L (R, d) and how it was chosen: ``RidgeReducedRank`` toward W₀ with the strength
     among ``RIDGE_STRENGTHS`` or ∞ (the truncated SVD of W₀) that gives the least ``loss`` error on the
-    held-out calibration samples, then solved on all samples. Without held-out samples: λ = 0."""
+    held-out calibration samples, then solved on all samples (``stats``: their moments). Without held-out
+    samples: λ = 0."""
     held = problem.held_out()
     if held is None:
-        a, b, _ = whitened_low_rank(moments(problem), rank)
+        a, b, _ = whitened_low_rank(stats, rank)
         return a @ b, "whitened"
-    fit_stats, all_stats = split_moments(problem, held)
+    fit_stats, _ = split_moments(problem, held)
     check = problem.subset(held)
     on_fit = RidgeReducedRank(fit_stats, problem.w0)
 
@@ -126,7 +127,7 @@ def whitened_start(problem: LayerProblem, rank: int, loss: str) -> tuple[torch.T
     best = min(errors, key=lambda k: (errors[k], -k))
     if best == float("inf"):
         return svd, "truncated SVD of W0 (held-out choice)"
-    a, b, _ = RidgeReducedRank(all_stats, problem.w0).solve(rank, best)
+    a, b, _ = RidgeReducedRank(stats, problem.w0).solve(rank, best)
     return a @ b, f"whitened, ridge {best:g} (held-out choice)"
 
 
@@ -149,7 +150,7 @@ def solve_factored(problem: LayerProblem, spec: RankSpec, loss: str, solver: str
         s = _sparse(spec)(w0 - low) if spec.sparse_structure else None
         return (*_finish(problem, a[0], b[0], None if s is None else s[0], b0, spec, refit=None), {})
     stats = moments(problem)
-    low, chosen = whitened_start(problem, spec.rank, loss)
+    low, chosen = whitened_start(problem, stats, spec.rank, loss)
     start = low[None]
     history: dict = {"start": chosen}
     if solver == "refit" or (spec.sparse_structure is None and loss == "linear"):
