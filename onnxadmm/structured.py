@@ -52,7 +52,9 @@ class ChannelResult:
                 "macs_planned": self.plan.macs_planned,
                 "macs_planned_ratio": self.plan.macs_planned / max(self.plan.macs_original, 1),
                 "latency_ms_original": self.plan.latency_ms_original,
-                "latency_ms_planned": self.plan.latency_ms_planned, "groups": rows,
+                "latency_ms_planned": self.plan.latency_ms_planned,
+                "latency_ratio_measured_at_plan": self.plan.latency_ratio_measured,
+                "latency_search": [dict(step.__dict__) for step in self.plan.latency_search], "groups": rows,
                 "block_diagonal": [{"group": p.group.name, "consumer": p.group.consumers[0].layer,
                                     "blocks": p.blocks,
                                     "measured_latency_ratio": self.pair_latency_ratios.get(p.group.name)}

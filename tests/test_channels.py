@@ -401,14 +401,20 @@ def test_missed_accuracy_gate_gives_width_back_until_it_holds():
     assert result.report["validation"]["agreement"] >= 0.995
 
 
-def test_latency_target_plans_from_a_measured_per_layer_table(tmp_path, monkeypatch):
+def test_latency_target_is_met_on_the_measured_graph(tmp_path, monkeypatch):
+    """In onnxruntime: the plan's own sliced graph, timed against the original, is at or below the target
+    (the per-layer table only prices the widths); the table is kept on disk for the next run."""
+    from onnxadmm.report.markdown import render
+
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     model = small_resnet(3)
     config = CompressConfig(method="channel", target_latency=0.85, sensitivity_samples=8, admm_iterations=5)
     result = compress(model, samples_for(model, 32), config, ValidateConfig(latency_rounds=2))
     plan = result.report["plan"]
-    assert plan["latency_ms_planned"] <= 0.85 * plan["latency_ms_original"] + 1e-9
+    assert plan["latency_ratio_measured_at_plan"] <= 0.85
+    assert plan["latency_search"] and plan["latency_search"][0]["budget_ratio"] == 0.85
     assert plan["macs_planned_ratio"] < 1.0
+    assert "exported graph measured" in render(result.report)
     cache = list((tmp_path / "onnxadmm").glob("latency-*.json"))
     assert cache and len(json.loads(cache[0].read_text())) > 0  # per-shape timings kept for the next run
 

@@ -450,3 +450,43 @@ def test_logits_damage_is_the_softmax_kl_and_ignores_a_shift_of_every_score():
     assert kl["shift"] < 1e-9 < squared["shift"]
     assert kl["reverse"] > 5 * kl["shrink"] > 0
     assert squared["shrink"] == pytest.approx(0.09, rel=1e-3)
+
+
+def wide_cnn():
+    """Two 64-channel 3×3 convs at 16×16: large enough that a low-rank pair runs faster in onnxruntime."""
+    from models import GraphBuilder
+
+    b = GraphBuilder(5)
+    y = b.conv("input", 64, 64)
+    y = b.conv(y, 64, 64)
+    y = b.node("Flatten", [b.node("GlobalAveragePool", [y])])
+    return b.model([("input", ["N", 64, 16, 16])], [b.gemm(y, 64, 10, act=None)])
+
+
+def test_lowrank_latency_target_is_met_on_the_measured_graph(tmp_path, monkeypatch):
+    """--target-latency is decided by timing each candidate plan's factorized graph against the original
+    (batch 1), not by the per-layer table alone; the plans timed are in the report."""
+    from onnxadmm import CompressConfig, compress
+    from onnxadmm.report.markdown import render
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    model = wide_cnn()
+    result = compress(model, samples_for(model, 32), CompressConfig(method="lowrank", target_latency=0.8,
+                                                                    admm_iterations=5))
+    plan = result.report["plan"]
+    assert plan["latency_ratio_measured_at_plan"] <= 0.8
+    assert plan["latency_search"][0]["budget_ratio"] == 0.8
+    assert any(spec is not None for spec in plan["ranks"].values())
+    assert "exported graph measured" in render(result.report)
+
+
+def test_lowrank_latency_target_beyond_every_rank_is_refused_with_what_was_measured(tmp_path, monkeypatch):
+    from onnxadmm import CompressConfig, compress
+    from onnxadmm.errors import ConfigError
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    model = wide_cnn()
+    with pytest.raises(ConfigError, match=r"--target-latency 0.05 cannot be met: the fastest plan tried measured "
+                                          r"0\.\d+ .* factorization goes no further.*--method channel"):
+        compress(model, samples_for(model, 32), CompressConfig(method="lowrank", target_latency=0.05,
+                                                               admm_iterations=5))

@@ -43,6 +43,8 @@ class ChannelPlan:
     scores: dict[str, np.ndarray] = field(default_factory=dict)
     latency_ms_original: float | None = None  # whole model, batch 1 (latency target only)
     latency_ms_planned: float | None = None  # predicted from the per-layer table
+    latency_search: list = field(default_factory=list)  # LatencyStep per plan timed (latency target only)
+    latency_ratio_measured: float | None = None  # the chosen plan's graph, A/B against the original, batch 1
 
 
 def width_options(channels: int, multiple: int) -> list[int]:
@@ -180,34 +182,28 @@ def plan_channels(view: GraphView, layers: list[Layer], groups: list[ChannelGrou
         target, what = (config.target_macs if config.target_macs is not None else 1.0), "--target-macs"
     damage: dict[str, float] = {}
     budget = target * model.total
+    search, measured = [], None
     if not groups or target >= 1.0:
         keep = {g.name: g.channels for g in groups}
         strategy = "none (target 1.0)"
-    elif config.uniform:
-        keep = _uniform(model, groups, options, budget)
-        strategy = "uniform"
     else:
-        widths = {g.name: _probe_widths(options[g.name], scores[g.name], config.sensitivity_probes)
-                  for g in groups}
-        probes = {}
-        for g in groups:
-            for k in widths[g.name]:
-                mask = group_mask(g, scores[g.name], k)
-                probes[f"{g.name}@{k}"] = {layers_by_name[c.layer].weight_name:
-                                           _masked_weight(view, layers_by_name[c.layer], mask, c)
-                                           for c in g.consumers}
-        measured = output_damage(view, probes, subset, config.batch_size, config.threads)
-        curves = {}
-        for g in groups:
-            points = {g.channels: 0.0, **{k: measured[f"{g.name}@{k}"] for k in widths[g.name]}}
-            damage[g.name] = max(points.values())
-            curves[g.name] = [Option(float(k), model.option_cost(g, k),
-                                     additive_damage(_interpolate(points, k, scores[g.name])))
-                              for k in options[g.name]]
-        keep = _allocate(model, groups, curves, budget)
-        strategy = f"sensitivity, {model.unit}"
+        if config.uniform:
+            def choose(budget):
+                return _uniform(model, groups, options, budget)
+            strategy = "uniform"
+        else:
+            curves, damage = _sensitivity_curves(view, groups, layers_by_name, scores, options, model, subset,
+                                                 config)
+            def choose(budget):
+                return _allocate(model, groups, curves, budget)
+            strategy = f"sensitivity, {model.unit}"
+        if config.target_latency is not None:
+            keep, measured, search = _meet_latency(view, groups, scores, model, choose, target, one,
+                                                   config.threads)
+        else:
+            keep = choose(budget)
     planned = model.exact(keep)
-    if planned > budget * (1 + 1e-9):
+    if not search and planned > budget * (1 + 1e-9):
         raise ConfigError(f"{what} {target} cannot be met: with every prunable channel group at its smallest "
                           f"width the model keeps {planned / model.total:.3f} of its {model.unit} "
                           f"({sum(g.declined is not None for g in groups)} groups declined; see "
@@ -223,7 +219,54 @@ def plan_channels(view: GraphView, layers: list[Layer], groups: list[ChannelGrou
                        macs_planned=macs_planned, strategy=strategy, measured_damage=damage, scores=scores)
     if model.unit != "MACs":
         plan.latency_ms_original, plan.latency_ms_planned = model.total, planned
+        plan.latency_search, plan.latency_ratio_measured = search, measured
     return plan
+
+
+def _sensitivity_curves(view, groups, layers_by_name, scores, options, model, subset, config
+                        ) -> tuple[dict[str, list[Option]], dict[str, float]]:
+    """Per group, (width, cost, additive damage) at every width option — damage measured at a few probe
+    widths (the group pruned alone, model outputs in onnxruntime) and interpolated along the score share —
+    and each group's largest measured damage."""
+    widths = {g.name: _probe_widths(options[g.name], scores[g.name], config.sensitivity_probes) for g in groups}
+    probes = {}
+    for g in groups:
+        for k in widths[g.name]:
+            mask = group_mask(g, scores[g.name], k)
+            probes[f"{g.name}@{k}"] = {layers_by_name[c.layer].weight_name:
+                                       _masked_weight(view, layers_by_name[c.layer], mask, c) for c in g.consumers}
+    measured = output_damage(view, probes, subset, config.batch_size, config.threads)
+    curves, damage = {}, {}
+    for g in groups:
+        points = {g.channels: 0.0, **{k: measured[f"{g.name}@{k}"] for k in widths[g.name]}}
+        damage[g.name] = max(points.values())
+        curves[g.name] = [Option(float(k), model.option_cost(g, k), additive_damage(_interpolate(points, k,
+                                                                                                 scores[g.name])))
+                          for k in options[g.name]]
+    return curves, damage
+
+
+def _meet_latency(view, groups, scores, model, choose, target, one, threads):
+    """The plan (kept widths) whose exported graph measures ≤ ``target`` of the original's batch-1 latency,
+    its measured ratio and the plans timed
+    (``meet_measured_latency``: the table's budget is searched on measurements of the sliced graph; the
+    weights' values do not matter for the time, so the graph is sliced by the planning scores)."""
+    from ..export.channels import slice_channels
+    from ..validation.latency import measure
+    from .latency import PLAN_ROUNDS, meet_measured_latency
+
+    def plan_at(budget_ratio):
+        keep = choose(budget_ratio * model.total)
+        return tuple(sorted(keep.items())), model.exact(keep) / model.total
+
+    def measured_ratio(plan):
+        widths = dict(plan)
+        masks = {g.name: group_mask(g, scores[g.name], widths[g.name]) for g in groups}
+        sliced = slice_channels(view.model, groups, masks)
+        return measure(view.model, sliced, one, PLAN_ROUNDS, threads).ratio_median
+
+    plan, measured, search = meet_measured_latency(plan_at, measured_ratio, target)
+    return dict(plan), measured, search
 
 
 def additive_damage(damage: float) -> float:

@@ -46,6 +46,8 @@ class RankPlan:
     planned: dict = field(default_factory=dict)  # {"params"|"macs"|"latency_ms": [planned, original]}
     measured_damage: dict[str, float] = field(default_factory=dict)
     latency_ratios: dict[str, float] = field(default_factory=dict)  # chosen pair / dense, measured
+    latency_search: list = field(default_factory=list)  # LatencyStep per plan timed (--target-latency)
+    latency_ratio_measured: float | None = None  # the chosen plan's graph, A/B against the original, batch 1
 
     def report(self) -> dict:
         return {"strategy": self.strategy, "planned": self.planned,
@@ -53,7 +55,9 @@ class RankPlan:
                                                       "sparse_count": s.sparse_count})
                           for n, s in self.specs.items()},
                 "kept_dense": self.dense_reasons, "measured_output_damage": self.measured_damage,
-                "pair_latency_ratio": self.latency_ratios}
+                "pair_latency_ratio": self.latency_ratios,
+                "latency_ratio_measured_at_plan": self.latency_ratio_measured,
+                "latency_search": [dict(step.__dict__) for step in self.latency_search]}
 
 
 @dataclass(frozen=True)
@@ -165,17 +169,22 @@ def plan_ranks(view: GraphView, layers: list[Layer], samples: SampleSet, config:
     curves, damage = _damage_curves(view, eligible, samples, config)
     options, measure, budget, what, fixed, original = _options(view, layers, eligible, grids, curves, positions,
                                                                costs, one, config)
-    cheapest = fixed + sum(min(o.cost for o in opts) for opts in options.values())
-    if cheapest > budget + fixed + 1e-9 * original:
-        slow = sum("faster" in r for r in reasons.values())
-        raise ConfigError(f"the {what} cannot be met by factorization: the strongest ranks on the grid bring the "
-                          f"model to {cheapest / original:.3f} of the original's {measure}"
-                          + (f"; {slow} layers have no factor pair faster than the dense layer in onnxruntime "
-                             "here (per-call overhead dominates small layers)" if slow else "")
-                          + ". Ask for less, or use "
-                          + ("--method sparse (any sparsity)" if measure == "params" else "--method channel")
-                          + " instead")
-    chosen = allocate(options, budget, what=what)
+    slow = sum("faster" in r for r in reasons.values())
+    why_slow = (f"; {slow} layers have no factor pair faster than the dense layer in onnxruntime here (per-call "
+                "overhead dominates small layers)" if slow else "")
+    search, measured = [], None
+    if measure == "latency_ms":
+        chosen, measured, search = _meet_latency(view, eligible, grids, options, fixed, original, one, config,
+                                                 f"factorization goes no further{why_slow}. Ask for less, or use "
+                                                 "--method channel instead")
+    else:
+        cheapest = fixed + sum(min(o.cost for o in opts) for opts in options.values())
+        if cheapest > budget + fixed + 1e-9 * original:
+            raise ConfigError(f"the {what} cannot be met by factorization: the strongest ranks on the grid bring "
+                              f"the model to {cheapest / original:.3f} of the original's {measure}{why_slow}. "
+                              "Ask for less, or use " + ("--method sparse (any sparsity)" if measure == "params"
+                                                         else "--method channel") + " instead")
+        chosen = allocate(options, budget, what=what)
     for layer in eligible:
         level = chosen[layer.name].level
         if level >= 0:
@@ -187,7 +196,40 @@ def plan_ranks(view: GraphView, layers: list[Layer], samples: SampleSet, config:
                            for l in eligible if timing is not None and chosen[l.name].level >= 0}
     plan.planned = _planned(layers, specs, grids, positions)
     plan.planned[measure] = [fixed + sum(chosen[l.name].cost for l in eligible), original]
+    plan.latency_search, plan.latency_ratio_measured = search, measured
     return plan
+
+
+def _meet_latency(view, eligible, grids, options, fixed, total, one, config, hint):
+    """Per layer the option whose exported graph, as a whole, measures ≤ ``config.target_latency`` of the
+    original's batch-1 latency (``meet_measured_latency`` searches the table's budget; the factors' values
+    do not matter for the time, so each plan is timed with random factors of its inner sizes). Returns the
+    options, the measured ratio and the plans timed."""
+    from ..export.lowrank import FactoredLayer, factorize
+    from ..validation.latency import measure
+    from .latency import PLAN_ROUNDS, meet_measured_latency
+
+    def plan_at(budget_ratio):
+        try:
+            chosen = allocate(options, budget_ratio * total - fixed)
+        except ConfigError:  # beyond what the table thinks possible: time the strongest ranks
+            chosen = {name: min(opts, key=lambda o: o.cost) for name, opts in options.items()}
+        return (tuple(sorted((name, o.level) for name, o in chosen.items())),
+                (fixed + sum(o.cost for o in chosen.values())) / total)
+
+    def measured_ratio(plan):
+        rng, levels, factored = np.random.default_rng(0), dict(plan), []
+        for layer in eligible:
+            if levels[layer.name] >= 0:
+                inner = grids[layer.name][int(levels[layer.name])][0].inner
+                factored.append(FactoredLayer(layer, rng.standard_normal((layer.out_features, inner)) * 0.1,
+                                              rng.standard_normal((inner, layer.in_features)) * 0.1, None))
+        return measure(view.model, factorize(view.model, factored), one, PLAN_ROUNDS, config.threads).ratio_median
+
+    plan, measured, search = meet_measured_latency(plan_at, measured_ratio, config.target_latency, hint)
+    levels = dict(plan)
+    return ({name: next(o for o in options[name] if o.level == levels[name]) for name in options}, measured,
+            search)
 
 
 def _planned(layers, specs, grids, positions) -> dict:
@@ -314,9 +356,6 @@ def _options(view, layers, eligible, grids, curves, positions, costs, one, confi
                     for i, (c, ms, ratio) in enumerate(grids[l.name])] for l in eligible}
         movable = sum(grids[l.name][0][1] for l in eligible)
         budget = config.target_latency * total_ms - (total_ms - movable)
-        if budget <= 0:
-            raise ConfigError(f"--target-latency {config.target_latency} cannot be met: the layers that can be "
-                              f"factorized take {movable:.3f} of {total_ms:.3f} ms")
         return (options, "latency_ms", budget, f"--target-latency {config.target_latency}", total_ms - movable,
                 total_ms)
     if config.target_macs is not None:

@@ -19,7 +19,16 @@ def _factor_plan(lines: list[str], plan: dict) -> None:
                          "damage per parameter was lower than any factorization's")
     for name, reason in plan["kept_dense"].items():
         lines.append(f"- `{name}` kept dense: {reason}")
+    _latency_search(lines, plan)
     lines.append("")
+
+
+def _latency_search(lines: list[str], plan: dict) -> None:
+    """One line per plan timed for --target-latency: the table's prediction beside the measured graph."""
+    for step in plan.get("latency_search") or []:
+        lines.append(f"- latency plan at table budget {step['budget_ratio']:.3f}: table predicts "
+                     f"{step['predicted_ratio']:.3f}, exported graph measured {step['measured_ratio']:.3f} of the "
+                     "original (batch 1)")
 
 
 def _platform(lines: list[str], check: dict) -> None:
@@ -178,6 +187,7 @@ def render(report: dict) -> str:
             lines.append(f"| `{g['name']}` | {g['channels']} | {_fmt(g.get('kept'))} | {len(g['consumers'])} | "
                          f"{g['declined'] or ''} |")
         lines.append("")
+        _latency_search(lines, plan)
         for attempt in plan.get("give_back") or []:
             lines.append(f"- give-back attempt at target MACs {attempt['target_macs']:.3f}: "
                          f"{'gate holds' if attempt['passed'] else 'gate missed'} (agreement "

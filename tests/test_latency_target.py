@@ -1,0 +1,55 @@
+"""--target-latency is decided on the measured graph: the search over the table's budget
+(``meet_measured_latency``) on latency responses of known shape (end to end: test_channels.py)."""
+
+import pytest
+
+from onnxadmm.errors import ConfigError
+from onnxadmm.plan.latency import SEARCH_STEPS, SEARCH_TOLERANCE, meet_measured_latency
+
+
+def search(response, target):
+    """Plans on a grid of 0.01 (as kept widths are discrete); ``response`` maps a plan's table ratio to the
+    ratio its graph measures."""
+    def plan_at(budget):
+        plan = round(budget, 2)
+        return plan, plan
+
+    return meet_measured_latency(plan_at, response, target)
+
+
+@pytest.mark.parametrize("slope, offset", [
+    (0.5, 0.3),  # the table overstates what a plan saves (ResNet-56 here)
+    (1.0, 0.1),  # the table understates it
+    (1.0, 0.0),  # the table is right
+])
+def test_the_search_returns_a_plan_measured_within_tolerance_below_the_target(slope, offset):
+    def response(plan):
+        return offset + slope * plan
+
+    plan, measured, steps = search(response, 0.7)
+    assert target_met(measured, 0.7)
+    assert measured == pytest.approx(response(plan))
+    best_budget = (0.7 - offset) / slope
+    assert best_budget - SEARCH_TOLERANCE / slope - 0.01 - 1e-9 <= plan <= best_budget + 1e-9
+    assert len(steps) <= SEARCH_STEPS
+    assert steps[0].budget_ratio == 0.7  # it starts from what the table says
+
+
+def target_met(measured, target):
+    return target - SEARCH_TOLERANCE - 1e-9 <= measured <= target
+
+
+def test_the_search_keeps_the_least_aggressive_plan_that_met_when_it_runs_out_of_steps():
+    def response(plan):  # measured 0.62 below a budget of 0.62, else above the target: never within tolerance
+        return 0.62 if plan <= 0.62 else 0.75
+
+    plan, measured, steps = search(response, 0.7)
+    met = [s for s in steps if s.measured_ratio <= 0.7]
+    assert len(steps) == SEARCH_STEPS and met and measured == 0.62
+    assert plan == round(max(s.budget_ratio for s in met), 2)
+
+
+def test_an_unreachable_latency_is_refused_with_the_fastest_measured_ratio():
+    with pytest.raises(ConfigError, match=r"--target-latency 0.5 cannot be met: the fastest plan tried measured "
+                                          r"0\.80"):
+        search(lambda p: 0.8 + 0.2 * p, 0.5)
