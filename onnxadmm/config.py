@@ -65,7 +65,7 @@ class CompressConfig:
     )
     target_latency: float | None = field(
         default=None, metadata=_opt("channel and lowrank methods: batch-1 latency of the output as a fraction "
-                                    "of the original's, from a per-layer table measured in onnxruntime here")
+                                    "of the original's, met on the exported graph timed in onnxruntime here")
     )
     target_params: float | None = field(
         default=None, metadata=_opt("sparse and lowrank methods: nonzero weights of the compressible layers as "

@@ -157,7 +157,8 @@ class MacsCost:
 def plan_channels(view: GraphView, layers: list[Layer], groups: list[ChannelGroup], samples: SampleSet,
                   config: CompressConfig) -> ChannelPlan:
     """Kept widths per group meeting ``config.target_macs`` (fraction of the whole model's MACs) or
-    ``config.target_latency`` (fraction of its measured batch-1 latency, per-layer table)."""
+    ``config.target_latency`` (fraction of its batch-1 latency: the per-layer table prices the widths, the
+    exported plan is timed against the original until it meets the target; ``plan/latency.py``)."""
     layers_by_name = {l.name: l for l in layers}
     layers_by_node = {l.node_index: l for l in layers}
     one = {name: array[:1] for name, array in samples.arrays.items()}
@@ -171,11 +172,10 @@ def plan_channels(view: GraphView, layers: list[Layer], groups: list[ChannelGrou
     scores = {g.name: channel_scores(view, g, layers_by_name, moments) for g in groups}
     removed_of = removed_sets(groups, options, scores)
     if config.target_latency is not None:
-        from .latency import LatencyCost, model_latency_ms
+        from .latency import LatencyCost
 
         shapes = {view.nodes[i].input[0]: c.input_shape for i, c in node_costs.items()}
-        model = LatencyCost(view, groups, shapes, model_latency_ms(view.model, one, config.threads), options,
-                            config.threads, removed_of)
+        model = LatencyCost(view, groups, shapes, one, options, config.threads, removed_of)
         target, what = config.target_latency, "--target-latency"
     else:
         model = MacsCost(costs, groups, removed_of)
@@ -198,8 +198,7 @@ def plan_channels(view: GraphView, layers: list[Layer], groups: list[ChannelGrou
                 return _allocate(model, groups, curves, budget)
             strategy = f"sensitivity, {model.unit}"
         if config.target_latency is not None:
-            keep, measured, search = _meet_latency(view, groups, scores, model, choose, target, one,
-                                                   config.threads)
+            keep, measured, search = _meet_latency(view, groups, scores, model, choose, target, one)
         else:
             keep = choose(budget)
     planned = model.exact(keep)
@@ -246,14 +245,13 @@ def _sensitivity_curves(view, groups, layers_by_name, scores, options, model, su
     return curves, damage
 
 
-def _meet_latency(view, groups, scores, model, choose, target, one, threads):
+def _meet_latency(view, groups, scores, model, choose, target, one):
     """The plan (kept widths) whose exported graph measures ≤ ``target`` of the original's batch-1 latency,
     its measured ratio and the plans timed
     (``meet_measured_latency``: the table's budget is searched on measurements of the sliced graph; the
     weights' values do not matter for the time, so the graph is sliced by the planning scores)."""
     from ..export.channels import slice_channels
-    from ..validation.latency import measure
-    from .latency import PLAN_ROUNDS, meet_measured_latency
+    from .latency import meet_measured_latency
 
     def plan_at(budget_ratio):
         keep = choose(budget_ratio * model.total)
@@ -262,10 +260,10 @@ def _meet_latency(view, groups, scores, model, choose, target, one, threads):
     def measured_ratio(plan):
         widths = dict(plan)
         masks = {g.name: group_mask(g, scores[g.name], widths[g.name]) for g in groups}
-        sliced = slice_channels(view.model, groups, masks)
-        return measure(view.model, sliced, one, PLAN_ROUNDS, threads).ratio_median
+        return model.table.plan_ratio(view.model, slice_channels(view.model, groups, masks), one)
 
     plan, measured, search = meet_measured_latency(plan_at, measured_ratio, target)
+    model.table.save()
     return dict(plan), measured, search
 
 

@@ -119,9 +119,28 @@ class LatencyTable:
         sandwich_ms, sandwich_ratio = self._cached(("grouped-sandwich", *key), sandwiched)
         return dense_ms, max(0.0, 1.0 + sandwich_ms * (sandwich_ratio - 1.0) / dense_ms)
 
+    def plan_ratio(self, original: onnx.ModelProto, planned: onnx.ModelProto, feed: dict[str, np.ndarray]
+                   ) -> float:
+        """Measured latency ratio of the graph ``planned`` against ``original`` (A/B, ``PLAN_ROUNDS`` rounds
+        on ``feed``), cached like the per-node times under both graphs' structure (nodes, shapes; not the
+        weight values, which do not change the time) — so a run repeated on this machine times nothing
+        again and chooses the same plan."""
+        def run():
+            return measure(original, planned, feed, PLAN_ROUNDS, self.threads)
+
+        return self._cached(("plan", structure_digest(original), structure_digest(planned), _shapes(feed),
+                             self.threads), run)[1]
+
+    def model_ms(self, model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> float:
+        """Median latency (ms) of the whole model on ``feed``, cached under its structure."""
+        key = _key(("model", structure_digest(model), _shapes(feed), self.threads))
+        if key not in self.entries:
+            self.entries[key] = [model_latency_ms(model, feed, self.threads), 1.0]
+        return float(self.entries[key][0])
+
     def _cached(self, parts: tuple, run) -> tuple[float, float]:
         """(A ms, B/A ratio) for the measurement named by ``parts``; ``run()`` measures it when not cached."""
-        key = hashlib.sha256(repr(parts).encode()).hexdigest()
+        key = _key(parts)
         if key not in self.entries:
             result = run()
             self.entries[key] = [result.original_ms_median, result.ratio_median]
@@ -139,6 +158,29 @@ class LatencyTable:
             os.replace(tmp, self.path)
         except OSError:
             self.path = None  # a read-only home: keep the table in memory only
+
+
+def _key(parts: tuple) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()
+
+
+def _shapes(feed: dict[str, np.ndarray]) -> list:
+    return sorted((name, array.shape) for name, array in feed.items())
+
+
+def structure_digest(model: onnx.ModelProto) -> str:
+    """sha256 of what a graph's speed depends on: its nodes (op, inputs, outputs, attributes), the
+    initializers' names, types and shapes, and the graph inputs' types — not the weight values."""
+    digest = hashlib.sha256()
+    graph = model.graph
+    for node in graph.node:
+        digest.update(repr((node.op_type, node.domain, list(node.input), list(node.output),
+                            _node_key(node)[1])).encode())
+    for tensor in graph.initializer:
+        digest.update(repr((tensor.name, tensor.data_type, list(tensor.dims))).encode())
+    for value in graph.input:
+        digest.update(value.SerializeToString())
+    return digest.hexdigest()
 
 
 def _node_key(node: onnx.NodeProto) -> tuple:
@@ -209,10 +251,10 @@ class LatencyCost:
     unit = "batch-1 latency"
 
     def __init__(self, view: GraphView, groups: list[ChannelGroup], shapes: dict[str, tuple[int, ...]],
-                 total_ms: float, options: dict[str, list[int]], threads: int,
+                 feed: dict[str, np.ndarray], options: dict[str, list[int]], threads: int,
                  removed_of: dict[tuple[str, int], np.ndarray], use_disk: bool = True):
         self.table = LatencyTable(threads, use_disk)
-        self.total = total_ms
+        self.total = self.table.model_ms(view.model, feed)
         self.node_ms: dict[int, float] = {}
         self.ratios: dict[tuple[str, int], dict[int, float]] = {}  # (group, node) -> {k: ratio}
         self.groups = groups

@@ -168,15 +168,15 @@ def plan_ranks(view: GraphView, layers: list[Layer], samples: SampleSet, config:
                           + "; ".join(f"{n}: {r}" for n, r in list(reasons.items())[:4]) + ")")
     curves, damage = _damage_curves(view, eligible, samples, config)
     options, measure, budget, what, fixed, original = _options(view, layers, eligible, grids, curves, positions,
-                                                               costs, one, config)
+                                                               costs, one, config, timing)
     slow = sum("faster" in r for r in reasons.values())
     why_slow = (f"; {slow} layers have no factor pair faster than the dense layer in onnxruntime here (per-call "
                 "overhead dominates small layers)" if slow else "")
     search, measured = [], None
     if measure == "latency_ms":
+        hint = f"factorization goes no further{why_slow}. Ask for less, or use --method channel instead"
         chosen, measured, search = _meet_latency(view, eligible, grids, options, fixed, original, one, config,
-                                                 f"factorization goes no further{why_slow}. Ask for less, or use "
-                                                 "--method channel instead")
+                                                 timing, hint)
     else:
         cheapest = fixed + sum(min(o.cost for o in opts) for opts in options.values())
         if cheapest > budget + fixed + 1e-9 * original:
@@ -200,14 +200,13 @@ def plan_ranks(view: GraphView, layers: list[Layer], samples: SampleSet, config:
     return plan
 
 
-def _meet_latency(view, eligible, grids, options, fixed, total, one, config, hint):
+def _meet_latency(view, eligible, grids, options, fixed, total, one, config, timing, hint):
     """Per layer the option whose exported graph, as a whole, measures ≤ ``config.target_latency`` of the
     original's batch-1 latency (``meet_measured_latency`` searches the table's budget; the factors' values
     do not matter for the time, so each plan is timed with random factors of its inner sizes). Returns the
     options, the measured ratio and the plans timed."""
     from ..export.lowrank import FactoredLayer, factorize
-    from ..validation.latency import measure
-    from .latency import PLAN_ROUNDS, meet_measured_latency
+    from .latency import meet_measured_latency
 
     def plan_at(budget_ratio):
         try:
@@ -217,16 +216,20 @@ def _meet_latency(view, eligible, grids, options, fixed, total, one, config, hin
         return (tuple(sorted((name, o.level) for name, o in chosen.items())),
                 (fixed + sum(o.cost for o in chosen.values())) / total)
 
-    def measured_ratio(plan):
+    def factored_graph(plan):
         rng, levels, factored = np.random.default_rng(0), dict(plan), []
         for layer in eligible:
             if levels[layer.name] >= 0:
                 inner = grids[layer.name][int(levels[layer.name])][0].inner
                 factored.append(FactoredLayer(layer, rng.standard_normal((layer.out_features, inner)) * 0.1,
                                               rng.standard_normal((inner, layer.in_features)) * 0.1, None))
-        return measure(view.model, factorize(view.model, factored), one, PLAN_ROUNDS, config.threads).ratio_median
+        return factorize(view.model, factored)
+
+    def measured_ratio(plan):
+        return timing.plan_ratio(view.model, factored_graph(plan), one)
 
     plan, measured, search = meet_measured_latency(plan_at, measured_ratio, config.target_latency, hint)
+    timing.save()
     levels = dict(plan)
     return ({name: next(o for o in options[name] if o.level == levels[name]) for name in options}, measured,
             search)
@@ -343,14 +346,12 @@ def _curve_at(curve: np.ndarray, rank: float) -> float:
     return float(np.interp(min(rank, len(curve) - 1), np.arange(len(curve)), curve))
 
 
-def _options(view, layers, eligible, grids, curves, positions, costs, one, config):
+def _options(view, layers, eligible, grids, curves, positions, costs, one, config, timing):
     """Options per eligible layer (level = index on its grid, −1 = dense), the measure, the budget for the
     eligible layers, its name, the cost outside them and the original total."""
     fixed_dense = [l for l in layers if l not in eligible]
     if config.target_latency is not None:
-        from .latency import model_latency_ms
-
-        total_ms = model_latency_ms(view.model, one, config.threads)
+        total_ms = timing.model_ms(view.model, one)
         options = {l.name: [Option(-1, grids[l.name][0][1], 0.0)] +
                    [Option(i, ms * ratio, _curve_at(curves[(l.name, c.kind)], c.equivalent_rank))
                     for i, (c, ms, ratio) in enumerate(grids[l.name])] for l in eligible}
