@@ -47,6 +47,7 @@ class ChannelResult:
             if group.name in self.kept:
                 row["kept"] = int(self.kept[group.name].sum())
                 row["measured_output_damage"] = self.plan.measured_damage.get(group.name)
+                row["latency_in_context_factor"] = self.plan.latency_context.get(group.name)
             rows.append(row)
         return {"strategy": self.plan.strategy, "macs_original": self.plan.macs_original,
                 "macs_planned": self.plan.macs_planned,

@@ -414,6 +414,8 @@ def test_latency_target_is_met_on_the_measured_graph(tmp_path, monkeypatch):
     plan = result.report["plan"]
     assert plan["latency_ratio_measured_at_plan"] <= 0.85
     assert plan["latency_search"] and plan["latency_search"][0]["budget_ratio"] == 0.85
+    factors = [g["latency_in_context_factor"] for g in plan["groups"] if g.get("latency_in_context_factor")]
+    assert factors and all(0.25 <= f <= 4.0 for f in factors)  # each group's savings re-scaled to the graph's
     assert plan["macs_planned_ratio"] < 1.0
     assert "exported graph measured" in render(result.report)
     cache = list((tmp_path / "onnxadmm").glob("latency-*.json"))
@@ -421,6 +423,43 @@ def test_latency_target_is_met_on_the_measured_graph(tmp_path, monkeypatch):
     again = compress(model, samples_for(model, 32), config, ValidateConfig(latency_rounds=2))
     assert again.report["plan"]["latency_search"] == plan["latency_search"]  # the timed plans come from the cache
     assert again.model.SerializeToString() == result.model.SerializeToString()
+
+
+def test_in_context_calibration_makes_each_group_alone_save_what_its_graph_measures(tmp_path, monkeypatch):
+    """After ``calibrate_in_context`` the latency model's saving for a group narrowed alone is the saving
+    measured on the whole sliced graph (pooled over groups of identical shapes, factor clipped to
+    [0.25, 4])."""
+    from onnxadmm.plan.channels import width_options
+    from onnxadmm.plan.latency import LatencyCost
+    from onnxadmm.validation.footprint import node_macs
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    view = normalize(small_resnet(3)).view()
+    groups = [g for g in find_channel_groups(view, find_layers(view).layers) if not g.declined]
+    one = {"input": samples_for(view.model, 1)["input"]}
+    options = {g.name: width_options(g.channels, 8) for g in groups}
+    scores = {g.name: np.arange(g.channels, 0, -1.0) for g in groups}
+    shapes = {view.nodes[i].input[0]: c.input_shape for i, c in node_macs(view.model, one, 2).items()}
+    cost = LatencyCost(view, groups, shapes, one, options, 2, removed_sets(groups, options, scores))
+
+    def narrowed(group, k):
+        masks = {g.name: np.ones(g.channels, bool) for g in groups}
+        masks[group.name] = group_mask(group, scores[group.name], k)
+        return slice_channels(view.model, groups, masks)
+
+    cost.calibrate_in_context(view.model, narrowed, one)
+    full = {g.name: g.channels for g in groups}
+    checked = 0
+    for group in groups:
+        k, factor = min(options[group.name]), cost.context.get(group.name)
+        if factor is None or not 0.25 < factor < 4.0:
+            continue
+        in_class = [g for g in groups if cost.context.get(g.name) == factor]
+        measured = sum(1 - cost.table.plan_ratio(view.model, narrowed(g, k), one) for g in in_class)  # cached
+        modelled = sum(1 - cost.exact({**full, g.name: k}) / cost.total for g in in_class)
+        assert modelled == pytest.approx(measured, rel=1e-6)
+        checked += 1
+    assert checked > 0
 
 
 def test_l0_l21_removes_channels_and_zeroes_elements_inside_them():

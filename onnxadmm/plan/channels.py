@@ -45,6 +45,7 @@ class ChannelPlan:
     latency_ms_planned: float | None = None  # predicted from the per-layer table
     latency_search: list = field(default_factory=list)  # LatencyStep per plan timed (latency target only)
     latency_ratio_measured: float | None = None  # the chosen plan's graph, A/B against the original, batch 1
+    latency_context: dict[str, float] = field(default_factory=dict)  # group -> in-context factor on its savings
 
 
 def width_options(channels: int, multiple: int) -> list[int]:
@@ -176,6 +177,7 @@ def plan_channels(view: GraphView, layers: list[Layer], groups: list[ChannelGrou
 
         shapes = {view.nodes[i].input[0]: c.input_shape for i, c in node_costs.items()}
         model = LatencyCost(view, groups, shapes, one, options, config.threads, removed_of)
+        model.calibrate_in_context(view.model, lambda g, k: _narrowed_alone(view, groups, scores, g, k), one)
         target, what = config.target_latency, "--target-latency"
     else:
         model = MacsCost(costs, groups, removed_of)
@@ -219,6 +221,7 @@ def plan_channels(view: GraphView, layers: list[Layer], groups: list[ChannelGrou
     if model.unit != "MACs":
         plan.latency_ms_original, plan.latency_ms_planned = model.total, planned
         plan.latency_search, plan.latency_ratio_measured = search, measured
+        plan.latency_context = model.context
     return plan
 
 
@@ -243,6 +246,15 @@ def _sensitivity_curves(view, groups, layers_by_name, scores, options, model, su
                                                                                                  scores[g.name])))
                           for k in options[g.name]]
     return curves, damage
+
+
+def _narrowed_alone(view, groups, scores, group, k):
+    """The graph with ``group`` alone narrowed to k channels (for timing: sliced by the planning scores)."""
+    from ..export.channels import slice_channels
+
+    masks = {g.name: np.ones(g.channels, bool) for g in groups}
+    masks[group.name] = group_mask(group, scores[group.name], k)
+    return slice_channels(view.model, groups, masks)
 
 
 def _meet_latency(view, groups, scores, model, choose, target, one):
