@@ -231,6 +231,9 @@ PAIRED = {  # suite -> (row A, row B) label pairs compared per group, where both
                 ("L+S unstructured S, activation loss", "low-rank, activation loss"),
                 ("low-rank, activation loss", "low-rank, linear loss")],
     "channel": [("channel admm", "l1-norm + LS refit")],
+    "latency": [("channel admm, latency target", "channel admm, latency target, table timed alone"),
+                ("channel admm, latency target + block refine",
+                 "channel admm, latency target, table timed alone + block refine")],
 }
 
 
