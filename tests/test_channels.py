@@ -414,6 +414,8 @@ def test_latency_target_is_met_on_the_measured_graph(tmp_path, monkeypatch):
     plan = result.report["plan"]
     assert plan["latency_ratio_measured_at_plan"] <= 0.85
     assert plan["latency_search"] and plan["latency_search"][0]["budget_ratio"] == 0.85
+    # widths priced by the latency table and by MACs were both searched on the measured graph
+    assert {step["budget_unit"] for step in plan["latency_search"]} == {"batch-1 latency", "MACs"}
     factors = [g["latency_in_context_factor"] for g in plan["groups"] if g.get("latency_in_context_factor")]
     assert factors and all(0.25 <= f <= 4.0 for f in factors)  # each group's savings re-scaled to the graph's
     assert plan["macs_planned_ratio"] < 1.0

@@ -200,7 +200,11 @@ def plan_channels(view: GraphView, layers: list[Layer], groups: list[ChannelGrou
                 return _allocate(model, groups, curves, budget)
             strategy = f"sensitivity, {model.unit}"
         if config.target_latency is not None:
-            keep, measured, search = _meet_latency(view, groups, scores, model, choose, target, one)
+            keep, measured, search = _meet_latency(view, groups, scores, model, model, choose, target, one)
+            if not config.uniform:
+                keep, measured, search, strategy = _better_priced_by_macs(
+                    view, groups, scores, model, MacsCost(costs, groups, removed_of), curves, target, one,
+                    (keep, measured, search, strategy))
         else:
             keep = choose(budget)
     planned = model.exact(keep)
@@ -257,25 +261,48 @@ def _narrowed_alone(view, groups, scores, group, k):
     return slice_channels(view.model, groups, masks)
 
 
-def _meet_latency(view, groups, scores, model, choose, target, one):
+def _better_priced_by_macs(view, groups, scores, latency, macs, curves, target, one, found):
+    """The latency target met with widths priced by MACs instead: the same damage curves allocated under a
+    MACs budget, that budget searched on the measured graph. A plan priced by time buys the least damage
+    per *predicted* millisecond, and the prediction is the weak part (per-node times, re-scaled per group);
+    MACs are exact. Of the two plans that measure within the target, the one with less Σ damage is kept
+    (``found``: the time-priced plan's keep, measured ratio, search and strategy)."""
+    by_macs = {g.name: [Option(o.level, macs.option_cost(g, int(o.level)), o.damage) for o in curves[g.name]]
+               for g in groups}
+    try:
+        keep, measured, search = _meet_latency(view, groups, scores, macs, latency,
+                                               lambda budget: _allocate(macs, groups, by_macs, budget), target, one)
+    except ConfigError:
+        return found
+
+    def damage(widths):
+        return sum(next(o.damage for o in curves[name] if int(o.level) == k) for name, k in widths.items())
+
+    if damage(keep) < damage(found[0]):
+        return keep, measured, found[2] + search, "sensitivity, MACs (latency target measured)"
+    return found[0], found[1], found[2] + search, found[3]
+
+
+def _meet_latency(view, groups, scores, model, latency, choose, target, one):
     """The plan (kept widths) whose exported graph measures ≤ ``target`` of the original's batch-1 latency,
     its measured ratio and the plans timed
-    (``meet_measured_latency``: the table's budget is searched on measurements of the sliced graph; the
-    weights' values do not matter for the time, so the graph is sliced by the planning scores)."""
+    (``meet_measured_latency``: the budget of ``model``'s unit is searched on measurements of the sliced
+    graph, ``latency`` predicts; the weights' values do not matter for the time, so the graph is sliced by
+    the planning scores)."""
     from ..export.channels import slice_channels
     from .latency import meet_measured_latency
 
     def plan_at(budget_ratio):
         keep = choose(budget_ratio * model.total)
-        return tuple(sorted(keep.items())), model.exact(keep) / model.total
+        return tuple(sorted(keep.items())), latency.exact(keep) / latency.total
 
     def measured_ratio(plan):
         widths = dict(plan)
         masks = {g.name: group_mask(g, scores[g.name], widths[g.name]) for g in groups}
-        return model.table.plan_ratio(view.model, slice_channels(view.model, groups, masks), one)
+        return latency.table.plan_ratio(view.model, slice_channels(view.model, groups, masks), one)
 
-    plan, measured, search = meet_measured_latency(plan_at, measured_ratio, target)
-    model.table.save()
+    plan, measured, search = meet_measured_latency(plan_at, measured_ratio, target, unit=model.unit)
+    latency.table.save()
     return dict(plan), measured, search
 
 

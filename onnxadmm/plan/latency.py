@@ -348,18 +348,19 @@ class LatencyStep:
     budget_ratio: float
     predicted_ratio: float
     measured_ratio: float
+    budget_unit: str = "batch-1 latency"  # what the budget prices: the latency table, or MACs
 
 
 def meet_measured_latency(plan_at: Callable[[float], tuple[Hashable, float]],
                           measured_ratio: Callable[[Hashable], float], target: float,
-                          hint: str = "ask for less", steps: int = SEARCH_STEPS,
+                          hint: str = "ask for less", unit: str = "batch-1 latency", steps: int = SEARCH_STEPS,
                           tolerance: float = SEARCH_TOLERANCE) -> tuple[Hashable, float, list[LatencyStep]]:
     """The least aggressive plan whose *measured* latency ratio is ≤ ``target``, its measured ratio, and
     every plan timed.
 
-    ``plan_at(b)`` plans for a table budget of b × the original (returns the plan and the table's
-    predicted ratio); ``measured_ratio(plan)`` times it. Starting at b = target, the next budget assumes the
-    measured saving is proportional to the planned one, b' = 1 − (1 − target)·(1 − b)/(1 − m), and is kept
+    ``plan_at(b)`` plans for a budget of b × the original's ``unit`` (returns the plan and the table's
+    predicted latency ratio); ``measured_ratio(plan)`` times it. Starting at b = target, the next budget
+    assumes the measured saving is proportional to the planned one, b' = 1 − (1 − target)·(1 − b)/(1 − m), and is kept
     inside the bracket (largest b that met, smallest that missed; bisection when it falls outside). Stops
     at a plan measured within ``tolerance`` below the target, a bracket narrower than 0.005, or after
     ``steps`` plans. ConfigError (ending with ``hint``) when no plan met the target."""
@@ -373,7 +374,7 @@ def meet_measured_latency(plan_at: Callable[[float], tuple[Hashable, float]],
         if plan not in timed_plans:
             timed_plans[plan] = measured_ratio(plan)
         measured = timed_plans[plan]
-        history.append(LatencyStep(budget, predicted, measured))
+        history.append(LatencyStep(budget, predicted, measured, unit))
         if measured <= target:
             if met is None or budget > met[0]:
                 met = (budget, plan)

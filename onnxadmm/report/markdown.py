@@ -26,7 +26,8 @@ def _factor_plan(lines: list[str], plan: dict) -> None:
 def _latency_search(lines: list[str], plan: dict) -> None:
     """One line per plan timed for --target-latency: the table's prediction beside the measured graph."""
     for step in plan.get("latency_search") or []:
-        lines.append(f"- latency plan at table budget {step['budget_ratio']:.3f}: table predicts "
+        lines.append(f"- latency plan at a {step.get('budget_unit', 'batch-1 latency')} budget of "
+                     f"{step['budget_ratio']:.3f}: table predicts "
                      f"{step['predicted_ratio']:.3f}, exported graph measured {step['measured_ratio']:.3f} of the "
                      "original (batch 1)")
 
