@@ -275,10 +275,7 @@ def _better_priced_by_macs(view, groups, scores, latency, macs, curves, target, 
     except ConfigError:
         return found
 
-    def damage(widths):
-        return sum(next(o.damage for o in curves[name] if int(o.level) == k) for name, k in widths.items())
-
-    if damage(keep) < damage(found[0]):
+    if summed_damage(curves, keep) < summed_damage(curves, found[0]):
         return keep, measured, found[2] + search, "sensitivity, MACs (latency target measured)"
     return found[0], found[1], found[2] + search, found[3]
 
@@ -384,10 +381,12 @@ def _allocate(model, groups, curves, budget) -> dict[str, int]:
     if not candidates:
         return {g.name: int(curves[g.name][0].level) for g in groups}
 
-    def damage(keep):
-        return sum(next(o.damage for o in curves[name] if int(o.level) == k) for name, k in keep.items())
+    return min(candidates, key=lambda keep: (summed_damage(curves, keep), -model.exact(keep)))
 
-    return min(candidates, key=lambda keep: (damage(keep), -model.exact(keep)))
+
+def summed_damage(curves: dict[str, list[Option]], keep: dict[str, int]) -> float:
+    """Σ over groups of the damage curve at the kept width."""
+    return sum(next(o.damage for o in curves[name] if int(o.level) == k) for name, k in keep.items())
 
 
 def _allocate_linear(model, groups, curves, budget) -> dict[str, int] | None:
