@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
 
 from ..analysis.channels import ChannelGroup, Consumer
 from ..analysis.layers import Layer
@@ -177,7 +178,7 @@ def plan_channels(view: GraphView, layers: list[Layer], groups: list[ChannelGrou
 
         shapes = {view.nodes[i].input[0]: c.input_shape for i, c in node_costs.items()}
         model = LatencyCost(view, groups, shapes, one, options, config.threads, removed_of)
-        model.calibrate_in_context(view.model, lambda g, k: _narrowed_alone(view, groups, scores, g, k), one)
+        model.calibrate_in_context(view.model, lambda g, k: _sliced(view, groups, scores, {g.name: k}), one)
         target, what = config.target_latency, "--target-latency"
     else:
         model = MacsCost(costs, groups, removed_of)
@@ -252,12 +253,12 @@ def _sensitivity_curves(view, groups, layers_by_name, scores, options, model, su
     return curves, damage
 
 
-def _narrowed_alone(view, groups, scores, group, k):
-    """The graph with ``group`` alone narrowed to k channels (for timing: sliced by the planning scores)."""
+def _sliced(view, groups, scores, widths: dict[str, int]) -> onnx.ModelProto:
+    """The graph with each group narrowed to ``widths`` (default: full), for timing — sliced by the planning
+    scores, as the weights' values do not change the time."""
     from ..export.channels import slice_channels
 
-    masks = {g.name: np.ones(g.channels, bool) for g in groups}
-    masks[group.name] = group_mask(group, scores[group.name], k)
+    masks = {g.name: group_mask(g, scores[g.name], widths.get(g.name, g.channels)) for g in groups}
     return slice_channels(view.model, groups, masks)
 
 
@@ -284,9 +285,7 @@ def _meet_latency(view, groups, scores, model, latency, choose, target, one):
     """The plan (kept widths) whose exported graph measures ≤ ``target`` of the original's batch-1 latency,
     its measured ratio and the plans timed
     (``meet_measured_latency``: the budget of ``model``'s unit is searched on measurements of the sliced
-    graph, ``latency`` predicts; the weights' values do not matter for the time, so the graph is sliced by
-    the planning scores)."""
-    from ..export.channels import slice_channels
+    graph, ``latency`` predicts)."""
     from .latency import meet_measured_latency
 
     def plan_at(budget_ratio):
@@ -294,9 +293,7 @@ def _meet_latency(view, groups, scores, model, latency, choose, target, one):
         return tuple(sorted(keep.items())), latency.exact(keep) / latency.total
 
     def measured_ratio(plan):
-        widths = dict(plan)
-        masks = {g.name: group_mask(g, scores[g.name], widths[g.name]) for g in groups}
-        return latency.table.plan_ratio(view.model, slice_channels(view.model, groups, masks), one)
+        return latency.table.plan_ratio(view.model, _sliced(view, groups, scores, dict(plan)), one)
 
     plan, measured, search = meet_measured_latency(plan_at, measured_ratio, target, unit=model.unit)
     latency.table.save()
