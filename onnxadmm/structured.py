@@ -8,7 +8,7 @@ what the sliced graph computes; the slicing happens once, at the end.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
@@ -55,7 +55,7 @@ class ChannelResult:
                 "latency_ms_original": self.plan.latency_ms_original,
                 "latency_ms_planned": self.plan.latency_ms_planned,
                 "latency_ratio_measured_at_plan": self.plan.latency_ratio_measured,
-                "latency_search": [dict(step.__dict__) for step in self.plan.latency_search], "groups": rows,
+                "latency_search": [asdict(step) for step in self.plan.latency_search], "groups": rows,
                 "block_diagonal": [{"group": p.group.name, "consumer": p.group.consumers[0].layer,
                                     "blocks": p.blocks,
                                     "measured_latency_ratio": self.pair_latency_ratios.get(p.group.name)}

@@ -360,8 +360,8 @@ def meet_measured_latency(plan_at: Callable[[float], tuple[Hashable, float]],
 
     ``plan_at(b)`` plans for a budget of b × the original's ``unit`` (returns the plan and the table's
     predicted latency ratio); ``measured_ratio(plan)`` times it. Starting at b = target, the next budget
-    assumes the measured saving is proportional to the planned one, b' = 1 − (1 − target)·(1 − b)/(1 − m), and is kept
-    inside the bracket (largest b that met, smallest that missed; bisection when it falls outside). Stops
+    assumes the measured saving is proportional to the planned one, b' = 1 − (1 − target)·(1 − b)/(1 − m),
+    kept inside the bracket (largest b that met, smallest that missed; bisection when it falls outside). Stops
     at a plan measured within ``tolerance`` below the target, a bracket narrower than 0.005, or after
     ``steps`` plans. ConfigError (ending with ``hint``) when no plan met the target."""
     history: list[LatencyStep] = []

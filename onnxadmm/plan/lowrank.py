@@ -19,7 +19,7 @@ Under ``--objective latency`` a factorization measured no faster than its dense 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -57,7 +57,7 @@ class RankPlan:
                 "kept_dense": self.dense_reasons, "measured_output_damage": self.measured_damage,
                 "pair_latency_ratio": self.latency_ratios,
                 "latency_ratio_measured_at_plan": self.latency_ratio_measured,
-                "latency_search": [dict(step.__dict__) for step in self.latency_search]}
+                "latency_search": [asdict(step) for step in self.latency_search]}
 
 
 @dataclass(frozen=True)
