@@ -167,6 +167,7 @@ def _solve_and_export(loaded: LoadedModel, calibration, evaluation, config: Comp
     from .export.apply import apply_initializers, finalize
     from .factored import compress_factored
     from .plan.planner import plan_sparsity
+    from .distill import distill
     from .refine import refine
     from .sequential import compress_layers, structure_for
     from .structured import compress_channels, compress_grouped, declined_groups
@@ -211,6 +212,7 @@ def _solve_and_export(loaded: LoadedModel, calibration, evaluation, config: Comp
         solved = compress_layers(view, found.layers, calib, structures, plan.levels, config, progress)
         compressed, solved.refined = refine(view, apply_initializers(normalized.model, solved.initializers),
                                             calib, config, progress)
+    compressed, solved.distilled = distill(normalized.model, compressed, calib, config, progress)
     progress("export", 0, 1, "writing weights")
     digest = config_hash(config)
     notes.extend(finalize(compressed, normalized.model, {
@@ -269,6 +271,7 @@ def _compress_report(loaded, config, validate_config, digest, calib, plan_report
                         "representative": calib.representative},
         "plan": plan_report,
         "layers": rows, "refined_blocks": [dataclasses.asdict(o) for o in solved.refined],
+        "distillation": dataclasses.asdict(solved.distilled) if solved.distilled else None,
         "declined": [dataclasses.asdict(d) for d in declined],
         "totals": {"layers_compressed": len(rows), "layers_declined": len(declined),
                    "weights_in_compressed_layers": total, "nonzero_in_compressed_layers": nonzero,

@@ -36,6 +36,7 @@ CHANNEL_METHODS = ("channel", "l0-l21")
 LOWRANK_METHODS = ("lowrank", "lowrank-sparse")
 SPARSE_STRUCTURES = ("rows", "unstructured")
 OBJECTIVES = ("latency", "size")
+AUGMENTATIONS = ("auto", "none")
 PLATFORMS = ("linux-aarch64",)
 LOSSES = ("activation", "linear")
 SOLVERS = ("admm", "magnitude", "refit")
@@ -107,6 +108,15 @@ class CompressConfig:
         default=2, metadata=_opt("block-wise refinement: merge cut-to-cut stretches until a block holds this "
                                  "many compressed layers")
     )
+    distill_epochs: int = field(
+        default=0, metadata=_opt("whole-model distillation after the solve: epochs of Adam matching the original's "
+                                 "outputs on (augmented) calibration samples, supports fixed, no labels (0 = off)")
+    )
+    distill_lr: float = field(default=1e-4, metadata=_opt("whole-model distillation: Adam learning rate"))
+    distill_augment: str = field(
+        default="auto", metadata=_opt("whole-model distillation: auto (random flip and shift of an image input) "
+                                      "or none", AUGMENTATIONS)
+    )
     conv_groups: int = field(
         default=2, metadata=_opt("--method grouped: blocks per Conv pair (the exported Conv's group)")
     )
@@ -169,6 +179,7 @@ class CompressConfig:
         _check_choice("solver", self.solver, SOLVERS)
         _check_choice("sparse_structure", self.sparse_structure, SPARSE_STRUCTURES)
         _check_choice("objective", self.objective, OBJECTIVES)
+        _check_choice("distill_augment", self.distill_augment, AUGMENTATIONS)
         _check_range("sparsity", self.sparsity, 0.0, 1.0, hi_open=True)
         self.nm_pattern  # validates
         if self.grad_patches is not None and self.grad_patches < 1:
@@ -207,6 +218,8 @@ class CompressConfig:
             raise ConfigError("rho_init must be > 0 and rho_growth >= 1")
         if self.refine_epochs < 0 or not self.refine_lr > 0 or self.refine_block_layers < 1:
             raise ConfigError("refine_epochs must be >= 0, refine_lr > 0 and refine_block_layers >= 1")
+        if self.distill_epochs < 0 or not self.distill_lr > 0:
+            raise ConfigError("distill_epochs must be >= 0 and distill_lr > 0")
 
     def _check_lowrank(self) -> None:
         for name in ("target_params", "rank_ratio"):

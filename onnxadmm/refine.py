@@ -105,7 +105,7 @@ def refine_blocks(original: GraphView, compressed: onnx.ModelProto, samples: Sam
         targets, teacher_note = _teacher(original, original_constants, block, teacher_values, samples, config)
         weights = {name: _loss_weight(targets[name], (ignored or {}).get(name)) for name in block.outputs}
         try:
-            student = convert_block(view, block.node_ids, block.outputs, {}, _types(student_values))
+            student = convert_block(view, block.node_ids, block.outputs, {}, value_types(student_values))
         except BridgeError as exc:
             student_values = _run_onnx(view, block, student_values, config)
             outcome.note = f"not refined: {exc}"
@@ -138,13 +138,13 @@ def _teacher(original: GraphView, constants: set[int], block: Block, values: Map
         return _run_onnx(original, whole, samples.arrays, config), "targets from the whole original model"
     piece = Block(ids, block.inputs, block.outputs, [])
     try:
-        teacher = convert_block(original, ids, block.outputs, {}, _types(values))
+        teacher = convert_block(original, ids, block.outputs, {}, value_types(values))
     except BridgeError:
         return _run_onnx(original, piece, values, config), ""
     return _run_torch(teacher, values, config.batch_size), ""
 
 
-def _types(values: Mapping[str, np.ndarray]) -> dict[str, TensorType]:
+def value_types(values: Mapping[str, np.ndarray]) -> dict[str, TensorType]:
     return {n: TensorType(onnx.helper.np_dtype_to_tensor_dtype(a.dtype), (None,) * a.ndim)
             for n, a in values.items()}
 
@@ -191,11 +191,9 @@ def _train(student: BlockModule, handles: dict[str, WeightHandle], inputs, targe
               for name in student.output_names}
     for tensor in tensors:
         tensor.requires_grad_(True)
-    optimizer = torch.optim.Adam(tensors, lr=config.refine_lr)
     batch = min(config.batch_size, len(train_rows))
-    per_epoch = math.ceil(len(train_rows) / batch)
-    steps = config.refine_epochs * per_epoch
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    steps = config.refine_epochs * math.ceil(len(train_rows) / batch)
+    optimizer, schedule = cosine_adam(tensors, config.refine_lr, steps)
     rng = np.random.default_rng(config.seed + index)
     for epoch in range(config.refine_epochs):
         order = rng.permutation(train_rows)
@@ -204,13 +202,7 @@ def _train(student: BlockModule, handles: dict[str, WeightHandle], inputs, targe
             outs = student({n: torch.from_numpy(a[take]) for n, a in inputs.items() if n in student.input_names})
             loss = sum(((out - torch.from_numpy(targets[name][take])) * weights[name]).pow(2).mean() / energy[name]
                        for out, name in zip(outs, student.output_names))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            with torch.no_grad():
-                for tensor, mask in zip(tensors, masks):
-                    tensor.mul_(mask)
+            masked_step(optimizer, schedule, loss, tensors, masks)
         check = relative_loss(student, inputs, targets, weights, check_rows, config.batch_size)
         if check < best_loss:
             best_loss, best, outcome.best_epoch = check, [t.detach().clone() for t in tensors], epoch + 1
@@ -226,23 +218,41 @@ def _train(student: BlockModule, handles: dict[str, WeightHandle], inputs, targe
     return {name: handle.to_onnx() for name, handle in handles.items()}
 
 
+def cosine_adam(tensors: list[torch.Tensor], lr: float, steps: int):
+    """Adam over ``tensors`` with the learning rate lr·½(1 + cos(π s / steps)) at step s."""
+    optimizer = torch.optim.Adam(tensors, lr=lr)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+
+
+def masked_step(optimizer, schedule, loss: torch.Tensor, tensors: list[torch.Tensor],
+                masks: list[torch.Tensor]) -> None:
+    """One optimizer step on ``loss``, then W ← W ⊙ M for each tensor (supports stay fixed)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    schedule.step()
+    with torch.no_grad():
+        for tensor, mask in zip(tensors, masks):
+            tensor.mul_(mask)
+
+
 def _run_torch(block: BlockModule, inputs: Mapping[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
     def run(feed):
         with torch.no_grad():
             return [out.numpy() for out in block({n: torch.from_numpy(a) for n, a in feed.items()})]
 
-    return _in_batches(run, inputs, block.input_names, block.output_names, batch_size)
+    return in_batches(run, inputs, block.input_names, block.output_names, batch_size)
 
 
 def _run_onnx(view: GraphView, block: Block, inputs: Mapping[str, np.ndarray],
               config: CompressConfig) -> dict[str, np.ndarray]:
-    model = cut(view, block.node_ids, block.outputs, _types(inputs))
+    model = cut(view, block.node_ids, block.outputs, value_types(inputs))
     sess = session(model, config.threads)
-    return _in_batches(lambda feed: sess.run(block.outputs, feed), inputs, [v.name for v in model.graph.input],
+    return in_batches(lambda feed: sess.run(block.outputs, feed), inputs, [v.name for v in model.graph.input],
                        block.outputs, config.batch_size)
 
 
-def _in_batches(run, inputs: Mapping[str, np.ndarray], names: list[str], outputs: list[str],
+def in_batches(run, inputs: Mapping[str, np.ndarray], names: list[str], outputs: list[str],
                 batch_size: int) -> dict[str, np.ndarray]:
     """``run`` (a feed of ``names`` -> arrays of ``outputs``) over all samples, ``batch_size`` at a time."""
     count = len(inputs[names[0]])

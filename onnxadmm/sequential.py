@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -54,6 +54,7 @@ class SequentialResult:
     peak_cache_bytes: int
     spilled_bytes: int
     refined: list = field(default_factory=list)  # block-wise refinement outcomes (refine.py), when it ran
+    distilled: Any = None  # the whole-model distillation record (distill.py), when it ran
 
 
 def schedule(view: GraphView, layers: list[Layer]) -> list[Layer]:

@@ -130,6 +130,7 @@ TARGETS: tuple[float, ...] = ()  # --targets: MACs targets of the channel suite 
 
 
 REFINE = {"refine_epochs": 30}  # block-wise refinement rows (docs: README "Refinement")
+DISTILL = {"distill_epochs": 30}  # whole-model distillation rows (docs: README "Refinement")
 
 
 def channel_suite(name: str) -> list[dict]:
@@ -151,6 +152,10 @@ def channel_suite(name: str) -> list[dict]:
             runs.append({"label": "channel admm + block refine", "group": f"MACs {target}",
                          "config": {"method": "channel", "target_macs": target, **REFINE,
                                     **({"refine_block_layers": 3} if large else {})}})
+        if target == 0.75 and large and not TARGETS:  # then whole-model distillation
+            runs.append({"label": "channel admm + block refine + distill", "group": f"MACs {target}",
+                         "config": {"method": "channel", "target_macs": target, **REFINE, "refine_block_layers": 3,
+                                    **DISTILL}})
         if target == 0.5 and not large and not TARGETS:
             runs.append({"label": "channel admm, uniform", "group": f"MACs {target}",
                          "config": {"method": "channel", "target_macs": target, "uniform": True}})
@@ -182,6 +187,8 @@ def latency_suite(name: str) -> list[dict]:
                      "config": {"method": "channel", "target_latency": target}})
     runs.append({"label": "channel admm, latency target + block refine", "group": "latency 0.67",
                  "config": {"method": "channel", "target_latency": 0.67, **REFINE}})
+    runs.append({"label": "channel admm, latency target + block refine + distill", "group": "latency 0.67",
+                 "config": {"method": "channel", "target_latency": 0.67, **REFINE, **DISTILL}})
     return runs
 
 
@@ -233,10 +240,13 @@ PAIRED = {  # suite -> (row A, row B) label pairs compared per group, where both
     "lowrank": [("L+S unstructured S, activation loss", "sparse, activation loss"),
                 ("L+S unstructured S, activation loss", "low-rank, activation loss"),
                 ("low-rank, activation loss", "low-rank, linear loss")],
-    "channel": [("channel admm", "l1-norm + LS refit")],
+    "channel": [("channel admm", "l1-norm + LS refit"),
+                ("channel admm + block refine + distill", "channel admm + block refine")],
     "latency": [("channel admm, latency target", "channel admm, latency target, table timed alone"),
                 ("channel admm, latency target + block refine",
-                 "channel admm, latency target, table timed alone + block refine")],
+                 "channel admm, latency target, table timed alone + block refine"),
+                ("channel admm, latency target + block refine + distill",
+                 "channel admm, latency target + block refine")],
 }
 
 

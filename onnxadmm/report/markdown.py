@@ -133,6 +133,20 @@ def _refined(lines: list[str], rows: list[dict]) -> None:
     lines.append("")
 
 
+def _distilled(lines: list[str], d: dict) -> None:
+    lines.append(f"## Whole-model distillation ({d['epochs']} epochs, augmentation {d['augment']}, "
+                 f"{len(d['trained'])} weight tensors trained, {d['seconds']:.1f} s)")
+    lines.append("")
+    lines.append("On every tenth calibration sample (seen by the layer-wise solve, unseen by the distillation):")
+    lines.append("")
+    lines.append(f"- loss to the original's outputs: {_fmt(d['loss_before'], 4)} → {_fmt(d['loss_after'], 4)}")
+    if d["agreement_before"] is not None:
+        lines.append(f"- top-1 agreement with the original: {_fmt(d['agreement_before'], 3)} → "
+                     f"{_fmt(d['agreement_after'], 3)}")
+    lines.append(f"- distilled weights kept: {'yes' if d['kept'] else 'no'}" + (f" ({d['note']})" if d["note"] else ""))
+    lines.append("")
+
+
 def render(report: dict) -> str:
     lines = [f"# onnxadmm {report['kind']} report", ""]
     status = "PASSED" if report.get("passed", True) else "FAILED (a gate was missed)"
@@ -177,6 +191,8 @@ def render(report: dict) -> str:
         lines.append("")
     if report.get("refined_blocks"):
         _refined(lines, report["refined_blocks"])
+    if report.get("distillation"):
+        _distilled(lines, report["distillation"])
     plan = report.get("plan") or {}
     if plan.get("groups"):
         lines.append(f"## Channel groups (MACs planned {plan['macs_planned_ratio']:.3f} of the original, "

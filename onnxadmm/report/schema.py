@@ -6,6 +6,8 @@ Top-level keys of a ``compress`` report:
             error_dense, error_projected, error_final, patches, seconds, admm_history; for factorized layers
             rank, inner (rank + merged rows), merged_rows, sparse_nonzero),
   refined_blocks[] (block, layers, loss_before, loss_after, kept, seconds, note; with --refine-epochs),
+  distillation (epochs, augment, trained, loss_before/after, agreement_before/after, kept, seconds, note;
+                with --distill-epochs, else null),
   declined[] (name, op_type, reason), totals, validation, passed, timing, notes.
 Errors are relative squared errors of the layer output on the sampled calibration patches:
   error_dense — original weights on the compressed model's inputs (error inherited from upstream);
