@@ -167,7 +167,7 @@ def _solve_and_export(loaded: LoadedModel, calibration, evaluation, config: Comp
     from .export.apply import apply_initializers, finalize
     from .factored import compress_factored
     from .plan.planner import plan_sparsity
-    from .distill import distill
+    from .distill import distill, held_out_rows
     from .refine import refine
     from .sequential import compress_layers, structure_for
     from .structured import compress_channels, compress_grouped, declined_groups
@@ -190,16 +190,21 @@ def _solve_and_export(loaded: LoadedModel, calibration, evaluation, config: Comp
                                          config.seed)
     check_gate_inputs(validate_config, eval_set.labels is not None)
     channels, factored, give_back = None, None, []
+    solving = calib  # what the solve and block refinement see; distillation checks on samples they did not
+    if config.distill_epochs:
+        solving = calib.subset(np.flatnonzero(~held_out_rows(calib.num_samples)))
+        notes.append(f"{calib.num_samples - solving.num_samples} of {calib.num_samples} calibration samples held "
+                     "out of the layer-wise solve and block refinement, to check the distillation on")
     if config.method in LOWRANK_METHODS:
-        factored = compress_factored(view, normalized.model, found.layers, calib, config, progress)
+        factored = compress_factored(view, normalized.model, found.layers, solving, config, progress)
         solved = factored.solved
-        compressed, solved.refined = refine(view, factored.model, calib, config, progress)
+        compressed, solved.refined = refine(view, factored.model, solving, config, progress)
     elif config.method == "grouped" or config.method in CHANNEL_METHODS:
         method = compress_grouped if config.method == "grouped" else compress_channels
-        channels = method(view, normalized.model, everything.layers, found.layers, calib, config, progress)
+        channels = method(view, normalized.model, everything.layers, found.layers, solving, config, progress)
         if config.max_macs is not None and (validate_config.max_accuracy_drop is not None or
                                             validate_config.min_agreement is not None):
-            channels, give_back = _give_back(channels, view, normalized.model, everything, found, calib,
+            channels, give_back = _give_back(channels, view, normalized.model, everything, found, solving,
                                              eval_set, loaded.model, config, validate_config, progress)
         solved, compressed = channels.solved, channels.model
         found.declined.extend(declined_groups(channels))
@@ -207,11 +212,11 @@ def _solve_and_export(loaded: LoadedModel, calibration, evaluation, config: Comp
         progress("plan", 0, 1, "measuring sensitivity")
         if config.target_params is not None:  # sparse at a parameter budget: sparsity = 1 − F
             config = dataclasses.replace(config, sparsity=1.0 - config.target_params)
-        plan = plan_sparsity(view, found.layers, calib, config)
+        plan = plan_sparsity(view, found.layers, solving, config)
         structures = {l.name: structure_for(l, config, plan.levels[l.name]) for l in found.layers}
-        solved = compress_layers(view, found.layers, calib, structures, plan.levels, config, progress)
+        solved = compress_layers(view, found.layers, solving, structures, plan.levels, config, progress)
         compressed, solved.refined = refine(view, apply_initializers(normalized.model, solved.initializers),
-                                            calib, config, progress)
+                                            solving, config, progress)
     compressed, solved.distilled = distill(normalized.model, compressed, calib, config, progress)
     progress("export", 0, 1, "writing weights")
     digest = config_hash(config)

@@ -453,14 +453,16 @@ def test_logits_damage_is_the_softmax_kl_and_ignores_a_shift_of_every_score():
 
 
 def wide_cnn():
-    """Two 64-channel 3×3 convs at 16×16: large enough that a low-rank pair runs faster in onnxruntime."""
+    """Two 128-channel 3×3 convs at 16×16: large enough that low-rank pairs run much faster in onnxruntime
+    (the fastest plan measures 0.36 of the original here; with 64 channels 0.76-0.79, too close to a
+    target of 0.8 for a test on a shared machine)."""
     from models import GraphBuilder
 
     b = GraphBuilder(5)
-    y = b.conv("input", 64, 64)
-    y = b.conv(y, 64, 64)
+    y = b.conv("input", 128, 128)
+    y = b.conv(y, 128, 128)
     y = b.node("Flatten", [b.node("GlobalAveragePool", [y])])
-    return b.model([("input", ["N", 64, 16, 16])], [b.gemm(y, 64, 10, act=None)])
+    return b.model([("input", ["N", 128, 16, 16])], [b.gemm(y, 128, 10, act=None)])
 
 
 def test_lowrank_latency_target_is_met_on_the_measured_graph(tmp_path, monkeypatch):
@@ -471,12 +473,11 @@ def test_lowrank_latency_target_is_met_on_the_measured_graph(tmp_path, monkeypat
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     model = wide_cnn()
-    # the fastest plan of this model measures 0.76-0.79 here: 0.9 leaves room for timing noise
-    result = compress(model, samples_for(model, 32), CompressConfig(method="lowrank", target_latency=0.9,
+    result = compress(model, samples_for(model, 32), CompressConfig(method="lowrank", target_latency=0.7,
                                                                     admm_iterations=5))
     plan = result.report["plan"]
-    assert plan["latency_ratio_measured_at_plan"] <= 0.9
-    assert plan["latency_search"][0]["budget_ratio"] == 0.9
+    assert plan["latency_ratio_measured_at_plan"] <= 0.7
+    assert plan["latency_search"][0]["budget_ratio"] == 0.7
     assert any(spec is not None for spec in plan["ranks"].values())
     assert "exported graph measured" in render(result.report)
 
