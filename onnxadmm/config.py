@@ -110,7 +110,8 @@ class CompressConfig:
     )
     distill_epochs: int = field(
         default=0, metadata=_opt("whole-model distillation after the solve: epochs of Adam matching the original's "
-                                 "outputs on (augmented) calibration samples, supports fixed, no labels (0 = off)")
+                                 "outputs on (augmented) calibration samples, supports fixed, no labels; every tenth sample is "
+                                 "then held out of the solve to check it on (0 = off)")
     )
     distill_lr: float = field(default=1e-4, metadata=_opt("whole-model distillation: Adam learning rate"))
     distill_augment: str = field(

@@ -349,6 +349,7 @@ def run_model(suite: str, name: str, only: str | None) -> dict:
             "same_levels_as_admm": same_levels, "declined": len(report["declined"]),
             "measured": f"{time.strftime('%Y-%m-%d')} {COMMIT}",
             "evaluated": len(evaluation["labels"]), "correct_bits": correct_bits(result.model, evaluation),
+            "distillation": {k: v for k, v in (report.get("distillation") or {}).items() if k != "trained"} or None,
         })
         print(f"[{name}] {spec['label']:<28} {spec['group']:<14} top1 {100 * v['accuracy_compressed']:.2f} "
               f"drop {v['accuracy_drop_pt']:.2f} agree {v['agreement']:.4f} t {report['timing']['compress_s']:.0f}s "

@@ -137,7 +137,8 @@ def _distilled(lines: list[str], d: dict) -> None:
     lines.append(f"## Whole-model distillation ({d['epochs']} epochs, augmentation {d['augment']}, "
                  f"{len(d['trained'])} weight tensors trained, {d['seconds']:.1f} s)")
     lines.append("")
-    lines.append("On every tenth calibration sample (seen by the layer-wise solve, unseen by the distillation):")
+    lines.append("On every tenth calibration sample (held out of the solve, the block refinement and the "
+                 "distillation):")
     lines.append("")
     lines.append(f"- loss to the original's outputs: {_fmt(d['loss_before'], 4)} → {_fmt(d['loss_after'], 4)}")
     if d["agreement_before"] is not None:
