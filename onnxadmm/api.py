@@ -164,10 +164,10 @@ def _solve_and_export(loaded: LoadedModel, calibration, evaluation, config: Comp
                       validate_config: ValidateConfig, progress: Progress) -> _Solution:
     """Normalize, find the layers, plan, solve and write the weights back (the whole pipeline before
     validation)."""
+    from .distill import distill, held_out_rows
     from .export.apply import apply_initializers, finalize
     from .factored import compress_factored
     from .plan.planner import plan_sparsity
-    from .distill import distill, held_out_rows
     from .refine import refine
     from .sequential import compress_layers, structure_for
     from .structured import compress_channels, compress_grouped, declined_groups
