@@ -39,7 +39,7 @@ from .calib.readers import SampleSet
 from .config import CompressConfig
 from .export.apply import apply_initializers
 from .onnxio.graph import GraphView
-from .refine import changed_initializers, cosine_adam, in_batches, masked_step, value_types
+from .refine import changed_initializers, cosine_adam, in_batches, masked_step, run_torch, value_types
 from .runtime import session
 from .sequential import Progress
 
@@ -176,11 +176,7 @@ def _train(student: BlockModule, tensors: list[torch.Tensor], teach, samples: Sa
 def _held_out(student: BlockModule, feed: Mapping[str, np.ndarray], targets: Mapping[str, np.ndarray],
               batch_size: int) -> tuple[float, float | None]:
     """(mean D over the outputs, top-1 agreement of the class-score outputs or None) on ``feed``."""
-    def run(part):
-        with torch.no_grad():
-            return [o.numpy() for o in student({n: torch.from_numpy(a) for n, a in part.items()})]
-
-    outs = in_batches(run, feed, student.input_names, student.output_names, batch_size)
+    outs = run_torch(student, feed, batch_size)
     names = student.output_names
     loss = float(np.mean([float(divergence(torch.from_numpy(outs[n]), torch.from_numpy(targets[n])))
                           for n in names]))

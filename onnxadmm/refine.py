@@ -118,7 +118,7 @@ def refine_blocks(original: GraphView, compressed: onnx.ModelProto, samples: Sam
                                       outcome))
             else:
                 outcome.note = "no compressed weights found in the converted block"
-            student_values = _run_torch(student, student_values, config.batch_size)
+            student_values = run_torch(student, student_values, config.batch_size)
         outcome.note = "; ".join(n for n in (outcome.note, teacher_note) if n)
         teacher_values = targets
         outcome.seconds = time.perf_counter() - started
@@ -141,7 +141,7 @@ def _teacher(original: GraphView, constants: set[int], block: Block, values: Map
         teacher = convert_block(original, ids, block.outputs, {}, value_types(values))
     except BridgeError:
         return _run_onnx(original, piece, values, config), ""
-    return _run_torch(teacher, values, config.batch_size), ""
+    return run_torch(teacher, values, config.batch_size), ""
 
 
 def value_types(values: Mapping[str, np.ndarray]) -> dict[str, TensorType]:
@@ -236,7 +236,8 @@ def masked_step(optimizer, schedule, loss: torch.Tensor, tensors: list[torch.Ten
             tensor.mul_(mask)
 
 
-def _run_torch(block: BlockModule, inputs: Mapping[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
+def run_torch(block: BlockModule, inputs: Mapping[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
+    """The module's outputs on ``inputs`` (no gradients), ``batch_size`` samples at a time."""
     def run(feed):
         with torch.no_grad():
             return [out.numpy() for out in block({n: torch.from_numpy(a) for n, a in feed.items()})]
