@@ -39,14 +39,14 @@ def target_met(measured, target):
     return target - SEARCH_TOLERANCE - 1e-9 <= measured <= target
 
 
-def test_the_search_keeps_the_least_aggressive_plan_that_met_when_it_runs_out_of_steps():
+def test_the_search_keeps_the_least_aggressive_plan_that_met_when_none_is_within_tolerance():
     def response(plan):  # measured 0.62 below a budget of 0.62, else above the target: never within tolerance
         return 0.62 if plan <= 0.62 else 0.75
 
     plan, measured, steps = search(response, 0.7)
     met = [s for s in steps if s.measured_ratio <= 0.7]
-    assert len(steps) == SEARCH_STEPS and met and measured == 0.62
-    assert plan == round(max(s.budget_ratio for s in met), 2)
+    assert len(steps) <= SEARCH_STEPS and met and measured == 0.62
+    assert plan == round(max(s.budget_ratio for s in met), 2) == 0.62  # the bracket closed on the jump
 
 
 def test_an_unreachable_latency_is_refused_with_the_fastest_measured_ratio():

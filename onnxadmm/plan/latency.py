@@ -360,7 +360,8 @@ def meet_measured_latency(plan_at: Callable[[float], tuple[Hashable, float]],
 
     ``plan_at(b)`` plans for a budget of b × the original's ``unit`` (returns the plan and the table's
     predicted latency ratio); ``measured_ratio(plan)`` times it. Starting at b = target, the next budget
-    assumes the measured saving is proportional to the planned one, b' = 1 − (1 − target)·(1 − b)/(1 − m),
+    assumes the measured saving is proportional to the planned one and aims at the middle of the accepted
+    band [target − tolerance, target], a = target − tolerance/2: b' = 1 − (1 − a)·(1 − b)/(1 − m),
     kept inside the bracket (largest b that met, smallest that missed; bisection when it falls outside). Stops
     at a plan measured within ``tolerance`` below the target, a bracket narrower than 0.005, or after
     ``steps`` plans. ConfigError (ending with ``hint``) when no plan met the target."""
@@ -369,6 +370,7 @@ def meet_measured_latency(plan_at: Callable[[float], tuple[Hashable, float]],
     met: tuple[float, Hashable] | None = None
     missed = 1.0
     budget = target
+    aim = target - 0.5 * tolerance  # the middle of the accepted band: aiming at its edge misses half the time
     for _ in range(steps):
         plan, predicted = plan_at(budget)
         if plan not in timed_plans:
@@ -385,7 +387,7 @@ def meet_measured_latency(plan_at: Callable[[float], tuple[Hashable, float]],
         low = met[0] if met else 0.0
         if missed - low < 0.005:
             break
-        guess = 1.0 - (1.0 - target) * (1.0 - budget) / max(1.0 - measured, 1e-3)
+        guess = 1.0 - (1.0 - aim) * (1.0 - budget) / max(1.0 - measured, 1e-3)
         budget = guess if low < guess < missed else 0.5 * (low + missed)
     if met is None:
         best = min(step.measured_ratio for step in history)

@@ -174,7 +174,7 @@ def plan_ranks(view: GraphView, layers: list[Layer], samples: SampleSet, config:
                 "overhead dominates small layers)" if slow else "")
     search, measured = [], None
     if measure == "latency_ms":
-        hint = f"factorization goes no further{why_slow}. Ask for less, or use --method channel instead"
+        hint = f"no factorization plan tried was faster{why_slow}. Ask for less, or use --method channel instead"
         chosen, measured, search = _meet_latency(view, eligible, grids, options, fixed, original, one, config,
                                                  timing, hint)
     else:
