@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import signal
 import sys
+import threading
 import time
 import traceback
 import typing
@@ -21,6 +23,15 @@ from .config import CompressConfig, ValidateConfig, from_mapping, load_toml
 from .errors import ConfigError, OnnxAdmmError
 
 EXIT_OK, EXIT_GATE, EXIT_USAGE, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3, 4
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a CI timeout, ``kill``) raised as an interrupt, so that temporary folders and partial
+    outputs are removed by the same ``finally`` blocks as on Ctrl-C."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -259,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="onnxadmm: %(message)s")
     runner = {"compress": run_compress, "validate": run_validate, "check": run_check}[args.command]
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         return runner(args)
     except OnnxAdmmError as exc:
@@ -267,8 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         kind = "config error" if isinstance(exc, ConfigError) else "error"
         print(f"onnxadmm: {kind}: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("onnxadmm: interrupted; nothing was written", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        cause = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"onnxadmm: {cause}; no partial output is left and temporary files were removed", file=sys.stderr)
         return EXIT_INTERNAL
     except Exception as exc:  # noqa: BLE001 - the last line of defence maps to exit 4
         if getattr(args, "debug", False):
@@ -276,3 +290,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"onnxadmm: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback; "
               "please report it)", file=sys.stderr)
         return EXIT_INTERNAL
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_sigterm)
