@@ -49,7 +49,26 @@ def test_the_search_keeps_the_least_aggressive_plan_that_met_when_none_is_within
     assert plan == round(max(s.budget_ratio for s in met), 2) == 0.62  # the bracket closed on the jump
 
 
-def test_an_unreachable_latency_is_refused_with_the_fastest_measured_ratio():
+def test_an_unreachable_latency_is_refused_with_the_fastest_measured_ratio_and_the_floor():
+    timed = []
+
+    def response(plan):
+        timed.append(plan)
+        return 0.8 + 0.2 * plan
+
     with pytest.raises(ConfigError, match=r"--target-latency 0.5 cannot be met: the fastest plan tried measured "
-                                          r"0\.80"):
-        search(lambda p: 0.8 + 0.2 * p, 0.5)
+                                          r"0\.80\d .* \(\d plans timed\); with every layer at its most aggressive "
+                                          r"option the graph measures 0\.800"):
+        search(response, 0.5)
+    assert timed[-1] == 0.0  # the budget-0 plan is timed for the floor
+
+
+def test_the_floor_is_left_out_when_the_planner_cannot_form_the_strongest_plan():
+    def plan_at(budget):
+        if budget <= 0.0:
+            raise ConfigError("no plan at budget 0")
+        return round(budget, 2), budget
+
+    with pytest.raises(ConfigError) as refused:
+        meet_measured_latency(plan_at, lambda p: 0.8 + 0.2 * p, 0.5)
+    assert "most aggressive" not in str(refused.value) and "plans timed); ask for less" in str(refused.value)

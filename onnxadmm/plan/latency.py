@@ -391,7 +391,23 @@ def meet_measured_latency(plan_at: Callable[[float], tuple[Hashable, float]],
         budget = guess if low < guess < missed else 0.5 * (low + missed)
     if met is None:
         best = min(step.measured_ratio for step in history)
+        floor = _strongest_plan_ratio(plan_at, measured_ratio, timed_plans)
+        floor_text = "" if floor is None else (
+            f"; with every layer at its most aggressive option the graph measures {floor:.3f}")
         raise ConfigError(f"--target-latency {target} cannot be met: the fastest plan tried measured "
                           f"{best:.3f} of the original's batch-1 latency in onnxruntime here "
-                          f"({len(history)} plans timed); {hint}")
+                          f"({len(history)} plans timed){floor_text}; {hint}")
     return met[1], timed_plans[met[1]], history
+
+
+def _strongest_plan_ratio(plan_at, measured_ratio, timed_plans: dict) -> float | None:
+    """The measured ratio of the plan at budget 0 (every layer at its most aggressive option): what the
+    method can reach at all, so a refusal states a measured floor, not only the plans the search tried.
+    None when the planner cannot form that plan."""
+    try:
+        plan, _ = plan_at(0.0)
+    except ConfigError:
+        return None
+    if plan not in timed_plans:
+        timed_plans[plan] = measured_ratio(plan)
+    return timed_plans[plan]
