@@ -490,6 +490,6 @@ def test_lowrank_latency_target_beyond_every_rank_is_refused_with_what_was_measu
     model = wide_cnn()
     with pytest.raises(ConfigError, match=r"--target-latency 0.05 cannot be met: the fastest plan tried measured "
                                           r"0\.\d+ .*most aggressive option the graph measures 0\.\d+; "
-                                          r"no factorization plan tried was faster.*--method channel"):
+                                          r".*ask for less, or use --method channel instead"):
         compress(model, samples_for(model, 32), CompressConfig(method="lowrank", target_latency=0.05,
                                                                admm_iterations=5))

@@ -170,19 +170,19 @@ def plan_ranks(view: GraphView, layers: list[Layer], samples: SampleSet, config:
     options, measure, budget, what, fixed, original = _options(view, layers, eligible, grids, curves, positions,
                                                                costs, one, config, timing)
     slow = sum("faster" in r for r in reasons.values())
-    why_slow = (f"; {slow} layers have no factor pair faster than the dense layer in onnxruntime here (per-call "
-                "overhead dominates small layers)" if slow else "")
+    why_slow = (f"{slow} layers have no factor pair faster than the dense layer in onnxruntime here (per-call "
+                "overhead dominates small layers); " if slow else "")
     search, measured = [], None
     if measure == "latency_ms":
-        hint = f"no factorization plan tried was faster{why_slow}. Ask for less, or use --method channel instead"
+        hint = f"{why_slow}ask for less, or use --method channel instead"
         chosen, measured, search = _meet_latency(view, eligible, grids, options, fixed, original, one, config,
                                                  timing, hint)
     else:
         cheapest = fixed + sum(min(o.cost for o in opts) for opts in options.values())
         if cheapest > budget + fixed + 1e-9 * original:
             raise ConfigError(f"the {what} cannot be met by factorization: the strongest ranks on the grid bring "
-                              f"the model to {cheapest / original:.3f} of the original's {measure}{why_slow}. "
-                              "Ask for less, or use " + ("--method sparse (any sparsity)" if measure == "params"
+                              f"the model to {cheapest / original:.3f} of the original's {measure}; {why_slow}"
+                              "ask for less, or use " + ("--method sparse (any sparsity)" if measure == "params"
                                                          else "--method channel") + " instead")
         chosen = allocate(options, budget, what=what)
     for layer in eligible:
