@@ -112,6 +112,10 @@ def compress(model: Any, calibration: Any, config: CompressConfig = CompressConf
     from .validation.run import validate_models
 
     validate_config = validate_config or ValidateConfig()
+    if config.latency_batch and config.latency_batch not in validate_config.latency_batch_sizes:
+        # the batch the target was met at is also the one the validation times
+        validate_config = dataclasses.replace(
+            validate_config, latency_batch_sizes=(*validate_config.latency_batch_sizes, config.latency_batch))
     progress = progress or (lambda *args: None)
     started = time.perf_counter()
     threads_before = torch.get_num_threads()

@@ -65,8 +65,13 @@ class CompressConfig:
                                     "original's")
     )
     target_latency: float | None = field(
-        default=None, metadata=_opt("channel and lowrank methods: batch-1 latency of the output as a fraction "
-                                    "of the original's, met on the exported graph timed in onnxruntime here")
+        default=None, metadata=_opt("channel and lowrank methods: latency of the output (at --latency-batch) as "
+                                    "a fraction of the original's, met on the exported graph timed in "
+                                    "onnxruntime here")
+    )
+    latency_batch: int | None = field(
+        default=None, metadata=_opt("batch size at which --target-latency and the latency objective time the "
+                                    "model: the batch you serve (default 1, or the model's fixed batch)")
     )
     target_params: float | None = field(
         default=None, metadata=_opt("sparse and lowrank methods: nonzero weights of the compressible layers as "
@@ -185,6 +190,8 @@ class CompressConfig:
         self.nm_pattern  # validates
         if self.grad_patches is not None and self.grad_patches < 1:
             raise ConfigError(f"grad_patches must be >= 1, got {self.grad_patches}")
+        if self.latency_batch is not None and self.latency_batch < 1:
+            raise ConfigError(f"latency_batch must be >= 1, got {self.latency_batch}")
         for name in ("batch_size", "max_memory_mb", "sample_patches",
                      "admm_iterations", "sensitivity_samples", "sensitivity_probes"):
             if int(getattr(self, name)) < 1:

@@ -199,8 +199,9 @@ def grouped_pairs(view: GraphView, groups: list[ChannelGroup], by_node: dict[int
 
 
 def faster_pairs(view: GraphView, chosen: list[tuple[ChannelGroup, Layer, Layer]], input_shapes: dict[int, tuple],
-                 blocks: int, threads: int) -> tuple[list, list[tuple[ChannelGroup, str]], dict[str, float]]:
-    """The pairs whose grouped form is faster: P and Q, each timed in onnxruntime (batch 1) against its
+                 blocks: int, threads: int, batch: int = 1
+                 ) -> tuple[list, list[tuple[ChannelGroup, str]], dict[str, float]]:
+    """The pairs whose grouped form is faster: P and Q, each timed in onnxruntime (at ``batch``) against its
     grouped form, in context (``LatencyTable.grouped_ratio``: the layout reorders a grouped conv can cost
     its neighbours are counted), kept when Σ t_n·r_n < Σ t_n over the two convs. Returns (kept, skipped
     with the reason, group -> measured ratio)."""
@@ -211,7 +212,8 @@ def faster_pairs(view: GraphView, chosen: list[tuple[ChannelGroup, Layer, Layer]
     for group, p, q in chosen:
         dense_ms = grouped_ms = 0.0
         for layer in (p, q):
-            ms, ratio = table.grouped_ratio(view.nodes[layer.node_index], (1, *input_shapes[layer.node_index][1:]),
+            ms, ratio = table.grouped_ratio(view.nodes[layer.node_index],
+                                            (batch, *input_shapes[layer.node_index][1:]),
                                             view.constant(layer.weight_name), blocks)
             dense_ms, grouped_ms = dense_ms + ms, grouped_ms + ms * ratio
         ratios[group.name] = grouped_ms / dense_ms
@@ -242,8 +244,11 @@ def compress_grouped(view: GraphView, model: onnx.ModelProto, all_layers: list[L
     ratios = {}
     if config.objective == "latency" and chosen:
         progress("plan", 0, 1, f"timing {len(chosen)} conv pairs dense vs grouped")
+        from .plan.latency import timing_feed
+
+        batch = len(next(iter(timing_feed(samples, config.latency_batch).values())))
         chosen, slower, ratios = faster_pairs(view, chosen, {i: c.input_shape for i, c in costs.items()},
-                                              config.conv_groups, config.threads)
+                                              config.conv_groups, config.threads, batch)
         skipped += slower
     for group, reason in skipped:
         group.declined = f"not made block-diagonal: {reason}"

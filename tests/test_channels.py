@@ -722,3 +722,44 @@ def test_concat_of_a_tensor_with_itself_through_a_relu_is_declined():
     out = b.conv(joined, 16, 4, act=None)
     _, _, _, groups = analysed(b.model([("input", ["N", 3, 8, 8])], [out]))
     assert "two places" in groups[0].declined
+
+
+def test_latency_target_is_timed_at_the_latency_batch(tmp_path, monkeypatch):
+    """--latency-batch 4: every node, pair and whole graph the planner times runs at batch 4, the search
+    reports its measurements as batch-4 latency, and the validation times batch 4 as well."""
+    from onnxadmm.plan.latency import LatencyTable
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    node_batches, graph_batches = [], []
+    node_ratio, plan_ratio = LatencyTable.ratio, LatencyTable.plan_ratio
+
+    def spy_node(self, node, input_shape, weight, narrowed):
+        node_batches.append(input_shape[0])
+        return node_ratio(self, node, input_shape, weight, narrowed)
+
+    def spy_plan(self, original, planned, feed):
+        graph_batches.append(len(next(iter(feed.values()))))
+        return plan_ratio(self, original, planned, feed)
+
+    monkeypatch.setattr(LatencyTable, "ratio", spy_node)
+    monkeypatch.setattr(LatencyTable, "plan_ratio", spy_plan)
+    model = small_resnet(3)
+    config = CompressConfig(method="channel", target_latency=0.85, latency_batch=4, sensitivity_samples=8,
+                            admm_iterations=5)
+    result = compress(model, samples_for(model, 32), config, ValidateConfig(latency_rounds=2))
+    plan = result.report["plan"]
+    assert set(node_batches) == {4} and set(graph_batches) == {4}
+    assert {step["measured"] for step in plan["latency_search"]} == {"batch-4 latency"}
+    assert {step["budget_unit"] for step in plan["latency_search"]} == {"batch-4 latency", "MACs"}
+    assert plan["latency_ratio_measured_at_plan"] <= 0.85
+    assert [row["batch_size"] for row in result.report["validation"]["latency"]] == [1, 4]
+
+
+def test_latency_batch_other_than_a_fixed_model_batch_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    model = small_resnet(3)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    config = CompressConfig(method="channel", target_latency=0.85, latency_batch=8, admm_iterations=5)
+    with pytest.raises(ConfigError, match=r"--latency-batch 8: the model's inputs have a fixed batch of 1; use "
+                                          r"--latency-batch 1"):
+        compress(model, samples_for(model, 32), config)

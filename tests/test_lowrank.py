@@ -482,6 +482,29 @@ def test_lowrank_latency_target_is_met_on_the_measured_graph(tmp_path, monkeypat
     assert "exported graph measured" in render(result.report)
 
 
+def test_lowrank_latency_objective_times_pairs_at_the_latency_batch(tmp_path, monkeypatch):
+    """--latency-batch 2 with --rank-ratio under the latency objective: each factor pair is timed against its
+    dense layer at batch 2, and a pair is chosen only where that measured ratio is below 1."""
+    from onnxadmm import CompressConfig, compress
+    from onnxadmm.plan.latency import LatencyTable
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    batches = []
+    pair_ratio = LatencyTable.pair_ratio
+
+    def spy(self, node, input_shape, weight, inner):
+        batches.append(input_shape[0])
+        return pair_ratio(self, node, input_shape, weight, inner)
+
+    monkeypatch.setattr(LatencyTable, "pair_ratio", spy)
+    model = wide_cnn()
+    result = compress(model, samples_for(model, 32), CompressConfig(method="lowrank", rank_ratio=0.25,
+                                                                    latency_batch=2, admm_iterations=5))
+    plan = result.report["plan"]
+    assert batches and set(batches) == {2}
+    assert all(ratio < 1.0 for ratio in plan["pair_latency_ratio"].values())
+
+
 def test_lowrank_latency_target_beyond_every_rank_is_refused_with_what_was_measured(tmp_path, monkeypatch):
     from onnxadmm import CompressConfig, compress
     from onnxadmm.errors import ConfigError

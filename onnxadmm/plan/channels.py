@@ -42,10 +42,10 @@ class ChannelPlan:
     strategy: str
     measured_damage: dict[str, float] = field(default_factory=dict)
     scores: dict[str, np.ndarray] = field(default_factory=dict)
-    latency_ms_original: float | None = None  # whole model, batch 1 (latency target only)
+    latency_ms_original: float | None = None  # whole model, at the latency batch (latency target only)
     latency_ms_planned: float | None = None  # predicted from the per-layer table
     latency_search: list = field(default_factory=list)  # LatencyStep per plan timed (latency target only)
-    latency_ratio_measured: float | None = None  # the chosen plan's graph, A/B against the original, batch 1
+    latency_ratio_measured: float | None = None  # the chosen plan's graph, A/B against the original
     latency_context: dict[str, float] = field(default_factory=dict)  # group -> in-context factor on its savings
 
 
@@ -168,8 +168,8 @@ class MacsCost:
 def plan_channels(view: GraphView, layers: list[Layer], groups: list[ChannelGroup], samples: SampleSet,
                   config: CompressConfig) -> ChannelPlan:
     """Kept widths per group meeting ``config.target_macs`` (fraction of the whole model's MACs) or
-    ``config.target_latency`` (fraction of its batch-1 latency: the per-layer table prices the widths, the
-    exported plan is timed against the original until it meets the target; ``plan/latency.py``)."""
+    ``config.target_latency`` (fraction of its latency at ``--latency-batch``: the per-layer table prices the
+    widths, the exported plan is timed against the original until it meets the target; ``plan/latency.py``)."""
     layers_by_name = {l.name: l for l in layers}
     layers_by_node = {l.node_index: l for l in layers}
     one = {name: array[:1] for name, array in samples.arrays.items()}
@@ -182,12 +182,14 @@ def plan_channels(view: GraphView, layers: list[Layer], groups: list[ChannelGrou
     moments = input_second_moments(view, consumers, subset, config.batch_size, config.threads) if consumers else {}
     scores = {g.name: channel_scores(view, g, layers_by_name, moments) for g in groups}
     removed_of = removed_sets(groups, options, scores)
+    timed = one
     if config.target_latency is not None:
-        from .latency import LatencyCost
+        from .latency import LatencyCost, timing_feed
 
+        timed = timing_feed(samples, config.latency_batch)
         shapes = {view.nodes[i].input[0]: c.input_shape for i, c in node_costs.items()}
-        model = LatencyCost(view, groups, shapes, one, options, config.threads, removed_of)
-        model.calibrate_in_context(view.model, lambda g, k: _sliced(view, groups, scores, {g.name: k}), one)
+        model = LatencyCost(view, groups, shapes, timed, options, config.threads, removed_of)
+        model.calibrate_in_context(view.model, lambda g, k: _sliced(view, groups, scores, {g.name: k}), timed)
         target, what = config.target_latency, "--target-latency"
     else:
         model = MacsCost(costs, groups, removed_of)
@@ -210,10 +212,10 @@ def plan_channels(view: GraphView, layers: list[Layer], groups: list[ChannelGrou
                 return _allocate(model, groups, curves, budget)
             strategy = f"sensitivity, {model.unit}"
         if config.target_latency is not None:
-            keep, measured, search = _meet_latency(view, groups, scores, model, model, choose, target, one)
+            keep, measured, search = _meet_latency(view, groups, scores, model, model, choose, target, timed)
             if not config.uniform:
                 keep, measured, search, strategy = _better_priced_by_macs(
-                    view, groups, scores, model, MacsCost(costs, groups, removed_of), curves, target, one,
+                    view, groups, scores, model, MacsCost(costs, groups, removed_of), curves, target, timed,
                     (keep, measured, search, strategy))
         else:
             keep = choose(budget)
@@ -291,7 +293,7 @@ def _better_priced_by_macs(view, groups, scores, latency, macs, curves, target, 
 
 
 def _meet_latency(view, groups, scores, model, latency, choose, target, one):
-    """The plan (kept widths) whose exported graph measures ≤ ``target`` of the original's batch-1 latency,
+    """The plan (kept widths) whose exported graph measures ≤ ``target`` of the original's latency on ``one``,
     its measured ratio and the plans timed
     (``meet_measured_latency``: the budget of ``model``'s unit is searched on measurements of the sliced
     graph, ``latency`` predicts)."""
@@ -304,7 +306,8 @@ def _meet_latency(view, groups, scores, model, latency, choose, target, one):
     def measured_ratio(plan):
         return latency.table.plan_ratio(view.model, _sliced(view, groups, scores, dict(plan)), one)
 
-    plan, measured, search = meet_measured_latency(plan_at, measured_ratio, target, unit=model.unit)
+    plan, measured, search = meet_measured_latency(plan_at, measured_ratio, target, unit=model.unit,
+                                                   measured_unit=latency.unit)
     latency.table.save()
     return dict(plan), measured, search
 

@@ -1,9 +1,10 @@
 """Per-layer latency table measured in onnxruntime on this machine, for a latency target.
 
 Each Conv / Gemm / MatMul that a channel group touches is cut out as a one-node model at its observed
-input shape (batch 1) and timed A/B against itself with the group's side narrowed to each candidate
-width (interleaved rounds, median of per-round ratios; ``validation/latency.py``). Times are cached per
-(op, attributes, shapes, threads), in memory and in ``$XDG_CACHE_HOME/onnxadmm/latency-<ort>-<cpu>.json``.
+input shape (at ``--latency-batch``, default 1) and timed A/B against itself with the group's side
+narrowed to each candidate width (interleaved rounds, median of per-round ratios; ``validation/latency.py``).
+Times are cached per (op, attributes, shapes, threads), in memory and in
+``$XDG_CACHE_HOME/onnxadmm/latency-<ort>-<cpu>.json``.
 
 Model latency for kept widths k:  T(k) = T₀ − Σ_n t_n + Σ_n t_n · Π_{g ∋ n} r_n,g(k_g)
 (T₀ the whole model, t_n a node alone at full width, r the measured ratio; nodes outside every group and
@@ -245,14 +246,31 @@ def _weight_axes(node: onnx.NodeProto, attrs: dict) -> tuple[int, int]:
     return 1, 0
 
 
-class LatencyCost:
-    """The latency model T(k) above, for the groups of one model (ms)."""
+def timing_feed(samples, batch: int | None) -> dict[str, np.ndarray]:
+    """What a latency target is timed on: ``batch`` calibration samples (cycled when there are fewer), by
+    default 1, or the model's fixed batch. ConfigError when the model's batch is fixed to another size."""
+    fixed = samples.fixed_batch
+    if batch is not None and fixed and batch != fixed:
+        raise ConfigError(f"--latency-batch {batch}: the model's inputs have a fixed batch of {fixed}; "
+                          f"use --latency-batch {fixed} or leave it out")
+    size = batch or fixed or 1
+    index = np.arange(size) % samples.num_samples
+    return {name: array[index] for name, array in samples.arrays.items()}
 
-    unit = "batch-1 latency"
+
+def latency_unit(feed: dict[str, np.ndarray]) -> str:
+    """'batch-B latency' for a timing feed of batch B."""
+    return f"batch-{len(next(iter(feed.values())))} latency"
+
+
+class LatencyCost:
+    """The latency model T(k) above, for the groups of one model (ms), at the batch of ``feed``."""
 
     def __init__(self, view: GraphView, groups: list[ChannelGroup], shapes: dict[str, tuple[int, ...]],
                  feed: dict[str, np.ndarray], options: dict[str, list[int]], threads: int,
                  removed_of: dict[tuple[str, int], np.ndarray], use_disk: bool = True):
+        self.unit = latency_unit(feed)
+        batch = len(next(iter(feed.values())))
         self.table = LatencyTable(threads, use_disk)
         self.total = self.table.model_ms(view.model, feed)
         self.node_ms: dict[int, float] = {}
@@ -266,7 +284,7 @@ class LatencyCost:
                 if node.op_type not in ("Conv", "Gemm", "MatMul"):
                     continue
                 weight = view.constant(node.input[1])
-                in_shape = (1, *shapes[node.input[0]][1:])
+                in_shape = (batch, *shapes[node.input[0]][1:])
                 self.shapes_of[index] = (_node_key(node), in_shape, weight.shape)
                 out_axis, in_axis = _weight_axes(node, {a.name: helper.get_attribute_value(a)
                                                         for a in node.attribute})
@@ -343,25 +361,28 @@ def model_latency_ms(model: onnx.ModelProto, feed: dict[str, np.ndarray], thread
 @dataclass
 class LatencyStep:
     """One plan of the search: its budget and the table's prediction (fractions of the original's
-    latency) and its measured latency ratio (exported graph, A/B against the original, batch 1)."""
+    latency) and its measured latency ratio (exported graph, A/B against the original, at ``measured``)."""
 
     budget_ratio: float
     predicted_ratio: float
     measured_ratio: float
     budget_unit: str = "batch-1 latency"  # what the budget prices: the latency table, or MACs
+    measured: str = "batch-1 latency"  # what the measured ratio is of
 
 
 def meet_measured_latency(plan_at: Callable[[float], tuple[Hashable, float]],
                           measured_ratio: Callable[[Hashable], float], target: float,
                           hint: str = "ask for less", unit: str = "batch-1 latency", steps: int = SEARCH_STEPS,
-                          tolerance: float = SEARCH_TOLERANCE) -> tuple[Hashable, float, list[LatencyStep]]:
+                          tolerance: float = SEARCH_TOLERANCE, measured_unit: str = "batch-1 latency"
+                          ) -> tuple[Hashable, float, list[LatencyStep]]:
     """The least aggressive plan whose *measured* latency ratio is ≤ ``target``, its measured ratio, and
     every plan timed.
 
     ``plan_at(b)`` plans for a budget of b × the original's ``unit`` (returns the plan and the table's
-    predicted latency ratio); ``measured_ratio(plan)`` times it. Starting at b = target, the next budget
-    assumes the measured saving is proportional to the planned one and aims at the middle of the accepted
-    band [target − tolerance, target], a = target − tolerance/2: b' = 1 − (1 − a)·(1 − b)/(1 − m),
+    predicted latency ratio); ``measured_ratio(plan)`` times it (a fraction of the original's
+    ``measured_unit``). Starting at b = target, the next budget assumes the measured saving is proportional
+    to the planned one and aims at the middle of the accepted band [target − tolerance, target],
+    a = target − tolerance/2: b' = 1 − (1 − a)·(1 − b)/(1 − m),
     kept inside the bracket (largest b that met, smallest that missed; bisection when it falls outside). Stops
     at a plan measured within ``tolerance`` below the target, a bracket narrower than 0.005, or after
     ``steps`` plans. ConfigError (ending with ``hint``) when no plan met the target."""
@@ -376,7 +397,7 @@ def meet_measured_latency(plan_at: Callable[[float], tuple[Hashable, float]],
         if plan not in timed_plans:
             timed_plans[plan] = measured_ratio(plan)
         measured = timed_plans[plan]
-        history.append(LatencyStep(budget, predicted, measured, unit))
+        history.append(LatencyStep(budget, predicted, measured, unit, measured_unit))
         if measured <= target:
             if met is None or budget > met[0]:
                 met = (budget, plan)
@@ -395,7 +416,7 @@ def meet_measured_latency(plan_at: Callable[[float], tuple[Hashable, float]],
         floor_text = "" if floor is None else (
             f"; with every layer at its most aggressive option the graph measures {floor:.3f}")
         raise ConfigError(f"--target-latency {target} cannot be met: the fastest plan tried measured "
-                          f"{best:.3f} of the original's batch-1 latency in onnxruntime here "
+                          f"{best:.3f} of the original's {measured_unit} in onnxruntime here "
                           f"({len(history)} plans timed){floor_text}; {hint}")
     return met[1], timed_plans[met[1]], history
 

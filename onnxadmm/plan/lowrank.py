@@ -47,7 +47,7 @@ class RankPlan:
     measured_damage: dict[str, float] = field(default_factory=dict)
     latency_ratios: dict[str, float] = field(default_factory=dict)  # chosen pair / dense, measured
     latency_search: list = field(default_factory=list)  # LatencyStep per plan timed (--target-latency)
-    latency_ratio_measured: float | None = None  # the chosen plan's graph, A/B against the original, batch 1
+    latency_ratio_measured: float | None = None  # the chosen plan's graph, A/B against the original
 
     def report(self) -> dict:
         return {"strategy": self.strategy, "planned": self.planned,
@@ -123,11 +123,12 @@ def plan_ranks(view: GraphView, layers: list[Layer], samples: SampleSet, config:
         else:
             eligible.append(layer)
     positions = {l.name: costs[l.node_index].positions if l.node_index in costs else 1 for l in layers}
-    timing = None
+    timing, timed = None, one
     if config.objective == "latency" or config.target_latency is not None:
-        from .latency import LatencyTable
+        from .latency import LatencyTable, timing_feed
 
-        timing = LatencyTable(config.threads)
+        timing, timed = LatencyTable(config.threads), timing_feed(samples, config.latency_batch)
+    batch = len(next(iter(timed.values())))
     grids = {}
     for layer in eligible:
         full = min(layer.out_features, layer.in_features)
@@ -144,7 +145,7 @@ def plan_ranks(view: GraphView, layers: list[Layer], samples: SampleSet, config:
             weight = view.constant(layer.weight_name)
             faster = []
             for c in choices:
-                dense_ms, ratio = timing.pair_ratio(node, (1, *shape[1:]), weight, c.inner)
+                dense_ms, ratio = timing.pair_ratio(node, (batch, *shape[1:]), weight, c.inner)
                 if config.objective == "size" or ratio < 1.0:
                     faster.append((c, dense_ms, ratio))
             grids[layer.name] = faster
@@ -168,14 +169,14 @@ def plan_ranks(view: GraphView, layers: list[Layer], samples: SampleSet, config:
                           + "; ".join(f"{n}: {r}" for n, r in list(reasons.items())[:4]) + ")")
     curves, damage = _damage_curves(view, eligible, samples, config)
     options, measure, budget, what, fixed, original = _options(view, layers, eligible, grids, curves, positions,
-                                                               costs, one, config, timing)
+                                                               costs, timed, config, timing)
     slow = sum("faster" in r for r in reasons.values())
     why_slow = (f"{slow} layers have no factor pair faster than the dense layer in onnxruntime here (per-call "
                 "overhead dominates small layers); " if slow else "")
     search, measured = [], None
     if measure == "latency_ms":
         hint = f"{why_slow}ask for less, or use --method channel instead"
-        chosen, measured, search = _meet_latency(view, eligible, grids, options, fixed, original, one, config,
+        chosen, measured, search = _meet_latency(view, eligible, grids, options, fixed, original, timed, config,
                                                  timing, hint)
     else:
         cheapest = fixed + sum(min(o.cost for o in opts) for opts in options.values())
@@ -202,11 +203,11 @@ def plan_ranks(view: GraphView, layers: list[Layer], samples: SampleSet, config:
 
 def _meet_latency(view, eligible, grids, options, fixed, total, one, config, timing, hint):
     """Per layer the option whose exported graph, as a whole, measures ≤ ``config.target_latency`` of the
-    original's batch-1 latency (``meet_measured_latency`` searches the table's budget; the factors' values
+    original's latency on ``one`` (``meet_measured_latency`` searches the table's budget; the factors' values
     do not matter for the time, so each plan is timed with random factors of its inner sizes). Returns the
     options, the measured ratio and the plans timed."""
     from ..export.lowrank import FactoredLayer, factorize
-    from .latency import meet_measured_latency
+    from .latency import latency_unit, meet_measured_latency
 
     def plan_at(budget_ratio):
         try:
@@ -228,7 +229,9 @@ def _meet_latency(view, eligible, grids, options, fixed, total, one, config, tim
     def measured_ratio(plan):
         return timing.plan_ratio(view.model, factored_graph(plan), one)
 
-    plan, measured, search = meet_measured_latency(plan_at, measured_ratio, config.target_latency, hint)
+    unit = latency_unit(one)
+    plan, measured, search = meet_measured_latency(plan_at, measured_ratio, config.target_latency, hint,
+                                                   unit=unit, measured_unit=unit)
     timing.save()
     levels = dict(plan)
     return ({name: next(o for o in options[name] if o.level == levels[name]) for name in options}, measured,

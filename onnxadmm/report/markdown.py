@@ -29,7 +29,7 @@ def _latency_search(lines: list[str], plan: dict) -> None:
         lines.append(f"- latency plan at a {step.get('budget_unit', 'batch-1 latency')} budget of "
                      f"{step['budget_ratio']:.3f}: table predicts "
                      f"{step['predicted_ratio']:.3f}, exported graph measured {step['measured_ratio']:.3f} of the "
-                     "original (batch 1)")
+                     f"original's {step.get('measured', 'batch-1 latency')}")
 
 
 def _platform(lines: list[str], check: dict) -> None:
