@@ -697,6 +697,34 @@ def test_allocation_descends_on_the_exact_cost_and_never_buys_a_destroyed_output
     assert additive_damage(0.99) > 50 and additive_damage(1.2) > additive_damage(0.99)
 
 
+def test_damage_never_falls_as_a_group_narrows():
+    """Measured damage near D = 1 is noise of a destroyed output (ResNet-56's streams: 1.25 at 24 of 64
+    channels, 0.97 at 8): the curve takes each width as at least as damaging as every wider one."""
+    from onnxadmm.plan.channels import damage_at_widths
+
+    points = {8: 0.97, 16: 1.02, 24: 1.25, 32: 1.0, 40: 0.86, 48: 0.52, 56: 0.22, 64: 0.0}
+    scores = np.linspace(1.0, 2.0, 64)
+    widths = sorted(points)
+    assert damage_at_widths(points, widths, scores) == [1.25, 1.25, 1.25, 1.0, 0.86, 0.52, 0.22, 0.0]
+    monotone = {8: 0.4, 32: 0.1, 64: 0.0}  # already non-increasing: interpolation alone, unchanged
+    between = damage_at_widths(monotone, [8, 16, 32, 64], scores)
+    assert between[0] == 0.4 and between[2:] == [0.1, 0.0] and 0.1 < between[1] < 0.4
+
+
+def test_a_plan_that_needs_a_destroyed_output_is_refused_naming_the_group():
+    from onnxadmm.plan.allocate import Option
+    from onnxadmm.plan.channels import _refuse_destroyed, additive_damage
+
+    raw = {"stream": {8: 1.25, 16: 0.6, 64: 0.0}, "inner": {8: 0.3, 16: 0.1, 64: 0.0}}
+    curves = {name: [Option(float(k), float(k), additive_damage(d)) for k, d in sorted(points.items())]
+              for name, points in raw.items()}
+    groups = [type("G", (), {"name": n, "channels": 64})() for n in raw]
+    _refuse_destroyed(groups, curves, {"stream": 16, "inner": 8}, "--target-latency", 0.67)  # D < 1: allowed
+    with pytest.raises(ConfigError, match=r"--target-latency 0.67 cannot be met without destroying the model's "
+                                          r"output: the plan needs stream at 8 of 64 channels \(D = 1.25\)"):
+        _refuse_destroyed(groups, curves, {"stream": 8, "inner": 16}, "--target-latency", 0.67)
+
+
 def test_report_says_where_the_time_goes_node_by_node():
     from onnxadmm.report.markdown import render
 
