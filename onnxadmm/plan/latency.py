@@ -30,6 +30,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..analysis.channels import ChannelGroup
+from ..calib.readers import SampleSet
 from ..errors import ConfigError
 from ..onnxio.graph import GraphView
 from ..runtime import cpu_threads, session
@@ -246,7 +247,7 @@ def _weight_axes(node: onnx.NodeProto, attrs: dict) -> tuple[int, int]:
     return 1, 0
 
 
-def timing_feed(samples, batch: int | None) -> dict[str, np.ndarray]:
+def timing_feed(samples: SampleSet, batch: int | None) -> dict[str, np.ndarray]:
     """What a latency target is timed on: ``batch`` calibration samples (cycled when there are fewer), by
     default 1, or the model's fixed batch. ConfigError when the model's batch is fixed to another size."""
     fixed = samples.fixed_batch
