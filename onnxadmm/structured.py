@@ -244,9 +244,9 @@ def compress_grouped(view: GraphView, model: onnx.ModelProto, all_layers: list[L
     ratios = {}
     if config.objective == "latency" and chosen:
         progress("plan", 0, 1, f"timing {len(chosen)} conv pairs dense vs grouped")
-        from .plan.latency import timing_feed
+        from .plan.latency import latency_batch_size
 
-        batch = len(next(iter(timing_feed(samples, config.latency_batch).values())))
+        batch = latency_batch_size(samples, config.latency_batch)
         chosen, slower, ratios = faster_pairs(view, chosen, {i: c.input_shape for i, c in costs.items()},
                                               config.conv_groups, config.threads, batch)
         skipped += slower

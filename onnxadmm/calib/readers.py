@@ -41,6 +41,11 @@ class SampleSet:
         labels = None if self.labels is None else self.labels[indices]
         return replace(self, arrays={k: v[indices] for k, v in self.arrays.items()}, labels=labels)
 
+    def feed(self, batch_size: int) -> dict[str, np.ndarray]:
+        """The first ``batch_size`` samples as one feed, cycling when there are fewer (for timing)."""
+        index = np.arange(batch_size) % self.num_samples
+        return {name: array[index] for name, array in self.arrays.items()}
+
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         size = self.fixed_batch or batch_size
         for start in range(0, self.num_samples, size):

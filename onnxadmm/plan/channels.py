@@ -285,7 +285,7 @@ def _sliced(view, groups, scores, widths: dict[str, int]) -> onnx.ModelProto:
     return slice_channels(view.model, groups, masks)
 
 
-def _better_priced_by_macs(view, groups, scores, latency, macs, curves, target, one, found):
+def _better_priced_by_macs(view, groups, scores, latency, macs, curves, target, timed, found):
     """The latency target met with widths priced by MACs instead: the same damage curves allocated under a
     MACs budget, that budget searched on the measured graph. A plan priced by time buys the least damage
     per *predicted* millisecond, and the prediction is the weak part (per-node times, re-scaled per group);
@@ -295,7 +295,7 @@ def _better_priced_by_macs(view, groups, scores, latency, macs, curves, target, 
                for g in groups}
     try:
         keep, measured, search = _meet_latency(view, groups, scores, macs, latency,
-                                               lambda budget: _allocate(macs, groups, by_macs, budget), target, one)
+                                               lambda budget: _allocate(macs, groups, by_macs, budget), target, timed)
     except ConfigError:
         return found
 
@@ -304,8 +304,8 @@ def _better_priced_by_macs(view, groups, scores, latency, macs, curves, target, 
     return found[0], found[1], found[2] + search, found[3]
 
 
-def _meet_latency(view, groups, scores, model, latency, choose, target, one):
-    """The plan (kept widths) whose exported graph measures ≤ ``target`` of the original's latency on ``one``,
+def _meet_latency(view, groups, scores, model, latency, choose, target, timed):
+    """The plan (kept widths) whose exported graph measures ≤ ``target`` of the original's latency on ``timed``,
     its measured ratio and the plans timed
     (``meet_measured_latency``: the budget of ``model``'s unit is searched on measurements of the sliced
     graph, ``latency`` predicts)."""
@@ -316,7 +316,7 @@ def _meet_latency(view, groups, scores, model, latency, choose, target, one):
         return tuple(sorted(keep.items())), latency.exact(keep) / latency.total
 
     def measured_ratio(plan):
-        return latency.table.plan_ratio(view.model, _sliced(view, groups, scores, dict(plan)), one)
+        return latency.table.plan_ratio(view.model, _sliced(view, groups, scores, dict(plan)), timed)
 
     plan, measured, search = meet_measured_latency(plan_at, measured_ratio, target, unit=model.unit,
                                                    measured_unit=latency.unit)

@@ -247,21 +247,28 @@ def _weight_axes(node: onnx.NodeProto, attrs: dict) -> tuple[int, int]:
     return 1, 0
 
 
-def timing_feed(samples: SampleSet, batch: int | None) -> dict[str, np.ndarray]:
-    """What a latency target is timed on: ``batch`` calibration samples (cycled when there are fewer), by
-    default 1, or the model's fixed batch. ConfigError when the model's batch is fixed to another size."""
+def latency_batch_size(samples: SampleSet, batch: int | None) -> int:
+    """The batch a latency target is timed at: ``batch`` (--latency-batch), by default 1, or the model's
+    fixed batch. ConfigError when the model's batch is fixed to another size."""
     fixed = samples.fixed_batch
     if batch is not None and fixed and batch != fixed:
         raise ConfigError(f"--latency-batch {batch}: the model's inputs have a fixed batch of {fixed}; "
                           f"use --latency-batch {fixed} or leave it out")
-    size = batch or fixed or 1
-    index = np.arange(size) % samples.num_samples
-    return {name: array[index] for name, array in samples.arrays.items()}
+    return batch or fixed or 1
+
+
+def timing_feed(samples: SampleSet, batch: int | None) -> dict[str, np.ndarray]:
+    """What a latency target is timed on: calibration samples at ``latency_batch_size``."""
+    return samples.feed(latency_batch_size(samples, batch))
+
+
+def feed_batch(feed: dict[str, np.ndarray]) -> int:
+    return len(next(iter(feed.values())))
 
 
 def latency_unit(feed: dict[str, np.ndarray]) -> str:
     """'batch-B latency' for a timing feed of batch B."""
-    return f"batch-{len(next(iter(feed.values())))} latency"
+    return f"batch-{feed_batch(feed)} latency"
 
 
 class LatencyCost:
@@ -271,7 +278,7 @@ class LatencyCost:
                  feed: dict[str, np.ndarray], options: dict[str, list[int]], threads: int,
                  removed_of: dict[tuple[str, int], np.ndarray], use_disk: bool = True):
         self.unit = latency_unit(feed)
-        batch = len(next(iter(feed.values())))
+        batch = feed_batch(feed)
         self.table = LatencyTable(threads, use_disk)
         self.total = self.table.model_ms(view.model, feed)
         self.node_ms: dict[int, float] = {}

@@ -125,10 +125,9 @@ def plan_ranks(view: GraphView, layers: list[Layer], samples: SampleSet, config:
     positions = {l.name: costs[l.node_index].positions if l.node_index in costs else 1 for l in layers}
     timing, timed = None, one
     if config.objective == "latency" or config.target_latency is not None:
-        from .latency import LatencyTable, timing_feed
+        from .latency import LatencyTable, feed_batch, timing_feed
 
         timing, timed = LatencyTable(config.threads), timing_feed(samples, config.latency_batch)
-    batch = len(next(iter(timed.values())))
     grids = {}
     for layer in eligible:
         full = min(layer.out_features, layer.in_features)
@@ -145,7 +144,7 @@ def plan_ranks(view: GraphView, layers: list[Layer], samples: SampleSet, config:
             weight = view.constant(layer.weight_name)
             faster = []
             for c in choices:
-                dense_ms, ratio = timing.pair_ratio(node, (batch, *shape[1:]), weight, c.inner)
+                dense_ms, ratio = timing.pair_ratio(node, (feed_batch(timed), *shape[1:]), weight, c.inner)
                 if config.objective == "size" or ratio < 1.0:
                     faster.append((c, dense_ms, ratio))
             grids[layer.name] = faster
@@ -201,9 +200,9 @@ def plan_ranks(view: GraphView, layers: list[Layer], samples: SampleSet, config:
     return plan
 
 
-def _meet_latency(view, eligible, grids, options, fixed, total, one, config, timing, hint):
+def _meet_latency(view, eligible, grids, options, fixed, total, timed, config, timing, hint):
     """Per layer the option whose exported graph, as a whole, measures ≤ ``config.target_latency`` of the
-    original's latency on ``one`` (``meet_measured_latency`` searches the table's budget; the factors' values
+    original's latency on ``timed`` (``meet_measured_latency`` searches the table's budget; the factors' values
     do not matter for the time, so each plan is timed with random factors of its inner sizes). Returns the
     options, the measured ratio and the plans timed."""
     from ..export.lowrank import FactoredLayer, factorize
@@ -227,9 +226,9 @@ def _meet_latency(view, eligible, grids, options, fixed, total, one, config, tim
         return factorize(view.model, factored)
 
     def measured_ratio(plan):
-        return timing.plan_ratio(view.model, factored_graph(plan), one)
+        return timing.plan_ratio(view.model, factored_graph(plan), timed)
 
-    unit = latency_unit(one)
+    unit = latency_unit(timed)
     plan, measured, search = meet_measured_latency(plan_at, measured_ratio, config.target_latency, hint,
                                                    unit=unit, measured_unit=unit)
     timing.save()
@@ -349,12 +348,12 @@ def _curve_at(curve: np.ndarray, rank: float) -> float:
     return float(np.interp(min(rank, len(curve) - 1), np.arange(len(curve)), curve))
 
 
-def _options(view, layers, eligible, grids, curves, positions, costs, one, config, timing):
+def _options(view, layers, eligible, grids, curves, positions, costs, timed, config, timing):
     """Options per eligible layer (level = index on its grid, −1 = dense), the measure, the budget for the
     eligible layers, its name, the cost outside them and the original total."""
     fixed_dense = [l for l in layers if l not in eligible]
     if config.target_latency is not None:
-        total_ms = timing.model_ms(view.model, one)
+        total_ms = timing.model_ms(view.model, timed)
         options = {l.name: [Option(-1, grids[l.name][0][1], 0.0)] +
                    [Option(i, ms * ratio, _curve_at(curves[(l.name, c.kind)], c.equivalent_rank))
                     for i, (c, ms, ratio) in enumerate(grids[l.name])] for l in eligible}

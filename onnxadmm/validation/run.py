@@ -46,26 +46,20 @@ class Validation:
                 "time_split": self.time_split}
 
 
-def _feed_of(samples: SampleSet, batch_size: int) -> dict[str, np.ndarray]:
-    count = samples.num_samples
-    index = np.arange(batch_size) % count
-    return {name: array[index] for name, array in samples.arrays.items()}
-
-
 def validate_models(original: onnx.ModelProto, compressed: onnx.ModelProto, samples: SampleSet,
                     config: ValidateConfig, batch_size: int = 32, threads: int = 0, held_out: bool = True,
                     original_blob: bytes | None = None, compressed_blob: bytes | None = None) -> Validation:
     outputs_a = run_all(session(original, threads), samples, batch_size)  # one session at a time
     outputs_b = run_all(session(compressed, threads), samples, batch_size)
     comparison = compare(outputs_a, outputs_b, samples.labels, samples.num_samples)
-    one = _feed_of(samples, samples.fixed_batch or 1)
+    one = samples.feed(samples.fixed_batch or 1)
     fp_a = footprint(original, one, threads, original_blob)
     fp_b = footprint(compressed, one, threads, compressed_blob)
     latencies = []
     for size in config.latency_batch_sizes:
         if samples.fixed_batch and size != samples.fixed_batch:
             continue
-        latencies.append(measure(original, compressed, _feed_of(samples, size), config.latency_rounds,
+        latencies.append(measure(original, compressed, samples.feed(size), config.latency_rounds,
                                  config.latency_threads or threads))
     gates = evaluate(config, comparison, latencies)
     validation = Validation(comparison, fp_a, fp_b, latencies, gates, held_out, samples.source)
