@@ -516,3 +516,61 @@ def test_lowrank_latency_target_beyond_every_rank_is_refused_with_what_was_measu
                                           r".*ask for less, or use --method channel instead"):
         compress(model, samples_for(model, 32), CompressConfig(method="lowrank", target_latency=0.05,
                                                                admm_iterations=5))
+
+
+def test_pair_prices_are_calibrated_to_the_whole_graph(tmp_path, monkeypatch):
+    """Two identical 128-channel convs form one pool: with both at their fastest rank, the in-context price
+    t·(1 − c·(1 − r)) summed over the pool saves exactly what the factorized graph measures (c inside its
+    clip); the plan reports c for every factorized layer."""
+    from onnxadmm import CompressConfig
+    from onnxadmm.onnxio.normalize import normalize
+    from onnxadmm.plan.latency import LatencyTable
+    from onnxadmm.plan.lowrank import calibrate_in_context, choice_for, random_factors
+    from onnxadmm.validation.footprint import node_macs
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    view = normalize(wide_cnn()).view()
+    convs = [l for l in find_layers(view).layers if l.op_type == "Conv"]
+    one = {"input": samples_for(view.model, 1)["input"]}
+    shapes = {l.name: c.input_shape for l in convs for i, c in node_macs(view.model, one, 2).items()
+              if i == l.node_index}
+    table, config = LatencyTable(2), CompressConfig(method="lowrank", target_latency=0.5)
+    grids = {}
+    for layer in convs:
+        weight = view.constant(layer.weight_name)
+        grids[layer.name] = [(c, *table.pair_ratio(view.nodes[layer.node_index], shapes[layer.name], weight,
+                                                   c.inner))
+                             for c in (choice_for(layer, r, config, 256) for r in (16, 64))]
+    context = calibrate_in_context(view, convs, grids, shapes, one, table, drop_slower=True, reasons={})
+    factor = context[convs[0].name]
+    assert context == {l.name: factor for l in convs}
+    assert 0.25 < factor < 4.0
+    fastest = {l.name: min(grids[l.name], key=lambda g: g[2]) for l in convs}
+    priced = sum(ms * (1.0 - factor * (1.0 - ratio)) for _, ms, ratio in fastest.values())
+    dense = sum(ms for _, ms, _ in fastest.values())
+    total = table.model_ms(view.model, one)
+    graph = random_factors(view, convs, {name: c.inner for name, (c, _, _) in fastest.items()})
+    measured = table.plan_ratio(view.model, graph, one)  # cached: the timing the calibration used
+    assert (total - dense + priced) / total == pytest.approx(measured, rel=1e-6)
+
+
+def test_a_pool_that_saves_nothing_in_the_graph_stays_dense_under_the_latency_objective(tmp_path, monkeypatch):
+    """A shape whose pairs save time alone but nothing in the whole graph (here the graph timing of the
+    factorized model is made equal to the original) keeps its layers dense, with the reason."""
+    from onnxadmm import CompressConfig
+    from onnxadmm.onnxio.normalize import normalize
+    from onnxadmm.plan.latency import LatencyTable
+    from onnxadmm.plan.lowrank import calibrate_in_context, choice_for
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    view = normalize(wide_cnn()).view()
+    convs = [l for l in find_layers(view).layers if l.op_type == "Conv"]
+    one = {"input": samples_for(view.model, 1)["input"]}
+    table, config = LatencyTable(2), CompressConfig(method="lowrank", target_latency=0.5)
+    monkeypatch.setattr(LatencyTable, "plan_ratio", lambda self, original, planned, feed: 1.0)
+    grids = {l.name: [(choice_for(l, 16, config, 256), 1.0, 0.5)] for l in convs}
+    reasons = {}
+    assert calibrate_in_context(view, convs, grids, {l.name: (1, 128, 16, 16) for l in convs}, one, table,
+                                drop_slower=True, reasons=reasons) == {}
+    assert all(grids[l.name] == [] for l in convs)
+    assert all("no faster in the whole graph" in reasons[l.name] for l in convs)

@@ -14,7 +14,11 @@ Damage: the output damage of the model with the layer alone at probe ranks, meas
 (as in ``sensitivity.py``), interpolated in r; below the smallest probe it follows e(r), the share of the
 energy of W·diag(√E[x²]) beyond rank r (the whitened SVD curve with the input second moment taken
 diagonal). An L+S option counts as the rank with the same parameters. Allocation: ``allocate.py`` (least Σ damage under the budget).
-Under ``--objective latency`` a factorization measured no faster than its dense layer is never chosen.
+Pair prices in context: a pair timed alone is not the pair in the graph (ResNet-56 here: the 64-channel
+layers factorized save 1.44× what their pairs alone predict), so each shape's pair savings are scaled to what
+the whole graph measures (``calibrate_in_context``).
+Under ``--objective latency`` a factorization measured no faster than its dense layer — alone, or in the
+whole graph — is never chosen.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class RankPlan:
     latency_ratios: dict[str, float] = field(default_factory=dict)  # chosen pair / dense, measured
     latency_search: list = field(default_factory=list)  # LatencyStep per plan timed (--target-latency)
     latency_ratio_measured: float | None = None  # the chosen plan's graph, A/B against the original
+    latency_context: dict[str, float] = field(default_factory=dict)  # layer -> in-context factor on its saving
 
     def report(self) -> dict:
         return {"strategy": self.strategy, "planned": self.planned,
@@ -55,7 +60,7 @@ class RankPlan:
                                                       "sparse_count": s.sparse_count})
                           for n, s in self.specs.items()},
                 "kept_dense": self.dense_reasons, "measured_output_damage": self.measured_damage,
-                "pair_latency_ratio": self.latency_ratios,
+                "pair_latency_ratio": self.latency_ratios, "pair_in_context_factor": self.latency_context,
                 "latency_ratio_measured_at_plan": self.latency_ratio_measured,
                 "latency_search": [asdict(step) for step in self.latency_search]}
 
@@ -153,7 +158,11 @@ def plan_ranks(view: GraphView, layers: list[Layer], samples: SampleSet, config:
         if not grids[layer.name]:
             reasons[layer.name] = ("no rank on the grid is faster than the dense layer in onnxruntime here"
                                    if timing is not None else "no rank with fewer parameters than the dense layer")
+    context: dict[str, float] = {}
     if timing is not None:
+        context = calibrate_in_context(view, [l for l in eligible if grids[l.name]], grids,
+                                       {l.name: costs[l.node_index].input_shape for l in eligible}, timed, timing,
+                                       drop_slower=config.objective == "latency", reasons=reasons)
         timing.save()
     eligible = [l for l in eligible if grids[l.name]]
     if config.rank_ratio is not None:
@@ -161,6 +170,7 @@ def plan_ranks(view: GraphView, layers: list[Layer], samples: SampleSet, config:
             specs[layer.name] = grids[layer.name][0][0].spec
         plan = RankPlan(specs, f"rank ratio {config.rank_ratio}", reasons)
         plan.latency_ratios = {l.name: grids[l.name][0][2] for l in eligible if timing is not None}
+        plan.latency_context = {l.name: context[l.name] for l in eligible if l.name in context}
         plan.planned = _planned(layers, specs, grids, positions)
         return plan
     if not eligible:
@@ -168,7 +178,7 @@ def plan_ranks(view: GraphView, layers: list[Layer], samples: SampleSet, config:
                           + "; ".join(f"{n}: {r}" for n, r in list(reasons.items())[:4]) + ")")
     curves, damage = _damage_curves(view, eligible, samples, config)
     options, measure, budget, what, fixed, original = _options(view, layers, eligible, grids, curves, positions,
-                                                               costs, timed, config, timing)
+                                                               costs, timed, config, timing, context)
     slow = sum("faster" in r for r in reasons.values())
     why_slow = (f"{slow} layers have no factor pair faster than the dense layer in onnxruntime here (per-call "
                 "overhead dominates small layers); " if slow else "")
@@ -197,7 +207,58 @@ def plan_ranks(view: GraphView, layers: list[Layer], samples: SampleSet, config:
     plan.planned = _planned(layers, specs, grids, positions)
     plan.planned[measure] = [fixed + sum(chosen[l.name].cost for l in eligible), original]
     plan.latency_search, plan.latency_ratio_measured = search, measured
+    plan.latency_context = {l.name: context[l.name] for l in eligible if l.name in context}
     return plan
+
+
+def calibrate_in_context(view: GraphView, layers: list[Layer], grids: dict, input_shapes: dict[str, tuple],
+                         timed: dict[str, np.ndarray], timing, drop_slower: bool, reasons: dict[str, str]
+                         ) -> dict[str, float]:
+    """Each layer's factor to turn its pairs' savings alone into savings in the whole graph.
+
+    Layers of identical shape (op, attributes, input and weight shapes) are pooled; every member is
+    factorized at its fastest rank alone and the graph timed against the original. With S_table = Σ t·(1 − r)
+    (t the dense layer alone, r its pair ratio alone) and S_graph = T₀·(1 − measured ratio), c = S_graph /
+    S_table clipped to [0.25, 4]; an option's latency is then t·(1 − c·(1 − r)). A pool whose graph saves
+    nothing (S_graph ≤ 0) is dropped from ``grids`` when ``drop_slower`` (the latency objective), its
+    layers kept dense with the reason. Graph timings are cached like the pairs'."""
+    from .latency import _node_key
+
+    pools: dict[tuple, list[Layer]] = {}
+    for layer in layers:
+        key = (repr(_node_key(view.nodes[layer.node_index])), tuple(input_shapes[layer.name]),
+               view.constant(layer.weight_name).shape)
+        pools.setdefault(key, []).append(layer)
+    total_ms = timing.model_ms(view.model, timed)
+    context = {}
+    for members in pools.values():
+        fastest = {l.name: min(range(len(grids[l.name])), key=lambda i: grids[l.name][i][2]) for l in members}
+        table_saving = sum(grids[l.name][i][1] * (1.0 - grids[l.name][i][2]) for l in members
+                           for i in [fastest[l.name]])
+        inner = {l.name: grids[l.name][fastest[l.name]][0].inner for l in members}
+        graph = random_factors(view, members, inner)
+        graph_saving = total_ms * (1.0 - timing.plan_ratio(view.model, graph, timed))
+        if graph_saving <= 0.0 and drop_slower:
+            for layer in members:
+                grids[layer.name] = []
+                reasons[layer.name] = (f"its factor pair is faster alone ({table_saving / total_ms:.3f} of the model's "
+                                       "time saved by the pairs of its shape) but no faster in the whole graph "
+                                       f"({graph_saving / total_ms:+.3f} measured)")
+            continue
+        factor = float(np.clip(graph_saving / table_saving, 0.25, 4.0)) if table_saving > 0 else 1.0
+        context.update({l.name: factor for l in members})
+    return context
+
+
+def random_factors(view: GraphView, layers: list[Layer], inner: dict[str, int]):
+    """The graph with each of ``layers`` as a factor pair of inner size ``inner[name]`` holding random values
+    (the time of a graph does not depend on its weight values)."""
+    from ..export.lowrank import FactoredLayer, factorize
+
+    rng = np.random.default_rng(0)
+    return factorize(view.model, [FactoredLayer(l, rng.standard_normal((l.out_features, inner[l.name])) * 0.1,
+                                                rng.standard_normal((inner[l.name], l.in_features)) * 0.1, None)
+                                  for l in layers])
 
 
 def _meet_latency(view, eligible, grids, options, fixed, total, timed, config, timing, hint):
@@ -205,7 +266,6 @@ def _meet_latency(view, eligible, grids, options, fixed, total, timed, config, t
     original's latency on ``timed`` (``meet_measured_latency`` searches the table's budget; the factors' values
     do not matter for the time, so each plan is timed with random factors of its inner sizes). Returns the
     options, the measured ratio and the plans timed."""
-    from ..export.lowrank import FactoredLayer, factorize
     from .latency import latency_unit, meet_measured_latency
 
     def plan_at(budget_ratio):
@@ -216,17 +276,11 @@ def _meet_latency(view, eligible, grids, options, fixed, total, timed, config, t
         return (tuple(sorted((name, o.level) for name, o in chosen.items())),
                 (fixed + sum(o.cost for o in chosen.values())) / total)
 
-    def factored_graph(plan):
-        rng, levels, factored = np.random.default_rng(0), dict(plan), []
-        for layer in eligible:
-            if levels[layer.name] >= 0:
-                inner = grids[layer.name][int(levels[layer.name])][0].inner
-                factored.append(FactoredLayer(layer, rng.standard_normal((layer.out_features, inner)) * 0.1,
-                                              rng.standard_normal((inner, layer.in_features)) * 0.1, None))
-        return factorize(view.model, factored)
-
     def measured_ratio(plan):
-        return timing.plan_ratio(view.model, factored_graph(plan), timed)
+        levels = dict(plan)
+        chosen = [l for l in eligible if levels[l.name] >= 0]
+        inner = {l.name: grids[l.name][int(levels[l.name])][0].inner for l in chosen}
+        return timing.plan_ratio(view.model, random_factors(view, chosen, inner), timed)
 
     unit = latency_unit(timed)
     plan, measured, search = meet_measured_latency(plan_at, measured_ratio, config.target_latency, hint,
@@ -348,14 +402,16 @@ def _curve_at(curve: np.ndarray, rank: float) -> float:
     return float(np.interp(min(rank, len(curve) - 1), np.arange(len(curve)), curve))
 
 
-def _options(view, layers, eligible, grids, curves, positions, costs, timed, config, timing):
+def _options(view, layers, eligible, grids, curves, positions, costs, timed, config, timing, context):
     """Options per eligible layer (level = index on its grid, −1 = dense), the measure, the budget for the
-    eligible layers, its name, the cost outside them and the original total."""
+    eligible layers, its name, the cost outside them and the original total. Latency options are priced in
+    context: t·(1 − c·(1 − r))."""
     fixed_dense = [l for l in layers if l not in eligible]
     if config.target_latency is not None:
         total_ms = timing.model_ms(view.model, timed)
         options = {l.name: [Option(-1, grids[l.name][0][1], 0.0)] +
-                   [Option(i, ms * ratio, _curve_at(curves[(l.name, c.kind)], c.equivalent_rank))
+                   [Option(i, ms * max(0.0, 1.0 - context.get(l.name, 1.0) * (1.0 - ratio)),
+                           _curve_at(curves[(l.name, c.kind)], c.equivalent_rank))
                     for i, (c, ms, ratio) in enumerate(grids[l.name])] for l in eligible}
         movable = sum(grids[l.name][0][1] for l in eligible)
         budget = config.target_latency * total_ms - (total_ms - movable)

@@ -8,10 +8,12 @@ def _factor_plan(lines: list[str], plan: dict) -> None:
                         if v and v[1])
     lines.append(f"## Factorized layers ({plan['strategy']}; planned {planned})")
     lines.append("")
-    lines.append("| layer | exported form | pair latency / dense (measured) |")
-    lines.append("|---|---|---|")
+    context = plan.get("pair_in_context_factor") or {}
+    lines.append("| layer | exported form | pair latency / dense (measured alone) | saving in the graph / alone |")
+    lines.append("|---|---|---|---|")
     for name, form in plan["export_forms"].items():
-        lines.append(f"| `{name}` | {form} | {_fmt(plan['pair_latency_ratio'].get(name))} |")
+        lines.append(f"| `{name}` | {form} | {_fmt(plan['pair_latency_ratio'].get(name))} | "
+                     f"{_fmt(context.get(name))} |")
     lines.append("")
     for name, spec in plan["ranks"].items():
         if spec is not None and spec["rank"] == 0:
