@@ -72,3 +72,15 @@ def test_the_floor_is_left_out_when_the_planner_cannot_form_the_strongest_plan()
     with pytest.raises(ConfigError) as refused:
         meet_measured_latency(plan_at, lambda p: 0.8 + 0.2 * p, 0.5)
     assert "most aggressive" not in str(refused.value) and "plans timed); ask for less" in str(refused.value)
+
+
+def test_the_strongest_plan_is_returned_when_the_search_steps_all_missed_but_it_meets_the_target():
+    """A response with a cliff only the strongest plan is past (the budget-0 plan measures 0.3, every other
+    plan the search can reach 0.75): the target of 0.7 is met by that plan, not refused."""
+    def response(plan):
+        return 0.3 if plan == 0.0 else 0.75
+
+    plan, measured, steps = search(response, 0.7)
+    assert plan == 0.0 and measured == 0.3
+    assert steps[-1].budget_ratio == 0.0 and steps[-1].measured_ratio == 0.3
+    assert all(s.measured_ratio == 0.75 for s in steps[:-1])

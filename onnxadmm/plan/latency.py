@@ -393,7 +393,8 @@ def meet_measured_latency(plan_at: Callable[[float], tuple[Hashable, float]],
     a = target − tolerance/2: b' = 1 − (1 − a)·(1 − b)/(1 − m),
     kept inside the bracket (largest b that met, smallest that missed; bisection when it falls outside). Stops
     at a plan measured within ``tolerance`` below the target, a bracket narrower than 0.005, or after
-    ``steps`` plans. ConfigError (ending with ``hint``) when no plan met the target."""
+    ``steps`` plans. When none of them met the target, the strongest plan (budget 0) is timed: returned if
+    it meets the target, else ConfigError stating its measured ratio (ending with ``hint``)."""
     history: list[LatencyStep] = []
     timed_plans: dict[Hashable, float] = {}
     met: tuple[float, Hashable] | None = None
@@ -420,7 +421,11 @@ def meet_measured_latency(plan_at: Callable[[float], tuple[Hashable, float]],
         budget = guess if low < guess < missed else 0.5 * (low + missed)
     if met is None:
         best = min(step.measured_ratio for step in history)
-        floor = _strongest_plan_ratio(plan_at, measured_ratio, timed_plans)
+        strongest = _strongest_plan(plan_at, measured_ratio, timed_plans)
+        floor = None if strongest is None else strongest[2]
+        if floor is not None and floor <= target:  # the search's steps missed, the strongest plan meets it
+            history.append(LatencyStep(0.0, strongest[1], floor, unit, measured_unit))
+            return strongest[0], floor, history
         floor_text = "" if floor is None else (
             f"; with every layer at its most aggressive option the graph measures {floor:.3f}")
         raise ConfigError(f"--target-latency {target} cannot be met: the fastest plan tried measured "
@@ -429,14 +434,14 @@ def meet_measured_latency(plan_at: Callable[[float], tuple[Hashable, float]],
     return met[1], timed_plans[met[1]], history
 
 
-def _strongest_plan_ratio(plan_at, measured_ratio, timed_plans: dict) -> float | None:
-    """The measured ratio of the plan at budget 0 (every layer at its most aggressive option): what the
-    method can reach at all, so a refusal states a measured floor, not only the plans the search tried.
-    None when the planner cannot form that plan."""
+def _strongest_plan(plan_at, measured_ratio, timed_plans: dict) -> tuple[Hashable, float, float] | None:
+    """The plan at budget 0 (every layer at its most aggressive option), its predicted and its measured
+    ratio: what the method can reach at all — the plan to fall back on when the search's steps all missed,
+    and otherwise the measured floor a refusal states. None when the planner cannot form that plan."""
     try:
-        plan, _ = plan_at(0.0)
+        plan, predicted = plan_at(0.0)
     except ConfigError:
         return None
     if plan not in timed_plans:
         timed_plans[plan] = measured_ratio(plan)
-    return timed_plans[plan]
+    return plan, predicted, timed_plans[plan]
