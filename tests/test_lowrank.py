@@ -574,3 +574,21 @@ def test_a_pool_that_saves_nothing_in_the_graph_stays_dense_under_the_latency_ob
                                 drop_slower=True, reasons=reasons) == {}
     assert all(grids[l.name] == [] for l in convs)
     assert all("no faster in the whole graph" in reasons[l.name] for l in convs)
+
+
+def test_time_split_counts_both_factors_of_a_pair_as_the_layer_they_replace():
+    """The report's per-layer profile pairs a factorized conv with both of its nodes (onnxruntime renames
+    them): two nodes, and the pair's MACs r·(Cin·k² + Cout) over Cin·Cout·k²."""
+    from onnxadmm.onnxio.normalize import normalize
+    from onnxadmm.plan.lowrank import random_factors
+    from onnxadmm.validation.profile import time_split
+
+    view = normalize(wide_cnn()).view()
+    convs = [l for l in find_layers(view).layers if l.op_type == "Conv"]
+    factored = random_factors(view, convs, {l.name: 16 for l in convs})
+    split = time_split(view.model, factored, {"input": samples_for(view.model, 1)["input"]}, 2, runs=3).as_dict()
+    rows = [r for r in split["layers"] if r["nodes"] == 2]
+    assert len(rows) == 2
+    for row in rows:
+        assert row["macs_ratio"] == pytest.approx(16 * (128 * 9 + 128) / (128 * 128 * 9))
+        assert row["time_ms_compressed"] > 0

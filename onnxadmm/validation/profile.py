@@ -3,7 +3,10 @@ latency ratio that does not follow the MACs ratio is explained node by node.
 
 Both models are profiled as onnxruntime runs them (graph optimizations on: fused and re-laid-out nodes,
 named as onnxruntime names them; the sliced graph keeps the original's node names, so the two profiles
-pair up by name). A node's MACs come from the shapes the profiler records: output elements × the
+pair up by name; the nodes a factorized layer adds — its first factor, a sparse branch — carry an
+``onnxadmm_…`` marker in their names and are counted with the next weight-product node that runs, the
+layer's own node, which they feed: onnxruntime names a fused node by its last output, so the names alone
+do not tie them). A node's MACs come from the shapes the profiler records: output elements × the
 weight's elements per output channel (Cin/group · kh · kw) for a Conv, M·N·K for a product. A node's
 time is the median of its per-run kernel times after warm-up (single runs of microsecond kernels are
 disturbed by thread wake-ups; the median is not).
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 
@@ -23,6 +27,8 @@ from ..onnxio.save import exceeds_protobuf_limit
 from ..runtime import cpu_threads, session_options
 
 COMPUTE_OPS = {"Conv", "FusedConv", "NchwcConv", "Gemm", "MatMul", "FusedMatMul", "FusedGemm", "ConvTranspose"}
+# what export/lowrank.py puts in the names of the nodes and tensors a factorized layer adds
+ADDED_NODE = re.compile(r"(__|/)onnxadmm_(lowrank_in|sparse)")
 
 
 @dataclass
@@ -109,16 +115,27 @@ class TimeSplit:
         return sorted(((op, a, b) for op, (a, b) in ops.items()), key=lambda row: -row[1])
 
     def layers(self) -> list[dict]:
-        """Each weight-product node in both profiles: MACs and time, original → compressed."""
+        """Each weight-product node in both profiles: MACs and time, original → compressed (a factorized
+        layer's nodes summed: ``nodes`` counts them)."""
+        parts: dict[str, list[NodeTime]] = {}
+        added: list[NodeTime] = []
+        for node in self.compressed.values():  # in the order they ran
+            if not node.macs:
+                continue
+            if ADDED_NODE.search(node.name):
+                added.append(node)
+            else:
+                parts[node.name], added = added + [node], []
         rows = []
         for name, a in self.original.items():
-            b = self.compressed.get(name)
-            if not a.macs or b is None or not b.macs:
+            b = parts.get(name)
+            if not a.macs or not b:
                 continue
-            rows.append({"name": name, "op": a.op, "macs_ratio": b.macs / a.macs,
-                         "time_ms_original": a.time_ms, "time_ms_compressed": b.time_ms,
-                         "time_ratio": b.time_ms / a.time_ms if a.time_ms else None,
-                         "output_shape": [list(a.output_shape), list(b.output_shape)]})
+            macs, time_ms = sum(n.macs for n in b), sum(n.time_ms for n in b)
+            rows.append({"name": name, "op": a.op, "macs_ratio": macs / a.macs, "nodes": len(b),
+                         "time_ms_original": a.time_ms, "time_ms_compressed": time_ms,
+                         "time_ratio": time_ms / a.time_ms if a.time_ms else None,
+                         "output_shape": [list(a.output_shape), list(b[-1].output_shape)]})
         return sorted(rows, key=lambda r: -r["time_ms_original"])
 
     def as_dict(self) -> dict:
@@ -144,7 +161,8 @@ def explain(split: dict, macs_ratio: float) -> list[str]:
     if whole <= 0 or compute["original"] <= 0:
         return []
     compressed_whole = compute["compressed"] + other["compressed"]
-    lines = [f"Profiled at batch 1: weight-product nodes (Conv/Gemm/MatMul) take {100 * compute['original'] / whole:.0f} % "
+    lines = [f"Profiled at batch 1 (per-node kernel times, noisier than the A/B latency ratio, which is the "
+             f"figure for the whole model): weight-product nodes (Conv/Gemm/MatMul) take {100 * compute['original'] / whole:.0f} % "
              f"of the original's kernel time and run at {compute['compressed'] / compute['original']:.3f}x their "
              f"time for {macs_ratio:.3f}x the MACs; the other nodes (elementwise, pooling, layout) take "
              f"{100 * other['original'] / whole:.0f} % and run at "
@@ -155,6 +173,9 @@ def explain(split: dict, macs_ratio: float) -> list[str]:
     if slow:
         worst = sorted(slow, key=lambda r: -(r["time_ms_compressed"] - r["macs_ratio"] * r["time_ms_original"]))
         named = ", ".join(f"`{r['name']}` ({r['macs_ratio']:.2f}x MACs, {r['time_ratio']:.2f}x time)" for r in worst[:3])
-        lines.append(f"{len(slow)} pruned layers run more than 15 % slower than their MACs predict (small or "
-                     f"odd widths use the CPU kernels less well), most of all {named}.")
+        why = "small or odd widths use the CPU kernels less well"
+        if any(r.get("nodes", 1) > 1 for r in slow):
+            why += "; a factorized layer is two kernel calls, each with its own fixed cost"
+        lines.append(f"{len(slow)} compressed layers run more than 15 % slower than their MACs predict ({why}), "
+                     f"most of all {named}.")
     return lines
