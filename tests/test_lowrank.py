@@ -592,3 +592,25 @@ def test_time_split_counts_both_factors_of_a_pair_as_the_layer_they_replace():
     for row in rows:
         assert row["macs_ratio"] == pytest.approx(16 * (128 * 9 + 128) / (128 * 128 * 9))
         assert row["time_ms_compressed"] > 0
+
+
+def test_the_two_profiles_are_taken_in_turn(monkeypatch):
+    """Original and compressed are profiled A B A B … (a change in the machine's load touches both alike),
+    not one after the other."""
+    import onnxruntime as ort
+
+    from onnxadmm.validation.profile import profile_nodes
+
+    order = []
+    run = ort.InferenceSession.run
+
+    def spy(self, *args, **kwargs):
+        order.append(id(self))
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(ort.InferenceSession, "run", spy)
+    model = wide_cnn()
+    profiles = profile_nodes([model, model], {"input": samples_for(model, 1)["input"]}, 2, runs=4, warmup=1)
+    assert len(profiles) == 2 and all(profiles)
+    assert len(order) == 10 and len(set(order)) == 2
+    assert all(a != b for a, b in zip(order, order[1:]))

@@ -40,23 +40,34 @@ class NodeTime:
     output_shape: tuple[int, ...]
 
 
-def profile_nodes(model: onnx.ModelProto, feed: dict[str, np.ndarray], threads: int, runs: int = 30,
-                  warmup: int = 3) -> dict[str, NodeTime] | None:
-    """Median kernel time per node over ``runs`` runs (None for a model over the 2 GB protobuf limit)."""
+def profile_nodes(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], threads: int, runs: int = 30,
+                  warmup: int = 3) -> list[dict[str, NodeTime]] | None:
+    """Median kernel time per node over ``runs`` runs of each model, the models run in turn (A B A B …, so
+    a change in the machine's load touches both alike); None when a model is over the 2 GB protobuf limit."""
     import onnxruntime as ort
 
-    if exceeds_protobuf_limit(model):
+    if any(exceeds_protobuf_limit(model) for model in models):
         return None
     with tempfile.TemporaryDirectory(prefix="onnxadmm-profile-") as folder:
-        options = session_options(cpu_threads(threads), True)
-        options.enable_profiling = True
-        options.profile_file_prefix = os.path.join(folder, "profile")
-        sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        names = [o.name for o in sess.get_outputs()]
+        sessions = []
+        for index, model in enumerate(models):
+            options = session_options(cpu_threads(threads), True)
+            options.enable_profiling = True
+            options.profile_file_prefix = os.path.join(folder, f"profile{index}")
+            sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            sessions.append((sess, [o.name for o in sess.get_outputs()]))
         for _ in range(warmup + runs):
-            sess.run(names, feed)
-        with open(sess.end_profiling()) as handle:
-            events = json.load(handle)
+            for sess, names in sessions:
+                sess.run(names, feed)
+        profiles = []
+        for sess, _ in sessions:
+            with open(sess.end_profiling()) as handle:
+                profiles.append(_node_times(json.load(handle), warmup))
+    return profiles
+
+
+def _node_times(events: list[dict], warmup: int) -> dict[str, NodeTime]:
+    """Median kernel time per node of one session's profile events, after ``warmup`` runs."""
     starts = sorted(e["ts"] for e in events if e.get("name") == "model_run")
     after = starts[warmup] if len(starts) > warmup else 0
     nodes: dict[str, NodeTime] = {}
@@ -147,9 +158,8 @@ class TimeSplit:
 
 def time_split(original: onnx.ModelProto, compressed: onnx.ModelProto, feed: dict[str, np.ndarray],
                threads: int, runs: int = 30) -> TimeSplit | None:
-    a = profile_nodes(original, feed, threads, runs)
-    b = profile_nodes(compressed, feed, threads, runs)
-    return None if a is None or b is None else TimeSplit(a, b)
+    profiles = profile_nodes([original, compressed], feed, threads, runs)
+    return None if profiles is None else TimeSplit(*profiles)
 
 
 def explain(split: dict, macs_ratio: float) -> list[str]:
