@@ -60,6 +60,11 @@ def model_inputs(view: GraphView) -> dict[str, TensorType]:
     return inputs
 
 
+def _kept_dense(row: dict) -> bool:
+    """A solved layer that lost no weight and was not factorized (its values may be refit)."""
+    return row["structure"] == "dense" or ("rank" not in row and row["nonzero"] >= row["params"])
+
+
 def _input_info(loaded: LoadedModel) -> dict:
     model = loaded.model
     return {"path": str(loaded.path) if loaded.path else None, "sha256": loaded.sha256,
@@ -282,7 +287,9 @@ def _compress_report(loaded, config, validate_config, digest, calib, plan_report
         "layers": rows, "refined_blocks": [dataclasses.asdict(o) for o in solved.refined],
         "distillation": dataclasses.asdict(solved.distilled) if solved.distilled else None,
         "declined": [dataclasses.asdict(d) for d in declined],
-        "totals": {"layers_compressed": len(rows), "layers_declined": len(declined),
+        "totals": {"layers_compressed": sum(not _kept_dense(r) for r in rows),
+                   "layers_kept_dense": sum(_kept_dense(r) for r in rows),  # solved (refit), nothing removed
+                   "layers_declined": len(declined),
                    "weights_in_compressed_layers": total, "nonzero_in_compressed_layers": nonzero,
                    "sparsity": 1 - nonzero / total if total else 0.0,
                    "nonzero_reduction_x": fp_a.nonzero_layer_weights / max(fp_b.nonzero_layer_weights, 1)},

@@ -239,15 +239,19 @@ def _print_summary(report: dict, report_path: Path | None) -> None:
     lines = []
     if report.get("totals"):
         t = report["totals"]
-        lines.append(f"compressed {t['layers_compressed']} layers ({t['layers_declined']} left dense); "
-                     f"sparsity {t['sparsity']:.3f}; nonzero layer weights {t['nonzero_reduction_x']:.2f}x fewer")
+        kept = t.get("layers_kept_dense", 0)
+        lines.append(f"compressed {t['layers_compressed']} layers"
+                     + (f", {kept} kept dense (refit to the compressed model's inputs)" if kept else "")
+                     + f", {t['layers_declined']} declined; sparsity {t['sparsity']:.3f}; nonzero layer weights "
+                     f"{t['nonzero_reduction_x']:.2f}x fewer")
     if v:
         if v.get("accuracy_original") is not None:
             lines.append(f"top-1 {100 * v['accuracy_original']:.2f}% -> {100 * v['accuracy_compressed']:.2f}% "
                          f"(drop {v['accuracy_drop_pt']:.2f} pt) on {v['samples']} "
                          f"{'held-out' if v['held_out'] else 'calibration (not held-out)'} samples")
         if v.get("agreement") is not None:
-            lines.append(f"top-1 agreement with the original: {v['agreement']:.4f}")
+            lines.append(f"top-1 agreement with the original: {v['agreement']:.4f} on {v['samples']} "
+                         f"{'held-out' if v['held_out'] else 'calibration (not held-out)'} samples")
         lines.extend(v.get("gains", []))
         for gate in v.get("gates", []):
             lines.append(f"gate {gate['name']}: {'PASS' if gate['passed'] else 'FAIL'} — {gate['detail']}")

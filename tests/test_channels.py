@@ -652,12 +652,12 @@ def test_grouped_timing_sandwich_is_the_conv_between_two_dense_1x1_convs():
 def test_grouped_ratio_adds_the_in_context_difference_to_the_node_alone():
     """ratio = (t + Δ) / t: t the dense conv alone, Δ = grouped − dense between its 1×1 neighbours."""
     from onnx import helper
-    from onnxadmm.plan.latency import LatencyTable, _node_key
+    from onnxadmm.plan.latency import LatencyTable, node_key
 
     node = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[1, 1])
     weight, shape = np.zeros((16, 8, 1, 1), np.float32), (1, 8, 4, 4)
     table = LatencyTable(1, use_disk=False)
-    key = (*_node_key(node), shape, weight.shape, 2, table.threads)
+    key = (*node_key(node), shape, weight.shape, 2, table.threads)
     table._cached(("grouped", *key), lambda: _Timed(2.0, 0.5))  # alone: grouped looks 2x faster
     table._cached(("grouped-sandwich", *key), lambda: _Timed(5.0, 1.1))  # in context: 0.5 ms slower
     assert table.grouped_ratio(node, shape, weight, 2) == (2.0, pytest.approx(1.25))

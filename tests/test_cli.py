@@ -49,6 +49,8 @@ def test_compress_writes_model_and_reports(workdir):
     assert report["validation"]["held_out"] is True and report["validation"]["samples"] == 10
     assert "# onnxadmm compress report" in (workdir / "out.onnx.report.md").read_text()
     assert "not latency" in out  # the honest gains statement
+    assert f"compressed {report['totals']['layers_compressed']} layers, 0 declined" in out
+    assert "agreement with the original" in out and "on 10 held-out samples" in out
     onnx.checker.check_model(onnx.load(str(workdir / "out.onnx")), full_check=True)
 
 

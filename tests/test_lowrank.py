@@ -367,6 +367,9 @@ def test_latency_objective_keeps_layers_whose_pair_is_not_faster(tmp_path, monke
         assert ratio < 1.0
     slow = [n for n, reason in plan["kept_dense"].items() if "faster" in reason]
     assert set(slow) | set(plan["pair_latency_ratio"]) >= {"Conv_4", "Conv_26", "Gemm_36"}
+    totals = result.report["totals"]  # the layers left dense are solved (refit) but not counted as compressed
+    assert totals["layers_compressed"] == sum(spec is not None for spec in plan["ranks"].values())
+    assert totals["layers_kept_dense"] == len(plan["kept_dense"]) > 0
     assert (tmp_path / "onnxadmm").is_dir()  # the pair timings are cached
 
 

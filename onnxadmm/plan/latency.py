@@ -72,7 +72,7 @@ class LatencyTable:
                            {"x": x}, ROUNDS, self.threads, feed_b={"x": small})
 
         x = np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)
-        return self._cached((*_node_key(node), tuple(input_shape), weight.shape, sorted(narrowed.items()),
+        return self._cached((*node_key(node), tuple(input_shape), weight.shape, sorted(narrowed.items()),
                              self.threads), run)
 
     def pair_ratio(self, node: onnx.NodeProto, input_shape: tuple[int, ...], weight: np.ndarray,
@@ -92,7 +92,7 @@ class LatencyTable:
             x = np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)
             return measure(dense, pair, {"x": x}, ROUNDS, self.threads)
 
-        return self._cached(("pair", *_node_key(node), tuple(input_shape), weight.shape, inner, self.threads), run)
+        return self._cached(("pair", *node_key(node), tuple(input_shape), weight.shape, inner, self.threads), run)
 
     def grouped_ratio(self, node: onnx.NodeProto, input_shape: tuple[int, ...], weight: np.ndarray,
                       blocks: int) -> tuple[float, float]:
@@ -116,7 +116,7 @@ class LatencyTable:
                            self.threads)
 
         x = np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)
-        key = (*_node_key(node), tuple(input_shape), weight.shape, blocks, self.threads)
+        key = (*node_key(node), tuple(input_shape), weight.shape, blocks, self.threads)
         dense_ms, _ = self._cached(("grouped", *key), alone)
         sandwich_ms, sandwich_ratio = self._cached(("grouped-sandwich", *key), sandwiched)
         return dense_ms, max(0.0, 1.0 + sandwich_ms * (sandwich_ratio - 1.0) / dense_ms)
@@ -177,7 +177,7 @@ def structure_digest(model: onnx.ModelProto) -> str:
     graph = model.graph
     for node in graph.node:
         digest.update(repr((node.op_type, node.domain, list(node.input), list(node.output),
-                            _node_key(node)[1])).encode())
+                            node_key(node)[1])).encode())
     for tensor in graph.initializer:
         digest.update(repr((tensor.name, tensor.data_type, list(tensor.dims))).encode())
     for value in graph.input:
@@ -185,7 +185,7 @@ def structure_digest(model: onnx.ModelProto) -> str:
     return digest.hexdigest()
 
 
-def _node_key(node: onnx.NodeProto) -> tuple:
+def node_key(node: onnx.NodeProto) -> tuple:
     """The node's op type and attributes, as they enter the cache key."""
     return node.op_type, sorted((a.name, str(helper.get_attribute_value(a))) for a in node.attribute)
 
@@ -293,7 +293,7 @@ class LatencyCost:
                     continue
                 weight = view.constant(node.input[1])
                 in_shape = (batch, *shapes[node.input[0]][1:])
-                self.shapes_of[index] = (_node_key(node), in_shape, weight.shape)
+                self.shapes_of[index] = (node_key(node), in_shape, weight.shape)
                 out_axis, in_axis = _weight_axes(node, {a.name: helper.get_attribute_value(a)
                                                         for a in node.attribute})
                 per = {}

@@ -35,6 +35,7 @@ from ..errors import ConfigError
 from ..onnxio.graph import GraphView
 from ..validation.footprint import node_macs
 from .allocate import Option, allocate
+from .latency import LatencyTable, feed_batch, latency_unit, meet_measured_latency, node_key, timing_feed
 from .sensitivity import input_second_moments, output_damage
 
 PROBE_RATIOS = (0.125, 0.25, 0.5, 0.75)  # probe ranks (fractions of full rank) whose damage is measured
@@ -130,8 +131,6 @@ def plan_ranks(view: GraphView, layers: list[Layer], samples: SampleSet, config:
     positions = {l.name: costs[l.node_index].positions if l.node_index in costs else 1 for l in layers}
     timing, timed = None, one
     if config.objective == "latency" or config.target_latency is not None:
-        from .latency import LatencyTable, feed_batch, timing_feed
-
         timing, timed = LatencyTable(config.threads), timing_feed(samples, config.latency_batch)
     grids = {}
     for layer in eligible:
@@ -212,8 +211,8 @@ def plan_ranks(view: GraphView, layers: list[Layer], samples: SampleSet, config:
 
 
 def calibrate_in_context(view: GraphView, layers: list[Layer], grids: dict, input_shapes: dict[str, tuple],
-                         timed: dict[str, np.ndarray], timing, drop_slower: bool, reasons: dict[str, str]
-                         ) -> dict[str, float]:
+                         timed: dict[str, np.ndarray], timing: LatencyTable, drop_slower: bool,
+                         reasons: dict[str, str]) -> dict[str, float]:
     """Each layer's factor to turn its pairs' savings alone into savings in the whole graph.
 
     Layers of identical shape (op, attributes, input and weight shapes) are pooled; every member is
@@ -222,21 +221,17 @@ def calibrate_in_context(view: GraphView, layers: list[Layer], grids: dict, inpu
     S_table clipped to [0.25, 4]; an option's latency is then t·(1 − c·(1 − r)). A pool whose graph saves
     nothing (S_graph ≤ 0) is dropped from ``grids`` when ``drop_slower`` (the latency objective), its
     layers kept dense with the reason. Graph timings are cached like the pairs'."""
-    from .latency import _node_key
-
     pools: dict[tuple, list[Layer]] = {}
     for layer in layers:
-        key = (repr(_node_key(view.nodes[layer.node_index])), tuple(input_shapes[layer.name]),
+        key = (repr(node_key(view.nodes[layer.node_index])), tuple(input_shapes[layer.name]),
                view.constant(layer.weight_name).shape)
         pools.setdefault(key, []).append(layer)
     total_ms = timing.model_ms(view.model, timed)
     context = {}
     for members in pools.values():
-        fastest = {l.name: min(range(len(grids[l.name])), key=lambda i: grids[l.name][i][2]) for l in members}
-        table_saving = sum(grids[l.name][i][1] * (1.0 - grids[l.name][i][2]) for l in members
-                           for i in [fastest[l.name]])
-        inner = {l.name: grids[l.name][fastest[l.name]][0].inner for l in members}
-        graph = random_factors(view, members, inner)
+        fastest = {l.name: min(grids[l.name], key=lambda option: option[2]) for l in members}  # (choice, t, r)
+        table_saving = sum(ms * (1.0 - ratio) for _, ms, ratio in fastest.values())
+        graph = random_factors(view, members, {name: choice.inner for name, (choice, _, _) in fastest.items()})
         graph_saving = total_ms * (1.0 - timing.plan_ratio(view.model, graph, timed))
         if graph_saving <= 0.0 and drop_slower:
             for layer in members:
@@ -266,8 +261,6 @@ def _meet_latency(view, eligible, grids, options, fixed, total, timed, config, t
     original's latency on ``timed`` (``meet_measured_latency`` searches the table's budget; the factors' values
     do not matter for the time, so each plan is timed with random factors of its inner sizes). Returns the
     options, the measured ratio and the plans timed."""
-    from .latency import latency_unit, meet_measured_latency
-
     def plan_at(budget_ratio):
         try:
             chosen = allocate(options, budget_ratio * total - fixed)

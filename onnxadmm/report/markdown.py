@@ -168,7 +168,9 @@ def render(report: dict) -> str:
         lines.append(f"- calibration: {cal['samples']} samples from `{cal['source']}`{rep}")
     if "totals" in report:
         t = report["totals"]
-        lines.append(f"- compressed layers: {t['layers_compressed']} (declined {t['layers_declined']}); "
+        kept = t.get("layers_kept_dense", 0)
+        lines.append(f"- compressed layers: {t['layers_compressed']}"
+                     + (f", kept dense and refit: {kept}" if kept else "") + f" (declined {t['layers_declined']}); "
                      f"sparsity over them {t['sparsity']:.4f}; nonzero layer weights "
                      f"{t['nonzero_reduction_x']:.2f}× fewer")
     if "timing" in report:
