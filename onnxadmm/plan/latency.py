@@ -271,6 +271,20 @@ def latency_unit(feed: dict[str, np.ndarray]) -> str:
     return f"batch-{feed_batch(feed)} latency"
 
 
+CONTEXT_CLIP = (0.25, 4.0)  # bounds of an in-context factor: a measured saving is a small difference of noisy times
+
+
+def context_factor(table_saving: float, graph_saving: float) -> float:
+    """c = S_graph / S_table clipped to ``CONTEXT_CLIP``: how much of what the table says a change saves the
+    whole graph measures it to save (1 when the table sees no saving)."""
+    return float(np.clip(graph_saving / table_saving, *CONTEXT_CLIP)) if table_saving > 0 else 1.0
+
+
+def in_context(ratio: float, factor: float) -> float:
+    """A ratio measured alone with its saving scaled by the in-context factor: r' = max(0, 1 − c·(1 − r))."""
+    return max(0.0, 1.0 - factor * (1.0 - ratio))
+
+
 class LatencyCost:
     """The latency model T(k) above, for the groups of one model (ms), at the batch of ``feed``."""
 
@@ -337,13 +351,13 @@ class LatencyCost:
             pooled.setdefault((group.channels, k, shapes), []).append((group.name, table_saving, graph_saving))
         self.table.save()
         for members in pooled.values():
-            factor = float(np.clip(sum(m[2] for m in members) / sum(m[1] for m in members), 0.25, 4.0))
+            factor = context_factor(sum(m[1] for m in members), sum(m[2] for m in members))
             for name, _, _ in members:
                 self.context[name] = factor
         for (name, _), per in self.ratios.items():
             factor = self.context.get(name, 1.0)
             for k, ratio in per.items():
-                per[k] = max(0.0, 1.0 - factor * (1.0 - ratio))
+                per[k] = in_context(ratio, factor)
 
     def option_cost(self, group: ChannelGroup, k: int) -> float:
         return sum(self.node_ms.get(index, 0.0) * per[k] for (name, index), per in self.ratios.items()

@@ -35,7 +35,8 @@ from ..errors import ConfigError
 from ..onnxio.graph import GraphView
 from ..validation.footprint import node_macs
 from .allocate import Option, allocate
-from .latency import LatencyTable, feed_batch, latency_unit, meet_measured_latency, node_key, timing_feed
+from .latency import (LatencyTable, context_factor, feed_batch, in_context, latency_unit, meet_measured_latency,
+                      node_key, timing_feed)
 from .sensitivity import input_second_moments, output_damage
 
 PROBE_RATIOS = (0.125, 0.25, 0.5, 0.75)  # probe ranks (fractions of full rank) whose damage is measured
@@ -218,7 +219,7 @@ def calibrate_in_context(view: GraphView, layers: list[Layer], grids: dict, inpu
     Layers of identical shape (op, attributes, input and weight shapes) are pooled; every member is
     factorized at its fastest rank alone and the graph timed against the original. With S_table = Σ t·(1 − r)
     (t the dense layer alone, r its pair ratio alone) and S_graph = T₀·(1 − measured ratio), c = S_graph /
-    S_table clipped to [0.25, 4]; an option's latency is then t·(1 − c·(1 − r)). A pool whose graph saves
+    S_table (``context_factor``); an option's latency is then t·(1 − c·(1 − r)). A pool whose graph saves
     nothing (S_graph ≤ 0) is dropped from ``grids`` when ``drop_slower`` (the latency objective), its
     layers kept dense with the reason. Graph timings are cached like the pairs'."""
     pools: dict[tuple, list[Layer]] = {}
@@ -240,8 +241,7 @@ def calibrate_in_context(view: GraphView, layers: list[Layer], grids: dict, inpu
                                        "time saved by the pairs of its shape) but no faster in the whole graph "
                                        f"({graph_saving / total_ms:+.3f} measured)")
             continue
-        factor = float(np.clip(graph_saving / table_saving, 0.25, 4.0)) if table_saving > 0 else 1.0
-        context.update({l.name: factor for l in members})
+        context.update({l.name: context_factor(table_saving, graph_saving) for l in members})
     return context
 
 
@@ -403,7 +403,7 @@ def _options(view, layers, eligible, grids, curves, positions, costs, timed, con
     if config.target_latency is not None:
         total_ms = timing.model_ms(view.model, timed)
         options = {l.name: [Option(-1, grids[l.name][0][1], 0.0)] +
-                   [Option(i, ms * max(0.0, 1.0 - context.get(l.name, 1.0) * (1.0 - ratio)),
+                   [Option(i, ms * in_context(ratio, context.get(l.name, 1.0)),
                            _curve_at(curves[(l.name, c.kind)], c.equivalent_rank))
                     for i, (c, ms, ratio) in enumerate(grids[l.name])] for l in eligible}
         movable = sum(grids[l.name][0][1] for l in eligible)
