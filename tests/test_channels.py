@@ -50,6 +50,15 @@ def depthwise():
     return b.model([("input", ["N", 3, 8, 8])], [y])
 
 
+def grouped_blocks():
+    """A ResNeXt-style grouped 3×3 conv (4 groups, Cin = Cout = 16) between two dense convs."""
+    b = GraphBuilder(19)
+    y = b.conv("input", 3, 16, k=1)
+    y = b.conv(y, 16, 16, groups=4)
+    y = b.conv(y, 16, 8, k=1, act=None)
+    return b.model([("input", ["N", 3, 8, 8])], [y])
+
+
 def residual():
     b = GraphBuilder(4)
     stream = b.conv("input", 3, 16)
@@ -171,6 +180,7 @@ COUPLINGS = {"option-A shortcut (spatial Slice + channel Pad)": option_a_shortcu
              "split into branches": split_branches, "split into equal parts": lambda: split_branches(False),
              "slice of channels": channel_slice, "concat into a residual add": concat_into_residual,
              "concat of branches + BN": lambda: concat_branches(), "conv chain": conv_chain, "batchnorm": batchnorm_unfolded, "depthwise": depthwise,
+             "grouped conv, Cin = Cout": grouped_blocks,
              "residual add": residual, "flatten into gemm": flatten_gemm,
              "pool + reshape [0,-1] into gemm": lambda: pool_reshape_gemm(False),
              "reshape with explicit size": lambda: pool_reshape_gemm(True),
@@ -260,14 +270,51 @@ def test_every_member_range_keeps_a_channel_and_macs_count_the_ranges():
     assert exact_macs(costs, [group], {group.name: 4}, removed_of) == round(expected)
 
 
-def test_grouped_conv_that_is_not_depthwise_declines_its_groups_by_name():
+def test_grouped_conv_whose_output_count_differs_declines_its_groups_by_name():
     b = GraphBuilder(18)
     y = b.conv(b.conv("input", 3, 16), 16, 16)
-    out = b.conv(b.conv(y, 16, 16, groups=4), 16, 4, act=None)
+    out = b.conv(b.conv(y, 16, 32, groups=4), 32, 4, act=None)
     _, _, _, groups = analysed(b.model([("input", ["N", 3, 8, 8])], [out]))
     assert groups[0].declined is None  # the first conv's channels are read by a plain conv: pruned
     assert "grouped Conv" in groups[1].declined and "group=4" in groups[1].declined
     assert "grouped Conv" in groups[2].declined
+
+
+def test_grouped_conv_passes_whole_blocks_and_keeps_fewer_groups_of_the_same_size():
+    model, view, layers, groups = analysed(grouped_blocks())
+    group = next(g for g in groups if not g.declined and g.through)
+    assert group.block == 4 and group.channels == 16
+    scores = np.array([5, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0.5, 2, 0, 0, 0], float)
+    mask = group_mask(group, scores, 7)  # 7 channels round up to 2 whole blocks: sums 5, 4, 0.5, 2
+    assert mask.tolist() == [True] * 8 + [False] * 8
+    sliced = slice_channels(model, [group], {group.name: mask})
+    grouped = next(n for n in sliced.graph.node if n.op_type == "Conv" and
+                   any(a.name == "group" and a.i > 1 for a in n.attribute))
+    assert next(a.i for a in grouped.attribute if a.name == "group") == 2
+    weight = next(t for t in sliced.graph.initializer if t.name == grouped.input[1])
+    assert list(weight.dims) == [8, 4, 3, 3]  # two groups of 4 filters, each still reading 4 channels
+
+
+def test_channel_method_prunes_through_a_grouped_conv_in_whole_blocks():
+    b = GraphBuilder(20)
+    y = b.conv("input", 3, 32, k=1)
+    y = b.conv(y, 32, 32, groups=4)  # blocks of 8
+    y = b.node("Flatten", [b.node("GlobalAveragePool", [b.conv(y, 32, 16, k=1)])])
+    model = b.model([("input", ["N", 3, 8, 8])], [b.gemm(y, 16, 10, act=None)])
+    result = compress(model, samples_for(model, 32), CompressConfig(method="channel", target_macs=0.6,
+                                                                    channel_multiple=4, sensitivity_samples=8,
+                                                                    admm_iterations=8),
+                      ValidateConfig(latency_rounds=2))
+    onnx.checker.check_model(result.model, full_check=True)
+    row = next(g for g in result.report["plan"]["groups"] if g["channels"] == 32 and g["through"])
+    assert row["declined"] is None and row["kept"] % 8 == 0 and row["kept"] < 32
+    grouped = next(n for n in result.model.graph.node if n.op_type == "Conv" and
+                   any(a.name == "group" and a.i > 1 for a in n.attribute))
+    assert next(a.i for a in grouped.attribute if a.name == "group") == row["kept"] // 8
+    footprint = result.report["validation"]["footprint"]
+    assert footprint["compressed"]["macs"] <= 0.6 * footprint["original"]["macs"]
+    feed = samples_for(model, 3, seed=7)
+    assert run(result.model, feed)[0].shape == run(model, feed)[0].shape
 
 
 def test_depthwise_conv_passes_channels_through_and_gets_a_new_group_count():

@@ -7,6 +7,10 @@ a layer's output channels and is closed under the graph's couplings:
   * per-channel nodes pass the channels through (activations, BatchNormalization, pooling, per-channel
     constant Add/Sub/Mul/Div, PRelu, Dropout/Identity, a Slice or Pad on spatial axes only, a depthwise
     Conv with one filter per channel);
+  * a grouped Conv with as many output as input channels ties them block by block: its output block g is
+    computed from its input block g alone, so a block (Cin/group channels) passes through it whole, and
+    the group's channels are removed in whole aligned blocks (``ChannelGroup.block``) — the conv then
+    keeps fewer groups of the same size;
   * an elementwise op of two computed tensors (a residual ``Add``, a gate ``Mul``) ties both operands,
     so every producer of every operand loses the same channels;
   * a Conv (group = 1), Gemm or MatMul reading the channels is a *consumer*: it loses the matching input
@@ -19,8 +23,8 @@ ResNets' option-A shortcut: ``Slice`` + channel ``Pad`` into a residual ``Add`` 
 ``Split`` of one conv's output), the group is restarted from the wider tensor's producer, so the narrow
 stream's channels become a sub-range [lo, hi) of the wide one's: removing wide channel c removes narrow
 channel c − lo with it, and a removed pad channel shrinks the pad.
-Anything else touching the channels (Gather, Transpose, Reshape to other shapes, a grouped Conv that is
-not depthwise, a graph output, ...) declines the whole group with the node named: its channels stay,
+Anything else touching the channels (Gather, Transpose, Reshape to other shapes, a grouped Conv whose
+output and input channel counts differ, a graph output, ...) declines the whole group with the node named: its channels stay,
 never a guess.
 """
 
@@ -106,6 +110,7 @@ class ChannelGroup:
     places: dict[str, Place] = field(default_factory=dict)  # every tensor holding group channels
     members: dict[int, tuple[str, Place]] = field(default_factory=dict)  # node -> (side, place of that side)
     declined: str | None = None
+    block: int = 1  # channels are removed in whole aligned blocks of this many (grouped convs they pass)
 
     @property
     def uniform(self) -> bool:
@@ -167,7 +172,7 @@ def _seed_layer(view: GraphView, by_node: dict[int, Layer], tensor: str, space: 
     if layer is not None and node.output[0] == tensor:
         if layer.op_type == "Conv" and layer.groups != 1:
             return _seed_layer(view, by_node, node.input[0], space, kind, depth + 1) \
-                if _is_depthwise(layer, space) else None
+                if _block_of(layer, space) else None
         return layer if layer.out_features == space else None
     try:
         if not _per_channel_node(view, node, kind, space):
@@ -266,6 +271,24 @@ class _Walk:
         self.visit(node.output[0], place)
         return True
 
+    def block_through(self, index: int, layer: Layer, place: Place, role: str) -> None:
+        """A grouped Conv (depthwise included) passes whole blocks of Cin/group channels: the group fills
+        its input and output, aligned to its blocks, and is removed in blocks of (a multiple of) that size."""
+        block = _block_of(layer, place.space)
+        if not block:
+            raise _Decline(f"grouped Conv {layer.name!r} (group={layer.groups}) {role} the channels and has "
+                           f"{layer.out_features} outputs for its inputs (its groups tie input and output channels "
+                           "block by block, and only equal counts pass whole blocks through)")
+        if (block > 1 or role == "reads") and (not place.whole or place.lo % block):
+            raise _Decline(f"grouped Conv {layer.name!r} (group={layer.groups}) {role} channels that do not fill "
+                           f"its {'input' if role == 'reads' else 'output'} in whole blocks")
+        group_block = int(np.lcm(self.group.block, block))
+        if self.group.channels % group_block:
+            raise _Decline(f"grouped Conv {layer.name!r} (group={layer.groups}): the {self.group.channels} "
+                           f"channels of the group are not whole blocks of {group_block}")
+        self.group.block = group_block
+        self.through[index] = place
+
     def move(self, node, index: int, tensor: str, place: Place) -> bool:
         """Concat / Split / channel Slice / channel Pad: each narrow tensor is positions [start, start + n)
         of the wide one; the place of every tensor of the node follows from the one known."""
@@ -302,12 +325,9 @@ class _Walk:
         layer = self.by_node.get(index)
         if layer is not None and _axis_kind(layer) == self.kind and node.output[0] == tensor:
             if layer.op_type == "Conv" and layer.groups != 1:
-                if _is_depthwise(layer, place.space):
-                    self.through[index] = place
-                    self.visit(node.input[0], place)
-                    return
-                raise _Decline(f"grouped Conv {node.name!r} (group={layer.groups}) produces the channels and "
-                               "is not depthwise (its groups tie input and output channels block by block)")
+                self.block_through(index, layer, place, "produces")
+                self.visit(node.input[0], place)
+                return
             if not place.whole:
                 self.wider = (tensor, place.space)
                 return
@@ -330,12 +350,9 @@ class _Walk:
                     taps = layer.conv.kernel[0] * layer.conv.kernel[1]
                     self.consumers[index] = Consumer(layer.name, index, taps, place)
                     return
-                if _is_depthwise(layer, place.space) and place.whole:
-                    self.through[index] = place
-                    self.visit(node.output[0], place)
-                    return
-                raise _Decline(f"grouped Conv {node.name!r} (group={layer.groups}) reads the channels and is "
-                               "not depthwise (its groups tie input and output channels block by block)")
+                self.block_through(index, layer, place, "reads")
+                self.visit(node.output[0], place)
+                return
             if self.kind != "row" or layer.in_features != place.space:
                 raise _Decline(f"{node.op_type} {node.name!r} reads the channels on an axis that is not its K")
             self.consumers[index] = Consumer(layer.name, index, 1, place)
@@ -470,10 +487,13 @@ def _channel_pads(view: GraphView, node, kind: str) -> tuple[int, int] | None:
     return before, after
 
 
-def _is_depthwise(layer: Layer, channels: int) -> bool:
-    """One filter per channel: group = Cin = Cout."""
-    return layer.op_type == "Conv" and layer.groups == layer.out_features == channels and \
-        layer.in_features == layer.conv.kernel[0] * layer.conv.kernel[1]
+def _block_of(layer: Layer, channels: int) -> int:
+    """Cin/group for a grouped Conv with Cin = Cout = ``channels`` (1: depthwise, one filter per channel),
+    whose output block g depends on its input block g only; 0 for any other layer."""
+    if layer.op_type != "Conv" or layer.groups < 2 or layer.out_features != channels or channels % layer.groups:
+        return 0
+    block = channels // layer.groups
+    return block if layer.in_features == block * layer.conv.kernel[0] * layer.conv.kernel[1] else 0
 
 
 def _attrs(node) -> dict:

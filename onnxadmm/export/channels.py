@@ -3,7 +3,8 @@
 For the removed group channels R, each tensor of the group loses the positions its ``Place`` gives them
 (R ∩ [lo, hi) shifted to the tensor's offset), and each member follows its tensors:
   producers   Conv W[K], B[K]; Gemm W[K, :] (transB) or W[:, K]; MatMul W[:, K]; bias[K]
-  through     BatchNormalization scale/B/mean/var[K]; depthwise Conv W[K], B[K] and group = |K|;
+  through     BatchNormalization scale/B/mean/var[K]; a grouped Conv with Cin = Cout (depthwise: blocks of
+              one) W[K], B[K] and group = |K| / block, K whole blocks;
               per-channel constants of Add/Sub/Mul/Div/PRelu sliced on their channel axis;
               Reshape to [N, C·H·W] gets |K|·H·W when the size is explicit;
               Split sizes, channel-Slice bounds and channel-Pad widths shrink by the removed positions
@@ -42,7 +43,7 @@ class _Slicer:
         self.model = model
         self.view = GraphView(model, infer_types(model, data_prop=False))
         self.cuts: dict[tuple[int, int, int], set[int]] = {}  # (node, slot, axis) -> indices
-        self.group_cuts: dict[int, int] = {}  # depthwise conv -> channels removed
+        self.group_cuts: dict[int, int] = {}  # grouped conv -> groups removed
         self.reshape_cuts: dict[int, int] = {}  # Reshape -> features removed
         self.removed: dict[str, set[int]] = {}  # tensor -> removed channel positions (every group)
         self.movers: dict[int, str] = {}  # Split / Slice / Pad node on the channel axis -> group kind
@@ -227,10 +228,11 @@ def _cut_through(slicer: _Slicer, index: int, group: ChannelGroup, channels: np.
         if op != "Concat" and channel_pieces(view, node, kind) is not None:
             slicer.movers[index] = kind
         return
-    if op == "Conv":  # depthwise: one filter per channel
+    if op == "Conv":  # grouped, Cin = Cout: whole blocks of Cout/group filters go, and their groups
+        block = view.initializers[node.input[1]].dims[0] // _attr(node, "group", 1)
         slicer.cut(index, 1, 0, removed)
         slicer.cut(index, 2, 0, removed)
-        slicer.group_cuts[index] = slicer.group_cuts.get(index, 0) + len(removed)
+        slicer.group_cuts[index] = slicer.group_cuts.get(index, 0) + len(removed) // block
     elif op == "BatchNormalization":
         for slot in range(1, 5):
             slicer.cut(index, slot, 0, removed)

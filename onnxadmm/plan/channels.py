@@ -90,13 +90,17 @@ def top_mask(scores: np.ndarray, k: int) -> np.ndarray:
 
 def group_mask(group: ChannelGroup, scores: np.ndarray, k: int) -> np.ndarray:
     """The k channels of highest score, plus the best of any member range that would lose all of its
-    channels (a tensor of zero channels is not a graph onnxruntime runs)."""
-    mask = top_mask(scores, k)
+    channels (a tensor of zero channels is not a graph onnxruntime runs). In a group of blocks (a grouped
+    conv passes it) whole blocks are kept: the ⌈k / block⌉ of highest summed score."""
+    b = group.block
+    block_scores = scores.reshape(-1, b).sum(axis=1)
+    mask = np.repeat(top_mask(block_scores, -(-k // b)), b)
     if not group.uniform:
         ranges = {(p.lo, p.hi) for p in group.places.values()} | {(p.lo, p.hi) for _, p in group.members.values()}
         for lo, hi in sorted(ranges):
             if hi > lo and not mask[lo:hi].any():
-                mask[lo + int(np.argmax(scores[lo:hi]))] = True
+                best = (lo + int(np.argmax(scores[lo:hi]))) // b * b
+                mask[best:best + b] = True
     return mask
 
 
@@ -175,7 +179,7 @@ def plan_channels(view: GraphView, layers: list[Layer], groups: list[ChannelGrou
     one = {name: array[:1] for name, array in samples.arrays.items()}
     node_costs = node_macs(view.model, one, config.threads)
     costs = {i: c.dense for i, c in node_costs.items()}
-    options = {g.name: width_options(g.channels, config.channel_multiple) for g in groups}
+    options = {g.name: width_options(g.channels, int(np.lcm(config.channel_multiple, g.block))) for g in groups}
     consumers = [layers_by_name[c.layer] for g in groups for c in g.consumers]
     subset = samples.subset(evenly_spaced(samples.num_samples, min(config.sensitivity_samples,
                                                                    samples.num_samples)))
@@ -232,7 +236,7 @@ def plan_channels(view: GraphView, layers: list[Layer], groups: list[ChannelGrou
     for g in groups:
         if config.solver != "admm":
             masks[g.name] = group_mask(g, producer_l1_scores(view, g, layers_by_node), keep[g.name])
-        elif len(g.consumers) > 1 or config.method == "l0-l21" or not g.uniform:
+        elif len(g.consumers) > 1 or config.method == "l0-l21" or not g.uniform or g.block > 1:
             masks[g.name] = group_mask(g, scores[g.name], keep[g.name])
     plan = ChannelPlan(keep=keep, masks=masks, macs_original=int(sum(costs.values())),
                        macs_planned=macs_planned, strategy=strategy, measured_damage=damage, scores=scores)

@@ -191,7 +191,8 @@ def node_key(node: onnx.NodeProto) -> tuple:
 
 
 def _narrowed_input(node: onnx.NodeProto, input_shape, narrowed: dict[str, int]) -> tuple[int, ...]:
-    """The node's input shape once its input (or, for a depthwise conv, its channels) is narrowed."""
+    """The node's input shape once its input (or, for a grouped conv with Cin = Cout, its channels) is
+    narrowed."""
     shape = list(input_shape)
     depthwise = node.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in node.attribute)
     if "in" in narrowed:
@@ -212,8 +213,8 @@ def _one_node(node: onnx.NodeProto, input_shape: tuple[int, ...], weight: np.nda
     out_axis, in_axis = _weight_axes(node, attrs)
     if "out" in narrowed:
         w_shape[out_axis] = narrowed["out"]
-        if node.op_type == "Conv" and attrs.get("group", 1) > 1:  # depthwise: channels in = out = group
-            attrs["group"] = narrowed["out"]
+        if node.op_type == "Conv" and attrs.get("group", 1) > 1:  # grouped, Cin = Cout: fewer blocks
+            attrs["group"] = attrs["group"] * narrowed["out"] // weight.shape[out_axis]
     if "in" in narrowed:
         w_shape[in_axis] = narrowed["in"]
     if group is not None:
