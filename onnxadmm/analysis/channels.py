@@ -24,8 +24,8 @@ ResNets' option-A shortcut: ``Slice`` + channel ``Pad`` into a residual ``Add`` 
 stream's channels become a sub-range [lo, hi) of the wide one's: removing wide channel c removes narrow
 channel c − lo with it, and a removed pad channel shrinks the pad.
 Anything else touching the channels (Gather, Transpose, Reshape to other shapes, a grouped Conv whose
-output and input channel counts differ, a graph output, ...) declines the whole group with the node named: its channels stay,
-never a guess.
+output and input channel counts differ, a graph output, ...) declines the whole group with the node named:
+its channels stay, never a guess.
 """
 
 from __future__ import annotations
