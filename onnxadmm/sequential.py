@@ -109,14 +109,14 @@ def compress_layers(view: GraphView, layers: list[Layer], samples: SampleSet, st
         for name in (layer.input_name, *(layer.chain.side_inputs if layer.chain else ())):
             pending[name] = pending.get(name, 0) + 1
     budget = config.max_memory_mb << 20
-    stream = ActivationStream(view, samples, config.batch_size, budget // 2, config.threads,
-                              keep=lambda name: pending.get(name, 0) > 0)
     sampling = SampleSettings(max_patches=config.sample_patches, memory_bytes=budget // 4, seed=config.seed)
     settings = admm_settings(config)
     initializers: dict[str, np.ndarray] = {}
     outcomes: list[LayerOutcome] = []
     declined: list[Declined] = []
-    try:
+    stream = ActivationStream(view, samples, config.batch_size, budget // 2, config.threads,
+                              keep=lambda name: pending.get(name, 0) > 0)
+    try:  # nothing between creating the stream and here, so an interrupt cannot leave its spill behind
         for index, layer in enumerate(order):
             progress("solve", index, len(order), layer.name)
             started = time.perf_counter()

@@ -120,6 +120,53 @@ def test_stream_matches_a_full_run(budget):
     stream.close()
 
 
+class _InterruptedSamples(SampleSet):
+    """A sample set whose reading is interrupted (Ctrl-C, SIGTERM) after ``after`` batches."""
+
+    def __init__(self, feed, after):
+        super().__init__(feed, "mem")
+        self.after = after
+
+    def batches(self, batch_size):
+        for index, batch in enumerate(super().batches(batch_size)):
+            if index == self.after:
+                raise KeyboardInterrupt
+            yield batch
+
+
+def test_an_interrupt_while_filling_the_stream_removes_what_it_spilled(tmp_path, monkeypatch):
+    """The constructor already spills; interrupted there, no caller holds the stream to close it."""
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    model = tiny_cnn()
+    view = normalize(model).view()
+    with pytest.raises(KeyboardInterrupt):
+        ActivationStream(view, _InterruptedSamples(samples_for(model, 40), after=6), 4, 40_000)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_spilling_names_its_folder_before_creating_it(tmp_path, monkeypatch):
+    """An interrupt right after the folder appears must still find it in ``close``."""
+    from onnxadmm.calib.store import TensorStore
+
+    store = TensorStore(budget_bytes=10, spill_dir=str(tmp_path))
+    made = []
+    real_mkdir = type(tmp_path).mkdir
+
+    def mkdir_then_interrupt(path, *args, **kwargs):
+        real_mkdir(path, *args, **kwargs)
+        made.append(path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(tmp_path), "mkdir", mkdir_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        for batch in range(3):
+            store.put("t", batch, np.zeros(8, np.float32))
+    monkeypatch.undo()
+    assert len(made) == 1 and made[0].is_dir()
+    store.close()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_stream_sees_compressed_weights_only_downstream():
     model = tiny_cnn()
     view = normalize(model).view()

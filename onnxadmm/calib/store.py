@@ -6,6 +6,7 @@ read back memory-mapped on access, so peak memory follows the setting, not the d
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import tempfile
 from collections import OrderedDict
@@ -62,13 +63,24 @@ class TensorStore:
         while self._bytes > self.budget_bytes and len(self._memory) > 1:
             key, array = self._memory.popitem(last=False)
             if self._folder is None:
-                self._folder = Path(tempfile.mkdtemp(prefix="onnxadmm-spill-", dir=self._spill_root))
+                self._make_folder()
             self._files_written += 1
             path = self._folder / f"{self._files_written}.npy"
             np.save(path, array)
             self._disk[key] = path
             self._bytes -= array.nbytes
             self.spilled_bytes += array.nbytes
+
+    def _make_folder(self) -> None:
+        """Name the folder before creating it, so an interrupt at any point leaves ``close`` knowing it."""
+        root = Path(self._spill_root or tempfile.gettempdir())
+        while True:
+            self._folder = root / f"onnxadmm-spill-{secrets.token_hex(6)}"
+            try:
+                self._folder.mkdir(mode=0o700)
+                return
+            except FileExistsError:
+                continue
 
     def close(self) -> None:
         self._memory.clear()

@@ -37,9 +37,13 @@ class ActivationStream:
         self.computed: set[int] = set()
         self.overrides: dict[str, np.ndarray] = {}
         self._keep = keep or (lambda name: False)
-        for index, batch in enumerate(samples.batches(batch_size)):
-            for name, array in batch.items():
-                self.stores[ORIGINAL].put(name, index, array)
+        try:  # filling may already spill; an interrupt here has no caller holding the stream to close it
+            for index, batch in enumerate(samples.batches(batch_size)):
+                for name, array in batch.items():
+                    self.stores[ORIGINAL].put(name, index, array)
+        except BaseException:
+            self.close()
+            raise
 
     # -- weights ---------------------------------------------------------------------------------
     def set_initializers(self, values: Mapping[str, np.ndarray]) -> None:
