@@ -35,6 +35,7 @@ METHODS = {
 CHANNEL_METHODS = ("channel", "l0-l21")
 LOWRANK_METHODS = ("lowrank", "lowrank-sparse")
 SPARSE_STRUCTURES = ("rows", "unstructured")
+LOWRANK_FORMS = ("pair", "tucker2", "auto")
 OBJECTIVES = ("latency", "size")
 AUGMENTATIONS = ("auto", "none")
 PLATFORMS = ("linux-aarch64",)
@@ -88,6 +89,12 @@ class CompressConfig:
     )
     sparse_share: float = field(
         default=0.5, metadata=_opt("lowrank-sparse: fraction of each layer's parameters given to S")
+    )
+    lowrank_form: str = field(
+        default="pair", metadata=_opt("lowrank: a k×k Conv of rank r as a pair (k×k Cin→r, 1×1 r→Cout), as "
+                                      "Tucker-2 (1×1 Cin→r, k×k r→r, 1×1 r→Cout: fewer MACs, more error), or "
+                                      "auto (both offered; the allocation picks per layer; needs a target)",
+                                      LOWRANK_FORMS)
     )
     objective: str = field(
         default="latency", metadata=_opt("lowrank methods and --method grouped: latency (only forms measured "
@@ -184,6 +191,7 @@ class CompressConfig:
         _check_choice("loss", self.loss, LOSSES)
         _check_choice("solver", self.solver, SOLVERS)
         _check_choice("sparse_structure", self.sparse_structure, SPARSE_STRUCTURES)
+        _check_choice("lowrank_form", self.lowrank_form, LOWRANK_FORMS)
         _check_choice("objective", self.objective, OBJECTIVES)
         _check_choice("distill_augment", self.distill_augment, AUGMENTATIONS)
         _check_range("sparsity", self.sparsity, 0.0, 1.0, hi_open=True)
@@ -242,6 +250,8 @@ class CompressConfig:
             raise ConfigError(f"--rank-ratio applies to --method lowrank | lowrank-sparse, not {self.method!r}")
         if not 0 < self.sparse_share < 1:
             raise ConfigError(f"sparse_share must be in (0, 1), got {self.sparse_share}")
+        if self.lowrank_form != "pair" and self.method != "lowrank":
+            raise ConfigError(f"--lowrank-form {self.lowrank_form} applies to --method lowrank, not {self.method!r}")
         if self.method not in LOWRANK_METHODS:
             return
         targets = [n for n in ("rank_ratio", "target_params", "target_macs", "target_latency")
@@ -251,6 +261,10 @@ class CompressConfig:
                               f"--target-macs, --target-latency (got {len(targets) or 'none'})")
         if self.rank_ratio == 0:
             raise ConfigError("rank_ratio must be > 0")
+        if self.lowrank_form == "auto" and self.rank_ratio is not None:
+            raise ConfigError("--lowrank-form auto lets the allocation choose each layer's form by its measured "
+                              "damage per cost: give --target-params / --target-macs / --target-latency, or "
+                              "choose --lowrank-form pair | tucker2 with --rank-ratio")
         if self.method == "lowrank-sparse" and self.sparse_structure == "unstructured":
             if self.objective == "latency" or targets[0] in ("target_macs", "target_latency"):
                 raise ConfigError("an unstructured S is exported as a dense-stored parallel branch + Add, slower "

@@ -1,7 +1,8 @@
 """Low-rank and low-rank + sparse end to end (``--method lowrank | lowrank-sparse``, Ma et al. 2019):
 ranks per layer (``plan/lowrank.py``) → layer-wise ADMM with the rank / L+S Z-step, through the activation,
 sequential (``algorithms/factorize.py``) → every factorized layer exported as its factor pair
-(``export/lowrank.py``); layers left dense are refit to the compressed model's inputs.
+(``export/lowrank.py``; a k×k Conv with ``--lowrank-form tucker2`` as its Tucker-2 triple); layers left dense
+are refit to the compressed model's inputs.
 
 During the solve a factorized layer is its dense product A·B + S, which computes what the pair
 computes; the graph is rewritten once, at the end. A layer planned as S alone (rank 0) is solved and
@@ -32,7 +33,8 @@ class FactoredResult:
     solved: SequentialResult
 
     def report(self) -> dict:
-        forms = {o.layer.name: export_form(o.layer, o.factors.inner, o.factors.sparse is not None)
+        forms = {o.layer.name: export_form(o.layer, o.factors.inner, o.factors.sparse is not None,
+                                           _input_rank(o.factors))
                  for o in self.solved.outcomes if o.factors is not None}
         return {**self.plan.report(), "export_forms": forms}
 
@@ -56,6 +58,11 @@ def compress_factored(view: GraphView, model: onnx.ModelProto, layers: list[Laye
     solved = compress_layers(view, layers, samples, structures, levels, config, progress)
     compressed = apply_initializers(model, solved.initializers)
     factored = [FactoredLayer(o.layer, o.factors.left.numpy(), o.factors.right.numpy(),
-                              None if o.factors.sparse is None else o.factors.sparse.numpy())
+                              None if o.factors.sparse is None else o.factors.sparse.numpy(),
+                              None if o.factors.input_basis is None else o.factors.input_basis.numpy())
                 for o in solved.outcomes if o.factors is not None]
     return FactoredResult(factorize(compressed, factored), plan, solved)
+
+
+def _input_rank(factors) -> int:
+    return 0 if factors.input_basis is None else factors.input_basis.shape[0]

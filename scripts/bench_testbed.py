@@ -196,7 +196,8 @@ def latency_suite(name: str) -> list[dict]:
 def lowrank_suite(name: str) -> list[dict]:
     """Issue 4: at equal nonzero parameters (--target-params 0.5 and 0.3), low-rank only, sparse only, L+S
     with an unstructured S and with a row-sparse S (merged into the pair), each with the loss through the
-    activation and the linear loss; plain truncated SVD without data as the baseline. All at --objective size
+    activation and the linear loss; plain truncated SVD without data as the baseline; low-rank with the form
+    per layer chosen between the pair and Tucker-2 (``--lowrank-form auto``). All at --objective size
     (the forms are priced in parameters). EfficientNet-Lite0 (4-11 min a run here): the loss through the
     activation only, no refinement row. ResNet-56 also at the latency objective: --target-latency 0.7 (issue
     4's bar) and 0.8 (within what factor pairs reach here)."""
@@ -215,7 +216,9 @@ def lowrank_suite(name: str) -> list[dict]:
             for loss in ("activation",) if large else ("activation", "linear"):
                 runs.append({"label": f"{label}, {loss} loss", "group": group,
                              "config": {**base, **config, "loss": loss}})
-        if not large:
+        if not large:  # EfficientNet-Lite0's k×k convs are depthwise: no Tucker-2 form there
+            runs.append({"label": "low-rank, pair or Tucker-2 (auto), activation loss", "group": group,
+                         "config": {**base, "method": "lowrank", "objective": "size", "lowrank_form": "auto"}})
             runs.append({"label": "L+S row S merged, activation loss + block refine", "group": group,
                          "config": {**base, "method": "lowrank-sparse", "sparse_structure": "rows",
                                     "objective": "size", **REFINE}})
@@ -225,6 +228,9 @@ def lowrank_suite(name: str) -> list[dict]:
         for method in ("lowrank", "lowrank-sparse"):
             runs.append({"label": f"{method}, latency objective", "group": "latency 0.7",
                          "config": {"method": method, "target_latency": 0.7}})
+        for target in (0.7, 0.8):  # Tucker-2 triples where they are faster than the pair (DESIGN.md §6)
+            runs.append({"label": "lowrank, pair or Tucker-2 (auto), latency objective", "group": f"latency {target}",
+                         "config": {"method": "lowrank", "target_latency": target, "lowrank_form": "auto"}})
         runs.append({"label": "lowrank, latency objective", "group": "latency 0.8",
                      "config": {"method": "lowrank", "target_latency": 0.8}})
         runs.append({"label": "lowrank, latency objective + block refine", "group": "latency 0.8",
@@ -240,7 +246,9 @@ PAIRED = {  # suite -> (row A, row B) label pairs compared per group, where both
     "lowrank": [("L+S unstructured S, activation loss", "sparse, activation loss"),
                 ("L+S unstructured S, activation loss", "low-rank, activation loss"),
                 ("L+S row S merged, activation loss", "low-rank, activation loss"),
-                ("low-rank, activation loss", "low-rank, linear loss")],
+                ("low-rank, activation loss", "low-rank, linear loss"),
+                ("low-rank, pair or Tucker-2 (auto), activation loss", "low-rank, activation loss"),
+                ("lowrank, pair or Tucker-2 (auto), latency objective", "lowrank, latency objective")],
     "channel": [("channel admm", "l1-norm + LS refit"),
                 ("channel admm", "channel admm, uniform"),
                 ("l0-l21 admm (50% inside)", "l1-norm + LS refit"),

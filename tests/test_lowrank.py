@@ -11,7 +11,7 @@ from models import GraphBuilder, run, samples_for
 from onnxadmm.algorithms.admm import AdmmSettings
 from onnxadmm.algorithms.factorize import RankSpec, rank_error_curve, solve_factored, whitened_low_rank
 from onnxadmm.algorithms.problem import LayerProblem
-from onnxadmm.algorithms.projections.lowrank import (LowRankSparse, Rank, low_rank, sparse_projection,
+from onnxadmm.algorithms.projections.lowrank import (LowRankSparse, Rank, Tucker2, low_rank, sparse_projection,
                                                      split_low_rank_sparse)
 from onnxadmm.algorithms.refit import moments
 from onnxadmm.analysis.layers import find_layers
@@ -31,6 +31,31 @@ def test_rank_projection_meets_eckart_young(seed):
         error = float((v[g] - projected[g]).double().pow(2).sum())
         assert error == pytest.approx(float(s[r:].pow(2).sum()), rel=1e-4)
     assert torch.allclose(Rank(r)(projected), projected, atol=1e-5)  # idempotent
+
+
+def _mode_ranks(v, taps):
+    rows, d = v.shape
+    unfold_in = v.reshape(rows, d // taps, taps).permute(1, 0, 2).reshape(d // taps, -1)
+    return (int(torch.linalg.matrix_rank(v.double(), rtol=1e-5)),
+            int(torch.linalg.matrix_rank(unfold_in.double(), rtol=1e-5)))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_tucker2_projection_meets_both_mode_ranks_and_keeps_its_set_fixed(seed):
+    """HOOI onto Tucker-2 rank (r, r1): output-mode rank <= r, input-channel rank <= r1; a tensor already
+    of that rank is returned unchanged; and it is no better than the pair of rank r (a subset of it)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows, channels, taps, r, r1 = 12, 10, 9, 4, 3
+    v = torch.randn(1, rows, channels * taps, generator=gen, dtype=torch.float64)
+    projected = Tucker2(r, r1, taps)(v)
+    assert _mode_ranks(projected[0], taps) == (r, r1)
+    assert torch.allclose(Tucker2(r, r1, taps)(projected), projected, atol=1e-10)
+    inside = torch.einsum("ra,abt,cb->rct", torch.randn(rows, r, generator=gen, dtype=torch.float64),
+                          torch.randn(r, r1, taps, generator=gen, dtype=torch.float64),
+                          torch.randn(channels, r1, generator=gen, dtype=torch.float64)).reshape(1, rows, -1)
+    assert torch.allclose(Tucker2(r, r1, taps)(inside), inside, atol=1e-9)
+    assert float((v - projected).norm()) >= float((v - low_rank(v, r)).norm()) - 1e-9
+    assert float((v - Tucker2(r, channels, taps)(v)).norm()) == pytest.approx(float((v - low_rank(v, r)).norm()))
 
 
 @pytest.mark.parametrize("structure,count", [("unstructured", 30), ("rows", 3), ("columns", 2)])
@@ -125,7 +150,8 @@ def _bias(stats, w):
     return bias_for(stats, w)
 
 
-@pytest.mark.parametrize("spec", [RankSpec(6), RankSpec(4, "rows", 3), RankSpec(4, "unstructured", 80)])
+@pytest.mark.parametrize("spec", [RankSpec(6), RankSpec(4, "rows", 3), RankSpec(4, "unstructured", 80),
+                                  RankSpec(6, width=4, input_rank=5)])  # Tucker-2: 10 channels of 4 taps
 def test_admm_through_activation_beats_plain_svd_and_factors_reproduce_the_weight(spec):
     problem = _problem()
     settings = AdmmSettings(iterations=15)
@@ -141,6 +167,13 @@ def test_admm_through_activation_beats_plain_svd_and_factors_reproduce_the_weigh
         assert factors.merged_rows <= spec.sparse_count
     if spec.sparse_structure == "unstructured":
         assert int((factors.sparse != 0).sum()) <= spec.sparse_count
+    if spec.input_rank:  # B's input channels lie in Q's row span: the exported core x Q is B exactly
+        q = factors.input_basis.double()
+        assert q.shape == (spec.input_rank, 10) and torch.allclose(q @ q.T, torch.eye(spec.input_rank, dtype=q.dtype),
+                                                                   atol=1e-5)
+        right = factors.right.double().reshape(spec.rank, 10, 4)
+        assert torch.allclose(torch.einsum("jct,bc,be->jet", right, q, q), right, atol=1e-5)
+        assert _mode_ranks(w[0], 4)[1] <= spec.input_rank
 
 
 def test_s_alone_through_lowrank_sparse_solves_as_well_as_the_sparse_method():
@@ -213,6 +246,31 @@ def test_conv_export_forms_match_numpy(stride, k, form):
     assert np.abs(got - expected).max() < 1e-4
     if form == "full":
         assert np.abs(got - run(model, feed)[0]).max() < 1e-4
+    assert [o.name for o in out.graph.output] == [o.name for o in model.graph.output]
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv_tucker2_export_matches_numpy(stride):
+    """1x1 Cin->r1 (Q), kxk r1->k (the core, the original strides and pads), 1x1 k->Cout: the dense
+    product in onnxruntime, with the graph's names kept."""
+    model = _conv_model(stride, 3)
+    view = GraphView(model)
+    layer = find_layers(view).layers[0]
+    bias = view.constant(layer.bias_name)
+    rng = np.random.default_rng(1)
+    basis = np.linalg.qr(rng.standard_normal((6, 4)))[0].T  # Q (r1 = 4, Cin = 6), orthonormal rows
+    core = rng.standard_normal((3, 4, 9))
+    right = np.einsum("jbt,bc->jct", core, basis).reshape(3, -1)
+    left = rng.standard_normal((10, 3))
+    out = factorize(model, [FactoredLayer(layer, left, right, None, input_basis=basis)])
+    onnx.checker.check_model(out, full_check=True)
+    convs = [n for n in out.graph.node if n.op_type == "Conv"]
+    shapes = [GraphView(out).constant(n.input[1]).shape for n in convs]
+    assert shapes == [(4, 6, 1, 1), (3, 4, 3, 3), (10, 3, 1, 1)]
+    feed = samples_for(model, 3)
+    expected = np.maximum(_conv_reference(feed["input"].astype(np.float64), (left @ right).reshape(10, 6, 3, 3),
+                                          bias, stride, 1), 0)
+    assert np.abs(run(out, feed)[0] - expected).max() < 1e-4
     assert [o.name for o in out.graph.output] == [o.name for o in model.graph.output]
 
 
@@ -343,6 +401,8 @@ def test_unstructured_s_branch_is_reported_as_slower(tmp_path):
     (dict(method="channel", target_macs=0.5, target_params=0.5), "--target-params applies"),
     (dict(method="sparse", rank_ratio=0.5), "--rank-ratio applies"),
     (dict(method="lowrank", rank_ratio=1.5), "rank_ratio must be in"),
+    (dict(method="lowrank-sparse", rank_ratio=0.5, lowrank_form="tucker2"), "applies to --method lowrank"),
+    (dict(method="lowrank", rank_ratio=0.5, lowrank_form="auto"), "--lowrank-form auto lets"),
 ])
 def test_lowrank_config_errors(kwargs, message):
     from onnxadmm.config import CompressConfig
@@ -384,17 +444,61 @@ def test_lowrank_sparse_is_byte_identical_across_runs():
     assert first == second
 
 
-def test_target_macs_is_met_in_the_exported_graph():
+def test_tucker2_form_exports_each_3x3_conv_as_a_triple_of_the_planned_size():
+    """--lowrank-form tucker2: each 3x3 conv becomes 1x1 128->32, 3x3 32->32, 1x1 32->128 (the Gemm stays
+    a pair); the triple collapsed back into one conv has mode ranks <= (32, 32), computes what the exported
+    graph computes, and its parameters are the planned ones."""
+    from onnxadmm import CompressConfig, compress
+
+    model = wide_cnn()
+    result = compress(model, samples_for(model, 32), CompressConfig(method="lowrank", lowrank_form="tucker2",
+                                                                    rank_ratio=0.25, objective="size",
+                                                                    admm_iterations=5))
+    forms, ranks = result.report["plan"]["export_forms"], result.report["plan"]["ranks"]
+    convs = [l for l in find_layers(GraphView(model)).layers if l.op_type == "Conv"]
+    out = GraphView(result.model)
+    reference = onnx.ModelProto()  # the original graph with each conv's collapsed weight and exported bias
+    reference.CopyFrom(model)
+    values = {}
+    for layer in convs:
+        assert forms[layer.name] == "Conv 1x1 128->32 + Conv 3x3 32->32 + Conv 1x1 32->128"
+        assert ranks[layer.name]["input_rank"] == ranks[layer.name]["rank"] == 32
+        stem = f"{layer.weight_name}__onnxadmm_lowrank"
+        basis, core, left = (out.constant(f"{stem}_{part}").astype(np.float64) for part in ("basis", "in", "out"))
+        assert basis.size + core.size + left.size == 128 * 32 + 32 * 32 * 9 + 32 * 128
+        w = np.einsum("oj,jbhw,bc->ochw", left[:, :, 0, 0], core, basis[:, :, 0, 0])
+        assert _mode_ranks(torch.from_numpy(w.reshape(128, -1)), 9) == (32, 32)
+        values[layer.weight_name] = w.astype(np.float32)
+        values[layer.bias_name] = out.constant(layer.bias_name)
+    for init in reference.graph.initializer:
+        if init.name in values:
+            init.CopyFrom(onnx.numpy_helper.from_array(values[init.name], init.name))
+    feed = samples_for(model, 4)
+    exported, expected = result.model, reference
+    for graph in (exported, expected):
+        graph.graph.output.extend(onnx.ValueInfoProto(name=l.output_name) for l in convs)
+    for got, want in zip(run(exported, feed)[1:], run(expected, feed)[1:]):
+        assert np.abs(got - want).max() < 1e-3 * (np.abs(want).max() + 1)
+    planned, _ = result.report["plan"]["planned"]["params"]
+    assert planned == 2 * (128 * 32 + 32 * 32 * 9 + 32 * 128) + (128 + 10) * 2
+
+
+@pytest.mark.parametrize("form", ["pair", "auto"])
+def test_target_macs_is_met_in_the_exported_graph_for_each_form(form):
+    """Under --lowrank-form auto both forms are offered, each with its own measured damage curve."""
     from models import tiny_cnn
     from onnxadmm import CompressConfig, compress
 
     model = tiny_cnn()
     result = compress(model, samples_for(model, 32), CompressConfig(method="lowrank", target_macs=0.7,
-                                                                    objective="size", admm_iterations=5))
+                                                                    objective="size", admm_iterations=5,
+                                                                    lowrank_form=form))
     fp = result.report["validation"]["footprint"]
     assert fp["compressed"]["macs"] <= 0.7 * fp["original"]["macs"] * 1.001
     planned, original = result.report["plan"]["planned"]["macs"]
     assert planned == pytest.approx(fp["compressed"]["macs"], rel=0.01) and original == fp["original"]["macs"]
+    tucker_curves = [k for k in result.report["plan"]["measured_output_damage"] if k.endswith("(T)")]
+    assert bool(tucker_curves) == (form == "auto")
 
 
 def test_lowrank_sparse_unstructured_chooses_l_where_low_rank_and_s_where_sparse():
@@ -416,7 +520,7 @@ def test_lowrank_sparse_unstructured_chooses_l_where_low_rank_and_s_where_sparse
     ranks = result.report["plan"]["ranks"]
     first, second = (ranks[n.name] for n in model.graph.node if n.op_type == "MatMul")
     assert first is not None and first["rank"] >= 2
-    assert second == {"rank": 0, "sparse": "unstructured", "sparse_count": second["sparse_count"]}
+    assert second == {"rank": 0, "sparse": "unstructured", "sparse_count": second["sparse_count"], "input_rank": 0}
     assert second["sparse_count"] >= int((sparse != 0).sum())
     rows = {r["name"]: r for r in result.report["layers"]}
     second_name = [n.name for n in model.graph.node if n.op_type == "MatMul"][1]
@@ -485,27 +589,33 @@ def test_lowrank_latency_target_is_met_on_the_measured_graph(tmp_path, monkeypat
     assert "exported graph measured" in render(result.report)
 
 
-def test_lowrank_latency_objective_times_pairs_at_the_latency_batch(tmp_path, monkeypatch):
-    """--latency-batch 2 with --rank-ratio under the latency objective: each factor pair is timed against its
-    dense layer at batch 2, and a pair is chosen only where that measured ratio is below 1."""
+@pytest.mark.parametrize("form", ["pair", "tucker2"])
+def test_lowrank_latency_objective_times_pairs_at_the_latency_batch(tmp_path, monkeypatch, form):
+    """--latency-batch 2 with --rank-ratio under the latency objective: each factor pair (Tucker-2: each
+    triple of the 3x3 convs) is timed against its dense layer at batch 2, and chosen only where that
+    measured ratio is below 1."""
     from onnxadmm import CompressConfig, compress
     from onnxadmm.plan.latency import LatencyTable
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    batches = []
+    batches, input_ranks = [], {}
     pair_ratio = LatencyTable.pair_ratio
 
-    def spy(self, node, input_shape, weight, inner):
+    def spy(self, node, input_shape, weight, inner, input_rank=0):
         batches.append(input_shape[0])
-        return pair_ratio(self, node, input_shape, weight, inner)
+        input_ranks[node.name] = input_rank
+        return pair_ratio(self, node, input_shape, weight, inner, input_rank)
 
     monkeypatch.setattr(LatencyTable, "pair_ratio", spy)
     model = wide_cnn()
     result = compress(model, samples_for(model, 32), CompressConfig(method="lowrank", rank_ratio=0.25,
-                                                                    latency_batch=2, admm_iterations=5))
+                                                                    latency_batch=2, admm_iterations=5,
+                                                                    lowrank_form=form))
     plan = result.report["plan"]
     assert batches and set(batches) == {2}
     assert all(ratio < 1.0 for ratio in plan["pair_latency_ratio"].values())
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
+    assert [input_ranks[name] for name in convs] == ([0, 0] if form == "pair" else [32, 32])
 
 
 def test_lowrank_latency_target_beyond_every_rank_is_refused_with_what_was_measured(tmp_path, monkeypatch):
@@ -552,7 +662,7 @@ def test_pair_prices_are_calibrated_to_the_whole_graph(tmp_path, monkeypatch):
     priced = sum(ms * (1.0 - factor * (1.0 - ratio)) for _, ms, ratio in fastest.values())
     dense = sum(ms for _, ms, _ in fastest.values())
     total = table.model_ms(view.model, one)
-    graph = random_factors(view, convs, {name: c.inner for name, (c, _, _) in fastest.items()})
+    graph = random_factors(view, convs, {name: c for name, (c, _, _) in fastest.items()})
     measured = table.plan_ratio(view.model, graph, one)  # cached: the timing the calibration used
     assert (total - dense + priced) / total == pytest.approx(measured, rel=1e-6)
 
@@ -579,21 +689,27 @@ def test_a_pool_that_saves_nothing_in_the_graph_stays_dense_under_the_latency_ob
     assert all("no faster in the whole graph" in reasons[l.name] for l in convs)
 
 
-def test_time_split_counts_both_factors_of_a_pair_as_the_layer_they_replace():
-    """The report's per-layer profile pairs a factorized conv with both of its nodes (onnxruntime renames
-    them): two nodes, and the pair's MACs r·(Cin·k² + Cout) over Cin·Cout·k²."""
+@pytest.mark.parametrize("form", ["pair", "tucker2"])
+def test_time_split_counts_every_factor_node_as_the_layer_they_replace(form):
+    """The report's per-layer profile groups a factorized conv with all of its nodes (onnxruntime renames
+    them): the pair's two, MACs r·(Cin·k² + Cout) over Cin·Cout·k²; Tucker-2's three, MACs
+    r·(Cin + r·k² + Cout) over Cin·Cout·k² (same input and output positions here)."""
+    from onnxadmm import CompressConfig
     from onnxadmm.onnxio.normalize import normalize
-    from onnxadmm.plan.lowrank import random_factors
+    from onnxadmm.plan.lowrank import choice_for, random_factors, tucker_choice
     from onnxadmm.validation.profile import time_split
 
     view = normalize(wide_cnn()).view()
     convs = [l for l in find_layers(view).layers if l.op_type == "Conv"]
-    factored = random_factors(view, convs, {l.name: 16 for l in convs})
+    config = CompressConfig(method="lowrank", rank_ratio=0.5)
+    forms = {l.name: choice_for(l, 16, config, 1) if form == "pair" else tucker_choice(l, 16, 1, 1) for l in convs}
+    factored = random_factors(view, convs, forms)
     split = time_split(view.model, factored, {"input": samples_for(view.model, 1)["input"]}, 2, runs=3).as_dict()
-    rows = [r for r in split["layers"] if r["nodes"] == 2]
+    rows = [r for r in split["layers"] if r["nodes"] == (2 if form == "pair" else 3)]
     assert len(rows) == 2
     for row in rows:
-        assert row["macs_ratio"] == pytest.approx(16 * (128 * 9 + 128) / (128 * 128 * 9))
+        expected = 16 * (128 * 9 + 128) if form == "pair" else 16 * (128 + 16 * 9 + 128)
+        assert row["macs_ratio"] == pytest.approx(expected / (128 * 128 * 9))
         assert row["time_ms_compressed"] > 0
 
 

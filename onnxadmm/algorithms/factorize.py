@@ -1,4 +1,5 @@
-"""Solve one layer under a rank constraint: W ≈ A·B (low-rank) or W ≈ A·B + S (low-rank + sparse).
+"""Solve one layer under a rank constraint: W ≈ A·B (low-rank), W ≈ A·B + S (low-rank + sparse), or a
+Conv's Tucker-2 form W ≈ A·(core ×₁ Q) (B = core ×₁ Q: its input channels pass through r₁ < Cin first).
 
 Layer objective as elsewhere: f(W, b) = ‖σ(W x̂ + b) − σ(W₀x + b₀)‖² (``activation``) or
 ‖W x̂ + b − (W₀x + b₀)‖² (``linear``), on the sampled patches. Single-group layers only (G = 1).
@@ -17,6 +18,9 @@ Layer objective as elsewhere: f(W, b) = ‖σ(W x̂ + b) − σ(W₀x + b₀)‖
   linear layer on the inputs [B x̂ ; x̂]; it is refit exactly (least squares) and, for the activation
   loss, by masked descent through σ.
 Row-sparse S merges into the pair: A·B + E_I S_I = [A | E_I]·[B ; S_I] (rank r + c, c = |I|).
+* Tucker-2 (r, r₁): the start is the HOOI projection of the whitened rank-r solution, ADMM's Z-step the
+  HOOI projection (``projections/lowrank.Tucker2``); Q and B = core ×₁ Q come from the final Z, and A is
+  refit as for the pair (B fixed).
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ import torch
 
 from .admm import RIDGE_STRENGTHS, AdmmSettings, admm_activation, admm_linear, refit_on_support
 from .problem import LayerProblem
-from .projections.lowrank import LowRankSparse, Rank, sparse_projection, truncated_svd
+from .projections.lowrank import (LowRankSparse, Rank, Tucker2, input_mode, sparse_projection, truncated_svd,
+                                  tucker2_bases)
 from .refit import Moments, bias_for, moments, split_moments
 
 WHITENING_DAMPING = 1e-4  # ridge added to Σ (relative to its mean eigenvalue) before Σ^-½
@@ -41,7 +46,8 @@ class RankSpec:
     rank: int
     sparse_structure: str | None = None  # None | rows | columns | unstructured
     sparse_count: int = 0
-    width: int = 1  # columns per input channel (kh·kw) for columns-sparse S
+    width: int = 1  # columns per input channel (kh·kw) for columns-sparse S and Tucker-2
+    input_rank: int = 0  # Tucker-2: r₁ input channels after a 1×1 Conv (0: the plain pair)
 
 
 @dataclass
@@ -54,6 +60,7 @@ class Factors:
     sparse: torch.Tensor | None
     rank: int  # r of the low-rank part
     merged_rows: int = 0  # c rows of S inside the pair (k = r + c)
+    input_basis: torch.Tensor | None = None  # Tucker-2: Q (r₁, Cin) orthonormal rows; ``right`` = core ×₁ Q
 
     @property
     def inner(self) -> int:
@@ -65,6 +72,10 @@ class Factors:
 
     @property
     def nonzero(self) -> int:
+        if self.input_basis is not None:  # the exported core (k, r₁·taps) and Q, not B
+            taps = self.right.shape[1] // self.input_basis.shape[1]
+            count = int((self.left != 0).sum()) + self.inner * self.input_basis.shape[0] * taps
+            return count + int((self.input_basis != 0).sum())
         count = int((self.left != 0).sum()) + int((self.right != 0).sum())
         return count + (0 if self.sparse is None else int((self.sparse != 0).sum()))
 
@@ -144,6 +155,8 @@ def solve_factored(problem: LayerProblem, spec: RankSpec, loss: str, solver: str
     if problem.groups != 1:
         raise ValueError("factorization is for single-group layers")
     w0, b0 = problem.w0, problem.b0
+    if solver == "magnitude" and spec.input_rank:  # plain HOOI of W, no data
+        return (*_tucker_finish(problem, w0, spec, refit=None), {})
     if solver == "magnitude":  # plain truncated SVD of W, no data
         a, b = truncated_svd(w0, spec.rank)
         low = torch.bmm(a, b)
@@ -153,10 +166,14 @@ def solve_factored(problem: LayerProblem, spec: RankSpec, loss: str, solver: str
     low, chosen = whitened_start(problem, stats, spec.rank, loss)
     start = low[None]
     history: dict = {"start": chosen}
-    if solver == "refit" or (spec.sparse_structure is None and loss == "linear"):
+    if spec.input_rank:
+        start = Tucker2(spec.rank, spec.input_rank, spec.width)(start)
+        history["start"] = f"{chosen}, then Tucker-2 (HOOI)"
+    if solver == "refit" or (spec.sparse_structure is None and loss == "linear" and not spec.input_rank):
         z = start  # the whitened solution is exact for the linear loss
     else:
-        project = Rank(spec.rank) if spec.sparse_structure is None else LowRankSparse(spec.rank, _sparse(spec))
+        project = (Tucker2(spec.rank, spec.input_rank, spec.width) if spec.input_rank else Rank(spec.rank)
+                   if spec.sparse_structure is None else LowRankSparse(spec.rank, _sparse(spec)))
         # With an S part ADMM starts from W₀ (its first Z-step is the SVD initialization L = P_r(W₀),
         # S = P_S(W₀ − L)): from the whitened L alone, S starts at 0 and, for S alone (r = 0), W = 0 puts
         # every ReLU output with b₀ < 0 where the gradient is zero — the descent never leaves it.
@@ -176,12 +193,26 @@ def solve_factored(problem: LayerProblem, spec: RankSpec, loss: str, solver: str
 
 def _from_z(problem: LayerProblem, z: torch.Tensor, spec: RankSpec, loss: str, settings: AdmmSettings):
     """Split Z into L (+ S), factor L, refit: (W, b, factors)."""
+    if spec.input_rank:
+        return _tucker_finish(problem, z, spec, refit=(loss, settings))
     if spec.sparse_structure is None:
         low, s = z, None
     else:
         low, s = LowRankSparse(spec.rank, _sparse(spec)).split(z)
     a, b = truncated_svd(low, spec.rank)
     return _finish(problem, a[0], b[0], None if s is None else s[0], problem.b0, spec, refit=(loss, settings))
+
+def _tucker_finish(problem: LayerProblem, z: torch.Tensor, spec: RankSpec, refit
+                   ) -> tuple[torch.Tensor, torch.Tensor, Factors]:
+    """Q and U of Z's Tucker-2 projection; B = Uᵀ·Z ×₁ QᵀQ (rows in Q's span), A = U refit with B fixed."""
+    u, q = tucker2_bases(z, spec.rank, spec.input_rank, spec.width)
+    b = (u.T @ input_mode(z.double(), q, spec.width)[0]).float()
+    a, bias = u.float(), problem.b0
+    if refit is not None:
+        a, _, bias = _refit_factors(problem, a, b, None, *refit)
+    factors = Factors(a, b, None, a.shape[1], input_basis=q.float())
+    return factors.dense()[None], bias, factors
+
 
 def _sparse(spec: RankSpec):
     return sparse_projection(spec.sparse_structure, spec.sparse_count, spec.width)

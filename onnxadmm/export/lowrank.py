@@ -3,6 +3,8 @@
 W (Cout × d) = left (Cout × k) · right (k × d) [+ S]:
   Conv k×k  → Conv(k×k, Cin→k; the original strides/pads/dilations, no bias)
               then Conv(1×1, k→Cout; the original bias)          — the original node becomes the 1×1
+  Tucker-2  → Conv(1×1, Cin→r₁; Q) then Conv(k×k, r₁→k; core, right = core ×₁ Q) then Conv(1×1, k→Cout)
+              (a 1×1 conv commutes with zero padding and strides, so the k×k conv keeps the original's)
   Gemm      → MatMul(A, rightᵀ) then the original Gemm with B = left (its transB, alpha, beta, C kept)
   MatMul    → MatMul(X, rightᵀ) then MatMul(·, leftᵀ)            — works on N-D X
   + S       → the original op with weight S on the original input, and Add(pair, S-branch) under the
@@ -34,13 +36,28 @@ class FactoredLayer:
     left: np.ndarray  # (Cout, k)
     right: np.ndarray  # (k, d)
     sparse: np.ndarray | None  # (Cout, d) or None
+    input_basis: np.ndarray | None = None  # Tucker-2: Q (r₁, Cin), orthonormal rows spanning right's inputs
 
 
-def export_form(layer: Layer, inner: int, has_branch: bool) -> str:
+def random_factored(layer: Layer, inner: int, input_rank: int, rng: np.random.Generator) -> FactoredLayer:
+    """Factors of the given sizes holding random values, for timing (a graph's time does not depend on them)."""
+    right = rng.standard_normal((inner, layer.in_features)) * 0.1
+    basis = None
+    if input_rank:
+        channels = layer.in_features // (layer.conv.kernel[0] * layer.conv.kernel[1])
+        basis = np.linalg.qr(rng.standard_normal((channels, input_rank)))[0].T
+        right = np.einsum("jct,bc,be->jet", right.reshape(inner, channels, -1), basis, basis).reshape(inner, -1)
+    return FactoredLayer(layer, rng.standard_normal((layer.out_features, inner)) * 0.1, right, None, basis)
+
+
+def export_form(layer: Layer, inner: int, has_branch: bool, input_rank: int = 0) -> str:
     """A short description of the exported nodes, for the report."""
     if layer.op_type == "Conv":
         kh, kw = layer.conv.kernel
-        form = f"Conv {kh}x{kw} {layer.in_features // (kh * kw)}->{inner} + Conv 1x1 {inner}->{layer.out_features}"
+        channels = layer.in_features // (kh * kw)
+        first = (f"Conv 1x1 {channels}->{input_rank} + Conv {kh}x{kw} {input_rank}->{inner}" if input_rank
+                 else f"Conv {kh}x{kw} {channels}->{inner}")
+        form = f"{first} + Conv 1x1 {inner}->{layer.out_features}"
     else:
         form = f"MatMul {layer.in_features}->{inner} + {layer.op_type} {inner}->{layer.out_features}"
     return form + (" + sparse branch (dense-stored) + Add" if has_branch else "")
@@ -63,6 +80,8 @@ def factorize(model: onnx.ModelProto, factored: list[FactoredLayer]) -> onnx.Mod
         conv_attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         first, second_weight = _pair(node, layer, item, stem, first_out, dtype, values)
         before[layer.name] = [first]
+        if item.input_basis is not None:
+            before[layer.name].insert(0, _input_projection(layer, item, stem, first, dtype, values))
         node.input[0] = first_out
         node.input[1] = second_weight
         if item.sparse is not None:
@@ -115,6 +134,23 @@ def _pair(node, layer: Layer, item: FactoredLayer, stem: str, first_out: str, dt
     else:  # matmul: · @ leftᵀ
         values[f"{stem}_out"] = np.ascontiguousarray(left.T).astype(dtype)
     return first, f"{stem}_out"
+
+
+def _input_projection(layer: Layer, item: FactoredLayer, stem: str, first: onnx.NodeProto, dtype, values
+                      ) -> onnx.NodeProto:
+    """Tucker-2: the 1×1 Conv Cin→r₁ (weight Q) feeding ``first``, whose weight becomes the core
+    core[j, b, ·] = Σ_c right[j, c, ·]·Q[b, c] (exact: right's input channels lie in Q's row span)."""
+    basis = item.input_basis.astype(np.float64)
+    rank, channels = basis.shape
+    spatial = len(layer.weight_shape) - 2
+    right = item.right.astype(np.float64).reshape(item.right.shape[0], channels, -1)
+    values[f"{stem}_in"] = np.einsum("jct,bc->jbt", right, basis).reshape(
+        item.right.shape[0], rank, *layer.weight_shape[2:]).astype(dtype)
+    values[f"{stem}_basis"] = basis.reshape(rank, channels, *([1] * spatial)).astype(dtype)
+    basis_out = f"{layer.output_name}__onnxadmm_tucker_in"
+    first.input[0] = basis_out
+    return helper.make_node("Conv", [layer.input_name, f"{stem}_basis"], [basis_out],
+                            name=f"{layer.name}/onnxadmm_tucker_in", kernel_shape=[1] * spatial)
 
 
 def _branch(conv_attrs: dict, layer: Layer, sparse: np.ndarray, name: str, source: str, output: str, dtype, values

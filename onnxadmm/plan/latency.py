@@ -76,23 +76,22 @@ class LatencyTable:
                              self.threads), run)
 
     def pair_ratio(self, node: onnx.NodeProto, input_shape: tuple[int, ...], weight: np.ndarray,
-                   inner: int) -> tuple[float, float]:
+                   inner: int, input_rank: int = 0) -> tuple[float, float]:
         """(dense ms, factor-pair/dense ratio) of ``node`` alone against its low-rank pair of inner size
-        ``inner`` (the exported form of ``export/lowrank.py``)."""
+        ``inner`` (the exported form of ``export/lowrank.py``; with ``input_rank`` its Tucker-2 triple)."""
         def run():
             from ..analysis.layers import find_layers
-            from ..export.lowrank import FactoredLayer, factorize
+            from ..export.lowrank import factorize, random_factored
             from ..onnxio.graph import GraphView
 
             dense = _one_node(node, input_shape, weight, {})
             layer = find_layers(GraphView(dense)).layers[0]
-            rng = np.random.default_rng(2)
-            pair = factorize(dense, [FactoredLayer(layer, rng.standard_normal((layer.out_features, inner)) * 0.1,
-                                                   rng.standard_normal((inner, layer.in_features)) * 0.1, None)])
+            pair = factorize(dense, [random_factored(layer, inner, input_rank, np.random.default_rng(2))])
             x = np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)
             return measure(dense, pair, {"x": x}, ROUNDS, self.threads)
 
-        return self._cached(("pair", *node_key(node), tuple(input_shape), weight.shape, inner, self.threads), run)
+        key = ("pair", *node_key(node), tuple(input_shape), weight.shape, inner, self.threads)
+        return self._cached(key + ((("tucker2", input_rank),) if input_rank else ()), run)
 
     def grouped_ratio(self, node: onnx.NodeProto, input_shape: tuple[int, ...], weight: np.ndarray,
                       blocks: int) -> tuple[float, float]:

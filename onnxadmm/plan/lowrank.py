@@ -8,8 +8,11 @@ target it also offers L alone at every rank, and with an unstructured S also S a
 as a sparse layer with the parameters of rank r), so each part is used only where its measured damage per
 parameter pays — at equal parameters L + S then has the sparse-only and the low-rank-only plans among its
 choices.
+With ``--lowrank-form tucker2`` a k×k Conv is offered as Tucker-2 (r₁ = r ≤ min(Cin, Cout)) instead, with
+``auto`` as both (kind "T" beside "L"), each priced and damaged on its own curve.
 Costs of the exported form: nonzero weights; MACs/sample = positions·k·(d + Cout) (+ positions·Cout·d
-for a dense-stored S branch); latency = the pair timed against the dense layer in onnxruntime.
+for a dense-stored S branch; Tucker-2: input positions·Cin·r + positions·r·(r·kh·kw + Cout)); latency = the
+pair (triple) timed against the dense layer in onnxruntime.
 Damage: the output damage of the model with the layer alone at probe ranks, measured in onnxruntime
 (as in ``sensitivity.py``), interpolated in r; below the smallest probe it follows e(r), the share of the
 energy of W·diag(√E[x²]) beyond rank r (the whitened SVD curve with the input second moment taken
@@ -59,7 +62,7 @@ class RankPlan:
     def report(self) -> dict:
         return {"strategy": self.strategy, "planned": self.planned,
                 "ranks": {n: (None if s is None else {"rank": s.rank, "sparse": s.sparse_structure,
-                                                      "sparse_count": s.sparse_count})
+                                                      "sparse_count": s.sparse_count, "input_rank": s.input_rank})
                           for n, s in self.specs.items()},
                 "kept_dense": self.dense_reasons, "measured_output_damage": self.measured_damage,
                 "pair_latency_ratio": self.latency_ratios, "pair_in_context_factor": self.latency_context,
@@ -74,7 +77,7 @@ class _Choice:
     inner: int
     macs: int
     equivalent_rank: float
-    kind: str = "L"  # L alone | L+S | S alone (rank 0: a sparse layer, stored dense)
+    kind: str = "L"  # L alone | L+S | S alone (rank 0: a sparse layer, stored dense) | T (Tucker-2)
 
 
 def rank_grid(full: int, objective: str, multiple: int) -> list[int]:
@@ -110,6 +113,26 @@ def sparse_choice(layer: Layer, rank: int, positions: int) -> _Choice:
     return _Choice(RankSpec(0, "unstructured", count), count, 0, positions * rows * d, count / (rows + d), "S")
 
 
+def tucker_able(layer: Layer) -> bool:
+    """A single-group Conv with a spatial kernel (a 1×1 conv's Tucker-2 is its pair) and rank ≥ 2."""
+    return (layer.op_type == "Conv" and layer.groups == 1 and layer.conv.kernel[0] * layer.conv.kernel[1] > 1
+            and tucker_full_rank(layer) >= 2)
+
+
+def tucker_full_rank(layer: Layer) -> int:
+    taps = layer.conv.kernel[0] * layer.conv.kernel[1]
+    return min(layer.out_features, layer.in_features // taps)
+
+
+def tucker_choice(layer: Layer, rank: int, positions: int, input_positions: int) -> _Choice:
+    """Tucker-2 of rank r = r₁: 1×1 Cin→r at the input's positions, k×k r→r and 1×1 r→Cout at the output's."""
+    taps = layer.conv.kernel[0] * layer.conv.kernel[1]
+    channels = layer.in_features // taps
+    params = channels * rank + rank * rank * taps + rank * layer.out_features
+    macs = input_positions * channels * rank + positions * rank * (rank * taps + layer.out_features)
+    return _Choice(RankSpec(rank, width=taps, input_rank=rank), params, rank, macs, float(rank), "T")
+
+
 def _sparse_alone(config: CompressConfig) -> bool:
     """S alone is offered for an unstructured S under a global target (it is the sparse method's form)."""
     return (config.method == "lowrank-sparse" and config.sparse_structure == "unstructured"
@@ -130,6 +153,8 @@ def plan_ranks(view: GraphView, layers: list[Layer], samples: SampleSet, config:
         else:
             eligible.append(layer)
     positions = {l.name: costs[l.node_index].positions if l.node_index in costs else 1 for l in layers}
+    input_positions = {l.name: int(np.prod(costs[l.node_index].input_shape[2:])) for l in layers
+                       if tucker_able(l) and l.node_index in costs}
     timing, timed = None, one
     if config.objective == "latency" or config.target_latency is not None:
         timing, timed = LatencyTable(config.threads), timing_feed(samples, config.latency_batch)
@@ -139,6 +164,12 @@ def plan_ranks(view: GraphView, layers: list[Layer], samples: SampleSet, config:
         grid = [max(1, min(full, int(round(config.rank_ratio * full))))] if config.rank_ratio is not None \
             else rank_grid(full, config.objective, config.channel_multiple)
         choices = [choice_for(layer, r, config, positions[layer.name]) for r in grid]
+        if config.lowrank_form != "pair" and layer.name in input_positions:
+            full_t = tucker_full_rank(layer)
+            grid_t = [max(1, min(full_t, int(round(config.rank_ratio * full_t))))] if config.rank_ratio is not None \
+                else rank_grid(full_t, config.objective, config.channel_multiple)
+            tucker = [tucker_choice(layer, r, positions[layer.name], input_positions[layer.name]) for r in grid_t]
+            choices = tucker if config.lowrank_form == "tucker2" else choices + tucker
         if config.method == "lowrank-sparse" and config.rank_ratio is None:  # S only where it pays
             choices += [choice_for(layer, r, config, positions[layer.name], with_sparse=False) for r in grid]
         if _sparse_alone(config):
@@ -149,7 +180,8 @@ def plan_ranks(view: GraphView, layers: list[Layer], samples: SampleSet, config:
             weight = view.constant(layer.weight_name)
             faster = []
             for c in choices:
-                dense_ms, ratio = timing.pair_ratio(node, (feed_batch(timed), *shape[1:]), weight, c.inner)
+                dense_ms, ratio = timing.pair_ratio(node, (feed_batch(timed), *shape[1:]), weight, c.inner,
+                                                    c.spec.input_rank)
                 if config.objective == "size" or ratio < 1.0:
                     faster.append((c, dense_ms, ratio))
             grids[layer.name] = faster
@@ -232,7 +264,7 @@ def calibrate_in_context(view: GraphView, layers: list[Layer], grids: dict, inpu
     for members in pools.values():
         fastest = {l.name: min(grids[l.name], key=lambda option: option[2]) for l in members}  # (choice, t, r)
         table_saving = sum(ms * (1.0 - ratio) for _, ms, ratio in fastest.values())
-        graph = random_factors(view, members, {name: choice.inner for name, (choice, _, _) in fastest.items()})
+        graph = random_factors(view, members, {name: choice for name, (choice, _, _) in fastest.items()})
         graph_saving = total_ms * (1.0 - timing.plan_ratio(view.model, graph, timed))
         if graph_saving <= 0.0 and drop_slower:
             for layer in members:
@@ -245,14 +277,13 @@ def calibrate_in_context(view: GraphView, layers: list[Layer], grids: dict, inpu
     return context
 
 
-def random_factors(view: GraphView, layers: list[Layer], inner: dict[str, int]):
-    """The graph with each of ``layers`` as a factor pair of inner size ``inner[name]`` holding random values
-    (the time of a graph does not depend on its weight values)."""
-    from ..export.lowrank import FactoredLayer, factorize
+def random_factors(view: GraphView, layers: list[Layer], chosen: dict[str, _Choice]):
+    """The graph with each of ``layers`` in the exported form of ``chosen[name]`` (its pair, or Tucker-2
+    triple) holding random values (the time of a graph does not depend on its weight values)."""
+    from ..export.lowrank import factorize, random_factored
 
     rng = np.random.default_rng(0)
-    return factorize(view.model, [FactoredLayer(l, rng.standard_normal((l.out_features, inner[l.name])) * 0.1,
-                                                rng.standard_normal((inner[l.name], l.in_features)) * 0.1, None)
+    return factorize(view.model, [random_factored(l, chosen[l.name].inner, chosen[l.name].spec.input_rank, rng)
                                   for l in layers])
 
 
@@ -272,8 +303,8 @@ def _meet_latency(view, eligible, grids, options, fixed, total, timed, config, t
     def measured_ratio(plan):
         levels = dict(plan)
         chosen = [l for l in eligible if levels[l.name] >= 0]
-        inner = {l.name: grids[l.name][int(levels[l.name])][0].inner for l in chosen}
-        return timing.plan_ratio(view.model, random_factors(view, chosen, inner), timed)
+        forms = {l.name: grids[l.name][int(levels[l.name])][0] for l in chosen}
+        return timing.plan_ratio(view.model, random_factors(view, chosen, forms), timed)
 
     unit = latency_unit(timed)
     plan, measured, search = meet_measured_latency(plan_at, measured_ratio, config.target_latency, hint,
@@ -303,13 +334,22 @@ def _damage_curves(view, layers, samples, config):
     lowrank only L."""
     kinds = ("L+S", "L") if config.method == "lowrank-sparse" else ("L",)
     kinds += ("S",) if _sparse_alone(config) else ()
+    kinds += ("T",) if config.lowrank_form != "pair" else ()
     subset = samples.subset(evenly_spaced(samples.num_samples, min(config.sensitivity_samples, samples.num_samples)))
     second = input_second_moments(view, layers, subset, config.batch_size, config.threads)
     removed = output_damage(view, {l.name: {l.weight_name: np.zeros_like(view.constant(l.weight_name))}
                                    for l in layers}, subset, config.batch_size, config.threads, logits_kl=True)
     curves, measured = {}, {name: {"0": d} for name, d in removed.items()}
     for kind in kinds:
-        part, damage = _damage_curves_of(view, layers, subset, second, removed, config, kind)
+        if kind == "T":
+            of_kind = [l for l in layers if tucker_able(l)]
+        elif config.lowrank_form == "tucker2":
+            of_kind = [l for l in layers if not tucker_able(l)]
+        else:
+            of_kind = layers
+        if not of_kind:
+            continue
+        part, damage = _damage_curves_of(view, of_kind, subset, second, removed, config, kind)
         curves.update({(name, kind): c for name, c in part.items()})
         for name, d in damage.items():
             measured.setdefault(f"{name}{'' if kind == 'L' else f' ({kind})'}", {}).update(d)
@@ -333,6 +373,11 @@ def _damage_curves_of(view, layers, subset, second, removed, config, kind: str):
     for layer in layers:
         w = layer.canonical(view.constant(layer.weight_name))[0].astype(np.float64)
         scale = np.sqrt(np.maximum(second[layer.name][0], 0)) + 1e-12
+        if kind == "T":
+            energy_curves[layer.name], ranks[layer.name], approx_at = _tucker_curve(layer, w * scale)
+            for p in ranks[layer.name]:
+                probes[(layer.name, p)] = {layer.weight_name: layer.stored((approx_at(p) / scale)[None])}
+            continue
         u, s, vh = np.linalg.svd(w * scale, full_matrices=False)
         energy = s ** 2
         tail = np.concatenate([[energy.sum()], energy.sum() - np.cumsum(energy)])
@@ -358,7 +403,7 @@ def _damage_curves_of(view, layers, subset, second, removed, config, kind: str):
         low = grid < points[0]
         e = energy_curves[layer.name]
         first, zero = float(e[points[0]]), max(removed[layer.name], values[0])
-        if kind == "L" and first > ENERGY_FLOOR:  # rank alone: damage in proportion to the energy tail
+        if kind in ("L", "T") and first > ENERGY_FLOOR:  # rank alone: damage in proportion to the energy tail
             curve[low] = values[0] * e[low] / first
         elif 1.0 - first > ENERGY_FLOOR:  # with S (or an exact probe): anchored at the removed layer
             curve[low] = values[0] + (zero - values[0]) * (e[low] - first) / (1.0 - first)
@@ -366,6 +411,26 @@ def _damage_curves_of(view, layers, subset, second, removed, config, kind: str):
             curve[low] = zero + (values[0] - zero) * grid[low] / points[0]
         curves[layer.name] = np.maximum.accumulate(curve[::-1])[::-1]  # never less damage at a lower rank
     return curves, measured
+
+
+def _tucker_curve(layer: Layer, ws: np.ndarray):
+    """Tucker-2 (r = r₁) of the diagonally scaled W = ``ws``: the energy share beyond it for r = 0..full, the
+    probe ranks, and the projection at a rank."""
+    import torch
+
+    from ..algorithms.projections.lowrank import tucker2
+
+    taps = layer.conv.kernel[0] * layer.conv.kernel[1]
+    full = tucker_full_rank(layer)
+    v = torch.from_numpy(ws)[None]
+
+    def approx_at(rank: int) -> np.ndarray:
+        return tucker2(v, rank, rank, taps)[0].numpy()
+
+    energy = float((v ** 2).sum()) or 1.0
+    tail = np.array([1.0] + [float(((v[0] - torch.from_numpy(approx_at(r))) ** 2).sum()) / energy
+                             for r in range(1, full + 1)])
+    return tail, sorted({max(1, int(round(f * full))) for f in PROBE_RATIOS} - {full}), approx_at
 
 
 def _probe_weight(ws: np.ndarray, u, s, vh, p: int, config: CompressConfig, kind: str) -> np.ndarray:

@@ -28,7 +28,7 @@ from ..runtime import cpu_threads, session_options
 
 COMPUTE_OPS = {"Conv", "FusedConv", "NchwcConv", "Gemm", "MatMul", "FusedMatMul", "FusedGemm", "ConvTranspose"}
 # what export/lowrank.py puts in the names of the nodes and tensors a factorized layer adds
-ADDED_NODE = re.compile(r"(__|/)onnxadmm_(lowrank_in|sparse)")
+ADDED_NODE = re.compile(r"(__|/)onnxadmm_(lowrank_in|tucker_in|sparse)")
 
 
 @dataclass
@@ -185,7 +185,7 @@ def explain(split: dict, macs_ratio: float) -> list[str]:
         named = ", ".join(f"`{r['name']}` ({r['macs_ratio']:.2f}x MACs, {r['time_ratio']:.2f}x time)" for r in worst[:3])
         why = "small or odd widths use the CPU kernels less well"
         if any(r.get("nodes", 1) > 1 for r in slow):
-            why += "; a factorized layer is two kernel calls, each with its own fixed cost"
+            why += "; a factorized layer is two (Tucker-2: three) kernel calls, each with its own fixed cost"
         lines.append(f"{len(slow)} compressed layers run more than 15 % slower than their MACs predict ({why}), "
                      f"most of all {named}.")
     return lines

@@ -2,6 +2,10 @@
 
 Rank r (per group, V_g reshaped R × d = Cout × Cin·kh·kw):
     P_r(V) = argmin_{rank L ≤ r} ‖V − L‖_F = U_r Σ_r V_rᵀ  (truncated SVD, Eckart–Young).
+Tucker-2 rank (r, r₁) of a Conv (V_g as the tensor R × Cin × kh·kw; mode 0 = outputs, mode 1 = inputs):
+    C = {V : mode-0 rank ≤ r, mode-1 rank ≤ r₁}, projected by HOOI (alternating truncated SVDs of the
+    two unfoldings, started from the HOSVD; each sweep never increases ‖V − P(V)‖):
+    P(V) = U Uᵀ · V ×₁ (Q Qᵀ),  U (R × r), Q (Cin × r₁) orthonormal.
 Low-rank + sparse:  C = {L + S : rank L ≤ r, S ∈ 𝒮}, 𝒮 one of
     unstructured (‖S‖₀ ≤ k), rows (at most c whole output rows nonzero: they merge into the factor pair as
     rank r + c), columns (at most c whole input channels of ``width`` columns each).
@@ -44,6 +48,48 @@ class Rank:
 
     def __call__(self, v: torch.Tensor, rho: float = 1.0) -> torch.Tensor:
         return low_rank(v, self.rank)
+
+
+def input_mode(v: torch.Tensor, basis: torch.Tensor, taps: int) -> torch.Tensor:
+    """V ×₁ (Qᵀ Q): each group's input channels projected onto the rows of ``basis`` (r₁ × Cin, orthonormal)."""
+    g, rows, d = v.shape
+    t = v.reshape(g, rows, d // taps, taps)
+    return torch.einsum("grct,bc,be->gret", t, basis, basis).reshape(g, rows, d)
+
+
+def tucker2_bases(v: torch.Tensor, rank: int, input_rank: int, taps: int, sweeps: int = 2
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal (U (R × r), Q (r₁ × Cin, rows)) of the Tucker-2 projection of ``v`` (group 0) by HOOI."""
+    w = v[0].double()
+    rows, d = w.shape
+    channels = d // taps
+    unfold_in = w.reshape(rows, channels, taps).permute(1, 0, 2).reshape(channels, rows * taps)
+    q = torch.linalg.svd(unfold_in, full_matrices=False)[0][:, :input_rank].T
+    u = None
+    for _ in range(sweeps):
+        u = torch.linalg.svd(input_mode(w[None], q, taps)[0], full_matrices=False)[0][:, :rank]
+        reduced = (u.T @ w).reshape(-1, channels, taps).permute(1, 0, 2).reshape(channels, -1)
+        q = torch.linalg.svd(reduced, full_matrices=False)[0][:, :input_rank].T
+    return u, q
+
+
+def tucker2(v: torch.Tensor, rank: int, input_rank: int, taps: int) -> torch.Tensor:
+    """P(V) onto Tucker-2 rank (r, r₁) (group 0; factorization is for single-group layers)."""
+    u, q = tucker2_bases(v, rank, input_rank, taps)
+    return (u @ u.T @ input_mode(v.double(), q, taps)[0])[None].to(v.dtype)
+
+
+@dataclass(frozen=True)
+class Tucker2:
+    """C = {V : Tucker-2 rank ≤ (r, r₁)} of a Conv with ``taps`` = kh·kw columns per input channel."""
+
+    rank: int
+    input_rank: int
+    taps: int
+    name: str = "tucker2"
+
+    def __call__(self, v: torch.Tensor, rho: float = 1.0) -> torch.Tensor:
+        return tucker2(v, self.rank, self.input_rank, self.taps)
 
 
 def sparse_projection(structure: str, count: int, width: int = 1):
