@@ -80,7 +80,7 @@ class CompressConfig:
     )
     rank_ratio: float | None = field(
         default=None, metadata=_opt("lowrank methods: rank of every layer as a fraction of its full rank "
-                                    "min(Cout, Cin·kh·kw)")
+                                    "min(Cout, Cin·kh·kw) (a Tucker-2 conv: of min(Cout, Cin))")
     )
     sparse_structure: str = field(
         default="rows", metadata=_opt("lowrank-sparse: S as whole output rows (merged into the factor pair: "

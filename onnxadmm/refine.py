@@ -90,7 +90,7 @@ def refine_blocks(original: GraphView, compressed: onnx.ModelProto, samples: Sam
     view = GraphView(compressed)
     changed = changed_initializers(original, view)
     counted = {i for i, node in enumerate(view.nodes) if any(n in changed for n in node.input)}
-    blocks = find_blocks(view, counted, config.refine_block_layers)
+    blocks = find_blocks(view, counted, config.refine_block_layers, cuts=set(original.producer))
     original_constants = constant_nodes(original)
     teacher_values = {name: np.asarray(a) for name, a in samples.arrays.items()}
     student_values = dict(teacher_values)

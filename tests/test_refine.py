@@ -65,6 +65,17 @@ def test_min_layers_merges_stretches():
     assert [len(b.counted) for b in find_blocks(view, layers, 5)] == [5]
 
 
+def test_blocks_end_only_at_allowed_cuts():
+    """Refinement cuts only at tensors the original model has: never between a factorized layer's nodes."""
+    view = GraphView(deep_mlp())
+    layers = {l.node_index for l in find_layers(view).layers}
+    free = find_blocks(view, layers, 1)
+    allowed = set(free[1].outputs)  # only the second block's end may be cut
+    blocks = find_blocks(view, layers, 1, cuts=allowed)
+    assert [len(b.counted) for b in blocks] == [2, 3]
+    assert blocks[0].outputs == free[1].outputs
+
+
 def _relative_error(model, reference, feed):
     got, want = run(model, feed)[0], run(reference, feed)[0]
     return float(np.sum((got - want) ** 2) / np.sum(want ** 2))
@@ -133,12 +144,17 @@ def test_channel_pruning_with_refinement_exports_the_same_widths():
     assert out.shape == (200, 10) and np.isfinite(out).all()
 
 
-def test_factor_pairs_are_refined_against_the_original_blocks():
-    """Low-rank export adds nodes; the cut tensors are the original's, so targets come from its blocks."""
+@pytest.mark.parametrize("form", ["pair", "tucker2"])
+def test_factor_pairs_are_refined_against_the_original_blocks(form):
+    """Low-rank export adds nodes (Tucker-2: two per conv); the cut tensors are the original's, so targets
+    come from its blocks."""
     model = residual_net(4)
     calib = samples_for(model, 300)
     result = compress(model, calib, CompressConfig(method="lowrank", rank_ratio=0.4, objective="size",
-                                                   admm_iterations=10, refine_epochs=10, refine_lr=1e-3))
+                                                   admm_iterations=10, refine_epochs=10, refine_lr=1e-3,
+                                                   lowrank_form=form))
+    if form == "tucker2":
+        assert any("Conv 1x1" in f.split(" + ")[0] for f in result.report["plan"]["export_forms"].values())
     rows = result.report["refined_blocks"]
     assert rows and any(r["kept"] for r in rows)
     assert not any("whole original" in r["note"] for r in rows)

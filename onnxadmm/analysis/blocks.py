@@ -41,9 +41,11 @@ def constant_nodes(view: GraphView) -> set[int]:
     return nodes
 
 
-def find_blocks(view: GraphView, counted: set[int], min_nodes: int = 2) -> list[Block]:
+def find_blocks(view: GraphView, counted: set[int], min_nodes: int = 2, cuts: set[str] | None = None
+                ) -> list[Block]:
     """The graph split at cut tensors into blocks each holding ≥ ``min_nodes`` of the ``counted`` nodes
-    (the last block may hold fewer)."""
+    (the last block may hold fewer); with ``cuts``, only those tensors may be cut (the original model's,
+    so that a block never ends inside a factorized layer's nodes)."""
     constants = constant_nodes(view)
     order = [i for i in view.order if i not in constants]
     remaining: dict[str, int] = {}
@@ -66,7 +68,7 @@ def find_blocks(view: GraphView, counted: set[int], min_nodes: int = 2) -> list[
                     live.discard(name)
         live.update(o for o in node.output if o and (remaining.get(o) or o in outputs))
         last = position == len(order) - 1
-        if last or (len(live) == 1 and not (live & outputs)):
+        if last or (len(live) == 1 and not (live & outputs) and (cuts is None or live <= cuts)):
             leaving = list(view.output_names) if last else sorted(live)
             stretches.append((current, entering, leaving))
             current, entering = [], sorted(live)

@@ -212,7 +212,8 @@ def plan_ranks(view: GraphView, layers: list[Layer], samples: SampleSet, config:
     options, measure, budget, what, fixed, original = _options(view, layers, eligible, grids, curves, positions,
                                                                costs, timed, config, timing, context)
     slow = sum("faster" in r for r in reasons.values())
-    why_slow = (f"{slow} layers have no factor pair faster than the dense layer in onnxruntime here (per-call "
+    forms = "factor pair" if config.lowrank_form == "pair" else "factor pair or Tucker-2 triple"
+    why_slow = (f"{slow} layers have no {forms} faster than the dense layer in onnxruntime here (per-call "
                 "overhead dominates small layers); " if slow else "")
     search, measured = [], None
     if measure == "latency_ms":
