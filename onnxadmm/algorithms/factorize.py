@@ -172,8 +172,12 @@ def solve_factored(problem: LayerProblem, spec: RankSpec, loss: str, solver: str
     if solver == "refit" or (spec.sparse_structure is None and loss == "linear" and not spec.input_rank):
         z = start  # the whitened solution is exact for the linear loss
     else:
-        project = (Tucker2(spec.rank, spec.input_rank, spec.width) if spec.input_rank else Rank(spec.rank)
-                   if spec.sparse_structure is None else LowRankSparse(spec.rank, _sparse(spec)))
+        if spec.input_rank:
+            project = Tucker2(spec.rank, spec.input_rank, spec.width)
+        elif spec.sparse_structure is None:
+            project = Rank(spec.rank)
+        else:
+            project = LowRankSparse(spec.rank, _sparse(spec))
         # With an S part ADMM starts from W₀ (its first Z-step is the SVD initialization L = P_r(W₀),
         # S = P_S(W₀ − L)): from the whitened L alone, S starts at 0 and, for S alone (r = 0), W = 0 puts
         # every ReLU output with b₀ < 0 where the gradient is zero — the descent never leaves it.
@@ -201,6 +205,7 @@ def _from_z(problem: LayerProblem, z: torch.Tensor, spec: RankSpec, loss: str, s
         low, s = LowRankSparse(spec.rank, _sparse(spec)).split(z)
     a, b = truncated_svd(low, spec.rank)
     return _finish(problem, a[0], b[0], None if s is None else s[0], problem.b0, spec, refit=(loss, settings))
+
 
 def _tucker_finish(problem: LayerProblem, z: torch.Tensor, spec: RankSpec, refit
                    ) -> tuple[torch.Tensor, torch.Tensor, Factors]:
