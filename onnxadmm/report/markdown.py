@@ -9,7 +9,7 @@ def _factor_plan(lines: list[str], plan: dict) -> None:
     lines.append(f"## Factorized layers ({plan['strategy']}; planned {planned})")
     lines.append("")
     context = plan.get("pair_in_context_factor") or {}
-    lines.append("| layer | exported form | pair latency / dense (measured alone) | saving in the graph / alone |")
+    lines.append("| layer | exported form | factorized latency / dense (measured alone) | saving in the graph / alone |")
     lines.append("|---|---|---|---|")
     for name, form in plan["export_forms"].items():
         lines.append(f"| `{name}` | {form} | {_fmt(plan['pair_latency_ratio'].get(name))} | "
