@@ -78,8 +78,7 @@ def _declines_for_method(found: LayerSet, config: CompressConfig) -> LayerSet:
     n, m = config.nm_pattern
     kept, declined = [], list(found.declined)
     for layer in found.layers:
-        taps = layer.conv.kernel[0] * layer.conv.kernel[1] if layer.conv else 1
-        cin = layer.in_features // taps
+        cin = layer.in_features // layer.taps
         if cin % m:
             declined.append(Declined(layer.name, layer.op_type,
                                      f"{cin} input channels per group is not a multiple of M={m} for {n}:{m}"))

@@ -34,7 +34,7 @@ class FactoredResult:
 
     def report(self) -> dict:
         forms = {o.layer.name: export_form(o.layer, o.factors.inner, o.factors.sparse is not None,
-                                           _input_rank(o.factors))
+                                           o.factors.input_rank)
                  for o in self.solved.outcomes if o.factors is not None}
         return {**self.plan.report(), "export_forms": forms}
 
@@ -62,7 +62,3 @@ def compress_factored(view: GraphView, model: onnx.ModelProto, layers: list[Laye
                               None if o.factors.input_basis is None else o.factors.input_basis.numpy())
                 for o in solved.outcomes if o.factors is not None]
     return FactoredResult(factorize(compressed, factored), plan, solved)
-
-
-def _input_rank(factors) -> int:
-    return 0 if factors.input_basis is None else factors.input_basis.shape[0]

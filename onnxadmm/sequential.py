@@ -88,8 +88,7 @@ ELEMENT_KINDS = {"sparse": "unstructured", "nm": "nm", "l1": "l1", "l0": "l0", "
 def structure_for(layer: Layer, config: CompressConfig, level: float) -> Structure:
     """The per-layer structure of the element-sparsity methods at ``level``."""
     n, m = config.nm_pattern
-    taps = layer.conv.kernel[0] * layer.conv.kernel[1] if layer.conv else 1
-    return Structure(kind=ELEMENT_KINDS[config.method], sparsity=level, n=n, m=m, taps=taps)
+    return Structure(kind=ELEMENT_KINDS[config.method], sparsity=level, n=n, m=m, taps=layer.taps)
 
 
 def admm_settings(config: CompressConfig) -> AdmmSettings:

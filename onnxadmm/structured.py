@@ -260,7 +260,7 @@ def compress_grouped(view: GraphView, model: onnx.ModelProto, all_layers: list[L
     pairs, structures, levels = [], {}, {}
     for group, p, q in chosen:
         g = config.conv_groups
-        taps_p, taps_q = p.conv.kernel[0] * p.conv.kernel[1], q.conv.kernel[0] * q.conv.kernel[1]
+        taps_p, taps_q = p.taps, q.taps
         cin = p.in_features // taps_p
         w1 = p.canonical(view.constant(p.weight_name))[0] ** 2 * moments[p.name][0][None, :]  # (C, Cin·taps)
         w2 = q.canonical(view.constant(q.weight_name))[0] ** 2 * moments[q.name][0][None, :]  # (Cout, C·taps)

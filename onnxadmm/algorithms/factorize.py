@@ -63,6 +63,11 @@ class Factors:
     input_basis: torch.Tensor | None = None  # Tucker-2: Q (r₁, Cin) orthonormal rows; ``right`` = core ×₁ Q
 
     @property
+    def input_rank(self) -> int:
+        """r₁ of a Tucker-2 form, 0 for a pair."""
+        return 0 if self.input_basis is None else self.input_basis.shape[0]
+
+    @property
     def inner(self) -> int:
         return self.left.shape[1]
 
@@ -74,7 +79,7 @@ class Factors:
     def nonzero(self) -> int:
         if self.input_basis is not None:  # the exported core (k, r₁·taps) and Q, not B
             taps = self.right.shape[1] // self.input_basis.shape[1]
-            count = int((self.left != 0).sum()) + self.inner * self.input_basis.shape[0] * taps
+            count = int((self.left != 0).sum()) + self.inner * self.input_rank * taps
             return count + int((self.input_basis != 0).sum())
         count = int((self.left != 0).sum()) + int((self.right != 0).sum())
         return count + (0 if self.sparse is None else int((self.sparse != 0).sum()))

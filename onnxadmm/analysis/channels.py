@@ -347,8 +347,7 @@ class _Walk:
                 if self.kind != "conv":
                     raise _Decline(f"Conv {node.name!r} reads row features")
                 if layer.groups == 1:
-                    taps = layer.conv.kernel[0] * layer.conv.kernel[1]
-                    self.consumers[index] = Consumer(layer.name, index, taps, place)
+                    self.consumers[index] = Consumer(layer.name, index, layer.taps, place)
                     return
                 self.block_through(index, layer, place, "reads")
                 self.visit(node.output[0], place)
@@ -493,7 +492,7 @@ def _block_of(layer: Layer, channels: int) -> int:
     if layer.op_type != "Conv" or layer.groups < 2 or layer.out_features != channels or channels % layer.groups:
         return 0
     block = channels // layer.groups
-    return block if layer.in_features == block * layer.conv.kernel[0] * layer.conv.kernel[1] else 0
+    return block if layer.in_features == block * layer.taps else 0
 
 
 def _attrs(node) -> dict:

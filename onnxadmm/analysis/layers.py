@@ -60,6 +60,11 @@ class Layer:
         return 1 if self.op_type == "Conv" else -1
 
     @property
+    def taps(self) -> int:
+        """Canonical columns per input channel: kh·kw for a Conv, 1 for Gemm / MatMul."""
+        return self.conv.kernel[0] * self.conv.kernel[1] if self.conv else 1
+
+    @property
     def num_weights(self) -> int:
         return int(np.prod(self.weight_shape))
 

@@ -44,7 +44,7 @@ def random_factored(layer: Layer, inner: int, input_rank: int, rng: np.random.Ge
     right = rng.standard_normal((inner, layer.in_features)) * 0.1
     basis = None
     if input_rank:
-        channels = layer.in_features // (layer.conv.kernel[0] * layer.conv.kernel[1])
+        channels = layer.in_features // layer.taps
         basis = np.linalg.qr(rng.standard_normal((channels, input_rank)))[0].T
         right = np.einsum("jct,bc,be->jet", right.reshape(inner, channels, -1), basis, basis).reshape(inner, -1)
     return FactoredLayer(layer, rng.standard_normal((layer.out_features, inner)) * 0.1, right, None, basis)

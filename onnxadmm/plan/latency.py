@@ -193,10 +193,10 @@ def _narrowed_input(node: onnx.NodeProto, input_shape, narrowed: dict[str, int])
     """The node's input shape once its input (or, for a grouped conv with Cin = Cout, its channels) is
     narrowed."""
     shape = list(input_shape)
-    depthwise = node.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in node.attribute)
+    grouped = node.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in node.attribute)
     if "in" in narrowed:
         shape[1 if node.op_type == "Conv" else -1] = narrowed["in"]
-    elif depthwise and "out" in narrowed:
+    elif grouped and "out" in narrowed:
         shape[1] = narrowed["out"]
     return tuple(shape)
 

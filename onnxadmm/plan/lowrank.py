@@ -87,6 +87,13 @@ def rank_grid(full: int, objective: str, multiple: int) -> list[int]:
     return sorted({max(1, int(round(v))) for v in np.linspace(1, full - 1, count)}) if full > 1 else []
 
 
+def _ranks(full: int, config: CompressConfig) -> list[int]:
+    """The one rank of ``--rank-ratio`` (of full rank ``full``), or the grid the allocation chooses from."""
+    if config.rank_ratio is not None:
+        return [max(1, min(full, int(round(config.rank_ratio * full))))]
+    return rank_grid(full, config.objective, config.channel_multiple)
+
+
 def choice_for(layer: Layer, rank: int, config: CompressConfig, positions: int, with_sparse: bool = True
                ) -> _Choice:
     """The exported cost of rank ``rank`` (with its S for lowrank-sparse) on ``layer``."""
@@ -115,19 +122,16 @@ def sparse_choice(layer: Layer, rank: int, positions: int) -> _Choice:
 
 def tucker_able(layer: Layer) -> bool:
     """A single-group Conv with a spatial kernel (a 1×1 conv's Tucker-2 is its pair) and rank ≥ 2."""
-    return (layer.op_type == "Conv" and layer.groups == 1 and layer.conv.kernel[0] * layer.conv.kernel[1] > 1
-            and tucker_full_rank(layer) >= 2)
+    return layer.op_type == "Conv" and layer.groups == 1 and layer.taps > 1 and tucker_full_rank(layer) >= 2
 
 
 def tucker_full_rank(layer: Layer) -> int:
-    taps = layer.conv.kernel[0] * layer.conv.kernel[1]
-    return min(layer.out_features, layer.in_features // taps)
+    return min(layer.out_features, layer.in_features // layer.taps)
 
 
 def tucker_choice(layer: Layer, rank: int, positions: int, input_positions: int) -> _Choice:
     """Tucker-2 of rank r = r₁: 1×1 Cin→r at the input's positions, k×k r→r and 1×1 r→Cout at the output's."""
-    taps = layer.conv.kernel[0] * layer.conv.kernel[1]
-    channels = layer.in_features // taps
+    taps, channels = layer.taps, layer.in_features // layer.taps
     params = channels * rank + rank * rank * taps + rank * layer.out_features
     macs = input_positions * channels * rank + positions * rank * (rank * taps + layer.out_features)
     return _Choice(RankSpec(rank, width=taps, input_rank=rank), params, rank, macs, float(rank), "T")
@@ -160,15 +164,11 @@ def plan_ranks(view: GraphView, layers: list[Layer], samples: SampleSet, config:
         timing, timed = LatencyTable(config.threads), timing_feed(samples, config.latency_batch)
     grids = {}
     for layer in eligible:
-        full = min(layer.out_features, layer.in_features)
-        grid = [max(1, min(full, int(round(config.rank_ratio * full))))] if config.rank_ratio is not None \
-            else rank_grid(full, config.objective, config.channel_multiple)
+        grid = _ranks(min(layer.out_features, layer.in_features), config)
         choices = [choice_for(layer, r, config, positions[layer.name]) for r in grid]
         if config.lowrank_form != "pair" and layer.name in input_positions:
-            full_t = tucker_full_rank(layer)
-            grid_t = [max(1, min(full_t, int(round(config.rank_ratio * full_t))))] if config.rank_ratio is not None \
-                else rank_grid(full_t, config.objective, config.channel_multiple)
-            tucker = [tucker_choice(layer, r, positions[layer.name], input_positions[layer.name]) for r in grid_t]
+            tucker = [tucker_choice(layer, r, positions[layer.name], input_positions[layer.name])
+                      for r in _ranks(tucker_full_rank(layer), config)]
             choices = tucker if config.lowrank_form == "tucker2" else choices + tucker
         if config.method == "lowrank-sparse" and config.rank_ratio is None:  # S only where it pays
             choices += [choice_for(layer, r, config, positions[layer.name], with_sparse=False) for r in grid]
@@ -421,7 +421,7 @@ def _tucker_curve(layer: Layer, ws: np.ndarray):
 
     from ..algorithms.projections.lowrank import tucker2
 
-    taps = layer.conv.kernel[0] * layer.conv.kernel[1]
+    taps = layer.taps
     full = tucker_full_rank(layer)
     v = torch.from_numpy(ws)[None]
 

@@ -39,7 +39,7 @@ def layer_row(outcome) -> dict[str, Any]:
         **({} if outcome.factors is None else {
             "rank": outcome.factors.rank, "inner": outcome.factors.inner,
             "merged_rows": outcome.factors.merged_rows,
-            "input_rank": 0 if outcome.factors.input_basis is None else outcome.factors.input_basis.shape[0],
+            "input_rank": outcome.factors.input_rank,
             "sparse_nonzero": None if outcome.factors.sparse is None else int((outcome.factors.sparse != 0).sum())}),
     }
 
