@@ -19,12 +19,13 @@ import onnx
 from . import __version__
 from .analysis.layers import Declined, LayerSet, apply_exclude, find_layers
 from .calib.readers import SampleSet, evenly_spaced, open_samples, select
-from .config import CHANNEL_METHODS, LOWRANK_METHODS, CompressConfig, ValidateConfig, config_hash
+from .config import CHANNEL_METHODS, LOWRANK_METHODS, CheckConfig, CompressConfig, ValidateConfig, config_hash
 from .errors import UnsupportedModelError
 from .onnxio.graph import GraphView, TensorType
 from .onnxio.load import LoadedModel, default_opset, load_model, model_from_proto
 from .onnxio.normalize import normalize
-from .onnxio.save import METADATA_PREFIX, read_metadata, save_model_atomic
+from .onnxio.outputs import OutputSet
+from .onnxio.save import METADATA_PREFIX, read_metadata, save_model_atomic, stage_model
 from .report.schema import SCHEMA_VERSION, layer_row, machine
 
 log = logging.getLogger("onnxadmm")
@@ -39,7 +40,14 @@ class CompressResult:
 
     def save(self, path: str | Path) -> int:
         """Write the model atomically; returns bytes written. (The CLI checks the path first.)"""
-        written = save_model_atomic(self.model, path)
+        with OutputSet() as outputs:
+            written = self.stage(outputs, Path(path))
+            outputs.commit()
+        return written
+
+    def stage(self, outputs: OutputSet, path: Path) -> int:
+        """Stage the model in ``outputs`` (committed with the reports); records path and size in the report."""
+        written = stage_model(outputs, self.model, path)
         self.report.setdefault("output", {})["path"] = str(path)
         self.report["output"]["size_bytes"] = written
         return written
@@ -128,7 +136,7 @@ def compress(model: Any, calibration: Any, config: CompressConfig = CompressConf
         progress("load", 0, 1, "reading model")
         loaded = _load(model)
         previous = read_metadata(loaded.model)
-        notes: list[str] = []
+        notes: list[str] = list(loaded.notes)
         if f"{METADATA_PREFIX}version" in previous:
             message = (f"this model was already compressed by onnxadmm {previous[f'{METADATA_PREFIX}version']} "
                        f"(config sha256 {previous.get(f'{METADATA_PREFIX}config_sha256', '?')[:12]})")
@@ -145,8 +153,12 @@ def compress(model: Any, calibration: Any, config: CompressConfig = CompressConf
                                      config.threads, solution.held_out)
         report = _compress_report(loaded, config, validate_config, solution.digest, calib, solution.plan_report,
                                   solved, solution.declined, validation, notes, started, solve_seconds)
+        if validate_config.platform:
+            report["platform_check"] = platform_check(loaded.model, solution.model, eval_set, validate_config,
+                                                      progress)
+            report["passed"] = validation.passed and report["platform_check"]["passed"]
         progress("done", 1, 1, "")
-        return CompressResult(solution.model, report, validation.passed)
+        return CompressResult(solution.model, report, report["passed"])
     finally:
         torch.set_num_threads(threads_before)
 
@@ -200,7 +212,7 @@ def _solve_and_export(loaded: LoadedModel, calibration, evaluation, config: Comp
     channels, factored, give_back = None, None, []
     solving = calib  # what the solve and block refinement see; distillation checks on samples they did not
     if config.distill_epochs:
-        solving = calib.subset(np.flatnonzero(~held_out_rows(calib.num_samples)))
+        solving = calib.subset(np.flatnonzero(~held_out_rows(calib.num_samples, calib.fixed_batch)))
         notes.append(f"{calib.num_samples - solving.num_samples} of {calib.num_samples} calibration samples held "
                      "out of the layer-wise solve and block refinement, to check the distillation on")
     if config.method in LOWRANK_METHODS:
@@ -315,9 +327,10 @@ def validate(original: Any, compressed: Any, data: Any, config: ValidateConfig =
     a, b = _load(original), _load(compressed)
     view_a, view_b = GraphView(a.model), GraphView(b.model)
     inputs = model_inputs(view_a)
-    if list(inputs) != view_b.input_names or view_a.output_names != view_b.output_names:
-        raise UnsupportedModelError(f"the two models differ in inputs/outputs: {list(inputs)} -> "
-                                    f"{view_b.input_names}, {view_a.output_names} -> {view_b.output_names}")
+    differences = signature_differences(view_a, view_b)
+    if differences:
+        raise UnsupportedModelError("the two models cannot be compared on the same data: "
+                                    + "; ".join(differences))
     samples = open_samples(data, inputs, config.labels, what="evaluation")
     if config.eval_samples:
         samples, _ = select(samples, min(config.eval_samples, samples.num_samples), "evaluation")
@@ -334,12 +347,34 @@ def validate(original: Any, compressed: Any, data: Any, config: ValidateConfig =
     return report, report["passed"]
 
 
+def signature_differences(a: GraphView, b: GraphView) -> list[str]:
+    """How the inputs and outputs of two models differ: names, dtypes, ranks and dimensions (a static size
+    differs from another size and from a dynamic axis; two dynamic axes match whatever their names)."""
+    if a.input_names != b.input_names or a.output_names != b.output_names:
+        return [f"inputs {a.input_names} vs {b.input_names}, outputs {a.output_names} vs {b.output_names}"]
+    found = []
+    for kind, names in (("input", a.input_names), ("output", a.output_names)):
+        for name in names:
+            ta, tb = a.types.get(name), b.types.get(name)
+            if ta is None or tb is None:
+                continue
+            if ta.elem_type != tb.elem_type:
+                found.append(f"{kind} {name!r} is {ta.dtype} vs {tb.dtype}")
+            elif ta.shape is not None and tb.shape is not None and (
+                    len(ta.shape) != len(tb.shape) or any(_static(x) != _static(y) for x, y in zip(ta.shape, tb.shape))):
+                found.append(f"{kind} {name!r} has shape {list(ta.shape)} vs {list(tb.shape)}")
+    return found
+
+
+def _static(dim) -> int | None:
+    return dim if isinstance(dim, int) and dim > 0 else None
+
+
 def platform_check(original: onnx.ModelProto, compressed: onnx.ModelProto, samples: SampleSet,
                    config: ValidateConfig, progress: Progress | None = None) -> dict:
     """Both models on the first ``platform_samples`` samples in the other platform's onnxruntime (emulated)
     and here; outputs compared (``validation/aarch64.py``)."""
-    import tempfile
-
+    from .onnxio.scratch import scratch_folder
     from .runtime import session
     from .validation.aarch64 import compare, prepare
 
@@ -354,7 +389,7 @@ def platform_check(original: onnx.ModelProto, compressed: onnx.ModelProto, sampl
         names = [o.name for o in sess.get_outputs()]
         runs = [sess.run(names, {n: v[i:i + 1] for n, v in feed.items()}) for i in range(count)]
         x86.append([np.concatenate([r[k] for r in runs]) for k in range(len(names))])
-    with tempfile.TemporaryDirectory(prefix="onnxadmm-platform-") as folder:
+    with scratch_folder("onnxadmm-platform-") as folder:
         paths = []
         for name, model in (("original", original), ("compressed", compressed)):
             path = Path(folder) / f"{name}.onnx"
@@ -367,10 +402,15 @@ def platform_check(original: onnx.ModelProto, compressed: onnx.ModelProto, sampl
     return result
 
 
-def check(model: Any, config: CompressConfig = CompressConfig()) -> dict:
-    """Preflight: which layers would be compressed, which are declined and why, MACs and params."""
+def check(model: Any, config: CheckConfig | CompressConfig = CheckConfig()) -> dict:
+    """Preflight: which layers would be compressed, which are declined and why, MACs and params. What
+    ``compress`` would refuse before any work (unreadable text, a failed full check, a node onnxruntime
+    cannot run) raises here the same error."""
+    from .runtime import session
+
     loaded = _load(model)
     normalized = normalize(loaded.model)
+    session(normalized.model, 1)  # compress calibrates in onnxruntime: a model it cannot load is refused
     view = normalized.view()
     found = _declines_for_method(apply_exclude(find_layers(view), config.exclude), config)
     from .bridge.torch_layer import BridgeError, activation_function
@@ -392,10 +432,12 @@ def check(model: Any, config: CompressConfig = CompressConfig()) -> dict:
                "consumers": [c.layer for c in g.consumers], "declined": g.declined}
               for g in find_channel_groups(view, found.layers)]
     report = {"schema_version": SCHEMA_VERSION, "kind": "check", "tool": machine(), "input": _input_info(loaded),
+              "method": config.method, "notes": loaded.notes,
               "normalization": normalized.rewrites, "compressible": compressible, "declined": declined,
               "channel_groups": groups,
               "unsupported_ops": _unsupported_ops(view), "estimate": _estimate(loaded.model, view)}
     report["passed"] = bool(compressible)
+    report["verdict"] = "ok" if compressible else f"nothing can be compressed in this model by --method {config.method}"
     return report
 
 

@@ -2,7 +2,8 @@
 
 Flags are generated from the config dataclasses' field metadata; a ``--config FILE.toml`` maps 1:1 to
 the same fields and flags given on the command line win. Exit codes: 0 ok, 1 gate failed, 2 usage or
-config error, 3 unsupported model or bad input, 4 internal error.
+config error, 3 unsupported model or bad input (files, paths, disk), 4 internal error (a bug in onnxadmm),
+128 + N ended by signal N (SIGINT 130, SIGTERM 143, SIGHUP 129).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import signal
 import sys
 import threading
@@ -19,19 +21,26 @@ import typing
 from pathlib import Path
 
 from . import __version__
-from .config import CompressConfig, ValidateConfig, from_mapping, load_toml
+from .config import (THREADS_PER_CORE_MAX, CheckConfig, CompressConfig, ValidateConfig, check_threads,
+                     from_mapping, load_toml)
 from .errors import ConfigError, OnnxAdmmError
+from .onnxio import scratch
+from .onnxio.outputs import OutputSet, Use, check_paths, reads_of_model
 
 EXIT_OK, EXIT_GATE, EXIT_USAGE, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3, 4
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (a CI timeout, ``kill``) raised as an interrupt, so that temporary folders and partial
-    outputs are removed by the same ``finally`` blocks as on Ctrl-C."""
+    """SIGTERM (a CI timeout, ``kill``) or SIGHUP (a closed terminal, a dropped ssh) raised as an interrupt,
+    so that temporary folders and partial outputs are removed by the same ``finally`` blocks as on Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _raise_terminated(signum, frame):
-    raise Terminated()
+    raise Terminated(signum)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -84,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("original")
     v.add_argument("compressed")
     v.add_argument("--data", required=True, help="evaluation data (.npz keyed by input name, + labels)")
-    v.add_argument("--batch-size", type=int, default=32, help="samples per onnxruntime call")
-    v.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0 = all cores)")
+    v.add_argument("--batch-size", type=_at_least_one, default=32, help="samples per onnxruntime call")
+    v.add_argument("--threads", type=_threads, default=0, help="onnxruntime threads (0 = all cores, at most "
+                   f"{THREADS_PER_CORE_MAX}x the cores)")
     _common_output_flags(v)
     _add_config_flags(v, ValidateConfig)
 
@@ -97,6 +107,22 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--report", default=None, help="write the JSON report here (and .md beside it)")
     k.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _threads(text: str) -> int:
+    value = int(text)
+    try:
+        check_threads("threads", value)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
 
 
 def _common_output_flags(p: argparse.ArgumentParser) -> None:
@@ -155,33 +181,54 @@ class Progress:
             self.last_line, self.stage = now, stage
 
 
-def _write_reports(report: dict, path: Path) -> None:
-    from .onnxio.save import check_output_path
+def _stage_reports(outputs, report: dict, path: Path) -> None:
     from .report.markdown import render
     from .report.schema import to_json
 
-    check_output_path(path, None)
-    path.write_text(to_json(report))
-    path.with_suffix(".md").write_text(render(report))
+    outputs.write_text(path, "report (JSON)", to_json(report))
+    outputs.write_text(_markdown_path(path), "report (Markdown)", render(report))
+
+
+def _markdown_path(report_path: Path) -> Path:
+    return report_path.with_suffix(".md")
 
 
 def _report_path(args, default: Path | None) -> Path | None:
     return Path(args.report) if args.report else default
 
 
+def _report_writes(report_path: Path | None) -> list[Use]:
+    if report_path is None:
+        return []
+    return [Use("report (JSON)", report_path), Use("report (Markdown)", _markdown_path(report_path))]
+
+
+def _data_reads(spec: str | None, role: str) -> list[Use]:
+    return [] if spec is None or str(spec).startswith("random:") else [Use(role, Path(spec))]
+
+
+def _config_reads(args) -> list[Use]:
+    return [Use("config file", Path(args.config))] if getattr(args, "config", None) else []
+
+
 def run_compress(args) -> int:
     from .api import compress
-    from .onnxio.save import check_output_path
 
     config, validate_config = _configs(args, with_compress=True)
-    output = check_output_path(args.output, args.input)
+    output = Path(args.output)
     report_path = _report_path(args, output.with_name(output.name + ".report.json"))
-    if report_path is not None:
-        check_output_path(report_path, args.input)
+    reads = [*reads_of_model(args.input), *_data_reads(args.calib, "calibration data"),
+             *_data_reads(args.val, "evaluation data"), *_config_reads(args)]
+    writes = [Use("output model", output),
+              Use("output model's external data (written above 2 GB)", output.with_name(output.name + ".data")),
+              *_report_writes(report_path)]
+    check_paths(reads, writes)
     result = compress(args.input, args.calib, config, validate_config, evaluation=args.val,
                       progress=Progress(args.quiet))
-    result.save(output)
-    _write_reports(result.report, report_path)
+    with OutputSet() as outputs:
+        result.stage(outputs, output)
+        _stage_reports(outputs, result.report, report_path)
+        outputs.commit()
     _print_summary(result.report, report_path)
     return EXIT_OK if result.passed else EXIT_GATE
 
@@ -190,11 +237,16 @@ def run_validate(args) -> int:
     from .api import validate
 
     _, validate_config = _configs(args, with_compress=False)
+    report_path = _report_path(args, None)
+    reads = [*reads_of_model(args.original, "original model"), *reads_of_model(args.compressed, "compressed model"),
+             *_data_reads(args.data, "evaluation data"), *_config_reads(args)]
+    check_paths(reads, _report_writes(report_path))
     report, passed = validate(args.original, args.compressed, args.data, validate_config, args.batch_size,
                               args.threads)
-    report_path = _report_path(args, None)
     if report_path:
-        _write_reports(report, report_path)
+        with OutputSet() as outputs:
+            _stage_reports(outputs, report, report_path)
+            outputs.commit()
     _print_summary(report, report_path)
     return EXIT_OK if passed else EXIT_GATE
 
@@ -202,34 +254,41 @@ def run_validate(args) -> int:
 def run_check(args) -> int:
     from .api import check
 
-    config = from_mapping(CompressConfig, {"method": args.method, "nm": args.nm,
-                                           "exclude": [p for e in (args.exclude or []) for p in e.split(",") if p]},
+    config = from_mapping(CheckConfig, {"method": args.method, "nm": args.nm,
+                                        "exclude": [p for e in (args.exclude or []) for p in e.split(",") if p]},
                           "command line")
+    report_path = _report_path(args, None)
+    check_paths(reads_of_model(args.input), _report_writes(report_path))
     report = check(args.input, config)
-    print(f"{len(report['compressible'])} compressible layers, {len(report['declined'])} declined")
+    lines = [f"note: {note}" for note in report["notes"]]
+    lines.append(f"{len(report['compressible'])} compressible layers for --method {config.method}, "
+                 f"{len(report['declined'])} declined")
     for row in report["compressible"]:
-        print(f"  + {row['name']} ({row['op_type']} {'x'.join(map(str, row['weight_shape']))}, "
-              f"activation {row['activation']})")
+        lines.append(f"  + {row['name']} ({row['op_type']} {'x'.join(map(str, row['weight_shape']))}, "
+                     f"activation {row['activation']})")
     for row in report["declined"]:
-        print(f"  - {row['name']} ({row['op_type']}): {row['reason']}")
+        lines.append(f"  - {row['name']} ({row['op_type']}): {row['reason']}")
     for op in report["unsupported_ops"]:
-        print(f"  onnx2torch has no converter for {op['domain']}::{op['op_type']} at opset {op['opset']} "
-              f"(first: {op['first_node']}); only matters inside a layer's activation")
+        lines.append(f"  onnx2torch has no converter for {op['domain']}::{op['op_type']} at opset {op['opset']} "
+                     f"(first: {op['first_node']}); only matters inside a layer's activation")
     groups = report["channel_groups"]
     prunable = [g for g in groups if not g["declined"]]
-    print(f"{len(prunable)} of {len(groups)} channel groups can lose channels (--method channel | l0-l21)")
+    lines.append(f"{len(prunable)} of {len(groups)} channel groups can lose channels (--method channel | l0-l21)")
     for g in groups:
         if g["declined"]:
-            print(f"  = {g['name']} ({g['channels']} channels) stays whole: {g['declined']}")
+            lines.append(f"  = {g['name']} ({g['channels']} channels) stays whole: {g['declined']}")
     estimate = report["estimate"]
     if estimate.get("macs_per_sample") is not None:
-        print(f"  MACs per sample: {estimate['macs_per_sample']:,}; parameters: {estimate['params']:,}")
+        lines.append(f"  MACs per sample: {estimate['macs_per_sample']:,}; parameters: {estimate['params']:,}")
     else:
-        print(f"  MACs/params not estimated: {estimate.get('reason')}")
-    if args.report:
-        _write_reports(report, Path(args.report))
-    if not report["compressible"]:
-        print("onnxadmm: nothing can be compressed in this model", file=sys.stderr)
+        lines.append(f"  MACs/params not estimated: {estimate.get('reason')}")
+    if report_path:
+        with OutputSet() as outputs:
+            _stage_reports(outputs, report, report_path)
+            outputs.commit()
+    _emit(lines)
+    if not report["passed"]:
+        print(f"onnxadmm: {report['verdict']}", file=sys.stderr)
         return EXIT_INPUT
     return EXIT_OK
 
@@ -265,35 +324,105 @@ def _print_summary(report: dict, report_path: Path | None) -> None:
                          f"on {platform['samples']} samples")
         lines.append(f"platform check: {'PASS' if platform['passed'] else 'FAIL'} ({platform['note']})")
     if report_path:
-        lines.append(f"report: {report_path} (+ {report_path.with_suffix('.md').name})")
-    print("\n".join(lines))
+        lines.append(f"report: {report_path} (+ {_markdown_path(report_path).name})")
+    _emit(lines)
+
+
+def _emit(lines: list[str]) -> None:
+    """Print the summary. A closed stdout (``| head``) does not turn a finished run into a failure."""
+    try:
+        print("\n".join(lines), flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail either
+        os.close(devnull)
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # an ASCII-only or odd terminal never fails a run
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="onnxadmm: %(message)s")
     runner = {"compress": run_compress, "validate": run_validate, "check": run_check}[args.command]
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
+    with _SignalsHandled():
+        try:
+            return runner(args)
+        except OnnxAdmmError as exc:
+            if getattr(args, "debug", False):
+                traceback.print_exc()
+            kind = "config error" if isinstance(exc, ConfigError) else "error"
+            _error(f"onnxadmm: {kind}: {exc}")
+            return exc.exit_code
+        except KeyboardInterrupt as exc:
+            signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
+            _error(f"onnxadmm: {_signal_cause(signum)}; no partial output is left and temporary files were "
+                   "removed")
+            return 128 + signum
+        except Exception as exc:  # noqa: BLE001 - the last line of defence maps to exit 4
+            if getattr(args, "debug", False):
+                traceback.print_exc()
+            _error(f"onnxadmm: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the "
+                   "traceback; please report it)")
+            return EXIT_INTERNAL
+
+
+def _error(message: str) -> None:
     try:
-        return runner(args)
-    except OnnxAdmmError as exc:
-        if getattr(args, "debug", False):
-            traceback.print_exc()
-        kind = "config error" if isinstance(exc, ConfigError) else "error"
-        print(f"onnxadmm: {kind}: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt as exc:
-        cause = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
-        print(f"onnxadmm: {cause}; no partial output is left and temporary files were removed", file=sys.stderr)
-        return EXIT_INTERNAL
-    except Exception as exc:  # noqa: BLE001 - the last line of defence maps to exit 4
-        if getattr(args, "debug", False):
-            traceback.print_exc()
-        print(f"onnxadmm: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback; "
-              "please report it)", file=sys.stderr)
-        return EXIT_INTERNAL
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous_sigterm)
+        print(message, file=sys.stderr, flush=True)
+    except (BrokenPipeError, OSError):
+        pass
+
+
+def _signal_cause(signum: int) -> str:
+    return {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated (SIGTERM)",
+            signal.SIGHUP: "hung up (SIGHUP)"}.get(signum, f"signal {signum}")
+
+
+class _SignalsHandled:
+    """SIGTERM and SIGHUP raise ``Terminated`` (SIGINT raises KeyboardInterrupt), so the ``finally`` blocks
+    clean up as on Ctrl-C. A watchdog thread learns of the signal through the wakeup fd even while the main
+    thread is inside a long onnxruntime or torch call (where Python cannot run the handler); if the main
+    thread has not finished ``GRACE_S`` later, it removes every registered temporary path and exits
+    128 + signal number."""
+
+    GRACE_S = 5.0
+
+    def __enter__(self):
+        self.active = threading.current_thread() is threading.main_thread()
+        if not self.active:
+            return self
+        self.previous = {sig: signal.signal(sig, _raise_terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.write_fd, False)
+        self.previous_wakeup = signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
+        self.watchdog = threading.Thread(target=self._watch, name="onnxadmm-signal-watchdog", daemon=True)
+        self.watchdog.start()
+        return self
+
+    def _watch(self) -> None:
+        while True:
+            data = os.read(self.read_fd, 1)
+            if not data or data[0] == 0:  # closed, or the stop byte written by __exit__
+                return
+            signum = data[0]
+            if signum not in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                continue
+            time.sleep(self.GRACE_S)
+            scratch.remove_all()
+            os.write(2, f"onnxadmm: {_signal_cause(signum)}; the run did not stop within {self.GRACE_S:.0f} s "
+                        "(inside onnxruntime or torch), so temporary files were removed and it was ended; no "
+                        "partial output is left\n".encode())
+            os._exit(128 + signum)
+
+    def __exit__(self, *exc) -> None:
+        if not self.active:
+            return
+        signal.set_wakeup_fd(self.previous_wakeup)
+        os.write(self.write_fd, b"\0")
+        self.watchdog.join(timeout=1)
+        os.close(self.write_fd)
+        os.close(self.read_fd)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

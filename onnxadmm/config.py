@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import json
 import math
+import os
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -41,6 +42,25 @@ AUGMENTATIONS = ("auto", "none")
 PLATFORMS = ("linux-aarch64",)
 LOSSES = ("activation", "linear")
 SOLVERS = ("admm", "magnitude", "refit")
+ELEMENT_METHODS = ("sparse", "nm", "l1", "l0", "kernels")
+SEED_MAX = 2**32 - 1  # numpy's legacy and torch's generators both take seeds in [0, 2**32)
+THREADS_PER_CORE_MAX = 4  # --threads above 4x the cores only adds contention (and thousands of threads)
+
+#: Method options: a value other than the default is refused with any other method (never silently ignored).
+APPLIES_TO = {
+    "sparsity": ELEMENT_METHODS + ("l0-l21",),
+    "nm": ("nm",),
+    "uniform": ELEMENT_METHODS + CHANNEL_METHODS,
+    "sparse_structure": ("lowrank-sparse",),
+    "sparse_share": ("lowrank-sparse",),
+    "objective": LOWRANK_METHODS + ("grouped",),
+    "conv_groups": ("grouped",),
+    "refit_dense": CHANNEL_METHODS + LOWRANK_METHODS + ("grouped",),
+    "give_back_step": CHANNEL_METHODS,
+    "channel_multiple": CHANNEL_METHODS + LOWRANK_METHODS + ("grouped",),
+    "sensitivity_probes": CHANNEL_METHODS,
+    "latency_batch": CHANNEL_METHODS + LOWRANK_METHODS + ("grouped",),
+}
 
 
 def _opt(help_text: str, choices: tuple[str, ...] | None = None, flag: str | None = None) -> dict:
@@ -188,6 +208,10 @@ class CompressConfig:
 
     def __post_init__(self) -> None:
         _check_choice("method", self.method, tuple(METHODS))
+        _check_finite(self)
+        _check_applies(self)
+        _check_seed(self.seed)
+        check_threads("threads", self.threads)
         _check_choice("loss", self.loss, LOSSES)
         _check_choice("solver", self.solver, SOLVERS)
         _check_choice("sparse_structure", self.sparse_structure, SPARSE_STRUCTURES)
@@ -228,8 +252,6 @@ class CompressConfig:
             raise ConfigError(f"channel_multiple must be >= 1, got {self.channel_multiple}")
         if self.calib_samples is not None and self.calib_samples < 1:
             raise ConfigError(f"calib_samples must be >= 1, got {self.calib_samples}")
-        if self.threads < 0:
-            raise ConfigError(f"threads must be >= 0, got {self.threads}")
         if not self.rho_init > 0 or not self.rho_growth >= 1:
             raise ConfigError("rho_init must be > 0 and rho_growth >= 1")
         if self.refine_epochs < 0 or not self.refine_lr > 0 or self.refine_block_layers < 1:
@@ -274,14 +296,7 @@ class CompressConfig:
     @property
     def nm_pattern(self) -> tuple[int, int]:
         """(N, M) parsed from ``nm``: keep N of every M consecutive input weights."""
-        try:
-            n_str, m_str = self.nm.split(":")
-            n, m = int(n_str), int(m_str)
-        except ValueError:
-            raise ConfigError(f"--nm must look like 2:4, got {self.nm!r}") from None
-        if not 0 < n < m:
-            raise ConfigError(f"--nm N:M needs 0 < N < M, got {self.nm!r}")
-        return n, m
+        return parse_nm(self.nm)
 
 
 @dataclass(frozen=True)
@@ -318,6 +333,8 @@ class ValidateConfig:
     platform_samples: int = field(default=32, metadata=_opt("samples run under emulation by --platform"))
 
     def __post_init__(self) -> None:
+        _check_finite(self)
+        check_threads("latency_threads", self.latency_threads)
         if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
             raise ConfigError("max_accuracy_drop is in percentage points and must be >= 0")
         if self.min_agreement is not None:
@@ -334,6 +351,74 @@ class ValidateConfig:
             _check_choice("platform", self.platform, PLATFORMS)
         if self.platform_samples < 1:
             raise ConfigError("platform_samples must be >= 1")
+
+
+@dataclass(frozen=True)
+class CheckConfig:
+    """What ``check`` needs: the method (its declines differ, e.g. N:M needs Cin divisible by M) and the
+    exclusions. No targets: ``check`` lists what the method could do, it does not plan."""
+
+    method: str = field(default="sparse", metadata=_opt("method to check for", tuple(METHODS)))
+    nm: str = field(default="2:4", metadata=_opt("N:M pattern for --method nm"))
+    exclude: tuple[str, ...] = field(default=(), metadata=_opt("leave dense: node names, name globs or op types"))
+
+    def __post_init__(self) -> None:
+        _check_choice("method", self.method, tuple(METHODS))
+        if self.nm != "2:4" and self.method != "nm":
+            raise ConfigError(f"--nm applies to --method nm, not {self.method!r}")
+        parse_nm(self.nm)
+
+    @property
+    def nm_pattern(self) -> tuple[int, int]:
+        return parse_nm(self.nm)
+
+
+def parse_nm(text: str) -> tuple[int, int]:
+    """(N, M) from "N:M": keep N of every M consecutive input weights."""
+    try:
+        n_str, m_str = text.split(":")
+        n, m = int(n_str), int(m_str)
+    except ValueError:
+        raise ConfigError(f"--nm must look like 2:4, got {text!r}") from None
+    if not 0 < n < m:
+        raise ConfigError(f"--nm N:M needs 0 < N < M, got {text!r}")
+    return n, m
+
+
+def available_cores() -> int:
+    """Cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def check_threads(name: str, value: int) -> None:
+    limit = THREADS_PER_CORE_MAX * available_cores()
+    if not 0 <= value <= limit:
+        raise ConfigError(f"{name} must be between 0 (all cores) and {limit} ({THREADS_PER_CORE_MAX}x the "
+                          f"{available_cores()} cores here), got {value}")
+
+
+def _check_seed(seed: int) -> None:
+    if not 0 <= seed <= SEED_MAX:
+        raise ConfigError(f"seed must be in [0, {SEED_MAX}], got {seed}")
+
+
+def _check_finite(config) -> None:
+    """Every float setting is a finite number (NaN would pass every comparison-based check unnoticed)."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
+
+
+def _check_applies(config: "CompressConfig") -> None:
+    for name, methods in APPLIES_TO.items():
+        default = next(f.default for f in dataclasses.fields(config) if f.name == name)
+        if getattr(config, name) != default and config.method not in methods:
+            raise ConfigError(f"--{name.replace('_', '-')} applies to --method {' | '.join(methods)}, not "
+                              f"{config.method!r}; drop it or choose one of those methods")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -372,6 +457,8 @@ def _coerce(cls: type, name: str, value: Any) -> Any:
             if not isinstance(value, bool):
                 raise TypeError
             return value
+        if base in (int, float) and isinstance(value, bool):  # TOML true is not the number 1
+            raise TypeError
         if base is int and isinstance(value, float) and not value.is_integer():
             raise TypeError
         return base(value)
@@ -396,10 +483,14 @@ def from_mapping(cls: type, mapping: Mapping[str, Any], where: str = "config"):
 def load_toml(path: str | Path) -> tuple[CompressConfig, ValidateConfig]:
     """Read a TOML file: top-level keys are CompressConfig fields, ``[validate]`` holds ValidateConfig."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"config file {path} is not a regular file (a folder, FIFO or device); give a .toml file")
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     validate = data.pop("validate", {})

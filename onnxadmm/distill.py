@@ -95,7 +95,7 @@ def distill(original: onnx.ModelProto, compressed: onnx.ModelProto, samples: Sam
     def teach(feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         return [np.asarray(v) for v in teacher.run(float_outputs, dict(feed))]
 
-    held_out = held_out_rows(samples.num_samples)
+    held_out = held_out_rows(samples.num_samples, samples.fixed_batch)
     check_rows = np.flatnonzero(held_out) if held_out.any() else np.arange(samples.num_samples)
     check_feed = {n: a[check_rows] for n, a in samples.arrays.items()}
     check_targets = in_batches(teach, check_feed, list(check_feed), float_outputs, config.batch_size)
@@ -112,9 +112,14 @@ def distill(original: onnx.ModelProto, compressed: onnx.ModelProto, samples: Sam
     return apply_initializers(compressed, {n: h.to_onnx() for n, h in handles.items()}), record
 
 
-def held_out_rows(num_samples: int) -> np.ndarray:
-    """Mask of the samples held out for the distillation's check: every tenth, when there are ≥ 20."""
-    return np.arange(num_samples) % 10 == 9 if num_samples >= 20 else np.zeros(num_samples, bool)
+def held_out_rows(num_samples: int, fixed_batch: int | None = None) -> np.ndarray:
+    """Mask of the samples held out for the distillation's check: every tenth (batch, for a model with a
+    fixed batch ``B``), when there are ≥ 20 of them."""
+    batch = fixed_batch or 1
+    index = np.arange(num_samples) // batch
+    if num_samples // batch < 20:
+        return np.zeros(num_samples, bool)
+    return (index % 10 == 9) & (index < num_samples // batch)
 
 
 def _augmentation(samples: SampleSet, requested: str) -> str:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import onnx
 
+from .config import available_cores
 from .errors import UnsupportedModelError
+from .onnxio.scratch import scratch_folder
 from .onnxio.save import (
     exceeds_protobuf_limit,
     without_initializers,
@@ -21,12 +22,7 @@ from .onnxio.save import (
 
 def cpu_threads(requested: int) -> int:
     """``requested`` threads, or every core this process may use when it is 0."""
-    if requested > 0:
-        return requested
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+    return requested if requested > 0 else available_cores()
 
 
 def session(model: onnx.ModelProto | bytes | str, threads: int = 0, optimize: bool = True):
@@ -68,7 +64,7 @@ def _session_from_files(model: onnx.ModelProto, options, extra_outputs: Sequence
 
     skeleton = without_initializers(model)
     _add_outputs(skeleton, extra_outputs)
-    with tempfile.TemporaryDirectory(prefix="onnxadmm-session-") as folder:
+    with scratch_folder("onnxadmm-session-") as folder:
         path = os.path.join(folder, "model.onnx")
         write_with_external_data(skeleton, model.graph.initializer, Path(path), "model.onnx.data")
         return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])

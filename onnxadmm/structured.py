@@ -232,7 +232,6 @@ def compress_grouped(view: GraphView, model: onnx.ModelProto, all_layers: list[L
     ``config.conv_groups`` blocks (under ``--objective latency``, only the pairs measured faster that way).
     The channel-to-block assignment maximizes the data-weighted weight energy both convs keep; then P and Q
     (and every other layer) are refit on their supports, in order."""
-    from .calib.readers import evenly_spaced
     from .export.grouped import BlockPair, consumer_mask, producer_mask, to_grouped
     from .plan.sensitivity import input_second_moments
     from .validation.footprint import node_macs
@@ -253,8 +252,7 @@ def compress_grouped(view: GraphView, model: onnx.ModelProto, all_layers: list[L
     for group, reason in skipped:
         group.declined = f"not made block-diagonal: {reason}"
     progress("plan", 0, 1, f"{len(chosen)} conv pairs to make block-diagonal")
-    subset = samples.subset(evenly_spaced(samples.num_samples, min(config.sensitivity_samples,
-                                                                   samples.num_samples)))
+    subset = samples.spread(config.sensitivity_samples)
     involved = [layer for _, p, q in chosen for layer in (p, q)]
     moments = input_second_moments(view, involved, subset, config.batch_size, config.threads) if involved else {}
     pairs, structures, levels = [], {}, {}

@@ -14,7 +14,8 @@ from onnxadmm.errors import BadInputError, ExportError, UnsupportedModelError
 from onnxadmm.onnxio.graph import GraphView
 from onnxadmm.onnxio.load import load_model
 from onnxadmm.onnxio.normalize import normalize
-from onnxadmm.onnxio.save import check_output_path, read_metadata, save_model_atomic, stamp_metadata
+from onnxadmm.onnxio.outputs import Use, check_paths, reads_of_model
+from onnxadmm.onnxio.save import read_metadata, save_model_atomic, stamp_metadata
 
 
 def save(model, path):
@@ -152,6 +153,10 @@ def test_save_is_atomic_and_refuses_the_input(tmp_path):
     model = tiny_cnn()
     source = save(model, tmp_path / "in.onnx")
     before = source.read_bytes()
+
+    def check_output_path(out, model):
+        check_paths(reads_of_model(model), [Use("output model", out)])
+
     with pytest.raises(ExportError, match="is the input"):
         check_output_path(source, source)
     os.link(source, tmp_path / "hardlink.onnx")

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..errors import CalibrationError
+from ..errors import CalibrationError, ConfigError
 from ..onnxio.graph import TensorType
 
 
@@ -40,6 +40,13 @@ class SampleSet:
     def subset(self, indices: np.ndarray) -> "SampleSet":
         labels = None if self.labels is None else self.labels[indices]
         return replace(self, arrays={k: v[indices] for k, v in self.arrays.items()}, labels=labels)
+
+    def spread(self, count: int) -> "SampleSet":
+        """At most ``count`` evenly spaced samples, in whole batches of a fixed-batch model."""
+        count = min(count, self.num_samples)
+        if self.fixed_batch:
+            count = max(self.fixed_batch, count // self.fixed_batch * self.fixed_batch)
+        return self.subset(evenly_spaced(self.num_samples, count))
 
     def feed(self, batch_size: int) -> dict[str, np.ndarray]:
         """The first ``batch_size`` samples as one feed, cycling when there are fewer (for timing)."""
@@ -69,11 +76,19 @@ def select(samples: SampleSet, count: int | None, what: str = "calibration") -> 
     total = samples.num_samples
     if count is None or count == total:
         return samples, np.arange(0)
+    flag = "--calib-samples" if what == "calibration" else "--eval-samples"
     if count > total:
         raise CalibrationError(f"asked for {count} {what} samples but {samples.source} holds only {total}; "
-                               f"lower --calib-samples or add data")
+                               f"lower {flag} or add data")
+    batch = samples.fixed_batch
+    if batch and count % batch:
+        lower, upper = count // batch * batch, -(-count // batch) * batch
+        raise ConfigError(f"{flag} {count}: the model's batch axis is fixed at {batch}, so sample counts must be "
+                          f"multiples of it; use {upper}" + (f" or {lower}" if lower else ""))
     keep = evenly_spaced(total, count)
     rest = np.setdiff1d(np.arange(total), keep)
+    if batch:  # the held-out rest is run in whole batches too
+        rest = rest[:len(rest) // batch * batch]
     return samples.subset(keep), rest
 
 
@@ -142,6 +157,9 @@ def _load_npy(path: Path) -> np.ndarray:
 def _read_path(path: Path, inputs: Mapping[str, TensorType], what: str) -> dict[str, np.ndarray]:
     if not path.exists():
         raise CalibrationError(f"{what} data not found: {path}")
+    if not path.is_file() and not path.is_dir():
+        raise CalibrationError(f"{what} data {path} is not a regular file or a folder (a FIFO, device or socket "
+                               "is never read); give a .npz, .npy or a folder of them")
     if path.is_file():
         if path.suffix == ".npy":
             return _single_input(_load_npy(path), inputs, path)
@@ -149,7 +167,7 @@ def _read_path(path: Path, inputs: Mapping[str, TensorType], what: str) -> dict[
     zoo = sorted(path.glob("test_data_set_*"))
     if zoo:
         return _read_model_zoo(zoo, inputs)
-    files = sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy"))
+    files = sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy") and p.is_file())
     if not files:
         raise CalibrationError(f"folder {path} holds no .npz, .npy or test_data_set_* entries")
     parts = [_load_npz(f) if f.suffix == ".npz" else _single_input(_load_npy(f), inputs, f) for f in files]
@@ -224,6 +242,7 @@ def _random(spec: str, inputs: Mapping[str, TensorType], seed: int) -> dict[str,
         raise CalibrationError(f"{spec!r} asks for zero samples; use random:N with N >= 1")
     rng = np.random.default_rng(seed)
     arrays = {}
+    _check_random_fits(count, inputs, spec)
     for name, tensor_type in inputs.items():
         if tensor_type.shape is None or any(not isinstance(d, int) for d in tensor_type.shape[1:]):
             raise CalibrationError(f"input {name!r} has dynamic dimensions {tensor_type.shape}; random:N "
@@ -234,6 +253,30 @@ def _random(spec: str, inputs: Mapping[str, TensorType], seed: int) -> dict[str,
         shape = (count,) + tuple(tensor_type.shape[1:])
         arrays[name] = rng.standard_normal(shape).astype(tensor_type.dtype)
     return arrays
+
+
+def _check_random_fits(count: int, inputs: Mapping[str, TensorType], spec: str) -> None:
+    """random:N is refused (exit 2) when its arrays would take more than half the memory available now."""
+    per_sample = 0
+    for tensor_type in inputs.values():
+        if tensor_type.shape is not None and all(isinstance(d, int) for d in tensor_type.shape[1:]):
+            per_sample += int(np.prod(tensor_type.shape[1:], dtype=np.int64)) * tensor_type.dtype.itemsize
+    available = available_memory_bytes()
+    if available and count * per_sample > available // 2:
+        most = max(1, available // 2 // max(per_sample, 1))
+        raise ConfigError(f"--calib {spec} needs {count * per_sample / 2**30:.1f} GiB of samples, more than half "
+                          f"the {available / 2**30:.1f} GiB available; use at most random:{most}")
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (None where it cannot be read)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 # -- checks --------------------------------------------------------------------------------------

@@ -6,13 +6,12 @@ read back memory-mapped on access, so peak memory follows the setting, not the d
 
 from __future__ import annotations
 
-import secrets
-import shutil
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
+
+from ..onnxio import scratch
 
 
 class TensorStore:
@@ -72,20 +71,13 @@ class TensorStore:
             self.spilled_bytes += array.nbytes
 
     def _make_folder(self) -> None:
-        """Name the folder before creating it, so an interrupt at any point leaves ``close`` knowing it."""
-        root = Path(self._spill_root or tempfile.gettempdir())
-        while True:
-            self._folder = root / f"onnxadmm-spill-{secrets.token_hex(6)}"
-            try:
-                self._folder.mkdir(mode=0o700)
-                return
-            except FileExistsError:
-                continue
+        """A registered scratch folder (named before it is created, so no interrupt point loses it)."""
+        self._folder = scratch.new_folder("onnxadmm-spill-", self._spill_root)
 
     def close(self) -> None:
         self._memory.clear()
         self._disk.clear()
         self._bytes = 0
         if self._folder is not None:
-            shutil.rmtree(self._folder, ignore_errors=True)
+            scratch.remove(self._folder)
             self._folder = None

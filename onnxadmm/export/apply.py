@@ -2,7 +2,7 @@
 
 Only initializer values change here: same nodes, same input/output names, dtypes, dynamic axes, opset
 and ir_version. The model is stamped with ``onnxadmm.*`` metadata and must pass onnx.checker's full
-check (with strict shape inference) — unless the input itself fails it, which is then reported.
+check (with strict shape inference), as the normalized input did.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import OnnxAdmmError
-from ..onnxio.save import exceeds_protobuf_limit, stamp_metadata, without_initializers
+from ..onnxio.load import full_check
+from ..onnxio.save import stamp_metadata, without_initializers
 
 
 def apply_initializers(model: onnx.ModelProto, values: Mapping[str, np.ndarray]) -> onnx.ModelProto:
@@ -57,26 +58,11 @@ def write_initializers(graph: onnx.GraphProto, values: Mapping[str, np.ndarray])
         graph.initializer.remove(tensor)
 
 
-def full_check(model: onnx.ModelProto) -> str | None:
-    """None when onnx.checker's full check passes, else its first line."""
-    if exceeds_protobuf_limit(model):
-        return None  # checked from the saved file by the caller
-    try:
-        onnx.checker.check_model(model, full_check=True)
-        return None
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        return (str(exc).strip().splitlines() or ["invalid"])[0]
-
-
 def finalize(model: onnx.ModelProto, source: onnx.ModelProto, metadata: Mapping[str, str]) -> list[str]:
-    """Stamp metadata and run the full check; returns notes for the report. A failure that the
-    source model does not have is an error in onnxadmm, raised as such."""
+    """Stamp metadata and run the full check; returns notes for the report. A failure is an error in
+    onnxadmm (the normalized input passed the same check), raised as such."""
     stamp_metadata(model, metadata)
-    notes = []
     problem = full_check(model)
-    if problem:
-        if full_check(source):
-            notes.append(f"onnx.checker full check fails on the input model too: {problem}")
-        else:
-            raise OnnxAdmmError(f"internal error: the compressed model fails onnx.checker ({problem})")
-    return notes
+    if problem:  # the input passed it (``normalize`` refuses or repairs one that does not)
+        raise OnnxAdmmError(f"internal error: the compressed model fails onnx.checker ({problem})")
+    return []

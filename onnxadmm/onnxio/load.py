@@ -6,10 +6,11 @@ The input file is only ever opened for reading.
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
@@ -30,6 +31,7 @@ class LoadedModel:
     path: Path | None
     sha256: str
     size_bytes: int
+    notes: list[str] = field(default_factory=list)  # repairs made while loading (for the report)
 
 
 def file_sha256(path: Path) -> str:
@@ -59,9 +61,10 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     except OSError as exc:
         raise BadInputError(f"cannot read {path}: {exc}") from None
     _check_looks_like_onnx(model, path)
+    notes = repair_text_fields(model, str(path))
     _load_external_data(model, path)
     check_model(model, str(path))
-    return LoadedModel(model=model, path=path, sha256=file_sha256(path), size_bytes=size_bytes)
+    return LoadedModel(model=model, path=path, sha256=file_sha256(path), size_bytes=size_bytes, notes=notes)
 
 
 def model_from_proto(model: onnx.ModelProto) -> LoadedModel:
@@ -69,6 +72,9 @@ def model_from_proto(model: onnx.ModelProto) -> LoadedModel:
     if not isinstance(model, onnx.ModelProto):
         raise BadInputError(f"expected an onnx.ModelProto or a path, got {type(model).__name__}")
     _check_looks_like_onnx(model, "<in-memory model>")
+    if any(isinstance(value, bytes) for _, _, value, _ in _text_fields(model, "model")):
+        model = copy.deepcopy(model)  # the caller's object is never modified
+    notes = repair_text_fields(model, "<in-memory model>")
     for tensor in _all_initializers(model.graph):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             raise BadInputError("in-memory model still refers to external data; load it from its file")
@@ -77,7 +83,7 @@ def model_from_proto(model: onnx.ModelProto) -> LoadedModel:
     digest = hashlib.sha256()
     for piece in pieces:
         digest.update(piece)
-    return LoadedModel(model=model, path=None, sha256=digest.hexdigest(), size_bytes=size)
+    return LoadedModel(model=model, path=None, sha256=digest.hexdigest(), size_bytes=size, notes=notes)
 
 
 def _check_looks_like_onnx(model: onnx.ModelProto, where) -> None:
@@ -177,3 +183,62 @@ def check_model(model: onnx.ModelProto, where: str) -> None:
     except UnicodeDecodeError as exc:  # a string field (a name, a doc string) is not valid UTF-8
         raise BadInputError(f"{where} has a text field that is not valid UTF-8 ({exc.reason} at byte "
                             f"{exc.start}); the file is corrupt") from None
+
+
+def full_check(model: onnx.ModelProto) -> str | None:
+    """None when onnx.checker's full check (strict shape inference) passes, else its first line. Models over
+    protobuf's 2 GB limit are not checked here (the checker needs them serialized)."""
+    if exceeds_protobuf_limit(model):
+        return None
+    try:
+        onnx.checker.check_model(model, full_check=True)
+        return None
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        return (str(exc).strip().splitlines() or ["invalid"])[0]
+
+
+def repair_text_fields(model: onnx.ModelProto, where: str) -> list[str]:
+    """Text fields that are not valid UTF-8 (protobuf hands them over as bytes): doc strings are decoded
+    with U+FFFD replacement characters (returned as notes); any other text (a name, an op type, an
+    attribute) is refused, naming it, since a name must round-trip exactly."""
+    notes: list[str] = []
+    for owner, field_name, value, place in _text_fields(model, "model"):
+        if not isinstance(value, bytes):
+            continue
+        if field_name == "doc_string":
+            setattr(owner, field_name, value.decode("utf-8", errors="replace"))
+            notes.append(f"{place}.doc_string was not valid UTF-8; undecodable bytes replaced by U+FFFD")
+        else:
+            shown = value.decode("utf-8", errors="backslashreplace")
+            raise BadInputError(f"{where}: {place}.{field_name} {shown!r} is not valid UTF-8; re-export the model "
+                                "with UTF-8 names (ONNX requires them)")
+    return notes
+
+
+def _text_fields(message, place: str):
+    """(message, field name, value, place) for every singular string field, recursively; tensor payloads
+    are skipped (only their name and doc string are text)."""
+    for descriptor, value in message.ListFields():
+        if descriptor.type == descriptor.TYPE_STRING:
+            if _is_repeated(descriptor):
+                if any(isinstance(v, bytes) for v in value):
+                    raise BadInputError(f"{place}.{descriptor.name} holds text that is not valid UTF-8; "
+                                        "re-export the model")
+            else:
+                yield message, descriptor.name, value, place
+        elif descriptor.type == descriptor.TYPE_MESSAGE:
+            items = value if _is_repeated(descriptor) else [value]
+            for index, item in enumerate(items):
+                label = getattr(item, "name", "") or str(index)
+                child = f"{place}.{descriptor.name}[{label!r}]" if _is_repeated(descriptor) else \
+                    f"{place}.{descriptor.name}"
+                if isinstance(item, onnx.TensorProto):
+                    for text_field in ("name", "doc_string"):
+                        yield item, text_field, getattr(item, text_field), child
+                else:
+                    yield from _text_fields(item, child)
+
+
+def _is_repeated(descriptor) -> bool:
+    return descriptor.is_repeated if hasattr(descriptor, "is_repeated") else \
+        descriptor.label == descriptor.LABEL_REPEATED

@@ -1,6 +1,8 @@
 """Normalize a graph so layers can be found and converted, changing nothing else.
 
 Rewrites (each semantics-preserving):
+  * declared intermediate shapes (``value_info``) that contradict shape inference are dropped (an input
+    that fails onnx.checker's full check for any other reason is refused);
   * every node gets a unique, stable name (``{op_type}_{index}`` when missing; ``__k`` on duplicates);
   * ``Constant`` nodes and ``Identity(initializer)`` chains that feed a Conv/Gemm/MatMul weight or bias,
     or a Clip bound, become initializers (torch's legacy exporter puts Identity before Conv biases,
@@ -22,7 +24,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ..errors import UnsupportedModelError
 from .graph import GraphView
+from .load import full_check
 from .save import without_initializers
 
 # (op_type -> input slots that hold constants we may need as initializers)
@@ -44,6 +48,7 @@ class NormalizedModel:
 def normalize(model: onnx.ModelProto) -> NormalizedModel:
     model = copy.deepcopy(model)
     rewrites: list[str] = []
+    _passes_full_check(model, rewrites)
     _unique_names(model.graph, rewrites)
     _fold_weight_constants(model.graph, rewrites)
     if _default_opset(model) >= 11:
@@ -51,6 +56,26 @@ def normalize(model: onnx.ModelProto) -> NormalizedModel:
     _unshare_biases(model.graph, rewrites)
     inferred = infer_types(model)
     return NormalizedModel(model=model, inferred=inferred, rewrites=rewrites)
+
+
+def _passes_full_check(model: onnx.ModelProto, rewrites: list[str]) -> None:
+    """The output must pass onnx.checker's full check, so the input must too. Declared shapes of
+    intermediate tensors (``value_info``) that contradict inference are dropped (onnxruntime infers them
+    again); any other failure is refused, naming it."""
+    problem = full_check(model)
+    if problem is None:
+        return
+    if len(model.graph.value_info):
+        declared = list(model.graph.value_info)
+        model.graph.ClearField("value_info")
+        if full_check(model) is None:
+            rewrites.append(f"dropped the declared shapes of {len(declared)} intermediate tensors: they "
+                            f"contradict shape inference ({problem})")
+            return
+        model.graph.value_info.extend(declared)
+    raise UnsupportedModelError(f"the model fails onnx.checker's full check (strict shape inference): {problem}. "
+                                "onnxadmm promises an output that passes it, so the input must: fix the declared "
+                                "input/output shapes or re-export the model")
 
 
 def _unique_names(graph: onnx.GraphProto, rewrites: list[str]) -> None:

@@ -24,7 +24,7 @@ import onnx
 
 from ..analysis.channels import ChannelGroup, Consumer
 from ..analysis.layers import Layer
-from ..calib.readers import SampleSet, evenly_spaced
+from ..calib.readers import SampleSet
 from ..config import CompressConfig
 from ..errors import ConfigError
 from ..onnxio.graph import GraphView
@@ -181,8 +181,7 @@ def plan_channels(view: GraphView, layers: list[Layer], groups: list[ChannelGrou
     costs = {i: c.dense for i, c in node_costs.items()}
     options = {g.name: width_options(g.channels, int(np.lcm(config.channel_multiple, g.block))) for g in groups}
     consumers = [layers_by_name[c.layer] for g in groups for c in g.consumers]
-    subset = samples.subset(evenly_spaced(samples.num_samples, min(config.sensitivity_samples,
-                                                                   samples.num_samples)))
+    subset = samples.spread(config.sensitivity_samples)
     moments = input_second_moments(view, consumers, subset, config.batch_size, config.threads) if consumers else {}
     scores = {g.name: channel_scores(view, g, layers_by_name, moments) for g in groups}
     removed_of = removed_sets(groups, options, scores)

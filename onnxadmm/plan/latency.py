@@ -31,8 +31,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..analysis.channels import ChannelGroup
 from ..calib.readers import SampleSet
-from ..errors import ConfigError
+from ..errors import ConfigError, ExportError
 from ..onnxio.graph import GraphView
+from ..onnxio.outputs import OutputSet
 from ..runtime import cpu_threads, session
 from ..validation.latency import measure, timed
 
@@ -154,10 +155,10 @@ class LatencyTable:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.entries))
-            os.replace(tmp, self.path)
-        except OSError:
+            with OutputSet() as cache:
+                cache.write_text(self.path, "latency cache", json.dumps(self.entries))
+                cache.commit()
+        except (OSError, ExportError):
             self.path = None  # a read-only home: keep the table in memory only
 
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from ..algorithms.factorize import RankSpec
 from ..analysis.layers import Layer
-from ..calib.readers import SampleSet, evenly_spaced
+from ..calib.readers import SampleSet
 from ..config import CompressConfig
 from ..errors import ConfigError
 from ..onnxio.graph import GraphView
@@ -336,7 +336,7 @@ def _damage_curves(view, layers, samples, config):
     kinds = ("L+S", "L") if config.method == "lowrank-sparse" else ("L",)
     kinds += ("S",) if _sparse_alone(config) else ()
     kinds += ("T",) if config.lowrank_form != "pair" else ()
-    subset = samples.subset(evenly_spaced(samples.num_samples, min(config.sensitivity_samples, samples.num_samples)))
+    subset = samples.spread(config.sensitivity_samples)
     second = input_second_moments(view, layers, subset, config.batch_size, config.threads)
     removed = output_damage(view, {l.name: {l.weight_name: np.zeros_like(view.constant(l.weight_name))}
                                    for l in layers}, subset, config.batch_size, config.threads, logits_kl=True)

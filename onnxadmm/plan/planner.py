@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..analysis.layers import Layer
-from ..calib.readers import SampleSet, evenly_spaced
+from ..calib.readers import SampleSet
 from ..config import CompressConfig
 from ..onnxio.graph import GraphView
 from .allocate import Option, allocate
@@ -35,8 +35,7 @@ def plan_sparsity(view: GraphView, layers: list[Layer], samples: SampleSet, conf
         return Plan({l.name: 1.0 - n / m for l in layers}, f"fixed by the {n}:{m} pattern")
     if config.uniform or not layers or config.sparsity == 0:
         return Plan({l.name: config.sparsity for l in layers}, "uniform")
-    subset = samples.subset(evenly_spaced(samples.num_samples, min(config.sensitivity_samples,
-                                                                   samples.num_samples)))
+    subset = samples.spread(config.sensitivity_samples)
     moments = input_second_moments(view, layers, subset, config.batch_size, config.threads)
     probe = float(np.clip(config.sparsity, 0.3, 0.95))
     weights = {l.name: l.canonical(view.constant(l.weight_name)) for l in layers}

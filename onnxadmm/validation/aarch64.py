@@ -17,13 +17,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import PlatformError
+from ..onnxio.scratch import scratch_folder
 
 QEMU_CPU = "neoverse-n1"  # a named core: `-cpu max` (SME) gave wrong results for quantized models
 RTOL = 1e-4
@@ -67,8 +67,7 @@ class Aarch64:
 
     def run(self, models: list[Path], feed: dict[str, np.ndarray]) -> dict:
         """Outputs of each model on ``feed`` in aarch64 onnxruntime: {"machine", "ort", "outputs": [[...]]}."""
-        with tempfile.TemporaryDirectory(prefix="onnxadmm-aarch64-") as folder:
-            folder = Path(folder)
+        with scratch_folder("onnxadmm-aarch64-") as folder:
             (folder / "runner.py").write_text(RUNNER)
             np.savez(folder / "in.npz", **feed)
             env = {**os.environ, "QEMU_CPU": QEMU_CPU, "PYTHONPATH": str(self.site), "OMP_NUM_THREADS": "1"}
@@ -103,8 +102,8 @@ def prepare(root: Path | None = None, log=print) -> Aarch64:
     env.root.mkdir(parents=True, exist_ok=True)
     if not env.qemu.is_file():
         log("extracting qemu-aarch64 (Debian 13 qemu-user)")
-        with tempfile.TemporaryDirectory(prefix="onnxadmm-qemu-") as tmp:
-            _run(["mmdebstrap", "--variant=extract", "--arch=amd64", "--include=qemu-user", "trixie", tmp])
+        with scratch_folder("onnxadmm-qemu-") as tmp:
+            _run(["mmdebstrap", "--variant=extract", "--arch=amd64", "--include=qemu-user", "trixie", str(tmp)])
             shutil.copy2(Path(tmp) / "usr/bin/qemu-aarch64", env.qemu)
     if not (env.sysroot / "usr/bin/python3").exists():
         log("unpacking an arm64 Debian 12 sysroot with python3")
@@ -116,9 +115,9 @@ def prepare(root: Path | None = None, log=print) -> Aarch64:
         platform = ["--platform", "manylinux_2_28_aarch64", "--platform", "manylinux2014_aarch64",
                     "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311", "--only-binary=:all:"]
         wanted = [f"onnxruntime=={onnxruntime.__version__}", f"numpy=={np.__version__}"]
-        with tempfile.TemporaryDirectory(prefix="onnxadmm-wheels-") as wheels:
-            _run([sys.executable, "-m", "pip", "download", "-q", "-d", wheels, *platform, *wanted])
-            _run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", wheels, *platform,
+        with scratch_folder("onnxadmm-wheels-") as wheels:
+            _run([sys.executable, "-m", "pip", "download", "-q", "-d", str(wheels), *platform, *wanted])
+            _run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(wheels), *platform,
                   "--target", str(env.site), *wanted])
     if not env.ready():
         raise PlatformError(f"the aarch64 environment in {env.root} is incomplete; delete it and retry")

@@ -17,13 +17,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
 from ..onnxio.save import exceeds_protobuf_limit
+from ..onnxio.scratch import scratch_folder
 from ..runtime import cpu_threads, session_options
 
 COMPUTE_OPS = {"Conv", "FusedConv", "NchwcConv", "Gemm", "MatMul", "FusedMatMul", "FusedGemm", "ConvTranspose"}
@@ -48,7 +48,7 @@ def profile_nodes(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], th
 
     if any(exceeds_protobuf_limit(model) for model in models):
         return None
-    with tempfile.TemporaryDirectory(prefix="onnxadmm-profile-") as folder:
+    with scratch_folder("onnxadmm-profile-") as folder:
         sessions = []
         for index, model in enumerate(models):
             options = session_options(cpu_threads(threads), True)
