@@ -148,6 +148,9 @@ def _configs(args, with_compress: bool) -> tuple[CompressConfig | None, Validate
             values[f.name] = given
         return from_mapping(cls, values, "command line")
 
+    if with_compress and getattr(args, "method", None) is None and getattr(args, "quantize", None) not in (None, "none") \
+            and base_c.method == "sparse" and base_c.quantize == "none":
+        args.method = "none"  # --quantize int8 without --method: int8 alone, not the default sparse method
     return (merged(CompressConfig, base_c) if with_compress else None), merged(ValidateConfig, base_v)
 
 
@@ -296,13 +299,23 @@ def run_check(args) -> int:
 def _print_summary(report: dict, report_path: Path | None) -> None:
     v = report.get("validation") or {}
     lines = []
-    if report.get("totals"):
+    quant = (report.get("plan") or {}).get("quantization")
+    if report.get("totals") and (report.get("config") or {}).get("method") != "none":
         t = report["totals"]
         kept = t.get("layers_kept_dense", 0)
         lines.append(f"compressed {t['layers_compressed']} layers"
                      + (f", {kept} kept dense (refit to the compressed model's inputs)" if kept else "")
                      + f", {t['layers_declined']} declined; sparsity {t['sparsity']:.3f}; nonzero layer weights "
                      f"{t['nonzero_reduction_x']:.2f}x fewer")
+    if quant:
+        fusion = quant["fusion"]
+        solved = [r for r in quant["layers"]]
+        rounded = sum(r["error_projected"] for r in solved) / max(len(solved), 1)
+        final = sum(r["error_final"] for r in solved) / max(len(solved), 1)
+        lines.append(f"int8: {len(solved)} layers' weights solved onto the int8 grid (mean layer error "
+                     f"{rounded:.4f} rounded -> {final:.4f} solved); "
+                     f"{len(fusion['integer'])} of {len(fusion['integer']) + len(fusion['float'])} Conv/Gemm/MatMul "
+                     "run as integer kernels in onnxruntime here")
     if v:
         if v.get("accuracy_original") is not None:
             lines.append(f"top-1 {100 * v['accuracy_original']:.2f}% -> {100 * v['accuracy_compressed']:.2f}% "

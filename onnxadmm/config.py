@@ -32,6 +32,7 @@ METHODS = {
     "grouped": "block-diagonal channel connections exported as grouped Convs (Changpinyo et al. 2017)",
     "lowrank": "W = A·B per layer, exported as two Convs / products (Ma et al. 2019)",
     "lowrank-sparse": "W = A·B + S, S row-sparse (merged into the pair) or unstructured (Ma et al. 2019)",
+    "none": "no structural compression (with --quantize int8: int8 alone)",
 }
 CHANNEL_METHODS = ("channel", "l0-l21")
 LOWRANK_METHODS = ("lowrank", "lowrank-sparse")
@@ -40,6 +41,8 @@ LOWRANK_FORMS = ("pair", "tucker2", "auto")
 OBJECTIVES = ("latency", "size")
 AUGMENTATIONS = ("auto", "none")
 PLATFORMS = ("linux-aarch64",)
+PRECISIONS = ("none", "int8")
+RANGE_ESTIMATORS = ("auto", "minmax", "percentile", "mse")
 LOSSES = ("activation", "linear")
 SOLVERS = ("admm", "magnitude", "refit")
 ELEMENT_METHODS = ("sparse", "nm", "l1", "l0", "kernels")
@@ -201,6 +204,16 @@ class CompressConfig:
     sensitivity_probes: int = field(
         default=6, metadata=_opt("channel methods: widths per group whose output damage is measured")
     )
+    quantize: str = field(
+        default="none", metadata=_opt("precision stage after the method: int8 = uint8 activations and int8 "
+                                      "per-channel weights solved onto their grid (QDQ that onnxruntime fuses); "
+                                      "without --method, int8 alone", PRECISIONS)
+    )
+    activation_range: str = field(
+        default="auto", metadata=_opt("--quantize int8: activation range estimator per tensor (auto = the one "
+                                      "with the smallest quantization error on the calibration histogram)",
+                                      RANGE_ESTIMATORS)
+    )
     threads: int = field(default=0, metadata=_opt("torch/onnxruntime threads (0 = all cores)"))
     force: bool = field(
         default=False, metadata=_opt("compress a model that onnxadmm already compressed")
@@ -218,6 +231,12 @@ class CompressConfig:
         _check_choice("lowrank_form", self.lowrank_form, LOWRANK_FORMS)
         _check_choice("objective", self.objective, OBJECTIVES)
         _check_choice("distill_augment", self.distill_augment, AUGMENTATIONS)
+        _check_choice("quantize", self.quantize, PRECISIONS)
+        _check_choice("activation_range", self.activation_range, RANGE_ESTIMATORS)
+        if self.activation_range != "auto" and self.quantize == "none":
+            raise ConfigError("--activation-range applies to --quantize int8")
+        if self.method == "none" and self.quantize == "none":
+            raise ConfigError("--method none compresses nothing: add --quantize int8, or choose a method")
         _check_range("sparsity", self.sparsity, 0.0, 1.0, hi_open=True)
         self.nm_pattern  # validates
         if self.grad_patches is not None and self.grad_patches < 1:

@@ -44,6 +44,7 @@ class LayerOutcome:
     history: dict = field(default_factory=dict)
     penalty_mu: float | None = None
     factors: Factors | None = None  # lowrank methods: the factor pair to export
+    scales: np.ndarray | None = None  # grid: per-output-channel scales of the stored weight (weight = scale·k)
 
 
 @dataclass
@@ -174,7 +175,8 @@ def _solve_one(stream, view, layer, index, level, structure, config, sampling, s
         nonzero=int(solution.mask.sum()) if solution.factors is None else solution.factors.nonzero,
         error_dense=solution.error_dense, error_projected=solution.error_projected,
         error_final=solution.error_final, seconds=0.0, patches=problem.num_patches, history=solution.history,
-        penalty_mu=solution.penalty_mu, factors=solution.factors)
+        penalty_mu=solution.penalty_mu, factors=solution.factors,
+        scales=None if solution.scales is None else solution.scales.reshape(-1).numpy() / np.float32(layer.alpha))
     if solution.factors is not None:
         outcome.sparsity = 1.0 - outcome.nonzero / layer.num_weights
     return outcome, values

@@ -247,6 +247,16 @@ def refit_activation(objective: ActivationObjective, w: torch.Tensor, b: torch.T
     return theta[..., :-1] * mask, theta[..., -1].reshape(-1)
 
 
+def refit_bias_activation(objective: ActivationObjective, w: torch.Tensor, b: torch.Tensor,
+                          steps: int) -> torch.Tensor:
+    """Descent through the activation on the bias alone (the weights stay exactly as they are: on a grid)."""
+    g, r, _ = w.shape
+    theta = torch.cat([w, b.reshape(g, r, 1)], dim=-1)
+    bias_only = torch.cat([torch.zeros_like(w), torch.ones(g, r, 1)], dim=-1)
+    theta = _descent(objective, theta, None, 0.0, bias_only, steps)
+    return theta[..., -1].reshape(-1)
+
+
 RIDGE_STRENGTHS = (0.0, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # λ / mean eigenvalue of Σ tried by the held-out choice
 
 
@@ -294,5 +304,5 @@ def refit_on_support(problem: LayerProblem, loss: str, settings: AdmmSettings, m
     return refit_activation(ActivationObjective(problem, settings), w, b, support, settings.refit_steps)
 
 
-__all__ = ["AdmmSettings", "AdmmHistory", "admm_linear", "admm_activation", "refit_activation",
+__all__ = ["AdmmSettings", "AdmmHistory", "admm_linear", "admm_activation", "refit_activation", "refit_bias_activation",
            "refit_on_support", "moments", "masked_refit", "bias_for"]

@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .admm import AdmmSettings, admm_activation, admm_linear, refit_activation, refit_on_support
+from .admm import (ActivationObjective, AdmmSettings, admm_activation, admm_linear, refit_activation,
+                   refit_bias_activation, refit_on_support)
 from .factorize import Factors, RankSpec, solve_factored
 from .problem import LayerProblem
+from .projections.grid import IntegerGrid, output_error_scales
 from .projections.groups import ChannelBlock, ChannelBlocks, ChannelsThenElements, Kernels
 from .projections.sparse import NM, HardThreshold, SoftThreshold, TopK, keep_count
 from .refit import bias_for, masked_refit, moments
@@ -34,7 +36,9 @@ class Structure:
     (output, input-channel) kernels, a fraction ``sparsity`` removed); channels (in each of ``blocks``,
     one per channel group read, keep k input channels of ``width`` columns each, or pinned ones); l0-l21 (those
     channels, then element sparsity ``sparsity`` inside them); lowrank / lowrank-sparse (W ≈ A·B (+ S) as
-    ``rank`` says, see ``factorize.py``); dense / mask (refit only, on all weights or a fixed support).
+    ``rank`` says, see ``factorize.py``); dense / mask (refit only, on all weights or a fixed support);
+    grid (per-output-channel symmetric integers of ``bits`` bits, scales chosen by the output error; with
+    ``keep_zeros`` the zeros of W₀ stay zero: the grid intersected with a sparse method's support).
     """
 
     kind: str
@@ -46,6 +50,8 @@ class Structure:
     width: int = 1
     mask: torch.Tensor | None = field(default=None, compare=False)  # mask: a fixed support (G, R, d)
     rank: RankSpec | None = None  # lowrank / lowrank-sparse: rank of L and the form of S
+    bits: int = 8  # grid: integer width
+    keep_zeros: bool = False  # grid: W₀'s zeros stay zero
 
     def projection(self, w0: torch.Tensor):
         """The Z-step of a constraint set (the penalties build theirs in the μ search)."""
@@ -75,6 +81,7 @@ class LayerSolution:
     history: dict = field(default_factory=dict)
     penalty_mu: float | None = None
     factors: Factors | None = None  # lowrank / lowrank-sparse: the exported pair (and S branch)
+    scales: torch.Tensor | None = None  # grid: per-output-channel scales (G, R); weight = scale · integer
 
     @property
     def sparsity(self) -> float:
@@ -86,6 +93,8 @@ def solve_layer(problem: LayerProblem, structure: Structure, loss: str = "activa
     w0, b0 = problem.w0, problem.b0
     if structure.kind in ("lowrank", "lowrank-sparse"):
         return _solve_factored(problem, structure, loss, solver, settings)
+    if structure.kind == "grid":
+        return _solve_grid(problem, structure, loss, solver, settings)
     magnitude_w = _magnitude(w0, structure)
     error_dense = problem.relative_error(w0, b0, loss)
     error_projected = problem.relative_error(magnitude_w, b0, loss)
@@ -120,6 +129,49 @@ def _solve_factored(problem: LayerProblem, structure: Structure, loss: str, solv
     return LayerSolution(weight=w, bias=b, mask=w != 0, error_dense=problem.relative_error(w0, b0, loss),
                          error_projected=problem.relative_error(plain, b0, loss),
                          error_final=problem.relative_error(w, b, loss), history=history, factors=factors)
+
+
+def _solve_grid(problem: LayerProblem, structure: Structure, loss: str, solver: str,
+                settings: AdmmSettings) -> LayerSolution:
+    """Weights onto the integer grid. Scales by the output error (``output_error_scales``); then ADMM
+    with the grid as its Z-step (solver ``admm``) or plain rounding (``magnitude``: round to nearest, the
+    ablation). The weights end on the grid exactly; the bias is then corrected (least squares for the
+    linear loss, descent through the activation otherwise). ADMM's result is kept only where it beats
+    rounding with the same bias correction on the layer objective."""
+    w0, b0 = problem.w0, problem.b0
+    stats = moments(problem)
+    support = (w0 != 0) if structure.keep_zeros else None
+    scales = output_error_scales(w0, stats.sigma, structure.bits, support)
+    project = IntegerGrid(scales, structure.bits, support)
+    rounded = project(w0)
+    error_dense = problem.relative_error(w0, b0, loss)
+    error_projected = problem.relative_error(rounded, b0, loss)
+    history: dict = {}
+    objective = ActivationObjective(problem, settings) if loss == "activation" else None
+
+    def corrected(w: torch.Tensor) -> torch.Tensor:
+        """Bias correction: least squares (the mean shift), then descent through the activation."""
+        b = bias_for(stats, w) if problem.fit_bias else b0
+        if objective is None or not problem.fit_bias:
+            return b
+        return refit_bias_activation(objective, w, b, settings.refit_steps)
+
+    w = rounded
+    if solver == "admm":
+        if loss == "linear":
+            z, trace = admm_linear(stats, w0, project, settings)
+        else:
+            z, _, trace, _ = admm_activation(problem, w0, b0, project, settings)
+        z = project(z)  # exactly on the grid
+        history = trace.as_dict()
+        def cheap(w: torch.Tensor) -> torch.Tensor:  # both compared with the least-squares bias only
+            return bias_for(stats, w) if problem.fit_bias else b0
+
+        if problem.relative_error(z, cheap(z), loss) < problem.relative_error(rounded, cheap(rounded), loss):
+            w = z
+    b = corrected(w)
+    return LayerSolution(weight=w, bias=b, mask=w != 0, error_dense=error_dense, error_projected=error_projected,
+                         error_final=problem.relative_error(w, b, loss), history=history, scales=scales)
 
 
 def _magnitude(w0: torch.Tensor, structure: Structure) -> torch.Tensor:

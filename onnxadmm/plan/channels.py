@@ -191,7 +191,8 @@ def plan_channels(view: GraphView, layers: list[Layer], groups: list[ChannelGrou
 
         timed = timing_feed(samples, config.latency_batch)
         shapes = {view.nodes[i].input[0]: c.input_shape for i, c in node_costs.items()}
-        model = LatencyCost(view, groups, shapes, timed, options, config.threads, removed_of)
+        model = LatencyCost(view, groups, shapes, timed, options, config.threads, removed_of,
+                            precision=config.quantize)
         model.calibrate_in_context(view.model, lambda g, k: _sliced(view, groups, scores, {g.name: k}), timed)
         target, what = config.target_latency, "--target-latency"
     else:

@@ -53,8 +53,9 @@ def _cache_path() -> Path:
 class LatencyTable:
     """Times (ms) of one-node models, measured once per shape and kept on disk."""
 
-    def __init__(self, threads: int, use_disk: bool = True):
+    def __init__(self, threads: int, use_disk: bool = True, precision: str = "none"):
         self.threads = cpu_threads(threads)
+        self.precision = precision  # "int8": whole graphs are timed in their int8 (QDQ) form
         self.path = _cache_path() if use_disk else None
         self.entries: dict[str, float] = {}
         if self.path and self.path.is_file():
@@ -126,12 +127,19 @@ class LatencyTable:
         """Measured latency ratio of the graph ``planned`` against ``original`` (A/B, ``PLAN_ROUNDS`` rounds
         on ``feed``), cached like the per-node times under both graphs' structure (nodes, shapes; not the
         weight values, which do not change the time) — so a run repeated on this machine times nothing
-        again and chooses the same plan."""
+        again and chooses the same plan. With precision int8 the planned graph is timed as the int8 model the
+        stage will make of it (QDQ, rounded weights: the values do not change the time) against the fp32
+        original, so a latency target is met on the int8 graph."""
         def run():
-            return measure(original, planned, feed, PLAN_ROUNDS, self.threads)
+            timed_model = planned
+            if self.precision == "int8":
+                from ..quantize.qdq import rounded_qdq
 
-        return self._cached(("plan", structure_digest(original), structure_digest(planned), _shapes(feed),
-                             self.threads), run)[1]
+                timed_model = rounded_qdq(planned, feed)
+            return measure(original, timed_model, feed, PLAN_ROUNDS, self.threads)
+
+        parts = ("plan", structure_digest(original), structure_digest(planned), _shapes(feed), self.threads)
+        return self._cached(parts + (("int8",) if self.precision == "int8" else ()), run)[1]
 
     def model_ms(self, model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> float:
         """Median latency (ms) of the whole model on ``feed``, cached under its structure."""
@@ -291,10 +299,10 @@ class LatencyCost:
 
     def __init__(self, view: GraphView, groups: list[ChannelGroup], shapes: dict[str, tuple[int, ...]],
                  feed: dict[str, np.ndarray], options: dict[str, list[int]], threads: int,
-                 removed_of: dict[tuple[str, int], np.ndarray], use_disk: bool = True):
+                 removed_of: dict[tuple[str, int], np.ndarray], use_disk: bool = True, precision: str = "none"):
         self.unit = latency_unit(feed)
         batch = feed_batch(feed)
-        self.table = LatencyTable(threads, use_disk)
+        self.table = LatencyTable(threads, use_disk, precision)
         self.total = self.table.model_ms(view.model, feed)
         self.node_ms: dict[int, float] = {}
         self.ratios: dict[tuple[str, int], dict[int, float]] = {}  # (group, node) -> {k: ratio}

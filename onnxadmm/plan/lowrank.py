@@ -161,7 +161,8 @@ def plan_ranks(view: GraphView, layers: list[Layer], samples: SampleSet, config:
                        if tucker_able(l) and l.node_index in costs}
     timing, timed = None, one
     if config.objective == "latency" or config.target_latency is not None:
-        timing, timed = LatencyTable(config.threads), timing_feed(samples, config.latency_batch)
+        timing = LatencyTable(config.threads, precision=config.quantize)
+        timed = timing_feed(samples, config.latency_batch)
     grids = {}
     for layer in eligible:
         grid = _ranks(min(layer.out_features, layer.in_features), config)

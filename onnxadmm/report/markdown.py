@@ -150,6 +150,35 @@ def _distilled(lines: list[str], d: dict) -> None:
     lines.append("")
 
 
+def _quantization(lines: list[str], quant: dict) -> None:
+    fusion = quant["fusion"]
+    total = len(fusion["integer"]) + len(fusion["float"])
+    lines.append("## int8")
+    lines.append("")
+    lines.append(f"- format: {quant['format']}")
+    lines.append(f"- fusion coverage: {len(fusion['integer'])} of {total} Conv/Gemm/MatMul run as onnxruntime "
+                 f"integer kernels on this CPU ({100 * fusion['fraction_integer']:.0f} %)")
+    for row in fusion["float"]:
+        lines.append(f"  - stays float: `{row['name']}` ({row['op_type']}): {row['reason']}")
+    chosen = ", ".join(f"{name} {count}" for name, count in sorted(quant["estimators_chosen"].items()))
+    lines.append(f"- activation ranges: {len(quant['activation_ranges'])} tensors; estimator chosen: {chosen}")
+    seconds = quant.get("seconds", {})
+    lines.append(f"- time: weights {seconds.get('weights_s', 0):.1f} s, ranges {seconds.get('ranges_s', 0):.1f} s, "
+                 f"export {seconds.get('export_s', 0):.1f} s")
+    lines.append("")
+    if quant["layers"]:
+        lines.append("| layer | op | shape | scales | error dense → rounded → solved |")
+        lines.append("|---|---|---|---|---|")
+        for row in quant["layers"]:
+            lines.append(f"| `{row['name']}` | {row['op_type']} | {'×'.join(map(str, row['weight_shape']))} | "
+                         f"{row['scale_min']:.2e}…{row['scale_max']:.2e} | {_fmt(row['error_dense'], 4)} → "
+                         f"{_fmt(row['error_projected'], 4)} → {_fmt(row['error_final'], 4)} |")
+        lines.append("")
+    for row in quant.get("declined", []):
+        lines.append(f"- weights with onnxruntime's own max-abs scales: `{row['name']}` ({row['op_type']}): "
+                     f"{row['reason']}")
+
+
 def render(report: dict) -> str:
     lines = [f"# onnxadmm {report['kind']} report", ""]
     status = "PASSED" if report.get("passed", True) else "FAILED (a gate was missed)"
@@ -217,6 +246,8 @@ def render(report: dict) -> str:
         lines.append("")
     if plan.get("export_forms") is not None:
         _factor_plan(lines, plan)
+    if plan.get("quantization"):
+        _quantization(lines, plan["quantization"])
     if report.get("platform_check"):
         _platform(lines, report["platform_check"])
     if report.get("declined"):

@@ -1,7 +1,8 @@
 """Size and compute of a model as onnxruntime sees it.
 
 * size: serialized bytes, and bytes after zip (deflate) — zeros in dense weights only shrink the latter;
-* parameters: float initializer elements, and how many are nonzero;
+* parameters: float initializer elements (in a QDQ model: the integer weights and biases), and how many
+  are nonzero;
 * MACs per sample of every Conv / Gemm / MatMul, from tensor shapes observed in one onnxruntime run:
   Conv: |out| · Cin/G · kh · kw;  Gemm/MatMul: |out| · K.  ``dense`` is what the CPU executes;
   ``nonzero`` counts only multiplications by nonzero weights (what a sparse kernel could skip to).
@@ -62,10 +63,17 @@ class _ByteCounter(io.RawIOBase):
         return len(data)
 
 
-def _float_initializers(model: onnx.ModelProto):
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+
+
+def _parameter_initializers(model: onnx.ModelProto):
+    """Float initializers, and the integer tensors DequantizeLinear nodes read (a QDQ model's weights and
+    biases; their scales and zero points are not counted)."""
+    quantized = {node.input[0] for node in model.graph.node if node.op_type == "DequantizeLinear"}
+    quant_params = {name for node in model.graph.node if node.op_type in ("QuantizeLinear", "DequantizeLinear")
+                    for name in node.input[1:]}
     for tensor in model.graph.initializer:
-        if tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
-                                onnx.TensorProto.BFLOAT16):
+        if tensor.name in quantized or (tensor.data_type in FLOAT_TYPES and tensor.name not in quant_params):
             yield tensor
 
 
@@ -94,7 +102,7 @@ def node_macs(model: onnx.ModelProto, feed_one: dict[str, np.ndarray], threads: 
         if node.op_type in ("Conv", "ConvTranspose"):
             in_channels = shapes[node.input[0]][1]
             group = next((a.i for a in node.attribute if a.name == "group"), 1)
-            weight_dims = view.types[node.input[1]].shape if node.input[1] in view.types else None
+            weight_dims = _weight_dims(view, node.input[1])
             kernel = int(np.prod(weight_dims[2:])) if weight_dims and all(
                 isinstance(d, int) for d in weight_dims) else 1
             dense = int(np.prod(out_shape)) * (in_channels // group) * kernel
@@ -107,17 +115,30 @@ def node_macs(model: onnx.ModelProto, feed_one: dict[str, np.ndarray], threads: 
     return costs
 
 
+def _weight_dims(view: GraphView, name: str) -> tuple | None:
+    """Static dims of a weight, looking through a DequantizeLinear (QDQ models) to its integer tensor."""
+    producer = view.producer.get(name)
+    if producer is not None and view.nodes[producer].op_type == "DequantizeLinear":
+        name = view.nodes[producer].input[0]
+    if name in view.initializers:
+        return tuple(view.initializers[name].dims)
+    return view.types[name].shape if name in view.types else None
+
+
 def footprint(model: onnx.ModelProto, feed_one: dict[str, np.ndarray], threads: int = 0,
               blob: bytes | None = None) -> Footprint:
     """Measure ``model``; ``feed_one`` is a single-sample input used to observe shapes."""
     size_bytes, pieces = (len(blob), [blob]) if blob is not None else serialized_pieces(model)
     params = nonzero = 0
     arrays = {}
-    for tensor in _float_initializers(model):
+    for tensor in _parameter_initializers(model):
         array = numpy_helper.to_array(tensor)
         arrays[tensor.name] = array
         params += array.size
         nonzero += int(np.count_nonzero(array))
+    for node in model.graph.node:  # QDQ: a layer's weight is the integer tensor behind its DequantizeLinear
+        if node.op_type == "DequantizeLinear" and node.input[0] in arrays:
+            arrays[node.output[0]] = arrays[node.input[0]]
     macs = nonzero_macs = layer_weights = nonzero_layer_weights = 0
     for index, cost in node_macs(model, feed_one, threads).items():
         node = cost.node

@@ -1,0 +1,197 @@
+"""The int8 stage: grid projections, scale choice, the QDQ export against a numpy integer reference, fusion
+coverage on a graph built to defeat fusion, and int8 after every method end to end on tiny models."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import numpy_helper
+
+from models import mlp, run, samples_for, tiny_cnn
+from onnxadmm import CompressConfig, ValidateConfig, compress
+from onnxadmm.algorithms.projections.grid import IntegerGrid, integer_values, output_error_scales, to_grid
+from onnxadmm.algorithms.projections.sparse import TopK
+from onnxadmm.quantize.qdq import fusion_coverage
+from onnxadmm.quantize.ranges import choose_range, quantization_mse
+
+FAST = dict(sensitivity_samples=8, admm_iterations=6, sample_patches=1024, seed=0)
+QUICK = ValidateConfig(latency_rounds=2)
+
+
+# -- the grid ---------------------------------------------------------------------------------------------
+weights = st.integers(0, 2**31 - 1).map(lambda seed: torch.randn(
+    2, 3, 8, generator=torch.Generator().manual_seed(seed)) * float(np.random.default_rng(seed).uniform(0.01, 5)))
+
+
+@settings(max_examples=50, deadline=None)
+@given(v=weights, keep=st.integers(0, 48))
+def test_grid_projection_is_on_the_grid_idempotent_and_keeps_the_support(v, keep):
+    scales = v.abs().amax(-1) / 127 * 0.8
+    support = TopK(keep)(v) != 0
+    project = IntegerGrid(scales, 8, support)
+    z = project(v)
+    k = z / scales.unsqueeze(-1)
+    assert torch.allclose(k, torch.round(k), atol=1e-4) and float(k.abs().max()) <= 127 + 1e-4
+    assert torch.equal(project(z), z)  # idempotent
+    assert not bool(z[~support].any())  # the sparse support is kept: grid ∩ top-k
+    unconstrained = IntegerGrid(scales, 8)(v)
+    error = (v - unconstrained).abs()  # nearest grid point: within half a step unless clipped
+    inside = v.abs() <= 127 * scales.unsqueeze(-1)
+    assert bool((error[inside] <= scales.unsqueeze(-1).expand_as(v)[inside] / 2 + 1e-6).all())
+
+
+def test_output_error_scales_never_lose_to_max_abs_scales():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(1, 16, 32, generator=gen)
+    w[0, :, 0] *= 20  # an outlier per row, on an input that barely varies: max-abs scales waste the grid on it
+    x = torch.randn(1, 4096, 32, generator=gen)
+    x[..., 0] *= 0.01
+    sigma = torch.bmm(x.transpose(1, 2), x) / 4096
+
+    def error(scales):
+        delta = (w - to_grid(w, scales, 8)).double()
+        return float((torch.bmm(delta, sigma.double()) * delta).sum())
+
+    chosen = output_error_scales(w, sigma)
+    max_abs = w.abs().amax(-1) / 127
+    assert error(chosen) < 0.5 * error(max_abs)
+    sigma_flat = torch.eye(32).unsqueeze(0)  # inputs alike: still never worse than max-abs (α = 1 is tried)
+    assert float(((w - to_grid(w, output_error_scales(w, sigma_flat), 8)) ** 2).sum()) <= \
+        float(((w - to_grid(w, max_abs, 8)) ** 2).sum()) + 1e-9
+
+
+def test_range_estimators_pick_the_smallest_quantization_error():
+    edges = np.linspace(-5.0, 60.0, 2049)
+    centers = 0.5 * (edges[:-1] + edges[1:])
+    counts = 1e7 * np.exp(-centers ** 2 / 2) / np.sqrt(2 * np.pi) * (edges[1] - edges[0])  # 10 million N(0, 1)
+    counts[-1] += 1.0  # and one value at 60 that stretches min-max 12-fold
+    chosen = {e: choose_range(counts, edges, e) for e in ("minmax", "percentile", "mse", "auto")}
+    assert chosen["minmax"].hi == pytest.approx(60.0, rel=1e-3)
+    assert chosen["mse"].mse < 0.2 * chosen["minmax"].mse
+    assert chosen["auto"].mse == min(r.mse for r in chosen.values())
+    assert quantization_mse(counts, centers, chosen["auto"].lo, chosen["auto"].hi) == pytest.approx(chosen["auto"].mse)
+
+
+# -- export against a numpy integer reference ---------------------------------------------------------------
+def initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
+    return numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == name))
+
+
+def test_qdq_export_computes_what_a_numpy_integer_reference_computes():
+    model = mlp()
+    feed = samples_for(model, 64)
+    result = compress(model, feed, CompressConfig(method="none", quantize="int8", **FAST), QUICK)
+    q = result.model
+    nodes = {n.output[0]: n for n in q.graph.node}
+    first_gemm = next(n for n in q.graph.node if n.op_type == "Gemm")
+    x_dq, w_dq, b_dq = (nodes[name] for name in first_gemm.input)
+    x_q = nodes[x_dq.input[0]]
+    s_x, z_x = initializer(q, x_q.input[1]), initializer(q, x_q.input[2])
+    w_int, s_w = initializer(q, w_dq.input[0]), initializer(q, w_dq.input[1])
+    b_int, s_b = initializer(q, b_dq.input[0]), initializer(q, b_dq.input[1])
+    assert w_int.dtype == np.int8 and b_int.dtype == np.int32 and z_x.dtype == np.uint8
+    np.testing.assert_allclose(s_b, s_x * s_w, rtol=1e-6)  # int32 bias at the product of the scales
+    x = feed["input"]
+    x_int = np.clip(np.round(x / s_x) + z_x.astype(np.int32), 0, 255).astype(np.int32)
+    accumulator = (x_int - int(z_x)) @ w_int.astype(np.int32).T + b_int  # Gemm transB=1: W (N, K)
+    reference = np.maximum(accumulator * s_b, 0)  # the Relu after it
+    hidden = first_gemm.output[0]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(q)
+    probe.graph.output.append(onnx.ValueInfoProto(name=hidden))
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    computed = np.maximum(sess.run([hidden], feed)[0], 0)
+    np.testing.assert_allclose(computed, reference, rtol=1e-5, atol=1e-5 * float(np.abs(reference).max()))
+    # the solved weights are exactly on the stored integer grid
+    layer = result.report["plan"]["quantization"]["layers"][0]
+    assert layer["scale_min"] == pytest.approx(float(s_w.min()), rel=1e-6)
+
+
+# -- fusion coverage ----------------------------------------------------------------------------------------
+def without_output_qdq(model: onnx.ModelProto, layer: str) -> onnx.ModelProto:
+    """``model`` with the Q/DQ pair after ``layer`` bypassed: its consumers read the float output, so
+    onnxruntime has no QuantizeLinear to fuse the layer with and must run it in float."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    node = next(n for n in out.graph.node if n.name == layer)
+    quantize = next(n for n in out.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == node.output[0])
+    dequantize = next(n for n in out.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == quantize.output[0])
+    for consumer in out.graph.node:
+        consumer.input[:] = [node.output[0] if i == dequantize.output[0] else i for i in consumer.input]
+    out.graph.node.remove(quantize)
+    out.graph.node.remove(dequantize)
+    return out
+
+
+def test_fusion_coverage_names_the_layer_a_graph_keeps_in_float():
+    model = tiny_cnn()
+    feed = samples_for(model, 32)
+    result = compress(model, feed, CompressConfig(method="none", quantize="int8", **FAST), QUICK)
+    fusion = result.report["plan"]["quantization"]["fusion"]
+    layers = {n.name: n.op_type for n in model.graph.node if n.op_type in ("Conv", "Gemm")}
+    assert sorted(fusion["integer"]) == sorted(layers) and fusion["float"] == []  # all fused as exported
+    first = next(name for name, op in layers.items() if op == "Conv")
+    defeated = fusion_coverage(without_output_qdq(result.model, first), layers)
+    reasons = {row["name"]: row["reason"] for row in defeated.float}
+    assert first in reasons and "did not fuse" in reasons[first]  # it has its DQ inputs, but no Q after it
+    for name, reason in reasons.items():  # a consumer that now reads the float output says so
+        assert name == first or "input is not quantized" in reason
+    assert len(defeated.integer) + len(defeated.float) == len(layers)
+
+
+# -- int8 after every method --------------------------------------------------------------------------------
+@pytest.mark.parametrize("method, extra", [
+    ("none", {}), ("sparse", {"sparsity": 0.6}), ("nm", {}), ("kernels", {"sparsity": 0.5}),
+    ("channel", {"target_macs": 0.7}), ("l0-l21", {"target_macs": 0.7, "sparsity": 0.3}),
+    ("grouped", {"objective": "size"}), ("lowrank", {"rank_ratio": 0.5, "objective": "size"}),
+    ("lowrank-sparse", {"rank_ratio": 0.5, "objective": "size"}),
+])
+def test_int8_composes_with_every_method(method, extra):
+    model = tiny_cnn()
+    feed = samples_for(model, 48)
+    float_only = compress(model, feed, CompressConfig(method=method, **extra, **FAST), QUICK) \
+        if method != "none" else None
+    result = compress(model, feed, CompressConfig(method=method, quantize="int8", **extra, **FAST), QUICK)
+    q = result.model
+    onnx.checker.check_model(q, full_check=True)
+    assert [i.name for i in q.graph.input] == [i.name for i in model.graph.input]
+    dq_weights = [initializer(q, n.input[0]) for n in q.graph.node
+                  if n.op_type == "DequantizeLinear" and initializer_or_none(q, n.input[0]) is not None
+                  and initializer(q, n.input[0]).dtype == np.int8]
+    assert dq_weights, "no int8 weights in the exported model"
+    fusion = result.report["plan"]["quantization"]["fusion"]
+    assert fusion["integer"], fusion
+    if method in ("sparse", "kernels"):  # the method's zeros survive the grid
+        float_zeros = sum(int(np.sum(numpy_helper.to_array(t) == 0)) for t in float_only.model.graph.initializer
+                          if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) >= 2)
+        int_zeros = sum(int(np.sum(w == 0)) for w in dq_weights)
+        assert int_zeros >= float_zeros
+    out_q, out_f = run(q, feed)[0], run(model, feed)[0]
+    assert np.isfinite(out_q).all() and out_q.shape == out_f.shape
+
+
+def initializer_or_none(model, name):
+    return next((t for t in model.graph.initializer if t.name == name), None)
+
+
+def test_solved_weights_beat_rounding_on_the_layer_objective():
+    model = tiny_cnn()
+    feed = samples_for(model, 48)
+    result = compress(model, feed, CompressConfig(method="none", quantize="int8", **FAST), QUICK)
+    rows = result.report["plan"]["quantization"]["layers"]
+    assert rows and all(r["error_final"] <= r["error_projected"] * (1 + 1e-6) + 1e-12 for r in rows)
+    assert result.report["passed"] and result.report["validation"]["agreement"] >= 0.9
+
+
+def test_integers_are_exactly_the_solved_grid_values():
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(1, 4, 6, generator=gen)
+    scales = w.abs().amax(-1) / 127
+    k = integer_values(to_grid(w, scales, 8), scales, 8)
+    assert torch.equal(k, torch.round(k)) and torch.allclose(k * scales.unsqueeze(-1), to_grid(w, scales, 8))
