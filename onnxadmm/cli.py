@@ -21,7 +21,7 @@ import typing
 from pathlib import Path
 
 from . import __version__
-from .config import (THREADS_PER_CORE_MAX, CheckConfig, CompressConfig, ValidateConfig, check_threads,
+from .config import (APPLIES_TO, THREADS_PER_CORE_MAX, CheckConfig, CompressConfig, ValidateConfig, check_threads,
                      from_mapping, load_toml)
 from .errors import ConfigError, OnnxAdmmError
 from .onnxio import scratch
@@ -148,9 +148,11 @@ def _configs(args, with_compress: bool) -> tuple[CompressConfig | None, Validate
             values[f.name] = given
         return from_mapping(cls, values, "command line")
 
+    method_options = (*APPLIES_TO, "target_macs", "target_latency", "target_params", "rank_ratio")
     if with_compress and getattr(args, "method", None) is None and getattr(args, "quantize", None) not in (None, "none") \
-            and base_c.method == "sparse" and base_c.quantize == "none":
-        args.method = "none"  # --quantize int8 without --method: int8 alone, not the default sparse method
+            and base_c.method == "sparse" and base_c.quantize == "none" \
+            and all(getattr(args, name, None) is None for name in method_options):
+        args.method = "none"  # --quantize int8 alone: int8 only, not the default sparse method
     return (merged(CompressConfig, base_c) if with_compress else None), merged(ValidateConfig, base_v)
 
 
@@ -330,9 +332,11 @@ def _print_summary(report: dict, report_path: Path | None) -> None:
     platform = report.get("platform_check")
     if platform:
         for row in platform["models"]:
+            verdict = (f"int8: top-1 same as x86 on {row['top1_same_as_x86']:.4f} of samples "
+                       f"({'PASS' if row['passed'] else 'FAIL'})" if row.get("int8") else
+                       f"{'within' if row['within_fp32_tolerance'] else 'OUTSIDE'} fp32 tolerance")
             lines.append(f"{platform['platform']}: {row['model']} max |diff| vs x86 {row['max_abs_diff_vs_x86']:.2e} "
-                         f"(max |output| {row['max_abs_output']:.3g}), "
-                         f"{'within' if row['within_fp32_tolerance'] else 'OUTSIDE'} fp32 tolerance; top-1 "
+                         f"(max |output| {row['max_abs_output']:.3g}), {verdict}; top-1 "
                          f"agreement with the x86 original {row['top1_agreement_with_original_x86']:.4f} "
                          f"on {platform['samples']} samples")
         lines.append(f"platform check: {'PASS' if platform['passed'] else 'FAIL'} ({platform['note']})")

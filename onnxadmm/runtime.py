@@ -1,5 +1,5 @@
 """onnxruntime sessions as this package uses them: CPU provider, fixed intra-op threads, and thread-pool
-spinning off, so two sessions timed side by side do not steal each other's cores (PHYSICS.md §5)."""
+spinning off, so two sessions timed side by side do not steal each other's cores (docs/RUNTIME.md §5)."""
 
 from __future__ import annotations
 

@@ -55,6 +55,7 @@ class ChannelResult:
                 "latency_ms_original": self.plan.latency_ms_original,
                 "latency_ms_planned": self.plan.latency_ms_planned,
                 "latency_ratio_measured_at_plan": self.plan.latency_ratio_measured,
+                "int8_latency_ratio": self.plan.int8_ratio,  # int8 / fp32 original; plan ratios are int8 / int8
                 "latency_search": [asdict(step) for step in self.plan.latency_search], "groups": rows,
                 "block_diagonal": [{"group": p.group.name, "consumer": p.group.consumers[0].layer,
                                     "blocks": p.blocks,

@@ -32,11 +32,11 @@ from bench_testbed import COMMIT, RESULTS, ROOT, TESTBED, correct_bits, mcnemar,
 
 MODELS = ["resnet20_cifar10", "resnet56_cifar10", "efficientnet_lite0_imagenet", "lenet5_mnist"]
 ORT_METHODS = {"ort-minmax": "MinMax", "ort-entropy": "Entropy", "ort-percentile": "Percentile"}
-CALIB_SAMPLES = 500  # what onnxruntime's quantizer is given (PHYSICS: MinMax on 500 calibration images)
+CALIB_SAMPLES = 500  # what onnxruntime's quantizer is given (docs/INT8.md: MinMax on 500 calibration images)
 
 
 class Reader:
-    def __init__(self, x: np.ndarray, batch: int = 32):
+    def __init__(self, x: np.ndarray, batch: int = 20):  # equal batches: the histogram calibrators need them
         self.batches = [{"input": x[i:i + batch]} for i in range(0, len(x), batch)]
 
     def get_next(self):
@@ -75,7 +75,7 @@ def measure(original: onnx.ModelProto, quantized: onnx.ModelProto, evaluation: d
                         batch_size=250, threads=2)
     layers = {n.name: n.op_type for n in original.graph.node if n.op_type in WEIGHT_OPS}
     coverage = fusion_coverage(quantized, layers)
-    lat = {f"latency_b{l.batch_size}": l.ratio_median for l in v.latencies}
+    lat = {f"latency_b{l.batch_size}": l.ratio_median for l in v.latency}
     return {"top1": v.comparison.accuracy_compressed, "top1_original": v.comparison.accuracy_original,
             "drop_pt": v.comparison.accuracy_drop_pt, "agreement": v.comparison.agreement, **lat,
             "fusion_integer": len(coverage.integer), "fusion_total": len(layers),

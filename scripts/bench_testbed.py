@@ -170,7 +170,7 @@ def channel_suite(name: str) -> list[dict]:
 
 
 def latency_suite(name: str) -> list[dict]:
-    """Issue 3: what a latency target buys over a MACs target (PHYSICS.md: widths off multiples of 16 run as
+    """Issue 3: what a latency target buys over a MACs target (docs/RUNTIME.md: widths off multiples of 16 run as
     slow as the next multiple); ADMM channel pruning only. A latency target is met on the measured graph
     (batch 1; one row at --latency-batch 8, as issue 3 asks for 1.5x at both), so its rows show what each
     speed costs in accuracy."""
@@ -228,7 +228,7 @@ def lowrank_suite(name: str) -> list[dict]:
         for method in ("lowrank", "lowrank-sparse"):
             runs.append({"label": f"{method}, latency objective", "group": "latency 0.7",
                          "config": {"method": method, "target_latency": 0.7}})
-        for target in (0.7, 0.75, 0.8):  # Tucker-2 triples where they are faster than the pair (DESIGN.md §6)
+        for target in (0.7, 0.75, 0.8):  # Tucker-2 triples where they are faster than the pair (docs/METHODS.md)
             runs.append({"label": "lowrank, pair or Tucker-2 (auto), latency objective", "group": f"latency {target}",
                          "config": {"method": "lowrank", "target_latency": target, "lowrank_form": "auto"}})
             if target > 0.7:

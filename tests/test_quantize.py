@@ -195,3 +195,41 @@ def test_integers_are_exactly_the_solved_grid_values():
     scales = w.abs().amax(-1) / 127
     k = integer_values(to_grid(w, scales, 8), scales, 8)
     assert torch.equal(k, torch.round(k)) and torch.allclose(k * scales.unsqueeze(-1), to_grid(w, scales, 8))
+
+
+def test_the_arm_check_judges_int8_models_by_agreement_with_the_x86_run():
+    from onnxadmm.validation.aarch64 import INT8_MIN_AGREEMENT, compare
+
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((200, 10)).astype(np.float32)
+    shifted = logits + 0.05 * rng.standard_normal(logits.shape).astype(np.float32)  # requantization differences
+    agreement = float(np.mean(shifted.argmax(1) == logits.argmax(1)))
+    result = compare([[logits], [logits]], [[logits], [shifted]], ["original", "compressed"], [False, True])
+    row = result["models"][1]
+    assert row["int8"] and not row["within_fp32_tolerance"]
+    assert row["passed"] == (agreement >= INT8_MIN_AGREEMENT) and result["passed"] == row["passed"]
+    fp32 = compare([[logits], [logits]], [[logits], [shifted]], ["original", "compressed"])
+    assert fp32["passed"] is False  # the same difference in an fp32 model is a failure
+
+
+def test_a_latency_target_with_int8_is_planned_on_int8_timings(tmp_path, monkeypatch):
+    """--target-latency T with --quantize int8: the planner measures the int8 original against the fp32 one
+    (r₀) and times every candidate in int8 against the int8 original, aiming at T / r₀."""
+    from models import GraphBuilder
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    b = GraphBuilder(5)
+    y = b.conv("input", 64, 128, act="Relu")
+    y = b.conv(y, 128, 128, act="Relu")
+    y = b.node("Flatten", [b.node("GlobalAveragePool", [y])])
+    model = b.model([("input", ["N", 64, 16, 16])], [b.gemm(y, 128, 10, act=None)])
+    target = 0.45
+    result = compress(model, samples_for(model, 32),
+                      CompressConfig(method="channel", target_latency=target, quantize="int8", **FAST), QUICK)
+    plan = result.report["plan"]
+    r0 = plan["int8_latency_ratio"]
+    assert r0 is not None and 0 < r0
+    if target / r0 < 1:  # int8 alone is not fast enough here: channels go until the int8 graph meets T / r₀
+        assert plan["latency_ratio_measured_at_plan"] <= target / r0 + 1e-9
+        assert plan["latency_search"][0]["budget_ratio"] == pytest.approx(target / r0)
+    assert plan["quantization"]["fusion"]["integer"]

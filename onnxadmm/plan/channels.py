@@ -12,7 +12,7 @@ Damage of keeping k of C channels: channel scores s_c = Σ_consumers ‖W[:, c]�
 the C − k smallest. Its scale is measured: the group is pruned alone at the probe level and the
 relative change of the model outputs in onnxruntime gives α = D / e(probe); damage(k) = α·e(k); the
 allocation adds D / (1 − D) (see ``additive_damage``).
-Kept widths are multiples of ``channel_multiple`` (what the CPU kernels like; PHYSICS.md §2).
+Kept widths are multiples of ``channel_multiple`` (what the CPU kernels like; docs/RUNTIME.md §2).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ class ChannelPlan:
     latency_search: list = field(default_factory=list)  # LatencyStep per plan timed (latency target only)
     latency_ratio_measured: float | None = None  # the chosen plan's graph, A/B against the original
     latency_context: dict[str, float] = field(default_factory=dict)  # group -> in-context factor on its savings
+    int8_ratio: float | None = None  # --quantize int8: the int8 original's latency over the fp32 original's
 
 
 def width_options(channels: int, multiple: int) -> list[int]:
@@ -195,6 +196,9 @@ def plan_channels(view: GraphView, layers: list[Layer], groups: list[ChannelGrou
                             precision=config.quantize)
         model.calibrate_in_context(view.model, lambda g, k: _sliced(view, groups, scores, {g.name: k}), timed)
         target, what = config.target_latency, "--target-latency"
+        if config.quantize == "int8":  # every plan is timed in int8 against the int8 original
+            int8_ratio = model.table.int8_ratio(view.model, timed)
+            target = min(1.0, config.target_latency / int8_ratio)
     else:
         model = MacsCost(costs, groups, removed_of)
         target, what = (config.target_macs if config.target_macs is not None else 1.0), "--target-macs"
@@ -242,6 +246,8 @@ def plan_channels(view: GraphView, layers: list[Layer], groups: list[ChannelGrou
                        macs_planned=macs_planned, strategy=strategy, measured_damage=damage, scores=scores)
     if model.unit != "MACs":
         plan.latency_ms_original, plan.latency_ms_planned = model.total, planned
+        if config.quantize == "int8":
+            plan.int8_ratio = int8_ratio
         plan.latency_search, plan.latency_ratio_measured = search, measured
         plan.latency_context = model.context
     return plan

@@ -10,7 +10,7 @@ formality, run on one batch.
 Fusion coverage: the quantized model is optimized by onnxruntime (the level that runs the QDQ fusions);
 a Conv/Gemm/MatMul of the float model is *integer* when its node became an integer kernel (QLinearConv,
 QGemm, QLinearMatMul, MatMulIntegerToFloat, ConvInteger, MatMulInteger, DynamicQuantizeMatMul) and
-*float* when a float node still computes it (a DequantizeLinear in front of a float Conv).
+*float* otherwise, with the reason (no DequantizeLinear in front; no QuantizeLinear after it to fuse with).
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ import numpy as np
 import onnx
 
 from ..calib.readers import SampleSet
+from ..onnxio.save import exceeds_protobuf_limit, without_initializers, write_with_external_data
 from ..onnxio.scratch import scratch_folder
 from ..runtime import session_options
 from .ranges import TensorRange
 
 INTEGER_KERNELS = {"QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger",
                    "DynamicQuantizeMatMul", "NhwcQLinearConv"}
-FLOAT_KERNELS = {"Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul", "NhwcFusedConv"}
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
 
 
@@ -82,8 +82,15 @@ def _ort_quantize(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], tensor
     root.setLevel(logging.ERROR)  # the quantizer logs advice meant for its own users ("consider pre-processing")
     try:
         with scratch_folder("onnxadmm-quantize-") as folder:
-            path = os.path.join(folder, "quantized.onnx")
-            quantize_static(model, path, _OneBatch(feed), quant_format=QuantFormat.QDQ, per_channel=True,
+            source, path = folder / "float.onnx", os.path.join(folder, "quantized.onnx")
+            # a path, not the ModelProto: given a ModelProto, quantize_static rewrites its initializers in place
+            # into references to external data in a folder it then deletes
+            if exceeds_protobuf_limit(model):
+                write_with_external_data(without_initializers(model), model.graph.initializer, source,
+                                         "float.onnx.data")
+            else:
+                source.write_bytes(model.SerializeToString())
+            quantize_static(str(source), path, _OneBatch(feed), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method=CalibrationMethod.MinMax,
                             extra_options={"TensorQuantOverrides": tensor_overrides})
