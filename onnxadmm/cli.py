@@ -43,6 +43,10 @@ def _raise_terminated(signum, frame):
     raise Terminated(signum)
 
 
+def _ignore(signum, frame):
+    pass
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # usage errors exit 2 with a clear line
         self.print_usage(sys.stderr)
@@ -363,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="onnxadmm: %(message)s")
     runner = {"compress": run_compress, "validate": run_validate, "check": run_check}[args.command]
-    with _SignalsHandled():
+    with _SignalsHandled() as handled:
         try:
             return runner(args)
         except OnnxAdmmError as exc:
@@ -374,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
             return exc.exit_code
         except KeyboardInterrupt as exc:
             signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
+            handled.swallow_repeats()
             _error(f"onnxadmm: {_signal_cause(signum)}; no partial output is left and temporary files were "
                    "removed")
             return 128 + signum
@@ -433,9 +438,18 @@ class _SignalsHandled:
                         "partial output is left\n".encode())
             os._exit(128 + signum)
 
+    def swallow_repeats(self) -> None:
+        """After the first signal: a repeated or still-pending one must not interrupt the cleanup and the exit
+        code (an unhandled second KeyboardInterrupt would end the process by the signal itself)."""
+        if self.active:
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                self.previous.setdefault(sig, signal.getsignal(sig))
+                signal.signal(sig, _ignore)
+
     def __exit__(self, *exc) -> None:
         if not self.active:
             return
+        time.sleep(0.01)  # let a pending signal reach its (ignoring) Python handler before handlers are restored
         signal.set_wakeup_fd(self.previous_wakeup)
         os.write(self.write_fd, b"\0")
         self.watchdog.join(timeout=1)

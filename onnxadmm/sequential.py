@@ -98,10 +98,12 @@ def admm_settings(config: CompressConfig) -> AdmmSettings:
 
 
 def compress_layers(view: GraphView, layers: list[Layer], samples: SampleSet, structures: dict[str, Structure],
-                    levels: dict[str, float], config: CompressConfig, progress: Progress | None = None
-                    ) -> SequentialResult:
+                    levels: dict[str, float], config: CompressConfig, progress: Progress | None = None,
+                    switches: dict[str, np.ndarray] | None = None) -> SequentialResult:
     """Solve every layer in ``layers`` for its ``structures`` entry (``levels`` is what the report calls
-    its target: sparsity, or the fraction of input channels removed); level 0 keeps a layer as it is."""
+    its target: sparsity, or the fraction of input channels removed); level 0 keeps a layer as it is.
+    ``switches``: initializer values that only the compressed model uses from the start (the int8 stage's
+    activation rounding, ``quantize/fakequant.py``)."""
     progress = progress or (lambda *args: None)
     order = schedule(view, layers)
     pending: dict[str, int] = {}
@@ -117,6 +119,7 @@ def compress_layers(view: GraphView, layers: list[Layer], samples: SampleSet, st
     stream = ActivationStream(view, samples, config.batch_size, budget // 2, config.threads,
                               keep=lambda name: pending.get(name, 0) > 0)
     try:  # nothing between creating the stream and here, so an interrupt cannot leave its spill behind
+        stream.set_initializers(switches or {})
         for index, layer in enumerate(order):
             progress("solve", index, len(order), layer.name)
             started = time.perf_counter()

@@ -437,7 +437,7 @@ def test_check_method_channel_lists_groups_without_asking_for_a_target(work):
 
 # -- the fuzz test ----------------------------------------------------------------------------------------
 PATH_KINDS = ["fresh", "existing", "missing_folder", "directory", "fifo", "symlink_to_input", "symlink_to_calib",
-              "input", "calib"]
+              "input", "calib", "readonly_folder"]
 
 
 def make_path(work: Path, kind: str, name: str) -> Path:
@@ -458,6 +458,11 @@ def make_path(work: Path, kind: str, name: str) -> Path:
         path = work / "in.onnx"
     elif kind == "calib":
         path = work / "calib.npz"
+    elif kind == "readonly_folder":  # (root writes there anyway; anyone else gets exit 3 naming the folder)
+        folder = work / f"readonly_{name}"
+        folder.mkdir()
+        path = folder / name
+        folder.chmod(0o555)
     return path
 
 

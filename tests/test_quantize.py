@@ -230,6 +230,30 @@ def test_a_latency_target_with_int8_is_planned_on_int8_timings(tmp_path, monkeyp
     r0 = plan["int8_latency_ratio"]
     assert r0 is not None and 0 < r0
     if target / r0 < 1:  # int8 alone is not fast enough here: channels go until the int8 graph meets T / r₀
-        assert plan["latency_ratio_measured_at_plan"] <= target / r0 + 1e-9
-        assert plan["latency_search"][0]["budget_ratio"] == pytest.approx(target / r0)
+        assert plan["latency_ratio_measured_at_plan"] <= target / r0 + 1e-4
+        assert plan["latency_search"][0]["budget_ratio"] == pytest.approx(target / r0, abs=1e-4)
     assert plan["quantization"]["fusion"]["integer"]
+
+
+def test_input_rounding_is_exact_when_off_and_uint8_rounding_when_switched_on():
+    from onnxadmm.quantize.fakequant import scale_and_zero_point, with_input_rounding
+    from onnxadmm.quantize.ranges import TensorRange
+
+    model = mlp()
+    feed = samples_for(model, 16)
+    gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
+    r = TensorRange(-1.5, 2.0, "minmax", 0.0)
+    rounded, switches = with_input_rounding(model, {gemm.input[0]: r}, {gemm.name: gemm.input[0]})
+    onnx.checker.check_model(rounded, full_check=True)
+    np.testing.assert_array_equal(run(rounded, feed)[0], run(model, feed)[0])  # m = 0: bit for bit the original
+    on = onnx.ModelProto()
+    on.CopyFrom(rounded)
+    for tensor in on.graph.initializer:
+        if tensor.name in switches:
+            tensor.CopyFrom(numpy_helper.from_array(switches[tensor.name], tensor.name))
+    node = next(n for n in on.graph.node if n.name == gemm.name)
+    on.graph.output.append(onnx.ValueInfoProto(name=node.input[0]))
+    seen = run(on, feed)[-1]
+    scale, zero = scale_and_zero_point(r)
+    expected = (np.clip(np.round(feed["input"] / scale) + int(zero), 0, 255) - int(zero)) * scale
+    np.testing.assert_allclose(seen, expected, rtol=0, atol=1e-6)

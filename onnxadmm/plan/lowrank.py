@@ -26,6 +26,8 @@ whole graph — is never chosen.
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -163,6 +165,10 @@ def plan_ranks(view: GraphView, layers: list[Layer], samples: SampleSet, config:
     if config.objective == "latency" or config.target_latency is not None:
         timing = LatencyTable(config.threads, precision=config.quantize)
         timed = timing_feed(samples, config.latency_batch)
+        if config.quantize == "int8" and config.target_latency is not None:
+            # plans are timed int8 against the int8 original: T of the fp32 original is T / r0 of that
+            config = dataclasses.replace(config, target_latency=round(min(
+                1.0, config.target_latency / timing.int8_ratio(view.model, timed)), 4))
     grids = {}
     for layer in eligible:
         grid = _ranks(min(layer.out_features, layer.in_features), config)

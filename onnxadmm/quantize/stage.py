@@ -4,7 +4,8 @@ every method — sparse, N:M, channels, grouped, low-rank factors (each factor a
 1. Weights onto the integer grid, layer by layer in dependency order (``compress_layers`` with the
    ``grid`` structure): per-output-channel symmetric int8 with scales chosen by the layer's output error,
    ADMM with the grid as its Z-step on ‖σ(Ŵ x̂ + b) − σ(W x + b)‖², x̂ the inputs in the model whose earlier
-   layers are already on the grid, then bias correction. Zeros stay zero (the grid ∩ a sparse support).
+   layers are already on the grid and whose layer inputs are rounded to uint8 as exported (ranges from a
+   first pass, ``fakequant.py``), then bias correction. Zeros stay zero (the grid ∩ a sparse support).
 2. Activation ranges per tensor from two streamed passes (``ranges.py``), on the model with the solved
    weights.
 3. QDQ through onnxruntime's quantizer with every range and weight scale as an override (``qdq.py``), and
@@ -24,9 +25,11 @@ from ..analysis.layers import apply_exclude, find_layers
 from ..calib.readers import SampleSet
 from ..config import CompressConfig
 from ..export.apply import apply_initializers
-from ..onnxio.normalize import normalize
+from ..onnxio.graph import GraphView
+from ..onnxio.normalize import infer_types, normalize
 from ..report.schema import layer_row
 from ..sequential import compress_layers
+from .fakequant import with_input_rounding
 from .qdq import WEIGHT_OPS, FusionCoverage, WeightScales, fusion_coverage, quantize_qdq, weight_axis
 from .ranges import TensorRange, activation_ranges, float_tensors
 
@@ -61,9 +64,16 @@ def quantize_int8(model: onnx.ModelProto, samples: SampleSet, config: CompressCo
     normalized = normalize(model)
     view = normalized.view()
     found = apply_exclude(find_layers(view), config.exclude)
-    structures = {layer.name: Structure("grid", bits=8, keep_zeros=True) for layer in found.layers}
-    solved = compress_layers(view, found.layers, samples, structures, {l.name: 1.0 for l in found.layers},
-                             config, progress)
+    inputs = {layer.name: layer.input_name for layer in found.layers}
+    input_ranges = activation_ranges(normalized.model, sorted(set(inputs.values())), samples,
+                                     config.activation_range, config.batch_size, config.threads, progress)
+    rounding, switches = with_input_rounding(normalized.model, input_ranges, inputs)
+    rounded_view = GraphView(rounding, infer_types(rounding))
+    layers = [layer for layer in apply_exclude(find_layers(rounded_view), config.exclude).layers
+              if layer.name in inputs]
+    structures = {layer.name: Structure("grid", bits=8, keep_zeros=True) for layer in layers}
+    solved = compress_layers(rounded_view, layers, samples, structures, {l.name: 1.0 for l in layers}, config,
+                             progress, switches)
     solved_model = apply_initializers(normalized.model, solved.initializers)
     seconds["weights_s"] = time.perf_counter() - started
     started = time.perf_counter()

@@ -1,0 +1,72 @@
+"""Activation rounding inside the layer-wise solve, switched on only for the compressed model.
+
+The layer-wise loop runs one graph twice: with its own initializers (the original model, whose outputs are
+the targets) and with overridden ones (the compressed model, whose activations are a layer's inputs x̂).
+So the rounding of a layer's input is written into the graph as
+
+    x' = x + m · (DQ(Q(x; s, z)) − x)
+
+with a scalar initializer m = 0 — the original model computes x' = x exactly — and the solve overrides m = 1,
+so x̂ is the uint8-rounded input the exported QDQ model will feed the layer (with the range [lo, hi] it will
+use). Each layer then absorbs the activation rounding upstream, not only the weight rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .ranges import LEVELS, TensorRange
+
+PREFIX = "__onnxadmm_fq_"
+
+
+def scale_and_zero_point(r: TensorRange) -> tuple[np.float32, np.uint8]:
+    """uint8 scale and zero point of a range, as onnxruntime's quantizer computes them (0 exactly representable)."""
+    lo, hi = min(r.lo, 0.0), max(r.hi, 0.0)
+    scale = (hi - lo) / LEVELS if hi > lo else 1.0
+    zero = int(np.clip(np.round(-lo / scale), 0, LEVELS))
+    return np.float32(scale), np.uint8(zero)
+
+
+def with_input_rounding(model: onnx.ModelProto, ranges: Mapping[str, TensorRange], layer_nodes: Mapping[str, str]
+                        ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """A copy of ``model`` where the data input of every node named in ``layer_nodes`` (name -> input tensor)
+    goes through the switchable rounding above; returns it and the overrides that switch it on."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    switches: dict[str, np.ndarray] = {}
+    rewired: dict[str, str] = {}
+    nodes = []
+    for node in out.graph.node:
+        tensor = layer_nodes.get(node.name)
+        if tensor is not None and tensor in ranges:
+            if tensor not in rewired:
+                index = len(rewired)
+                rewired[tensor] = _rounding_nodes(out.graph, nodes, tensor, ranges[tensor], f"{PREFIX}{index}_")
+                switches[f"{PREFIX}{index}_on"] = np.array(1.0, np.float32)
+            node.input[0] = rewired[tensor]
+        nodes.append(node)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out, switches
+
+
+def _rounding_nodes(graph: onnx.GraphProto, nodes: list, tensor: str, r: TensorRange, prefix: str) -> str:
+    scale, zero = scale_and_zero_point(r)
+    graph.initializer.extend([numpy_helper.from_array(np.array(scale), prefix + "scale"),
+                              numpy_helper.from_array(np.array(zero), prefix + "zero"),
+                              numpy_helper.from_array(np.array(0.0, np.float32), prefix + "on")])
+    nodes.extend([
+        helper.make_node("QuantizeLinear", [tensor, prefix + "scale", prefix + "zero"], [prefix + "q"],
+                         name=prefix + "quantize"),
+        helper.make_node("DequantizeLinear", [prefix + "q", prefix + "scale", prefix + "zero"], [prefix + "dq"],
+                         name=prefix + "dequantize"),
+        helper.make_node("Sub", [prefix + "dq", tensor], [prefix + "delta"], name=prefix + "delta"),
+        helper.make_node("Mul", [prefix + "delta", prefix + "on"], [prefix + "switched"], name=prefix + "switch"),
+        helper.make_node("Add", [tensor, prefix + "switched"], [prefix + "out"], name=prefix + "add"),
+    ])
+    return prefix + "out"
