@@ -315,11 +315,11 @@ def _print_summary(report: dict, report_path: Path | None) -> None:
                      f"{t['nonzero_reduction_x']:.2f}x fewer")
     if quant:
         fusion = quant["fusion"]
-        solved = [r for r in quant["layers"]]
+        solved = quant["layers"]
         rounded = sum(r["error_projected"] for r in solved) / max(len(solved), 1)
         final = sum(r["error_final"] for r in solved) / max(len(solved), 1)
         lines.append(f"int8: {len(solved)} layers' weights solved onto the int8 grid (mean layer error "
-                     f"{rounded:.4f} rounded -> {final:.4f} solved); "
+                     f"{rounded:.2e} rounded -> {final:.2e} solved); "
                      f"{len(fusion['integer'])} of {len(fusion['integer']) + len(fusion['float'])} Conv/Gemm/MatMul "
                      "run as integer kernels in onnxruntime here")
     if v:
