@@ -21,7 +21,7 @@ from .analysis.layers import Declined, LayerSet, apply_exclude, find_layers
 from .calib.readers import SampleSet, evenly_spaced, open_samples, select
 from .config import CHANNEL_METHODS, LOWRANK_METHODS, CheckConfig, CompressConfig, ValidateConfig, config_hash
 from .errors import UnsupportedModelError
-from .onnxio.graph import GraphView, TensorType
+from .onnxio.graph import GraphView, TensorType, has_qdq
 from .onnxio.load import LoadedModel, default_opset, load_model, model_from_proto
 from .onnxio.normalize import normalize
 from .onnxio.outputs import OutputSet
@@ -245,10 +245,10 @@ def _solve_and_export(loaded: LoadedModel, calibration, evaluation, config: Comp
     if config.quantize == "int8":
         quantized = quantize_int8(compressed, calib, config, progress)
         compressed = quantized.model
-        if config.target_latency is not None or (config.objective == "latency"
-                                                 and config.method in LOWRANK_METHODS + ("grouped",)):
-            notes.append("the method planned its widths/forms with fp32 timings; the int8 model's own latency "
-                         "is the measured figure in the validation (int8-priced planning is not built yet)")
+        if config.target_latency is None and config.objective == "latency" and \
+                config.method in LOWRANK_METHODS + ("grouped",):
+            notes.append("--objective latency chose each layer's form by fp32 timings of that layer; the int8 "
+                         "model's own latency is the measured figure in the validation")
     progress("export", 0, 1, "writing weights")
     digest = config_hash(config)
     notes.extend(finalize(compressed, normalized.model, {
@@ -412,8 +412,7 @@ def platform_check(original: onnx.ModelProto, compressed: onnx.ModelProto, sampl
             paths.append(path)
         progress("platform", 0, 1, f"running {count} samples under qemu")
         arm = env.run(paths, feed)
-    quantized = [any(n.op_type == "DequantizeLinear" for n in m.graph.node) for m in (original, compressed)]
-    result = compare(x86, arm["outputs"], ["original", "compressed"], quantized)
+    result = compare(x86, arm["outputs"], ["original", "compressed"], [has_qdq(original), has_qdq(compressed)])
     result.update({"samples": count, "emulated_machine": arm["machine"], "onnxruntime": arm["ort"]})
     return result
 

@@ -198,6 +198,13 @@ def _stage_reports(outputs, report: dict, path: Path) -> None:
     outputs.write_text(_markdown_path(path), "report (Markdown)", render(report))
 
 
+def _write_reports(report: dict, path: Path) -> None:
+    """The JSON and Markdown reports alone, written together (``check``, ``validate``)."""
+    with OutputSet() as outputs:
+        _stage_reports(outputs, report, path)
+        outputs.commit()
+
+
 def _markdown_path(report_path: Path) -> Path:
     return report_path.with_suffix(".md")
 
@@ -226,11 +233,11 @@ def run_compress(args) -> int:
     config, validate_config = _configs(args, with_compress=True)
     output = Path(args.output)
     report_path = _report_path(args, output.with_name(output.name + ".report.json"))
-    reads = [*reads_of_model(args.input), *_data_reads(args.calib, "calibration data"),
-             *_data_reads(args.val, "evaluation data"), *_config_reads(args)]
     writes = [Use("output model", output),
               Use("output model's external data (written above 2 GB)", output.with_name(output.name + ".data")),
               *_report_writes(report_path)]
+    reads = [*reads_of_model(args.input, writes=writes), *_data_reads(args.calib, "calibration data"),
+             *_data_reads(args.val, "evaluation data"), *_config_reads(args)]
     check_paths(reads, writes)
     result = compress(args.input, args.calib, config, validate_config, evaluation=args.val,
                       progress=Progress(args.quiet))
@@ -247,15 +254,15 @@ def run_validate(args) -> int:
 
     _, validate_config = _configs(args, with_compress=False)
     report_path = _report_path(args, None)
-    reads = [*reads_of_model(args.original, "original model"), *reads_of_model(args.compressed, "compressed model"),
+    writes = _report_writes(report_path)
+    reads = [*reads_of_model(args.original, "original model", writes),
+             *reads_of_model(args.compressed, "compressed model", writes),
              *_data_reads(args.data, "evaluation data"), *_config_reads(args)]
-    check_paths(reads, _report_writes(report_path))
+    check_paths(reads, writes)
     report, passed = validate(args.original, args.compressed, args.data, validate_config, args.batch_size,
                               args.threads)
     if report_path:
-        with OutputSet() as outputs:
-            _stage_reports(outputs, report, report_path)
-            outputs.commit()
+        _write_reports(report, report_path)
     _print_summary(report, report_path)
     return EXIT_OK if passed else EXIT_GATE
 
@@ -267,7 +274,8 @@ def run_check(args) -> int:
                                         "exclude": [p for e in (args.exclude or []) for p in e.split(",") if p]},
                           "command line")
     report_path = _report_path(args, None)
-    check_paths(reads_of_model(args.input), _report_writes(report_path))
+    writes = _report_writes(report_path)
+    check_paths(reads_of_model(args.input, writes=writes), writes)
     report = check(args.input, config)
     lines = [f"note: {note}" for note in report["notes"]]
     lines.append(f"{len(report['compressible'])} compressible layers for --method {config.method}, "
@@ -292,9 +300,7 @@ def run_check(args) -> int:
     else:
         lines.append(f"  MACs/params not estimated: {estimate.get('reason')}")
     if report_path:
-        with OutputSet() as outputs:
-            _stage_reports(outputs, report, report_path)
-            outputs.commit()
+        _write_reports(report, report_path)
     _emit(lines)
     if not report["passed"]:
         print(f"onnxadmm: {report['verdict']}", file=sys.stderr)

@@ -97,6 +97,11 @@ def test_the_inputs_external_data_file_is_never_an_output(tmp_path):
     assert [u.path.name for u in reads] == ["in.onnx", "weights.bin"]
     with pytest.raises(ExportError, match="external data of the input model"):
         check_paths(reads, [Use("output model", tmp_path / "weights.bin")])
+    np.savez(tmp_path / "calib.npz", input=samples_for(model, 8)["input"])
+    before = digests(tmp_path)
+    code, _, err = run_cli("compress", tmp_path / "in.onnx", tmp_path / "weights.bin", "--calib", tmp_path / "calib.npz")
+    assert code == 3 and "external data of the input model" in err, err  # the CLI looks because the file exists
+    assert digests(tmp_path) == before
 
 
 @pytest.mark.parametrize("command", [

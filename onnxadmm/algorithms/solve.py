@@ -135,9 +135,9 @@ def _solve_grid(problem: LayerProblem, structure: Structure, loss: str, solver: 
                 settings: AdmmSettings) -> LayerSolution:
     """Weights onto the integer grid. Scales by the output error (``output_error_scales``); then ADMM
     with the grid as its Z-step (solver ``admm``) or plain rounding (``magnitude``: round to nearest, the
-    ablation). The weights end on the grid exactly; the bias is then corrected (least squares for the
-    linear loss, descent through the activation otherwise). ADMM's result is kept only where it beats
-    rounding with the same bias correction on the layer objective."""
+    ablation). ADMM's result is kept only where it beats rounding on the layer objective, both with the
+    least-squares bias. The weights end on the grid exactly; the bias is then corrected: least squares (the
+    mean shift), then, for the activation loss, descent through the activation on the bias alone."""
     w0, b0 = problem.w0, problem.b0
     stats = moments(problem)
     support = (w0 != 0) if structure.keep_zeros else None
@@ -147,14 +147,9 @@ def _solve_grid(problem: LayerProblem, structure: Structure, loss: str, solver: 
     error_dense = problem.relative_error(w0, b0, loss)
     error_projected = problem.relative_error(rounded, b0, loss)
     history: dict = {}
-    objective = ActivationObjective(problem, settings) if loss == "activation" else None
 
-    def corrected(w: torch.Tensor) -> torch.Tensor:
-        """Bias correction: least squares (the mean shift), then descent through the activation."""
-        b = bias_for(stats, w) if problem.fit_bias else b0
-        if objective is None or not problem.fit_bias:
-            return b
-        return refit_bias_activation(objective, w, b, settings.refit_steps)
+    def least_squares_bias(w: torch.Tensor) -> torch.Tensor:  # the mean shift
+        return bias_for(stats, w) if problem.fit_bias else b0
 
     w = rounded
     if solver == "admm":
@@ -164,12 +159,12 @@ def _solve_grid(problem: LayerProblem, structure: Structure, loss: str, solver: 
             z, _, trace, _ = admm_activation(problem, w0, b0, project, settings)
         z = project(z)  # exactly on the grid
         history = trace.as_dict()
-        def cheap(w: torch.Tensor) -> torch.Tensor:  # both compared with the least-squares bias only
-            return bias_for(stats, w) if problem.fit_bias else b0
-
-        if problem.relative_error(z, cheap(z), loss) < problem.relative_error(rounded, cheap(rounded), loss):
+        if problem.relative_error(z, least_squares_bias(z), loss) < \
+                problem.relative_error(rounded, least_squares_bias(rounded), loss):
             w = z
-    b = corrected(w)
+    b = least_squares_bias(w)
+    if loss == "activation" and problem.fit_bias:
+        b = refit_bias_activation(ActivationObjective(problem, settings), w, b, settings.refit_steps)
     return LayerSolution(weight=w, bias=b, mask=w != 0, error_dense=error_dense, error_projected=error_projected,
                          error_final=problem.relative_error(w, b, loss), history=history, scales=scales)
 

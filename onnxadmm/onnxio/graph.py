@@ -162,3 +162,8 @@ def _tensor_type(value: onnx.ValueInfoProto) -> TensorType | None:
         else:
             dims.append(None)
     return TensorType(tensor_type.elem_type, tuple(dims))
+
+
+def has_qdq(model: onnx.ModelProto) -> bool:
+    """True for a QDQ (quantized) model: one with DequantizeLinear nodes."""
+    return any(node.op_type == "DequantizeLinear" for node in model.graph.node)

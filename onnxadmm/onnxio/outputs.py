@@ -39,11 +39,17 @@ class Use:
     path: Path
 
 
-def reads_of_model(path: str | os.PathLike, role: str = "input model") -> list[Use]:
-    """The model file and the external-data files it names (they live in its folder)."""
+def reads_of_model(path: str | os.PathLike, role: str = "input model", writes: Sequence[Use] | None = None
+                   ) -> list[Use]:
+    """The model file and the external-data files it names. Those live in the model's folder, so the model
+    is parsed for them only when one of ``writes`` already exists there (a large model is not read twice
+    at start-up to learn nothing); with ``writes`` None it is always parsed."""
     path = Path(path)
     uses = [Use(role, path)]
-    if path.is_file():
+    folder = os.path.realpath(path.parent)
+    could_collide = writes is None or any(os.path.lexists(w.path) and os.path.realpath(w.path.parent) == folder
+                                      for w in writes)
+    if path.is_file() and could_collide:
         try:
             model = onnx.load(str(path), load_external_data=False)
         except Exception:  # noqa: BLE001 - an unreadable model is reported by the loader

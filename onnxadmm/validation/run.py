@@ -11,6 +11,7 @@ import onnx
 
 from ..calib.readers import SampleSet
 from ..config import ValidateConfig
+from ..onnxio.graph import has_qdq
 from ..runtime import session
 from .compare import Comparison, compare, run_all
 from .footprint import Footprint, footprint
@@ -63,9 +64,7 @@ def validate_models(original: onnx.ModelProto, compressed: onnx.ModelProto, samp
                                  config.latency_threads or threads))
     gates = evaluate(config, comparison, latencies)
     validation = Validation(comparison, fp_a, fp_b, latencies, gates, held_out, samples.source)
-    quantized = any(node.op_type == "DequantizeLinear" for node in compressed.graph.node) and not \
-        any(node.op_type == "DequantizeLinear" for node in original.graph.node)
-    validation.gains = gains_statement(fp_a, fp_b, latencies, quantized)
+    validation.gains = gains_statement(fp_a, fp_b, latencies, has_qdq(compressed) and not has_qdq(original))
     if fp_b.macs < fp_a.macs and latencies:  # structure removed: say where the time went, node by node
         split = time_split(original, compressed, one, config.latency_threads or threads)
         if split is not None:
