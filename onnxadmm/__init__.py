@@ -22,11 +22,11 @@ from .config import CompressConfig, ValidateConfig  # noqa: E402
 
 
 def __getattr__(name):  # keep `import onnxadmm` light: the API (and torch) load on first use
-    if name in ("compress", "validate", "check", "CompressResult"):
+    if name in ("compress", "search", "validate", "check", "CompressResult"):
         from . import api
 
         return getattr(api, name)
     raise AttributeError(name)
 
 
-__all__ = ["compress", "validate", "check", "CompressResult", "CompressConfig", "ValidateConfig", "__version__"]
+__all__ = ["compress", "search", "validate", "check", "CompressResult", "CompressConfig", "ValidateConfig", "__version__"]

@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("check", help="preflight: which layers would be compressed, which not and why")
     k.add_argument("input")
     k.add_argument("--method", default="sparse", help="method to check for (default sparse)")
-    k.add_argument("--nm", default="2:4")
+    k.add_argument("--nm", default="2:4", help="N:M pattern for --method nm")
+    k.add_argument("--conv-groups", type=int, default=2, help="--method grouped: blocks per Conv pair")
     k.add_argument("--exclude", action="append", default=None, help="node names, globs or op types")
     k.add_argument("--report", default=None, help="write the JSON report here (and .md beside it)")
     k.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -153,10 +154,14 @@ def _configs(args, with_compress: bool) -> tuple[CompressConfig | None, Validate
         return from_mapping(cls, values, "command line")
 
     method_options = (*APPLIES_TO, "target_macs", "target_latency", "target_params", "rank_ratio")
-    if with_compress and getattr(args, "method", None) is None and getattr(args, "quantize", None) not in (None, "none") \
-            and base_c.method == "sparse" and base_c.quantize == "none" \
-            and all(getattr(args, name, None) is None for name in method_options):
-        args.method = "none"  # --quantize int8 alone: int8 only, not the default sparse method
+    if with_compress and getattr(args, "method", None) is None and base_c.method == "sparse" \
+            and base_c.quantize == "none" and all(getattr(args, name, None) is None for name in method_options
+                                                  if name not in ("objective", "time_budget_min")):
+        if getattr(args, "quantize", None) not in (None, "none"):
+            args.method = "none"  # --quantize int8 alone: int8 only, not the default sparse method
+        elif getattr(args, "max_accuracy_drop", None) is not None or getattr(args, "min_agreement", None) is not None \
+                or base_v.max_accuracy_drop is not None or base_v.min_agreement is not None:
+            args.method = "auto"  # a budget and no method: search the methods within the budget
     return (merged(CompressConfig, base_c) if with_compress else None), merged(ValidateConfig, base_v)
 
 
@@ -228,7 +233,7 @@ def _config_reads(args) -> list[Use]:
 
 
 def run_compress(args) -> int:
-    from .api import compress
+    from .api import compress, search
 
     config, validate_config = _configs(args, with_compress=True)
     output = Path(args.output)
@@ -239,8 +244,8 @@ def run_compress(args) -> int:
     reads = [*reads_of_model(args.input, writes=writes), *_data_reads(args.calib, "calibration data"),
              *_data_reads(args.val, "evaluation data"), *_config_reads(args)]
     check_paths(reads, writes)
-    result = compress(args.input, args.calib, config, validate_config, evaluation=args.val,
-                      progress=Progress(args.quiet))
+    run = search if config.method == "auto" else compress
+    result = run(args.input, args.calib, config, validate_config, evaluation=args.val, progress=Progress(args.quiet))
     with OutputSet() as outputs:
         result.stage(outputs, output)
         _stage_reports(outputs, result.report, report_path)
@@ -270,7 +275,7 @@ def run_validate(args) -> int:
 def run_check(args) -> int:
     from .api import check
 
-    config = from_mapping(CheckConfig, {"method": args.method, "nm": args.nm,
+    config = from_mapping(CheckConfig, {"method": args.method, "nm": args.nm, "conv_groups": args.conv_groups,
                                         "exclude": [p for e in (args.exclude or []) for p in e.split(",") if p]},
                           "command line")
     report_path = _report_path(args, None)
@@ -288,12 +293,8 @@ def run_check(args) -> int:
     for op in report["unsupported_ops"]:
         lines.append(f"  onnx2torch has no converter for {op['domain']}::{op['op_type']} at opset {op['opset']} "
                      f"(first: {op['first_node']}); only matters inside a layer's activation")
-    groups = report["channel_groups"]
-    prunable = [g for g in groups if not g["declined"]]
-    lines.append(f"{len(prunable)} of {len(groups)} channel groups can lose channels (--method channel | l0-l21)")
-    for g in groups:
-        if g["declined"]:
-            lines.append(f"  = {g['name']} ({g['channels']} channels) stays whole: {g['declined']}")
+    lines.append(f"--method {config.method} would:")
+    lines.extend(f"  {line}" for line in report["method_preview"])
     estimate = report["estimate"]
     if estimate.get("macs_per_sample") is not None:
         lines.append(f"  MACs per sample: {estimate['macs_per_sample']:,}; parameters: {estimate['params']:,}")
@@ -308,9 +309,25 @@ def run_check(args) -> int:
     return EXIT_OK
 
 
+def _search_lines(search: dict) -> list[str]:
+    """The frontier as a short table: every candidate, by cost."""
+    lines = [f"search ({search['cost']}, gate {search['gate']}): {len(search['candidates'])} candidates in "
+             f"{search['search_s']:.0f} s"]
+    rows = sorted(search["candidates"], key=lambda r: (r["cost_ratio"] is None, r["cost_ratio"] or 0))
+    for row in rows:
+        cost = "   -  " if row["cost_ratio"] is None else f"{row['cost_ratio']:6.3f}"
+        drop = "" if row["accuracy_drop_pt"] is None else f"drop {row['accuracy_drop_pt']:5.2f} pt  "
+        agree = "" if row["agreement"] is None else f"agreement {row['agreement']:.4f}  "
+        mark = "*" if row["chosen"] else ("f" if row["on_frontier"] else " ")
+        lines.append(f"  {mark} {cost}  {drop}{agree}{'holds ' if row['passed'] else 'missed'}  {row['label']}"
+                     + (f"  ({row['note']})" if row["note"] and not row["passed"] else ""))
+    lines.append(f"  chosen: {search['chosen']}" if search["held"] else f"  {search['reason']}")
+    return lines
+
+
 def _print_summary(report: dict, report_path: Path | None) -> None:
     v = report.get("validation") or {}
-    lines = []
+    lines = _search_lines(report["search"]) if report.get("search") else []
     quant = (report.get("plan") or {}).get("quantization")
     if report.get("totals") and (report.get("config") or {}).get("method") != "none":
         t = report["totals"]

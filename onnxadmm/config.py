@@ -33,6 +33,8 @@ METHODS = {
     "lowrank": "W = A·B per layer, exported as two Convs / products (Ma et al. 2019)",
     "lowrank-sparse": "W = A·B + S, S row-sparse (merged into the pair) or unstructured (Ma et al. 2019)",
     "none": "no structural compression (with --quantize int8: int8 alone)",
+    "auto": "search: the fastest (or smallest, --objective size) model within the accuracy budget "
+            "(--max-accuracy-drop / --min-agreement); the default when a budget is given without a method",
 }
 CHANNEL_METHODS = ("channel", "l0-l21")
 LOWRANK_METHODS = ("lowrank", "lowrank-sparse")
@@ -56,7 +58,8 @@ APPLIES_TO = {
     "uniform": ELEMENT_METHODS + CHANNEL_METHODS,
     "sparse_structure": ("lowrank-sparse",),
     "sparse_share": ("lowrank-sparse",),
-    "objective": LOWRANK_METHODS + ("grouped",),
+    "objective": LOWRANK_METHODS + ("grouped", "auto"),
+    "time_budget_min": ("auto",),
     "conv_groups": ("grouped",),
     "refit_dense": CHANNEL_METHODS + LOWRANK_METHODS + ("grouped",),
     "give_back_step": CHANNEL_METHODS,
@@ -121,8 +124,12 @@ class CompressConfig:
     )
     objective: str = field(
         default="latency", metadata=_opt("lowrank methods and --method grouped: latency (only forms measured "
-                                         "faster than the dense layers) or size (any form with fewer parameters)",
-                                         OBJECTIVES)
+                                         "faster than the dense layers) or size (any form with fewer parameters); "
+                                         "the search: what it minimizes within the budget", OBJECTIVES)
+    )
+    time_budget_min: float | None = field(
+        default=None, metadata=_opt("the search: minutes it may spend (a candidate that would not finish in "
+                                    "time is skipped)")
     )
     max_macs: float | None = field(
         default=None, metadata=_opt("channel methods with --max-accuracy-drop / --min-agreement: when the gate "
@@ -235,6 +242,8 @@ class CompressConfig:
         _check_choice("activation_range", self.activation_range, RANGE_ESTIMATORS)
         if self.activation_range != "auto" and self.quantize == "none":
             raise ConfigError("--activation-range applies to --quantize int8")
+        if self.time_budget_min is not None and not self.time_budget_min > 0:
+            raise ConfigError(f"time_budget_min must be > 0, got {self.time_budget_min}")
         if self.method == "none" and self.quantize == "none":
             raise ConfigError("--method none compresses nothing: add --quantize int8, or choose a method")
         _check_range("sparsity", self.sparsity, 0.0, 1.0, hi_open=True)
@@ -379,12 +388,17 @@ class CheckConfig:
 
     method: str = field(default="sparse", metadata=_opt("method to check for", tuple(METHODS)))
     nm: str = field(default="2:4", metadata=_opt("N:M pattern for --method nm"))
+    conv_groups: int = field(default=2, metadata=_opt("--method grouped: blocks per Conv pair"))
     exclude: tuple[str, ...] = field(default=(), metadata=_opt("leave dense: node names, name globs or op types"))
 
     def __post_init__(self) -> None:
         _check_choice("method", self.method, tuple(METHODS))
         if self.nm != "2:4" and self.method != "nm":
             raise ConfigError(f"--nm applies to --method nm, not {self.method!r}")
+        if self.conv_groups != 2 and self.method != "grouped":
+            raise ConfigError(f"--conv-groups applies to --method grouped, not {self.method!r}")
+        if self.conv_groups < 2:
+            raise ConfigError(f"conv_groups must be >= 2, got {self.conv_groups}")
         parse_nm(self.nm)
 
     @property
@@ -515,8 +529,24 @@ def load_toml(path: str | Path) -> tuple[CompressConfig, ValidateConfig]:
     validate = data.pop("validate", {})
     if not isinstance(validate, dict):
         raise ConfigError(f"[validate] in {path} must be a table")
-    return (from_mapping(CompressConfig, data, str(path)),
+    return (from_mapping(CompressConfig, _flatten_sections(data, path), str(path)),
             from_mapping(ValidateConfig, validate, f"{path} [validate]"))
+
+
+def _flatten_sections(data: dict, path: Path) -> dict:
+    """``[refine] epochs = 10`` is ``refine_epochs = 10``: a table names the prefix of the settings it holds
+    (``[refine]``, ``[distill]``, ``[admm]``, ``[sensitivity]``, ``[latency]``, ...); a key that is not a
+    setting once prefixed is refused like any unknown key."""
+    flat = {key: value for key, value in data.items() if not isinstance(value, dict)}
+    for section, table in data.items():
+        if not isinstance(table, dict):
+            continue
+        for name, value in table.items():
+            full = f"{section}_{name}"
+            if full in flat:
+                raise ConfigError(f"{path}: {full} is set twice (as {full} and as [{section}] {name})")
+            flat[full] = value
+    return flat
 
 
 def config_hash(*configs: Any) -> str:

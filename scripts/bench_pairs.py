@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from onnxadmm.analysis.layers import find_layers  # noqa: E402
 from onnxadmm.onnxio.normalize import normalize  # noqa: E402
 from onnxadmm.plan.latency import LatencyTable  # noqa: E402
-from onnxadmm.validation.footprint import node_macs  # noqa: E402
+from onnxadmm.cost.footprint import node_macs  # noqa: E402
 
 TESTBED = ROOT.parent / "shared" / "testbed"
 

@@ -267,7 +267,7 @@ PAIRED = {  # suite -> (row A, row B) label pairs compared per group, where both
 
 def correct_bits(model, evaluation: dict, batch_size: int = 250) -> str:
     """Which evaluation samples the model classifies right (top-1 of its first output), packed as hex."""
-    from onnxadmm.runtime import session
+    from onnxadmm.onnxio.runtime import session
 
     sess = session(model, 2)
     inputs = {k: v for k, v in evaluation.items() if k != "labels"}
@@ -317,7 +317,7 @@ def run_model(suite: str, name: str, only: str | None) -> dict:
 
     import onnx
 
-    from onnxadmm.validation.latency import measure
+    from onnxadmm.cost.timing import measure
 
     calib, evaluation, split = standard_split(name)
     model = TESTBED / "models" / f"{name}.onnx"
@@ -386,6 +386,8 @@ def render() -> str:
              "wide latency band (p90 well above the median) marks a disturbed measurement, not the model.", ""]
     for path in sorted(RESULTS.glob("*.json")):
         data = json.loads(path.read_text())
+        if "suite" not in data:  # another script's results (bench_quant.py, bench_search.py)
+            continue
         lines.append(f"## {data['suite']}: {data['model']}")
         lines.append("")
         top1 = next((r["top1_original"] for r in data["rows"] if "top1_original" in r), float("nan"))

@@ -22,7 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from onnxadmm.validation.latency import measure  # noqa: E402
+from onnxadmm.cost.timing import measure  # noqa: E402
 
 
 def block(channels: int, width: int, kernel: int, size: int, seed: int = 0) -> onnx.ModelProto:

@@ -3,9 +3,11 @@
 #
 #   ONNXADMM_MODEL=model.onnx ONNXADMM_CALIB=calib.npz ONNXADMM_VAL=val.npz sh scripts/ci_compress.sh
 #
-# Settings (environment): ONNXADMM_OUT (default: <model>.compressed.onnx), ONNXADMM_ARGS (compress flags,
-# default "--sparsity 0.5"), ONNXADMM_GATES (default "--max-accuracy-drop 1.0"), ONNXADMM_LABELS (default
-# labels), ONNXADMM_ARM=1 to add the aarch64 check (qemu; root for the one-time setup).
+# Settings (environment): ONNXADMM_GATES, the budget (default "--max-accuracy-drop 1.0"); ONNXADMM_ARGS, more
+# compress flags (default none: the search picks the fastest model within the budget; "--objective size" for
+# the smallest, "--time-budget-min 30" to bound it, or a --method to skip the search); ONNXADMM_OUT (default:
+# <model>.compressed.onnx); ONNXADMM_LABELS (default labels); ONNXADMM_ARM=1 to add the aarch64 check (qemu;
+# root for the one-time setup).
 # Exit status: 0 all gates hold, 1 a gate failed (model and reports still written), 2 usage, 3 bad input.
 # With GITHUB_STEP_SUMMARY set, the Markdown reports are appended to the job summary.
 set -u
@@ -13,7 +15,7 @@ MODEL=${ONNXADMM_MODEL:?set ONNXADMM_MODEL to the .onnx to compress}
 CALIB=${ONNXADMM_CALIB:?set ONNXADMM_CALIB to the calibration .npz}
 VAL=${ONNXADMM_VAL:?set ONNXADMM_VAL to the held-out .npz with labels}
 OUT=${ONNXADMM_OUT:-${MODEL%.onnx}.compressed.onnx}
-ARGS=${ONNXADMM_ARGS:---sparsity 0.5}
+ARGS=${ONNXADMM_ARGS:-}
 GATES=${ONNXADMM_GATES:---max-accuracy-drop 1.0}
 LABELS=${ONNXADMM_LABELS:-labels}
 PLATFORM=""

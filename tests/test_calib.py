@@ -8,7 +8,7 @@ from onnx import numpy_helper
 from models import run, samples_for, tiny_cnn, token_mlp
 from onnxadmm.analysis.layers import find_layers
 from onnxadmm.calib.readers import SampleSet, evenly_spaced, open_samples, select
-from onnxadmm.calib.sampling import SampleSettings, sample_problem
+from onnxadmm.solve.problem import SampleSettings, sample_problem
 from onnxadmm.calib.stream import COMPRESSED, ORIGINAL, ActivationStream
 from onnxadmm.errors import CalibrationError
 from onnxadmm.onnxio.graph import TensorType

@@ -448,13 +448,12 @@ def test_missed_accuracy_gate_gives_width_back_until_it_holds():
     assert result.report["validation"]["agreement"] >= 0.995
 
 
-def test_latency_target_is_met_on_the_measured_graph(tmp_path, monkeypatch):
+def test_latency_target_is_met_on_the_measured_graph(latency_cache):
     """In onnxruntime: the plan's own sliced graph, timed against the original, is at or below the target
     (the per-layer table only prices the widths); the timings are kept on disk, so the same run on this
     machine chooses the same plan and writes the same bytes."""
     from onnxadmm.report.markdown import render
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     model = small_resnet(3)
     config = CompressConfig(method="channel", target_latency=0.85, sensitivity_samples=8, admm_iterations=5)
     result = compress(model, samples_for(model, 32), config, ValidateConfig(latency_rounds=2))
@@ -467,7 +466,7 @@ def test_latency_target_is_met_on_the_measured_graph(tmp_path, monkeypatch):
     assert factors and all(0.25 <= f <= 4.0 for f in factors)  # each group's savings re-scaled to the graph's
     assert plan["macs_planned_ratio"] < 1.0
     assert "exported graph measured" in render(result.report)
-    cache = list((tmp_path / "onnxadmm").glob("latency-*.json"))
+    cache = list((latency_cache / "onnxadmm").glob("latency-*.json"))
     assert cache and len(json.loads(cache[0].read_text())) > 0  # per-shape timings kept for the next run
     again = compress(model, samples_for(model, 32), config, ValidateConfig(latency_rounds=2))
     assert again.report["plan"]["latency_search"] == plan["latency_search"]  # the timed plans come from the cache
@@ -480,9 +479,8 @@ def test_in_context_calibration_makes_each_group_alone_save_what_its_graph_measu
     [0.25, 4])."""
     from onnxadmm.plan.channels import width_options
     from onnxadmm.plan.latency import LatencyCost
-    from onnxadmm.validation.footprint import node_macs
+    from onnxadmm.cost.footprint import node_macs
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     view = normalize(small_resnet(3)).view()
     groups = [g for g in find_channel_groups(view, find_layers(view).layers) if not g.declined]
     one = {"input": samples_for(view.model, 1)["input"]}
@@ -614,7 +612,7 @@ def pair_model():
 
 def test_grouped_export_computes_what_the_block_masked_graph_computes():
     from onnxadmm.export.grouped import BlockPair, consumer_mask, producer_mask, to_grouped
-    from onnxadmm.structured import grouped_pairs
+    from onnxadmm.methods.grouped import grouped_pairs
 
     model, view, layers, groups = analysed(pair_model())
     chosen, _ = grouped_pairs(view, [g for g in groups if not g.declined], {l.node_index: l for l in layers}, 4)
@@ -649,9 +647,8 @@ def test_grouped_method_cuts_the_pairs_macs_by_the_block_count():
 def test_grouped_method_under_the_latency_objective_keeps_only_pairs_measured_faster(tmp_path, monkeypatch):
     from onnxadmm.plan.latency import LatencyTable
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    from onnxadmm.structured import grouped_pairs
-    from onnxadmm.validation.footprint import node_macs
+    from onnxadmm.methods.grouped import grouped_pairs
+    from onnxadmm.cost.footprint import node_macs
 
     model = pair_model()
     normalized, view, layers, groups = analysed(model)
@@ -804,7 +801,6 @@ def test_latency_target_is_timed_at_the_latency_batch(tmp_path, monkeypatch):
     reports its measurements as batch-4 latency, and the validation times batch 4 as well."""
     from onnxadmm.plan.latency import LatencyTable
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     node_batches, graph_batches = [], []
     node_ratio, plan_ratio = LatencyTable.ratio, LatencyTable.plan_ratio
 
@@ -831,7 +827,6 @@ def test_latency_target_is_timed_at_the_latency_batch(tmp_path, monkeypatch):
 
 
 def test_latency_batch_other_than_a_fixed_model_batch_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     model = small_resnet(3)
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
     config = CompressConfig(method="channel", target_latency=0.85, latency_batch=8, admm_iterations=5)

@@ -33,7 +33,7 @@ def run_recipe(job: Path, **settings) -> subprocess.CompletedProcess:
 
 def test_recipe_passes_publishes_the_summary_and_keeps_the_input(job):
     before = (job / "model.onnx").read_bytes()
-    proc = run_recipe(job, ONNXADMM_ARGS="--sparsity 0.8 --latency-rounds 5",
+    proc = run_recipe(job, ONNXADMM_ARGS="--objective size --latency-rounds 5",  # no method: the search
                       ONNXADMM_GATES="--max-accuracy-drop 1.5")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (job / "model.onnx").read_bytes() == before
@@ -41,9 +41,11 @@ def test_recipe_passes_publishes_the_summary_and_keeps_the_input(job):
     compress_report = json.loads(Path(f"{out}.compress.json").read_text())
     validate_report = json.loads(Path(f"{out}.validate.json").read_text())
     assert compress_report["passed"] and validate_report["passed"]
-    assert validate_report["validation"]["accuracy_drop_pt"] <= 1.5
+    assert validate_report["validation"]["accuracy_drop_pt"] <= 1.5 + 1e-9
+    assert compress_report["search"]["held"] and compress_report["search"]["chosen"] != "int8"
     summary = (job / "summary.md").read_text()
     assert summary.count("# onnxadmm") == 2  # both reports in the job summary
+    assert "```mermaid" in summary  # the frontier, drawn
 
 
 def test_recipe_fails_the_job_on_a_missed_gate_but_writes_everything(job):

@@ -193,11 +193,11 @@ def test_public_api_names_are_functions_even_after_the_pipeline_modules_load():
     import importlib
 
     import onnxadmm
-    for module in ("onnxadmm.validation.run", "onnxadmm.api", "onnxadmm.calib.readers"):
+    for module in ("onnxadmm.validation.run", "onnxadmm.api", "onnxadmm.calib.readers", "onnxadmm.budget.run"):
         importlib.import_module(module)
-    from onnxadmm import check, compress, validate
+    from onnxadmm import check, compress, search, validate
 
-    assert all(callable(f) and not isinstance(f, type(onnxadmm)) for f in (check, compress, validate))
+    assert all(callable(f) and not isinstance(f, type(onnxadmm)) for f in (check, compress, search, validate))
 
 
 def test_residual_with_a_shortcut_conv_is_scheduled():

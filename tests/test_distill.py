@@ -9,7 +9,7 @@ import torch
 from models import GraphBuilder, run, samples_for
 from onnxadmm import CompressConfig, compress
 from onnxadmm.analysis.layers import find_layers
-from onnxadmm.distill import augment_images, divergence
+from onnxadmm.finetune.distill import augment_images, divergence
 from onnxadmm.onnxio.graph import GraphView
 from onnxadmm.report.markdown import render
 from test_refine import deep_mlp, residual_net

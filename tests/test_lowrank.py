@@ -412,13 +412,12 @@ def test_lowrank_config_errors(kwargs, message):
         CompressConfig(**kwargs)
 
 
-def test_latency_objective_keeps_layers_whose_pair_is_not_faster(tmp_path, monkeypatch):
+def test_latency_objective_keeps_layers_whose_pair_is_not_faster(latency_cache):
     """Under --objective latency a factorization is chosen only where the measured pair is faster: tiny
     layers are dominated by per-call overhead, so the pair is slower and they stay dense, with the reason."""
     from models import tiny_cnn
     from onnxadmm import CompressConfig, compress
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     model = tiny_cnn()
     result = compress(model, samples_for(model, 32), CompressConfig(method="lowrank", rank_ratio=0.25,
                                                                     admm_iterations=5))
@@ -430,7 +429,7 @@ def test_latency_objective_keeps_layers_whose_pair_is_not_faster(tmp_path, monke
     totals = result.report["totals"]  # the layers left dense are solved (refit) but not counted as compressed
     assert totals["layers_compressed"] == sum(spec is not None for spec in plan["ranks"].values())
     assert totals["layers_kept_dense"] == len(plan["kept_dense"]) > 0
-    assert (tmp_path / "onnxadmm").is_dir()  # the pair timings are cached
+    assert (latency_cache / "onnxadmm").is_dir()  # the pair timings are cached
 
 
 def test_lowrank_sparse_is_byte_identical_across_runs():
@@ -578,7 +577,6 @@ def test_lowrank_latency_target_is_met_on_the_measured_graph(tmp_path, monkeypat
     from onnxadmm import CompressConfig, compress
     from onnxadmm.report.markdown import render
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     model = wide_cnn()
     result = compress(model, samples_for(model, 32), CompressConfig(method="lowrank", target_latency=0.7,
                                                                     admm_iterations=5))
@@ -597,7 +595,6 @@ def test_lowrank_latency_objective_times_pairs_at_the_latency_batch(tmp_path, mo
     from onnxadmm import CompressConfig, compress
     from onnxadmm.plan.latency import LatencyTable
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     batches, input_ranks = [], {}
     pair_ratio = LatencyTable.pair_ratio
 
@@ -622,7 +619,6 @@ def test_lowrank_latency_target_beyond_every_rank_is_refused_with_what_was_measu
     from onnxadmm import CompressConfig, compress
     from onnxadmm.errors import ConfigError
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     model = wide_cnn()
     with pytest.raises(ConfigError, match=r"--target-latency 0.05 cannot be met: the fastest plan tried measured "
                                           r"0\.\d+ .*most aggressive option the graph measures 0\.\d+; "
@@ -639,9 +635,8 @@ def test_pair_prices_are_calibrated_to_the_whole_graph(tmp_path, monkeypatch):
     from onnxadmm.onnxio.normalize import normalize
     from onnxadmm.plan.latency import LatencyTable
     from onnxadmm.plan.lowrank import calibrate_in_context, choice_for, random_factors
-    from onnxadmm.validation.footprint import node_macs
+    from onnxadmm.cost.footprint import node_macs
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     view = normalize(wide_cnn()).view()
     convs = [l for l in find_layers(view).layers if l.op_type == "Conv"]
     one = {"input": samples_for(view.model, 1)["input"]}
@@ -675,7 +670,6 @@ def test_a_pool_that_saves_nothing_in_the_graph_stays_dense_under_the_latency_ob
     from onnxadmm.plan.latency import LatencyTable
     from onnxadmm.plan.lowrank import calibrate_in_context, choice_for
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     view = normalize(wide_cnn()).view()
     convs = [l for l in find_layers(view).layers if l.op_type == "Conv"]
     one = {"input": samples_for(view.model, 1)["input"]}

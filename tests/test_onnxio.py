@@ -235,7 +235,7 @@ def test_footprint_of_a_model_over_the_protobuf_limit_is_measured_in_pieces(monk
     """Over 2 GB a ModelProto cannot be serialized whole: size and zipped size come from the graph and
     each initializer in turn (checked here by lowering the limit), within zip framing of the whole blob."""
     from onnxadmm.onnxio import save
-    from onnxadmm.validation import footprint as fp
+    from onnxadmm.cost import footprint as fp
 
     model = tiny_cnn()
     feed = samples_for(model, 1)
@@ -255,7 +255,7 @@ def test_models_over_the_protobuf_limit_are_saved_and_run_from_external_data_wit
         tmp_path, monkeypatch):
     """Over 2 GB (simulated by lowering the limit): the atomic save writes external data tensor by tensor,
     sessions and their intermediate-output probes go through files, and the in-memory model is untouched."""
-    from onnxadmm import runtime
+    from onnxadmm.onnxio import runtime
     from onnxadmm.onnxio import save
 
     model = tiny_cnn()

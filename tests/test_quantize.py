@@ -13,8 +13,8 @@ from models import mlp, run, samples_for, tiny_cnn
 from onnxadmm import CompressConfig, ValidateConfig, compress
 from onnxadmm.algorithms.projections.grid import IntegerGrid, integer_values, output_error_scales, to_grid
 from onnxadmm.algorithms.projections.sparse import TopK
-from onnxadmm.quantize.qdq import fusion_coverage
-from onnxadmm.quantize.ranges import choose_range, quantization_mse
+from onnxadmm.export.qdq import fusion_coverage
+from onnxadmm.calib.ranges import choose_range, quantization_mse
 
 FAST = dict(sensitivity_samples=8, admm_iterations=6, sample_patches=1024, seed=0)
 QUICK = ValidateConfig(latency_rounds=2)
@@ -217,7 +217,6 @@ def test_a_latency_target_with_int8_is_planned_on_int8_timings(tmp_path, monkeyp
     (r₀) and times every candidate in int8 against the int8 original, aiming at T / r₀."""
     from models import GraphBuilder
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     b = GraphBuilder(5)
     y = b.conv("input", 64, 128, act="Relu")
     y = b.conv(y, 128, 128, act="Relu")
@@ -237,7 +236,7 @@ def test_a_latency_target_with_int8_is_planned_on_int8_timings(tmp_path, monkeyp
 
 def test_input_rounding_is_exact_when_off_and_uint8_rounding_when_switched_on():
     from onnxadmm.quantize.fakequant import scale_and_zero_point, with_input_rounding
-    from onnxadmm.quantize.ranges import TensorRange
+    from onnxadmm.calib.ranges import TensorRange
 
     model = mlp()
     feed = samples_for(model, 16)

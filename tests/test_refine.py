@@ -165,7 +165,7 @@ def test_factor_pairs_are_refined_against_the_original_blocks(form):
 
 
 def test_loss_ignores_the_channels_slicing_removes():
-    from onnxadmm.refine import _loss_weight
+    from onnxadmm.finetune.refine import _loss_weight
 
     target = np.ones((4, 6, 3, 3), np.float32)
     weight = _loss_weight(target, (1, np.array([0, 4])))

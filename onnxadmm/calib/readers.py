@@ -92,6 +92,32 @@ def select(samples: SampleSet, count: int | None, what: str = "calibration") -> 
     return samples.subset(keep), rest
 
 
+def held_out_rows(num_samples: int, fixed_batch: int | None = None) -> np.ndarray:
+    """The held-out rule of the fine-tuning stages (block refinement, distillation): every tenth sample (batch,
+    for a model with a fixed batch ``B``), when there are ≥ 20 of them; a boolean mask."""
+    batch = fixed_batch or 1
+    index = np.arange(num_samples) // batch
+    if num_samples // batch < 20:
+        return np.zeros(num_samples, bool)
+    return (index % 10 == 9) & (index < num_samples // batch)
+
+
+def evaluation_set(evaluation, inputs, calib_all: SampleSet, rest: np.ndarray, used: SampleSet,
+                   validate_config, seed: int) -> tuple[SampleSet, bool]:
+    """The held-out data for validation: ``evaluation`` when given, else the calibration samples ``select``
+    left out, else the calibration samples themselves (then reported as not held out)."""
+    if evaluation is not None:
+        samples = open_samples(evaluation, inputs, validate_config.labels, seed, what="evaluation")
+        held_out = True
+    elif len(rest):
+        samples, held_out = calib_all.subset(rest), True
+    else:
+        samples, held_out = used, False
+    if validate_config.eval_samples:
+        samples, _ = select(samples, min(validate_config.eval_samples, samples.num_samples), "evaluation")
+    return samples, held_out
+
+
 def open_samples(spec: Any, inputs: Mapping[str, TensorType], labels_key: str | None = None,
                  seed: int = 0, what: str = "calibration", labels_required: bool = True) -> SampleSet:
     """Read ``spec`` and check it against the model ``inputs`` (name -> type).

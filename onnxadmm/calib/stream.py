@@ -16,8 +16,8 @@ import numpy as np
 import onnx
 
 from ..onnxio.graph import GraphView, TensorType, node_inputs
+from ..onnxio.runtime import session
 from ..onnxio.subgraph import cut
-from ..runtime import session
 from .readers import SampleSet
 from .store import TensorStore
 

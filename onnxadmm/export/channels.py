@@ -26,6 +26,7 @@ from onnx import helper
 
 from ..analysis.channels import CHANNEL_MOVERS, ChannelGroup, channel_pieces
 from ..onnxio.graph import GraphView
+from ..onnxio.load import default_opset
 from ..onnxio.normalize import infer_types
 from .apply import write_initializers
 
@@ -147,7 +148,7 @@ class _Slicer:
 
     @property
     def opset(self) -> int:
-        return next((o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        return default_opset(self.model)
 
 
 def slice_channels(model: onnx.ModelProto, groups: list[ChannelGroup], keep: Mapping[str, np.ndarray]
@@ -239,7 +240,7 @@ def _cut_through(slicer: _Slicer, index: int, group: ChannelGroup, channels: np.
     elif op in ("Add", "Sub", "Mul", "Div", "PRelu"):
         for slot, name in enumerate(node.input):
             if name and view.is_constant(name):
-                axis = _channel_axis_of_constant(view.initializers[name], kind, view, node)
+                axis = channel_axis_of_constant(view.initializers[name], kind, view, node)
                 if axis is not None:
                     slicer.cut(index, slot, axis, removed)
     elif op == "Reshape":  # its output is not a group tensor: ``removed`` are its input's positions
@@ -247,7 +248,7 @@ def _cut_through(slicer: _Slicer, index: int, group: ChannelGroup, channels: np.
         slicer.reshape_cuts[index] = slicer.reshape_cuts.get(index, 0) + len(removed) * int(np.prod(shape[2:]))
 
 
-def _channel_axis_of_constant(tensor: onnx.TensorProto, kind: str, view: GraphView, node) -> int | None:
+def channel_axis_of_constant(tensor: onnx.TensorProto, kind: str, view: GraphView, node) -> int | None:
     """Axis of a per-channel constant that holds the channels (None for a scalar): the last axis for
     row features; for [N, C, ...] data the axis aligned (right-justified broadcast) with axis 1."""
     ndim = len(tensor.dims)

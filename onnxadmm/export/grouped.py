@@ -22,7 +22,7 @@ from ..analysis.channels import ChannelGroup
 from ..onnxio.graph import GraphView
 from ..onnxio.normalize import infer_types
 from .apply import write_initializers
-from .channels import _channel_axis_of_constant
+from .channels import channel_axis_of_constant
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,6 @@ def _permute_through(view: GraphView, index: int, perm: np.ndarray, kind: str, v
     elif node.op_type in ("Add", "Sub", "Mul", "Div", "PRelu"):
         for slot, name in enumerate(node.input):
             if name and view.is_constant(name):
-                axis = _channel_axis_of_constant(view.initializers[name], kind, view, node)
+                axis = channel_axis_of_constant(view.initializers[name], kind, view, node)
                 if axis is not None:
                     values[private(index, slot)] = np.take(value(name), perm, axis=axis)

@@ -167,3 +167,36 @@ def _tensor_type(value: onnx.ValueInfoProto) -> TensorType | None:
 def has_qdq(model: onnx.ModelProto) -> bool:
     """True for a QDQ (quantized) model: one with DequantizeLinear nodes."""
     return any(node.op_type == "DequantizeLinear" for node in model.graph.node)
+
+
+def model_inputs(view: GraphView) -> dict[str, TensorType]:
+    inputs = {}
+    for name in view.input_names:
+        tensor_type = view.types.get(name)
+        if tensor_type is None:
+            raise UnsupportedModelError(f"model input {name!r} has no tensor type; onnxadmm needs typed inputs")
+        inputs[name] = tensor_type
+    return inputs
+
+
+def signature_differences(a: GraphView, b: GraphView) -> list[str]:
+    """How the inputs and outputs of two models differ: names, dtypes, ranks and dimensions (a static size
+    differs from another size and from a dynamic axis; two dynamic axes match whatever their names)."""
+    if a.input_names != b.input_names or a.output_names != b.output_names:
+        return [f"inputs {a.input_names} vs {b.input_names}, outputs {a.output_names} vs {b.output_names}"]
+    found = []
+    for kind, names in (("input", a.input_names), ("output", a.output_names)):
+        for name in names:
+            ta, tb = a.types.get(name), b.types.get(name)
+            if ta is None or tb is None:
+                continue
+            if ta.elem_type != tb.elem_type:
+                found.append(f"{kind} {name!r} is {ta.dtype} vs {tb.dtype}")
+            elif ta.shape is not None and tb.shape is not None and (
+                    len(ta.shape) != len(tb.shape) or any(_static(x) != _static(y) for x, y in zip(ta.shape, tb.shape))):
+                found.append(f"{kind} {name!r} has shape {list(ta.shape)} vs {list(tb.shape)}")
+    return found
+
+
+def _static(dim) -> int | None:
+    return dim if isinstance(dim, int) and dim > 0 else None

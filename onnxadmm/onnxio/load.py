@@ -242,3 +242,10 @@ def _text_fields(message, place: str):
 def _is_repeated(descriptor) -> bool:
     return descriptor.is_repeated if hasattr(descriptor, "is_repeated") else \
         descriptor.label == descriptor.LABEL_REPEATED
+
+
+def as_loaded(model) -> LoadedModel:
+    """``model`` as a LoadedModel: a path is read, a ModelProto wrapped, a LoadedModel returned as it is."""
+    if isinstance(model, LoadedModel):
+        return model
+    return model_from_proto(model) if isinstance(model, onnx.ModelProto) else load_model(model)

@@ -26,7 +26,7 @@ from onnx import numpy_helper
 
 from ..errors import UnsupportedModelError
 from .graph import GraphView
-from .load import full_check
+from .load import default_opset, full_check
 from .save import without_initializers
 
 # (op_type -> input slots that hold constants we may need as initializers)
@@ -51,7 +51,7 @@ def normalize(model: onnx.ModelProto) -> NormalizedModel:
     _passes_full_check(model, rewrites)
     _unique_names(model.graph, rewrites)
     _fold_weight_constants(model.graph, rewrites)
-    if _default_opset(model) >= 11:
+    if default_opset(model) >= 11:
         _explicit_clip_bounds(model.graph, rewrites)
     _unshare_biases(model.graph, rewrites)
     inferred = infer_types(model)
@@ -210,10 +210,6 @@ def _unshare_biases(graph: onnx.GraphProto, rewrites: list[str]) -> None:
         graph.initializer.remove(tensor)
     if copied:
         rewrites.append(f"gave {copied} Conv/Gemm nodes a private copy of a bias they shared")
-
-
-def _default_opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 SHAPE_PROXY_MIN_ELEMENTS = 1024  # initializers at least this large enter shape inference as typed inputs

@@ -14,7 +14,7 @@ import onnx
 from google.protobuf.message import EncodeError
 from onnx import numpy_helper
 
-from ..errors import ExportError
+from ..errors import ExportError, UnsupportedModelError
 from .outputs import OutputSet
 
 PROTOBUF_LIMIT_BYTES = (1 << 31) - (1 << 20)  # keep 1 MB of margin under protobuf's 2 GB
@@ -155,3 +155,16 @@ def write_with_external_data(skeleton: onnx.ModelProto, initializers: Iterable[o
     blob = model_with_stubs(skeleton, stubs)
     path.write_bytes(blob)
     return len(blob) + data_bytes
+
+
+def compressed_before(model: onnx.ModelProto, force: bool) -> list[str]:
+    """A note when onnxadmm already compressed ``model`` (its metadata says so); refused unless ``force``."""
+    previous = read_metadata(model)
+    if f"{METADATA_PREFIX}version" not in previous:
+        return []
+    message = (f"this model was already compressed by onnxadmm {previous[f'{METADATA_PREFIX}version']} "
+               f"(config sha256 {previous.get(f'{METADATA_PREFIX}config_sha256', '?')[:12]})")
+    if not force:
+        raise UnsupportedModelError(message + "; compressing twice compounds the error. Pass --force to do it "
+                                              "anyway")
+    return [message + "; compressed again because of --force"]

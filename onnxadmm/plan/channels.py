@@ -26,9 +26,9 @@ from ..analysis.channels import ChannelGroup, Consumer
 from ..analysis.layers import Layer
 from ..calib.readers import SampleSet
 from ..config import CompressConfig
+from ..cost.footprint import node_macs
 from ..errors import ConfigError
 from ..onnxio.graph import GraphView
-from ..validation.footprint import node_macs
 from .allocate import Option, allocate
 from .sensitivity import input_second_moments, output_damage
 

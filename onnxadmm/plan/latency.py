@@ -2,7 +2,7 @@
 
 Each Conv / Gemm / MatMul that a channel group touches is cut out as a one-node model at its observed
 input shape (at ``--latency-batch``, default 1) and timed A/B against itself with the group's side
-narrowed to each candidate width (interleaved rounds, median of per-round ratios; ``validation/latency.py``).
+narrowed to each candidate width (interleaved rounds, median of per-round ratios; ``cost/timing.py``).
 Times are cached per (op, attributes, shapes, threads), in memory and in
 ``$XDG_CACHE_HOME/onnxadmm/latency-<ort>-<cpu>.json``.
 
@@ -31,11 +31,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..analysis.channels import ChannelGroup
 from ..calib.readers import SampleSet
+from ..cost.timing import measure, timed
 from ..errors import ConfigError, ExportError
 from ..onnxio.graph import GraphView
 from ..onnxio.outputs import OutputSet
-from ..runtime import cpu_threads, session
-from ..validation.latency import measure, timed
+from ..onnxio.runtime import cpu_threads, session
 
 ROUNDS = 15
 PLAN_ROUNDS = 100  # A/B rounds when a whole planned model is timed against the original
@@ -132,7 +132,7 @@ class LatencyTable:
         those of the integer kernels (see ``int8_ratio`` for the step from fp32 to int8)."""
         def run():
             if self.precision == "int8":
-                from ..quantize.qdq import rounded_qdq
+                from ..export.qdq import rounded_qdq
 
                 return measure(rounded_qdq(original, feed), rounded_qdq(planned, feed), feed, PLAN_ROUNDS,
                                self.threads)
@@ -144,7 +144,7 @@ class LatencyTable:
     def int8_ratio(self, original: onnx.ModelProto, feed: dict[str, np.ndarray]) -> float:
         """Measured latency of the int8 form of ``original`` over its fp32 latency (cached like a plan): a
         target T of the fp32 original's latency is T / this of the int8 original's."""
-        from ..quantize.qdq import rounded_qdq
+        from ..export.qdq import rounded_qdq
 
         def run():
             return measure(original, rounded_qdq(original, feed), feed, PLAN_ROUNDS, self.threads)

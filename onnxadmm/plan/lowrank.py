@@ -36,9 +36,9 @@ from ..algorithms.factorize import RankSpec
 from ..analysis.layers import Layer
 from ..calib.readers import SampleSet
 from ..config import CompressConfig
+from ..cost.footprint import node_macs
 from ..errors import ConfigError
 from ..onnxio.graph import GraphView
-from ..validation.footprint import node_macs
 from .allocate import Option, allocate
 from .latency import (LatencyTable, context_factor, feed_batch, in_context, latency_unit, meet_measured_latency,
                       node_key, timing_feed)

@@ -27,6 +27,10 @@ class Plan:
     measured_damage: dict[str, float] = field(default_factory=dict)
     probe_level: float | None = None
 
+    def report(self) -> dict:
+        return {"strategy": self.strategy, "probe_level": self.probe_level,
+                "measured_output_damage": self.measured_damage}
+
 
 def plan_sparsity(view: GraphView, layers: list[Layer], samples: SampleSet, config: CompressConfig
                   ) -> Plan:

@@ -18,7 +18,7 @@ import onnx
 from ..analysis.layers import Layer
 from ..calib.readers import SampleSet
 from ..onnxio.graph import GraphView
-from ..runtime import session, session_with_outputs
+from ..onnxio.runtime import session, session_with_outputs
 
 
 def input_second_moments(view: GraphView, layers: list[Layer], samples: SampleSet, batch_size: int,

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .ranges import LEVELS, TensorRange
+from ..calib.ranges import LEVELS, TensorRange
 
 PREFIX = "__onnxadmm_fq_"
 

@@ -22,16 +22,16 @@ import onnx
 
 from ..algorithms.solve import Structure
 from ..analysis.layers import apply_exclude, find_layers
+from ..calib.ranges import TensorRange, activation_ranges, float_tensors
 from ..calib.readers import SampleSet
 from ..config import CompressConfig
 from ..export.apply import apply_initializers
+from ..export.qdq import WEIGHT_OPS, FusionCoverage, WeightScales, fusion_coverage, quantize_qdq, weight_axis
 from ..onnxio.graph import GraphView
 from ..onnxio.normalize import infer_types, normalize
 from ..report.schema import layer_row
-from ..sequential import compress_layers
+from ..solve.layerwise import compress_layers
 from .fakequant import with_input_rounding
-from .qdq import WEIGHT_OPS, FusionCoverage, WeightScales, fusion_coverage, quantize_qdq, weight_axis
-from .ranges import TensorRange, activation_ranges, float_tensors
 
 Progress = Callable[[str, int, int, str], None]
 

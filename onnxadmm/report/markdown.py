@@ -179,6 +179,28 @@ def _quantization(lines: list[str], quant: dict) -> None:
                      f"{row['reason']}")
 
 
+def _search(lines: list[str], search: dict) -> None:
+    gate = ", ".join(f"{k.replace('_pt', '')} {'≤' if k == 'accuracy_drop_pt' else '≥'} {v}"
+                     for k, v in search["gate"].items())
+    lines.append(f"## Search: the lowest {search['cost']} within the budget ({gate})")
+    lines.append("")
+    lines.append(f"Chosen: **{search['chosen']}**" + ("" if search["held"] else f" — {search['reason']}")
+                 + f". {len(search['candidates'])} candidates in {search['search_s']:.0f} s"
+                 + (f" (budget {search['time_budget_s'] / 60:.0f} min)" if search.get("time_budget_s") else "")
+                 + "; the details below are the chosen model's.")
+    lines.append("")
+    if search.get("chart"):
+        lines.extend([search["chart"], ""])
+    lines.append(f"| candidate | {search['cost']} | top-1 drop (pt) | agreement | gate | frontier | s | note |")
+    lines.append("|---|---|---|---|---|---|---|---|")
+    for row in search["candidates"]:
+        name = f"**{row['label']}** (chosen)" if row["chosen"] else row["label"]
+        lines.append(f"| {name} | {_fmt(row['cost_ratio'], 3)} | {_fmt(row['accuracy_drop_pt'])} | "
+                     f"{_fmt(row['agreement'], 4)} | {'holds' if row['passed'] else 'missed'} | "
+                     f"{'yes' if row['on_frontier'] else ''} | {row['seconds']:.0f} | {row['note']} |")
+    lines.append("")
+
+
 def render(report: dict) -> str:
     lines = [f"# onnxadmm {report['kind']} report", ""]
     status = "PASSED" if report.get("passed", True) else "FAILED (a gate was missed)"
@@ -208,6 +230,8 @@ def render(report: dict) -> str:
     for note in report.get("notes", []):
         lines.append(f"- note: {note}")
     lines.append("")
+    if report.get("search"):
+        _search(lines, report["search"])
     if report.get("validation"):
         _validation(lines, report["validation"])
     if report.get("layers"):

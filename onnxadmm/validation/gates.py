@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import ValidateConfig
+from ..cost.timing import LatencyAB
 from ..errors import ConfigError
 from .compare import Comparison
-from .latency import LatencyAB
 
 
 @dataclass

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from ..onnxio.runtime import cpu_threads, session_options
 from ..onnxio.save import exceeds_protobuf_limit
 from ..onnxio.scratch import scratch_folder
-from ..runtime import cpu_threads, session_options
 
 COMPUTE_OPS = {"Conv", "FusedConv", "NchwcConv", "Gemm", "MatMul", "FusedMatMul", "FusedGemm", "ConvTranspose"}
 # what export/lowrank.py puts in the names of the nodes and tensors a factorized layer adds

@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import onnx
 
 from ..calib.readers import SampleSet
 from ..config import ValidateConfig
+from ..cost.footprint import Footprint, footprint
+from ..cost.timing import LatencyAB, measure
 from ..onnxio.graph import has_qdq
-from ..runtime import session
+from ..onnxio.runtime import session
 from .compare import Comparison, compare, run_all
-from .footprint import Footprint, footprint
 from .gates import GateResult, evaluate
-from .latency import LatencyAB, measure
 from .profile import explain, time_split
 
 # A speed-up inside this band is reported as "no measurable change".
@@ -80,6 +81,17 @@ def accuracy_gates(outputs_original: dict[str, np.ndarray], compressed: onnx.Mod
     comparison = compare(outputs_original, outputs, samples.labels, samples.num_samples)
     accuracy_only = dataclasses.replace(config, min_speedup=None)
     return all(g.passed for g in evaluate(accuracy_only, comparison, [])), comparison
+
+
+def gate_checker(original: onnx.ModelProto, samples: SampleSet, config: ValidateConfig, compress_config
+                 ) -> Callable[[onnx.ModelProto], tuple[bool, Comparison]] | None:
+    """``model -> (accuracy gates passed, comparison)`` against ``original`` on ``samples`` (the original
+    run once), or None when ``config`` sets no accuracy or agreement gate."""
+    if config.max_accuracy_drop is None and config.min_agreement is None:
+        return None
+    batch, threads = compress_config.batch_size, compress_config.threads
+    outputs_original = run_all(session(original, threads), samples, batch)
+    return lambda model: accuracy_gates(outputs_original, model, samples, config, batch, threads)
 
 
 def gains_statement(a: Footprint, b: Footprint, latencies: list[LatencyAB], quantized: bool = False) -> list[str]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..runtime import cpu_threads, session
+from ..onnxio.runtime import cpu_threads, session
 
 MIN_MEASURE_S = 0.005
 

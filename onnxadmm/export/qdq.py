@@ -23,11 +23,11 @@ from typing import Mapping
 import numpy as np
 import onnx
 
+from ..calib.ranges import TensorRange
 from ..calib.readers import SampleSet
+from ..onnxio.runtime import session_options
 from ..onnxio.save import exceeds_protobuf_limit, without_initializers, write_with_external_data
 from ..onnxio.scratch import scratch_folder
-from ..runtime import session_options
-from .ranges import TensorRange
 
 INTEGER_KERNELS = {"QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger",
                    "DynamicQuantizeMatMul", "NhwcQLinearConv"}

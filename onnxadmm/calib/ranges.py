@@ -20,8 +20,8 @@ from typing import Callable, Iterable
 import numpy as np
 import onnx
 
-from ..calib.readers import SampleSet
-from ..runtime import session_with_outputs
+from ..onnxio.runtime import session_with_outputs
+from .readers import SampleSet
 
 ESTIMATORS = ("auto", "minmax", "percentile", "mse")
 BINS = 2048

@@ -26,16 +26,17 @@ import numpy as np
 import onnx
 import torch
 
-from .analysis.blocks import Block, constant_nodes, find_blocks, nodes_between
-from .bridge.torch_block import BlockModule, WeightHandle, convert_block, find_weights
-from .bridge.torch_layer import BridgeError
-from .calib.readers import SampleSet
-from .config import CompressConfig
-from .export.apply import apply_initializers
-from .onnxio.graph import GraphView, TensorType
-from .onnxio.subgraph import cut
-from .runtime import session
-from .sequential import Progress
+from ..analysis.blocks import Block, constant_nodes, find_blocks, nodes_between
+from ..bridge.torch_block import BlockModule, WeightHandle, convert_block, find_weights
+from ..bridge.torch_layer import BridgeError
+from ..calib.readers import SampleSet, held_out_rows
+from ..config import CompressConfig
+from ..export.apply import apply_initializers
+from ..onnxio.graph import GraphView
+from ..onnxio.runtime import session
+from ..onnxio.subgraph import cut
+from ..solve.layerwise import Progress
+from .train import cosine_adam, in_batches, masked_step, run_torch, value_types
 
 
 @dataclass
@@ -96,8 +97,7 @@ def refine_blocks(original: GraphView, compressed: onnx.ModelProto, samples: Sam
     student_values = dict(teacher_values)
     refined: dict[str, np.ndarray] = {}
     outcomes = []
-    held_out = np.arange(samples.num_samples) % 10 == 9 if samples.num_samples >= 20 else \
-        np.zeros(samples.num_samples, bool)
+    held_out = held_out_rows(samples.num_samples, samples.fixed_batch)
     for index, block in enumerate(blocks):
         progress("refine", index, len(blocks), block.name)
         started = time.perf_counter()
@@ -142,11 +142,6 @@ def _teacher(original: GraphView, constants: set[int], block: Block, values: Map
     except BridgeError:
         return _run_onnx(original, piece, values, config), ""
     return run_torch(teacher, values, config.batch_size), ""
-
-
-def value_types(values: Mapping[str, np.ndarray]) -> dict[str, TensorType]:
-    return {n: TensorType(onnx.helper.np_dtype_to_tensor_dtype(a.dtype), (None,) * a.ndim)
-            for n, a in values.items()}
 
 
 def _loss_weight(target: np.ndarray, ignored: tuple[int, np.ndarray] | None) -> torch.Tensor:
@@ -218,47 +213,9 @@ def _train(student: BlockModule, handles: dict[str, WeightHandle], inputs, targe
     return {name: handle.to_onnx() for name, handle in handles.items()}
 
 
-def cosine_adam(tensors: list[torch.Tensor], lr: float, steps: int):
-    """Adam over ``tensors`` with the learning rate lr·½(1 + cos(π s / steps)) at step s."""
-    optimizer = torch.optim.Adam(tensors, lr=lr)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-
-
-def masked_step(optimizer, schedule, loss: torch.Tensor, tensors: list[torch.Tensor],
-                masks: list[torch.Tensor]) -> None:
-    """One optimizer step on ``loss``, then W ← W ⊙ M for each tensor (supports stay fixed)."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    schedule.step()
-    with torch.no_grad():
-        for tensor, mask in zip(tensors, masks):
-            tensor.mul_(mask)
-
-
-def run_torch(block: BlockModule, inputs: Mapping[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
-    """The module's outputs on ``inputs`` (no gradients), ``batch_size`` samples at a time."""
-    def run(feed):
-        with torch.no_grad():
-            return [out.numpy() for out in block({n: torch.from_numpy(a) for n, a in feed.items()})]
-
-    return in_batches(run, inputs, block.input_names, block.output_names, batch_size)
-
-
 def _run_onnx(view: GraphView, block: Block, inputs: Mapping[str, np.ndarray],
               config: CompressConfig) -> dict[str, np.ndarray]:
     model = cut(view, block.node_ids, block.outputs, value_types(inputs))
     sess = session(model, config.threads)
     return in_batches(lambda feed: sess.run(block.outputs, feed), inputs, [v.name for v in model.graph.input],
                        block.outputs, config.batch_size)
-
-
-def in_batches(run, inputs: Mapping[str, np.ndarray], names: list[str], outputs: list[str],
-                batch_size: int) -> dict[str, np.ndarray]:
-    """``run`` (a feed of ``names`` -> arrays of ``outputs``) over all samples, ``batch_size`` at a time."""
-    count = len(inputs[names[0]])
-    parts: list[list[np.ndarray]] = [[] for _ in outputs]
-    for start in range(0, count, batch_size):
-        for part, out in zip(parts, run({n: inputs[n][start:start + batch_size] for n in names})):
-            part.append(out)
-    return {name: np.concatenate(part) for name, part in zip(outputs, parts)}

@@ -10,14 +10,14 @@ from typing import Sequence
 
 import onnx
 
-from .config import available_cores
-from .errors import UnsupportedModelError
-from .onnxio.scratch import scratch_folder
-from .onnxio.save import (
+from ..config import available_cores
+from ..errors import UnsupportedModelError
+from .save import (
     exceeds_protobuf_limit,
     without_initializers,
     write_with_external_data,
 )
+from .scratch import scratch_folder
 
 
 def cpu_threads(requested: int) -> int:

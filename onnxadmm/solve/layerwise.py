@@ -13,16 +13,16 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .algorithms.admm import AdmmSettings
-from .algorithms.factorize import Factors
-from .algorithms.solve import Structure, solve_layer
-from .analysis.layers import Declined, Layer
-from .bridge.torch_layer import BridgeError, activation_function
-from .calib.readers import SampleSet
-from .calib.sampling import SampleSettings, SamplingError, sample_problem
-from .calib.stream import ActivationStream
-from .config import CompressConfig
-from .onnxio.graph import GraphView
+from ..algorithms.admm import AdmmSettings
+from ..algorithms.factorize import Factors
+from ..algorithms.solve import Structure, solve_layer
+from ..analysis.layers import Declined, Layer
+from ..bridge.torch_layer import BridgeError, activation_function
+from ..calib.readers import SampleSet
+from ..calib.stream import ActivationStream
+from ..config import CompressConfig
+from ..onnxio.graph import GraphView
+from .problem import SampleSettings, SamplingError, sample_problem
 
 Progress = Callable[[str, int, int, str], None]
 
@@ -54,8 +54,8 @@ class SequentialResult:
     declined: list[Declined]
     peak_cache_bytes: int
     spilled_bytes: int
-    refined: list = field(default_factory=list)  # block-wise refinement outcomes (refine.py), when it ran
-    distilled: Any = None  # the whole-model distillation record (distill.py), when it ran
+    refined: list = field(default_factory=list)  # block-wise refinement outcomes (finetune/refine.py), when it ran
+    distilled: Any = None  # the whole-model distillation record (finetune/distill.py), when it ran
 
 
 def schedule(view: GraphView, layers: list[Layer]) -> list[Layer]:
@@ -81,15 +81,6 @@ def schedule(view: GraphView, layers: list[Layer]) -> list[Layer]:
         done.add(ready.name)
         remaining.remove(ready)
     return ordered
-
-
-ELEMENT_KINDS = {"sparse": "unstructured", "nm": "nm", "l1": "l1", "l0": "l0", "kernels": "kernels"}
-
-
-def structure_for(layer: Layer, config: CompressConfig, level: float) -> Structure:
-    """The per-layer structure of the element-sparsity methods at ``level``."""
-    n, m = config.nm_pattern
-    return Structure(kind=ELEMENT_KINDS[config.method], sparsity=level, n=n, m=m, taps=layer.taps)
 
 
 def admm_settings(config: CompressConfig) -> AdmmSettings:

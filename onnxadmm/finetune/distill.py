@@ -33,15 +33,16 @@ import numpy as np
 import onnx
 import torch
 
-from .bridge.torch_block import BlockModule, convert_block, find_weights
-from .bridge.torch_layer import BridgeError
-from .calib.readers import SampleSet
-from .config import CompressConfig
-from .export.apply import apply_initializers
-from .onnxio.graph import GraphView
-from .refine import changed_initializers, cosine_adam, in_batches, masked_step, run_torch, value_types
-from .runtime import session
-from .sequential import Progress
+from ..bridge.torch_block import BlockModule, convert_block, find_weights
+from ..bridge.torch_layer import BridgeError
+from ..calib.readers import SampleSet, held_out_rows
+from ..config import CompressConfig
+from ..export.apply import apply_initializers
+from ..onnxio.graph import GraphView
+from ..onnxio.runtime import session
+from ..solve.layerwise import Progress
+from .refine import changed_initializers
+from .train import cosine_adam, in_batches, masked_step, run_torch, value_types
 
 TEMPERATURE = 4.0
 
@@ -110,16 +111,6 @@ def distill(original: onnx.ModelProto, compressed: onnx.ModelProto, samples: Sam
         record.note = "; ".join(n for n in (record.note, "the held-out loss did not fall; solved weights kept") if n)
         return compressed, record
     return apply_initializers(compressed, {n: h.to_onnx() for n, h in handles.items()}), record
-
-
-def held_out_rows(num_samples: int, fixed_batch: int | None = None) -> np.ndarray:
-    """Mask of the samples held out for the distillation's check: every tenth (batch, for a model with a
-    fixed batch ``B``), when there are ≥ 20 of them."""
-    batch = fixed_batch or 1
-    index = np.arange(num_samples) // batch
-    if num_samples // batch < 20:
-        return np.zeros(num_samples, bool)
-    return (index % 10 == 9) & (index < num_samples // batch)
 
 
 def _augmentation(samples: SampleSet, requested: str) -> str:

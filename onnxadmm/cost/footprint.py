@@ -20,8 +20,8 @@ import onnx
 from onnx import numpy_helper
 
 from ..onnxio.graph import GraphView
+from ..onnxio.runtime import session_with_outputs
 from ..onnxio.save import serialized_pieces
-from ..runtime import session_with_outputs
 
 
 @dataclass

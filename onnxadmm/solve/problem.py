@@ -18,7 +18,7 @@ from ..algorithms.patches import conv_patches, resolve_conv, sample_positions
 from ..algorithms.problem import LayerProblem
 from ..analysis.layers import Layer
 from ..bridge.torch_layer import BridgeError, verify_layer
-from .stream import COMPRESSED, ORIGINAL, ActivationStream
+from ..calib.stream import COMPRESSED, ORIGINAL, ActivationStream
 
 
 class SamplingError(Exception):

@@ -1,0 +1,171 @@
+"""The budget-driven search (``onnxadmm compress IN OUT --calib C --max-accuracy-drop PT`` with no
+``--method``): the fastest (``--objective latency``) or smallest (``size``) model the methods reach while every
+gate holds on the evaluation data.
+
+Candidates, cheapest first, each a full ``compress`` measured in onnxruntime like any other run:
+1. int8 alone (``--method none --quantize int8``); its measured latency ratio r₀ anchors the rest.
+2. latency: channel pruning + int8 at ``--target-latency`` r₀·f for f in ``LATENCY_STEPS`` (fp32 channel
+   pruning at 1·f when int8 is not faster or fails the gate); size: element sparsity + int8 at
+   ``SPARSITIES`` (fp32 when int8 fails the gate). Each ladder is climbed while the gate holds: damage grows
+   with the step, so the first miss ends it; one bisection step then tries the level between the last hold
+   (int8 alone counting as level 0) and the miss.
+3. The least aggressive miss is tried again with block refinement (``--refine-epochs``, default ``REFINE_EPOCHS``), the
+   one place where the extra time can move the frontier.
+A candidate that would not finish within ``--time-budget`` (estimated from the slowest run so far) is skipped
+and reported as such.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import time
+from typing import Callable
+
+from ..config import CompressConfig, ValidateConfig
+from ..errors import ConfigError, OnnxAdmmError
+from .chart import mermaid_frontier
+from .frontier import Candidate, Measured, choose, closest, frontier, mark
+
+LATENCY_STEPS = (0.92, 0.84, 0.76)
+SPARSITIES = (0.5, 0.75, 0.9, 0.95)
+REFINE_EPOCHS = 10
+
+
+def run_search(attempt: Callable[[CompressConfig], object], config: CompressConfig,
+               validate_config: ValidateConfig, progress: Callable[[str, int, int, str], None]):
+    """``attempt(config) -> CompressResult`` runs one candidate. Returns the chosen candidate's result with the
+    report's ``search`` section (or, when no candidate holds the gate, the closest one with ``passed`` False)."""
+    if validate_config.max_accuracy_drop is None and validate_config.min_agreement is None:
+        raise ConfigError("the search needs a budget: --max-accuracy-drop PT (with --labels) or --min-agreement F "
+                          "(or choose a --method)")
+    search = _Search(attempt, config, progress)
+    int8 = search.run(Candidate("int8", {"method": "none", "quantize": "int8"}))
+    int8_holds = int8 is not None and int8.passed
+    anchor = int8.cost if int8_holds and int8.cost < 1.0 else 1.0
+    quantize = "int8" if int8_holds and (config.objective == "size" or int8.cost < 1.0) else "none"
+    suffix = " + int8" if quantize == "int8" else " (fp32)"
+
+    def make(level: float, refine: int = 0) -> Candidate:
+        if config.objective == "latency":
+            label, settings = f"channels {level:.3f}", {"method": "channel", "target_latency": round(level, 3)}
+        else:
+            label, settings = f"sparse {level:.3f}", {"method": "sparse", "sparsity": round(level, 3)}
+        settings = {**settings, "quantize": quantize, **({"refine_epochs": refine} if refine else {})}
+        return Candidate(label + suffix + (", refined" if refine else ""), settings, "refine" if refine else "solve")
+
+    levels = [anchor * f for f in LATENCY_STEPS] if config.objective == "latency" else list(SPARSITIES)
+    # int8 alone is the ladder's level 0 (channels at the int8 latency, or no sparsity): the bisection may fall
+    # between it and the first step
+    held, missed = (anchor if config.objective == "latency" else 0.0) if int8_holds else None, None
+    for level in levels:
+        outcome = search.run(make(level))
+        if outcome is None or not outcome.passed:
+            missed = level if outcome is not None and outcome.cost is not None else None
+            break
+        held = level
+    if missed is not None and held is not None:  # one bisection step between the last hold and the miss
+        middle = (held + missed) / 2
+        outcome = search.run(make(middle))
+        if outcome is not None and not outcome.passed and outcome.cost is not None:
+            missed = middle
+    if missed is not None:
+        search.run(make(missed, config.refine_epochs or REFINE_EPOCHS))
+    return search.result(validate_config)
+
+
+def _graph_digest(model) -> str | None:
+    """sha256 of the graph (nodes and weights, not the model's metadata, which names each candidate's
+    settings); None for a graph over protobuf's 2 GB limit."""
+    try:
+        return hashlib.sha256(model.graph.SerializeToString()).hexdigest()
+    except ValueError:
+        return None
+
+
+class _Search:
+    def __init__(self, attempt, config: CompressConfig, progress):
+        self.attempt, self.progress = attempt, progress
+        # each candidate is an ordinary compress: options of the search itself go back to their defaults
+        self.base = dataclasses.replace(config, method="sparse", objective="latency", time_budget_min=None,
+                                        refine_epochs=0)
+        self.objective, self.batch = config.objective, config.latency_batch
+        self.budget_s = config.time_budget_min * 60 if config.time_budget_min else math.inf
+        self.started = time.perf_counter()
+        self.measured: list[Measured] = []
+        self.results: dict[int, object] = {}  # id(Measured) -> CompressResult, for the chosen and the closest
+        self.models: dict[str, Measured] = {}  # sha256 of each distinct output model -> its measurement
+
+    def run(self, candidate: Candidate) -> Measured | None:
+        elapsed = time.perf_counter() - self.started
+        slowest = max((m.seconds for m in self.measured), default=0.0)
+        if self.measured and elapsed + slowest > self.budget_s:
+            self.measured.append(Measured(candidate, None, None, None, False, 0.0,
+                                          f"skipped: {elapsed:.0f} s of the {self.budget_s:.0f} s budget spent"))
+            return None
+        self.progress("search", len(self.measured), len(self.measured) + 1, candidate.label)
+        started = time.perf_counter()
+        try:
+            result = self.attempt(dataclasses.replace(self.base, **candidate.settings))
+        except OnnxAdmmError as exc:
+            # on the first candidate a config error is about the settings themselves (e.g. no labels): stop; a
+            # later error is about that candidate (e.g. a latency target it cannot meet): say why and go on
+            if isinstance(exc, ConfigError) and not self.measured:
+                raise
+            self.measured.append(Measured(candidate, None, None, None, False, time.perf_counter() - started,
+                                          f"failed: {exc}"))
+            return self.measured[-1]
+        digest = _graph_digest(result.model)
+        same = self.models.get(digest) if digest else None
+        if same is not None:  # the method changed nothing here (e.g. a target int8 alone already meets)
+            self.measured.append(Measured(candidate, None, same.accuracy_drop_pt, same.agreement, False,
+                                          time.perf_counter() - started, f"the same model as {same.candidate.label}"))
+            return same
+        measured = self._measure(candidate, result.report, time.perf_counter() - started)
+        if digest:
+            self.models[digest] = measured
+        self.measured.append(measured)
+        self.results[id(measured)] = result
+        keep = {id(choose(self.measured)), id(closest(self.measured))}
+        self.results = {k: v for k, v in self.results.items() if k in keep}  # hold at most two models
+        return measured
+
+    def _measure(self, candidate: Candidate, report: dict, seconds: float) -> Measured:
+        validation = report["validation"]
+        if self.objective == "latency":
+            rows = validation["latency"]
+            batch = self.batch or rows[0]["batch_size"]
+            cost = next(r["ratio_median"] for r in rows if r["batch_size"] == batch)
+        else:
+            footprint = validation["footprint"]
+            cost = footprint["compressed"]["zipped_bytes"] / max(footprint["original"]["zipped_bytes"], 1)
+        failed = [g["name"] for g in validation["gates"] if not g["passed"]]
+        return Measured(candidate, cost, validation["accuracy_drop_pt"], validation["agreement"],
+                        bool(report["passed"]), seconds, f"gate missed: {', '.join(failed)}" if failed else "")
+
+    def result(self, validate_config: ValidateConfig):
+        chosen = choose(self.measured)
+        best = chosen or closest(self.measured)
+        mark(self.measured, chosen)
+        if best is None:
+            reasons = "; ".join(f"{m.candidate.label}: {m.note}" for m in self.measured)
+            raise OnnxAdmmError(f"no candidate of the search could be compressed ({reasons})")
+        result = self.results[id(best)]
+        gate_kind, gate_value = (("accuracy_drop_pt", validate_config.max_accuracy_drop)
+                                 if validate_config.max_accuracy_drop is not None
+                                 else ("agreement", validate_config.min_agreement))
+        rows = [m.row() for m in self.measured]
+        result.report["search"] = {
+            "objective": self.objective, "cost": "latency ratio" if self.objective == "latency" else
+            "zipped size ratio", "latency_batch": self.batch, "gate": {gate_kind: gate_value},
+            "time_budget_s": None if math.isinf(self.budget_s) else self.budget_s,
+            "search_s": time.perf_counter() - self.started, "chosen": best.candidate.label,
+            "held": chosen is not None, "candidates": rows,
+            "frontier": [m.candidate.label for m in frontier(self.measured)],
+            "chart": mermaid_frontier(rows, self.objective, gate_kind, gate_value),
+            "reason": "" if chosen else "no candidate held the gate on the evaluation data; the output is the "
+                                        f"one closest to it ({best.candidate.label}: {best.note})"}
+        result.report["passed"] = chosen is not None and result.report["passed"]
+        result.passed = result.report["passed"]
+        return result

@@ -1,0 +1,46 @@
+"""The platform check: both models in the other platform's onnxruntime (emulated) and here, outputs
+compared (``aarch64.py``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from ..calib.readers import SampleSet
+from ..config import ValidateConfig
+from ..onnxio.graph import has_qdq
+from ..onnxio.runtime import session
+from ..onnxio.save import save_model_atomic
+from ..onnxio.scratch import scratch_folder
+from .aarch64 import compare, prepare
+
+
+def platform_check(original: onnx.ModelProto, compressed: onnx.ModelProto, samples: SampleSet,
+                   config: ValidateConfig, progress: Callable[[str, int, int, str], None] | None = None) -> dict:
+    """Both models on the first ``platform_samples`` samples in the other platform's onnxruntime (emulated)
+    and here; outputs compared (``aarch64.py``)."""
+    progress = progress or (lambda *args: None)
+    progress("platform", 0, 1, f"{config.platform}: preparing the emulated onnxruntime")
+    env = prepare(log=lambda message: progress("platform", 0, 1, message))
+    count = min(config.platform_samples, samples.num_samples)
+    feed = {name: array[:count] for name, array in samples.arrays.items()}
+    x86 = []
+    for model in (original, compressed):
+        sess = session(model, 1)
+        names = [o.name for o in sess.get_outputs()]
+        runs = [sess.run(names, {n: v[i:i + 1] for n, v in feed.items()}) for i in range(count)]
+        x86.append([np.concatenate([r[k] for r in runs]) for k in range(len(names))])
+    with scratch_folder("onnxadmm-platform-") as folder:
+        paths = []
+        for name, model in (("original", original), ("compressed", compressed)):
+            path = Path(folder) / f"{name}.onnx"
+            save_model_atomic(model, path)  # (over 2 GB: external data, the model in memory unchanged)
+            paths.append(path)
+        progress("platform", 0, 1, f"running {count} samples under qemu")
+        arm = env.run(paths, feed)
+    result = compare(x86, arm["outputs"], ["original", "compressed"], [has_qdq(original), has_qdq(compressed)])
+    result.update({"samples": count, "emulated_machine": arm["machine"], "onnxruntime": arm["ort"]})
+    return result

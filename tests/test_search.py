@@ -1,0 +1,183 @@
+"""The budget-driven search (compress with a budget and no --method): frontier bookkeeping on synthetic
+measurements, the candidate ladder on a synthetic cost/damage table, the Mermaid chart, and the CLI end to
+end on the bundled LeNet-5."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import ROOT
+from onnxadmm.config import CompressConfig, ValidateConfig
+from onnxadmm.errors import ConfigError
+from onnxadmm.budget.chart import mermaid_frontier
+from onnxadmm.budget.frontier import Candidate, Measured, choose, closest, frontier, mark
+from onnxadmm.budget.run import run_search
+
+
+def _measured(label, cost, drop, passed):
+    return Measured(Candidate(label, {}), cost, drop, 1 - drop / 100, passed, 1.0)
+
+
+def test_frontier_keeps_the_undominated_points_and_the_choice_is_the_cheapest_that_holds():
+    points = [_measured("a", 0.50, 0.0, True), _measured("b", 0.40, 0.3, True), _measured("c", 0.45, 0.4, True),
+              _measured("d", 0.30, 1.2, False), _measured("e", 0.60, 0.1, True)]
+    assert [m.candidate.label for m in frontier(points)] == ["d", "b", "a"]  # c is beaten by b, e by a
+    assert choose(points).candidate.label == "b"
+    mark(points, choose(points))
+    assert [m.chosen for m in points] == [False, True, False, False, False]
+    missed = [_measured("x", 0.3, 2.0, False), _measured("y", 0.5, 0.8, False)]
+    assert choose(missed) is None and closest(missed).candidate.label == "y"
+
+
+class _Table:
+    """Stands in for `compress` with a synthetic table: cost and top-1 drop as functions of the settings; the
+    "model" is an empty graph named by ``model_of(config)`` (equal names: the same model)."""
+
+    def __init__(self, drop_of, cost_of, model_of=lambda c: repr(c)):
+        self.drop_of, self.cost_of, self.model_of, self.calls = drop_of, cost_of, model_of, []
+
+    def __call__(self, config: CompressConfig):
+        self.calls.append(config)
+        if config.method == "channel" and config.target_latency < 0.31:
+            raise ConfigError(f"--target-latency {config.target_latency} cannot be met")
+        drop, cost = self.drop_of(config), self.cost_of(config)
+        gate = {"name": "max_accuracy_drop", "passed": drop <= 0.5}
+        report = {"passed": gate["passed"], "validation": {
+            "accuracy_drop_pt": drop, "agreement": 1 - drop / 100, "gates": [gate],
+            "latency": [{"batch_size": 1, "ratio_median": cost}],
+            "footprint": {"original": {"zipped_bytes": 1000}, "compressed": {"zipped_bytes": int(cost * 1000)}}}}
+        model = onnx.helper.make_model(onnx.helper.make_graph([], self.model_of(config), [], []))
+        return SimpleNamespace(report=report, passed=report["passed"], model=model)
+
+
+def _latency_drop(config):
+    if config.method == "none":
+        return 0.1
+    return 0.1 + 40 * max(0.0, 0.45 - config.target_latency) - (0.2 if config.refine_epochs else 0.0)
+
+
+def _latency_cost(config):
+    return 0.47 if config.method == "none" else config.target_latency
+
+
+def test_latency_search_climbs_channel_targets_below_int8_and_refines_the_first_miss():
+    table = _Table(_latency_drop, _latency_cost)
+    result = run_search(table, CompressConfig(method="auto"), ValidateConfig(max_accuracy_drop=0.5),
+                        lambda *a: None)
+    tried = [(c.method, c.quantize, c.target_latency, c.refine_epochs) for c in table.calls]
+    assert tried[0] == ("none", "int8", None, 0)  # int8 alone first: it anchors the latency ladder
+    assert all(q == "int8" for _, q, _, _ in tried[1:])  # int8 held and is faster: channels compose with it
+    assert tried[1][2] == round(0.47 * 0.92, 3) and tried[1][3] == 0
+    search = result.report["search"]
+    rows = {r["label"]: r for r in search["candidates"]}
+    assert any(r["round"] == "refine" for r in rows.values())  # the least aggressive miss, refined
+    holding = [r for r in rows.values() if r["passed"]]
+    assert search["held"] and result.passed
+    assert rows[search["chosen"]]["cost_ratio"] == min(r["cost_ratio"] for r in holding)
+    assert rows[search["chosen"]]["chosen"] and rows[search["chosen"]]["on_frontier"]
+    assert "```mermaid" in search["chart"]
+
+
+def test_size_search_uses_the_zipped_size_and_sparsity_ladder():
+    table = _Table(lambda c: 0.0 if c.method == "none" else max(0.0, (c.sparsity - 0.8) * 10),
+                   lambda c: 0.28 if c.method == "none" else 0.28 * (1 - c.sparsity))
+    result = run_search(table, CompressConfig(method="auto", objective="size"),
+                        ValidateConfig(max_accuracy_drop=0.5), lambda *a: None)
+    sparsities = [c.sparsity for c in table.calls if c.method == "sparse"]
+    assert sparsities[:3] == [0.5, 0.75, 0.9]  # 0.9 misses (1.0 pt): the ladder stops there
+    assert 0.825 in sparsities  # one bisection step between 0.75 and 0.9
+    assert result.report["search"]["chosen"].startswith("sparse 0.825")
+
+
+def test_a_candidate_that_changes_nothing_is_recognized_and_noise_level_cost_gains_do_not_win():
+    """Channels at a target int8 alone already meets plan nothing: the same model, measured again, must not
+    win on latency noise; and a candidate within 3 % of the cheapest that damages less is preferred."""
+    def model_of(c):
+        return "int8" if c.method == "none" or c.target_latency >= 0.45 else repr(c)
+
+    table = _Table(lambda c: 0.1 if model_of(c) == "int8" else 0.3,
+                   lambda c: 0.50 if c.method == "none" else (0.47 if model_of(c) == "int8" else 0.49), model_of)
+    result = run_search(table, CompressConfig(method="auto"), ValidateConfig(max_accuracy_drop=0.5),
+                        lambda *a: None)
+    rows = result.report["search"]["candidates"]
+    assert rows[1]["note"] == "the same model as int8" and rows[1]["cost_ratio"] is None
+    assert result.report["search"]["chosen"] == "int8"  # 0.49 is within 3 % of nothing cheaper; int8 is 0.50
+    close = [_measured("a", 0.500, 0.1, True), _measured("b", 0.490, 0.4, True), _measured("c", 0.40, 0.9, False)]
+    assert choose(close).candidate.label == "a"  # 2 % cheaper is inside the noise: the lower damage wins
+
+
+def test_a_candidate_that_cannot_be_built_is_reported_and_the_search_goes_on():
+    table = _Table(lambda c: 0.0, lambda c: 0.4 if c.method == "none" else c.target_latency)
+    result = run_search(table, CompressConfig(method="auto"), ValidateConfig(max_accuracy_drop=0.5),
+                        lambda *a: None)
+    rows = result.report["search"]["candidates"]
+    assert rows[-1]["note"].startswith("failed: --target-latency 0.304 cannot be met") and not rows[-1]["passed"]
+    assert result.passed and result.report["search"]["chosen"] == "channels 0.336 + int8"
+
+
+def test_no_holding_candidate_returns_the_closest_with_the_reason():
+    table = _Table(lambda c: 2.0 + (0 if c.method == "none" else 1.0), lambda c: 0.5)
+    result = run_search(table, CompressConfig(method="auto"), ValidateConfig(max_accuracy_drop=0.5),
+                        lambda *a: None)
+    search = result.report["search"]
+    assert not result.passed and not result.report["passed"] and not search["held"]
+    assert search["chosen"] == "int8" and "no candidate held the gate" in search["reason"]
+
+
+def test_a_budget_is_required_and_search_options_need_the_search():
+    with pytest.raises(ConfigError, match="needs a budget"):
+        run_search(_Table(lambda c: 0, lambda c: 1), CompressConfig(method="auto"), ValidateConfig(),
+                   lambda *a: None)
+    with pytest.raises(ConfigError, match="time-budget-min"):
+        CompressConfig(method="sparse", time_budget_min=5)
+
+
+XYCHART = [
+    r"xychart-beta",
+    r'    title "[^"]*"',
+    r'    x-axis "[^"]*" \[("[^"]*")(, "[^"]*")*\]',
+    r'    y-axis "[^"]*" -?[0-9.e+-]+ --> -?[0-9.e+-]+',
+    r"    bar \[-?[0-9.e+-]+(, -?[0-9.e+-]+)*\]",
+    r"    line \[-?[0-9.e+-]+(, -?[0-9.e+-]+)*\]",
+]
+
+
+def test_the_mermaid_block_is_xychart_syntax_and_marks_the_chosen_point():
+    rows = [{"label": 'int8 "q"', "cost_ratio": 0.47, "accuracy_drop_pt": 0.05, "chosen": False},
+            {"label": "channels 0.43 + int8", "cost_ratio": 0.43, "accuracy_drop_pt": 0.4, "chosen": True},
+            {"label": "skipped", "cost_ratio": None, "accuracy_drop_pt": None, "chosen": False}]
+    block = mermaid_frontier(rows, "latency", "accuracy_drop_pt", 0.5).splitlines()
+    assert block[0] == "```mermaid" and block[-1] == "```"
+    body = block[1:-1]
+    assert len(body) == len(XYCHART)
+    for line, pattern in zip(body, XYCHART):
+        assert re.fullmatch(pattern, line), line
+    categories = re.findall(r'"([^"]*)"', body[2].split("[", 1)[1])
+    values = body[4].split("[")[1].rstrip("]").split(", ")
+    assert len(categories) == len(values) == 2  # one bar per measured candidate, by cost
+    assert categories[0].startswith("*channels 0.43") and not categories[1].startswith("*")
+    low, high = map(float, body[3].split('" ')[-1].split(" --> "))
+    assert low <= 0.05 and high >= 0.5  # the gate line is inside the axis range
+
+
+def test_cli_search_on_lenet_misses_an_impossible_gate_with_exit_1_and_writes_the_closest(tmp_path):
+    data = np.load(ROOT / "calibration" / "mnist_train1000.npz")
+    np.savez(tmp_path / "calib.npz", input=data["input"][:300], labels=data["labels"][:300])
+    shutil.copy(ROOT / "calibration" / "lenet5_mnist.onnx", tmp_path / "m.onnx")
+    out = tmp_path / "out.onnx"
+    proc = subprocess.run([sys.executable, "-m", "onnxadmm", "compress", str(tmp_path / "m.onnx"), str(out),
+                           "--calib", str(tmp_path / "calib.npz"), "--calib-samples", "200", "--labels", "labels",
+                           "--max-accuracy-drop", "1", "--min-speedup", "50", "--latency-rounds", "3",
+                           "--objective", "size", "--quiet"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    report = json.loads((tmp_path / "out.onnx.report.json").read_text())
+    assert report["search"]["held"] is False and out.exists()
+    assert "no candidate held the gate" in proc.stdout
+    assert "```mermaid" in (tmp_path / "out.onnx.report.md").read_text()
