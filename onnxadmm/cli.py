@@ -156,7 +156,7 @@ def _configs(args, with_compress: bool) -> tuple[CompressConfig | None, Validate
     method_options = (*APPLIES_TO, "target_macs", "target_latency", "target_params", "rank_ratio")
     if with_compress and getattr(args, "method", None) is None and base_c.method == "sparse" \
             and base_c.quantize == "none" and all(getattr(args, name, None) is None for name in method_options
-                                                  if name not in ("objective", "time_budget_min")):
+                                                  if "auto" not in APPLIES_TO.get(name, ())):
         if getattr(args, "quantize", None) not in (None, "none"):
             args.method = "none"  # --quantize int8 alone: int8 only, not the default sparse method
         elif getattr(args, "max_accuracy_drop", None) is not None or getattr(args, "min_agreement", None) is not None \

@@ -63,9 +63,9 @@ APPLIES_TO = {
     "conv_groups": ("grouped",),
     "refit_dense": CHANNEL_METHODS + LOWRANK_METHODS + ("grouped",),
     "give_back_step": CHANNEL_METHODS,
-    "channel_multiple": CHANNEL_METHODS + LOWRANK_METHODS + ("grouped",),
+    "channel_multiple": CHANNEL_METHODS + LOWRANK_METHODS + ("grouped", "auto"),
     "sensitivity_probes": CHANNEL_METHODS,
-    "latency_batch": CHANNEL_METHODS + LOWRANK_METHODS + ("grouped",),
+    "latency_batch": CHANNEL_METHODS + LOWRANK_METHODS + ("grouped", "auto"),
 }
 
 

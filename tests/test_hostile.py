@@ -216,7 +216,10 @@ def test_interrupt_hangup_and_terminate_remove_spilled_activations(tmp_path, sig
     proc = subprocess.Popen(
         [sys.executable, "-m", "onnxadmm", "compress", tmp_path / "in.onnx", tmp_path / "out.onnx", "--calib",
          tmp_path / "calib.npz", "--max-memory-mb", "1", "--admm-iterations", "100000", "--quiet"],
-        env={**os.environ, "TMPDIR": str(scratch)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        env={**os.environ, "TMPDIR": str(scratch)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # as from a terminal: a test run started in the background (`pytest &` in a script) has SIGINT ignored,
+        # and a child inherits that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for _ in range(1200):
             if list(scratch.glob("onnxadmm-spill-*/*.npy")) or proc.poll() is not None:

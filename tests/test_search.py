@@ -181,3 +181,18 @@ def test_cli_search_on_lenet_misses_an_impossible_gate_with_exit_1_and_writes_th
     assert report["search"]["held"] is False and out.exists()
     assert "no candidate held the gate" in proc.stdout
     assert "```mermaid" in (tmp_path / "out.onnx.report.md").read_text()
+
+
+@pytest.mark.parametrize("words,method", [
+    (["--max-accuracy-drop", "1"], "auto"),
+    (["--min-agreement", "0.99", "--objective", "size", "--time-budget-min", "5"], "auto"),
+    (["--max-accuracy-drop", "1", "--channel-multiple", "16", "--latency-batch", "8"], "auto"),
+    (["--max-accuracy-drop", "1", "--sparsity", "0.8"], "sparse"),
+    (["--max-accuracy-drop", "1", "--quantize", "int8"], "none"),
+    (["--sparsity", "0.8"], "sparse"),
+])
+def test_a_budget_without_a_method_is_the_search(words, method):
+    from onnxadmm.cli import _configs, build_parser
+
+    args = build_parser().parse_args(["compress", "m.onnx", "o.onnx", "--calib", "random:4", *words])
+    assert _configs(args, with_compress=True)[0].method == method

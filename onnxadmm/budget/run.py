@@ -11,8 +11,9 @@ Candidates, cheapest first, each a full ``compress`` measured in onnxruntime lik
    (int8 alone counting as level 0) and the miss.
 3. The least aggressive miss is tried again with block refinement (``--refine-epochs``, default ``REFINE_EPOCHS``), the
    one place where the extra time can move the frontier.
-A candidate that would not finish within ``--time-budget`` (estimated from the slowest run so far) is skipped
-and reported as such.
+A candidate that would not finish within ``--time-budget-min`` (estimated from the slowest run so far) is
+skipped and reported as such. ``--channel-multiple`` and ``--latency-batch`` go to the channel candidates; the
+latency batch is also the one every candidate's cost is measured at.
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ def run_search(attempt: Callable[[CompressConfig], object], config: CompressConf
 
     def make(level: float, refine: int = 0) -> Candidate:
         if config.objective == "latency":
-            label, settings = f"channels {level:.3f}", {"method": "channel", "target_latency": round(level, 3)}
+            label, settings = f"channels {level:.3f}", {"method": "channel", "target_latency": round(level, 3),
+                                                        "channel_multiple": config.channel_multiple,
+                                                        "latency_batch": config.latency_batch}
         else:
             label, settings = f"sparse {level:.3f}", {"method": "sparse", "sparsity": round(level, 3)}
         settings = {**settings, "quantize": quantize, **({"refine_epochs": refine} if refine else {})}
@@ -75,6 +78,10 @@ def run_search(attempt: Callable[[CompressConfig], object], config: CompressConf
     return search.result(validate_config)
 
 
+def _default(name: str):
+    return next(f.default for f in dataclasses.fields(CompressConfig) if f.name == name)
+
+
 def _graph_digest(model) -> str | None:
     """sha256 of the graph (nodes and weights, not the model's metadata, which names each candidate's
     settings); None for a graph over protobuf's 2 GB limit."""
@@ -89,7 +96,8 @@ class _Search:
         self.attempt, self.progress = attempt, progress
         # each candidate is an ordinary compress: options of the search itself go back to their defaults
         self.base = dataclasses.replace(config, method="sparse", objective="latency", time_budget_min=None,
-                                        refine_epochs=0)
+                                        refine_epochs=0, channel_multiple=_default("channel_multiple"),
+                                        latency_batch=None)
         self.objective, self.batch = config.objective, config.latency_batch
         self.budget_s = config.time_budget_min * 60 if config.time_budget_min else math.inf
         self.started = time.perf_counter()
