@@ -166,3 +166,24 @@ def test_held_out_patches_are_every_tenth_sample_and_need_enough_samples():
     few, _ = _gemm_problem(50, 10, lambda x, gen: x, seed=5)
     assert few.held_out() is None  # 5 held-out samples: too few to choose on
     assert LayerProblem(x_hat=prob.x_hat, y_ref=prob.y_ref, w0=prob.w0, b0=prob.b0).held_out() is None
+
+
+@pytest.mark.parametrize("patches", [12, 400])  # fewer samples than inputs (thin basis), and more
+def test_preconditioner_inverts_the_gauss_newton_matrix(patches):
+    from onnxadmm.algorithms.admm import ActivationObjective
+
+    prob = problem(patches=patches, d=40, rows=5, groups=2)
+    objective = ActivationObjective(prob, AdmmSettings())
+    assert objective.thin == (patches < 41)
+    gen = torch.Generator().manual_seed(2)
+    grad = torch.randn(2, 5, 41, generator=gen)
+    a2 = torch.rand(10, generator=gen) + 0.5
+    rho = 0.3 * objective.curvature
+    got = objective.precondition(grad, a2, rho).double()
+    x = objective.x_aug.double()
+    for g in range(2):
+        s = x[g].T @ x[g]
+        for r in range(5):
+            matrix = float(a2[g * 5 + r]) * objective.kappa * s + rho * torch.eye(41, dtype=torch.float64)
+            expected = torch.linalg.solve(matrix, grad[g, r].double())
+            torch.testing.assert_close(got[g, r], expected, rtol=2e-3, atol=1e-6 * float(expected.abs().max()))

@@ -20,32 +20,21 @@ Measured here (2026-11-23): 4 branches, peak RSS 3076 MB with 64 samples and 313
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import bench_scale  # noqa: E402
 
 WIDTH, HIDDEN = 256, 65536
 OVER_2GB_BRANCHES = 34  # 34 × 64 MB = 2.18 GB of weights
 
 
 def large_model(folder, branches: int) -> int:
-    rng = np.random.default_rng(0)
-    nodes, inits, outs = [], [], []
-    for b in range(branches):
-        w = (rng.standard_normal((WIDTH, HIDDEN), dtype=np.float32) / 16).astype(np.float32)
-        inits.append(numpy_helper.from_array(w, f"W{b}"))
-        nodes += [helper.make_node("MatMul", ["input", f"W{b}"], [f"h{b}"], name=f"MatMul_{b}"),
-                  helper.make_node("Relu", [f"h{b}"], [f"r{b}"], name=f"Relu_{b}"),
-                  helper.make_node("ReduceSum", [f"r{b}", "axes"], [f"s{b}"], name=f"Sum_{b}", keepdims=1)]
-        outs.append(f"s{b}")
-    inits.append(numpy_helper.from_array(np.array([-1], np.int64), "axes"))
-    nodes.append(helper.make_node("Concat", outs, ["output"], name="Concat", axis=-1))
-    graph = helper.make_graph(nodes, "large", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", WIDTH])],
-                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", branches])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    onnx.save_model(model, str(folder / "large.onnx"), save_as_external_data=True, location="large.onnx.data")
+    bench_scale.parallel_matmul_model(folder / "large.onnx", branches, WIDTH, HIDDEN)
     return (folder / "large.onnx.data").stat().st_size
 
 

@@ -88,3 +88,15 @@ def test_hard_threshold_is_the_l0_prox_and_idempotent(v, mu, rho):
     # keeping an entry costs mu, dropping it costs rho/2 v^2
     assert torch.all(rho / 2 * v[keep] ** 2 >= mu - 1e-6)
     assert torch.all(rho / 2 * v[~keep] ** 2 <= mu + 1e-6)
+
+
+def test_top_k_by_selection_keeps_what_a_stable_sort_keeps_including_ties():
+    from onnxadmm.algorithms.projections.sparse import top_k_mask
+
+    rng = np.random.default_rng(5)
+    scores = torch.from_numpy(rng.integers(0, 6, size=(3, 7, 11)).astype(np.float32))  # many ties
+    for k in (0, 1, 17, 100, scores.numel() - 1, scores.numel()):
+        order = torch.sort(scores.reshape(-1), descending=True, stable=True).indices[:k]
+        expected = torch.zeros(scores.numel(), dtype=torch.bool)
+        expected[order] = True
+        assert torch.equal(top_k_mask(scores, k), expected.reshape(scores.shape)), k

@@ -36,6 +36,12 @@ class AdmmSettings:
     grad_patches: int | None = None  # None: 32·(d+1) rows, between 4096 and 16384
     tolerance: float = 1e-4  # stop when ‖W − Z‖ / ‖W₀‖ falls below it
     seed: int = 0
+    # called after every iteration with (iteration, iterations, primal residual): progress inside a long layer
+    on_iteration: Callable[[int, int, float], None] | None = field(default=None, compare=False, repr=False)
+
+    def report(self, step: int, primal: float) -> None:
+        if self.on_iteration is not None:
+            self.on_iteration(step + 1, self.iterations, primal)
 
 
 @dataclass
@@ -80,6 +86,7 @@ def admm_linear(stats: Moments, w_start: torch.Tensor, project: Projection, sett
         primal = float((w - z).norm()) / norm0
         dual = rho * float((z - z_prev).norm()) / norm0
         history.record(stats.relative_error(z), primal, dual, rho / curvature)
+        settings.report(step, primal)
         if primal < settings.tolerance and step >= 3:
             break
         if not rho_fixed:
@@ -112,15 +119,15 @@ class ActivationObjective:
         self.sides = problem.sides("hat", self.rows)
         self.scale = 1.0 / (float(self.target.pow(2).sum()) or 1.0)
         x = problem.x_hat[self.rows].transpose(0, 1).double()  # (G, M, d)
+        g, _, d = x.shape
         ones = torch.ones(x.shape[0], x.shape[1], 1, dtype=x.dtype)
         self.x_aug = torch.cat([x, ones], dim=-1).float()  # (G, M, d+1)
-        x_aug = self.x_aug.double()
-        eigenvalues, basis = torch.linalg.eigh(torch.bmm(x_aug.transpose(1, 2), x_aug))  # S = X̃ᵀX̃
-        self.eigenvalues = eigenvalues.clamp_min(0).float()
-        self.basis = basis.float()
-        # Gauss-Newton curvature of row o: a_o²·κ·S with κ = 2·scale
+        self.eigenvalues, self.basis, self.thin = _eigenbasis(self.x_aug.double())
+        # Gauss-Newton curvature of row o: a_o²·κ·S with κ = 2·scale; its mean eigenvalue is tr(S)/(d+1)
         self.kappa = 2.0 * self.scale
-        self.curvature = self.kappa * float(self.eigenvalues.mean()) or 1.0
+        mean_eigenvalue = float(self.eigenvalues.sum(-1).mean()) / (d + 1) if self.thin else \
+            float(self.eigenvalues.mean())
+        self.curvature = self.kappa * mean_eigenvalue or 1.0
 
     def split(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return theta[..., :-1], theta[..., -1].reshape(-1)
@@ -157,10 +164,33 @@ class ActivationObjective:
         return grad
 
     def precondition(self, grad: torch.Tensor, a2: torch.Tensor, rho: float) -> torch.Tensor:
+        """(a_o²κS + ρI)⁻¹ applied to each row o of ``grad``. With the thin basis V (S = VΛVᵀ, V of k < d+1
+        orthonormal columns) by Woodbury: g/ρ + (gV)·(1/(a²κλ + ρ) − 1/ρ)·Vᵀ."""
         g, r, _ = grad.shape
-        scaled = torch.bmm(grad, self.basis)  # (G, R, d+1)
+        scaled = torch.bmm(grad, self.basis)  # (G, R, k)
         denom = a2.reshape(g, r, 1) * self.kappa * self.eigenvalues[:, None, :] + rho
+        if self.thin:
+            return grad / rho + torch.bmm(scaled * (1.0 / denom - 1.0 / rho), self.basis.transpose(1, 2))
         return torch.bmm(scaled / denom, self.basis.transpose(1, 2))
+
+
+def _eigenbasis(x_aug: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Eigenvalues (G, k) and orthonormal eigenvectors (G, d+1, k) of S = X̃ᵀX̃ for X̃ (G, M, d+1), in float32.
+
+    M ≥ d+1: the full eigendecomposition of S, O(d³). M < d+1 (few samples for a wide layer, e.g. a
+    classifier on 9216 features fed by 16 images): S has rank ≤ M, and its nonzero spectrum comes from the
+    Gram matrix K = X̃X̃ᵀ = UΛUᵀ as V = X̃ᵀUΛ^(-1/2), O(M²d) — the cost follows the data, not d² (``thin``).
+    Directions of numerically zero eigenvalue get a zero column (they act as the complement)."""
+    g, m, d1 = x_aug.shape
+    if m >= d1:
+        eigenvalues, basis = torch.linalg.eigh(torch.bmm(x_aug.transpose(1, 2), x_aug))
+        return eigenvalues.clamp_min(0).float(), basis.float(), False
+    eigenvalues, u = torch.linalg.eigh(torch.bmm(x_aug, x_aug.transpose(1, 2)))  # (G, M), (G, M, M)
+    eigenvalues = eigenvalues.clamp_min(0)
+    kept = eigenvalues > 1e-10 * eigenvalues.amax(dim=-1, keepdim=True).clamp_min(1e-300)
+    inverse_root = torch.where(kept, eigenvalues.clamp_min(1e-300).rsqrt(), torch.zeros_like(eigenvalues))
+    basis = torch.bmm(x_aug.transpose(1, 2), u) * inverse_root[:, None, :]  # (G, d+1, M)
+    return (eigenvalues * kept).float(), basis.float(), True
 
 
 def _descent(objective: ActivationObjective, theta: torch.Tensor, penalty, rho: float,
@@ -229,6 +259,7 @@ def admm_activation(problem: LayerProblem, w_start: torch.Tensor, b_start: torch
         dual = rho * float((z - z_prev).norm()) / norm0
         projected = torch.cat([z, theta[..., -1:]], dim=-1)
         history.record(objective.value(projected), primal, dual, rho / objective.curvature)
+        settings.report(step, primal)
         if primal < settings.tolerance and step >= 3:
             break
         if not rho_fixed:

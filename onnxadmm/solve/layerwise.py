@@ -6,6 +6,7 @@ activation, shapes disagree at run time) stays dense and is reported.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -122,9 +123,10 @@ def compress_layers(view: GraphView, layers: list[Layer], samples: SampleSet, st
                     pending[name] -= 1
                 continue
             stream.ensure([layer.input_name, *sides])
+            inside = dataclasses.replace(settings, on_iteration=_inner_progress(progress, index, len(order), layer.name))
             try:
                 outcome, values = _solve_one(stream, view, layer, index, level, structures[layer.name],
-                                             config, sampling, settings, samples.num_samples)
+                                             config, sampling, inside, samples.num_samples)
             except (BridgeError, SamplingError) as exc:
                 declined.append(Declined(layer.name, layer.op_type, str(exc)))
             else:
@@ -139,6 +141,15 @@ def compress_layers(view: GraphView, layers: list[Layer], samples: SampleSet, st
         return SequentialResult(initializers, outcomes, declined, stream.peak_bytes, stream.spilled_bytes)
     finally:
         stream.close()
+
+
+def _inner_progress(progress: Progress, index: int, total: int, name: str):
+    """Progress inside one layer's solve: its ADMM iteration and primal residual ‖W − Z‖/‖W₀‖ (the sink
+    decides how often to show it; on a log, at most every 10 s, so only long layers print these)."""
+    def report(iteration: int, iterations: int, primal: float) -> None:
+        progress("solve", index, total, f"{name}: ADMM iteration {iteration}/{iterations}, "
+                                        f"residual {primal:.1e}")
+    return report
 
 
 def _unchanged(view: GraphView, layer: Layer, structure: Structure) -> LayerOutcome:

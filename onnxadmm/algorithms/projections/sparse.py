@@ -17,12 +17,20 @@ def keep_count(numel: int, sparsity: float) -> int:
 
 
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the ``k`` largest ``scores`` (over all entries; stable ties)."""
+    """Boolean mask of the ``k`` largest ``scores`` (over all entries; ties go to the earlier position).
+
+    By selection, O(n): t = the k-th largest score; keep every score > t and the first k − #(> t)
+    scores equal to t (the result a stable descending sort would give, without sorting)."""
     flat = scores.reshape(-1)
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    if k > 0:
-        order = torch.sort(flat, descending=True, stable=True).indices
-        mask[order[:k]] = True
+    n = flat.numel()
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if k >= n:
+        return torch.ones_like(scores, dtype=torch.bool)
+    threshold = torch.kthvalue(flat, n - k + 1).values
+    mask = flat > threshold
+    ties = torch.nonzero(flat == threshold).reshape(-1)[: k - int(mask.sum())]
+    mask[ties] = True
     return mask.reshape(scores.shape)
 
 

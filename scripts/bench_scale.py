@@ -1,0 +1,174 @@
+#!/usr/bin/env python3
+"""Compress time and peak memory against model size, from LeNet-5 to VGG-16 and a model over 2 GB.
+
+    python scripts/bench_scale.py [--cases lenet5,resnet56,alexnet,...] [--render]
+
+Each case is one `onnxadmm compress` in a fresh process, as a user runs it; the figures come from its
+report: the solve's time (`timing.compress_s`), the whole run's (`total_s`, with validation), the peak
+RSS of the process, and the slowest layer's solve time. torchvision AlexNet and VGG-16 are exported with
+random weights (time and memory do not depend on the values); the test-bed models use their standard
+calibration split. Results: docs/bench/scale__<case>.json, rendered into docs/SCALE.md with the log-log
+slopes of time against parameters and of peak RSS against model size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_testbed import COMMIT, RESULTS, ROOT, TESTBED, standard_split  # noqa: E402
+
+# case: (model source, compress arguments, the issue's bar in seconds or None)
+CASES = {
+    "lenet5": ("testbed:lenet5_mnist", ["--sparsity", "0.5"], None),
+    "resnet56": ("testbed:resnet56_cifar10", ["--sparsity", "0.5"], 40),
+    "efficientnet_channel": ("testbed:efficientnet_lite0_imagenet", ["--method", "channel", "--target-macs", "0.75"],
+                             240),
+    "alexnet": ("torchvision:alexnet", ["--sparsity", "0.3", "--calib", "random:16"], 300),
+    "vgg16": ("torchvision:vgg16", ["--sparsity", "0.3", "--calib", "random:16"], 600),
+    "large_2gb": ("generated:2.2GB", ["--sparsity", "0.5", "--uniform", "--loss", "linear", "--calib", "random:64",
+                                      "--max-memory-mb", "256"], None),
+}
+
+
+def _torchvision(name: str, path: Path) -> None:
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None).eval()
+    torch.onnx.export(model, (torch.randn(1, 3, 224, 224),), str(path), input_names=["input"],
+                      output_names=["logits"], opset_version=17, dynamo=False,
+                      dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
+
+
+def parallel_matmul_model(path: Path, branches: int = 34, width: int = 256, hidden: int = 65536) -> None:
+    """``branches`` parallel MatMul(width → hidden) → Relu → ReduceSum, 64 MB each, in external data."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, inits, outs = [], [], []
+    for b in range(branches):
+        w = (rng.standard_normal((width, hidden), dtype=np.float32) / 16).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"W{b}"))
+        nodes += [helper.make_node("MatMul", ["input", f"W{b}"], [f"h{b}"], name=f"MatMul_{b}"),
+                  helper.make_node("Relu", [f"h{b}"], [f"r{b}"], name=f"Relu_{b}"),
+                  helper.make_node("ReduceSum", [f"r{b}", "axes"], [f"s{b}"], name=f"Sum_{b}", keepdims=1)]
+        outs.append(f"s{b}")
+    inits.append(numpy_helper.from_array(np.array([-1], np.int64), "axes"))
+    nodes.append(helper.make_node("Concat", outs, ["output"], name="Concat", axis=-1))
+    graph = helper.make_graph(nodes, "large", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", width])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", branches])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.save_model(model, str(path), save_as_external_data=True, location=path.name + ".data")
+
+
+def prepare(source: str, folder: Path) -> tuple[Path, list[str]]:
+    """The model file and the calibration arguments for a case's source."""
+    kind, name = source.split(":", 1)
+    if kind == "testbed":
+        calib, _, _ = standard_split(name)
+        np.savez(folder / "calib.npz", **calib)
+        return TESTBED / "models" / f"{name}.onnx", ["--calib", str(folder / "calib.npz")]
+    path = folder / "model.onnx"
+    if kind == "torchvision":
+        _torchvision(name, path)
+    else:
+        parallel_matmul_model(path)
+    return path, []
+
+
+def model_bytes(path: Path) -> int:
+    return path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(path.name + ".data"))
+
+
+def run_case(case: str) -> dict:
+    import onnx
+
+    source, arguments, bar_s = CASES[case]
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
+        folder = Path(tmp)
+        model, calib = prepare(source, folder)
+        params = sum(int(np.prod(t.dims)) for t in onnx.load(str(model), load_external_data=False).graph.initializer)
+        out, report_path = folder / "out.onnx", folder / "out.report.json"
+        started = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "onnxadmm", "compress", str(model), str(out), *calib, *arguments,
+                               "--report", str(report_path)], capture_output=True, text=True)
+        wall_s = time.perf_counter() - started
+        if not report_path.exists():
+            raise SystemExit(f"{case}: compress exited {proc.returncode} without a report:\n{proc.stderr[-3000:]}")
+        report = json.loads(report_path.read_text())
+    layers = sorted(report["layers"], key=lambda r: -r["seconds"])
+    validation = report.get("validation") or {}
+    record = {"case": case, "source": source, "arguments": arguments, "commit": COMMIT, "exit_code": proc.returncode,
+              "parameters": params, "model_mb": model_bytes(model) / 2**20 if source.startswith("testbed") else
+              report["input"]["size_bytes"] / 2**20,
+              "compress_s": report["timing"]["compress_s"], "total_s": report["timing"]["total_s"], "wall_s": wall_s,
+              "peak_rss_mb": report["timing"]["peak_rss_mb"], "bar_s": bar_s,
+              "slowest_layers": [{"name": r["name"], "shape": r["weight_shape"], "seconds": r["seconds"]}
+                                 for r in layers[:3]],
+              "accuracy_drop_pt": validation.get("accuracy_drop_pt"), "agreement": validation.get("agreement")}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"scale__{case}.json").write_text(json.dumps(record, indent=1))
+    return record
+
+
+def slope(xs: list[float], ys: list[float]) -> float | None:
+    """Least-squares slope of log y against log x (1 = linear growth)."""
+    if len(xs) < 2:
+        return None
+    lx, ly = np.log(xs), np.log(ys)
+    return float(np.polyfit(lx, ly, 1)[0])
+
+
+def render() -> str:
+    rows = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("scale__*.json"))]
+    rows.sort(key=lambda r: r["parameters"])
+    lines = ["# Scale: compress time and memory against model size", "",
+             "Each row is one `onnxadmm compress` in a fresh process on this 2-core x86 machine (24 GB), produced by "
+             "`python scripts/bench_scale.py`. Solve = the layer-wise solve and export (`timing.compress_s`); total "
+             "adds loading, calibration and validation in onnxruntime. AlexNet and VGG-16 are torchvision's with "
+             "random weights; the test-bed models use their standard calibration split.", "",
+             "| case | arguments | parameters | model MB | solve s | total s | bar s | peak RSS MB | RSS / model | "
+             "slowest layer (s) | commit |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        slow = r["slowest_layers"][0] if r["slowest_layers"] else None
+        lines.append(f"| {r['case']} | `{' '.join(r['arguments'])}` | {r['parameters'] / 1e6:.2f} M | "
+                     f"{r['model_mb']:.0f} | {r['compress_s']:.0f} | {r['total_s']:.0f} | {r['bar_s'] or ''} | "
+                     f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / max(r['model_mb'], 1e-9):.1f} | "
+                     f"{'`%s` %s %.0f' % (slow['name'], '×'.join(map(str, slow['shape'])), slow['seconds']) if slow else ''}"
+                     f" | {r['commit']} |")
+    sparse = [r for r in rows if "--sparsity" in r["arguments"]]
+    t = slope([r["parameters"] for r in sparse], [r["total_s"] for r in sparse])
+    m = slope([r["model_mb"] for r in rows if r["model_mb"] > 50], [r["peak_rss_mb"] for r in rows if r["model_mb"] > 50])
+    lines += ["", "Log-log slopes (1 = linear): "
+              f"total time against parameters over the `--sparsity` rows {'%.2f' % t if t is not None else 'n/a'}; "
+              f"peak RSS against model size over models above 50 MB {'%.2f' % m if m is not None else 'n/a'}.", ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated: " + ", ".join(CASES))
+    parser.add_argument("--render", action="store_true", help="only re-render docs/SCALE.md from the JSON")
+    args = parser.parse_args()
+    if not args.render:
+        for case in args.cases.split(","):
+            record = run_case(case)
+            print(f"{case}: solve {record['compress_s']:.0f} s, total {record['total_s']:.0f} s, "
+                  f"peak RSS {record['peak_rss_mb']:.0f} MB, slowest {record['slowest_layers'][:1]}", flush=True)
+    (ROOT / "docs" / "SCALE.md").write_text(render())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
