@@ -187,3 +187,25 @@ def test_preconditioner_inverts_the_gauss_newton_matrix(patches):
             matrix = float(a2[g * 5 + r]) * objective.kappa * s + rho * torch.eye(41, dtype=torch.float64)
             expected = torch.linalg.solve(matrix, grad[g, r].double())
             torch.testing.assert_close(got[g, r], expected, rtol=2e-3, atol=1e-6 * float(expected.abs().max()))
+
+
+def test_admm_stops_once_the_support_settles_where_a_refit_on_it_follows():
+    from onnxadmm.algorithms.admm import admm_activation
+
+    prob = problem(patches=3000, d=32, rows=8)
+    k = prob.w0.numel() // 2
+    supports = []
+
+    def project(v, rho=1.0):
+        z = TopK(k)(v, rho)
+        supports.append(z != 0)
+        return z
+
+    settings = AdmmSettings(iterations=60, tolerance=1e-12)  # the residual alone would run all 60
+    z_full, _, full, _ = admm_activation(prob, prob.w0, prob.b0, project, settings)
+    assert len(full.objective) == 60
+    supports.clear()
+    z_early, _, early, _ = admm_activation(prob, prob.w0, prob.b0, project, settings, support_decides=True)
+    assert len(early.objective) < 60
+    assert all(torch.equal(s, supports[-1]) for s in supports[-1 - settings.settled_iterations:])
+    assert torch.equal(z_early != 0, z_full != 0)  # the support it stopped on is the one the full run ends on

@@ -35,6 +35,7 @@ class AdmmSettings:
     refit_steps: int = 40  # masked steps through the activation after the support is fixed
     grad_patches: int | None = None  # None: 32·(d+1) rows, between 4096 and 16384
     tolerance: float = 1e-4  # stop when ‖W − Z‖ / ‖W₀‖ falls below it
+    settled_iterations: int = 3  # or, where a refit on Z's support follows, once it is unchanged this many times
     seed: int = 0
     # called after every iteration with (iteration, iterations, primal residual): progress inside a long layer
     on_iteration: Callable[[int, int, float], None] | None = field(default=None, compare=False, repr=False)
@@ -64,9 +65,25 @@ class AdmmHistory:
                 "dual_residual": self.dual_residual, "rho": self.rho}
 
 
+class _Settled:
+    """Counts the iterations in a row whose Z has the support of the one before; true at ``needed`` (never at 0)."""
+
+    def __init__(self, needed: int):
+        self.needed, self.count, self.support = needed, 0, None
+
+    def __call__(self, z: torch.Tensor) -> bool:
+        if not self.needed:
+            return False
+        support = z != 0
+        self.count = self.count + 1 if self.support is not None and torch.equal(support, self.support) else 0
+        self.support = support
+        return self.count >= self.needed
+
+
 def admm_linear(stats: Moments, w_start: torch.Tensor, project: Projection, settings: AdmmSettings,
-                rho_fixed: bool = False) -> tuple[torch.Tensor, AdmmHistory]:
-    """ADMM on the linear objective from its moments; returns Z (in C) and the history."""
+                rho_fixed: bool = False, support_decides: bool = False) -> tuple[torch.Tensor, AdmmHistory]:
+    """ADMM on the linear objective from its moments; returns Z (in C) and the history (``support_decides``:
+    as in ``admm_activation``)."""
     sigma, cross = stats.sigma, stats.cross
     eigenvalues, basis = torch.linalg.eigh(sigma)  # (G,d), (G,d,d)
     eigenvalues = eigenvalues.clamp_min(0)
@@ -77,6 +94,7 @@ def admm_linear(stats: Moments, w_start: torch.Tensor, project: Projection, sett
     rho = settings.rho_init * curvature
     z = project(w.float(), rho).double()
     u = torch.zeros_like(w)
+    settled = _Settled(settings.settled_iterations if support_decides else 0)
     for step in range(settings.iterations):
         rhs = cross + rho * (z - u)
         w = torch.bmm(torch.bmm(rhs, basis) / (eigenvalues[:, None, :] + rho), basis.transpose(1, 2))
@@ -87,7 +105,7 @@ def admm_linear(stats: Moments, w_start: torch.Tensor, project: Projection, sett
         dual = rho * float((z - z_prev).norm()) / norm0
         history.record(stats.relative_error(z), primal, dual, rho / curvature)
         settings.report(step, primal)
-        if primal < settings.tolerance and step >= 3:
+        if (primal < settings.tolerance or settled(z)) and step >= 3:
             break
         if not rho_fixed:
             u = u / settings.rho_growth
@@ -132,10 +150,13 @@ class ActivationObjective:
     def split(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return theta[..., :-1], theta[..., -1].reshape(-1)
 
-    def value_and_parts(self, theta: torch.Tensor):
-        """f(θ), dL/dz (M, Cout) and the per-output curvature factor a² (Cout)."""
+    def pre_activation(self, theta: torch.Tensor) -> torch.Tensor:
+        """z = X̃θᵀ on the subset: (M, Cout)."""
         g, r, _ = theta.shape
-        z = torch.bmm(self.x_aug, theta.transpose(1, 2)).transpose(0, 1).reshape(-1, g * r)
+        return torch.bmm(self.x_aug, theta.transpose(1, 2)).transpose(0, 1).reshape(-1, g * r)
+
+    def value_and_parts(self, z: torch.Tensor):
+        """From z = X̃θᵀ: f(θ), dL/dz (M, Cout) and the per-output curvature factor a² (Cout)."""
         z = z.detach().requires_grad_(True)
         with torch.enable_grad():
             out = self.problem.sigma(z, self.sides)
@@ -148,12 +169,14 @@ class ActivationObjective:
         a2 = slope.pow(2).mean(dim=0).clamp_min(1e-3)
         return value, dz, a2
 
-    def value(self, theta: torch.Tensor) -> float:
-        g, r, _ = theta.shape
-        z = torch.bmm(self.x_aug, theta.transpose(1, 2)).transpose(0, 1).reshape(-1, g * r)
+    def value_at(self, z: torch.Tensor) -> float:
+        """f from z = X̃θᵀ."""
         with torch.no_grad():
             out = self.problem.sigma(z, self.sides)
         return float((out - self.target).double().pow(2).sum()) * self.scale
+
+    def value(self, theta: torch.Tensor) -> float:
+        return self.value_at(self.pre_activation(theta))
 
     def gradient(self, dz: torch.Tensor, shape) -> torch.Tensor:
         g, r, _ = shape
@@ -170,7 +193,7 @@ class ActivationObjective:
         scaled = torch.bmm(grad, self.basis)  # (G, R, k)
         denom = a2.reshape(g, r, 1) * self.kappa * self.eigenvalues[:, None, :] + rho
         if self.thin:
-            return grad / rho + torch.bmm(scaled * (1.0 / denom - 1.0 / rho), self.basis.transpose(1, 2))
+            return torch.baddbmm(grad, scaled * (1.0 / denom - 1.0 / rho), self.basis.transpose(1, 2), beta=1.0 / rho)
         return torch.bmm(scaled / denom, self.basis.transpose(1, 2))
 
 
@@ -193,29 +216,41 @@ def _eigenbasis(x_aug: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
     return (eigenvalues * kept).float(), basis.float(), True
 
 
-def _descent(objective: ActivationObjective, theta: torch.Tensor, penalty, rho: float,
+def _descent(objective: ActivationObjective, theta: torch.Tensor, penalty: "_Penalty | None", rho: float,
              mask: torch.Tensor | None, steps: int) -> torch.Tensor:
-    """``steps`` preconditioned steps on f(θ) + penalty(θ), each accepted only if it decreases."""
-    def total(candidate: torch.Tensor) -> float:
-        return objective.value(candidate) + (penalty(candidate) if penalty else 0.0)
-
-    current = None
+    """``steps`` preconditioned steps on F(θ) = f(θ) + ρ/2‖W − A‖² (the penalty when given), each accepted only
+    if it decreases F (halving the step otherwise). Along a direction D the trials cost no weight-sized
+    work: z(θ − tD) = z − t·X̃Dᵀ, and the penalty changes by ρ/2(t²‖D_W‖² − 2t⟨W − A, D_W⟩)."""
+    z = objective.pre_activation(theta)
+    residual = penalty.residual(theta) if penalty else None
+    value = None
     for _ in range(steps):
-        value, dz, a2 = objective.value_and_parts(theta)
-        if current is None:
-            current = value + (penalty(theta) if penalty else 0.0)
+        value_here, dz, a2 = objective.value_and_parts(z)
+        value = value_here if value is None else value
         grad = objective.gradient(dz, theta.shape)
         if penalty:
-            grad[..., :-1] += rho * penalty.residual(theta)
+            grad.add_(residual, alpha=rho)
         direction = objective.precondition(grad, a2, rho if penalty else 1e-3 * objective.curvature)
         if mask is not None:
-            direction = direction * mask
+            direction.mul_(mask)
+        z_direction = objective.pre_activation(direction)
+        if penalty:  # over contiguous (G, R, d+1) tensors; the residual's bias column is zero
+            cross = float(torch.dot(residual.reshape(-1), direction.reshape(-1)))
+            square = float(torch.dot(direction.reshape(-1), direction.reshape(-1))) - \
+                float(direction[..., -1].pow(2).sum())
         step = 1.0
         for _ in range(6):
-            candidate = theta - step * direction
-            candidate_value = total(candidate)
-            if candidate_value < current:
-                theta, current = candidate, candidate_value
+            z_candidate = z - step * z_direction
+            candidate_value = objective.value_at(z_candidate)
+            change = candidate_value - value
+            if penalty:
+                change += 0.5 * rho * (step * step * square - 2.0 * step * cross)
+            if change < 0:
+                theta = torch.add(theta, direction, alpha=-step)
+                if penalty:
+                    residual.sub_(direction, alpha=step)
+                    residual[..., -1] = 0.0
+                z, value = z_candidate, candidate_value
                 break
             step *= 0.5
         else:
@@ -230,16 +265,19 @@ class _Penalty:
         self.rho, self.anchor = rho, z - u
 
     def residual(self, theta: torch.Tensor) -> torch.Tensor:
-        return theta[..., :-1] - self.anchor
-
-    def __call__(self, theta: torch.Tensor) -> float:
-        return 0.5 * self.rho * float(self.residual(theta).double().pow(2).sum())
+        """θ − [A, b]: (G, R, d+1), zero in the bias column."""
+        residual = theta.clone()
+        residual[..., :-1] -= self.anchor
+        residual[..., -1] = 0.0
+        return residual
 
 
 def admm_activation(problem: LayerProblem, w_start: torch.Tensor, b_start: torch.Tensor,
-                    project: Projection, settings: AdmmSettings, rho_fixed: bool = False
+                    project: Projection, settings: AdmmSettings, rho_fixed: bool = False,
+                    support_decides: bool = False
                     ) -> tuple[torch.Tensor, torch.Tensor, AdmmHistory, ActivationObjective]:
-    """ADMM whose W-step goes through the activation; returns Z, its bias, history, objective."""
+    """ADMM whose W-step goes through the activation; returns Z, its bias, history, objective.
+    ``support_decides``: the caller refits on Z's support, so the run stops once the support has settled."""
     objective = ActivationObjective(problem, settings)
     g, r, d = w_start.shape
     theta = torch.cat([w_start, b_start.reshape(g, r, 1)], dim=-1).clone()
@@ -248,6 +286,7 @@ def admm_activation(problem: LayerProblem, w_start: torch.Tensor, b_start: torch
     z = project(theta[..., :-1], rho)
     u = torch.zeros_like(z)
     history = AdmmHistory()
+    settled = _Settled(settings.settled_iterations if support_decides else 0)
     for step in range(settings.iterations):
         penalty = _Penalty(rho, z, u)
         theta = _descent(objective, theta, penalty, rho, None, settings.inner_steps)
@@ -260,7 +299,7 @@ def admm_activation(problem: LayerProblem, w_start: torch.Tensor, b_start: torch
         projected = torch.cat([z, theta[..., -1:]], dim=-1)
         history.record(objective.value(projected), primal, dual, rho / objective.curvature)
         settings.report(step, primal)
-        if primal < settings.tolerance and step >= 3:
+        if (primal < settings.tolerance or settled(z)) and step >= 3:
             break
         if not rho_fixed:
             u = u / settings.rho_growth

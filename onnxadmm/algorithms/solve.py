@@ -183,12 +183,13 @@ def _magnitude(w0: torch.Tensor, structure: Structure) -> torch.Tensor:
 def _admm(problem: LayerProblem, project, loss: str, settings: AdmmSettings, rho_fixed: bool):
     if loss == "linear":
         stats = moments(problem)
-        z, history = admm_linear(stats, problem.w0, project, settings, rho_fixed=rho_fixed)
+        z, history = admm_linear(stats, problem.w0, project, settings, rho_fixed=rho_fixed,
+                                 support_decides=not rho_fixed)
         w = masked_refit(stats, z, z != 0)
         b = bias_for(stats, w) if problem.fit_bias else problem.b0
         return w, b, history.as_dict()
     z, b, history, objective = admm_activation(problem, problem.w0, problem.b0, project, settings,
-                                               rho_fixed=rho_fixed)
+                                               rho_fixed=rho_fixed, support_decides=not rho_fixed)
     w, b = refit_activation(objective, z, b if problem.fit_bias else problem.b0, z != 0,
                             settings.refit_steps)
     return w, b, history.as_dict()
