@@ -275,3 +275,18 @@ def test_models_over_the_protobuf_limit_are_saved_and_run_from_external_data_wit
     probe = runtime.session_with_outputs(model, [inner], 1)
     assert inner in [o.name for o in probe.get_outputs()]
     assert model.SerializeToString() == before
+
+
+def test_fresh_names_never_meet_a_name_the_graph_has():
+    from onnx import helper
+
+    from onnxadmm.onnxio.graph import FreshNames
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="r"),
+                               helper.make_node("Relu", ["y"], ["w__onnxadmm_lowrank_out"], name="w__x")],
+                              "g", [], [])
+    fresh = FreshNames(graph)
+    assert fresh.name("z") == "z" and fresh.name("z") == "z_2"  # handed out names are taken
+    assert fresh.name("y") == "y_2" and fresh.name("r") == "r_2"
+    stem = fresh.prefix("w__onnxadmm_lowrank")  # "…_out" exists: the stem itself must move
+    assert stem == "w__onnxadmm_lowrank_2"

@@ -25,7 +25,7 @@ import onnx
 from onnx import helper
 
 from ..analysis.channels import CHANNEL_MOVERS, ChannelGroup, channel_pieces
-from ..onnxio.graph import GraphView
+from ..onnxio.graph import FreshNames, GraphView
 from ..onnxio.load import default_opset
 from ..onnxio.normalize import infer_types
 from .apply import write_initializers
@@ -43,6 +43,7 @@ class _Slicer:
     def __init__(self, model: onnx.ModelProto):
         self.model = model
         self.view = GraphView(model, infer_types(model, data_prop=False))
+        self.fresh = FreshNames(model.graph)
         self.cuts: dict[tuple[int, int, int], set[int]] = {}  # (node, slot, axis) -> indices
         self.group_cuts: dict[int, int] = {}  # grouped conv -> groups removed
         self.reshape_cuts: dict[int, int] = {}  # Reshape -> features removed
@@ -66,7 +67,7 @@ class _Slicer:
             node = view.nodes[node_index]
             name = node.input[slot]
             if name not in values and len(view.consumers.get(name, [])) > 1:
-                fresh = f"{name}__onnxadmm_{node.name}_{slot}"
+                fresh = self.fresh.name(f"{name}__onnxadmm_{node.name}_{slot}")
                 values[fresh] = view.constant(name)
                 node.input[slot] = name = fresh
             array = values[name] if name in values else view.constant(name)
@@ -80,7 +81,7 @@ class _Slicer:
             target = view.constant(node.input[1]).copy()
             if target[1] > 0:
                 target[1] -= removed
-                fresh = f"{node.input[1]}__onnxadmm_{node.name}"
+                fresh = self.fresh.name(f"{node.input[1]}__onnxadmm_{node.name}")
                 values[fresh] = target
                 node.input[1] = fresh
         for node_index, kind in self.movers.items():
@@ -103,7 +104,7 @@ class _Slicer:
             new = np.array([size - (before(starts[i + 1]) - before(starts[i])) for i, size in enumerate(sizes)],
                            dtype=np.int64)
             if self.opset >= 13:
-                fresh = f"{node.name}__onnxadmm_split"
+                fresh = self.fresh.name(f"{node.name}__onnxadmm_split")
                 values[fresh] = new
                 while len(node.input) < 2:
                     node.input.append("")
@@ -125,7 +126,7 @@ class _Slicer:
             starts[i], ends[i] = lo - before(lo), hi - before(hi)
             if len(node.input) > 1:
                 for slot, array in ((1, starts), (2, ends)):
-                    fresh = f"{node.name}__onnxadmm_{slot}"
+                    fresh = self.fresh.name(f"{node.name}__onnxadmm_{slot}")
                     values[fresh] = array.astype(view.constant(node.input[slot]).dtype)
                     node.input[slot] = fresh
             else:
@@ -140,7 +141,7 @@ class _Slicer:
             pads[axis] -= int(np.sum(removed_out < first))
             pads[axis + rank] -= int(np.sum(removed_out >= first + width))
             if len(node.input) > 1:
-                fresh = f"{node.name}__onnxadmm_pads"
+                fresh = self.fresh.name(f"{node.name}__onnxadmm_pads")
                 values[fresh] = pads.astype(np.int64)
                 node.input[1] = fresh
             else:

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from ..analysis.channels import ChannelGroup
-from ..onnxio.graph import GraphView
+from ..onnxio.graph import FreshNames, GraphView
 from ..onnxio.normalize import infer_types
 from .apply import write_initializers
 from .channels import channel_axis_of_constant
@@ -61,6 +61,7 @@ def to_grouped(model: onnx.ModelProto, pairs: list[BlockPair]) -> onnx.ModelProt
     rewritten as grouped Convs and the channel permutation folded into the group's members."""
     out = copy.deepcopy(model)
     view = GraphView(out, infer_types(out, data_prop=False))
+    fresh_names = FreshNames(out.graph)
     values: dict[str, np.ndarray] = {}
 
     def value(name: str) -> np.ndarray:
@@ -71,7 +72,7 @@ def to_grouped(model: onnx.ModelProto, pairs: list[BlockPair]) -> onnx.ModelProt
         node = view.nodes[index]
         name = node.input[slot]
         if len(view.consumers.get(name, [])) > 1:
-            fresh = f"{name}__onnxadmm_{node.name}_{slot}"
+            fresh = fresh_names.name(f"{name}__onnxadmm_{node.name}_{slot}")
             values[fresh] = value(name)
             node.input[slot] = name = fresh
         return name

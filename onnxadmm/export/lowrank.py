@@ -23,6 +23,7 @@ import onnx
 from onnx import helper
 
 from ..analysis.layers import Layer
+from ..onnxio.graph import FreshNames
 from .apply import write_initializers
 
 SPATIAL_ATTRS = ("kernel_shape", "strides", "pads", "dilations", "auto_pad")
@@ -71,22 +72,23 @@ def factorize(model: onnx.ModelProto, factored: list[FactoredLayer]) -> onnx.Mod
     before: dict[str, list[onnx.NodeProto]] = {}
     after: dict[str, list[onnx.NodeProto]] = {}
     values: dict[str, np.ndarray] = {}
+    fresh = FreshNames(graph)
     for item in factored:
         layer = item.layer
         node = by_name[layer.name]
         dtype = helper.tensor_dtype_to_np_dtype(layer.weight_elem_type)
-        stem = f"{layer.weight_name}__onnxadmm_lowrank"
-        first_out = f"{layer.output_name}__onnxadmm_lowrank_in"
+        stem = fresh.prefix(f"{layer.weight_name}__onnxadmm_lowrank")  # the factors' names all start with it
+        first_out = fresh.name(f"{layer.output_name}__onnxadmm_lowrank_in")
         conv_attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         first, second_weight = _pair(node, layer, item, stem, first_out, dtype, values)
         before[layer.name] = [first]
         if item.input_basis is not None:
-            before[layer.name].insert(0, _input_projection(layer, item, stem, first, dtype, values))
+            before[layer.name].insert(0, _input_projection(layer, item, stem, first, dtype, values, fresh))
         node.input[0] = first_out
         node.input[1] = second_weight
         if item.sparse is not None:
-            branch_out = f"{layer.output_name}__onnxadmm_sparse"
-            pair_out = f"{layer.output_name}__onnxadmm_pair"
+            branch_out = fresh.name(f"{layer.output_name}__onnxadmm_sparse")
+            pair_out = fresh.name(f"{layer.output_name}__onnxadmm_pair")
             branch = _branch(conv_attrs, layer, item.sparse, f"{stem}_sparse", layer.input_name, branch_out, dtype, values)
             before[layer.name].append(branch)
             original_out = node.output[0]
@@ -136,8 +138,8 @@ def _pair(node, layer: Layer, item: FactoredLayer, stem: str, first_out: str, dt
     return first, f"{stem}_out"
 
 
-def _input_projection(layer: Layer, item: FactoredLayer, stem: str, first: onnx.NodeProto, dtype, values
-                      ) -> onnx.NodeProto:
+def _input_projection(layer: Layer, item: FactoredLayer, stem: str, first: onnx.NodeProto, dtype, values,
+                      fresh: FreshNames) -> onnx.NodeProto:
     """Tucker-2: the 1×1 Conv Cin→r₁ (weight Q) feeding ``first``, whose weight becomes the core
     core[j, b, ·] = Σ_c right[j, c, ·]·Q[b, c] (exact: right's input channels lie in Q's row span)."""
     basis = item.input_basis.astype(np.float64)
@@ -147,7 +149,7 @@ def _input_projection(layer: Layer, item: FactoredLayer, stem: str, first: onnx.
     values[f"{stem}_in"] = np.einsum("jct,bc->jbt", right, basis).reshape(
         item.right.shape[0], rank, *layer.weight_shape[2:]).astype(dtype)
     values[f"{stem}_basis"] = basis.reshape(rank, channels, *([1] * spatial)).astype(dtype)
-    basis_out = f"{layer.output_name}__onnxadmm_tucker_in"
+    basis_out = fresh.name(f"{layer.output_name}__onnxadmm_tucker_in")
     first.input[0] = basis_out
     return helper.make_node("Conv", [layer.input_name, f"{stem}_basis"], [basis_out],
                             name=f"{layer.name}/onnxadmm_tucker_in", kernel_shape=[1] * spatial)

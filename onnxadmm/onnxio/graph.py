@@ -164,6 +164,33 @@ def _tensor_type(value: onnx.ValueInfoProto) -> TensorType | None:
     return TensorType(tensor_type.elem_type, tuple(dims))
 
 
+class FreshNames:
+    """Names an export may add to a graph without meeting one it has (values, initializers, nodes).
+
+    ``name(base)``: ``base`` when free, else ``base_2``, ``base_3``, …; ``prefix(base)``: the same, free also as
+    the start of every name in the graph, so ``prefix + suffix`` is free for any suffix. Each one handed out
+    is taken."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.taken = {n.name for n in graph.node} | {t.name for t in graph.initializer} | \
+            {v.name for v in (*graph.input, *graph.output, *graph.value_info)} | \
+            {name for n in graph.node for name in (*n.input, *n.output)}
+
+    def name(self, base: str) -> str:
+        return self._first(base, lambda candidate: candidate not in self.taken)
+
+    def prefix(self, base: str) -> str:
+        return self._first(base, lambda candidate: not any(t.startswith(candidate) for t in self.taken))
+
+    def _first(self, base: str, free) -> str:
+        candidate, k = base, 1
+        while not free(candidate):
+            k += 1
+            candidate = f"{base}_{k}"
+        self.taken.add(candidate)
+        return candidate
+
+
 def has_qdq(model: onnx.ModelProto) -> bool:
     """True for a QDQ (quantized) model: one with DequantizeLinear nodes."""
     return any(node.op_type == "DequantizeLinear" for node in model.graph.node)
