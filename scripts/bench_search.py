@@ -100,6 +100,10 @@ NOTES = {  # what a case's rows show, in words (checked against its JSON when it
     "resnet56_latency": "With channel widths in multiples of 8 (the default) no channel plan makes the int8 graph "
                         "faster than 0.949 of int8 alone here, so the first channel candidate fails at planning "
                         "and the ladder stops.",
+    "efficientnet_latency": "int8 alone measured 0.668 at batch 1 here, against 0.489 in the int8 bench (docs/QUANT.md, "
+                            "commit 258526f, 30 latency rounds on the final model) and 0.80 pt against −0.20 pt; "
+                            "not explained yet. The one channel candidate took 21 minutes, so the 20-minute budget "
+                            "skipped the rest.",
     "resnet56_latency_m16": "With widths in multiples of 16 the channel plans do speed up the int8 graph; the refined "
                             "0.442 candidate holds the gate at 0.449 of the original, but that is within the 3 % tie "
                             "of int8 alone (0.461), so int8 alone is chosen for its lower damage. Neither is "

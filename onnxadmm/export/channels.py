@@ -235,18 +235,33 @@ def _cut_through(slicer: _Slicer, index: int, group: ChannelGroup, channels: np.
         slicer.cut(index, 1, 0, removed)
         slicer.cut(index, 2, 0, removed)
         slicer.group_cuts[index] = slicer.group_cuts.get(index, 0) + len(removed) // block
-    elif op == "BatchNormalization":
-        for slot in range(1, 5):
-            slicer.cut(index, slot, 0, removed)
-    elif op in ("Add", "Sub", "Mul", "Div", "PRelu"):
-        for slot, name in enumerate(node.input):
-            if name and view.is_constant(name):
-                axis = channel_axis_of_constant(view.initializers[name], kind, view, node)
-                if axis is not None:
-                    slicer.cut(index, slot, axis, removed)
+    elif op == "BatchNormalization" or op in ELEMENTWISE:
+        for slot, axis in per_channel_constants(view, index, kind):
+            slicer.cut(index, slot, axis, removed)
     elif op == "Reshape":  # its output is not a group tensor: ``removed`` are its input's positions
         shape = view.types[node.input[0]].shape
         slicer.reshape_cuts[index] = slicer.reshape_cuts.get(index, 0) + len(removed) * int(np.prod(shape[2:]))
+
+
+ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "PRelu")  # their constant operands may be per channel
+
+
+def per_channel_constants(view: GraphView, index: int, kind: str) -> list[tuple[int, int]]:
+    """(input slot, channel axis) of every constant a channel-preserving node reads per channel — what
+    removing channels cuts and reordering them permutes: BatchNormalization's scale, B, mean and var; an
+    elementwise op's non-scalar constant operands."""
+    node = view.nodes[index]
+    if node.op_type == "BatchNormalization":
+        return [(slot, 0) for slot in range(1, 5)]
+    if node.op_type not in ELEMENTWISE:
+        return []
+    found = []
+    for slot, name in enumerate(node.input):
+        if name and view.is_constant(name):
+            axis = channel_axis_of_constant(view.initializers[name], kind, view, node)
+            if axis is not None:
+                found.append((slot, axis))
+    return found
 
 
 def channel_axis_of_constant(tensor: onnx.TensorProto, kind: str, view: GraphView, node) -> int | None:

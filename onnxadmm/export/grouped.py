@@ -22,7 +22,7 @@ from ..analysis.channels import ChannelGroup
 from ..onnxio.graph import FreshNames, GraphView
 from ..onnxio.normalize import infer_types
 from .apply import write_initializers
-from .channels import channel_axis_of_constant
+from .channels import per_channel_constants
 
 
 @dataclass(frozen=True)
@@ -111,12 +111,5 @@ def to_grouped(model: onnx.ModelProto, pairs: list[BlockPair]) -> onnx.ModelProt
 
 def _permute_through(view: GraphView, index: int, perm: np.ndarray, kind: str, value, private, values) -> None:
     node = view.nodes[index]
-    if node.op_type == "BatchNormalization":
-        for slot in range(1, 5):
-            values[private(index, slot)] = value(node.input[slot])[perm]
-    elif node.op_type in ("Add", "Sub", "Mul", "Div", "PRelu"):
-        for slot, name in enumerate(node.input):
-            if name and view.is_constant(name):
-                axis = channel_axis_of_constant(view.initializers[name], kind, view, node)
-                if axis is not None:
-                    values[private(index, slot)] = np.take(value(name), perm, axis=axis)
+    for slot, axis in per_channel_constants(view, index, kind):
+        values[private(index, slot)] = np.take(value(node.input[slot]), perm, axis=axis)
