@@ -147,9 +147,6 @@ class ActivationObjective:
             float(self.eigenvalues.mean())
         self.curvature = self.kappa * mean_eigenvalue or 1.0
 
-    def split(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return theta[..., :-1], theta[..., -1].reshape(-1)
-
     def pre_activation(self, theta: torch.Tensor) -> torch.Tensor:
         """z = X̃θᵀ on the subset: (M, Cout)."""
         g, r, _ = theta.shape
