@@ -353,6 +353,10 @@ def _print_summary(report: dict, report_path: Path | None) -> None:
         if v.get("agreement") is not None:
             lines.append(f"top-1 agreement with the original: {v['agreement']:.4f} on {v['samples']} "
                          f"{'held-out' if v['held_out'] else 'calibration (not held-out)'} samples")
+        for out in v.get("outputs", [])[1:]:  # the first output is the one top-1 is taken from
+            if out.get("sample_cosine") is not None:
+                lines.append(f"output {out['name']!r}: mean per-sample cosine with the original "
+                             f"{out['sample_cosine']:.4f}")
         lines.extend(v.get("gains", []))
         for gate in v.get("gates", []):
             lines.append(f"gate {gate['name']}: {'PASS' if gate['passed'] else 'FAIL'} — {gate['detail']}")

@@ -45,6 +45,7 @@ AUGMENTATIONS = ("auto", "none")
 PLATFORMS = ("linux-aarch64",)
 PRECISIONS = ("none", "int8")
 RANGE_ESTIMATORS = ("auto", "minmax", "percentile", "mse")
+INT8_ACTIVATIONS = ("auto", "static", "dynamic")
 LOSSES = ("activation", "linear")
 SOLVERS = ("admm", "magnitude", "refit")
 ELEMENT_METHODS = ("sparse", "nm", "l1", "l0", "kernels")
@@ -189,6 +190,11 @@ class CompressConfig:
         default=None, metadata=_opt("use at most N calibration samples (evenly spaced, deterministic)")
     )
     batch_size: int = field(default=32, metadata=_opt("samples per onnxruntime call during calibration"))
+    token_mask: str = field(
+        default="auto", metadata=_opt("sequence models: the input whose zeros mark padding tokens, left out of "
+                                      "every layer's reconstruction ('auto': an input named attention_mask; "
+                                      "'none')")
+    )
     max_memory_mb: int = field(
         default=2048,
         metadata=_opt("memory for cached activations; beyond it they spill to a temporary folder"),
@@ -221,6 +227,13 @@ class CompressConfig:
                                       "with the smallest quantization error on the calibration histogram)",
                                       RANGE_ESTIMATORS)
     )
+    int8_activations: str = field(
+        default="auto", metadata=_opt("--quantize int8: activations quantized with calibrated ranges (static: QDQ "
+                                      "on every op onnxruntime has an integer kernel for) or per tensor at run time "
+                                      "(dynamic: the MatMuls only, for transformers); auto: both where MatMuls hold "
+                                      "most of the weights, kept by the smaller held-out output error, else static",
+                                      INT8_ACTIVATIONS)
+    )
     threads: int = field(default=0, metadata=_opt("torch/onnxruntime threads (0 = all cores)"))
     force: bool = field(
         default=False, metadata=_opt("compress a model that onnxadmm already compressed")
@@ -242,6 +255,9 @@ class CompressConfig:
         _check_choice("activation_range", self.activation_range, RANGE_ESTIMATORS)
         if self.activation_range != "auto" and self.quantize == "none":
             raise ConfigError("--activation-range applies to --quantize int8")
+        _check_choice("int8_activations", self.int8_activations, INT8_ACTIVATIONS)
+        if self.int8_activations != "auto" and self.quantize == "none":
+            raise ConfigError("--int8-activations applies to --quantize int8")
         if self.time_budget_min is not None and not self.time_budget_min > 0:
             raise ConfigError(f"time_budget_min must be > 0, got {self.time_budget_min}")
         if self.method == "none" and self.quantize == "none":

@@ -209,3 +209,29 @@ def test_admm_stops_once_the_support_settles_where_a_refit_on_it_follows():
     assert len(early.objective) < 60
     assert all(torch.equal(s, supports[-1]) for s in supports[-1 - settings.settled_iterations:])
     assert torch.equal(z_early != 0, z_full != 0)  # the support it stopped on is the one the full run ends on
+
+
+def test_a_chain_that_only_shifts_is_solved_as_the_linear_problem():
+    """σ(z; s) = z + c + s (bias and residual): the problem becomes the linear one with target y₀ + s − ŝ,
+    which has the same minimizer and value; a chain with a nonlinearity is left as it is."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(600, 1, 12, generator=gen)
+    w0, b0 = torch.randn(1, 5, 12, generator=gen), torch.randn(5, generator=gen)
+    y = torch.bmm(x.transpose(0, 1), w0.transpose(1, 2)).transpose(0, 1).reshape(600, 5) + b0
+    side_ref, side_hat = torch.randn(600, 5, generator=gen), torch.randn(600, 5, generator=gen)
+    shift = torch.randn(5, generator=gen)
+
+    def residual(z, sides):
+        return z + shift + sides[0]
+
+    problem = LayerProblem(x_hat=x + 0.1 * torch.randn(x.shape, generator=gen), y_ref=y, w0=w0, b0=b0,
+                           side_hat=(side_hat,), side_ref=(side_ref,), activation=residual)
+    linear = problem.shift_free()
+    assert linear.activation is None and not linear.side_hat
+    torch.testing.assert_close(linear.y_ref, y + side_ref - side_hat)
+    w, b = w0 * 0.7, b0 + 0.2
+    through_chain = problem.prediction(w, b, "activation") - problem.target("activation")
+    assert torch.allclose(linear.prediction(w, b, "linear") - linear.target("linear"), through_chain, atol=1e-5)
+    relu = LayerProblem(x_hat=x, y_ref=y, w0=w0, b0=b0, side_hat=(side_hat,), side_ref=(side_ref,),
+                        activation=lambda z, sides: torch.relu(z + sides[0]))
+    assert relu.shift_free() is relu

@@ -15,7 +15,7 @@ from onnxadmm.errors import ConfigError
 
 PACKAGE = Path(onnxadmm.__file__).parent
 SPECIAL = {"nm": "1:4", "exclude": "conv1", "platform": "linux-aarch64", "latency_batch_sizes": "4",
-           "labels": "labels", "calib_samples": "3", "eval_samples": "3"}
+           "labels": "labels", "calib_samples": "3", "eval_samples": "3", "token_mask": "none"}
 
 
 def _value(field: dataclasses.Field, cls) -> list[str]:

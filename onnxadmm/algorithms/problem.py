@@ -96,3 +96,25 @@ class LayerProblem:
             diff = self.prediction(w, b, loss, rows) - target[rows]
             num += float(diff.double().pow(2).sum())
         return num / den
+
+    @torch.no_grad()
+    def shift_free(self) -> "LayerProblem":
+        """When the chain only shifts, σ(z; s) = z + c(s) (additions of constants and side inputs: a bias and a
+        residual), the loss ‖Wx̂ + b + c(ŝ) − W₀x − b₀ − c(s)‖² is the linear one with target
+        y₀ + c(s) − c(ŝ): that problem, with σ the identity (solved in closed form). Otherwise ``self``.
+        The shift is recognized by value: σ(z; s) − z is the same at two different z."""
+        if self.activation is None or not self.num_patches:
+            return self
+        rows = slice(0, min(self.num_patches, 512))
+        z = self.y_ref[rows]
+        sides = self.sides("ref", rows)
+        other = 2.0 * z + 1.0
+        first, second = self.sigma(z, sides) - z, self.sigma(other, sides) - other
+        scale = float(z.abs().max()) + float(first.abs().max()) + 1.0
+        if not torch.allclose(first, second, rtol=0.0, atol=1e-5 * scale):
+            return self
+        zeros = torch.zeros_like(self.y_ref[:1]).expand_as(self.y_ref)
+        shift = self.sigma(zeros, self.side_ref) - self.sigma(zeros, self.side_hat)
+        return LayerProblem(x_hat=self.x_hat, y_ref=self.y_ref + shift, w0=self.w0, b0=self.b0,
+                            activation=None, fit_bias=self.fit_bias, sample_ids=self.sample_ids)
+

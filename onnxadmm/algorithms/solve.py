@@ -90,6 +90,9 @@ class LayerSolution:
 
 def solve_layer(problem: LayerProblem, structure: Structure, loss: str = "activation",
                 solver: str = "admm", settings: AdmmSettings = AdmmSettings()) -> LayerSolution:
+    if loss == "activation" and problem.activation is not None:  # a chain that only shifts (bias, residual)
+        linear = problem.shift_free()                              # is solved as the linear problem it is
+        problem, loss = (linear, "linear") if linear is not problem else (problem, loss)
     w0, b0 = problem.w0, problem.b0
     if structure.kind in ("lowrank", "lowrank-sparse"):
         return _solve_factored(problem, structure, loss, solver, settings)

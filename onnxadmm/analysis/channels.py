@@ -97,6 +97,18 @@ class Consumer:
     place: Place
 
 
+@dataclass(frozen=True)
+class ShapeEdit:
+    """A shape constant that counts the group's channels in units: element ``element`` of the initializer at
+    input ``slot`` of node ``node`` loses removed / ``per_unit`` (attention heads: a Reshape's head count,
+    one per ``head_dim`` channels removed; the merged width, one per channel)."""
+
+    node: int
+    slot: int
+    element: int
+    per_unit: int
+
+
 @dataclass
 class ChannelGroup:
     """Channels tied together; ``declined`` holds the reason when they must stay."""
@@ -111,6 +123,8 @@ class ChannelGroup:
     members: dict[int, tuple[str, Place]] = field(default_factory=dict)  # node -> (side, place of that side)
     declined: str | None = None
     block: int = 1  # channels are removed in whole aligned blocks of this many (grouped convs they pass)
+    shape_edits: list[ShapeEdit] = field(default_factory=list)  # shape constants counting the channels
+    reshaped: list[str] = field(default_factory=list)  # other tensors whose shape changes (attention heads)
 
     @property
     def uniform(self) -> bool:
@@ -556,9 +570,15 @@ def _broadcasts(view: GraphView, const: str, kind: str, channels: int, data: str
 
 
 def _same_channels(view: GraphView, a: str, b: str, kind: str) -> bool:
-    """Two computed operands with the same channel count at the channel axis (no channel broadcast)."""
+    """Two computed operands with the same channel count at the channel axis (no channel broadcast). When
+    shape inference knows neither shape (after an op it cannot infer, such as a contrib op), the operands
+    are taken as the same channels: the walk then explains each operand's producer as a group member, back
+    to the group's layers, or declines."""
     ta, tb = view.types.get(a), view.types.get(b)
-    if ta is None or tb is None or ta.shape is None or tb.shape is None or len(ta.shape) != len(tb.shape):
+    unknown = [t is None or t.shape is None for t in (ta, tb)]
+    if all(unknown):
+        return True
+    if any(unknown) or len(ta.shape) != len(tb.shape):
         return False
     axis = 1 if kind == "conv" else len(ta.shape) - 1
     ca, cb = ta.shape[axis], tb.shape[axis]

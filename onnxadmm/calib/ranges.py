@@ -57,28 +57,29 @@ def activation_ranges(model: onnx.ModelProto, names: list[str], samples: SampleS
     progress = progress or (lambda *args: None)
     sess = session_with_outputs(model, names, threads)
     wanted = [n for n in names if n not in samples.arrays]
+    fed = [n for n in names if n in samples.arrays]  # graph inputs among the tensors (not every input is float)
     lows = {n: np.inf for n in names}
     highs = {n: -np.inf for n in names}
-    for values in _stream(sess, wanted, samples, batch_size, progress, "ranges (1/2)"):
+    for values in _stream(sess, wanted, fed, samples, batch_size, progress, "ranges (1/2)"):
         for name, value in values.items():
             if value.size:
                 lows[name] = min(lows[name], float(value.min()))
                 highs[name] = max(highs[name], float(value.max()))
     edges = {n: _edges(lows[n], highs[n]) for n in names}
     counts = {n: np.zeros(BINS, np.float64) for n in names}
-    for values in _stream(sess, wanted, samples, batch_size, progress, "ranges (2/2)"):
+    for values in _stream(sess, wanted, fed, samples, batch_size, progress, "ranges (2/2)"):
         for name, value in values.items():
             counts[name] += np.histogram(value, bins=edges[name])[0]
     return {n: choose_range(counts[n], edges[n], estimator) for n in names if np.isfinite(lows[n])}
 
 
-def _stream(sess, wanted: list[str], samples: SampleSet, batch_size: int, progress, stage: str
+def _stream(sess, wanted: list[str], fed: list[str], samples: SampleSet, batch_size: int, progress, stage: str
             ) -> Iterable[dict[str, np.ndarray]]:
     total = samples.num_batches(batch_size)
     for index, batch in enumerate(samples.batches(batch_size)):
         progress("quantize", index, total, stage)
         outputs = sess.run(wanted, batch)
-        yield {**{n: v for n, v in zip(wanted, outputs)}, **{n: batch[n] for n in batch if n not in wanted}}
+        yield {**{n: v for n, v in zip(wanted, outputs)}, **{n: batch[n] for n in fed}}
 
 
 def _edges(lo: float, hi: float) -> np.ndarray:

@@ -3,7 +3,7 @@
 * size: serialized bytes, and bytes after zip (deflate) — zeros in dense weights only shrink the latter;
 * parameters: float initializer elements (in a QDQ model: the integer weights and biases), and how many
   are nonzero;
-* MACs per sample of every Conv / Gemm / MatMul, from tensor shapes observed in one onnxruntime run:
+* MACs per sample of every Conv / Gemm / MatMul (and MatMulInteger), from tensor shapes observed in one onnxruntime run:
   Conv: |out| · Cin/G · kh · kw;  Gemm/MatMul: |out| · K.  ``dense`` is what the CPU executes;
   ``nonzero`` counts only multiplications by nonzero weights (what a sparse kernel could skip to).
 """
@@ -63,6 +63,7 @@ class _ByteCounter(io.RawIOBase):
         return len(data)
 
 
+INTEGER_PRODUCTS = ("MatMulInteger",)  # dynamic int8: the integer weight is the product's second input
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
 
 
@@ -70,6 +71,7 @@ def _parameter_initializers(model: onnx.ModelProto):
     """Float initializers, and the integer tensors DequantizeLinear nodes read (a QDQ model's weights and
     biases; their scales and zero points are not counted)."""
     quantized = {node.input[0] for node in model.graph.node if node.op_type == "DequantizeLinear"}
+    quantized |= {node.input[1] for node in model.graph.node if node.op_type in INTEGER_PRODUCTS}
     quant_params = {name for node in model.graph.node if node.op_type in ("QuantizeLinear", "DequantizeLinear")
                     for name in node.input[1:]}
     for tensor in model.graph.initializer:
@@ -88,7 +90,8 @@ def node_macs(model: onnx.ModelProto, feed_one: dict[str, np.ndarray], threads: 
     """Dense MACs of every Conv/ConvTranspose/Gemm/MatMul node (by node id), from shapes observed in one
     onnxruntime run on ``feed_one`` (a single sample)."""
     view = GraphView(model)
-    compute = [i for i in view.order if view.nodes[i].op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose")]
+    compute = [i for i in view.order
+               if view.nodes[i].op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose", *INTEGER_PRODUCTS)]
     names = sorted({t for i in compute for t in (view.nodes[i].input[0], view.nodes[i].output[0])})
     sess = session_with_outputs(model, names, threads)
     outputs = [o.name for o in sess.get_outputs()]

@@ -8,7 +8,9 @@ For the removed group channels R, each tensor of the group loses the positions i
               per-channel constants of Add/Sub/Mul/Div/PRelu sliced on their channel axis;
               Reshape to [N, C·H·W] gets |K|·H·W when the size is explicit;
               Split sizes, channel-Slice bounds and channel-Pad widths shrink by the removed positions
-              they cover (a removed pad channel is a narrower pad)
+              they cover (a removed pad channel is a narrower pad);
+              attention heads: the Reshape constants holding the head count (and the merged width) lose
+              the removed heads (channels)
   consumers   Conv W[:, K]; Gemm/MatMul the input columns of K (H·W consecutive columns per channel
               after a Flatten)
 A constant that other nodes also read is copied before slicing. Value-info of the sliced tensors is
@@ -49,6 +51,7 @@ class _Slicer:
         self.reshape_cuts: dict[int, int] = {}  # Reshape -> features removed
         self.removed: dict[str, set[int]] = {}  # tensor -> removed channel positions (every group)
         self.movers: dict[int, str] = {}  # Split / Slice / Pad node on the channel axis -> group kind
+        self.shape_edits: dict[tuple[int, int], dict[int, int]] = {}  # (node, slot) -> {element: decrease}
 
     def cut(self, node_index: int, slot: int, axis: int, indices) -> None:
         node = self.view.nodes[node_index]
@@ -86,6 +89,15 @@ class _Slicer:
                 node.input[1] = fresh
         for node_index, kind in self.movers.items():
             self._move(view.nodes[node_index], kind, values)
+        for (node_index, slot), decreases in self.shape_edits.items():  # always a private copy
+            node = view.nodes[node_index]
+            target = view.constant(node.input[slot]).copy()
+            flat = target.reshape(-1)
+            for element, decrease in decreases.items():
+                flat[element] -= decrease
+            fresh = self.fresh.name(f"{node.input[slot]}__onnxadmm_{node.name}_{slot}")
+            values[fresh] = target
+            node.input[slot] = fresh
         write_initializers(graph, values)
 
     def _move(self, node: onnx.NodeProto, kind: str, values: dict[str, np.ndarray]) -> None:
@@ -172,7 +184,10 @@ def slice_channels(model: onnx.ModelProto, groups: list[ChannelGroup], keep: Map
             _cut_through(slicer, index, group, removed)
         for consumer in group.consumers:
             _cut_consumer(slicer, consumer.node_index, consumer.place.positions(removed), consumer.width)
-        dropped |= set(group.places)
+        for edit in set(group.shape_edits):
+            decreases = slicer.shape_edits.setdefault((edit.node, edit.slot), {})
+            decreases[edit.element] = decreases.get(edit.element, 0) + len(removed) // edit.per_unit
+        dropped |= set(group.places) | set(group.reshaped)
         dropped |= {name for i in group.through for name in view.nodes[i].output}
     slicer.write()
     kept_info = [v for v in out.graph.value_info if v.name not in dropped]

@@ -7,6 +7,12 @@ into the Q after it); onnxadmm hands it every range and every solved weight scal
 already on their grid, and ``round(w / s)`` recovers the integers. Its own calibration is then only a
 formality, run on one batch.
 
+Dynamic activations (``quantize_dynamic_int8``): onnxruntime's ``quantize_dynamic`` turns each MatMul (and
+Gemm, as MatMul + Add) with a constant weight into DynamicQuantizeLinear(x) → MatMulInteger with per-column int8 weights (fused into
+DynamicQuantizeMatMul when the session is optimized): the activation's uint8 range is taken from each input
+tensor at run time, so no calibrated range can clip an outlier (what transformers' LayerNorm outputs and
+residual streams have). The solved integers and scales replace the quantizer's own.
+
 Fusion coverage: the quantized model is optimized by onnxruntime (the level that runs the QDQ fusions);
 a Conv/Gemm/MatMul of the float model is *integer* when its node became an integer kernel (QLinearConv,
 QGemm, QLinearMatMul, MatMulIntegerToFloat, ConvInteger, MatMulInteger, DynamicQuantizeMatMul) and
@@ -68,6 +74,68 @@ def quantize_qdq(model: onnx.ModelProto, samples: SampleSet, ranges: Mapping[str
     return quantized
 
 
+def quantize_dynamic_int8(model: onnx.ModelProto, weights: Mapping[str, WeightScales]) -> onnx.ModelProto:
+    """int8 weights (per column, the solved integers where ``weights`` has them) with dynamically quantized
+    uint8 activations, for the MatMuls and Gemms with a constant weight; every other op stays float."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantized = _through_file(model, lambda source, path: quantize_dynamic(
+        source, path, per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"]))
+    _put_solved_integers(quantized, model, weights)
+    quantized.ir_version = model.ir_version
+    return quantized
+
+
+def _put_solved_integers(quantized: onnx.ModelProto, model: onnx.ModelProto,
+                         weights: Mapping[str, WeightScales]) -> None:
+    """Replace ``{w}_quantized`` / ``{w}_scale`` / ``{w}_zero_point`` of every solved weight w by q = round(w / s)
+    with the solved per-column scales s (symmetric: zero point 0)."""
+    from onnx import numpy_helper
+
+    originals = {t.name: t for t in model.graph.initializer}
+    inits = {t.name: t for t in quantized.graph.initializer}
+    for name, solved in weights.items():
+        names = (f"{name}_quantized", f"{name}_scale", f"{name}_zero_point")
+        if not all(n in inits for n in names) or name not in originals:
+            continue
+        w = numpy_helper.to_array(originals[name]).astype(np.float64)
+        scales = np.asarray(solved.scales, np.float64).reshape(-1)
+        if inits[names[1]].dims != [scales.size] or w.ndim != 2 or w.shape[solved.axis] != scales.size:
+            continue  # not the per-column form this replacement writes
+        shape = [1, 1]
+        shape[solved.axis] = -1
+        q = np.clip(np.round(w / np.where(scales > 0, scales, 1.0).reshape(shape)), -127, 127).astype(np.int8)
+        if solved.axis == 0:  # a Gemm with transB: the quantizer stores B as (K, N), one column per output
+            q = q.T
+        if list(q.shape) != list(inits[names[0]].dims):
+            continue
+        for target, value in zip(names, (q, scales.astype(np.float32), np.zeros(scales.size, np.int8))):
+            inits[target].CopyFrom(numpy_helper.from_array(value, target))
+
+
+def int8_forms(layers, requested: str) -> list[str]:
+    """The int8 activation forms to build: as requested; for auto, static, and dynamic too where MatMuls hold
+    at least half of the layer weights (transformers; a CNN's convs would stay float under dynamic)."""
+    if requested != "auto":
+        return [requested]
+    total = sum(layer.num_weights for layer in layers) or 1
+    matmul = sum(layer.num_weights for layer in layers if layer.op_type == "MatMul")
+    return ["static", "dynamic"] if matmul >= 0.5 * total else ["static"]
+
+
+def timing_precision(layers, quantize: str, requested: str) -> str:
+    """How planners time graphs: "none" (fp32), "int8" (static QDQ) or "int8-dynamic" (where the dynamic
+    form is built: its timing stands for both, as the choice between them is made on accuracy)."""
+    if quantize != "int8":
+        return "none"
+    return "int8-dynamic" if "dynamic" in int8_forms(layers, requested) else "int8"
+
+
+def rounded_int8(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], precision: str) -> onnx.ModelProto:
+    """``model`` in the int8 form ``precision`` names, with onnxruntime's own scales (for timing)."""
+    return quantize_dynamic_int8(model, {}) if precision == "int8-dynamic" else rounded_qdq(model, feed)
+
+
 def rounded_qdq(model: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> onnx.ModelProto:
     """The same QDQ form with onnxruntime's own scales and min-max ranges on ``feed``: a model of the right
     structure for timing (the values do not change the time), made in about a second."""
@@ -77,23 +145,28 @@ def rounded_qdq(model: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> onnx.
 def _ort_quantize(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], tensor_overrides: dict) -> onnx.ModelProto:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    return _through_file(model, lambda source, path: quantize_static(
+        source, path, _OneBatch(feed), quant_format=QuantFormat.QDQ, per_channel=True,
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+        extra_options={"TensorQuantOverrides": tensor_overrides}))
+
+
+def _through_file(model: onnx.ModelProto, quantizer) -> onnx.ModelProto:
+    """``quantizer(source path, output path)`` on ``model`` written to a scratch folder (a path, not the
+    ModelProto: given a ModelProto, onnxruntime's quantizers rewrite its initializers in place into references
+    to external data in a folder they then delete), with the quantizer's advice to its own users silenced."""
     root = logging.getLogger()
     level = root.level
-    root.setLevel(logging.ERROR)  # the quantizer logs advice meant for its own users ("consider pre-processing")
+    root.setLevel(logging.ERROR)
     try:
         with scratch_folder("onnxadmm-quantize-") as folder:
             source, path = folder / "float.onnx", os.path.join(folder, "quantized.onnx")
-            # a path, not the ModelProto: given a ModelProto, quantize_static rewrites its initializers in place
-            # into references to external data in a folder it then deletes
             if exceeds_protobuf_limit(model):
                 write_with_external_data(without_initializers(model), model.graph.initializer, source,
                                          "float.onnx.data")
             else:
                 source.write_bytes(model.SerializeToString())
-            quantize_static(str(source), path, _OneBatch(feed), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax,
-                            extra_options={"TensorQuantOverrides": tensor_overrides})
+            quantizer(str(source), path)
             return onnx.load(path)
     finally:
         root.setLevel(level)
@@ -132,14 +205,17 @@ def fusion_coverage(quantized: onnx.ModelProto, layer_nodes: Mapping[str, str]) 
 
     optimized = {node.name: node for node in _optimized(quantized, ort).graph.node}
     by_output = {node.output[0]: node for node in quantized.graph.node if node.output}
+    dynamic = _dynamic_products(quantized)
     coverage = FusionCoverage()
     for name, op_type in layer_nodes.items():
-        node = optimized.get(name)
+        node = optimized.get(dynamic.get(name, name))
         if node is not None and node.op_type in INTEGER_KERNELS:
             coverage.integer.append(name)
             continue
         source = next((n for n in quantized.graph.node if n.name == name), None)
-        if node is None:
+        if dynamic and name not in dynamic:
+            reason = f"stays float {op_type}: dynamic int8 covers MatMul/Gemm with a constant weight only"
+        elif node is None:
             reason = "not found after optimization (fused into another node)"
         elif source is None or not any(by_output.get(i) is not None and by_output[i].op_type == "DequantizeLinear"
                                        for i in source.input[:1]):
@@ -149,6 +225,18 @@ def fusion_coverage(quantized: onnx.ModelProto, layer_nodes: Mapping[str, str]) 
                       "activation between without an integer kernel)")
         coverage.float.append({"name": name, "op_type": op_type, "reason": reason})
     return coverage
+
+
+def _dynamic_products(quantized: onnx.ModelProto) -> dict[str, str]:
+    """Float MatMul/Gemm name -> the MatMulInteger node the dynamic quantizer replaced it with (it names that
+    node ``{name}_quant``; onnxruntime fuses it into DynamicQuantizeMatMul under the same name)."""
+    products = {}
+    for node in quantized.graph.node:  # a Gemm becomes MatMul + Add first: "{name}_MatMul_quant"
+        if node.op_type == "MatMulInteger" and node.name.endswith("_quant"):
+            products[node.name.removesuffix("_quant")] = node.name
+            if node.name.endswith("_MatMul_quant"):
+                products[node.name.removesuffix("_MatMul_quant")] = node.name
+    return products
 
 
 def _optimized(model: onnx.ModelProto, ort) -> onnx.ModelProto:

@@ -18,6 +18,7 @@ import torch
 from ..algorithms.projections.groups import ChannelBlock, channel_norms
 from ..algorithms.solve import Structure
 from ..analysis.channels import ChannelGroup, find_channel_groups
+from ..analysis.heads import with_head_groups
 from ..analysis.layers import Declined, Layer
 from ..config import CompressConfig
 from ..export.apply import apply_initializers
@@ -81,7 +82,7 @@ def group_declines(groups: list[ChannelGroup], excluded: set[str], layers: dict[
 
 def channel_groups(view: GraphView, all_layers: list[Layer], layers: list[Layer]) -> list[ChannelGroup]:
     """The groups of ``all_layers`` (before --exclude); a group touching a layer not in ``layers`` stays whole."""
-    groups = find_channel_groups(view, all_layers)
+    groups = with_head_groups(view, all_layers, find_channel_groups(view, all_layers))
     allowed = {l.name for l in layers}
     group_declines(groups, {l.name for l in all_layers} - allowed, {l.node_index: l for l in all_layers})
     return groups

@@ -4,9 +4,10 @@ Rewrites (each semantics-preserving):
   * declared intermediate shapes (``value_info``) that contradict shape inference are dropped (an input
     that fails onnx.checker's full check for any other reason is refused);
   * every node gets a unique, stable name (``{op_type}_{index}`` when missing; ``__k`` on duplicates);
-  * ``Constant`` nodes and ``Identity(initializer)`` chains that feed a Conv/Gemm/MatMul weight or bias,
-    or a Clip bound, become initializers (torch's legacy exporter puts Identity before Conv biases,
-    which onnx2torch cannot convert);
+  * ``Constant`` nodes become initializers (so per-channel constants, GELU's scalars and the head counts
+    of attention Reshapes are seen as constants), and so do ``Identity(initializer)`` chains that feed a
+    Conv/Gemm/MatMul weight or bias, or a Clip bound (torch's legacy exporter puts Identity before Conv
+    biases, which onnx2torch cannot convert);
   * ``Clip`` with an omitted min or max gets an explicit -inf / +inf constant (onnx2torch cannot
     convert the omitted form);
   * a Conv/Gemm bias initializer read by several nodes gets one private copy per Conv/Gemm (exporters
@@ -97,7 +98,7 @@ def _unique_names(graph: onnx.GraphProto, rewrites: list[str]) -> None:
 def _fold_weight_constants(graph: onnx.GraphProto, rewrites: list[str]) -> None:
     outputs = {v.name for v in graph.output}
     initializers = {t.name for t in graph.initializer}
-    wanted: set[str] = set()
+    wanted: set[str] = {node.output[0] for node in graph.node if node.op_type == "Constant" and node.output}
     for node in graph.node:
         for slot in _CONSTANT_SLOTS.get(node.op_type, ()):
             if slot < len(node.input) and node.input[slot]:

@@ -28,6 +28,7 @@ from ..calib.readers import SampleSet
 from ..config import CompressConfig
 from ..cost.footprint import node_macs
 from ..errors import ConfigError
+from ..export.qdq import timing_precision
 from ..onnxio.graph import GraphView
 from .allocate import Option, allocate
 from .sensitivity import input_second_moments, output_damage
@@ -193,7 +194,7 @@ def plan_channels(view: GraphView, layers: list[Layer], groups: list[ChannelGrou
         timed = timing_feed(samples, config.latency_batch)
         shapes = {view.nodes[i].input[0]: c.input_shape for i, c in node_costs.items()}
         model = LatencyCost(view, groups, shapes, timed, options, config.threads, removed_of,
-                            precision=config.quantize)
+                            precision=timing_precision(layers, config.quantize, config.int8_activations))
         model.calibrate_in_context(view.model, lambda g, k: _sliced(view, groups, scores, {g.name: k}), timed)
         target, what = config.target_latency, "--target-latency"
         if config.quantize == "int8":  # every plan is timed in int8 against the int8 original

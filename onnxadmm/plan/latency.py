@@ -55,7 +55,7 @@ class LatencyTable:
 
     def __init__(self, threads: int, use_disk: bool = True, precision: str = "none"):
         self.threads = cpu_threads(threads)
-        self.precision = precision  # "int8": whole graphs are timed in their int8 (QDQ) form
+        self.precision = precision  # "int8" / "int8-dynamic": whole graphs are timed in that int8 form
         self.path = _cache_path() if use_disk else None
         self.entries: dict[str, float] = {}
         if self.path and self.path.is_file():
@@ -131,25 +131,26 @@ class LatencyTable:
         stage will make of them (QDQ, rounded weights: the values do not change the time), so savings are
         those of the integer kernels (see ``int8_ratio`` for the step from fp32 to int8)."""
         def run():
-            if self.precision == "int8":
-                from ..export.qdq import rounded_qdq
+            if self.precision != "none":
+                from ..export.qdq import rounded_int8
 
-                return measure(rounded_qdq(original, feed), rounded_qdq(planned, feed), feed, PLAN_ROUNDS,
-                               self.threads)
+                return measure(rounded_int8(original, feed, self.precision), rounded_int8(planned, feed, self.precision),
+                               feed, PLAN_ROUNDS, self.threads)
             return measure(original, planned, feed, PLAN_ROUNDS, self.threads)
 
         parts = ("plan", structure_digest(original), structure_digest(planned), _shapes(feed), self.threads)
-        return self._cached(parts + (("int8",) if self.precision == "int8" else ()), run)[1]
+        return self._cached(parts + ((self.precision,) if self.precision != "none" else ()), run)[1]
 
     def int8_ratio(self, original: onnx.ModelProto, feed: dict[str, np.ndarray]) -> float:
         """Measured latency of the int8 form of ``original`` over its fp32 latency (cached like a plan): a
         target T of the fp32 original's latency is T / this of the int8 original's."""
-        from ..export.qdq import rounded_qdq
+        from ..export.qdq import rounded_int8
 
         def run():
-            return measure(original, rounded_qdq(original, feed), feed, PLAN_ROUNDS, self.threads)
+            return measure(original, rounded_int8(original, feed, self.precision), feed, PLAN_ROUNDS, self.threads)
 
-        return self._cached(("int8", structure_digest(original), _shapes(feed), self.threads), run)[1]
+        kind = "int8" if self.precision == "int8" else self.precision
+        return self._cached((kind, structure_digest(original), _shapes(feed), self.threads), run)[1]
 
     def model_ms(self, model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> float:
         """Median latency (ms) of the whole model on ``feed``, cached under its structure."""

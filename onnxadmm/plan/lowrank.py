@@ -38,6 +38,7 @@ from ..calib.readers import SampleSet
 from ..config import CompressConfig
 from ..cost.footprint import node_macs
 from ..errors import ConfigError
+from ..export.qdq import timing_precision
 from ..onnxio.graph import GraphView
 from .allocate import Option, allocate
 from .latency import (LatencyTable, context_factor, feed_batch, in_context, latency_unit, meet_measured_latency,
@@ -163,7 +164,8 @@ def plan_ranks(view: GraphView, layers: list[Layer], samples: SampleSet, config:
                        if tucker_able(l) and l.node_index in costs}
     timing, timed = None, one
     if config.objective == "latency" or config.target_latency is not None:
-        timing = LatencyTable(config.threads, precision=config.quantize)
+        timing = LatencyTable(config.threads, precision=timing_precision(layers, config.quantize,
+                                                                         config.int8_activations))
         timed = timing_feed(samples, config.latency_batch)
         if config.quantize == "int8" and config.target_latency is not None:
             # plans are timed int8 against the int8 original: T of the fp32 original is T / r0 of that

@@ -10,6 +10,10 @@ every method — sparse, N:M, channels, grouped, low-rank factors (each factor a
    weights.
 3. QDQ through onnxruntime's quantizer with every range and weight scale as an override (``qdq.py``), and
    the fusion coverage: which layers onnxruntime then runs as integer kernels.
+Dynamic activations (transformers: calibrated ranges clip the outliers of LayerNorm outputs and residual
+streams): the MatMuls' weights solved onto the grid from the float inputs, exported in onnxruntime's dynamic
+form (activations quantized per tensor at run time). ``auto`` builds both where MatMuls hold most of the
+weights and keeps the one with the smaller output error on the held-out calibration samples.
 """
 
 from __future__ import annotations
@@ -18,17 +22,21 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import onnx
 
+from ..algorithms.problem import HOLD_OUT_EVERY
 from ..algorithms.solve import Structure
 from ..analysis.layers import apply_exclude, find_layers
 from ..calib.ranges import TensorRange, activation_ranges, float_tensors
 from ..calib.readers import SampleSet
 from ..config import CompressConfig
 from ..export.apply import apply_initializers
-from ..export.qdq import WEIGHT_OPS, FusionCoverage, WeightScales, fusion_coverage, quantize_qdq, weight_axis
+from ..export.qdq import (WEIGHT_OPS, FusionCoverage, WeightScales, fusion_coverage, int8_forms, quantize_dynamic_int8,
+                          quantize_qdq, weight_axis)
 from ..onnxio.graph import GraphView
 from ..onnxio.normalize import infer_types, normalize
+from ..onnxio.runtime import session
 from ..report.schema import layer_row
 from ..solve.layerwise import compress_layers
 from .fakequant import with_input_rounding
@@ -44,13 +52,19 @@ class QuantizedModel:
     ranges: dict[str, TensorRange]
     coverage: FusionCoverage
     seconds: dict[str, float] = field(default_factory=dict)
+    activations: str = "static"
+    held_out_errors: dict[str, float] = field(default_factory=dict)  # per activation mode tried (auto)
 
     def report(self) -> dict:
         estimators: dict[str, int] = {}
         for r in self.ranges.values():
             estimators[r.estimator] = estimators.get(r.estimator, 0) + 1
-        return {"format": "QDQ: uint8 activations (per tensor), int8 weights (per output channel, symmetric), "
-                          "int32 biases",
+        form = ("QDQ: uint8 activations (per tensor), int8 weights (per output channel, symmetric), int32 biases"
+                if self.activations == "static" else
+                "dynamic: MatMul inputs quantized to uint8 per tensor at run time, int8 weights (per output "
+                "column, symmetric); other ops float")
+        return {"format": form, "activations": self.activations,
+                "held_out_output_error": self.held_out_errors or None,
                 "layers": self.layers, "declined": self.declined,
                 "activation_ranges": {name: r.as_dict() for name, r in self.ranges.items()},
                 "estimators_chosen": estimators, "fusion": self.coverage.as_dict(), "seconds": self.seconds}
@@ -58,12 +72,51 @@ class QuantizedModel:
 
 def quantize_int8(model: onnx.ModelProto, samples: SampleSet, config: CompressConfig,
                   progress: Progress | None = None) -> QuantizedModel:
+    """The int8 model with static or dynamic activations (``config.int8_activations``; auto: both where the
+    MatMuls hold most of the layer weights, the one with the smaller output error on the held-out calibration
+    samples kept)."""
     progress = progress or (lambda *args: None)
+    normalized = normalize(model)
+    found = apply_exclude(find_layers(normalized.view()), config.exclude)
+    modes = int8_forms(found.layers, config.int8_activations)
+    built = {mode: (_static if mode == "static" else _dynamic)(normalized, found, samples, config, progress)
+             for mode in modes}
+    if len(built) == 1:
+        return next(iter(built.values()))
+    errors = held_out_errors(normalized.model, {m: q.model for m, q in built.items()}, samples, config)
+    best = min(errors, key=errors.get)
+    chosen = built[best]
+    chosen.held_out_errors = errors
+    chosen.seconds = {f"{mode}_{k}": v for mode, q in built.items() for k, v in q.seconds.items()}
+    return chosen
+
+
+def held_out_errors(original: onnx.ModelProto, candidates: dict[str, onnx.ModelProto], samples: SampleSet,
+                    config: CompressConfig) -> dict[str, float]:
+    """Σ over outputs of ‖y − ŷ‖² / ‖y‖² on every 10th calibration sample (all of them when fewer than 20)."""
+    count = samples.num_samples
+    rows = np.arange(HOLD_OUT_EVERY - 1, count, HOLD_OUT_EVERY) if count >= 2 * HOLD_OUT_EVERY else np.arange(count)
+    subset = SampleSet({k: v[rows] for k, v in samples.arrays.items()}, samples.source)
+    reference = _outputs(original, subset, config)
+    errors = {}
+    for mode, model in candidates.items():
+        outputs = _outputs(model, subset, config)
+        errors[mode] = float(sum(np.sum((outputs[i] - y) ** 2) / max(np.sum(y ** 2), 1e-30)
+                                 for i, y in enumerate(reference)))
+    return errors
+
+
+def _outputs(model: onnx.ModelProto, samples: SampleSet, config: CompressConfig) -> list[np.ndarray]:
+    sess = session(model, config.threads)
+    names = [o.name for o in sess.get_outputs()]
+    parts = [sess.run(names, batch) for batch in samples.batches(config.batch_size)]
+    return [np.concatenate([p[i] for p in parts]).astype(np.float64) for i in range(len(names))]
+
+
+def _static(normalized, found, samples: SampleSet, config: CompressConfig, progress) -> QuantizedModel:
     seconds = {}
     started = time.perf_counter()
-    normalized = normalize(model)
     view = normalized.view()
-    found = apply_exclude(find_layers(view), config.exclude)
     inputs = {layer.name: layer.input_name for layer in found.layers}
     input_ranges = activation_ranges(normalized.model, sorted(set(inputs.values())), samples,
                                      config.activation_range, config.batch_size, config.threads, progress)
@@ -82,16 +135,49 @@ def quantize_int8(model: onnx.ModelProto, samples: SampleSet, config: CompressCo
                                config.threads, progress)
     seconds["ranges_s"] = time.perf_counter() - started
     started = time.perf_counter()
-    nodes = {node.name: node for node in solved_model.graph.node}
-    weights = {o.layer.weight_name: WeightScales(o.scales, weight_axis(nodes[o.layer.name]))
-               for o in solved.outcomes if o.scales is not None}
     progress("quantize", 0, 1, "QDQ export")
-    quantized = quantize_qdq(solved_model, samples, ranges, weights)
-    coverage = fusion_coverage(quantized, {n.name: n.op_type for n in solved_model.graph.node
-                                           if n.op_type in WEIGHT_OPS and len(n.input) > 1
-                                           and n.input[1] in view.initializers})
+    quantized = quantize_qdq(solved_model, samples, ranges, _solved_scales(solved_model, solved))
+    coverage = _coverage(quantized, solved_model, view)
     seconds["export_s"] = time.perf_counter() - started
-    declined = [{"name": d.name, "op_type": d.op_type, "reason": d.reason} for d in found.declined + solved.declined]
-    rows = [{**layer_row(o), "scale_min": float(o.scales.min()), "scale_max": float(o.scales.max())}
+    return QuantizedModel(quantized, _rows(solved), _declined(found, solved), ranges, coverage, seconds, "static")
+
+
+def _dynamic(normalized, found, samples: SampleSet, config: CompressConfig, progress) -> QuantizedModel:
+    """Weights of the MatMuls (and plain Gemms) onto the grid (x̂ the float inputs: the run-time activation rounding follows each
+    tensor's own range, which no calibrated pass reproduces), then onnxruntime's dynamic form."""
+    seconds = {}
+    started = time.perf_counter()
+    view = normalized.view()
+    layers = [layer for layer in found.layers if layer.op_type == "MatMul" or
+              (layer.op_type == "Gemm" and layer.alpha == 1.0 and layer.beta == 1.0)]
+    structures = {layer.name: Structure("grid", bits=8, keep_zeros=True) for layer in layers}
+    solved = compress_layers(view, layers, samples, structures, {l.name: 1.0 for l in layers}, config, progress)
+    solved_model = apply_initializers(normalized.model, solved.initializers)
+    seconds["weights_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    progress("quantize", 0, 1, "dynamic int8 export")
+    quantized = quantize_dynamic_int8(solved_model, _solved_scales(solved_model, solved))
+    coverage = _coverage(quantized, solved_model, view)
+    seconds["export_s"] = time.perf_counter() - started
+    return QuantizedModel(quantized, _rows(solved), _declined(found, solved), {}, coverage, seconds, "dynamic")
+
+
+def _solved_scales(solved_model: onnx.ModelProto, solved) -> dict[str, WeightScales]:
+    nodes = {node.name: node for node in solved_model.graph.node}
+    return {o.layer.weight_name: WeightScales(o.scales, weight_axis(nodes[o.layer.name]))
+            for o in solved.outcomes if o.scales is not None}
+
+
+def _coverage(quantized: onnx.ModelProto, solved_model: onnx.ModelProto, view: GraphView) -> FusionCoverage:
+    return fusion_coverage(quantized, {n.name: n.op_type for n in solved_model.graph.node
+                                       if n.op_type in WEIGHT_OPS and len(n.input) > 1
+                                       and n.input[1] in view.initializers})
+
+
+def _declined(found, solved) -> list[dict]:
+    return [{"name": d.name, "op_type": d.op_type, "reason": d.reason} for d in found.declined + solved.declined]
+
+
+def _rows(solved) -> list[dict]:
+    return [{**layer_row(o), "scale_min": float(o.scales.min()), "scale_max": float(o.scales.max())}
             for o in solved.outcomes if o.scales is not None]
-    return QuantizedModel(quantized, rows, declined, ranges, coverage, seconds)

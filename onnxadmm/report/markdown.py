@@ -73,6 +73,8 @@ def _validation(lines: list[str], v: dict) -> None:
     for out in v["outputs"]:
         lines.append(f"| `{out['name']}` cosine / max-abs / rel. error | {out['cosine']:.6f} / "
                      f"{_fmt(out['max_abs'])} / {_fmt(out['relative_error'])} |")
+        if out.get("sample_cosine") is not None:
+            lines.append(f"| `{out['name']}` mean per-sample cosine | {out['sample_cosine']:.4f} |")
     fa, fb = v["footprint"]["original"], v["footprint"]["compressed"]
     lines.append(f"| file size raw | {fa['size_bytes']:,} → {fb['size_bytes']:,} B |")
     lines.append(f"| file size zip | {fa['zipped_bytes']:,} → {fb['zipped_bytes']:,} B |")

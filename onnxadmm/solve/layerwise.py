@@ -23,7 +23,7 @@ from ..calib.readers import SampleSet
 from ..calib.stream import ActivationStream
 from ..config import CompressConfig
 from ..onnxio.graph import GraphView
-from .problem import SampleSettings, SamplingError, sample_problem
+from .problem import SampleSettings, SamplingError, sample_problem, token_mask_input
 
 Progress = Callable[[str, int, int, str], None]
 
@@ -103,13 +103,14 @@ def compress_layers(view: GraphView, layers: list[Layer], samples: SampleSet, st
         for name in (layer.input_name, *(layer.chain.side_inputs if layer.chain else ())):
             pending[name] = pending.get(name, 0) + 1
     budget = config.max_memory_mb << 20
-    sampling = SampleSettings(max_patches=config.sample_patches, memory_bytes=budget // 4, seed=config.seed)
+    sampling = SampleSettings(max_patches=config.sample_patches, memory_bytes=budget // 4, seed=config.seed,
+                              token_mask=token_mask_input(view, config.token_mask))
     settings = admm_settings(config)
     initializers: dict[str, np.ndarray] = {}
     outcomes: list[LayerOutcome] = []
     declined: list[Declined] = []
     stream = ActivationStream(view, samples, config.batch_size, budget // 2, config.threads,
-                              keep=lambda name: pending.get(name, 0) > 0)
+                              keep=lambda name: pending.get(name, 0) > 0 or name == sampling.token_mask)
     try:  # nothing between creating the stream and here, so an interrupt cannot leave its spill behind
         stream.set_initializers(switches or {})
         for index, layer in enumerate(order):

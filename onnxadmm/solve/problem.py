@@ -4,6 +4,10 @@ Output positions are sampled per batch (a fixed quota per sample, deterministic 
 layer's index), and at each position we keep the compressed-model input patch x̂, the original
 pre-activation y = W₀x + b₀, and the chain's side inputs from both models. Memory is bounded by the
 patch cap, not by the number of calibration samples.
+
+Token rows of a sequence model ([batch, sequence, K] inputs) are sampled only where the token mask (an
+input such as ``attention_mask``, 0 at padding) is nonzero: padded positions never reach the model's
+outputs, and fitting them would spend the layer's least squares on tokens that do not exist.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from ..algorithms.problem import LayerProblem
 from ..analysis.layers import Layer
 from ..bridge.torch_layer import BridgeError, verify_layer
 from ..calib.stream import COMPRESSED, ORIGINAL, ActivationStream
+from ..errors import ConfigError
+from ..onnxio.graph import GraphView
 
 
 class SamplingError(Exception):
@@ -30,6 +36,22 @@ class SampleSettings:
     max_patches: int = 65536
     memory_bytes: int = 512 << 20
     seed: int = 0
+    token_mask: str | None = None  # graph input [batch, sequence]: rows at its zeros are not sampled
+
+
+def token_mask_input(view: GraphView, requested: str) -> str | None:
+    """The graph input that masks padding tokens: ``requested`` by name, or for 'auto' an input named
+    ``attention_mask`` of rank 2 ([batch, sequence]) when there is one; None for 'none'."""
+    if requested == "none":
+        return None
+    name = "attention_mask" if requested == "auto" else requested
+    tensor = view.types.get(name)
+    if name in view.input_names and tensor is not None and tensor.shape is not None and len(tensor.shape) == 2:
+        return name
+    if requested == "auto":
+        return None
+    raise ConfigError(f"--token-mask {requested!r}: the model has no input of that name shaped [batch, sequence] "
+                      f"(inputs: {', '.join(view.input_names)})")
 
 
 def patch_budget(layer: Layer, num_sides: int, settings: SampleSettings) -> int:
@@ -55,7 +77,8 @@ def sample_problem(stream: ActivationStream, layer: Layer, layer_index: int, w0:
         if layer.op_type == "Conv":
             p_ref, p_hat, gather, ids = _conv_positions(layer, x_ref, x_hat, rng, quota)
         else:
-            p_ref, p_hat, gather, ids = _row_positions(layer, x_ref, x_hat, rng, quota)
+            tokens = None if settings.token_mask is None else stream.get(ORIGINAL, settings.token_mask, batch)
+            p_ref, p_hat, gather, ids = _row_positions(layer, x_ref, x_hat, rng, quota, tokens)
         parts["ids"].append(ids + first_sample)
         first_sample += _samples_in(layer, x_ref)
         y = torch.bmm(p_ref.transpose(0, 1), w0_t.transpose(1, 2)).transpose(0, 1).reshape(len(p_ref), -1) + b0_t
@@ -113,13 +136,19 @@ def _conv_positions(layer: Layer, x_ref: torch.Tensor, x_hat: torch.Tensor, rng,
     return p_ref, p_hat, gather, sample
 
 
-def _row_positions(layer: Layer, x_ref: torch.Tensor, x_hat: torch.Tensor, rng, quota: int):
+def _row_positions(layer: Layer, x_ref: torch.Tensor, x_hat: torch.Tensor, rng, quota: int,
+                   tokens: np.ndarray | None = None):
+    """Rows of a Gemm/MatMul input; with ``tokens`` ([batch, sequence] matching a 3-D input), only the
+    rows of nonzero tokens."""
     k = layer.in_features
     if x_ref.shape[-1] != k:
         raise SamplingError(f"layer {layer.name!r}: input of shape {tuple(x_ref.shape)} does not end in "
                             f"K={k}")
     rows_ref, rows_hat = x_ref.reshape(-1, k), x_hat.reshape(-1, k)
-    picked = torch.from_numpy(sample_positions(rng, rows_ref.shape[0], quota))
+    candidates = np.arange(rows_ref.shape[0])
+    if tokens is not None and x_ref.ndim == 3 and tuple(np.shape(tokens)) == tuple(x_ref.shape[:2]):
+        candidates = np.flatnonzero(np.asarray(tokens).reshape(-1) != 0)
+    picked = torch.from_numpy(candidates[sample_positions(rng, len(candidates), quota)])
     expected_rows = rows_ref.shape[0]
 
     def gather(full: torch.Tensor, name: str) -> torch.Tensor:

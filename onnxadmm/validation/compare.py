@@ -1,6 +1,7 @@
 """Original vs compressed outputs on the same samples.
 
-For every output: cosine similarity, max |a − b|, and relative error ‖a − b‖ / ‖a‖ over all samples.
+For every output: cosine similarity, max |a − b|, and relative error ‖a − b‖ / ‖a‖ over all samples, and
+the mean over samples of each sample's cosine (what an embedding output is compared by).
 For a classifier output (the first output, shape [N, C] with C > 1): top-1 agreement with the
 original, and top-1 accuracy of both when labels are given (drop in percentage points).
 """
@@ -20,6 +21,7 @@ class OutputDiff:
     cosine: float
     max_abs: float
     relative_error: float
+    sample_cosine: float | None = None  # mean over samples of cos(a_i, b_i); None for a scalar output
 
 
 @dataclass
@@ -52,6 +54,17 @@ def run_all(sess, samples: SampleSet, batch_size: int) -> dict[str, np.ndarray]:
     return {n: np.concatenate(v, axis=0) if v[0].ndim else np.stack(v) for n, v in chunks.items()}
 
 
+def mean_sample_cosine(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Mean over the first axis of cos(a_i, b_i) (a pair of zero vectors counts 1, one zero vector 0)."""
+    if a.ndim < 2 or not a.shape[0]:
+        return None
+    a2, b2 = a.reshape(a.shape[0], -1).astype(np.float64), b.reshape(b.shape[0], -1).astype(np.float64)
+    na, nb = np.linalg.norm(a2, axis=1), np.linalg.norm(b2, axis=1)
+    both = (na > 0) & (nb > 0)
+    cos = np.where(both, np.einsum("ij,ij->i", a2, b2) / np.where(both, na * nb, 1.0), (na == nb).astype(float))
+    return float(cos.mean())
+
+
 def compare(original: dict[str, np.ndarray], compressed: dict[str, np.ndarray],
             labels: np.ndarray | None, count: int) -> Comparison:
     result = Comparison(samples=count)
@@ -62,7 +75,8 @@ def compare(original: dict[str, np.ndarray], compressed: dict[str, np.ndarray],
         cosine = float(a64 @ b64 / (norm_a * norm_b)) if norm_a and norm_b else float(norm_a == norm_b)
         result.outputs.append(OutputDiff(
             name=name, cosine=cosine, max_abs=float(np.max(np.abs(a64 - b64))) if a64.size else 0.0,
-            relative_error=float(np.linalg.norm(a64 - b64) / norm_a) if norm_a else float(np.linalg.norm(b64))))
+            relative_error=float(np.linalg.norm(a64 - b64) / norm_a) if norm_a else float(np.linalg.norm(b64)),
+            sample_cosine=mean_sample_cosine(a, b)))
     first = next(iter(original))
     a, b = original[first], compressed[first]
     if a.ndim == 2 and a.shape[1] > 1 and a.shape[0] == count:
