@@ -28,13 +28,14 @@ def encoder_weights(seed: int = 0, bias: bool = True) -> dict[str, np.ndarray]:
 
 
 def tiny_encoder(weights: dict[str, np.ndarray], gelu: str = "erf", bias: bool = True, shapes: str = "concat",
-                 ffn_rank: int = 3, fused: bool = False, opset: int = 18) -> onnx.ModelProto:
+                 ffn_rank: int = 3, fused: bool = False, vocab: int = 0, opset: int = 18) -> onnx.ModelProto:
     """One encoder layer on ``x`` [batch, sequence, 16] with ``attention_mask`` [batch, sequence] (int64),
     then a mean-pooled classifier. ``gelu``: "erf" (x·½(1 + erf(x/√2))), "tanh" (the tanh approximation)
     or "op" (the opset-20 Gelu). ``shapes``: "concat" (head shapes built from Shape/Gather/Concat as
     torch exports them) or "constant" ([0, 0, H, d] constants). ``ffn_rank`` 2: the FFN reads the tokens
     flattened to [batch·sequence, 16]. ``fused``: attention as onnxruntime's fused ``Attention`` op
-    (com.microsoft; its QKV weight is not a layer), then the output projection."""
+    (com.microsoft; its QKV weight is not a layer), then the output projection. ``vocab`` > 0: the input is
+    ``input_ids`` [batch, sequence] (int64), looked up in an embedding table of that many rows."""
     nodes, inits = [], []
 
     def const(name, value):
@@ -49,6 +50,9 @@ def tiny_encoder(weights: dict[str, np.ndarray], gelu: str = "erf", bias: bool =
         y = node("MatMul", [x, const(w, weights[w])], f"{name}/MatMul")
         return node("Add", [const(b, weights[b]), y], f"{name}/Add") if bias else y
 
+    if vocab:
+        table = np.random.default_rng(5).standard_normal((vocab, HIDDEN)).astype(np.float32)
+        nodes.append(helper.make_node("Gather", [const("embedding", table), "input_ids"], ["x"], name="embed"))
     # the mask term: (1 - mask) · (-10000), broadcast over heads and query positions
     m = node("Unsqueeze", ["attention_mask", const("axes12", np.array([1, 2], np.int64))], "mask/Unsqueeze")
     m = node("Cast", [m], "mask/Cast", to=TensorProto.FLOAT)
@@ -114,7 +118,8 @@ def tiny_encoder(weights: dict[str, np.ndarray], gelu: str = "erf", bias: bool =
                                   ["logits"], name="classifier", transB=1))
     graph = helper.make_graph(
         nodes, "tiny_encoder",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence", HIDDEN]),
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]) if vocab else
+         helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence", HIDDEN]),
          helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "sequence"])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2])], inits)
     opsets = [helper.make_opsetid("", opset)] + ([helper.make_opsetid("com.microsoft", 1)] if fused else [])

@@ -185,3 +185,27 @@ def test_int8_forms_follow_where_the_weights_are():
     assert int8_forms(encoder_layers, "auto") == ["static", "dynamic"]
     assert int8_forms(cnn_layers, "auto") == ["static"]
     assert int8_forms(cnn_layers, "dynamic") == ["dynamic"]
+
+
+def test_dynamic_int8_rounds_the_embedding_table_as_the_solve_saw_it():
+    """The embedding table is stored int8 with a scale per row; the solve ran on exactly that table dequantized,
+    so the layers after it absorbed its rounding."""
+    from onnxadmm import CompressConfig, ValidateConfig, compress
+    from onnxadmm.quantize.fakequant import embedding_rounding
+    model = tiny_encoder(encoder_weights(), vocab=50)
+    rng = np.random.default_rng(3)
+    calib = {"input_ids": rng.integers(0, 50, (60, 8)), "attention_mask": encoder_inputs(60, 8, 3)["attention_mask"]}
+    result = compress(model, calib, CompressConfig(method="none", quantize="int8", int8_activations="dynamic"),
+                      ValidateConfig(latency_rounds=3))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    assert inits["embedding_rows_int8"].dtype == np.int8 and "embedding" not in inits  # the float table is gone
+    stored = inits["embedding_rows_int8"].astype(np.float64) * inits["embedding_row_scale"]
+    seen = embedding_rounding(normalize(model).view())["embedding"]
+    assert np.abs(stored - seen).max() < 1e-6
+    table = next(onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name == "embedding")
+    step = np.abs(table).max(axis=1, keepdims=True) / 127
+    assert 0 < np.abs(seen - table).max() and np.all(np.abs(seen - table) <= step / 2 + 1e-6)  # per row
+    assert result.report["plan"]["quantization"]["activations"] == "dynamic"
+    feed = {"input_ids": rng.integers(0, 50, (3, 5)), "attention_mask": np.ones((3, 5), np.int64)}
+    got = ort.InferenceSession(result.model.SerializeToString()).run(None, feed)[0]
+    assert np.isfinite(got).all() and got.shape == (3, 2)

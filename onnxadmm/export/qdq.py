@@ -76,14 +76,62 @@ def quantize_qdq(model: onnx.ModelProto, samples: SampleSet, ranges: Mapping[str
 
 def quantize_dynamic_int8(model: onnx.ModelProto, weights: Mapping[str, WeightScales]) -> onnx.ModelProto:
     """int8 weights (per column, the solved integers where ``weights`` has them) with dynamically quantized
-    uint8 activations, for the MatMuls and Gemms with a constant weight; every other op stays float."""
+    uint8 activations, for the MatMuls and Gemms with a constant weight; embedding tables (Gather) stored as
+    int8 with one scale per row; every other op stays float."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantized = _through_file(model, lambda source, path: quantize_dynamic(
         source, path, per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"]))
     _put_solved_integers(quantized, model, weights)
+    _embeddings_by_row(quantized)
     quantized.ir_version = model.ir_version
     return quantized
+
+
+def row_int8(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per row: q = round(t / s) with s = max|row| / 127 (rows of zeros: s = 1). Returns q (int8)
+    and s as a column (rows, 1)."""
+    scales = np.abs(table).max(axis=1, keepdims=True).astype(np.float64) / 127.0
+    scales = np.where(scales > 0, scales, 1.0).astype(np.float32)
+    return np.clip(np.round(table / scales), -127, 127).astype(np.int8), scales
+
+
+def _embeddings_by_row(model: onnx.ModelProto) -> None:
+    """Every Gather of a 2-D float table becomes Gather(q int8) → Cast → Mul(Gather(s, ids)): int8 rows with
+    one scale each (an embedding table's rows differ in range by orders of magnitude, which one scale per
+    table — onnxruntime's form for a Gather — spends its levels on)."""
+    from onnx import helper, numpy_helper
+
+    from ..onnxio.graph import FreshNames
+
+    fresh = FreshNames(model.graph)
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes, done = [], {}
+    for node in model.graph.node:
+        table = inits.get(node.input[0]) if node.op_type == "Gather" else None
+        if table is None or table.data_type != onnx.TensorProto.FLOAT or len(table.dims) != 2 or \
+                next((a.i for a in node.attribute if a.name == "axis"), 0) != 0:
+            nodes.append(node)
+            continue
+        if table.name not in done:
+            q, scales = row_int8(numpy_helper.to_array(table))
+            names = (fresh.name(f"{table.name}_rows_int8"), fresh.name(f"{table.name}_row_scale"))
+            model.graph.initializer.extend([numpy_helper.from_array(q, names[0]),
+                                            numpy_helper.from_array(scales, names[1])])
+            done[table.name] = names
+        q_name, scale_name = done[table.name]
+        prefix = fresh.name(f"{node.name}_int8")
+        rows, cast, scale = (fresh.name(f"{prefix}_{part}") for part in ("rows", "float", "scale"))
+        nodes.extend([helper.make_node("Gather", [q_name, node.input[1]], [rows], name=f"{prefix}_gather"),
+                      helper.make_node("Cast", [rows], [cast], name=f"{prefix}_cast", to=onnx.TensorProto.FLOAT),
+                      helper.make_node("Gather", [scale_name, node.input[1]], [scale], name=f"{prefix}_scales"),
+                      helper.make_node("Mul", [cast, scale], [node.output[0]], name=node.name)])
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = {name for node in model.graph.node for name in node.input}
+    kept = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
 
 
 def _put_solved_integers(quantized: onnx.ModelProto, model: onnx.ModelProto,

@@ -191,9 +191,12 @@ class FreshNames:
         return candidate
 
 
-def has_qdq(model: onnx.ModelProto) -> bool:
-    """True for a QDQ (quantized) model: one with DequantizeLinear nodes."""
-    return any(node.op_type == "DequantizeLinear" for node in model.graph.node)
+QUANTIZED_OPS = {"DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"}
+
+
+def is_quantized(model: onnx.ModelProto) -> bool:
+    """True for an int8 model: QDQ (DequantizeLinear nodes) or dynamic (DynamicQuantizeLinear → MatMulInteger)."""
+    return any(node.op_type in QUANTIZED_OPS for node in model.graph.node)
 
 
 def model_inputs(view: GraphView) -> dict[str, TensorType]:

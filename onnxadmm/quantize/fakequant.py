@@ -8,7 +8,8 @@ So the rounding of a layer's input is written into the graph as
 
 with a scalar initializer m = 0 — the original model computes x' = x exactly — and the solve overrides m = 1,
 so x̂ is the uint8-rounded input the exported QDQ model will feed the layer (with the range [lo, hi] it will
-use). Each layer then absorbs the activation rounding upstream, not only the weight rounding.
+use). Each layer then absorbs the activation rounding upstream, not only the weight rounding. Embedding
+tables the dynamic export quantizes are overridden the same way (``embedding_rounding``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..calib.ranges import LEVELS, TensorRange
+from ..onnxio.graph import GraphView
 
 PREFIX = "__onnxadmm_fq_"
 
@@ -70,3 +72,21 @@ def _rounding_nodes(graph: onnx.GraphProto, nodes: list, tensor: str, r: TensorR
         helper.make_node("Add", [tensor, prefix + "switched"], [prefix + "out"], name=prefix + "add"),
     ])
     return prefix + "out"
+
+
+def embedding_rounding(view: GraphView) -> dict[str, np.ndarray]:
+    """The embedding tables (float initializers a ``Gather`` reads as its data) as the dynamic int8 export stores
+    them — int8 per row, symmetric (``export.qdq.row_int8``) — dequantized: overrides for the compressed model,
+    so the layers after them absorb the rounding."""
+    from ..export.qdq import row_int8
+
+    tables = {}
+    for node in view.nodes:
+        name = node.input[0] if node.op_type == "Gather" and node.input else None
+        if name is None or name not in view.initializers or name in tables:
+            continue
+        if view.initializers[name].data_type != onnx.TensorProto.FLOAT or len(view.initializers[name].dims) != 2:
+            continue
+        q, scales = row_int8(view.constant(name))
+        tables[name] = (q.astype(np.float32) * scales).astype(np.float32)
+    return tables

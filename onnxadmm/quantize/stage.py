@@ -39,7 +39,7 @@ from ..onnxio.normalize import infer_types, normalize
 from ..onnxio.runtime import session
 from ..report.schema import layer_row
 from ..solve.layerwise import compress_layers
-from .fakequant import with_input_rounding
+from .fakequant import embedding_rounding, with_input_rounding
 
 Progress = Callable[[str, int, int, str], None]
 
@@ -143,15 +143,18 @@ def _static(normalized, found, samples: SampleSet, config: CompressConfig, progr
 
 
 def _dynamic(normalized, found, samples: SampleSet, config: CompressConfig, progress) -> QuantizedModel:
-    """Weights of the MatMuls (and plain Gemms) onto the grid (x̂ the float inputs: the run-time activation rounding follows each
-    tensor's own range, which no calibrated pass reproduces), then onnxruntime's dynamic form."""
+    """Weights of the MatMuls (and plain Gemms) onto the grid, x̂ the inputs of the model whose embedding tables
+    are already rounded as exported (the run-time activation rounding follows each tensor's own range, which no
+    calibrated pass reproduces), then onnxruntime's dynamic form (embeddings uint8 per table)."""
     seconds = {}
     started = time.perf_counter()
     view = normalized.view()
     layers = [layer for layer in found.layers if layer.op_type == "MatMul" or
               (layer.op_type == "Gemm" and layer.alpha == 1.0 and layer.beta == 1.0)]
     structures = {layer.name: Structure("grid", bits=8, keep_zeros=True) for layer in layers}
-    solved = compress_layers(view, layers, samples, structures, {l.name: 1.0 for l in layers}, config, progress)
+    tables = embedding_rounding(view)
+    solved = compress_layers(view, layers, samples, structures, {l.name: 1.0 for l in layers}, config, progress,
+                             tables)
     solved_model = apply_initializers(normalized.model, solved.initializers)
     seconds["weights_s"] = time.perf_counter() - started
     started = time.perf_counter()

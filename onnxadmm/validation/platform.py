@@ -11,7 +11,7 @@ import onnx
 
 from ..calib.readers import SampleSet
 from ..config import ValidateConfig
-from ..onnxio.graph import has_qdq
+from ..onnxio.graph import is_quantized
 from ..onnxio.runtime import session
 from ..onnxio.save import save_model_atomic
 from ..onnxio.scratch import scratch_folder
@@ -41,6 +41,6 @@ def platform_check(original: onnx.ModelProto, compressed: onnx.ModelProto, sampl
             paths.append(path)
         progress("platform", 0, 1, f"running {count} samples under qemu")
         arm = env.run(paths, feed)
-    result = compare(x86, arm["outputs"], ["original", "compressed"], [has_qdq(original), has_qdq(compressed)])
+    result = compare(x86, arm["outputs"], ["original", "compressed"], [is_quantized(original), is_quantized(compressed)])
     result.update({"samples": count, "emulated_machine": arm["machine"], "onnxruntime": arm["ort"]})
     return result

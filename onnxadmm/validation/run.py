@@ -14,7 +14,7 @@ from ..calib.readers import SampleSet
 from ..config import ValidateConfig
 from ..cost.footprint import Footprint, footprint
 from ..cost.timing import LatencyAB, measure
-from ..onnxio.graph import has_qdq
+from ..onnxio.graph import is_quantized
 from ..onnxio.runtime import session
 from .compare import Comparison, compare, run_all
 from .gates import GateResult, evaluate
@@ -65,7 +65,7 @@ def validate_models(original: onnx.ModelProto, compressed: onnx.ModelProto, samp
                                  config.latency_threads or threads))
     gates = evaluate(config, comparison, latencies)
     validation = Validation(comparison, fp_a, fp_b, latencies, gates, held_out, samples.source)
-    validation.gains = gains_statement(fp_a, fp_b, latencies, has_qdq(compressed) and not has_qdq(original))
+    validation.gains = gains_statement(fp_a, fp_b, latencies, is_quantized(compressed) and not is_quantized(original))
     if fp_b.macs < fp_a.macs and latencies:  # structure removed: say where the time went, node by node
         split = time_split(original, compressed, one, config.latency_threads or threads)
         if split is not None:
