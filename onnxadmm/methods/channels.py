@@ -99,6 +99,7 @@ class Channels(CompressionMethod):
         active = [g for g in groups if not g.declined]
         return [f"{len(active)} of {len(groups)} channel groups can lose channels "
                 f"({sum(g.channels for g in active)} channels)",
+                *(f"  + {g.name} ({_width(g)})" for g in active),
                 *(f"  = {g.name} ({g.channels} channels) stays whole: {g.declined}" for g in groups if g.declined)]
 
     def plan(self, ctx: Context) -> GroupPlan:
@@ -162,6 +163,12 @@ class Channels(CompressionMethod):
             return None
         return dataclasses.replace(config, target_macs=min(config.max_macs,
                                                            config.target_macs + config.give_back_step))
+
+
+def _width(group: ChannelGroup) -> str:
+    if group.shape_edits:  # attention heads
+        return f"{group.channels // group.block} heads of {group.block}, removed whole"
+    return f"{group.channels} channels" + (f", removed in blocks of {group.block}" if group.block > 1 else "")
 
 
 def _groups_kept(plan: GroupPlan, solved: Solved):
