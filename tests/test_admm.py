@@ -235,3 +235,13 @@ def test_a_chain_that_only_shifts_is_solved_as_the_linear_problem():
     relu = LayerProblem(x_hat=x, y_ref=y, w0=w0, b0=b0, side_hat=(side_hat,), side_ref=(side_ref,),
                         activation=lambda z, sides: torch.relu(z + sides[0]))
     assert relu.shift_free() is relu
+
+
+def test_history_stalls_when_the_objective_stops_improving():
+    from onnxadmm.algorithms.admm import AdmmHistory
+    history = AdmmHistory()
+    for value in (1.0, 0.8, 0.7, 0.699, 0.6985, 0.698, 0.6979, 0.6978):
+        history.record(value, 0.0, 0.0, 1.0)
+    assert history.stalled(5)  # the last five are within 0.5 % of 0.7
+    assert not history.stalled(6)  # 0.7 in the window: the best before it (0.8) is 13 % worse
+    assert not history.stalled(0)

@@ -36,6 +36,7 @@ class AdmmSettings:
     grad_patches: int | None = None  # None: 32·(d+1) rows, between 4096 and 16384
     tolerance: float = 1e-4  # stop when ‖W − Z‖ / ‖W₀‖ falls below it
     settled_iterations: int = 3  # or, where a refit on Z's support follows, once it is unchanged this many times
+    stall_iterations: int = 0  # or (0 = off) once f(Z) has not improved by STALL_GAIN in this many iterations
     seed: int = 0
     # called after every iteration with (iteration, iterations, primal residual): progress inside a long layer
     on_iteration: Callable[[int, int, float], None] | None = field(default=None, compare=False, repr=False)
@@ -43,6 +44,9 @@ class AdmmSettings:
     def report(self, step: int, primal: float) -> None:
         if self.on_iteration is not None:
             self.on_iteration(step + 1, self.iterations, primal)
+
+
+STALL_GAIN = 0.005  # relative improvement of f(Z) that counts as progress for ``stall_iterations``
 
 
 @dataclass
@@ -63,6 +67,13 @@ class AdmmHistory:
     def as_dict(self) -> dict:
         return {"objective": self.objective, "primal_residual": self.primal_residual,
                 "dual_residual": self.dual_residual, "rho": self.rho}
+
+    def stalled(self, window: int) -> bool:
+        """The best f(Z) of the last ``window`` iterations is not STALL_GAIN below the best before them."""
+        if not window or len(self.objective) <= window:
+            return False
+        before = min(self.objective[:-window])
+        return min(self.objective[-window:]) > (1.0 - STALL_GAIN) * before
 
 
 class _Settled:
@@ -105,7 +116,7 @@ def admm_linear(stats: Moments, w_start: torch.Tensor, project: Projection, sett
         dual = rho * float((z - z_prev).norm()) / norm0
         history.record(stats.relative_error(z), primal, dual, rho / curvature)
         settings.report(step, primal)
-        if (primal < settings.tolerance or settled(z)) and step >= 3:
+        if (primal < settings.tolerance or settled(z) or history.stalled(settings.stall_iterations)) and step >= 3:
             break
         if not rho_fixed:
             u = u / settings.rho_growth
@@ -296,7 +307,7 @@ def admm_activation(problem: LayerProblem, w_start: torch.Tensor, b_start: torch
         projected = torch.cat([z, theta[..., -1:]], dim=-1)
         history.record(objective.value(projected), primal, dual, rho / objective.curvature)
         settings.report(step, primal)
-        if (primal < settings.tolerance or settled(z)) and step >= 3:
+        if (primal < settings.tolerance or settled(z) or history.stalled(settings.stall_iterations)) and step >= 3:
             break
         if not rho_fixed:
             u = u / settings.rho_growth

@@ -134,6 +134,9 @@ def _solve_factored(problem: LayerProblem, structure: Structure, loss: str, solv
                          error_final=problem.relative_error(w, b, loss), history=history, factors=factors)
 
 
+GRID_STALL_ITERATIONS = 5  # the grid's Z stops improving long before ‖W − Z‖ settles (docs/INT8.md)
+
+
 def _solve_grid(problem: LayerProblem, structure: Structure, loss: str, solver: str,
                 settings: AdmmSettings) -> LayerSolution:
     """Weights onto the integer grid. Scales by the output error (``output_error_scales``); then ADMM
@@ -155,6 +158,7 @@ def _solve_grid(problem: LayerProblem, structure: Structure, loss: str, solver: 
         return bias_for(stats, w) if problem.fit_bias else b0
 
     w = rounded
+    settings = dataclasses.replace(settings, stall_iterations=GRID_STALL_ITERATIONS)
     if solver == "admm":
         if loss == "linear":
             z, trace = admm_linear(stats, w0, project, settings)
