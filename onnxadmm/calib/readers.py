@@ -63,6 +63,16 @@ class SampleSet:
         return -(-self.num_samples // size)
 
 
+def run_all(sess, samples: SampleSet, batch_size: int) -> dict[str, np.ndarray]:
+    """Every output of an onnxruntime session over all samples, in batches, concatenated on axis 0."""
+    names = [o.name for o in sess.get_outputs()]
+    chunks: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for batch in samples.batches(batch_size):
+        for name, value in zip(names, sess.run(names, batch)):
+            chunks[name].append(np.asarray(value))
+    return {n: np.concatenate(v, axis=0) if v[0].ndim else np.stack(v) for n, v in chunks.items()}
+
+
 def evenly_spaced(total: int, count: int) -> np.ndarray:
     """``count`` distinct indices spread evenly over ``range(total)`` (deterministic, class-balanced
     on data sorted by class)."""

@@ -8,10 +8,11 @@ already on their grid, and ``round(w / s)`` recovers the integers. Its own calib
 formality, run on one batch.
 
 Dynamic activations (``quantize_dynamic_int8``): onnxruntime's ``quantize_dynamic`` turns each MatMul (and
-Gemm, as MatMul + Add) with a constant weight into DynamicQuantizeLinear(x) → MatMulInteger with per-column int8 weights (fused into
-DynamicQuantizeMatMul when the session is optimized): the activation's uint8 range is taken from each input
-tensor at run time, so no calibrated range can clip an outlier (what transformers' LayerNorm outputs and
-residual streams have). The solved integers and scales replace the quantizer's own.
+Gemm, as MatMul + Add) with a constant weight into DynamicQuantizeLinear(x) → MatMulInteger with per-column
+int8 weights (fused into DynamicQuantizeMatMul when the session is optimized): the activation's uint8 range is
+taken from each input tensor at run time, so no calibrated range can clip an outlier (what transformers'
+LayerNorm outputs and residual streams have). The solved integers and scales replace the quantizer's own;
+embedding tables become int8 with one scale per row.
 
 Fusion coverage: the quantized model is optimized by onnxruntime (the level that runs the QDQ fusions);
 a Conv/Gemm/MatMul of the float model is *integer* when its node became an integer kernel (QLinearConv,

@@ -134,8 +134,8 @@ class LatencyTable:
             if self.precision != "none":
                 from ..export.qdq import rounded_int8
 
-                return measure(rounded_int8(original, feed, self.precision), rounded_int8(planned, feed, self.precision),
-                               feed, PLAN_ROUNDS, self.threads)
+                return measure(rounded_int8(original, feed, self.precision),
+                               rounded_int8(planned, feed, self.precision), feed, PLAN_ROUNDS, self.threads)
             return measure(original, planned, feed, PLAN_ROUNDS, self.threads)
 
         parts = ("plan", structure_digest(original), structure_digest(planned), _shapes(feed), self.threads)

@@ -25,15 +25,14 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from ..algorithms.problem import HOLD_OUT_EVERY
 from ..algorithms.solve import Structure
 from ..analysis.layers import apply_exclude, find_layers
 from ..calib.ranges import TensorRange, activation_ranges, float_tensors
-from ..calib.readers import SampleSet
+from ..calib.readers import SampleSet, held_out_rows, run_all
 from ..config import CompressConfig
 from ..export.apply import apply_initializers
-from ..export.qdq import (WEIGHT_OPS, FusionCoverage, WeightScales, fusion_coverage, int8_forms, quantize_dynamic_int8,
-                          quantize_qdq, weight_axis)
+from ..export.qdq import (WEIGHT_OPS, FusionCoverage, WeightScales, fusion_coverage, int8_forms,
+                          quantize_dynamic_int8, quantize_qdq, weight_axis)
 from ..onnxio.graph import GraphView
 from ..onnxio.normalize import infer_types, normalize
 from ..onnxio.runtime import session
@@ -61,8 +60,8 @@ class QuantizedModel:
             estimators[r.estimator] = estimators.get(r.estimator, 0) + 1
         form = ("QDQ: uint8 activations (per tensor), int8 weights (per output channel, symmetric), int32 biases"
                 if self.activations == "static" else
-                "dynamic: MatMul inputs quantized to uint8 per tensor at run time, int8 weights (per output "
-                "column, symmetric); other ops float")
+                "dynamic: MatMul/Gemm inputs quantized to uint8 per tensor at run time, int8 weights (per output "
+                "column, symmetric), embedding tables int8 per row; other ops float")
         return {"format": form, "activations": self.activations,
                 "held_out_output_error": self.held_out_errors or None,
                 "layers": self.layers, "declined": self.declined,
@@ -91,26 +90,23 @@ def quantize_int8(model: onnx.ModelProto, samples: SampleSet, config: CompressCo
     return chosen
 
 
-def held_out_errors(original: onnx.ModelProto, candidates: dict[str, onnx.ModelProto], samples: SampleSet,
-                    config: CompressConfig) -> dict[str, float]:
-    """Σ over outputs of ‖y − ŷ‖² / ‖y‖² on every 10th calibration sample (all of them when fewer than 20)."""
-    count = samples.num_samples
-    rows = np.arange(HOLD_OUT_EVERY - 1, count, HOLD_OUT_EVERY) if count >= 2 * HOLD_OUT_EVERY else np.arange(count)
-    subset = SampleSet({k: v[rows] for k, v in samples.arrays.items()}, samples.source)
-    reference = _outputs(original, subset, config)
+def held_out_errors(original: onnx.ModelProto, candidates: dict[str, onnx.ModelProto],
+                    samples: SampleSet, config: CompressConfig) -> dict[str, float]:
+    """Σ over outputs of ‖y − ŷ‖² / ‖y‖² on the held-out calibration samples (``held_out_rows``; all of them
+    when there are too few to hold any out)."""
+    held = held_out_rows(samples.num_samples, samples.fixed_batch)
+    subset = samples.subset(np.flatnonzero(held)) if held.any() else samples
+    reference = run_all(session(original, config.threads), subset, config.batch_size)
     errors = {}
     for mode, model in candidates.items():
-        outputs = _outputs(model, subset, config)
-        errors[mode] = float(sum(np.sum((outputs[i] - y) ** 2) / max(np.sum(y ** 2), 1e-30)
-                                 for i, y in enumerate(reference)))
+        outputs = run_all(session(model, config.threads), subset, config.batch_size)
+        errors[mode] = float(sum(_relative_sq(outputs[n], y) for n, y in reference.items()))
     return errors
 
 
-def _outputs(model: onnx.ModelProto, samples: SampleSet, config: CompressConfig) -> list[np.ndarray]:
-    sess = session(model, config.threads)
-    names = [o.name for o in sess.get_outputs()]
-    parts = [sess.run(names, batch) for batch in samples.batches(config.batch_size)]
-    return [np.concatenate([p[i] for p in parts]).astype(np.float64) for i in range(len(names))]
+def _relative_sq(estimate: np.ndarray, reference: np.ndarray) -> float:
+    reference = reference.astype(np.float64)
+    return float(np.sum((estimate.astype(np.float64) - reference) ** 2) / max(np.sum(reference ** 2), 1e-30))
 
 
 def _static(normalized, found, samples: SampleSet, config: CompressConfig, progress) -> QuantizedModel:
@@ -145,7 +141,7 @@ def _static(normalized, found, samples: SampleSet, config: CompressConfig, progr
 def _dynamic(normalized, found, samples: SampleSet, config: CompressConfig, progress) -> QuantizedModel:
     """Weights of the MatMuls (and plain Gemms) onto the grid, x̂ the inputs of the model whose embedding tables
     are already rounded as exported (the run-time activation rounding follows each tensor's own range, which no
-    calibrated pass reproduces), then onnxruntime's dynamic form (embeddings uint8 per table)."""
+    calibrated pass reproduces), then onnxruntime's dynamic form (embeddings int8 per row)."""
     seconds = {}
     started = time.perf_counter()
     view = normalized.view()

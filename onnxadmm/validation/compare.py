@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..calib.readers import SampleSet
 
 
 @dataclass
@@ -43,15 +42,6 @@ class Comparison:
                 "accuracy_original": self.accuracy_original, "accuracy_compressed": self.accuracy_compressed,
                 "accuracy_drop_pt": self.accuracy_drop_pt,
                 "outputs": [o.__dict__ for o in self.outputs]}
-
-
-def run_all(sess, samples: SampleSet, batch_size: int) -> dict[str, np.ndarray]:
-    names = [o.name for o in sess.get_outputs()]
-    chunks: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for batch in samples.batches(batch_size):
-        for name, value in zip(names, sess.run(names, batch)):
-            chunks[name].append(np.asarray(value))
-    return {n: np.concatenate(v, axis=0) if v[0].ndim else np.stack(v) for n, v in chunks.items()}
 
 
 def mean_sample_cosine(a: np.ndarray, b: np.ndarray) -> float | None:

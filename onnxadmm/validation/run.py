@@ -10,13 +10,13 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from ..calib.readers import SampleSet
+from ..calib.readers import SampleSet, run_all
 from ..config import ValidateConfig
 from ..cost.footprint import Footprint, footprint
 from ..cost.timing import LatencyAB, measure
 from ..onnxio.graph import is_quantized
 from ..onnxio.runtime import session
-from .compare import Comparison, compare, run_all
+from .compare import Comparison, compare
 from .gates import GateResult, evaluate
 from .profile import explain, time_split
 
