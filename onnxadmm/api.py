@@ -29,7 +29,6 @@ from .report.build import compress_report, validate_report
 from .solve.layerwise import Progress
 
 
-
 @dataclass
 class CompressResult:
     model: onnx.ModelProto
@@ -85,7 +84,7 @@ def compress(model: Any, calibration: Any, config: CompressConfig = CompressConf
         eval_set = parts["eval_set"]
         progress("validate", 0, 1, f"{eval_set.num_samples} samples")
         validation = validate_models(loaded.model, compressed, eval_set, validate_config, config.batch_size,
-                                     config.threads, parts["held_out"])
+                                     config.threads, parts["held_out"], sequence_length=config.latency_seq_len)
         report = compress_report(loaded, config, validate_config, parts["digest"], parts["calib"],
                                  parts["plan_report"], parts["solved"], parts["declined"], validation, notes,
                                  started, solve_seconds)
@@ -138,6 +137,8 @@ def _pipeline(loaded: LoadedModel, calibration, evaluation, config: CompressConf
     calib, rest = select(calib_all, config.calib_samples)
     eval_set, held_out = evaluation_set(evaluation, inputs, calib_all, rest, calib, validate_config, config.seed)
     check_gate_inputs(validate_config, eval_set.labels is not None)
+    if config.latency_seq_len:
+        calib.feed(1, config.latency_seq_len)  # a ConfigError now when no input has a sequence axis
     solving = calib  # what the solve and block refinement see; distillation checks on samples they did not
     if config.distill_epochs:
         solving = calib.subset(np.flatnonzero(~held_out_rows(calib.num_samples, calib.fixed_batch)))

@@ -345,6 +345,10 @@ def _print_summary(report: dict, report_path: Path | None) -> None:
                      f"{rounded:.2e} rounded -> {final:.2e} solved); "
                      f"{len(fusion['integer'])} of {len(fusion['integer']) + len(fusion['float'])} Conv/Gemm/MatMul "
                      "run as integer kernels in onnxruntime here")
+        if quant.get("float_fallback"):
+            from .report.markdown import fallback_line
+
+            lines.append(fallback_line(quant["float_fallback"]))
     if v:
         if v.get("accuracy_original") is not None:
             lines.append(f"top-1 {100 * v['accuracy_original']:.2f}% -> {100 * v['accuracy_compressed']:.2f}% "

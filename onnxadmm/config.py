@@ -38,6 +38,7 @@ METHODS = {
 }
 CHANNEL_METHODS = ("channel", "l0-l21")
 LOWRANK_METHODS = ("lowrank", "lowrank-sparse")
+OBJECTIVE_DEFAULT_LATENCY = LOWRANK_METHODS + ("grouped", "auto")  # methods that always have an objective
 SPARSE_STRUCTURES = ("rows", "unstructured")
 LOWRANK_FORMS = ("pair", "tucker2", "auto")
 OBJECTIVES = ("latency", "size")
@@ -59,7 +60,7 @@ APPLIES_TO = {
     "uniform": ELEMENT_METHODS + CHANNEL_METHODS,
     "sparse_structure": ("lowrank-sparse",),
     "sparse_share": ("lowrank-sparse",),
-    "objective": LOWRANK_METHODS + ("grouped", "auto"),
+    "objective": LOWRANK_METHODS + ("grouped", "auto"),  # and every method with --quantize int8
     "time_budget_min": ("auto",),
     "conv_groups": ("grouped",),
     "refit_dense": CHANNEL_METHODS + LOWRANK_METHODS + ("grouped",),
@@ -98,8 +99,14 @@ class CompressConfig:
                                     "onnxruntime here")
     )
     latency_batch: int | None = field(
-        default=None, metadata=_opt("batch size at which --target-latency and the latency objective time the "
-                                    "model: the batch you serve (default 1, or the model's fixed batch)")
+        default=None, metadata=_opt("batch size at which --target-latency and the latency objective (also "
+                                    "--quantize int8 --objective latency) time the model: the batch you serve "
+                                    "(default 1, or the model's fixed batch)")
+    )
+    latency_seq_len: int | None = field(
+        default=None, metadata=_opt("transformers: the sequence length (tokens) --target-latency and the latency "
+                                    "objective time at, and the validation's latency A/B: inputs with a dynamic "
+                                    "second axis cut to it or padded with zeros (default: the calibration data's)")
     )
     target_params: float | None = field(
         default=None, metadata=_opt("sparse and lowrank methods: nonzero weights of the compressible layers as "
@@ -123,10 +130,12 @@ class CompressConfig:
                                       "auto (both offered; the allocation picks per layer; needs a target)",
                                       LOWRANK_FORMS)
     )
-    objective: str = field(
-        default="latency", metadata=_opt("lowrank methods and --method grouped: latency (only forms measured "
-                                         "faster than the dense layers) or size (any form with fewer parameters); "
-                                         "the search: what it minimizes within the budget", OBJECTIVES)
+    objective: str | None = field(
+        default=None, metadata=_opt("lowrank methods and --method grouped: latency (only forms measured faster "
+                                    "than the dense layers; their default) or size (any form with fewer "
+                                    "parameters); the search: what it minimizes within the budget (default "
+                                    "latency); --quantize int8: latency keeps float the layers whose int8 kernel "
+                                    "measures slower here (default: every layer int8)", OBJECTIVES)
     )
     time_budget_min: float | None = field(
         default=None, metadata=_opt("the search: minutes it may spend (a candidate that would not finish in "
@@ -249,7 +258,10 @@ class CompressConfig:
         _check_choice("solver", self.solver, SOLVERS)
         _check_choice("sparse_structure", self.sparse_structure, SPARSE_STRUCTURES)
         _check_choice("lowrank_form", self.lowrank_form, LOWRANK_FORMS)
-        _check_choice("objective", self.objective, OBJECTIVES)
+        if self.objective is None and self.method in OBJECTIVE_DEFAULT_LATENCY:
+            object.__setattr__(self, "objective", "latency")
+        if self.objective is not None:
+            _check_choice("objective", self.objective, OBJECTIVES)
         _check_choice("distill_augment", self.distill_augment, AUGMENTATIONS)
         _check_choice("quantize", self.quantize, PRECISIONS)
         _check_choice("activation_range", self.activation_range, RANGE_ESTIMATORS)
@@ -266,8 +278,9 @@ class CompressConfig:
         self.nm_pattern  # validates
         if self.grad_patches is not None and self.grad_patches < 1:
             raise ConfigError(f"grad_patches must be >= 1, got {self.grad_patches}")
-        if self.latency_batch is not None and self.latency_batch < 1:
-            raise ConfigError(f"latency_batch must be >= 1, got {self.latency_batch}")
+        for name in ("latency_batch", "latency_seq_len"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("batch_size", "max_memory_mb", "sample_patches",
                      "admm_iterations", "sensitivity_samples", "sensitivity_probes"):
             if int(getattr(self, name)) < 1:
@@ -465,8 +478,14 @@ def _check_finite(config) -> None:
 def _check_applies(config: "CompressConfig") -> None:
     for name, methods in APPLIES_TO.items():
         default = next(f.default for f in dataclasses.fields(config) if f.name == name)
+        if name == "objective" and config.quantize != "none":
+            continue  # the int8 stage has an objective of its own (layers kept float where int8 is slower)
+        if name == "latency_batch" and config.quantize != "none" and \
+                config.objective == "latency":
+            continue  # ... timed at this batch
         if getattr(config, name) != default and config.method not in methods:
-            raise ConfigError(f"--{name.replace('_', '-')} applies to --method {' | '.join(methods)}, not "
+            also = " (or with --quantize int8)" if name == "objective" else ""
+            raise ConfigError(f"--{name.replace('_', '-')} applies to --method {' | '.join(methods)}{also}, not "
                               f"{config.method!r}; drop it or choose one of those methods")
 
 

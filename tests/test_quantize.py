@@ -256,3 +256,74 @@ def test_input_rounding_is_exact_when_off_and_uint8_rounding_when_switched_on():
     scale, zero = scale_and_zero_point(r)
     expected = (np.clip(np.round(feed["input"] / scale) + int(zero), 0, 255) - int(zero)) * scale
     np.testing.assert_allclose(seen, expected, rtol=0, atol=1e-6)
+
+
+# -- --objective latency: layers kept float where int8 is slower -------------------------------------------
+def test_integer_chain_is_the_quantized_layer_between_uint8_tensors():
+    from onnxadmm.export.qdq import integer_chain, rounded_qdq
+
+    model = mlp()
+    feed = samples_for(model, 16)
+    quantized = rounded_qdq(model, feed)
+    chain = integer_chain(quantized)
+    assert [i.type.tensor_type.elem_type for i in chain.graph.input] == [onnx.TensorProto.UINT8]
+    assert [o.type.tensor_type.elem_type for o in chain.graph.output] == [onnx.TensorProto.UINT8]
+    # the full QDQ model's own uint8 tensors at the two ends: the chain maps the one onto the other exactly
+    x_q, y_q = chain.graph.input[0].name, chain.graph.output[0].name
+    probe = onnx.ModelProto()
+    probe.CopyFrom(quantized)
+    probe.graph.output.extend([onnx.ValueInfoProto(name=x_q), onnx.ValueInfoProto(name=y_q)])
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    x_int, y_int = sess.run([x_q, y_q], feed)
+    chained = ort.InferenceSession(chain.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(chained.run(None, {x_q: x_int})[0], y_int)
+
+
+def test_nodes_named_float_stay_float_in_the_dynamic_export():
+    from onnxadmm.export.qdq import quantize_dynamic_int8
+
+    model = mlp()
+    layers = {n.name: n.op_type for n in model.graph.node if n.op_type == "Gemm"}
+    kept = sorted(layers)[0]
+    coverage = fusion_coverage(quantize_dynamic_int8(model, {}, [kept]), layers)
+    assert sorted(coverage.integer) == sorted(set(layers) - {kept})
+    assert [row["name"] for row in coverage.float] == [kept]
+
+
+def test_latency_objective_keeps_the_fastest_of_int8_mixed_and_float():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "calibration"
+    config = CompressConfig(method="none", quantize="int8", objective="latency", calib_samples=200, **FAST)
+    result = compress(root / "lenet5_mnist.onnx", root / "mnist_train1000.npz", config,
+                      ValidateConfig(latency_rounds=2, labels="labels"))
+    quant = result.report["plan"]["quantization"]
+    fallback = quant["float_fallback"]
+    layers = quant["fusion"]["integer"] + [row["name"] for row in quant["fusion"]["float"]]
+    assert sorted(fallback["layer_int8_over_float"]) == sorted(layers) and len(layers) == 5
+    whole = fallback["whole_model_over_float"]
+    assert fallback["chosen"] == min(whole, key=whole.get) and whole["float"] == 1.0
+    if fallback["chosen"] == "mixed":  # exactly the layers measured slower alone
+        assert sorted(fallback["kept_float"]) == sorted(n for n, r in fallback["layer_int8_over_float"].items()
+                                                        if r > 1.0)
+    kept = fallback["kept_float"]
+    assert sorted(row["name"] for row in quant["fusion"]["float"]) == sorted(kept)
+    assert all("kept float (--objective latency)" in row["reason"] for row in quant["fusion"]["float"])
+    has_qdq = any(n.op_type == "QuantizeLinear" for n in result.model.graph.node)
+    assert has_qdq == (fallback["chosen"] != "float")
+    assert result.report["validation"]["agreement"] >= 0.98
+
+
+def test_objective_with_int8_is_accepted_for_every_method_and_refused_without_it():
+    from onnxadmm.errors import ConfigError
+
+    assert CompressConfig(method="none", quantize="int8").objective is None  # every layer int8
+    assert CompressConfig(method="lowrank", rank_ratio=0.5).objective == "latency"  # the method's default
+    assert CompressConfig(method="channel", target_macs=0.5, quantize="int8", objective="latency",
+                          latency_batch=8).latency_batch == 8
+    with pytest.raises(ConfigError, match="--quantize int8"):
+        CompressConfig(method="channel", target_macs=0.5, objective="latency")
+    with pytest.raises(ConfigError, match="latency-batch"):
+        CompressConfig(method="none", quantize="int8", latency_batch=8)  # no latency objective: nothing timed

@@ -209,3 +209,52 @@ def test_dynamic_int8_rounds_the_embedding_table_as_the_solve_saw_it():
     feed = {"input_ids": rng.integers(0, 50, (3, 5)), "attention_mask": np.ones((3, 5), np.int64)}
     got = ort.InferenceSession(result.model.SerializeToString()).run(None, feed)[0]
     assert np.isfinite(got).all() and got.shape == (3, 2)
+
+
+def test_samples_at_a_sequence_length_are_cut_or_padded_on_every_sequence_axis():
+    from onnxadmm.calib.readers import at_sequence_length, sequence_axes
+    from onnxadmm.onnxio.graph import TensorType
+
+    inputs = {"ids": TensorType(onnx.TensorProto.INT64, ("N", "S")),
+              "pair_mask": TensorType(onnx.TensorProto.INT64, ("N", "S", "S")),
+              "image": TensorType(onnx.TensorProto.FLOAT, ("N", 3, 8, 8))}
+    axes = sequence_axes(inputs)
+    assert axes == {"ids": (1,), "pair_mask": (1, 2)}
+    feed = {"ids": np.arange(1, 13).reshape(2, 6), "pair_mask": np.ones((2, 6, 6), np.int64),
+            "image": np.ones((2, 3, 8, 8), np.float32)}
+    short, long = at_sequence_length(feed, axes, 4), at_sequence_length(feed, axes, 9)
+    np.testing.assert_array_equal(short["ids"], feed["ids"][:, :4])
+    assert short["pair_mask"].shape == (2, 4, 4) and long["pair_mask"].shape == (2, 9, 9)
+    np.testing.assert_array_equal(long["ids"][:, :6], feed["ids"])
+    assert not long["ids"][:, 6:].any() and not long["pair_mask"][:, 6:, :].any()  # padding tokens, mask 0
+    assert long["image"] is feed["image"]
+
+
+def test_latency_is_timed_at_the_sequence_length_served(monkeypatch):
+    from onnxadmm import CompressConfig, ValidateConfig, compress
+    from onnxadmm.plan.latency import LatencyTable
+
+    node_shapes, graph_shapes = [], []
+    node_ratio, plan_ratio = LatencyTable.int8_node_ratio, LatencyTable.plan_ratio
+
+    def spy_node(self, node, input_shape, weight):
+        node_shapes.append(tuple(input_shape))
+        return node_ratio(self, node, input_shape, weight)
+
+    def spy_plan(self, original, planned, feed):
+        graph_shapes.append({name: array.shape for name, array in feed.items()})
+        return plan_ratio(self, original, planned, feed)
+
+    monkeypatch.setattr(LatencyTable, "int8_node_ratio", spy_node)
+    monkeypatch.setattr(LatencyTable, "plan_ratio", spy_plan)
+    _, model = _model(VARIANTS[0])
+    config = CompressConfig(method="none", quantize="int8", objective="latency", latency_seq_len=16,
+                            admm_iterations=4)
+    result = compress(model, encoder_inputs(count=24, seq=8, seed=3), config, ValidateConfig(latency_rounds=2))
+    assert node_shapes and {shape[1] for shape in node_shapes if len(shape) == 3} == {16}
+    assert graph_shapes and all(s == {"x": (1, 16, HIDDEN), "attention_mask": (1, 16)} for s in graph_shapes)
+    assert [row["sequence_length"] for row in result.report["validation"]["latency"]] == [16]
+    with pytest.raises(ConfigError, match="no input of the model has a dynamic second"):
+        from models import samples_for, tiny_cnn
+        cnn = tiny_cnn()
+        compress(cnn, samples_for(cnn, 8), CompressConfig(method="sparse", latency_seq_len=16))

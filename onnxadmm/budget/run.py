@@ -95,9 +95,9 @@ class _Search:
     def __init__(self, attempt, config: CompressConfig, progress):
         self.attempt, self.progress = attempt, progress
         # each candidate is an ordinary compress: options of the search itself go back to their defaults
-        self.base = dataclasses.replace(config, method="sparse", objective="latency", time_budget_min=None,
+        self.base = dataclasses.replace(config, method="sparse", objective=None, time_budget_min=None,
                                         refine_epochs=0, channel_multiple=_default("channel_multiple"),
-                                        latency_batch=None)
+                                        latency_batch=None, latency_seq_len=config.latency_seq_len)
         self.objective, self.batch = config.objective, config.latency_batch
         self.budget_s = config.time_budget_min * 60 if config.time_budget_min else math.inf
         self.started = time.perf_counter()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import zipfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -32,6 +32,7 @@ class SampleSet:
     representative: bool = True
     labels: np.ndarray | None = None
     fixed_batch: int | None = None  # the model's static batch size, if it has one
+    sequence_axes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # see ``sequence_axes``
 
     @property
     def num_samples(self) -> int:
@@ -48,10 +49,17 @@ class SampleSet:
             count = max(self.fixed_batch, count // self.fixed_batch * self.fixed_batch)
         return self.subset(evenly_spaced(self.num_samples, count))
 
-    def feed(self, batch_size: int) -> dict[str, np.ndarray]:
-        """The first ``batch_size`` samples as one feed, cycling when there are fewer (for timing)."""
+    def feed(self, batch_size: int, sequence_length: int | None = None) -> dict[str, np.ndarray]:
+        """The first ``batch_size`` samples as one feed, cycling when there are fewer (for timing); with
+        ``sequence_length``, every sequence axis cut to it or padded with zeros (padding tokens, mask 0)."""
         index = np.arange(batch_size) % self.num_samples
-        return {name: array[index] for name, array in self.arrays.items()}
+        feed = {name: array[index] for name, array in self.arrays.items()}
+        if sequence_length is None:
+            return feed
+        if not self.sequence_axes:
+            raise ConfigError(f"--latency-seq-len {sequence_length}: no input of the model has a dynamic second "
+                              "(sequence) axis; leave it out")
+        return at_sequence_length(feed, self.sequence_axes, sequence_length)
 
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         size = self.fixed_batch or batch_size
@@ -71,6 +79,35 @@ def run_all(sess, samples: SampleSet, batch_size: int) -> dict[str, np.ndarray]:
         for name, value in zip(names, sess.run(names, batch)):
             chunks[name].append(np.asarray(value))
     return {n: np.concatenate(v, axis=0) if v[0].ndim else np.stack(v) for n, v in chunks.items()}
+
+
+def sequence_axes(inputs: Mapping[str, TensorType]) -> dict[str, tuple[int, ...]]:
+    """Per input whose second axis is not a fixed size (a transformer's token axis), the axes that share its
+    size: axis 1, and every later axis with the same symbolic name (a [B, S, S] mask)."""
+    axes = {}
+    for name, tensor in inputs.items():
+        shape = tensor.shape or ()
+        if len(shape) < 2 or isinstance(shape[1], int):
+            continue
+        axes[name] = (1, *(a for a in range(2, len(shape)) if shape[1] is not None and shape[a] == shape[1]))
+    return axes
+
+
+def at_sequence_length(feed: Mapping[str, np.ndarray], axes: Mapping[str, tuple[int, ...]], length: int
+                       ) -> dict[str, np.ndarray]:
+    """``feed`` with every sequence axis cut to ``length`` or padded with zeros (padding tokens, mask 0)."""
+    out = dict(feed)
+    for name, names_axes in axes.items():
+        array = feed[name]
+        for axis in names_axes:
+            if array.shape[axis] >= length:
+                array = np.take(array, np.arange(length), axis=axis)
+            else:
+                pad = [(0, 0)] * array.ndim
+                pad[axis] = (0, length - array.shape[axis])
+                array = np.pad(array, pad)
+        out[name] = np.ascontiguousarray(array)
+    return out
 
 
 def evenly_spaced(total: int, count: int) -> np.ndarray:
@@ -163,7 +200,7 @@ def open_samples(spec: Any, inputs: Mapping[str, TensorType], labels_key: str | 
     if labels is not None:
         labels = _check_labels(labels, len(next(iter(arrays.values()))), labels_key or "labels", source)
     return SampleSet(arrays=arrays, source=source, representative=representative, labels=labels,
-                     fixed_batch=fixed_batch)
+                     fixed_batch=fixed_batch, sequence_axes=sequence_axes(inputs))
 
 
 # -- sources -------------------------------------------------------------------------------------

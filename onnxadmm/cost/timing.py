@@ -32,6 +32,7 @@ class LatencyAB:
     ratio_median: float  # compressed / original
     ratio_p10: float
     ratio_p90: float
+    sequence_length: int | None = None  # tokens per sample, when timed at --latency-seq-len
 
     @property
     def speedup(self) -> float:

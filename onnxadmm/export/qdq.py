@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -68,21 +68,24 @@ def overrides(ranges: Mapping[str, TensorRange], weights: Mapping[str, WeightSca
 
 
 def quantize_qdq(model: onnx.ModelProto, samples: SampleSet, ranges: Mapping[str, TensorRange],
-                 weights: Mapping[str, WeightScales]) -> onnx.ModelProto:
-    """The QDQ model (uint8 activations, int8 per-channel weights) with the given ranges and scales."""
-    quantized = _ort_quantize(model, next(samples.batches(8)), overrides(ranges, weights))
+                 weights: Mapping[str, WeightScales], float_nodes: Sequence[str] = ()) -> onnx.ModelProto:
+    """The QDQ model (uint8 activations, int8 per-channel weights) with the given ranges and scales; the nodes
+    named in ``float_nodes`` stay float."""
+    quantized = _ort_quantize(model, next(samples.batches(8)), overrides(ranges, weights), float_nodes)
     quantized.ir_version = model.ir_version  # the quantizer may stamp its own; the contract keeps the input's
     return quantized
 
 
-def quantize_dynamic_int8(model: onnx.ModelProto, weights: Mapping[str, WeightScales]) -> onnx.ModelProto:
+def quantize_dynamic_int8(model: onnx.ModelProto, weights: Mapping[str, WeightScales],
+                          float_nodes: Sequence[str] = ()) -> onnx.ModelProto:
     """int8 weights (per column, the solved integers where ``weights`` has them) with dynamically quantized
-    uint8 activations, for the MatMuls and Gemms with a constant weight; embedding tables (Gather) stored as
-    int8 with one scale per row; every other op stays float."""
+    uint8 activations, for the MatMuls and Gemms with a constant weight (except ``float_nodes``); embedding
+    tables (Gather) stored as int8 with one scale per row; every other op stays float."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantized = _through_file(model, lambda source, path: quantize_dynamic(
-        source, path, per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"]))
+        source, path, per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+        nodes_to_exclude=[n for name in float_nodes for n in (name, f"{name}_MatMul")]))  # a Gemm: MatMul + Add
     _put_solved_integers(quantized, model, weights)
     _embeddings_by_row(quantized)
     quantized.ir_version = model.ir_version
@@ -191,13 +194,40 @@ def rounded_qdq(model: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> onnx.
     return _ort_quantize(model, feed, {})
 
 
-def _ort_quantize(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], tensor_overrides: dict) -> onnx.ModelProto:
+def integer_chain(quantized: onnx.ModelProto) -> onnx.ModelProto:
+    """A QDQ model without the QuantizeLinear of its graph inputs and the DequantizeLinear of its outputs:
+    uint8 in and out, what an int8 layer costs between int8 neighbours (which share those conversions)."""
+    from onnx import helper
+
+    graph = quantized.graph
+    inputs = {value.name: value for value in graph.input}
+    outputs = {value.name for value in graph.output}
+    kept, new_inputs, new_outputs = [], [], []
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] in inputs:
+            dims = [d.dim_value or d.dim_param for d in inputs[node.input[0]].type.tensor_type.shape.dim]
+            new_inputs.append(helper.make_tensor_value_info(node.output[0], onnx.TensorProto.UINT8, dims))
+        elif node.op_type == "DequantizeLinear" and node.output[0] in outputs:
+            new_outputs.append(helper.make_tensor_value_info(node.input[0], onnx.TensorProto.UINT8, None))
+        else:
+            kept.append(node)
+    chain = onnx.ModelProto()
+    chain.CopyFrom(quantized)
+    del chain.graph.node[:], chain.graph.input[:], chain.graph.output[:]
+    chain.graph.node.extend(kept)
+    chain.graph.input.extend(new_inputs)
+    chain.graph.output.extend(new_outputs)
+    return chain
+
+
+def _ort_quantize(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], tensor_overrides: dict,
+                  float_nodes: Sequence[str] = ()) -> onnx.ModelProto:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     return _through_file(model, lambda source, path: quantize_static(
         source, path, _OneBatch(feed), quant_format=QuantFormat.QDQ, per_channel=True,
         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-        extra_options={"TensorQuantOverrides": tensor_overrides}))
+        nodes_to_exclude=list(float_nodes), extra_options={"TensorQuantOverrides": tensor_overrides}))
 
 
 def _through_file(model: onnx.ModelProto, quantizer) -> onnx.ModelProto:

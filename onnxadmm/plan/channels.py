@@ -191,7 +191,7 @@ def plan_channels(view: GraphView, layers: list[Layer], groups: list[ChannelGrou
     if config.target_latency is not None:
         from .latency import LatencyCost, timing_feed
 
-        timed = timing_feed(samples, config.latency_batch)
+        timed = timing_feed(samples, config.latency_batch, config.latency_seq_len)
         shapes = {view.nodes[i].input[0]: c.input_shape for i, c in node_costs.items()}
         model = LatencyCost(view, groups, shapes, timed, options, config.threads, removed_of,
                             precision=timing_precision(layers, config.quantize, config.int8_activations))

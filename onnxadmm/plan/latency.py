@@ -122,6 +122,24 @@ class LatencyTable:
         sandwich_ms, sandwich_ratio = self._cached(("grouped-sandwich", *key), sandwiched)
         return dense_ms, max(0.0, 1.0 + sandwich_ms * (sandwich_ratio - 1.0) / dense_ms)
 
+    def int8_node_ratio(self, node: onnx.NodeProto, input_shape: tuple[int, ...], weight: np.ndarray
+                        ) -> tuple[float, float]:
+        """(fp32 ms, int8/fp32 ratio) of ``node`` alone in the int8 form ``precision`` names. Static QDQ is timed
+        in the chain: uint8 in, uint8 out (``integer_chain``), as between int8 neighbours; dynamic with its run-time
+        quantization of the input, which every dynamic layer pays."""
+        from ..export.qdq import integer_chain, quantize_dynamic_int8, rounded_qdq
+
+        def run():
+            dense = _one_node(node, input_shape, weight, {})
+            if self.precision == "int8-dynamic":
+                return measure(dense, quantize_dynamic_int8(dense, {}), {"x": x}, ROUNDS, self.threads)
+            chain = integer_chain(rounded_qdq(dense, {"x": x}))
+            x_u8 = np.random.default_rng(0).integers(0, 256, input_shape, dtype=np.uint8)
+            return measure(dense, chain, {"x": x}, ROUNDS, self.threads, feed_b={chain.graph.input[0].name: x_u8})
+
+        x = np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)
+        return self._cached((self.precision, *node_key(node), tuple(input_shape), weight.shape, self.threads), run)
+
     def plan_ratio(self, original: onnx.ModelProto, planned: onnx.ModelProto, feed: dict[str, np.ndarray]
                    ) -> float:
         """Measured latency ratio of the graph ``planned`` against ``original`` (A/B, ``PLAN_ROUNDS`` rounds
@@ -277,9 +295,10 @@ def latency_batch_size(samples: SampleSet, batch: int | None) -> int:
     return batch or fixed or 1
 
 
-def timing_feed(samples: SampleSet, batch: int | None) -> dict[str, np.ndarray]:
-    """What a latency target is timed on: calibration samples at ``latency_batch_size``."""
-    return samples.feed(latency_batch_size(samples, batch))
+def timing_feed(samples: SampleSet, batch: int | None, sequence_length: int | None = None) -> dict[str, np.ndarray]:
+    """What a latency target is timed on: calibration samples at ``latency_batch_size`` (and, for a transformer,
+    at ``sequence_length`` tokens: --latency-seq-len)."""
+    return samples.feed(latency_batch_size(samples, batch), sequence_length)
 
 
 def feed_batch(feed: dict[str, np.ndarray]) -> int:

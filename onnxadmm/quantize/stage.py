@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import onnx
@@ -36,9 +36,11 @@ from ..export.qdq import (WEIGHT_OPS, FusionCoverage, WeightScales, fusion_cover
 from ..onnxio.graph import GraphView
 from ..onnxio.normalize import infer_types, normalize
 from ..onnxio.runtime import session
+from ..plan.latency import timing_feed
 from ..report.schema import layer_row
 from ..solve.layerwise import compress_layers
 from .fakequant import embedding_rounding, with_input_rounding
+from .fallback import FloatFallback, keep_faster_float
 
 Progress = Callable[[str, int, int, str], None]
 
@@ -53,6 +55,9 @@ class QuantizedModel:
     seconds: dict[str, float] = field(default_factory=dict)
     activations: str = "static"
     held_out_errors: dict[str, float] = field(default_factory=dict)  # per activation mode tried (auto)
+    float_model: onnx.ModelProto | None = field(default=None, repr=False)  # the solved weights, every op float
+    export: Callable[[Sequence[str]], onnx.ModelProto] | None = field(default=None, repr=False)  # float nodes ->
+    fallback: FloatFallback | None = None  # --objective latency: layers kept float where int8 is slower
 
     def report(self) -> dict:
         estimators: dict[str, int] = {}
@@ -66,7 +71,8 @@ class QuantizedModel:
                 "held_out_output_error": self.held_out_errors or None,
                 "layers": self.layers, "declined": self.declined,
                 "activation_ranges": {name: r.as_dict() for name, r in self.ranges.items()},
-                "estimators_chosen": estimators, "fusion": self.coverage.as_dict(), "seconds": self.seconds}
+                "estimators_chosen": estimators, "fusion": self.coverage.as_dict(), "seconds": self.seconds,
+                "float_fallback": self.fallback.as_dict() if self.fallback else None}
 
 
 def quantize_int8(model: onnx.ModelProto, samples: SampleSet, config: CompressConfig,
@@ -80,14 +86,36 @@ def quantize_int8(model: onnx.ModelProto, samples: SampleSet, config: CompressCo
     modes = int8_forms(found.layers, config.int8_activations)
     built = {mode: (_static if mode == "static" else _dynamic)(normalized, found, samples, config, progress)
              for mode in modes}
-    if len(built) == 1:
-        return next(iter(built.values()))
-    errors = held_out_errors(normalized.model, {m: q.model for m, q in built.items()}, samples, config)
-    best = min(errors, key=errors.get)
-    chosen = built[best]
-    chosen.held_out_errors = errors
-    chosen.seconds = {f"{mode}_{k}": v for mode, q in built.items() for k, v in q.seconds.items()}
+    chosen = next(iter(built.values()))
+    if len(built) > 1:
+        errors = held_out_errors(normalized.model, {m: q.model for m, q in built.items()}, samples, config)
+        chosen = built[min(errors, key=errors.get)]
+        chosen.held_out_errors = errors
+        chosen.seconds = {f"{mode}_{k}": v for mode, q in built.items() for k, v in q.seconds.items()}
+    if config.objective == "latency":
+        _keep_faster_float(chosen, normalized.view(), samples, config, progress)
     return chosen
+
+
+def _keep_faster_float(quantized: QuantizedModel, view: GraphView, samples: SampleSet, config: CompressConfig,
+                       progress) -> None:
+    """``--objective latency``: the integer layers measured slower than float stay float (``fallback.py``)."""
+    started = time.perf_counter()
+    precision = "int8" if quantized.activations == "static" else "int8-dynamic"
+    model, fallback = keep_faster_float(quantized.float_model, quantized.model, quantized.coverage.integer,
+                                        quantized.export, timing_feed(samples, config.latency_batch, config.latency_seq_len),
+                                        config.threads, precision, progress)
+    if fallback.chosen != "int8":
+        quantized.coverage = _coverage(model, quantized.float_model, view)
+        whole = fallback.whole_model["int8"]
+        for row in quantized.coverage.float:
+            if row["name"] in fallback.kept_float:
+                ratio = fallback.layer_ratios[row["name"]]
+                row["reason"] = (f"kept float (--objective latency): int8 measured {ratio:.2f}x its float time "
+                                 "alone" + ("" if fallback.chosen == "mixed" else
+                                            f"; the whole graph in int8 {whole:.2f}x the float graph"))
+    quantized.model, quantized.fallback = model, fallback
+    quantized.seconds["latency_s"] = time.perf_counter() - started
 
 
 def held_out_errors(original: onnx.ModelProto, candidates: dict[str, onnx.ModelProto],
@@ -132,10 +160,16 @@ def _static(normalized, found, samples: SampleSet, config: CompressConfig, progr
     seconds["ranges_s"] = time.perf_counter() - started
     started = time.perf_counter()
     progress("quantize", 0, 1, "QDQ export")
-    quantized = quantize_qdq(solved_model, samples, ranges, _solved_scales(solved_model, solved))
+    scales = _solved_scales(solved_model, solved)
+
+    def export(float_nodes=()):
+        return quantize_qdq(solved_model, samples, ranges, scales, float_nodes)
+
+    quantized = export()
     coverage = _coverage(quantized, solved_model, view)
     seconds["export_s"] = time.perf_counter() - started
-    return QuantizedModel(quantized, _rows(solved), _declined(found, solved), ranges, coverage, seconds, "static")
+    return QuantizedModel(quantized, _rows(solved), _declined(found, solved), ranges, coverage, seconds, "static",
+                          float_model=solved_model, export=export)
 
 
 def _dynamic(normalized, found, samples: SampleSet, config: CompressConfig, progress) -> QuantizedModel:
@@ -155,10 +189,16 @@ def _dynamic(normalized, found, samples: SampleSet, config: CompressConfig, prog
     seconds["weights_s"] = time.perf_counter() - started
     started = time.perf_counter()
     progress("quantize", 0, 1, "dynamic int8 export")
-    quantized = quantize_dynamic_int8(solved_model, _solved_scales(solved_model, solved))
+    scales = _solved_scales(solved_model, solved)
+
+    def export(float_nodes=()):
+        return quantize_dynamic_int8(solved_model, scales, float_nodes)
+
+    quantized = export()
     coverage = _coverage(quantized, solved_model, view)
     seconds["export_s"] = time.perf_counter() - started
-    return QuantizedModel(quantized, _rows(solved), _declined(found, solved), {}, coverage, seconds, "dynamic")
+    return QuantizedModel(quantized, _rows(solved), _declined(found, solved), {}, coverage, seconds, "dynamic",
+                          float_model=solved_model, export=export)
 
 
 def _solved_scales(solved_model: onnx.ModelProto, solved) -> dict[str, WeightScales]:

@@ -162,6 +162,8 @@ def _quantization(lines: list[str], quant: dict) -> None:
                  f"integer kernels on this CPU ({100 * fusion['fraction_integer']:.0f} %)")
     for row in fusion["float"]:
         lines.append(f"  - stays float: `{row['name']}` ({row['op_type']}): {row['reason']}")
+    if quant.get("float_fallback"):
+        lines.append(f"- {fallback_line(quant['float_fallback'])}")
     chosen = ", ".join(f"{name} {count}" for name, count in sorted(quant["estimators_chosen"].items()))
     lines.append(f"- activation ranges: {len(quant['activation_ranges'])} tensors; estimator chosen: {chosen}")
     seconds = quant.get("seconds", {})
@@ -179,6 +181,16 @@ def _quantization(lines: list[str], quant: dict) -> None:
     for row in quant.get("declined", []):
         lines.append(f"- weights with onnxruntime's own max-abs scales: `{row['name']}` ({row['op_type']}): "
                      f"{row['reason']}")
+
+
+def fallback_line(fallback: dict) -> str:
+    """One line on what ``--objective latency`` kept float, with the whole-graph ratios it chose by."""
+    whole = ", ".join(f"{form} {ratio:.2f}" for form, ratio in fallback["whole_model_over_float"].items())
+    kept = len(fallback["kept_float"])
+    total = len(fallback["layer_int8_over_float"])
+    what = {"int8": "every layer int8", "float": "every layer kept float (int8 is slower here)",
+            "mixed": f"{kept} of {total} layers kept float (their int8 form measured slower alone)"}
+    return (f"--objective latency: {what[fallback['chosen']]}; whole graph over the float one: {whole}")
 
 
 def _search(lines: list[str], search: dict) -> None:

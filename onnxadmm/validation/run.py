@@ -50,7 +50,8 @@ class Validation:
 
 def validate_models(original: onnx.ModelProto, compressed: onnx.ModelProto, samples: SampleSet,
                     config: ValidateConfig, batch_size: int = 32, threads: int = 0, held_out: bool = True,
-                    original_blob: bytes | None = None, compressed_blob: bytes | None = None) -> Validation:
+                    original_blob: bytes | None = None, compressed_blob: bytes | None = None,
+                    sequence_length: int | None = None) -> Validation:
     outputs_a = run_all(session(original, threads), samples, batch_size)  # one session at a time
     outputs_b = run_all(session(compressed, threads), samples, batch_size)
     comparison = compare(outputs_a, outputs_b, samples.labels, samples.num_samples)
@@ -61,8 +62,9 @@ def validate_models(original: onnx.ModelProto, compressed: onnx.ModelProto, samp
     for size in config.latency_batch_sizes:
         if samples.fixed_batch and size != samples.fixed_batch:
             continue
-        latencies.append(measure(original, compressed, samples.feed(size), config.latency_rounds,
+        latencies.append(measure(original, compressed, samples.feed(size, sequence_length), config.latency_rounds,
                                  config.latency_threads or threads))
+        latencies[-1].sequence_length = sequence_length
     gates = evaluate(config, comparison, latencies)
     validation = Validation(comparison, fp_a, fp_b, latencies, gates, held_out, samples.source)
     validation.gains = gains_statement(fp_a, fp_b, latencies, is_quantized(compressed) and not is_quantized(original))
@@ -128,6 +130,7 @@ def gains_statement(a: Footprint, b: Footprint, latencies: list[LatencyAB], quan
             verdict = "no measurable change"
         else:
             verdict = "faster" if lat.speedup > 1 else "slower"
-        lines.append(f"Latency at batch {lat.batch_size}, {lat.threads} threads: speed-up "
+        tokens = f", sequence {lat.sequence_length}" if lat.sequence_length else ""
+        lines.append(f"Latency at batch {lat.batch_size}{tokens}, {lat.threads} threads: speed-up "
                      f"{lat.speedup:.3f}x (band {1 / lat.ratio_p90:.3f}-{1 / lat.ratio_p10:.3f}x) — {verdict}.")
     return lines
