@@ -117,7 +117,7 @@ def _pipeline(loaded: LoadedModel, calibration, evaluation, config: CompressConf
     from .export.apply import finalize
     from .finetune.distill import distill
     from .methods import Context, method_for, run_method
-    from .quantize.stage import quantize_int8
+    from .quantize.stage import quantize
     from .validation.gates import check_gate_inputs
     from .validation.run import gate_checker
 
@@ -148,8 +148,8 @@ def _pipeline(loaded: LoadedModel, calibration, evaluation, config: CompressConf
     gate = gate_checker(loaded.model, eval_set, validate_config, config) if method.relax(config) else None
     compressed, solved, plan_report = run_method(method, ctx, gate)
     compressed, solved.result.distilled = distill(normalized.model, compressed, calib, config, progress)
-    if config.quantize == "int8":
-        quantized = quantize_int8(compressed, calib, config, progress)
+    if config.quantize != "none":
+        quantized = quantize(compressed, calib, config, progress)
         compressed, plan_report["quantization"] = quantized.model, quantized.report()
         notes.extend(method.notes(config))
     progress("export", 0, 1, "writing weights")

@@ -341,10 +341,12 @@ def _print_summary(report: dict, report_path: Path | None) -> None:
         solved = quant["layers"]
         rounded = sum(r["error_projected"] for r in solved) / max(len(solved), 1)
         final = sum(r["error_final"] for r in solved) / max(len(solved), 1)
-        lines.append(f"int8: {len(solved)} layers' weights solved onto the int8 grid (mean layer error "
+        precision = quant.get("precision", "int8")
+        lines.append(f"{precision}: {len(solved)} layers' weights solved onto the {precision} grid (mean layer error "
                      f"{rounded:.2e} rounded -> {final:.2e} solved); "
-                     f"{len(fusion['integer'])} of {len(fusion['integer']) + len(fusion['float'])} Conv/Gemm/MatMul "
-                     "run as integer kernels in onnxruntime here")
+                     + (f"{len(fusion['integer'])} of {len(fusion['integer']) + len(fusion['float'])} Conv/Gemm/"
+                        "MatMul run as integer kernels in onnxruntime here" if precision == "int8" else
+                        "stored as int4, run in float"))
         if quant.get("float_fallback"):
             from .report.markdown import fallback_line
 

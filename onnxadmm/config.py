@@ -32,7 +32,7 @@ METHODS = {
     "grouped": "block-diagonal channel connections exported as grouped Convs (Changpinyo et al. 2017)",
     "lowrank": "W = A·B per layer, exported as two Convs / products (Ma et al. 2019)",
     "lowrank-sparse": "W = A·B + S, S row-sparse (merged into the pair) or unstructured (Ma et al. 2019)",
-    "none": "no structural compression (with --quantize int8: int8 alone)",
+    "none": "no structural compression (with --quantize int8 or w4: the precision stage alone)",
     "auto": "search: the fastest (or smallest, --objective size) model within the accuracy budget "
             "(--max-accuracy-drop / --min-agreement); the default when a budget is given without a method",
 }
@@ -44,7 +44,7 @@ LOWRANK_FORMS = ("pair", "tucker2", "auto")
 OBJECTIVES = ("latency", "size")
 AUGMENTATIONS = ("auto", "none")
 PLATFORMS = ("linux-aarch64",)
-PRECISIONS = ("none", "int8")
+PRECISIONS = ("none", "int8", "w4")
 RANGE_ESTIMATORS = ("auto", "minmax", "percentile", "mse")
 INT8_ACTIVATIONS = ("auto", "static", "dynamic")
 LOSSES = ("activation", "linear")
@@ -229,7 +229,9 @@ class CompressConfig:
     quantize: str = field(
         default="none", metadata=_opt("precision stage after the method: int8 = uint8 activations and int8 "
                                       "per-channel weights solved onto their grid (QDQ that onnxruntime fuses); "
-                                      "without --method, int8 alone", PRECISIONS)
+                                      "w4 = int4 per-channel weights solved onto their grid, float activations "
+                                      "(for file size: the layers run at float speed; opset 21); without "
+                                      "--method, the precision stage alone", PRECISIONS)
     )
     activation_range: str = field(
         default="auto", metadata=_opt("--quantize int8: activation range estimator per tensor (auto = the one "
@@ -265,15 +267,15 @@ class CompressConfig:
         _check_choice("distill_augment", self.distill_augment, AUGMENTATIONS)
         _check_choice("quantize", self.quantize, PRECISIONS)
         _check_choice("activation_range", self.activation_range, RANGE_ESTIMATORS)
-        if self.activation_range != "auto" and self.quantize == "none":
+        if self.activation_range != "auto" and self.quantize != "int8":
             raise ConfigError("--activation-range applies to --quantize int8")
         _check_choice("int8_activations", self.int8_activations, INT8_ACTIVATIONS)
-        if self.int8_activations != "auto" and self.quantize == "none":
+        if self.int8_activations != "auto" and self.quantize != "int8":
             raise ConfigError("--int8-activations applies to --quantize int8")
         if self.time_budget_min is not None and not self.time_budget_min > 0:
             raise ConfigError(f"time_budget_min must be > 0, got {self.time_budget_min}")
         if self.method == "none" and self.quantize == "none":
-            raise ConfigError("--method none compresses nothing: add --quantize int8, or choose a method")
+            raise ConfigError("--method none compresses nothing: add --quantize int8 (or w4), or choose a method")
         _check_range("sparsity", self.sparsity, 0.0, 1.0, hi_open=True)
         self.nm_pattern  # validates
         if self.grad_patches is not None and self.grad_patches < 1:
@@ -478,9 +480,9 @@ def _check_finite(config) -> None:
 def _check_applies(config: "CompressConfig") -> None:
     for name, methods in APPLIES_TO.items():
         default = next(f.default for f in dataclasses.fields(config) if f.name == name)
-        if name == "objective" and config.quantize != "none":
+        if name == "objective" and config.quantize == "int8":
             continue  # the int8 stage has an objective of its own (layers kept float where int8 is slower)
-        if name == "latency_batch" and config.quantize != "none" and \
+        if name == "latency_batch" and config.quantize == "int8" and \
                 config.objective == "latency":
             continue  # ... timed at this batch
         if getattr(config, name) != default and config.method not in methods:

@@ -327,3 +327,66 @@ def test_objective_with_int8_is_accepted_for_every_method_and_refused_without_it
         CompressConfig(method="channel", target_macs=0.5, objective="latency")
     with pytest.raises(ConfigError, match="latency-batch"):
         CompressConfig(method="none", quantize="int8", latency_batch=8)  # no latency objective: nothing timed
+
+
+# -- w4: int4 weights, float activations -------------------------------------------------------------------
+def test_int4_export_computes_what_the_float_model_on_the_grid_computes():
+    from onnxadmm.export.qdq import WeightScales, weight_axis
+    from onnxadmm.export.w4 import int4_weights
+
+    model = mlp(trans_b=False)  # Gemm weights (K, N): scales along axis 1
+    inits = {t.name: t for t in model.graph.initializer}
+    rng = np.random.default_rng(0)
+    scales = {}
+    for node in (n for n in model.graph.node if n.op_type == "Gemm"):
+        axis = weight_axis(node)
+        w = numpy_helper.to_array(inits[node.input[1]])
+        s = (np.abs(w).max(axis=1 - axis) / 7).astype(np.float32)
+        shape = [1, 1]
+        shape[axis] = -1
+        k = np.clip(np.round(w / s.reshape(shape)) + rng.integers(-1, 2, w.shape), -7, 7)
+        inits[node.input[1]].CopyFrom(numpy_helper.from_array((k * s.reshape(shape)).astype(np.float32),
+                                                               node.input[1]))
+        scales[node.input[1]] = WeightScales(s, axis)
+    packed = int4_weights(model, scales)
+    onnx.checker.check_model(packed, full_check=True)
+    assert max(o.version for o in packed.opset_import if o.domain in ("", "ai.onnx")) == 21
+    assert packed.ir_version >= 10
+    stored = [t for t in packed.graph.initializer if t.data_type == onnx.TensorProto.INT4]
+    assert len(stored) == len(scales) and not any(t.name in scales for t in packed.graph.initializer)
+    feed = samples_for(model, 16)
+    np.testing.assert_allclose(run(packed, feed)[0], run(model, feed)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_w4_composes_with_sparsity_and_is_smaller_than_int8():
+    import zipfile, io
+
+    model = tiny_cnn()
+    feed = samples_for(model, 48)
+    sizes = {}
+    for precision in ("int8", "w4"):
+        result = compress(model, feed, CompressConfig(method="sparse", sparsity=0.6, quantize=precision, **FAST),
+                          QUICK)
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+            archive.writestr("m.onnx", result.model.SerializeToString())
+        sizes[precision] = len(buffer.getvalue())
+        if precision == "w4":
+            quant = result.report["plan"]["quantization"]
+            assert quant["precision"] == "w4" and quant["layers"]
+            int4 = [numpy_helper.to_array(t).astype(np.int8) for t in result.model.graph.initializer
+                    if t.data_type == onnx.TensorProto.INT4]
+            assert int4 and all(np.abs(k).max() <= 7 for k in int4)
+            assert sum(int(np.sum(k == 0)) for k in int4) >= 0.6 * sum(k.size for k in int4) * 0.9  # zeros kept
+            assert not any(n.op_type == "QuantizeLinear" for n in result.model.graph.node)  # activations float
+            assert all(r["error_final"] <= r["error_projected"] * (1 + 1e-6) + 1e-12 for r in quant["layers"])
+            assert any("4-bit" in line for line in result.report["validation"]["gains"])
+    assert sizes["w4"] < sizes["int8"]
+
+
+def test_w4_refuses_the_int8_only_settings():
+    from onnxadmm.errors import ConfigError
+
+    for extra in ({"activation_range": "mse"}, {"int8_activations": "dynamic"}, {"objective": "latency"}):
+        with pytest.raises(ConfigError):
+            CompressConfig(method="none", quantize="w4", **extra)

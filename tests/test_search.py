@@ -94,6 +94,26 @@ def test_size_search_uses_the_zipped_size_and_sparsity_ladder():
     assert sparsities[:3] == [0.5, 0.75, 0.9]  # 0.9 misses (1.0 pt): the ladder stops there
     assert 0.825 in sparsities  # one bisection step between 0.75 and 0.9
     assert result.report["search"]["chosen"].startswith("sparse 0.825")
+    assert [c.quantize for c in table.calls[:2]] == ["int8", "w4"]  # each precision alone first
+
+
+def test_size_search_climbs_sparsity_with_int4_weights_when_they_hold_and_are_smaller():
+    def drop(c):
+        return (0.3 if c.quantize == "w4" else 0.0) + (max(0.0, (c.sparsity - 0.8) * 10) if c.method == "sparse"
+                                                        else 0.0)
+
+    def cost(c):
+        return (0.15 if c.quantize == "w4" else 0.28) * ((1 - c.sparsity) if c.method == "sparse" else 1.0)
+
+    table = _Table(drop, cost)
+    result = run_search(table, CompressConfig(method="auto", objective="size"),
+                        ValidateConfig(max_accuracy_drop=0.5), lambda *a: None)
+    assert {c.quantize for c in table.calls if c.method == "sparse"} == {"w4"}
+    assert result.report["search"]["chosen"].endswith("+ w4")
+    table = _Table(lambda c: drop(c) + (1.0 if c.quantize == "w4" else 0.0), cost)  # w4 misses the gate alone
+    run_search(table, CompressConfig(method="auto", objective="size"), ValidateConfig(max_accuracy_drop=0.5),
+               lambda *a: None)
+    assert {c.quantize for c in table.calls if c.method == "sparse"} == {"int8"}
 
 
 def test_a_candidate_that_changes_nothing_is_recognized_and_noise_level_cost_gains_do_not_win():

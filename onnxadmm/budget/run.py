@@ -3,10 +3,11 @@
 gate holds on the evaluation data.
 
 Candidates, cheapest first, each a full ``compress`` measured in onnxruntime like any other run:
-1. int8 alone (``--method none --quantize int8``); its measured latency ratio r₀ anchors the rest.
+1. int8 alone (``--method none --quantize int8``); its measured latency ratio r₀ anchors the rest. For size,
+   int4 weights alone (``--quantize w4``) next.
 2. latency: channel pruning + int8 at ``--target-latency`` r₀·f for f in ``LATENCY_STEPS`` (fp32 channel
-   pruning at 1·f when int8 is not faster or fails the gate); size: element sparsity + int8 at
-   ``SPARSITIES`` (fp32 when int8 fails the gate). Each ladder is climbed while the gate holds: damage grows
+   pruning at 1·f when int8 is not faster or fails the gate); size: element sparsity at ``SPARSITIES`` with the
+   smallest precision that held the gate alone (w4, else int8, else fp32). Each ladder is climbed while the gate holds: damage grows
    with the step, so the first miss ends it; one bisection step then tries the level between the last hold
    (int8 alone counting as level 0) and the miss.
 3. The least aggressive miss is tried again with block refinement (``--refine-epochs``, default ``REFINE_EPOCHS``), the
@@ -46,7 +47,10 @@ def run_search(attempt: Callable[[CompressConfig], object], config: CompressConf
     int8_holds = int8 is not None and int8.passed
     anchor = int8.cost if int8_holds and int8.cost < 1.0 else 1.0
     quantize = "int8" if int8_holds and (config.objective == "size" or int8.cost < 1.0) else "none"
-    suffix = " + int8" if quantize == "int8" else " (fp32)"
+    if config.objective == "size":
+        w4 = search.run(Candidate("w4", {"method": "none", "quantize": "w4"}))
+        quantize = "w4" if w4 is not None and w4.passed and (not int8_holds or w4.cost < int8.cost) else quantize
+    suffix = f" + {quantize}" if quantize != "none" else " (fp32)"
 
     def make(level: float, refine: int = 0) -> Candidate:
         if config.objective == "latency":

@@ -199,6 +199,13 @@ def is_quantized(model: onnx.ModelProto) -> bool:
     return any(node.op_type in QUANTIZED_OPS for node in model.graph.node)
 
 
+def quantized_form(model: onnx.ModelProto) -> str | None:
+    """"w4" when weights are stored as int4, "int8" for another quantized model (``is_quantized``), else None."""
+    if any(t.data_type == onnx.TensorProto.INT4 for t in model.graph.initializer):
+        return "w4"
+    return "int8" if is_quantized(model) else None
+
+
 def model_inputs(view: GraphView) -> dict[str, TensorType]:
     inputs = {}
     for name in view.input_names:

@@ -31,6 +31,7 @@ from ..calib.ranges import TensorRange, activation_ranges, float_tensors
 from ..calib.readers import SampleSet, held_out_rows, run_all
 from ..config import CompressConfig
 from ..export.apply import apply_initializers
+from ..export.w4 import int4_weights
 from ..export.qdq import (WEIGHT_OPS, FusionCoverage, WeightScales, fusion_coverage, int8_forms,
                           quantize_dynamic_int8, quantize_qdq, weight_axis)
 from ..onnxio.graph import GraphView
@@ -63,16 +64,51 @@ class QuantizedModel:
         estimators: dict[str, int] = {}
         for r in self.ranges.values():
             estimators[r.estimator] = estimators.get(r.estimator, 0) + 1
-        form = ("QDQ: uint8 activations (per tensor), int8 weights (per output channel, symmetric), int32 biases"
-                if self.activations == "static" else
-                "dynamic: MatMul/Gemm inputs quantized to uint8 per tensor at run time, int8 weights (per output "
-                "column, symmetric), embedding tables int8 per row; other ops float")
-        return {"format": form, "activations": self.activations,
+        form = {"static": "QDQ: uint8 activations (per tensor), int8 weights (per output channel, symmetric), "
+                          "int32 biases",
+                "dynamic": "dynamic: MatMul/Gemm inputs quantized to uint8 per tensor at run time, int8 weights (per "
+                           "output column, symmetric), embedding tables int8 per row; other ops float",
+                "float": "w4: int4 weights (per output channel, symmetric, -7..7) read through DequantizeLinear "
+                         "(opset 21); activations and arithmetic float"}[self.activations]
+        return {"format": form, "precision": "w4" if self.activations == "float" else "int8",
+                "activations": self.activations,
                 "held_out_output_error": self.held_out_errors or None,
                 "layers": self.layers, "declined": self.declined,
                 "activation_ranges": {name: r.as_dict() for name, r in self.ranges.items()},
                 "estimators_chosen": estimators, "fusion": self.coverage.as_dict(), "seconds": self.seconds,
                 "float_fallback": self.fallback.as_dict() if self.fallback else None}
+
+
+def quantize(model: onnx.ModelProto, samples: SampleSet, config: CompressConfig,
+             progress: Progress | None = None) -> QuantizedModel:
+    """The precision stage ``config.quantize`` names (int8 or w4)."""
+    return (quantize_int8 if config.quantize == "int8" else quantize_w4)(model, samples, config, progress)
+
+
+def quantize_w4(model: onnx.ModelProto, samples: SampleSet, config: CompressConfig,
+                progress: Progress | None = None) -> QuantizedModel:
+    """int4 weights, float activations (``export/w4.py``): every layer's weights onto the 4-bit grid through its
+    activation, x̂ the inputs of the model whose earlier layers are already on their grid (zeros kept), then
+    stored as int4 with their scales."""
+    progress = progress or (lambda *args: None)
+    started = time.perf_counter()
+    normalized = normalize(model)
+    view = normalized.view()
+    found = apply_exclude(find_layers(view), config.exclude)
+    structures = {layer.name: Structure("grid", bits=4, keep_zeros=True) for layer in found.layers}
+    solved = compress_layers(view, found.layers, samples, structures, {l.name: 1.0 for l in found.layers}, config,
+                             progress)
+    solved_model = apply_initializers(normalized.model, solved.initializers)
+    seconds = {"weights_s": time.perf_counter() - started}
+    started = time.perf_counter()
+    progress("quantize", 0, 1, "int4 export")
+    quantized = int4_weights(solved_model, _solved_scales(solved_model, solved))
+    seconds["export_s"] = time.perf_counter() - started
+    coverage = FusionCoverage(float=[{"name": o.layer.name, "op_type": o.layer.op_type,
+                                      "reason": "w4: int4 weights dequantized to float; the layer runs in float"}
+                                     for o in solved.outcomes if o.scales is not None])
+    return QuantizedModel(quantized, _rows(solved), _declined(found, solved), {}, coverage, seconds, "float",
+                          float_model=solved_model)
 
 
 def quantize_int8(model: onnx.ModelProto, samples: SampleSet, config: CompressConfig,

@@ -155,17 +155,20 @@ def _distilled(lines: list[str], d: dict) -> None:
 def _quantization(lines: list[str], quant: dict) -> None:
     fusion = quant["fusion"]
     total = len(fusion["integer"]) + len(fusion["float"])
-    lines.append("## int8")
+    precision = quant.get("precision", "int8")
+    lines.append(f"## {precision}")
     lines.append("")
     lines.append(f"- format: {quant['format']}")
-    lines.append(f"- fusion coverage: {len(fusion['integer'])} of {total} Conv/Gemm/MatMul run as onnxruntime "
-                 f"integer kernels on this CPU ({100 * fusion['fraction_integer']:.0f} %)")
-    for row in fusion["float"]:
-        lines.append(f"  - stays float: `{row['name']}` ({row['op_type']}): {row['reason']}")
+    if precision == "int8":
+        lines.append(f"- fusion coverage: {len(fusion['integer'])} of {total} Conv/Gemm/MatMul run as onnxruntime "
+                     f"integer kernels on this CPU ({100 * fusion['fraction_integer']:.0f} %)")
+        for row in fusion["float"]:
+            lines.append(f"  - stays float: `{row['name']}` ({row['op_type']}): {row['reason']}")
     if quant.get("float_fallback"):
         lines.append(f"- {fallback_line(quant['float_fallback'])}")
     chosen = ", ".join(f"{name} {count}" for name, count in sorted(quant["estimators_chosen"].items()))
-    lines.append(f"- activation ranges: {len(quant['activation_ranges'])} tensors; estimator chosen: {chosen}")
+    if quant["activation_ranges"]:
+        lines.append(f"- activation ranges: {len(quant['activation_ranges'])} tensors; estimator chosen: {chosen}")
     seconds = quant.get("seconds", {})
     lines.append(f"- time: weights {seconds.get('weights_s', 0):.1f} s, ranges {seconds.get('ranges_s', 0):.1f} s, "
                  f"export {seconds.get('export_s', 0):.1f} s")
@@ -179,8 +182,8 @@ def _quantization(lines: list[str], quant: dict) -> None:
                          f"{_fmt(row['error_projected'], 4)} → {_fmt(row['error_final'], 4)} |")
         lines.append("")
     for row in quant.get("declined", []):
-        lines.append(f"- weights with onnxruntime's own max-abs scales: `{row['name']}` ({row['op_type']}): "
-                     f"{row['reason']}")
+        kept = "weights with onnxruntime's own max-abs scales" if precision == "int8" else "weights kept float"
+        lines.append(f"- {kept}: `{row['name']}` ({row['op_type']}): {row['reason']}")
 
 
 def fallback_line(fallback: dict) -> str:

@@ -14,7 +14,7 @@ from ..calib.readers import SampleSet, run_all
 from ..config import ValidateConfig
 from ..cost.footprint import Footprint, footprint
 from ..cost.timing import LatencyAB, measure
-from ..onnxio.graph import is_quantized
+from ..onnxio.graph import is_quantized, quantized_form
 from ..onnxio.runtime import session
 from .compare import Comparison, compare
 from .gates import GateResult, evaluate
@@ -67,7 +67,8 @@ def validate_models(original: onnx.ModelProto, compressed: onnx.ModelProto, samp
         latencies[-1].sequence_length = sequence_length
     gates = evaluate(config, comparison, latencies)
     validation = Validation(comparison, fp_a, fp_b, latencies, gates, held_out, samples.source)
-    validation.gains = gains_statement(fp_a, fp_b, latencies, is_quantized(compressed) and not is_quantized(original))
+    validation.gains = gains_statement(fp_a, fp_b, latencies,
+                                       None if is_quantized(original) else quantized_form(compressed))
     if fp_b.macs < fp_a.macs and latencies:  # structure removed: say where the time went, node by node
         split = time_split(original, compressed, one, config.latency_threads or threads)
         if split is not None:
@@ -96,12 +97,20 @@ def gate_checker(original: onnx.ModelProto, samples: SampleSet, config: Validate
     return lambda model: accuracy_gates(outputs_original, model, samples, config, batch, threads)
 
 
-def gains_statement(a: Footprint, b: Footprint, latencies: list[LatencyAB], quantized: bool = False) -> list[str]:
-    """Say which gain is size and which is speed, from the measured figures."""
+def gains_statement(a: Footprint, b: Footprint, latencies: list[LatencyAB], precision: str | None = None
+                    ) -> list[str]:
+    """Say which gain is size and which is speed, from the measured figures (``precision``: what the compressed
+    model gained over a float original, "int8" or "w4")."""
     lines = []
-    if quantized:
+    quantized = precision is not None
+    if precision == "int8":
         lines.append("int8: weights stored as 8-bit integers and activations quantized to 8 bits; onnxruntime "
                      "runs the fused layers in integer kernels (speed), and the file shrinks about 4x (size).")
+    elif precision == "w4":
+        lines.append("w4: weights stored as 4-bit integers (two per byte), activations float: the gain is file "
+                     "size. A default onnxruntime session dequantizes the weights on every call (slower than "
+                     "float); with the session option session.disable_quant_qdq = 1 it folds them into float "
+                     "weights once, at load, and runs at float speed.")
     if a.nonzero_layer_weights and (not quantized or b.nonzero_layer_weights < 0.9 * a.nonzero_layer_weights):
         lines.append(f"Nonzero layer weights: {a.nonzero_layer_weights:,} -> {b.nonzero_layer_weights:,} "
                      f"({a.nonzero_layer_weights / max(b.nonzero_layer_weights, 1):.2f}x fewer).")
