@@ -151,7 +151,7 @@ def _pipeline(loaded: LoadedModel, calibration, evaluation, config: CompressConf
     if config.quantize != "none":
         quantized = quantize(compressed, calib, config, progress)
         compressed, plan_report["quantization"] = quantized.model, quantized.report()
-        notes.extend(method.notes(config))
+        notes.extend(method.notes(config) + quantized.notes)
     progress("export", 0, 1, "writing weights")
     digest = config_hash(config)
     notes.extend(finalize(compressed, normalized.model, {

@@ -381,6 +381,7 @@ def test_w4_composes_with_sparsity_and_is_smaller_than_int8():
             assert not any(n.op_type == "QuantizeLinear" for n in result.model.graph.node)  # activations float
             assert all(r["error_final"] <= r["error_projected"] * (1 + 1e-6) + 1e-12 for r in quant["layers"])
             assert any("4-bit" in line for line in result.report["validation"]["gains"])
+            assert any("opset 17 to 21" in note for note in result.report["notes"])
     assert sizes["w4"] < sizes["int8"]
 
 

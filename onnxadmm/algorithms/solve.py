@@ -159,11 +159,12 @@ def _solve_grid(problem: LayerProblem, structure: Structure, loss: str, solver: 
 
     w = rounded
     settings = dataclasses.replace(settings, stall_iterations=GRID_STALL_ITERATIONS)
+    objective = None
     if solver == "admm":
         if loss == "linear":
             z, trace = admm_linear(stats, w0, project, settings)
         else:
-            z, _, trace, _ = admm_activation(problem, w0, b0, project, settings)
+            z, _, trace, objective = admm_activation(problem, w0, b0, project, settings)
         z = project(z)  # exactly on the grid
         history = trace.as_dict()
         if problem.relative_error(z, least_squares_bias(z), loss) < \
@@ -171,7 +172,7 @@ def _solve_grid(problem: LayerProblem, structure: Structure, loss: str, solver: 
             w = z
     b = least_squares_bias(w)
     if loss == "activation" and problem.fit_bias:
-        b = refit_bias_activation(ActivationObjective(problem, settings), w, b, settings.refit_steps)
+        b = refit_bias_activation(objective or ActivationObjective(problem, settings), w, b, settings.refit_steps)
     return LayerSolution(weight=w, bias=b, mask=w != 0, error_dense=error_dense, error_projected=error_projected,
                          error_final=problem.relative_error(w, b, loss), history=history, scales=scales)
 

@@ -31,10 +31,11 @@ from ..calib.ranges import TensorRange, activation_ranges, float_tensors
 from ..calib.readers import SampleSet, held_out_rows, run_all
 from ..config import CompressConfig
 from ..export.apply import apply_initializers
-from ..export.w4 import int4_weights
+from ..export.w4 import W4_OPSET, int4_weights
 from ..export.qdq import (WEIGHT_OPS, FusionCoverage, WeightScales, fusion_coverage, int8_forms,
                           quantize_dynamic_int8, quantize_qdq, weight_axis)
 from ..onnxio.graph import GraphView
+from ..onnxio.load import default_opset
 from ..onnxio.normalize import infer_types, normalize
 from ..onnxio.runtime import session
 from ..plan.latency import timing_feed
@@ -59,6 +60,7 @@ class QuantizedModel:
     float_model: onnx.ModelProto | None = field(default=None, repr=False)  # the solved weights, every op float
     export: Callable[[Sequence[str]], onnx.ModelProto] | None = field(default=None, repr=False)  # float nodes ->
     fallback: FloatFallback | None = None  # --objective latency: layers kept float where int8 is slower
+    notes: list[str] = field(default_factory=list)  # for the report's notes
 
     def report(self) -> dict:
         estimators: dict[str, int] = {}
@@ -107,8 +109,11 @@ def quantize_w4(model: onnx.ModelProto, samples: SampleSet, config: CompressConf
     coverage = FusionCoverage(float=[{"name": o.layer.name, "op_type": o.layer.op_type,
                                       "reason": "w4: int4 weights dequantized to float; the layer runs in float"}
                                      for o in solved.outcomes if o.scales is not None])
+    notes = [] if default_opset(model) >= W4_OPSET else [
+        f"--quantize w4: the model was converted from opset {default_opset(model)} to {W4_OPSET} and IR version "
+        f"{model.ir_version} to {quantized.ir_version} (int4 weights need both; onnxruntime >= 1.20 runs it)"]
     return QuantizedModel(quantized, _rows(solved), _declined(found, solved), {}, coverage, seconds, "float",
-                          float_model=solved_model)
+                          float_model=solved_model, notes=notes)
 
 
 def quantize_int8(model: onnx.ModelProto, samples: SampleSet, config: CompressConfig,
