@@ -43,7 +43,7 @@ SPARSE_STRUCTURES = ("rows", "unstructured")
 LOWRANK_FORMS = ("pair", "tucker2", "auto")
 OBJECTIVES = ("latency", "size")
 AUGMENTATIONS = ("auto", "none")
-PLATFORMS = ("linux-aarch64",)
+PLATFORMS = ("linux-aarch64", "linux-x86_64-avx2")
 PRECISIONS = ("none", "int8", "w4")
 RANGE_ESTIMATORS = ("auto", "minmax", "percentile", "mse")
 INT8_ACTIVATIONS = ("auto", "static", "dynamic")
@@ -245,6 +245,11 @@ class CompressConfig:
                                       "most of the weights, kept by the smaller held-out output error, else static",
                                       INT8_ACTIVATIONS)
     )
+    int8_reduce_range: bool = field(
+        default=False, metadata=_opt("--quantize int8: weights on 7 bits (-63..63), so onnxruntime's uint8 x int8 "
+                                     "products cannot saturate on x86 CPUs without VNNI (AVX2 only; see --platform "
+                                     "linux-x86_64-avx2), for one bit of weight precision")
+    )
     threads: int = field(default=0, metadata=_opt("torch/onnxruntime threads (0 = all cores)"))
     force: bool = field(
         default=False, metadata=_opt("compress a model that onnxadmm already compressed")
@@ -272,6 +277,8 @@ class CompressConfig:
         _check_choice("int8_activations", self.int8_activations, INT8_ACTIVATIONS)
         if self.int8_activations != "auto" and self.quantize != "int8":
             raise ConfigError("--int8-activations applies to --quantize int8")
+        if self.int8_reduce_range and self.quantize != "int8":
+            raise ConfigError("--int8-reduce-range applies to --quantize int8")
         if self.time_budget_min is not None and not self.time_budget_min > 0:
             raise ConfigError(f"time_budget_min must be > 0, got {self.time_budget_min}")
         if self.method == "none" and self.quantize == "none":

@@ -69,3 +69,32 @@ def test_platform_check_on_resnet20(tmp_path):
     assert check["passed"] and all(r["within_fp32_tolerance"] for r in check["models"])
     assert check["models"][0]["top1_agreement_with_original_x86"] == 1.0
     assert check["models"][1]["top1_same_as_x86"] == 1.0
+
+
+@pytest.mark.arm
+@needs_testbed()
+def test_x86_avx2_check_finds_the_saturating_int8_model_and_reduced_range_fixes_it(tmp_path):
+    """ResNet-20 int8 on an emulated AVX2 CPU without VNNI: 8-bit weights saturate the 16-bit sums there (the
+    check fails, the fp32 original matches); 7-bit weights (--int8-reduce-range) compute the same as here."""
+    from onnxadmm import CompressConfig, ValidateConfig, compress
+    from onnxadmm.api import validate
+    from test_testbed import preprocess
+
+    data = np.load(TESTBED / "data" / "cifar10_test.npz")
+    x = preprocess("resnet20_cifar10", data["images"][:400])
+    model = TESTBED / "models" / "resnet20_cifar10.onnx"
+    np.savez(tmp_path / "eval.npz", input=x[300:], labels=data["labels"][300:400].astype(np.int64))
+    config = ValidateConfig(labels="labels", platform="linux-x86_64-avx2", platform_samples=100, latency_rounds=2)
+    checks = {}
+    for reduce_range in (False, True):
+        result = compress(model, {"input": x[:300]}, CompressConfig(method="none", quantize="int8",
+                                                                    int8_reduce_range=reduce_range))
+        result.save(tmp_path / f"int8_{reduce_range}.onnx")
+        report, _ = validate(model, tmp_path / f"int8_{reduce_range}.onnx", tmp_path / "eval.npz", config)
+        checks[reduce_range] = report["platform_check"]
+    for check in checks.values():
+        assert check["models"][0]["within_fp32_tolerance"]  # the emulation itself computes fp32 right
+        assert "Haswell" in check["emulated_machine"]
+    assert not checks[False]["passed"] and checks[False]["models"][1]["top1_same_as_x86"] < 0.99
+    assert "--int8-reduce-range" in checks[False]["note"]
+    assert checks[True]["passed"] and checks[True]["models"][1]["max_abs_diff_vs_x86"] == 0.0

@@ -391,3 +391,18 @@ def test_w4_refuses_the_int8_only_settings():
     for extra in ({"activation_range": "mse"}, {"int8_activations": "dynamic"}, {"objective": "latency"}):
         with pytest.raises(ConfigError):
             CompressConfig(method="none", quantize="w4", **extra)
+
+
+def test_reduced_range_weights_stay_within_7_bits():
+    model = tiny_cnn()
+    feed = samples_for(model, 48)
+    result = compress(model, feed, CompressConfig(method="none", quantize="int8", int8_reduce_range=True, **FAST),
+                      QUICK)
+    weights = [initializer(result.model, n.input[0]) for n in result.model.graph.node
+               if n.op_type == "DequantizeLinear" and initializer_or_none(result.model, n.input[0]) is not None]
+    int8 = [w for w in weights if w.dtype == np.int8]
+    assert int8 and max(int(np.abs(w.astype(np.int32)).max()) for w in int8) <= 63
+    assert "7 bits" in result.report["plan"]["quantization"]["format"]
+    from onnxadmm.errors import ConfigError
+    with pytest.raises(ConfigError, match="applies to --quantize int8"):
+        CompressConfig(method="none", quantize="w4", int8_reduce_range=True)

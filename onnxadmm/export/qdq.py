@@ -68,16 +68,17 @@ def overrides(ranges: Mapping[str, TensorRange], weights: Mapping[str, WeightSca
 
 
 def quantize_qdq(model: onnx.ModelProto, samples: SampleSet, ranges: Mapping[str, TensorRange],
-                 weights: Mapping[str, WeightScales], float_nodes: Sequence[str] = ()) -> onnx.ModelProto:
+                 weights: Mapping[str, WeightScales], float_nodes: Sequence[str] = (),
+                 reduce_range: bool = False) -> onnx.ModelProto:
     """The QDQ model (uint8 activations, int8 per-channel weights) with the given ranges and scales; the nodes
-    named in ``float_nodes`` stay float."""
-    quantized = _ort_quantize(model, next(samples.batches(8)), overrides(ranges, weights), float_nodes)
+    named in ``float_nodes`` stay float; ``reduce_range``: weights onnxruntime scales itself on 7 bits."""
+    quantized = _ort_quantize(model, next(samples.batches(8)), overrides(ranges, weights), float_nodes, reduce_range)
     quantized.ir_version = model.ir_version  # the quantizer may stamp its own; the contract keeps the input's
     return quantized
 
 
 def quantize_dynamic_int8(model: onnx.ModelProto, weights: Mapping[str, WeightScales],
-                          float_nodes: Sequence[str] = ()) -> onnx.ModelProto:
+                          float_nodes: Sequence[str] = (), reduce_range: bool = False) -> onnx.ModelProto:
     """int8 weights (per column, the solved integers where ``weights`` has them) with dynamically quantized
     uint8 activations, for the MatMuls and Gemms with a constant weight (except ``float_nodes``); embedding
     tables (Gather) stored as int8 with one scale per row; every other op stays float."""
@@ -85,6 +86,7 @@ def quantize_dynamic_int8(model: onnx.ModelProto, weights: Mapping[str, WeightSc
 
     quantized = _through_file(model, lambda source, path: quantize_dynamic(
         source, path, per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+        reduce_range=reduce_range,
         nodes_to_exclude=[n for name in float_nodes for n in (name, f"{name}_MatMul")]))  # a Gemm: MatMul + Add
     _put_solved_integers(quantized, model, weights)
     _embeddings_by_row(quantized)
@@ -221,13 +223,14 @@ def integer_chain(quantized: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _ort_quantize(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], tensor_overrides: dict,
-                  float_nodes: Sequence[str] = ()) -> onnx.ModelProto:
+                  float_nodes: Sequence[str] = (), reduce_range: bool = False) -> onnx.ModelProto:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     return _through_file(model, lambda source, path: quantize_static(
         source, path, _OneBatch(feed), quant_format=QuantFormat.QDQ, per_channel=True,
         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-        nodes_to_exclude=list(float_nodes), extra_options={"TensorQuantOverrides": tensor_overrides}))
+        nodes_to_exclude=list(float_nodes), reduce_range=reduce_range,
+        extra_options={"TensorQuantOverrides": tensor_overrides}))
 
 
 def _through_file(model: onnx.ModelProto, quantizer) -> onnx.ModelProto:

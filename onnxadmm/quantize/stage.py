@@ -61,6 +61,7 @@ class QuantizedModel:
     export: Callable[[Sequence[str]], onnx.ModelProto] | None = field(default=None, repr=False)  # float nodes ->
     fallback: FloatFallback | None = None  # --objective latency: layers kept float where int8 is slower
     notes: list[str] = field(default_factory=list)  # for the report's notes
+    weight_bits: int = 8  # 7 with --int8-reduce-range
 
     def report(self) -> dict:
         estimators: dict[str, int] = {}
@@ -72,6 +73,8 @@ class QuantizedModel:
                            "output column, symmetric), embedding tables int8 per row; other ops float",
                 "float": "w4: int4 weights (per output channel, symmetric, -7..7) read through DequantizeLinear "
                          "(opset 21); activations and arithmetic float"}[self.activations]
+        if self.weight_bits == 7:
+            form += "; weights on 7 bits (-63..63: no saturation without VNNI)"
         return {"format": form, "precision": "w4" if self.activations == "float" else "int8",
                 "activations": self.activations,
                 "held_out_output_error": self.held_out_errors or None,
@@ -133,6 +136,7 @@ def quantize_int8(model: onnx.ModelProto, samples: SampleSet, config: CompressCo
         chosen = built[min(errors, key=errors.get)]
         chosen.held_out_errors = errors
         chosen.seconds = {f"{mode}_{k}": v for mode, q in built.items() for k, v in q.seconds.items()}
+    chosen.weight_bits = int8_bits(config)
     if config.objective == "latency":
         _keep_faster_float(chosen, normalized.view(), samples, config, progress)
     return chosen
@@ -189,7 +193,7 @@ def _static(normalized, found, samples: SampleSet, config: CompressConfig, progr
     rounded_view = GraphView(rounding, infer_types(rounding))
     layers = [layer for layer in apply_exclude(find_layers(rounded_view), config.exclude).layers
               if layer.name in inputs]
-    structures = {layer.name: Structure("grid", bits=8, keep_zeros=True) for layer in layers}
+    structures = {layer.name: Structure("grid", bits=int8_bits(config), keep_zeros=True) for layer in layers}
     solved = compress_layers(rounded_view, layers, samples, structures, {l.name: 1.0 for l in layers}, config,
                              progress, switches)
     solved_model = apply_initializers(normalized.model, solved.initializers)
@@ -204,7 +208,7 @@ def _static(normalized, found, samples: SampleSet, config: CompressConfig, progr
     scales = _solved_scales(solved_model, solved)
 
     def export(float_nodes=()):
-        return quantize_qdq(solved_model, samples, ranges, scales, float_nodes)
+        return quantize_qdq(solved_model, samples, ranges, scales, float_nodes, config.int8_reduce_range)
 
     quantized = export()
     coverage = _coverage(quantized, solved_model, view)
@@ -222,7 +226,7 @@ def _dynamic(normalized, found, samples: SampleSet, config: CompressConfig, prog
     view = normalized.view()
     layers = [layer for layer in found.layers if layer.op_type == "MatMul" or
               (layer.op_type == "Gemm" and layer.alpha == 1.0 and layer.beta == 1.0)]
-    structures = {layer.name: Structure("grid", bits=8, keep_zeros=True) for layer in layers}
+    structures = {layer.name: Structure("grid", bits=int8_bits(config), keep_zeros=True) for layer in layers}
     tables = embedding_rounding(view)
     solved = compress_layers(view, layers, samples, structures, {l.name: 1.0 for l in layers}, config, progress,
                              tables)
@@ -233,13 +237,19 @@ def _dynamic(normalized, found, samples: SampleSet, config: CompressConfig, prog
     scales = _solved_scales(solved_model, solved)
 
     def export(float_nodes=()):
-        return quantize_dynamic_int8(solved_model, scales, float_nodes)
+        return quantize_dynamic_int8(solved_model, scales, float_nodes, config.int8_reduce_range)
 
     quantized = export()
     coverage = _coverage(quantized, solved_model, view)
     seconds["export_s"] = time.perf_counter() - started
     return QuantizedModel(quantized, _rows(solved), _declined(found, solved), {}, coverage, seconds, "dynamic",
                           float_model=solved_model, export=export)
+
+
+def int8_bits(config: CompressConfig) -> int:
+    """Weight bits of the int8 grid: 8 (−127…127), or 7 (−63…63) with ``--int8-reduce-range``, where no two
+    uint8 × int8 products can saturate the 16-bit sums of x86 CPUs without VNNI (``validation/x86_avx2.py``)."""
+    return 7 if config.int8_reduce_range else 8
 
 
 def _solved_scales(solved_model: onnx.ModelProto, solved) -> dict[str, WeightScales]:

@@ -101,10 +101,7 @@ def prepare(root: Path | None = None, log=print) -> Aarch64:
                                 f"{tool}' (as root), then retry")
     env.root.mkdir(parents=True, exist_ok=True)
     if not env.qemu.is_file():
-        log("extracting qemu-aarch64 (Debian 13 qemu-user)")
-        with scratch_folder("onnxadmm-qemu-") as tmp:
-            _run(["mmdebstrap", "--variant=extract", "--arch=amd64", "--include=qemu-user", "trixie", str(tmp)])
-            shutil.copy2(Path(tmp) / "usr/bin/qemu-aarch64", env.qemu)
+        extract_qemu("qemu-aarch64", env.qemu, log)
     if not (env.sysroot / "usr/bin/python3").exists():
         log("unpacking an arm64 Debian 12 sysroot with python3")
         shutil.rmtree(env.sysroot, ignore_errors=True)
@@ -124,6 +121,19 @@ def prepare(root: Path | None = None, log=print) -> Aarch64:
     return env
 
 
+def extract_qemu(binary: str, destination: Path, log=print) -> None:
+    """Copy the static ``binary`` (e.g. qemu-aarch64) of Debian 13's qemu-user to ``destination``
+    (mmdebstrap, root, the Debian mirrors)."""
+    if shutil.which("mmdebstrap") is None:
+        raise PlatformError("mmdebstrap is not installed: run 'apt-get install --no-install-recommends mmdebstrap' "
+                            "(as root), then retry")
+    log(f"extracting {binary} (Debian 13 qemu-user)")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with scratch_folder("onnxadmm-qemu-") as tmp:
+        _run(["mmdebstrap", "--variant=extract", "--arch=amd64", "--include=qemu-user", "trixie", str(tmp)])
+        shutil.copy2(Path(tmp) / "usr/bin" / binary, destination)
+
+
 def _run(command: list[str]) -> None:
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode:
@@ -135,7 +145,8 @@ INT8_MIN_AGREEMENT = 0.99  # an int8 model: top-1 of the aarch64 run agrees with
 
 
 def compare(x86: list[list[np.ndarray]], arm: list[list[np.ndarray]], names: list[str],
-            quantized: list[bool] | None = None) -> dict:
+            quantized: list[bool] | None = None,
+            platform: str = f"linux-aarch64 (qemu user-mode, emulated core {QEMU_CPU})") -> dict:
     """Per model: max |aarch64 − x86| against the fp32 tolerance — or, for an int8 (QDQ) model, whose integer
     kernels legitimately differ between x86 and ARM (rounding of requantization), top-1 agreement of the two
     runs ≥ ``INT8_MIN_AGREEMENT``; and top-1 of each aarch64 run vs x86 model 0 (the original)."""
@@ -154,7 +165,7 @@ def compare(x86: list[list[np.ndarray]], arm: list[list[np.ndarray]], names: lis
                      "int8": is_int8, "passed": ok, "top1_same_as_x86": same_top1,
                      "top1_agreement_with_original_x86": float(np.mean(top1 == reference_top1))})
         passed = passed and ok
-    return {"platform": "linux-aarch64 (qemu user-mode, emulated core " + QEMU_CPU + ")",
+    return {"platform": platform,
             "tolerance": {"rtol": RTOL, "atol": f"{ATOL_SCALE} x max |output|",
                           "int8_min_top1_agreement_with_x86": INT8_MIN_AGREEMENT}, "models": rows, "passed": passed,
             "note": "outputs only: latency under emulation is not a speed and is not measured"}
