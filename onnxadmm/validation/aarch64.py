@@ -67,21 +67,27 @@ class Aarch64:
 
     def run(self, models: list[Path], feed: dict[str, np.ndarray]) -> dict:
         """Outputs of each model on ``feed`` in aarch64 onnxruntime: {"machine", "ort", "outputs": [[...]]}."""
-        with scratch_folder("onnxadmm-aarch64-") as folder:
-            (folder / "runner.py").write_text(RUNNER)
-            np.savez(folder / "in.npz", **feed)
-            env = {**os.environ, "QEMU_CPU": QEMU_CPU, "PYTHONPATH": str(self.site), "OMP_NUM_THREADS": "1"}
-            command = [str(self.qemu), "-L", str(self.sysroot), str(self.sysroot / "usr/bin/python3"),
-                       str(folder / "runner.py"), str(folder / "in.npz"), str(folder / "out.npz"),
-                       *map(str, models)]
-            proc = subprocess.run(command, env=env, capture_output=True, text=True)
-            if proc.returncode:
-                raise PlatformError(f"the aarch64 onnxruntime run failed (exit {proc.returncode}): "
-                                    f"{proc.stderr.strip()[-800:]}")
-            data = np.load(folder / "out.npz")
-            outputs = [[data[f"m{m}_o{k}"] for k in range(sum(1 for n in data.files if n.startswith(f"m{m}_o")))]
-                       for m in range(len(models))]
-            return {"machine": str(data["machine"]), "ort": str(data["ort"]), "outputs": outputs}
+        env = {**os.environ, "QEMU_CPU": QEMU_CPU, "PYTHONPATH": str(self.site), "OMP_NUM_THREADS": "1"}
+        return run_emulated([str(self.qemu), "-L", str(self.sysroot), str(self.sysroot / "usr/bin/python3")], env,
+                            models, feed, "aarch64")
+
+
+def run_emulated(prefix: list[str], env: dict, models: list[Path], feed: dict[str, np.ndarray], what: str) -> dict:
+    """``RUNNER`` started by ``prefix`` (qemu and a python) on each model over ``feed``: {"machine", "ort",
+    "outputs": [[output arrays] per model]}."""
+    with scratch_folder("onnxadmm-emulated-") as folder:
+        (folder / "runner.py").write_text(RUNNER)
+        np.savez(folder / "in.npz", **feed)
+        command = [*prefix, str(folder / "runner.py"), str(folder / "in.npz"), str(folder / "out.npz"),
+                   *map(str, models)]
+        proc = subprocess.run(command, env=env, capture_output=True, text=True)
+        if proc.returncode:
+            raise PlatformError(f"the {what} onnxruntime run failed (exit {proc.returncode}): "
+                                f"{proc.stderr.strip()[-800:]}")
+        data = np.load(folder / "out.npz")
+        outputs = [[data[f"m{m}_o{k}"] for k in range(sum(1 for n in data.files if n.startswith(f"m{m}_o")))]
+                   for m in range(len(models))]
+        return {"machine": str(data["machine"]), "ort": str(data["ort"]), "outputs": outputs}
 
 
 def default_root() -> Path:

@@ -13,7 +13,6 @@ environment's. Outputs only: emulation says nothing about speed.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import PlatformError
-from ..onnxio.scratch import scratch_folder
-from .aarch64 import RUNNER, extract_qemu
+from .aarch64 import extract_qemu, run_emulated
 
 QEMU_CPU = "Haswell"  # AVX2 + FMA, no AVX-512, no VNNI
 PLATFORM = f"linux-x86_64-avx2 (this onnxruntime under qemu user-mode, emulated CPU {QEMU_CPU}: AVX2, no VNNI)"
@@ -38,20 +36,10 @@ class X86Avx2:
 
     def run(self, models: list[Path], feed: dict[str, np.ndarray]) -> dict:
         """Outputs of each model on ``feed`` in this onnxruntime on the emulated CPU (as ``Aarch64.run``)."""
-        with scratch_folder("onnxadmm-avx2-") as folder:
-            (folder / "runner.py").write_text(RUNNER)
-            np.savez(folder / "in.npz", **feed)
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-            command = [str(self.qemu), "-cpu", QEMU_CPU, sys.executable, str(folder / "runner.py"),
-                       str(folder / "in.npz"), str(folder / "out.npz"), *map(str, models)]
-            proc = subprocess.run(command, env=env, capture_output=True, text=True)
-            if proc.returncode:
-                raise PlatformError(f"the emulated x86-64 (AVX2) onnxruntime run failed (exit {proc.returncode}): "
-                                    f"{proc.stderr.strip()[-800:]}")
-            data = np.load(folder / "out.npz")
-            outputs = [[data[f"m{m}_o{k}"] for k in range(sum(1 for n in data.files if n.startswith(f"m{m}_o")))]
-                       for m in range(len(models))]
-            return {"machine": f"{data['machine']} ({QEMU_CPU})", "ort": str(data["ort"]), "outputs": outputs}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        result = run_emulated([str(self.qemu), "-cpu", QEMU_CPU, sys.executable], env, models, feed,
+                              "emulated x86-64 (AVX2)")
+        return {**result, "machine": f"{result['machine']} ({QEMU_CPU})"}
 
 
 def prepare(root: Path | None = None, log=print) -> X86Avx2:
