@@ -199,6 +199,13 @@ def _stage_reports(outputs, report: dict, path: Path) -> None:
     from .report.markdown import render
     from .report.schema import to_json
 
+    if report.get("search"):  # the frontier as a PNG beside the reports, where matplotlib is installed
+        from .budget.chart import frontier_png
+
+        png = frontier_png(report["search"])
+        if png is not None:
+            outputs.write_bytes(path.with_suffix(".png"), "frontier chart (PNG)", [png])
+            report["search"]["png"] = path.with_suffix(".png").name
     outputs.write_text(path, "report (JSON)", to_json(report))
     outputs.write_text(_markdown_path(path), "report (Markdown)", render(report))
 

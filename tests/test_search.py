@@ -200,7 +200,25 @@ def test_cli_search_on_lenet_misses_an_impossible_gate_with_exit_1_and_writes_th
     report = json.loads((tmp_path / "out.onnx.report.json").read_text())
     assert report["search"]["held"] is False and out.exists()
     assert "no candidate held the gate" in proc.stdout
-    assert "```mermaid" in (tmp_path / "out.onnx.report.md").read_text()
+    markdown = (tmp_path / "out.onnx.report.md").read_text()
+    assert "```mermaid" in markdown
+    png = tmp_path / "out.onnx.report.png"  # with the plot extra (matplotlib), the frontier as a PNG beside it
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "![the frontier](out.onnx.report.png)" in markdown
+
+
+def test_frontier_png_is_deterministic_and_optional(monkeypatch):
+    from onnxadmm.budget.chart import frontier_png
+
+    rows = [{"label": "int8", "cost_ratio": 0.47, "accuracy_drop_pt": 0.05, "chosen": False, "on_frontier": True},
+            {"label": "channels 0.43 + int8", "cost_ratio": 0.43, "accuracy_drop_pt": 0.4, "chosen": True,
+             "on_frontier": True},
+            {"label": "failed", "cost_ratio": None, "accuracy_drop_pt": None, "chosen": False, "on_frontier": False}]
+    search = {"gate": {"accuracy_drop_pt": 0.5}, "candidates": rows, "cost": "latency ratio"}
+    first = frontier_png(search)
+    assert first[:4] == b"\x89PNG" and frontier_png(search) == first
+    assert frontier_png({**search, "candidates": rows[2:]}) is None  # nothing measured: no picture
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # the plot extra not installed
+    assert frontier_png(search) is None
 
 
 @pytest.mark.parametrize("words,method", [

@@ -38,3 +38,45 @@ def mermaid_frontier(rows: list[dict], objective: str, gate_kind: str, gate_valu
         f"    line [{', '.join(_number(gate_value) for _ in values)}]",
         "```",
     ])
+
+
+def frontier_png(search: dict) -> bytes | None:
+    """The same frontier as a PNG (matplotlib, the optional ``plot`` extra; None without it or without a
+    measured candidate): every candidate at (cost ratio, damage), the frontier joined, the chosen one starred,
+    the gate as a dashed line. ``search``: the report's search section."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    (gate_kind, gate_value), = search["gate"].items()
+    done = sorted((r for r in search["candidates"] if r.get("cost_ratio") is not None and r.get(gate_kind) is not None),
+                  key=lambda r: r["cost_ratio"])
+    if not done:
+        return None
+    import io
+
+    figure, axes = plt.subplots(figsize=(7, 4.2), dpi=110)
+    axes.scatter([r["cost_ratio"] for r in done], [r[gate_kind] for r in done], color="#888888", label="candidate")
+    front = [r for r in done if r.get("on_frontier")]
+    axes.plot([r["cost_ratio"] for r in front], [r[gate_kind] for r in front], color="#1f77b4", marker="o",
+              label="frontier")
+    for row in done:
+        axes.annotate(row["label"], (row["cost_ratio"], row[gate_kind]), fontsize=7, xytext=(4, 3),
+                      textcoords="offset points")
+    chosen = [r for r in done if r.get("chosen")]
+    if chosen:
+        axes.scatter([chosen[0]["cost_ratio"]], [chosen[0][gate_kind]], marker="*", s=220, color="#d62728",
+                     zorder=3, label="chosen")
+    axes.axhline(gate_value, color="#d62728", linestyle="--", linewidth=1, label="gate")
+    axes.set_xlabel(f"{search['cost']} (compressed / original)")
+    axes.set_ylabel("top-1 drop (pt)" if gate_kind == "accuracy_drop_pt" else "agreement with the original")
+    axes.legend(fontsize=8)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", metadata={"Software": None})  # no version stamp: same input, same bytes
+    plt.close(figure)
+    return buffer.getvalue()

@@ -208,6 +208,8 @@ def _search(lines: list[str], search: dict) -> None:
     lines.append("")
     if search.get("chart"):
         lines.extend([search["chart"], ""])
+    if search.get("png"):
+        lines.extend([f"![the frontier]({search['png']})", ""])
     lines.append(f"| candidate | {search['cost']} | top-1 drop (pt) | agreement | gate | frontier | s | note |")
     lines.append("|---|---|---|---|---|---|---|---|")
     for row in search["candidates"]:
