@@ -241,9 +241,9 @@ def test_latency_is_timed_at_the_sequence_length_served(monkeypatch):
         node_shapes.append(tuple(input_shape))
         return node_ratio(self, node, input_shape, weight)
 
-    def spy_plan(self, original, planned, feed):
+    def spy_plan(self, original, planned, feed, **options):
         graph_shapes.append({name: array.shape for name, array in feed.items()})
-        return plan_ratio(self, original, planned, feed)
+        return plan_ratio(self, original, planned, feed, **options)
 
     monkeypatch.setattr(LatencyTable, "int8_node_ratio", spy_node)
     monkeypatch.setattr(LatencyTable, "plan_ratio", spy_plan)

@@ -26,9 +26,10 @@ from ..onnxio.graph import FreshNames
 from ..onnxio.load import default_opset
 from .qdq import WeightScales
 
+W4_BITS = 4
 W4_OPSET = 21
 W4_IR_VERSION = 10
-Q_MAX = 7
+Q_MAX = (1 << (W4_BITS - 1)) - 1  # 7
 
 
 def int4_weights(model: onnx.ModelProto, weights: Mapping[str, WeightScales]) -> onnx.ModelProto:

@@ -21,6 +21,11 @@ _LIVE: set[Path] = set()
 _LOCK = threading.Lock()
 
 
+def cache_root() -> Path:
+    """``$XDG_CACHE_HOME/onnxadmm``: what is kept between runs (latency tables, emulators), unlike scratch."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "onnxadmm"
+
+
 def register(path: Path) -> None:
     with _LOCK:
         _LIVE.add(Path(path))

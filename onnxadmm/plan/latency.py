@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from ..errors import ConfigError, ExportError
 from ..onnxio.graph import GraphView
 from ..onnxio.outputs import OutputSet
 from ..onnxio.runtime import cpu_threads, session
+from ..onnxio.scratch import cache_root
 
 ROUNDS = 15
 PLAN_ROUNDS = 100  # A/B rounds when a whole planned model is timed against the original
@@ -46,8 +46,7 @@ SEARCH_TOLERANCE = 0.02  # a plan measured within this below the target ends the
 def _cache_path() -> Path:
     import onnxruntime
 
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "onnxadmm"
-    return root / f"latency-{onnxruntime.__version__}-{platform.machine()}.json"
+    return cache_root() / f"latency-{onnxruntime.__version__}-{platform.machine()}.json"
 
 
 class LatencyTable:
@@ -140,24 +139,27 @@ class LatencyTable:
         x = np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)
         return self._cached((self.precision, *node_key(node), tuple(input_shape), weight.shape, self.threads), run)
 
-    def plan_ratio(self, original: onnx.ModelProto, planned: onnx.ModelProto, feed: dict[str, np.ndarray]
-                   ) -> float:
+    def plan_ratio(self, original: onnx.ModelProto, planned: onnx.ModelProto, feed: dict[str, np.ndarray],
+                   precision: str | None = None) -> float:
         """Measured latency ratio of the graph ``planned`` against ``original`` (A/B, ``PLAN_ROUNDS`` rounds
         on ``feed``), cached like the per-node times under both graphs' structure (nodes, shapes; not the
         weight values, which do not change the time) — so a run repeated on this machine times nothing
         again and chooses the same plan. With precision int8 both graphs are timed as the int8 models the
         stage will make of them (QDQ, rounded weights: the values do not change the time), so savings are
-        those of the integer kernels (see ``int8_ratio`` for the step from fp32 to int8)."""
+        those of the integer kernels (see ``int8_ratio`` for the step from fp32 to int8). ``precision`` overrides
+        the table's ("none": the two graphs timed as they are)."""
+        precision = precision or self.precision
+
         def run():
-            if self.precision != "none":
+            if precision != "none":
                 from ..export.qdq import rounded_int8
 
-                return measure(rounded_int8(original, feed, self.precision),
-                               rounded_int8(planned, feed, self.precision), feed, PLAN_ROUNDS, self.threads)
+                return measure(rounded_int8(original, feed, precision),
+                               rounded_int8(planned, feed, precision), feed, PLAN_ROUNDS, self.threads)
             return measure(original, planned, feed, PLAN_ROUNDS, self.threads)
 
         parts = ("plan", structure_digest(original), structure_digest(planned), _shapes(feed), self.threads)
-        return self._cached(parts + ((self.precision,) if self.precision != "none" else ()), run)[1]
+        return self._cached(parts + ((precision,) if precision != "none" else ()), run)[1]
 
     def int8_ratio(self, original: onnx.ModelProto, feed: dict[str, np.ndarray]) -> float:
         """Measured latency of the int8 form of ``original`` over its fp32 latency (cached like a plan): a

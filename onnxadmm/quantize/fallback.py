@@ -23,16 +23,13 @@ from onnx import numpy_helper
 from ..cost.footprint import node_macs
 from ..plan.latency import LatencyTable
 
-FORMS = ("int8", "mixed", "float")  # every layer int8 / the proposed layers float / every layer float
-
-
 @dataclass
 class FloatFallback:
     """What the latency objective measured and kept."""
 
     layer_ratios: dict[str, float]  # integer layer -> its int8 / fp32 time alone
     whole_model: dict[str, float]  # form -> the form's latency over the float model's
-    chosen: str  # one of FORMS
+    chosen: str  # "int8" (every layer), "mixed" (the proposed layers float) or "float" (every layer)
     kept_float: list[str]  # layers the chosen model runs in float
 
     def as_dict(self) -> dict:
@@ -48,8 +45,6 @@ def keep_faster_float(float_model: onnx.ModelProto, int8_model: onnx.ModelProto,
     ``float_model`` on ``feed``, with what was measured. ``integer_layers`` are the node names of
     ``float_model`` that ``int8_model`` runs as integer kernels."""
     table = LatencyTable(threads, precision=precision)
-    timer = LatencyTable(threads, use_disk=False)  # whole forms timed as they are, into the same cache
-    timer.entries = table.entries
     try:
         ratios = _layer_ratios(float_model, integer_layers, feed, table, progress)
         proposed = [name for name in integer_layers if ratios[name] > 1.0]
@@ -59,7 +54,7 @@ def keep_faster_float(float_model: onnx.ModelProto, int8_model: onnx.ModelProto,
         whole = {}
         for index, (form, (model, _)) in enumerate(forms.items()):
             progress("int8 latency", index, len(forms), f"whole graph, {form}")
-            whole[form] = round(timer.plan_ratio(float_model, model, feed), 4)
+            whole[form] = round(table.plan_ratio(float_model, model, feed, precision="none"), 4)  # as they are
     finally:
         table.save()
     whole["float"] = 1.0

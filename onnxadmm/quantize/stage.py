@@ -31,7 +31,7 @@ from ..calib.ranges import TensorRange, activation_ranges, float_tensors
 from ..calib.readers import SampleSet, held_out_rows, run_all
 from ..config import CompressConfig
 from ..export.apply import apply_initializers
-from ..export.w4 import W4_OPSET, int4_weights
+from ..export.w4 import W4_BITS, W4_OPSET, int4_weights
 from ..export.qdq import (WEIGHT_OPS, FusionCoverage, WeightScales, fusion_coverage, int8_forms,
                           quantize_dynamic_int8, quantize_qdq, weight_axis)
 from ..onnxio.graph import GraphView
@@ -61,7 +61,7 @@ class QuantizedModel:
     export: Callable[[Sequence[str]], onnx.ModelProto] | None = field(default=None, repr=False)  # float nodes ->
     fallback: FloatFallback | None = None  # --objective latency: layers kept float where int8 is slower
     notes: list[str] = field(default_factory=list)  # for the report's notes
-    weight_bits: int = 8  # 7 with --int8-reduce-range
+    weight_bits: int = 8  # 7 with --int8-reduce-range, 4 for w4
 
     def report(self) -> dict:
         estimators: dict[str, int] = {}
@@ -75,7 +75,7 @@ class QuantizedModel:
                          "(opset 21); activations and arithmetic float"}[self.activations]
         if self.weight_bits == 7:
             form += "; weights on 7 bits (-63..63: no saturation without VNNI)"
-        return {"format": form, "precision": "w4" if self.activations == "float" else "int8",
+        return {"format": form, "precision": "w4" if self.weight_bits == 4 else "int8",
                 "activations": self.activations,
                 "held_out_output_error": self.held_out_errors or None,
                 "layers": self.layers, "declined": self.declined,
@@ -100,7 +100,7 @@ def quantize_w4(model: onnx.ModelProto, samples: SampleSet, config: CompressConf
     normalized = normalize(model)
     view = normalized.view()
     found = apply_exclude(find_layers(view), config.exclude)
-    structures = {layer.name: Structure("grid", bits=4, keep_zeros=True) for layer in found.layers}
+    structures = {layer.name: Structure("grid", bits=W4_BITS, keep_zeros=True) for layer in found.layers}
     solved = compress_layers(view, found.layers, samples, structures, {l.name: 1.0 for l in found.layers}, config,
                              progress)
     solved_model = apply_initializers(normalized.model, solved.initializers)
@@ -116,7 +116,7 @@ def quantize_w4(model: onnx.ModelProto, samples: SampleSet, config: CompressConf
         f"--quantize w4: the model was converted from opset {default_opset(model)} to {W4_OPSET} and IR version "
         f"{model.ir_version} to {quantized.ir_version} (int4 weights need both; onnxruntime >= 1.20 runs it)"]
     return QuantizedModel(quantized, _rows(solved), _declined(found, solved), {}, coverage, seconds, "float",
-                          float_model=solved_model, notes=notes)
+                          float_model=solved_model, notes=notes, weight_bits=W4_BITS)
 
 
 def quantize_int8(model: onnx.ModelProto, samples: SampleSet, config: CompressConfig,
@@ -147,9 +147,9 @@ def _keep_faster_float(quantized: QuantizedModel, view: GraphView, samples: Samp
     """``--objective latency``: the integer layers measured slower than float stay float (``fallback.py``)."""
     started = time.perf_counter()
     precision = "int8" if quantized.activations == "static" else "int8-dynamic"
+    feed = timing_feed(samples, config.latency_batch, config.latency_seq_len)
     model, fallback = keep_faster_float(quantized.float_model, quantized.model, quantized.coverage.integer,
-                                        quantized.export, timing_feed(samples, config.latency_batch, config.latency_seq_len),
-                                        config.threads, precision, progress)
+                                        quantized.export, feed, config.threads, precision, progress)
     if fallback.chosen != "int8":
         quantized.coverage = _coverage(model, quantized.float_model, view)
         whole = fallback.whole_model["int8"]

@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import PlatformError
-from ..onnxio.scratch import scratch_folder
+from ..onnxio.scratch import cache_root, scratch_folder
 
 QEMU_CPU = "neoverse-n1"  # a named core: `-cpu max` (SME) gave wrong results for quantized models
+PLATFORM = f"linux-aarch64 (qemu user-mode, emulated core {QEMU_CPU})"
 RTOL = 1e-4
 ATOL_SCALE = 1e-5
 
@@ -91,7 +92,7 @@ def run_emulated(prefix: list[str], env: dict, models: list[Path], feed: dict[st
 
 
 def default_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "onnxadmm" / "aarch64"
+    return cache_root() / "aarch64"
 
 
 def prepare(root: Path | None = None, log=print) -> Aarch64:
@@ -151,8 +152,7 @@ INT8_MIN_AGREEMENT = 0.99  # an int8 model: top-1 of the aarch64 run agrees with
 
 
 def compare(x86: list[list[np.ndarray]], arm: list[list[np.ndarray]], names: list[str],
-            quantized: list[bool] | None = None,
-            platform: str = f"linux-aarch64 (qemu user-mode, emulated core {QEMU_CPU})") -> dict:
+            quantized: list[bool] | None = None, platform: str = PLATFORM) -> dict:
     """Per model: max |aarch64 − x86| against the fp32 tolerance — or, for an int8 (QDQ) model, whose integer
     kernels legitimately differ between x86 and ARM (rounding of requantization), top-1 agreement of the two
     runs ≥ ``INT8_MIN_AGREEMENT``; and top-1 of each aarch64 run vs x86 model 0 (the original)."""

@@ -43,9 +43,8 @@ def platform_check(original: onnx.ModelProto, compressed: onnx.ModelProto, sampl
             paths.append(path)
         progress("platform", 0, 1, f"running {count} samples under qemu")
         arm = env.run(paths, feed)
-    label = x86_avx2.PLATFORM if emulation is x86_avx2 else None
     result = compare(x86, arm["outputs"], ["original", "compressed"], [is_quantized(original), is_quantized(compressed)],
-                     **({"platform": label} if label else {}))
+                     emulation.PLATFORM)
     result.update({"samples": count, "emulated_machine": arm["machine"], "onnxruntime": arm["ort"]})
     if emulation is x86_avx2 and not result["passed"] and result["models"][1]["int8"]:
         result["note"] += ("; the int8 model computes differently without VNNI (saturating 16-bit sums of uint8 x "

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import PlatformError
+from ..onnxio.scratch import cache_root
 from .aarch64 import extract_qemu, run_emulated
 
 QEMU_CPU = "Haswell"  # AVX2 + FMA, no AVX-512, no VNNI
@@ -49,8 +50,7 @@ def prepare(root: Path | None = None, log=print) -> X86Avx2:
     if platform.machine() not in ("x86_64", "AMD64"):
         raise PlatformError(f"--platform linux-x86_64-avx2 runs this machine's onnxruntime under qemu-x86_64: it "
                             f"needs an x86-64 host, not {platform.machine()}")
-    env = X86Avx2(root or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "onnxadmm" /
-                  "x86_64-avx2")
+    env = X86Avx2(root or cache_root() / "x86_64-avx2")
     if not env.qemu.is_file():
         extract_qemu("qemu-x86_64", env.qemu, log)
     return env
