@@ -26,13 +26,14 @@ from .onnxio.normalize import normalize
 from .onnxio.outputs import OutputSet
 from .onnxio.save import compressed_before, stage_model
 from .report.build import compress_report, validate_report
+from .report.schema import CheckReport, CompressReport, ValidateReport, WrittenFile
 from .solve.layerwise import Progress
 
 
 @dataclass
 class CompressResult:
     model: onnx.ModelProto
-    report: dict
+    report: CompressReport
     passed: bool
 
     def save(self, path: str | Path) -> int:
@@ -45,8 +46,7 @@ class CompressResult:
     def stage(self, outputs: OutputSet, path: Path) -> int:
         """Stage the model in ``outputs`` (committed with the reports); records path and size in the report."""
         written = stage_model(outputs, self.model, path)
-        self.report.setdefault("output", {})["path"] = str(path)
-        self.report["output"]["size_bytes"] = written
+        self.report.output = WrittenFile(str(path), written)
         return written
 
 
@@ -89,11 +89,10 @@ def compress(model: Any, calibration: Any, config: CompressConfig = CompressConf
                                  parts["plan_report"], parts["solved"], parts["declined"], validation, notes,
                                  started, solve_seconds)
         if validate_config.platform:
-            report["platform_check"] = platform_check(loaded.model, compressed, eval_set, validate_config,
-                                                      progress)
-            report["passed"] = validation.passed and report["platform_check"]["passed"]
+            report.platform_check = platform_check(loaded.model, compressed, eval_set, validate_config, progress)
+            report.passed = validation.passed and report.platform_check["passed"]
         progress("done", 1, 1, "")
-        return CompressResult(compressed, report, report["passed"])
+        return CompressResult(compressed, report, report.passed)
     finally:
         torch.set_num_threads(threads_before)
 
@@ -147,10 +146,12 @@ def _pipeline(loaded: LoadedModel, calibration, evaluation, config: CompressConf
     ctx = Context(view, normalized.model, everything.layers, found.layers, solving, config, progress)
     gate = gate_checker(loaded.model, eval_set, validate_config, config) if method.relax(config) else None
     compressed, solved, plan_report = run_method(method, ctx, gate)
-    compressed, solved.result.distilled = distill(normalized.model, compressed, calib, config, progress)
-    if config.quantize != "none":
-        quantized = quantize(compressed, calib, config, progress)
-        compressed, plan_report["quantization"] = quantized.model, quantized.report()
+    if config.quantize == "none":
+        compressed, solved.result.distilled = distill(normalized.model, compressed, calib, config, progress)
+    else:  # distillation, if asked, runs inside the precision stage with the grid fixed
+        quantized = quantize(compressed, calib, config, progress, teacher=normalized.model)
+        compressed, plan_report["quantization"], solved.result.distilled = quantized.model, quantized.report(), \
+            quantized.distilled
         notes.extend(method.notes(config) + quantized.notes)
     progress("export", 0, 1, "writing weights")
     digest = config_hash(config)
@@ -164,7 +165,7 @@ def _pipeline(loaded: LoadedModel, calibration, evaluation, config: CompressConf
 
 
 def validate(original: Any, compressed: Any, data: Any, config: ValidateConfig = ValidateConfig(),
-             batch_size: int = 32, threads: int = 0) -> tuple[dict, bool]:
+             batch_size: int = 32, threads: int = 0) -> tuple[ValidateReport, bool]:
     """Compare two models on ``data``; returns (report, passed)."""
     from .validation.gates import check_gate_inputs
     from .validation.platform import platform_check
@@ -172,9 +173,8 @@ def validate(original: Any, compressed: Any, data: Any, config: ValidateConfig =
 
     started = time.perf_counter()
     a, b = as_loaded(original), as_loaded(compressed)
-    view_a, view_b = GraphView(a.model), GraphView(b.model)
-    differences = signature_differences(view_a, view_b)
-    if differences:
+    view_a = GraphView(a.model)
+    if differences := signature_differences(view_a, GraphView(b.model)):
         raise UnsupportedModelError("the two models cannot be compared on the same data: " + "; ".join(differences))
     samples = open_samples(data, model_inputs(view_a), config.labels, what="evaluation")
     if config.eval_samples:
@@ -183,12 +183,12 @@ def validate(original: Any, compressed: Any, data: Any, config: ValidateConfig =
     validation = validate_models(a.model, b.model, samples, config, batch_size, threads, True)
     report = validate_report(a, b, config, validation, started)
     if config.platform:
-        report["platform_check"] = platform_check(a.model, b.model, samples, config)
-        report["passed"] = validation.passed and report["platform_check"]["passed"]
-    return report, report["passed"]
+        report.platform_check = platform_check(a.model, b.model, samples, config)
+        report.passed = validation.passed and report.platform_check["passed"]
+    return report, report.passed
 
 
-def check(model: Any, config: CheckConfig | CompressConfig = CheckConfig()) -> dict:
+def check(model: Any, config: CheckConfig | CompressConfig = CheckConfig()) -> CheckReport:
     """Preflight (``validation/preflight.py``): what ``compress`` would compress and decline, and why."""
     from .validation.preflight import check as preflight
 

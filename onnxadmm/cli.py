@@ -195,22 +195,21 @@ class Progress:
             self.last_line, self.stage = now, stage
 
 
-def _stage_reports(outputs, report: dict, path: Path) -> None:
+def _stage_reports(outputs, report, path: Path) -> None:
     from .report.markdown import render
-    from .report.schema import to_json
 
-    if report.get("search"):  # the frontier as a PNG beside the reports, where matplotlib is installed
+    if getattr(report, "search", None):  # the frontier as a PNG beside the reports, where matplotlib is installed
         from .budget.chart import frontier_png
 
-        png = frontier_png(report["search"])
+        png = frontier_png(report.search)
         if png is not None:
             outputs.write_bytes(path.with_suffix(".png"), "frontier chart (PNG)", [png])
-            report["search"]["png"] = path.with_suffix(".png").name
-    outputs.write_text(path, "report (JSON)", to_json(report))
+            report.search["png"] = path.with_suffix(".png").name
+    outputs.write_text(path, "report (JSON)", report.to_json())
     outputs.write_text(_markdown_path(path), "report (Markdown)", render(report))
 
 
-def _write_reports(report: dict, path: Path) -> None:
+def _write_reports(report, path: Path) -> None:
     """The JSON and Markdown reports alone, written together (``check``, ``validate``)."""
     with OutputSet() as outputs:
         _stage_reports(outputs, report, path)
@@ -289,20 +288,20 @@ def run_check(args) -> int:
     writes = _report_writes(report_path)
     check_paths(reads_of_model(args.input, writes=writes), writes)
     report = check(args.input, config)
-    lines = [f"note: {note}" for note in report["notes"]]
-    lines.append(f"{len(report['compressible'])} compressible layers for --method {config.method}, "
-                 f"{len(report['declined'])} declined")
-    for row in report["compressible"]:
-        lines.append(f"  + {row['name']} ({row['op_type']} {'x'.join(map(str, row['weight_shape']))}, "
-                     f"activation {row['activation']})")
-    for row in report["declined"]:
-        lines.append(f"  - {row['name']} ({row['op_type']}): {row['reason']}")
-    for op in report["unsupported_ops"]:
+    lines = [f"note: {note}" for note in report.notes]
+    lines.append(f"{len(report.compressible)} compressible layers for --method {config.method}, "
+                 f"{len(report.declined)} declined")
+    for row in report.compressible:
+        lines.append(f"  + {row.name} ({row.op_type} {'x'.join(map(str, row.weight_shape))}, "
+                     f"activation {row.activation})")
+    for row in report.declined:
+        lines.append(f"  - {row.name} ({row.op_type}): {row.reason}")
+    for op in report.unsupported_ops:
         lines.append(f"  onnx2torch has no converter for {op['domain']}::{op['op_type']} at opset {op['opset']} "
                      f"(first: {op['first_node']}); only matters inside a layer's activation")
     lines.append(f"--method {config.method} would:")
-    lines.extend(f"  {line}" for line in report["method_preview"])
-    estimate = report["estimate"]
+    lines.extend(f"  {line}" for line in report.method_preview)
+    estimate = report.estimate
     if estimate.get("macs_per_sample") is not None:
         lines.append(f"  MACs per sample: {estimate['macs_per_sample']:,}; parameters: {estimate['params']:,}")
     else:
@@ -310,8 +309,8 @@ def run_check(args) -> int:
     if report_path:
         _write_reports(report, report_path)
     _emit(lines)
-    if not report["passed"]:
-        print(f"onnxadmm: {report['verdict']}", file=sys.stderr)
+    if not report.passed:
+        print(f"onnxadmm: {report.verdict}", file=sys.stderr)
         return EXIT_INPUT
     return EXIT_OK
 
@@ -332,17 +331,19 @@ def _search_lines(search: dict) -> list[str]:
     return lines
 
 
-def _print_summary(report: dict, report_path: Path | None) -> None:
-    v = report.get("validation") or {}
-    lines = _search_lines(report["search"]) if report.get("search") else []
-    quant = (report.get("plan") or {}).get("quantization")
-    if report.get("totals") and (report.get("config") or {}).get("method") != "none":
-        t = report["totals"]
-        kept = t.get("layers_kept_dense", 0)
-        lines.append(f"compressed {t['layers_compressed']} layers"
+def _print_summary(report, report_path: Path | None) -> None:
+    """``report``: a ``CompressReport`` or ``ValidateReport``."""
+    v = report.validation
+    compress = report.kind == "compress"
+    lines = _search_lines(report.search) if compress and report.search else []
+    quant = report.plan.get("quantization") if compress else None
+    if compress and report.config.method != "none":
+        t = report.totals
+        kept = t.layers_kept_dense
+        lines.append(f"compressed {t.layers_compressed} layers"
                      + (f", {kept} kept dense (refit to the compressed model's inputs)" if kept else "")
-                     + f", {t['layers_declined']} declined; sparsity {t['sparsity']:.3f}; nonzero layer weights "
-                     f"{t['nonzero_reduction_x']:.2f}x fewer")
+                     + f", {t.layers_declined} declined; sparsity {t.sparsity:.3f}; nonzero layer weights "
+                     f"{t.nonzero_reduction_x:.2f}x fewer")
     if quant:
         fusion = quant["fusion"]
         solved = quant["layers"]
@@ -358,22 +359,20 @@ def _print_summary(report: dict, report_path: Path | None) -> None:
             from .report.markdown import fallback_line
 
             lines.append(fallback_line(quant["float_fallback"]))
-    if v:
-        if v.get("accuracy_original") is not None:
-            lines.append(f"top-1 {100 * v['accuracy_original']:.2f}% -> {100 * v['accuracy_compressed']:.2f}% "
-                         f"(drop {v['accuracy_drop_pt']:.2f} pt) on {v['samples']} "
-                         f"{'held-out' if v['held_out'] else 'calibration (not held-out)'} samples")
-        if v.get("agreement") is not None:
-            lines.append(f"top-1 agreement with the original: {v['agreement']:.4f} on {v['samples']} "
-                         f"{'held-out' if v['held_out'] else 'calibration (not held-out)'} samples")
-        for out in v.get("outputs", [])[1:]:  # the first output is the one top-1 is taken from
-            if out.get("sample_cosine") is not None:
-                lines.append(f"output {out['name']!r}: mean per-sample cosine with the original "
-                             f"{out['sample_cosine']:.4f}")
-        lines.extend(v.get("gains", []))
-        for gate in v.get("gates", []):
-            lines.append(f"gate {gate['name']}: {'PASS' if gate['passed'] else 'FAIL'} — {gate['detail']}")
-    platform = report.get("platform_check")
+    c = v.comparison
+    where = f"{c.samples} {'held-out' if v.held_out else 'calibration (not held-out)'} samples"
+    if c.accuracy_original is not None:
+        lines.append(f"top-1 {100 * c.accuracy_original:.2f}% -> {100 * c.accuracy_compressed:.2f}% "
+                     f"(drop {c.accuracy_drop_pt:.2f} pt) on {where}")
+    if c.agreement is not None:
+        lines.append(f"top-1 agreement with the original: {c.agreement:.4f} on {where}")
+    for out in c.outputs[1:]:  # the first output is the one top-1 is taken from
+        if out.sample_cosine is not None:
+            lines.append(f"output {out.name!r}: mean per-sample cosine with the original {out.sample_cosine:.4f}")
+    lines.extend(v.gains)
+    for gate in v.gates:
+        lines.append(f"gate {gate.name}: {'PASS' if gate.passed else 'FAIL'} — {gate.detail}")
+    platform = report.platform_check
     if platform:
         for row in platform["models"]:
             verdict = (f"int8: top-1 same as x86 on {row['top1_same_as_x86']:.4f} of samples "

@@ -62,7 +62,7 @@ def onnxadmm_quantize(model_path: Path, calib: np.ndarray, **settings) -> tuple[
     started = time.perf_counter()
     config = CompressConfig(**{"method": "none", "quantize": "int8", **settings})
     result = compress(str(model_path), {"input": calib}, config, ValidateConfig(latency_rounds=1))
-    return result.model, time.perf_counter() - started, result.report
+    return result.model, time.perf_counter() - started, result.report.as_dict()
 
 
 def measure(original: onnx.ModelProto, quantized: onnx.ModelProto, evaluation: dict) -> dict:

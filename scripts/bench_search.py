@@ -46,19 +46,19 @@ def run_case(case: str) -> dict:
                     progress=lambda stage, done, total, detail: print(f"  {stage} {done}/{total} {detail}"[:120],
                                                                       flush=True) if stage == "search" else None)
     wall_s = time.perf_counter() - started
-    s = result.report["search"]
+    s = result.report.search
     rows = s["candidates"]
     chosen = next((r for r in rows if r["label"] == s["chosen"]), None)
     int8 = next((r for r in rows if r["label"] == "int8"), None)
-    latency = {f"b{l['batch_size']}": l["ratio_median"] for l in result.report["validation"]["latency"]}
-    footprint = result.report["validation"]["footprint"]
+    latency = {f"b{l.batch_size}": l.ratio_median for l in result.report.validation.latency}
+    footprint = result.report.validation
     record = {"case": case, "model": model, "split": split, "commit": COMMIT, "settings": settings, "gate": gate,
               "held": s["held"], "chosen": s["chosen"], "candidates": rows, "search_s": wall_s,
               "chosen_compress_s": chosen["seconds"] if chosen else None,
               "search_over_one_compress": wall_s / chosen["seconds"] if chosen and chosen["seconds"] else None,
-              "chosen_latency": latency, "chosen_accuracy_drop_pt": result.report["validation"]["accuracy_drop_pt"],
-              "chosen_agreement": result.report["validation"]["agreement"],
-              "chosen_zip_ratio": footprint["original"]["zipped_bytes"] / footprint["compressed"]["zipped_bytes"],
+              "chosen_latency": latency, "chosen_accuracy_drop_pt": result.report.validation.comparison.accuracy_drop_pt,
+              "chosen_agreement": result.report.validation.comparison.agreement,
+              "chosen_zip_ratio": footprint.original.zipped_bytes / footprint.compressed.zipped_bytes,
               "int8_cost": int8["cost_ratio"] if int8 else None}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"search__{case}.json").write_text(json.dumps(record, indent=1))

@@ -339,7 +339,7 @@ def run_model(suite: str, name: str, only: str | None) -> dict:
                 print(f"[{name}] {spec['label']:<28} {spec['group']:<14} {exc}", flush=True)
                 continue
         wall = time.perf_counter() - started
-        report = result.report
+        report = result.report.as_dict()  # as the JSON report has it
         one_thread = [measure(model_proto, result.model, {"input": evaluation["input"][:size]}, 20, 1)
                       for size in (1, 8)] if suite in ("channel", "latency", "lowrank") else []
         levels = {r["name"]: r["target_level"] for r in report["layers"]}

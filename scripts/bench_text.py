@@ -116,7 +116,7 @@ def run(rows: list[str], save, earlier: list[dict] = ()) -> dict:
                 model = ort_quantize(row, calib)
             else:
                 result = compress(str(MODEL), calib, CompressConfig(**ROWS[row]), ValidateConfig(latency_rounds=1))
-                model, report = result.model, result.report
+                model, report = result.model, result.report.as_dict()
         seconds = time.perf_counter() - started
         measured = {"row": row, "config": ROWS[row], "seconds": seconds, "peak_rss_mb": rss.mb,
                     **measure(original, model, evaluation), "measured": f"{time.strftime('%Y-%m-%d')} {COMMIT}"}

@@ -44,7 +44,7 @@ def test_platform_check_on_the_bundled_lenet(tmp_path):
     result.save(tmp_path / "lenet.onnx")
     report, passed = _check(BUNDLED / "lenet5_mnist.onnx", tmp_path / "lenet.onnx",
                             BUNDLED / "mnist_train1000.npz", "labels", 64)
-    check = report["platform_check"]
+    check = report.platform_check
     assert passed and check["passed"] and check["emulated_machine"] == "aarch64"
     assert all(r["within_fp32_tolerance"] and r["top1_same_as_x86"] == 1.0 for r in check["models"])
     assert "latency" not in {k for r in check["models"] for k in r}
@@ -65,7 +65,7 @@ def test_platform_check_on_resnet20(tmp_path):
     evaluation = {"input": x[300:], "labels": data["labels"][300:600].astype(np.int64)}
     np.savez(tmp_path / "eval.npz", **evaluation)
     report, passed = _check(model, tmp_path / "resnet20.onnx", tmp_path / "eval.npz", "labels", 32)
-    check = report["platform_check"]
+    check = report.platform_check
     assert check["passed"] and all(r["within_fp32_tolerance"] for r in check["models"])
     assert check["models"][0]["top1_agreement_with_original_x86"] == 1.0
     assert check["models"][1]["top1_same_as_x86"] == 1.0
@@ -91,7 +91,7 @@ def test_x86_avx2_check_finds_the_saturating_int8_model_and_reduced_range_fixes_
                                                                     int8_reduce_range=reduce_range))
         result.save(tmp_path / f"int8_{reduce_range}.onnx")
         report, _ = validate(model, tmp_path / f"int8_{reduce_range}.onnx", tmp_path / "eval.npz", config)
-        checks[reduce_range] = report["platform_check"]
+        checks[reduce_range] = report.platform_check
     for check in checks.values():
         assert check["models"][0]["within_fp32_tolerance"]  # the emulation itself computes fp32 right
         assert "Haswell" in check["emulated_machine"]

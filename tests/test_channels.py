@@ -306,13 +306,13 @@ def test_channel_method_prunes_through_a_grouped_conv_in_whole_blocks():
                                                                     admm_iterations=8),
                       ValidateConfig(latency_rounds=2))
     onnx.checker.check_model(result.model, full_check=True)
-    row = next(g for g in result.report["plan"]["groups"] if g["channels"] == 32 and g["through"])
+    row = next(g for g in result.report.plan["groups"] if g["channels"] == 32 and g["through"])
     assert row["declined"] is None and row["kept"] % 8 == 0 and row["kept"] < 32
     grouped = next(n for n in result.model.graph.node if n.op_type == "Conv" and
                    any(a.name == "group" and a.i > 1 for a in n.attribute))
     assert next(a.i for a in grouped.attribute if a.name == "group") == row["kept"] // 8
-    footprint = result.report["validation"]["footprint"]
-    assert footprint["compressed"]["macs"] <= 0.6 * footprint["original"]["macs"]
+    footprint = result.report.validation
+    assert footprint.compressed.macs <= 0.6 * footprint.original.macs
     feed = samples_for(model, 3, seed=7)
     assert run(result.model, feed)[0].shape == run(model, feed)[0].shape
 
@@ -382,9 +382,9 @@ def test_channel_method_compresses_what_it_can_around_a_declined_group():
     result = compress(model, samples_for(model, 32), CompressConfig(method="channel", target_macs=0.8,
                                                                     sensitivity_samples=8, admm_iterations=8),
                       ValidateConfig(latency_rounds=2))
-    groups = result.report["plan"]["groups"]
+    groups = result.report.plan["groups"]
     assert any(g["declined"] and "Gather" in g["declined"] for g in groups)
-    assert any(d["op_type"] == "channel group" for d in result.report["declined"])
+    assert any(d.op_type == "channel group" for d in result.report.declined)
     feed = samples_for(model, 2, seed=5)
     assert run(result.model, feed)[0].shape == run(model, feed)[0].shape
 
@@ -411,13 +411,13 @@ def channel_result():
 
 def test_channel_method_meets_the_macs_target_with_a_smaller_graph(channel_result):
     model, result = channel_result
-    footprint = result.report["validation"]["footprint"]
-    assert footprint["compressed"]["macs"] <= 0.6 * footprint["original"]["macs"]
-    assert footprint["compressed"]["params"] < footprint["original"]["params"]
+    footprint = result.report.validation
+    assert footprint.compressed.macs <= 0.6 * footprint.original.macs
+    assert footprint.compressed.params < footprint.original.params
     onnx.checker.check_model(result.model, full_check=True)
     feed = samples_for(model, 3, seed=7)
     assert run(result.model, feed)[0].shape == run(model, feed)[0].shape
-    kept = [g["kept"] for g in result.report["plan"]["groups"] if g.get("kept") is not None]
+    kept = [g["kept"] for g in result.report.plan["groups"] if g.get("kept") is not None]
     assert kept and all(k % 8 == 0 for k in kept)
 
 
@@ -425,10 +425,10 @@ def test_admm_channel_beats_magnitude_channel_selection_at_equal_macs(channel_re
     model, result = channel_result
     config = CompressConfig(method="channel", target_macs=0.6, sensitivity_samples=16, solver="magnitude")
     baseline = compress(model, samples_for(model, 48), config, ValidateConfig(latency_rounds=3))
-    assert baseline.report["validation"]["footprint"]["compressed"]["macs"] == \
-        result.report["validation"]["footprint"]["compressed"]["macs"]
-    error = result.report["validation"]["outputs"][0]["relative_error"]
-    assert error < baseline.report["validation"]["outputs"][0]["relative_error"]
+    assert baseline.report.validation.compressed.macs == \
+        result.report.validation.compressed.macs
+    error = result.report.validation.comparison.outputs[0].relative_error
+    assert error < baseline.report.validation.comparison.outputs[0].relative_error
 
 
 def test_missed_accuracy_gate_gives_width_back_until_it_holds():
@@ -441,11 +441,11 @@ def test_missed_accuracy_gate_gives_width_back_until_it_holds():
                             channel_multiple=4, sensitivity_samples=16, admm_iterations=5)
     result = compress(ROOT / "calibration" / "lenet5_mnist.onnx", calib, config,
                       ValidateConfig(labels="labels", min_agreement=0.995, latency_rounds=2), evaluation=held_out)
-    attempts = result.report["plan"]["give_back"]
+    attempts = result.report.plan["give_back"]
     assert len(attempts) >= 2 and not attempts[0]["passed"]
     assert attempts[-1]["passed"] and result.passed
     assert attempts[-1]["target_macs"] > attempts[0]["target_macs"]
-    assert result.report["validation"]["agreement"] >= 0.995
+    assert result.report.validation.comparison.agreement >= 0.995
 
 
 def test_latency_target_is_met_on_the_measured_graph(latency_cache):
@@ -457,7 +457,7 @@ def test_latency_target_is_met_on_the_measured_graph(latency_cache):
     model = small_resnet(3)
     config = CompressConfig(method="channel", target_latency=0.85, sensitivity_samples=8, admm_iterations=5)
     result = compress(model, samples_for(model, 32), config, ValidateConfig(latency_rounds=2))
-    plan = result.report["plan"]
+    plan = result.report.plan
     assert plan["latency_ratio_measured_at_plan"] <= 0.85
     assert plan["latency_search"] and plan["latency_search"][0]["budget_ratio"] == 0.85
     # widths priced by the latency table and by MACs were both searched on the measured graph
@@ -469,7 +469,7 @@ def test_latency_target_is_met_on_the_measured_graph(latency_cache):
     cache = list((latency_cache / "onnxadmm").glob("latency-*.json"))
     assert cache and len(json.loads(cache[0].read_text())) > 0  # per-shape timings kept for the next run
     again = compress(model, samples_for(model, 32), config, ValidateConfig(latency_rounds=2))
-    assert again.report["plan"]["latency_search"] == plan["latency_search"]  # the timed plans come from the cache
+    assert again.report.plan["latency_search"] == plan["latency_search"]  # the timed plans come from the cache
     assert again.model.SerializeToString() == result.model.SerializeToString()
 
 
@@ -514,15 +514,15 @@ def test_l0_l21_removes_channels_and_zeroes_elements_inside_them():
     config = CompressConfig(method="l0-l21", target_macs=0.7, sparsity=0.5, sensitivity_samples=16,
                             admm_iterations=10)
     result = compress(model, samples_for(model, 32), config, ValidateConfig(latency_rounds=2))
-    fp = result.report["validation"]["footprint"]
-    assert fp["compressed"]["macs"] <= 0.7 * fp["original"]["macs"]
-    rows = result.report["layers"]
-    consumers = {c for g in result.report["plan"]["groups"] if g.get("kept") for c in g["consumers"]
+    fp = result.report.validation
+    assert fp.compressed.macs <= 0.7 * fp.original.macs
+    rows = result.report.layers
+    consumers = {c for g in result.report.plan["groups"] if g.get("kept") for c in g["consumers"]
                  if g["kept"] < g["channels"]}
-    assert consumers and all(r["structure"] == "l0-l21" for r in rows if r["name"] in consumers)
-    assert all(r["structure"] == "dense" for r in rows if r["name"] not in consumers)  # error compensation
+    assert consumers and all(r.structure == "l0-l21" for r in rows if r.name in consumers)
+    assert all(r.structure == "dense" for r in rows if r.name not in consumers)  # error compensation
     # inside the consumers' kept channels about half of the weights are zero
-    assert fp["compressed"]["nonzero_layer_weights"] < 0.8 * fp["compressed"]["layer_weights"]
+    assert fp.compressed.nonzero_layer_weights < 0.8 * fp.compressed.layer_weights
 
 
 def test_channel_method_needs_a_macs_target():
@@ -584,9 +584,9 @@ def test_channel_method_prunes_groups_that_meet_in_a_concat():
     config = CompressConfig(method="channel", target_macs=0.7, channel_multiple=4, sensitivity_samples=8,
                             admm_iterations=8)
     result = compress(model, samples_for(model, 32), config, ValidateConfig(latency_rounds=2))
-    fp = result.report["validation"]["footprint"]
-    assert fp["compressed"]["macs"] <= 0.7 * fp["original"]["macs"]
-    kept = {g["name"]: g.get("kept") for g in result.report["plan"]["groups"] if not g["declined"]}
+    fp = result.report.validation
+    assert fp.compressed.macs <= 0.7 * fp.original.macs
+    kept = {g["name"]: g.get("kept") for g in result.report.plan["groups"] if not g["declined"]}
     assert len(kept) == 3 and any(k is not None and k < 16 for k in kept.values())
     final = next(n for n in result.model.graph.node if n.op_type == "Conv" and n.output[0] == model.graph.output[0].name)
     width = next(t for t in result.model.graph.initializer if t.name == final.input[1]).dims[1]
@@ -636,12 +636,12 @@ def test_grouped_method_cuts_the_pairs_macs_by_the_block_count():
     config = CompressConfig(method="grouped", conv_groups=2, sensitivity_samples=8, admm_iterations=5,
                             objective="size")
     result = compress(model, samples_for(model, 32), config, ValidateConfig(latency_rounds=2))
-    assert len(result.report["plan"]["block_diagonal"]) == 1
-    fp = result.report["validation"]["footprint"]
-    assert fp["compressed"]["macs"] < 0.75 * fp["original"]["macs"]
+    assert len(result.report.plan["block_diagonal"]) == 1
+    fp = result.report.validation
+    assert fp.compressed.macs < 0.75 * fp.original.macs
     feed = samples_for(model, 2, seed=6)
     assert run(result.model, feed)[0].shape == run(model, feed)[0].shape
-    assert result.report["validation"]["outputs"][0]["cosine"] > 0.5
+    assert result.report.validation.comparison.outputs[0].cosine > 0.5
 
 
 def test_grouped_method_under_the_latency_objective_keeps_only_pairs_measured_faster(tmp_path, monkeypatch):
@@ -662,7 +662,7 @@ def test_grouped_method_under_the_latency_objective_keeps_only_pairs_measured_fa
     timed = [table.grouped_ratio(view.nodes[l.node_index], costs[l.node_index].input_shape,
                                  view.constant(l.weight_name), 2) for l in (p, q)]
     expected = sum(ms * r for ms, r in timed) / sum(ms for ms, _ in timed)
-    pairs = result.report["plan"]["block_diagonal"]
+    pairs = result.report.plan["block_diagonal"]
     grouped_convs = [n for n in result.model.graph.node if n.op_type == "Conv"
                      and any(a.name == "group" and a.i == 2 for a in n.attribute)]
     if expected < 1.0:
@@ -670,7 +670,7 @@ def test_grouped_method_under_the_latency_objective_keeps_only_pairs_measured_fa
         assert len(grouped_convs) == 2
     else:
         assert pairs == [] and grouped_convs == []
-        reason = next(g["declined"] for g in result.report["plan"]["groups"] if g["name"] == group.name)
+        reason = next(g["declined"] for g in result.report.plan["groups"] if g["name"] == group.name)
         assert f"{expected:.2f}x the dense pair's time" in reason
 
 def test_grouped_timing_sandwich_is_the_conv_between_two_dense_1x1_convs():
@@ -777,13 +777,13 @@ def test_report_says_where_the_time_goes_node_by_node():
                                                                     channel_multiple=2, sensitivity_samples=8,
                                                                     admm_iterations=4),
                       ValidateConfig(latency_rounds=2))
-    split = result.report["validation"]["time_split"]
+    split = result.report.validation.time_split
     assert split["totals_ms"]["compute"]["original"] > 0
     pruned = [row for row in split["layers"] if row["macs_ratio"] < 1]
     assert pruned  # conv nodes paired by name, with the compressed one's smaller output or input
     for row in pruned:
         assert row["time_ms_compressed"] > 0
-    assert any(line.startswith("Profiled at batch 1") for line in result.report["validation"]["gains"])
+    assert any(line.startswith("Profiled at batch 1") for line in result.report.validation.gains)
     assert "Where the time goes" in render(result.report)
 
 
@@ -818,12 +818,12 @@ def test_latency_target_is_timed_at_the_latency_batch(tmp_path, monkeypatch):
     config = CompressConfig(method="channel", target_latency=0.85, latency_batch=4, sensitivity_samples=8,
                             admm_iterations=5)
     result = compress(model, samples_for(model, 32), config, ValidateConfig(latency_rounds=2))
-    plan = result.report["plan"]
+    plan = result.report.plan
     assert set(node_batches) == {4} and set(graph_batches) == {4}
     assert {step["measured"] for step in plan["latency_search"]} == {"batch-4 latency"}
     assert {step["budget_unit"] for step in plan["latency_search"]} == {"batch-4 latency", "MACs"}
     assert plan["latency_ratio_measured_at_plan"] <= 0.85
-    assert [row["batch_size"] for row in result.report["validation"]["latency"]] == [1, 4]
+    assert [row.batch_size for row in result.report.validation.latency] == [1, 4]
 
 
 def test_latency_batch_other_than_a_fixed_model_batch_is_refused(tmp_path, monkeypatch):

@@ -183,11 +183,11 @@ def test_check_says_what_each_method_would_do(workdir):
 
     reports = {m: check(workdir / "in.onnx", CheckConfig(method=m)) for m in ("channel", "grouped", "lowrank", "none",
                                                                               "auto")}
-    preview = {m: r["method_preview"] for m, r in reports.items()}
-    groups = reports["channel"]["channel_groups"]
-    assert preview["channel"][0].startswith(f"{sum(not g['declined'] for g in groups)} of {len(groups)} channel groups")
+    preview = {m: r.method_preview for m, r in reports.items()}
+    groups = reports["channel"].channel_groups
+    assert preview["channel"][0].startswith(f"{sum(not g.declined for g in groups)} of {len(groups)} channel groups")
     assert "Conv pairs can become block-diagonal with 2 blocks" in preview["grouped"][0]
-    layers = len(reports["lowrank"]["compressible"])
+    layers = len(reports["lowrank"].compressible)
     assert sum(line.startswith("  + ") for line in preview["lowrank"]) == layers  # every layer, with its ranks
     assert "int8 grid" in preview["none"][0] and preview["auto"][1] == preview["channel"][0]
     code, out, _ = cli("check", workdir / "in.onnx", "--method", "grouped", "--conv-groups", "3")

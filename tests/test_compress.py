@@ -52,32 +52,57 @@ def test_output_keeps_the_contract(cnn_result):
     assert props["onnxadmm.seed"] == "0" and len(props["onnxadmm.source_sha256"]) == 64
 
 
+def test_typed_report_serializes_to_the_documented_json_and_renders(cnn_result, tmp_path):
+    import json
+
+    from onnxadmm.report.markdown import render
+    from onnxadmm.report.schema import SCHEMA_VERSION
+
+    _, result = cnn_result
+    report = result.report
+    assert report.output is None  # set when the model is saved
+    result.save(tmp_path / "out.onnx")
+    data = json.loads(report.to_json())
+    assert list(data) == ["schema_version", "kind", "tool", "input", "output", "config", "validate_config",
+                          "config_sha256", "seed", "calibration", "plan", "layers", "refined_blocks", "distillation",
+                          "declined", "totals", "validation", "passed", "timing", "notes"]
+    assert data["schema_version"] == SCHEMA_VERSION and data["kind"] == "compress"
+    assert data["output"] == {"path": str(tmp_path / "out.onnx"), "size_bytes": (tmp_path / "out.onnx").stat().st_size}
+    assert [row["name"] for row in data["layers"]] == [row.name for row in report.layers]
+    assert data["layers"][0]["nonzero"] == report.layers[0].nonzero and "rank" not in data["layers"][0]
+    assert data["totals"]["sparsity"] == report.totals.sparsity and data["seed"] == report.config.seed
+    assert data["validation"]["agreement"] == report.validation.comparison.agreement
+    assert data["passed"] is report.passed
+    markdown = render(report)
+    assert markdown.startswith("# onnxadmm compress report") and f"`{report.layers[0].name}`" in markdown
+
+
 def test_sparsity_target_is_met_and_reported(cnn_result):
     model, result = cnn_result
-    totals = result.report["totals"]
-    assert totals["sparsity"] == pytest.approx(0.6, abs=0.01)
+    totals = result.report.totals
+    assert totals.sparsity == pytest.approx(0.6, abs=0.01)
     weights = layer_weights(result.model)
     kept = sum(np.count_nonzero(w) for _, w in weights.values())
     total = sum(w.size for _, w in weights.values())
-    assert 1 - kept / total == pytest.approx(totals["sparsity"], abs=1e-9)
-    for row in result.report["layers"]:
-        assert row["error_final"] <= row["error_projected"] + 1e-9
-        assert len(row["admm_history"]["objective"]) >= 1
-    assert result.report["validation"]["agreement"] is not None
-    assert result.report["calibration"]["representative"] is True
+    assert 1 - kept / total == pytest.approx(totals.sparsity, abs=1e-9)
+    for row in result.report.layers:
+        assert row.error_final <= row.error_projected + 1e-9
+        assert len(row.admm_history["objective"]) >= 1
+    assert result.report.validation.comparison.agreement is not None
+    assert result.report.calibration.representative is True
 
 
 def test_allocation_is_not_uniform(cnn_result):
     _, result = cnn_result
-    levels = {row["target_level"] for row in result.report["layers"]}
+    levels = {row.target_level for row in result.report.layers}
     assert len(levels) > 1
-    assert result.report["plan"]["strategy"] == "sensitivity"
+    assert result.report.plan["strategy"] == "sensitivity"
 
 
 def test_uniform_switch():
     model = tiny_cnn()
     result = compress(model, samples_for(model, 32), cfg(sparsity=0.5, uniform=True), FAST)
-    assert {row["target_level"] for row in result.report["layers"]} == {0.5}
+    assert {row.target_level for row in result.report.layers} == {0.5}
 
 
 def test_nm_pattern_holds_in_the_exported_weights():
@@ -85,7 +110,7 @@ def test_nm_pattern_holds_in_the_exported_weights():
     result = compress(model, samples_for(model, 32), cfg(method="nm", nm="2:4"), FAST)
     compressed = 0
     for name, (layer, w) in layer_weights(result.model).items():
-        row = next((r for r in result.report["layers"] if r["name"] == name), None)
+        row = next((r for r in result.report.layers if r.name == name), None)
         if row is None:
             continue
         canonical = layer.canonical(w)
@@ -95,7 +120,7 @@ def test_nm_pattern_holds_in_the_exported_weights():
         assert groups.max() <= 2
         compressed += 1
     assert compressed >= 3
-    declined = {d["name"]: d["reason"] for d in result.report["declined"]}
+    declined = {d.name: d.reason for d in result.report.declined}
     assert any("not a multiple of M=4" in r for r in declined.values())  # the 3-channel stem
 
 
@@ -103,9 +128,9 @@ def test_nm_pattern_holds_in_the_exported_weights():
 def test_penalty_methods_end_to_end(method):
     model = mlp()
     result = compress(model, samples_for(model, 128), cfg(method=method, sparsity=0.7, uniform=True), FAST)
-    for row in result.report["layers"]:
-        assert abs(row["sparsity"] - 0.7) <= 0.011
-        assert row["penalty_mu"] > 0
+    for row in result.report.layers:
+        assert abs(row.sparsity - 0.7) <= 0.011
+        assert row.penalty_mu > 0
 
 
 @pytest.mark.parametrize("builder", [lambda: mlp(trans_b=False, alpha=0.5, beta=2.0), token_mlp])
@@ -113,9 +138,9 @@ def test_gemm_layouts_and_3d_matmul(builder):
     model = builder()
     result = compress(model, samples_for(model, 64), cfg(sparsity=0.5), FAST)
     expected_layers = 3 if any(n.op_type == "Gemm" for n in model.graph.node) else 2
-    assert len(result.report["layers"]) == expected_layers
-    assert result.report["totals"]["sparsity"] == pytest.approx(0.5, abs=0.01)
-    assert result.report["validation"]["outputs"][0]["cosine"] > 0.9
+    assert len(result.report.layers) == expected_layers
+    assert result.report.totals.sparsity == pytest.approx(0.5, abs=0.01)
+    assert result.report.validation.comparison.outputs[0].cosine > 0.9
 
 
 def test_exact_round_trip_gives_identical_outputs():
@@ -144,9 +169,9 @@ def test_unconvertible_activation_leaves_that_layer_dense():
     y = b.conv(y, 8, 8, act="Relu")
     model = b.model([("input", ["N", 3, 8, 8])], [y], opset=18)
     result = compress(model, samples_for(model, 16), cfg(sparsity=0.5, uniform=True), FAST)
-    declined = result.report["declined"]
-    assert len(declined) == 1 and "Mish" in declined[0]["reason"] and "onnx2torch" in declined[0]["reason"]
-    assert [r["name"] for r in result.report["layers"]] == [find_layers(normalize(model).view()).layers[1].name]
+    declined = result.report.declined
+    assert len(declined) == 1 and "Mish" in declined[0].reason and "onnx2torch" in declined[0].reason
+    assert [r.name for r in result.report.layers] == [find_layers(normalize(model).view()).layers[1].name]
     first = model.graph.initializer[0]
     out_first = next(t for t in result.model.graph.initializer if t.name == first.name)
     assert out_first == first  # left bit-identical
@@ -159,14 +184,14 @@ def test_already_compressed_is_refused_unless_forced():
     with pytest.raises(UnsupportedModelError, match="already compressed by onnxadmm"):
         compress(once, feed, cfg(sparsity=0.3), FAST)
     again = compress(once, feed, cfg(sparsity=0.3, force=True), FAST)
-    assert any("--force" in n for n in again.report["notes"])
+    assert any("--force" in n for n in again.report.notes)
 
 
 def test_random_calibration_is_flagged():
     model = tiny_cnn()
     result = compress(model, "random:16", cfg(sparsity=0.3), FAST)
-    assert result.report["calibration"]["representative"] is False
-    assert result.report["validation"]["held_out"] is False
+    assert result.report.calibration.representative is False
+    assert result.report.validation.held_out is False
 
 
 def test_two_runs_are_byte_identical():
@@ -183,7 +208,7 @@ def test_gates_decide_passed():
     strict = ValidateConfig(latency_rounds=3, min_agreement=1.0, min_speedup=5.0)
     result = compress(model, feed, cfg(sparsity=0.9), strict)
     assert result.passed is False
-    gates = {g["name"]: g["passed"] for g in result.report["validation"]["gates"]}
+    gates = {g.name: g.passed for g in result.report.validation.gates}
     assert gates["min_speedup"] is False
 
 
@@ -212,5 +237,5 @@ def test_residual_with_a_shortcut_conv_is_scheduled():
     y = b.node("Relu", [b.node("Add", [main, shortcut])])
     model = b.model([("input", ["N", 3, 8, 8])], [y])
     result = compress(model, samples_for(model, 16), CompressConfig(sparsity=0.5, uniform=True, admm_iterations=5))
-    assert result.report["totals"]["layers_compressed"] == 4
-    assert not result.report["declined"]
+    assert result.report.totals.layers_compressed == 4
+    assert not result.report.declined

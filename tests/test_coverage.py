@@ -69,8 +69,8 @@ def test_real_exporter_output_compresses_or_declines_with_reasons(tmp_path, name
     size = export(name, exporter, opset, tmp_path / "model.onnx")
     feed = {"input": np.random.default_rng(0).standard_normal((6, 3, size, size)).astype(np.float32)}
     preflight = check(tmp_path / "model.onnx")
-    row = {"model": name, "exporter": exporter, "opset": opset, "compressible": len(preflight["compressible"]),
-           "declined": len(preflight["declined"])}
+    row = {"model": name, "exporter": exporter, "opset": opset, "compressible": len(preflight.compressible),
+           "declined": len(preflight.declined)}
     settings = {k: v for k, v in LIGHT.items() if v is not None}
     for level in (0.0, settings["sparsity"]):
         config = CompressConfig(**{**settings, "sparsity": level, "calib_samples": 4})
@@ -78,14 +78,14 @@ def test_real_exporter_output_compresses_or_declines_with_reasons(tmp_path, name
         onnx.checker.check_model(result.model, full_check=True)
         got, ref = run(result.model, feed), run(onnx.load(str(tmp_path / "model.onnx")), feed)
         assert all(np.isfinite(g).all() and g.shape == r.shape for g, r in zip(got, ref))
-        assert all(d["reason"] for d in result.report["declined"])
+        assert all(d.reason for d in result.report.declined)
         if level == 0:
             assert max(float(np.max(np.abs(g - r))) for g, r in zip(got, ref)) <= 1e-4
         else:
-            row.update(layers_compressed=result.report["totals"]["layers_compressed"],
-                       layers_left_dense=len(result.report["declined"]),
-                       reasons=sorted({d["reason"].split(":")[0][:60] for d in result.report["declined"]}),
-                       sparsity=round(result.report["totals"]["sparsity"], 3),
-                       agreement=result.report["validation"]["agreement"])
+            row.update(layers_compressed=result.report.totals.layers_compressed,
+                       layers_left_dense=len(result.report.declined),
+                       reasons=sorted({d.reason.split(":")[0][:60] for d in result.report.declined}),
+                       sparsity=round(result.report.totals.sparsity, 3),
+                       agreement=result.report.validation.comparison.agreement)
     row["seconds"] = round(time.perf_counter() - started, 1)
     _log(row)

@@ -43,17 +43,17 @@ def mlp_runs():
 
 def test_distillation_keeps_every_support_and_brings_unseen_outputs_closer(mlp_runs):
     model, _, plain, distilled = mlp_runs
-    record = distilled.report["distillation"]
-    assert record["kept"] and record["augment"] == "none" and record["agreement_before"] is not None
+    record = distilled.report.distillation
+    assert record.kept and record.augment == "none" and record.agreement_before is not None
     a, b = _initializers(plain.model), _initializers(distilled.model)
     layers = find_layers(GraphView(model)).layers
-    assert set(record["trained"]) >= {layer.weight_name for layer in layers}
+    assert set(record.trained) >= {layer.weight_name for layer in layers}
     for layer in layers:
         np.testing.assert_array_equal(a[layer.weight_name] != 0, b[layer.weight_name] != 0)
         assert not np.array_equal(a[layer.weight_name], b[layer.weight_name])
     unseen = samples_for(model, 500, seed=7)
     assert _divergence(distilled.model, model, unseen) < 0.9 * _divergence(plain.model, model, unseen)
-    assert plain.report["distillation"] is None
+    assert plain.report.distillation is None
 
 
 def test_distillation_is_deterministic(mlp_runs):
@@ -65,10 +65,10 @@ def test_distillation_is_deterministic(mlp_runs):
 def test_the_solve_never_sees_the_held_out_samples_and_worse_weights_are_not_kept(mlp_runs):
     model, calib, plain, _ = mlp_runs
     wrecked = compress(model, calib, CompressConfig(**MLP, distill_epochs=3, distill_lr=50.0))
-    record = wrecked.report["distillation"]
-    assert not record["kept"] and "solved weights kept" in record["note"]
-    assert record["loss_after"] > record["loss_before"]
-    assert any("40 of 400 calibration samples held out" in n for n in wrecked.report["notes"])
+    record = wrecked.report.distillation
+    assert not record.kept and "solved weights kept" in record.note
+    assert record.loss_after > record.loss_before
+    assert any("40 of 400 calibration samples held out" in n for n in wrecked.report.notes)
     a, b = _initializers(plain.model), _initializers(wrecked.model)  # plain: solved without the held-out samples
     assert a.keys() == b.keys() and all(np.array_equal(a[n], b[n]) for n in a)
 
@@ -79,14 +79,14 @@ def test_image_inputs_are_augmented_and_pruned_widths_stay():
     base = dict(method="channel", target_macs=0.6, admm_iterations=10)
     plain = compress(model, _without_held_out(calib), CompressConfig(**base))
     distilled = compress(model, calib, CompressConfig(**base, distill_epochs=20, distill_lr=1e-3))
-    record = distilled.report["distillation"]
-    assert record["augment"] == "flip+shift" and record["trained"]
+    record = distilled.report.distillation
+    assert record.augment == "flip+shift" and record.trained
     shapes = lambda m: sorted(tuple(t.dims) for t in m.graph.initializer)  # noqa: E731
     assert shapes(plain.model) == shapes(distilled.model)
     assert shapes(plain.model) != shapes(model)  # channels really removed
     out = run(distilled.model, calib)[0]
     assert out.shape == (300, 10) and np.isfinite(out).all()
-    assert record["kept"]
+    assert record.kept
     unseen = samples_for(model, 300, seed=9)
     assert _divergence(distilled.model, model, unseen) < 0.95 * _divergence(plain.model, model, unseen)
 
@@ -101,8 +101,8 @@ def test_a_model_onnx2torch_cannot_convert_is_left_as_solved():
     base = dict(method="sparse", sparsity=0.7, uniform=True, admm_iterations=10)
     plain = compress(model, _without_held_out(calib), CompressConfig(**base))
     result = compress(model, calib, CompressConfig(**base, distill_epochs=5))
-    record = result.report["distillation"]
-    assert not record["kept"] and "not distilled" in record["note"] and "Mish" in record["note"]
+    record = result.report.distillation
+    assert not record.kept and "not distilled" in record.note and "Mish" in record.note
     a, b2 = _initializers(plain.model), _initializers(result.model)
     assert all(np.array_equal(a[n], b2[n]) for n in a)
     assert "not distilled" in render(result.report)

@@ -350,11 +350,11 @@ def test_lowrank_on_a_transformer_encoder_factorizes_every_matmul():
     config = CompressConfig(method="lowrank", rank_ratio=0.25, objective="size", admm_iterations=10)
     result = compress(model, calib, config)
     onnx.checker.check_model(result.model, full_check=True)
-    rows = {r["name"]: r for r in result.report["layers"]}
-    assert len(rows) == 6 and all(r["rank"] == 4 for r in rows.values())
+    rows = {r.name: r for r in result.report.layers}
+    assert len(rows) == 6 and all(r.factors.rank == 4 for r in rows.values())
     assert sum(n.op_type == "MatMul" for n in result.model.graph.node) == 2 + 2 * 6
     # the data-aware solve beats the truncated SVD of W in the layer's own metric
-    assert all(r["error_final"] < r["error_projected"] for r in rows.values())
+    assert all(r.error_final < r.error_projected for r in rows.values())
     assert [o.name for o in result.model.graph.output] == [o.name for o in model.graph.output]
     feed = samples_for(model, 8, seed=9)
     got, ref = run(result.model, feed)[0], run(model, feed)[0]
@@ -372,12 +372,12 @@ def test_target_params_is_met_for_lowrank_and_sparse():
                                   sparse_structure="unstructured", admm_iterations=8),
                    CompressConfig(method="sparse", target_params=0.5, admm_iterations=8)):
         result = compress(model, calib, config)
-        totals = result.report["totals"]
-        assert totals["nonzero_in_compressed_layers"] <= 0.5 * totals["weights_in_compressed_layers"] * 1.01, config
+        totals = result.report.totals
+        assert totals.nonzero_in_compressed_layers <= 0.5 * totals.weights_in_compressed_layers * 1.01, config
         if config.method != "sparse":
-            planned, original = result.report["plan"]["planned"]["params"]
+            planned, original = result.report.plan["planned"]["params"]
             assert planned <= 0.5 * original * 1.001
-            assert result.report["plan"]["kept_dense"]["Conv_10"].startswith("grouped conv")
+            assert result.report.plan["kept_dense"]["Conv_10"].startswith("grouped conv")
 
 
 def test_unstructured_s_branch_is_reported_as_slower(tmp_path):
@@ -389,7 +389,7 @@ def test_unstructured_s_branch_is_reported_as_slower(tmp_path):
         method="lowrank-sparse", rank_ratio=0.25, objective="size", sparse_structure="unstructured",
         admm_iterations=5))
     assert any(n.op_type == "Add" and n.name.endswith("onnxadmm_add_sparse") for n in result.model.graph.node)
-    gains = " ".join(result.report["validation"]["gains"])
+    gains = " ".join(result.report.validation.gains)
     assert "more dense MACs" in gains and "slower" in gains
 
 
@@ -421,14 +421,14 @@ def test_latency_objective_keeps_layers_whose_pair_is_not_faster(latency_cache):
     model = tiny_cnn()
     result = compress(model, samples_for(model, 32), CompressConfig(method="lowrank", rank_ratio=0.25,
                                                                     admm_iterations=5))
-    plan = result.report["plan"]
+    plan = result.report.plan
     for name, ratio in plan["pair_latency_ratio"].items():
         assert ratio < 1.0
     slow = [n for n, reason in plan["kept_dense"].items() if "faster" in reason]
     assert set(slow) | set(plan["pair_latency_ratio"]) >= {"Conv_4", "Conv_26", "Gemm_36"}
-    totals = result.report["totals"]  # the layers left dense are solved (refit) but not counted as compressed
-    assert totals["layers_compressed"] == sum(spec is not None for spec in plan["ranks"].values())
-    assert totals["layers_kept_dense"] == len(plan["kept_dense"]) > 0
+    totals = result.report.totals  # the layers left dense are solved (refit) but not counted as compressed
+    assert totals.layers_compressed == sum(spec is not None for spec in plan["ranks"].values())
+    assert totals.layers_kept_dense == len(plan["kept_dense"]) > 0
     assert (latency_cache / "onnxadmm").is_dir()  # the pair timings are cached
 
 
@@ -453,7 +453,7 @@ def test_tucker2_form_exports_each_3x3_conv_as_a_triple_of_the_planned_size():
     result = compress(model, samples_for(model, 32), CompressConfig(method="lowrank", lowrank_form="tucker2",
                                                                     rank_ratio=0.25, objective="size",
                                                                     admm_iterations=5))
-    forms, ranks = result.report["plan"]["export_forms"], result.report["plan"]["ranks"]
+    forms, ranks = result.report.plan["export_forms"], result.report.plan["ranks"]
     convs = [l for l in find_layers(GraphView(model)).layers if l.op_type == "Conv"]
     out = GraphView(result.model)
     reference = onnx.ModelProto()  # the original graph with each conv's collapsed weight and exported bias
@@ -478,7 +478,7 @@ def test_tucker2_form_exports_each_3x3_conv_as_a_triple_of_the_planned_size():
         graph.graph.output.extend(onnx.ValueInfoProto(name=l.output_name) for l in convs)
     for got, want in zip(run(exported, feed)[1:], run(expected, feed)[1:]):
         assert np.abs(got - want).max() < 1e-3 * (np.abs(want).max() + 1)
-    planned, _ = result.report["plan"]["planned"]["params"]
+    planned, _ = result.report.plan["planned"]["params"]
     assert planned == 2 * (128 * 32 + 32 * 32 * 9 + 32 * 128) + (128 + 10) * 2
 
 
@@ -492,11 +492,11 @@ def test_target_macs_is_met_in_the_exported_graph_for_each_form(form):
     result = compress(model, samples_for(model, 32), CompressConfig(method="lowrank", target_macs=0.7,
                                                                     objective="size", admm_iterations=5,
                                                                     lowrank_form=form))
-    fp = result.report["validation"]["footprint"]
-    assert fp["compressed"]["macs"] <= 0.7 * fp["original"]["macs"] * 1.001
-    planned, original = result.report["plan"]["planned"]["macs"]
-    assert planned == pytest.approx(fp["compressed"]["macs"], rel=0.01) and original == fp["original"]["macs"]
-    tucker_curves = [k for k in result.report["plan"]["measured_output_damage"] if k.endswith("(T)")]
+    fp = result.report.validation
+    assert fp.compressed.macs <= 0.7 * fp.original.macs * 1.001
+    planned, original = result.report.plan["planned"]["macs"]
+    assert planned == pytest.approx(fp.compressed.macs, rel=0.01) and original == fp.original.macs
+    tucker_curves = [k for k in result.report.plan["measured_output_damage"] if k.endswith("(T)")]
     assert bool(tucker_curves) == (form == "auto")
 
 
@@ -516,16 +516,16 @@ def test_lowrank_sparse_unstructured_chooses_l_where_low_rank_and_s_where_sparse
     result = compress(model, samples_for(model, 64), CompressConfig(
         method="lowrank-sparse", target_params=0.5, objective="size", sparse_structure="unstructured",
         admm_iterations=8))
-    ranks = result.report["plan"]["ranks"]
+    ranks = result.report.plan["ranks"]
     first, second = (ranks[n.name] for n in model.graph.node if n.op_type == "MatMul")
     assert first is not None and first["rank"] >= 2
     assert second == {"rank": 0, "sparse": "unstructured", "sparse_count": second["sparse_count"], "input_rank": 0}
     assert second["sparse_count"] >= int((sparse != 0).sum())
-    rows = {r["name"]: r for r in result.report["layers"]}
+    rows = {r.name: r for r in result.report.layers}
     second_name = [n.name for n in model.graph.node if n.op_type == "MatMul"][1]
-    assert "rank" not in rows[second_name] and rows[second_name]["nonzero"] <= second["sparse_count"]
-    totals = result.report["totals"]
-    assert totals["nonzero_in_compressed_layers"] <= 0.5 * totals["weights_in_compressed_layers"] * 1.01
+    assert rows[second_name].factors is None and rows[second_name].nonzero <= second["sparse_count"]
+    totals = result.report.totals
+    assert totals.nonzero_in_compressed_layers <= 0.5 * totals.weights_in_compressed_layers * 1.01
     feed = samples_for(model, 16, seed=4)
     got, ref = run(result.model, feed)[0], run(model, feed)[0]
     assert float(np.abs(got - ref).max()) <= 1e-3 * float(np.abs(ref).max())
@@ -580,7 +580,7 @@ def test_lowrank_latency_target_is_met_on_the_measured_graph(tmp_path, monkeypat
     model = wide_cnn()
     result = compress(model, samples_for(model, 32), CompressConfig(method="lowrank", target_latency=0.7,
                                                                     admm_iterations=5))
-    plan = result.report["plan"]
+    plan = result.report.plan
     assert plan["latency_ratio_measured_at_plan"] <= 0.7
     assert plan["latency_search"][0]["budget_ratio"] == 0.7
     assert any(spec is not None for spec in plan["ranks"].values())
@@ -608,7 +608,7 @@ def test_lowrank_latency_objective_times_pairs_at_the_latency_batch(tmp_path, mo
     result = compress(model, samples_for(model, 32), CompressConfig(method="lowrank", rank_ratio=0.25,
                                                                     latency_batch=2, admm_iterations=5,
                                                                     lowrank_form=form))
-    plan = result.report["plan"]
+    plan = result.report.plan
     assert batches and set(batches) == {2}
     assert all(ratio < 1.0 for ratio in plan["pair_latency_ratio"].values())
     convs = [n.name for n in model.graph.node if n.op_type == "Conv"]

@@ -97,12 +97,12 @@ def test_refinement_keeps_every_support_and_lowers_the_held_out_error(mlp_runs):
     a, b = inits(plain.model), inits(refined.model)
     for layer in find_layers(GraphView(model)).layers:
         np.testing.assert_array_equal(a[layer.weight_name] != 0, b[layer.weight_name] != 0)
-    rows = refined.report["refined_blocks"]
-    assert rows and all(r["loss_after"] < r["loss_before"] for r in rows if r["kept"])
-    assert any(r["kept"] for r in rows)
+    rows = refined.report.refined_blocks
+    assert rows and all(r.loss_after < r.loss_before for r in rows if r.kept)
+    assert any(r.kept for r in rows)
     held_out = samples_for(model, 300, seed=7)
     assert _relative_error(refined.model, model, held_out) < 0.97 * _relative_error(plain.model, model, held_out)
-    assert plain.report["refined_blocks"] == []
+    assert plain.report.refined_blocks == []
 
 
 def test_refinement_is_deterministic(mlp_runs):
@@ -124,9 +124,9 @@ def test_a_block_onnx2torch_cannot_convert_runs_unchanged_and_the_rest_is_refine
     result = compress(model, calib, CompressConfig(method="sparse", sparsity=0.7, uniform=True,
                                                    admm_iterations=10, refine_epochs=5,
                                                    refine_block_layers=1))
-    rows = result.report["refined_blocks"]
-    assert any("not refined" in r["note"] and "Mish" in r["note"] for r in rows)
-    assert any(r["kept"] for r in rows)
+    rows = result.report.refined_blocks
+    assert any("not refined" in r.note and "Mish" in r.note for r in rows)
+    assert any(r.kept for r in rows)
     out = run(result.model, calib)[0]
     assert np.isfinite(out).all() and out.shape == (200, 10)
 
@@ -139,7 +139,7 @@ def test_channel_pruning_with_refinement_exports_the_same_widths():
     refined = compress(model, calib, CompressConfig(**base, refine_epochs=10, refine_lr=1e-3))
     shapes = lambda m: sorted(tuple(t.dims) for t in m.graph.initializer)  # noqa: E731
     assert shapes(plain.model) == shapes(refined.model)
-    assert refined.report["refined_blocks"]
+    assert refined.report.refined_blocks
     out = run(refined.model, calib)[0]
     assert out.shape == (200, 10) and np.isfinite(out).all()
 
@@ -154,11 +154,11 @@ def test_factor_pairs_are_refined_against_the_original_blocks(form):
                                                    admm_iterations=10, refine_epochs=10, refine_lr=1e-3,
                                                    lowrank_form=form))
     if form == "tucker2":
-        assert any("Conv 1x1" in f.split(" + ")[0] for f in result.report["plan"]["export_forms"].values())
-    rows = result.report["refined_blocks"]
-    assert rows and any(r["kept"] for r in rows)
-    assert not any("whole original" in r["note"] for r in rows)
-    factor_nodes = {r["name"] for r in result.report["layers"] if r.get("rank")}
+        assert any("Conv 1x1" in f.split(" + ")[0] for f in result.report.plan["export_forms"].values())
+    rows = result.report.refined_blocks
+    assert rows and any(r.kept for r in rows)
+    assert not any("whole original" in r.note for r in rows)
+    factor_nodes = {r.name for r in result.report.layers if r.factors}
     assert factor_nodes and len(result.model.graph.node) > len(model.graph.node)
     out = run(result.model, calib)[0]
     assert out.shape == (300, 10) and np.isfinite(out).all()
@@ -191,7 +191,7 @@ def test_excluded_layers_are_not_trained():
     result = compress(model, calib, CompressConfig(method="sparse", sparsity=0.8, uniform=True, admm_iterations=10,
                                                    refine_epochs=10, refine_lr=1e-3, refine_block_layers=5,
                                                    exclude=(first.name,)))
-    assert any(r["kept"] for r in result.report["refined_blocks"])
+    assert any(r.kept for r in result.report.refined_blocks)
     before = {t.name: t for t in model.graph.initializer}
     after = {t.name: t for t in result.model.graph.initializer}
     assert after[first.weight_name] == before[first.weight_name] and after[first.bias_name] == before[first.bias_name]
@@ -205,7 +205,7 @@ def test_block_diagonal_pairs_stay_grouped_after_refinement():
     calib = samples_for(model, 200)
     result = compress(model, calib, CompressConfig(method="grouped", conv_groups=2, admm_iterations=10, objective="size",
                                                    refine_epochs=5))
-    assert result.report["refined_blocks"] and result.report["plan"]["block_diagonal"]
+    assert result.report.refined_blocks and result.report.plan["block_diagonal"]
     groups = [a.i for n in result.model.graph.node if n.op_type == "Conv" for a in n.attribute if a.name == "group"]
     assert groups.count(2) >= 2
     out = run(result.model, calib)[0]

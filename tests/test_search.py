@@ -48,13 +48,14 @@ class _Table:
         if config.method == "channel" and config.target_latency < 0.31:
             raise ConfigError(f"--target-latency {config.target_latency} cannot be met")
         drop, cost = self.drop_of(config), self.cost_of(config)
-        gate = {"name": "max_accuracy_drop", "passed": drop <= 0.5}
-        report = {"passed": gate["passed"], "validation": {
-            "accuracy_drop_pt": drop, "agreement": 1 - drop / 100, "gates": [gate],
-            "latency": [{"batch_size": 1, "ratio_median": cost}],
-            "footprint": {"original": {"zipped_bytes": 1000}, "compressed": {"zipped_bytes": int(cost * 1000)}}}}
+        gate = SimpleNamespace(name="max_accuracy_drop", passed=drop <= 0.5)
+        validation = SimpleNamespace(
+            comparison=SimpleNamespace(accuracy_drop_pt=drop, agreement=1 - drop / 100), gates=[gate],
+            latency=[SimpleNamespace(batch_size=1, ratio_median=cost)],
+            original=SimpleNamespace(zipped_bytes=1000), compressed=SimpleNamespace(zipped_bytes=int(cost * 1000)))
+        report = SimpleNamespace(passed=gate.passed, validation=validation, search=None)
         model = onnx.helper.make_model(onnx.helper.make_graph([], self.model_of(config), [], []))
-        return SimpleNamespace(report=report, passed=report["passed"], model=model)
+        return SimpleNamespace(report=report, passed=report.passed, model=model)
 
 
 def _latency_drop(config):
@@ -75,7 +76,7 @@ def test_latency_search_climbs_channel_targets_below_int8_and_refines_the_first_
     assert tried[0] == ("none", "int8", None, 0)  # int8 alone first: it anchors the latency ladder
     assert all(q == "int8" for _, q, _, _ in tried[1:])  # int8 held and is faster: channels compose with it
     assert tried[1][2] == round(0.47 * 0.92, 3) and tried[1][3] == 0
-    search = result.report["search"]
+    search = result.report.search
     rows = {r["label"]: r for r in search["candidates"]}
     assert any(r["round"] == "refine" for r in rows.values())  # the least aggressive miss, refined
     holding = [r for r in rows.values() if r["passed"]]
@@ -93,7 +94,7 @@ def test_size_search_uses_the_zipped_size_and_sparsity_ladder():
     sparsities = [c.sparsity for c in table.calls if c.method == "sparse"]
     assert sparsities[:3] == [0.5, 0.75, 0.9]  # 0.9 misses (1.0 pt): the ladder stops there
     assert 0.825 in sparsities  # one bisection step between 0.75 and 0.9
-    assert result.report["search"]["chosen"].startswith("sparse 0.825")
+    assert result.report.search["chosen"].startswith("sparse 0.825")
     assert [c.quantize for c in table.calls[:2]] == ["int8", "w4"]  # each precision alone first
 
 
@@ -109,7 +110,7 @@ def test_size_search_climbs_sparsity_with_int4_weights_when_they_hold_and_are_sm
     result = run_search(table, CompressConfig(method="auto", objective="size"),
                         ValidateConfig(max_accuracy_drop=0.5), lambda *a: None)
     assert {c.quantize for c in table.calls if c.method == "sparse"} == {"w4"}
-    assert result.report["search"]["chosen"].endswith("+ w4")
+    assert result.report.search["chosen"].endswith("+ w4")
     table = _Table(lambda c: drop(c) + (1.0 if c.quantize == "w4" else 0.0), cost)  # w4 misses the gate alone
     run_search(table, CompressConfig(method="auto", objective="size"), ValidateConfig(max_accuracy_drop=0.5),
                lambda *a: None)
@@ -126,9 +127,9 @@ def test_a_candidate_that_changes_nothing_is_recognized_and_noise_level_cost_gai
                    lambda c: 0.50 if c.method == "none" else (0.47 if model_of(c) == "int8" else 0.49), model_of)
     result = run_search(table, CompressConfig(method="auto"), ValidateConfig(max_accuracy_drop=0.5),
                         lambda *a: None)
-    rows = result.report["search"]["candidates"]
+    rows = result.report.search["candidates"]
     assert rows[1]["note"] == "the same model as int8" and rows[1]["cost_ratio"] is None
-    assert result.report["search"]["chosen"] == "int8"  # 0.49 is within 3 % of nothing cheaper; int8 is 0.50
+    assert result.report.search["chosen"] == "int8"  # 0.49 is within 3 % of nothing cheaper; int8 is 0.50
     close = [_measured("a", 0.500, 0.1, True), _measured("b", 0.490, 0.4, True), _measured("c", 0.40, 0.9, False)]
     assert choose(close).candidate.label == "a"  # 2 % cheaper is inside the noise: the lower damage wins
 
@@ -137,17 +138,17 @@ def test_a_candidate_that_cannot_be_built_is_reported_and_the_search_goes_on():
     table = _Table(lambda c: 0.0, lambda c: 0.4 if c.method == "none" else c.target_latency)
     result = run_search(table, CompressConfig(method="auto"), ValidateConfig(max_accuracy_drop=0.5),
                         lambda *a: None)
-    rows = result.report["search"]["candidates"]
+    rows = result.report.search["candidates"]
     assert rows[-1]["note"].startswith("failed: --target-latency 0.304 cannot be met") and not rows[-1]["passed"]
-    assert result.passed and result.report["search"]["chosen"] == "channels 0.336 + int8"
+    assert result.passed and result.report.search["chosen"] == "channels 0.336 + int8"
 
 
 def test_no_holding_candidate_returns_the_closest_with_the_reason():
     table = _Table(lambda c: 2.0 + (0 if c.method == "none" else 1.0), lambda c: 0.5)
     result = run_search(table, CompressConfig(method="auto"), ValidateConfig(max_accuracy_drop=0.5),
                         lambda *a: None)
-    search = result.report["search"]
-    assert not result.passed and not result.report["passed"] and not search["held"]
+    search = result.report.search
+    assert not result.passed and not result.report.passed and not search["held"]
     assert search["chosen"] == "int8" and "no candidate held the gate" in search["reason"]
 
 

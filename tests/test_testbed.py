@@ -23,7 +23,7 @@ def preprocess(name: str, images: np.ndarray) -> np.ndarray:
                                   "efficientnet_lite0_imagenet"])
 def test_every_testbed_model_is_fully_compressible(name):
     report = check(TESTBED / "models" / f"{name}.onnx")
-    assert report["compressible"] and not report["declined"]
+    assert report.compressible and not report.declined
 
 
 def test_lenet5_tenfold_fewer_weights_within_half_a_point():
@@ -34,10 +34,10 @@ def test_lenet5_tenfold_fewer_weights_within_half_a_point():
     evaluation = {"input": preprocess("lenet5_mnist", test["images"]), "labels": test["labels"].astype(np.int64)}
     result = compress(TESTBED / "models" / "lenet5_mnist.onnx", calib, CompressConfig(sparsity=0.9),
                       ValidateConfig(labels="labels", latency_rounds=5), evaluation=evaluation)
-    v = result.report["validation"]
-    assert result.report["totals"]["nonzero_reduction_x"] >= 10.0
-    assert v["accuracy_original"] == pytest.approx(0.9856, abs=1e-4)  # the test-bed's measured figure
-    assert v["accuracy_drop_pt"] <= 0.5
+    v = result.report.validation.comparison
+    assert result.report.totals.nonzero_reduction_x >= 10.0
+    assert v.accuracy_original == pytest.approx(0.9856, abs=1e-4)  # the test-bed's measured figure
+    assert v.accuracy_drop_pt <= 0.5
 
 
 def test_minilm_heads_and_neurons_slice_exactly():

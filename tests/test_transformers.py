@@ -125,7 +125,7 @@ def test_compress_removes_heads_and_neurons_end_to_end():
     onnx.checker.check_model(out, full_check=True)
     assert [(i.name, i.type) for i in out.graph.input] == [(i.name, i.type) for i in model.graph.input]
     assert [(o.name, o.type) for o in out.graph.output] == [(o.name, o.type) for o in model.graph.output]
-    groups = {g["name"]: g for g in result.report["plan"]["groups"]} if "plan" in result.report else None
+    groups = {g["name"]: g for g in result.report.plan["groups"]} if result.report.plan else None
     shapes = {t.name: tuple(t.dims) for t in out.graph.initializer}
     widths = {name: dims[1] for name, dims in shapes.items() if name.startswith(("wq", "w1"))}
     assert any(w < HIDDEN for n, w in widths.items() if n.startswith("wq")) or \
@@ -143,7 +143,7 @@ def test_int8_on_an_encoder_builds_both_activation_forms_and_keeps_the_better_on
     calib = encoder_inputs(count=60, seq=8, seed=3)
     result = compress(model, calib, CompressConfig(method="none", quantize="int8"), ValidateConfig(latency_rounds=3),
                       evaluation=encoder_inputs(count=32, seq=8, seed=4))
-    quant = result.report["plan"]["quantization"]
+    quant = result.report.plan["quantization"]
     errors = quant["held_out_output_error"]
     assert set(errors) == {"static", "dynamic"}
     assert quant["activations"] == min(errors, key=errors.get)
@@ -205,7 +205,7 @@ def test_dynamic_int8_rounds_the_embedding_table_as_the_solve_saw_it():
     table = next(onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name == "embedding")
     step = np.abs(table).max(axis=1, keepdims=True) / 127
     assert 0 < np.abs(seen - table).max() and np.all(np.abs(seen - table) <= step / 2 + 1e-6)  # per row
-    assert result.report["plan"]["quantization"]["activations"] == "dynamic"
+    assert result.report.plan["quantization"]["activations"] == "dynamic"
     feed = {"input_ids": rng.integers(0, 50, (3, 5)), "attention_mask": np.ones((3, 5), np.int64)}
     got = ort.InferenceSession(result.model.SerializeToString()).run(None, feed)[0]
     assert np.isfinite(got).all() and got.shape == (3, 2)
@@ -253,7 +253,7 @@ def test_latency_is_timed_at_the_sequence_length_served(monkeypatch):
     result = compress(model, encoder_inputs(count=24, seq=8, seed=3), config, ValidateConfig(latency_rounds=2))
     assert node_shapes and {shape[1] for shape in node_shapes if len(shape) == 3} == {16}
     assert graph_shapes and all(s == {"x": (1, 16, HIDDEN), "attention_mask": (1, 16)} for s in graph_shapes)
-    assert [row["sequence_length"] for row in result.report["validation"]["latency"]] == [16]
+    assert [row.sequence_length for row in result.report.validation.latency] == [16]
     with pytest.raises(ConfigError, match="no input of the model has a dynamic second"):
         from models import samples_for, tiny_cnn
         cnn = tiny_cnn()

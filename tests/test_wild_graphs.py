@@ -31,7 +31,7 @@ def test_if_subgraph_is_left_alone_and_the_rest_compresses():
     y = b.conv(y, 8, 8, act=None)
     model = b.model([("input", ["N", 3, 6, 6])], [y])
     result = compress(model, samples_for(model, 16), FAST)
-    assert result.report["totals"]["layers_compressed"] == 2
+    assert result.report.totals.layers_compressed == 2
     assert any(n.op_type == "If" for n in result.model.graph.node)
     feed = samples_for(model, 3, seed=5)
     assert run(result.model, feed)[0].shape == run(model, feed)[0].shape
@@ -59,9 +59,9 @@ def test_fp16_weights_behind_a_cast_are_declined_with_the_reason():
     y = b.conv(b.node("Relu", [y]), 8, 4, act=None)
     model = b.model([("input", ["N", 3, 6, 6])], [y])
     result = compress(model, samples_for(model, 16), FAST)
-    declined = {d["name"]: d["reason"] for d in result.report["declined"]}
+    declined = {d.name: d.reason for d in result.report.declined}
     assert any("Cast" in reason for reason in declined.values())
-    assert result.report["totals"]["layers_compressed"] == 1
+    assert result.report.totals.layers_compressed == 1
     onnx.checker.check_model(result.model, full_check=True)
 
 
@@ -77,7 +77,7 @@ def test_fp16_model_end_to_end_keeps_its_dtype():
     result = compress(model, samples_for(model, 16), FAST)
     weights = {t.name: t for t in result.model.graph.initializer}
     assert weights["W"].data_type == TensorProto.FLOAT16
-    assert result.report["totals"]["layers_compressed"] + len(result.report["declined"]) == 1
+    assert result.report.totals.layers_compressed + len(result.report.declined) == 1
 
 
 def test_loop_body_reading_an_outer_weight_is_left_alone_and_the_rest_compresses():
@@ -104,7 +104,7 @@ def test_loop_body_reading_an_outer_weight_is_left_alone_and_the_rest_compresses
                               [helper.make_tensor_value_info(y, TensorProto.FLOAT, ["N", 4, 6, 6])], b.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     result = compress(model, samples_for(model, 16), FAST)
-    assert result.report["totals"]["layers_compressed"] == 2
+    assert result.report.totals.layers_compressed == 2
     loop = next(n for n in result.model.graph.node if n.op_type == "Loop")
     assert loop.attribute[0].g.node[1].input[1] == scale
     captured = next(t for t in result.model.graph.initializer if t.name == scale)

@@ -109,19 +109,35 @@ def admm_linear(stats: Moments, w_start: torch.Tensor, project: Projection, sett
     for step in range(settings.iterations):
         rhs = cross + rho * (z - u)
         w = torch.bmm(torch.bmm(rhs, basis) / (eigenvalues[:, None, :] + rho), basis.transpose(1, 2))
-        z_prev = z
-        z = project((w + u).float(), rho).double()
-        u = u + w - z
-        primal = float((w - z).norm()) / norm0
-        dual = rho * float((z - z_prev).norm()) / norm0
+        z, u, primal, dual = _z_and_dual_step(w, z, u, lambda v, r: project(v.float(), r).double(), rho, norm0)
         history.record(stats.relative_error(z), primal, dual, rho / curvature)
-        settings.report(step, primal)
-        if (primal < settings.tolerance or settled(z) or history.stalled(settings.stall_iterations)) and step >= 3:
+        if _stops(step, primal, z, history, settings, settled):
             break
-        if not rho_fixed:
-            u = u / settings.rho_growth
-            rho = rho * settings.rho_growth
+        rho, u = _grown(rho, u, settings, rho_fixed)
     return z.float(), history
+
+
+def _z_and_dual_step(w: torch.Tensor, z: torch.Tensor, u: torch.Tensor, project: Projection, rho: float,
+                     norm0: float) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """Z ← Π(W + U), U ← U + W − Z; with the primal ‖W − Z‖ and dual ρ‖Z − Z_prev‖ residuals over ‖W₀‖."""
+    z_next = project(w + u, rho)
+    u = u + w - z_next
+    return z_next, u, float((w - z_next).norm()) / norm0, rho * float((z_next - z).norm()) / norm0
+
+
+def _stops(step: int, primal: float, z: torch.Tensor, history: AdmmHistory, settings: AdmmSettings,
+           settled: _Settled) -> bool:
+    """After at least 4 iterations: the primal residual is below tolerance, Z's support has settled, or f(Z)
+    has stalled."""
+    settings.report(step, primal)
+    return (primal < settings.tolerance or settled(z) or history.stalled(settings.stall_iterations)) and step >= 3
+
+
+def _grown(rho: float, u: torch.Tensor, settings: AdmmSettings, rho_fixed: bool) -> tuple[float, torch.Tensor]:
+    """ρ ← ρ·growth and the scaled dual U ← U / growth (the same unscaled dual), unless ρ is fixed."""
+    if rho_fixed:
+        return rho, u
+    return rho * settings.rho_growth, u / settings.rho_growth
 
 
 def grad_rows(requested: int | None, inputs: int) -> int:
@@ -308,20 +324,11 @@ def admm_activation(problem: LayerProblem, w_start: torch.Tensor, b_start: torch
     for step in range(settings.iterations):
         penalty = _Penalty(rho, z, u)
         theta = _descent(objective, theta, penalty, rho, None, settings.inner_steps)
-        w = theta[..., :-1]
-        z_prev = z
-        z = project(w + u, rho)
-        u = u + w - z
-        primal = float((w - z).norm()) / norm0
-        dual = rho * float((z - z_prev).norm()) / norm0
-        projected = torch.cat([z, theta[..., -1:]], dim=-1)
-        history.record(objective.value(projected), primal, dual, rho / objective.curvature)
-        settings.report(step, primal)
-        if (primal < settings.tolerance or settled(z) or history.stalled(settings.stall_iterations)) and step >= 3:
+        z, u, primal, dual = _z_and_dual_step(theta[..., :-1], z, u, project, rho, norm0)
+        history.record(objective.value(torch.cat([z, theta[..., -1:]], dim=-1)), primal, dual, rho / objective.curvature)
+        if _stops(step, primal, z, history, settings, settled):
             break
-        if not rho_fixed:
-            u = u / settings.rho_growth
-            rho = rho * settings.rho_growth
+        rho, u = _grown(rho, u, settings, rho_fixed)
     return z, theta[..., -1].reshape(-1), history, objective
 
 

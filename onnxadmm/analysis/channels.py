@@ -33,17 +33,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from onnx import helper
 
-from ..onnxio.graph import GraphView
+from ..onnxio.graph import GraphView, attributes
 from .layers import Layer
+from .movers import MOVERS, Decline, Piece, channel_pieces
 
 CHANNELWISE_UNARY = {"Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu",
                      "Celu", "Softplus", "Softsign", "Gelu", "Mish", "ThresholdedRelu", "Identity", "Dropout",
                      "Neg", "Abs", "Erf", "Sqrt", "Exp", "Log", "Reciprocal", "Cast"}
 SPATIAL_POOLS = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"}
 ELEMENTWISE_BINARY = {"Add", "Sub", "Mul", "Div"}
-CHANNEL_MOVERS = ("Concat", "Split", "Slice", "Pad")
 
 
 @dataclass(frozen=True)
@@ -136,10 +135,6 @@ class ChannelGroup:
         return sorted(self.members)
 
 
-class _Decline(Exception):
-    pass
-
-
 def find_channel_groups(view: GraphView, layers: list[Layer]) -> list[ChannelGroup]:
     """Every group started by a layer's output (each layer's output channels belong to one group)."""
     by_node = {layer.node_index: layer for layer in layers}
@@ -191,7 +186,7 @@ def _seed_layer(view: GraphView, by_node: dict[int, Layer], tensor: str, space: 
     try:
         if not _per_channel_node(view, node, kind, space):
             return None
-    except _Decline:
+    except Decline:
         return None
     for operand in _channel_operands(view, node):
         found = _seed_layer(view, by_node, operand, space, kind, depth + 1)
@@ -226,7 +221,7 @@ def _close(view: GraphView, by_node: dict[int, Layer], group: ChannelGroup, star
             walk.reasons.append(f"channels reach the graph output {tensor!r} (its shape must stay)")
         walk.attempt(walk.explain_producer, tensor, place)
         for index in view.consumers.get(tensor, []):
-            if index in walk.through and view.nodes[index].op_type in CHANNEL_MOVERS:
+            if index in walk.through and view.nodes[index].op_type in MOVERS:
                 walk.attempt(walk.check_mover, tensor, place, index)
             elif index not in walk.producers and index not in walk.through and index not in walk.consumers:
                 walk.attempt(walk.explain_reader, tensor, place, index)
@@ -266,7 +261,7 @@ class _Walk:
     def attempt(self, explain, *args) -> None:
         try:
             explain(*args)
-        except _Decline as reason:
+        except Decline as reason:
             self.reasons.append(str(reason))
 
     def pass_through(self, node, index: int, place: Place) -> bool:
@@ -290,15 +285,15 @@ class _Walk:
         its input and output, aligned to its blocks, and is removed in blocks of (a multiple of) that size."""
         block = _block_of(layer, place.space)
         if not block:
-            raise _Decline(f"grouped Conv {layer.name!r} (group={layer.groups}) {role} the channels and has "
+            raise Decline(f"grouped Conv {layer.name!r} (group={layer.groups}) {role} the channels and has "
                            f"{layer.out_features} outputs for its inputs (its groups tie input and output channels "
                            "block by block, and only equal counts pass whole blocks through)")
         if (block > 1 or role == "reads") and (not place.whole or place.lo % block):
-            raise _Decline(f"grouped Conv {layer.name!r} (group={layer.groups}) {role} channels that do not fill "
+            raise Decline(f"grouped Conv {layer.name!r} (group={layer.groups}) {role} channels that do not fill "
                            f"its {'input' if role == 'reads' else 'output'} in whole blocks")
         group_block = int(np.lcm(self.group.block, block))
         if self.group.channels % group_block:
-            raise _Decline(f"grouped Conv {layer.name!r} (group={layer.groups}): the {self.group.channels} "
+            raise Decline(f"grouped Conv {layer.name!r} (group={layer.groups}): the {self.group.channels} "
                            f"channels of the group are not whole blocks of {group_block}")
         self.group.block = group_block
         self.through[index] = place
@@ -326,13 +321,13 @@ class _Walk:
             return
         wide, parts = _mover_places(pieces, pieces[0][1], self.through[index])
         if (wide if tensor == pieces[0][1] else parts[tensor]) != place:
-            raise _Decline(f"{node.op_type} {node.name!r} holds the group's channels at two places")
+            raise Decline(f"{node.op_type} {node.name!r} holds the group's channels at two places")
 
     def explain_producer(self, tensor: str, place: Place) -> None:
         view = self.view
         index = view.producer.get(tensor)
         if index is None:
-            raise _Decline(f"channels of {tensor!r} come from a graph input or constant")
+            raise Decline(f"channels of {tensor!r} come from a graph input or constant")
         if index in self.producers or index in self.through:
             return
         node = view.nodes[index]
@@ -349,7 +344,7 @@ class _Walk:
             return
         if self.pass_through(node, index, place) or self.move(node, index, tensor, place):
             return
-        raise _Decline(f"node {node.name!r} ({node.op_type}) produces the channels and is not understood for "
+        raise Decline(f"node {node.name!r} ({node.op_type}) produces the channels and is not understood for "
                        "channel pruning")
 
     def explain_reader(self, tensor: str, place: Place, index: int) -> None:
@@ -359,7 +354,7 @@ class _Walk:
         if layer is not None and node.input[0] == tensor and tensor not in node.input[1:]:
             if layer.op_type == "Conv":
                 if self.kind != "conv":
-                    raise _Decline(f"Conv {node.name!r} reads row features")
+                    raise Decline(f"Conv {node.name!r} reads row features")
                 if layer.groups == 1:
                     self.consumers[index] = Consumer(layer.name, index, layer.taps, place)
                     return
@@ -367,7 +362,7 @@ class _Walk:
                 self.visit(node.output[0], place)
                 return
             if self.kind != "row" or layer.in_features != place.space:
-                raise _Decline(f"{node.op_type} {node.name!r} reads the channels on an axis that is not its K")
+                raise Decline(f"{node.op_type} {node.name!r} reads the channels on an axis that is not its K")
             self.consumers[index] = Consumer(layer.name, index, 1, place)
             return
         if node.op_type in ("Flatten", "Reshape") and self.kind == "conv":
@@ -377,127 +372,16 @@ class _Walk:
             return
         if self.pass_through(node, index, place) or self.move(node, index, tensor, place):
             return
-        raise _Decline(f"node {node.name!r} ({node.op_type}) reads the channels and is not understood for "
+        raise Decline(f"node {node.name!r} ({node.op_type}) reads the channels and is not understood for "
                        "channel pruning")
 
 
-def _mover_places(pieces: list[tuple[str, str, int, int, int]], tensor: str, place: Place
+def _mover_places(pieces: list[Piece], tensor: str, place: Place
                   ) -> tuple[Place, dict[str, Place | None]]:
     """Given ``tensor``'s place, the wide tensor's place and each narrow tensor's (None: none of the group)."""
     wide = next((place.widened(start, wide_space) for narrow, _, start, _, wide_space in pieces
                  if narrow == tensor), place)
     return wide, {narrow: wide.narrowed(start, start + count) for narrow, _, start, count, _ in pieces}
-
-
-def _channels_of(view: GraphView, tensor: str, kind: str, what: str) -> int:
-    tensor_type = view.types.get(tensor)
-    if tensor_type is None or tensor_type.shape is None:
-        raise _Decline(f"{what}the shape of {tensor!r} is unknown")
-    size = tensor_type.shape[1 if kind == "conv" else len(tensor_type.shape) - 1]
-    if not isinstance(size, int):
-        raise _Decline(f"{what}{tensor!r} has a dynamic channel count")
-    return size
-
-
-def _channel_axis(view: GraphView, tensor: str, kind: str) -> tuple[int, int]:
-    """(channel axis, rank) of ``tensor``."""
-    tensor_type = view.types.get(tensor)
-    if tensor_type is None or tensor_type.shape is None:
-        raise _Decline(f"the rank of {tensor!r} is unknown")
-    rank = len(tensor_type.shape)
-    return (1 if kind == "conv" else rank - 1), rank
-
-
-def channel_pieces(view: GraphView, node, kind: str) -> list[tuple[str, str, int, int, int]] | None:
-    """How a channel mover places channels: [(narrow tensor, wide tensor, start, narrow channels, wide
-    channels)], the narrow tensor being positions [start, start + narrow channels) of the wide one. None when the node is not a mover
-    or leaves the channel axis alone (a spatial Slice or Pad is a per-channel node)."""
-    op = node.op_type
-    if op not in CHANNEL_MOVERS:
-        return None
-    what = f"{op} {node.name!r}: "
-    if op in ("Concat", "Split"):  # the parts, in order, tile the whole tensor along the channel axis
-        whole, parts = (node.output[0], list(node.input)) if op == "Concat" else (node.input[0], list(node.output))
-        axis, rank = _channel_axis(view, whole, kind)
-        if _attrs(node).get("axis", 0) % rank != axis:
-            raise _Decline(f"{what}{'joins' if op == 'Concat' else 'splits'} on axis "
-                           f"{_attrs(node).get('axis', 0)}, not the channel axis")
-        if len(set(parts)) != len(parts):
-            raise _Decline(f"{what}reads the same tensor twice")
-        total = _channels_of(view, whole, kind, what)
-        pieces, start = [], 0
-        for name in parts:
-            count = _channels_of(view, name, kind, what)
-            pieces.append((name, whole, start, count, total))
-            start += count
-        return pieces
-    if op == "Slice":
-        bounds = _slice_bounds(view, node, kind)
-        if bounds is None:
-            return None
-        start, total = bounds
-        return [(node.output[0], node.input[0], start, _channels_of(view, node.output[0], kind, what), total)]
-    pads = _channel_pads(view, node, kind)
-    if pads is None:
-        return None
-    return [(node.input[0], node.output[0], pads[0], _channels_of(view, node.input[0], kind, what),
-             _channels_of(view, node.output[0], kind, what))]
-
-
-def _slice_bounds(view: GraphView, node, kind: str) -> tuple[int, int] | None:
-    """(start, input channels) of a Slice that takes a step-1 range of channels; None when it leaves the
-    channel axis whole."""
-    what = f"Slice {node.name!r}: "
-    axis, rank = _channel_axis(view, node.input[0], kind)
-    attrs = _attrs(node)
-    if len(node.input) > 1:
-        names = list(node.input[1:]) + [""] * (5 - len(node.input))
-        if not all(view.is_constant(n) for n in names if n):
-            raise _Decline(f"{what}computed bounds")
-        starts, ends = (view.constant(n).reshape(-1).tolist() for n in names[:2])
-        axes = view.constant(names[2]).reshape(-1).tolist() if names[2] else list(range(len(starts)))
-        steps = view.constant(names[3]).reshape(-1).tolist() if names[3] else [1] * len(starts)
-    else:
-        starts, ends = list(attrs["starts"]), list(attrs["ends"])
-        axes, steps = list(attrs.get("axes", range(len(starts)))), [1] * len(starts)
-    axes = [int(a) % rank for a in axes]
-    if axis not in axes:
-        return None
-    i = axes.index(axis)
-    total = _channels_of(view, node.input[0], kind, what)
-    start, end, step = int(starts[i]), int(ends[i]), int(steps[i])
-    start, end = (min(max(v + total if v < 0 else v, 0), total) for v in (start, end))
-    if step == 1 and start == 0 and end >= total:
-        return None
-    if step != 1:
-        raise _Decline(f"{what}takes every {step}th channel")
-    return start, total
-
-
-def _channel_pads(view: GraphView, node, kind: str) -> tuple[int, int] | None:
-    """(before, after) zero channels a Pad adds on the channel axis; None when it pads other axes only."""
-    what = f"Pad {node.name!r}: "
-    axis, rank = _channel_axis(view, node.input[0], kind)
-    attrs = _attrs(node)
-    if len(node.input) > 1:
-        if not view.is_constant(node.input[1]):
-            raise _Decline(f"{what}computed pads")
-        if len(node.input) > 3 and node.input[3]:
-            raise _Decline(f"{what}pads selected axes (the 'axes' input)")
-        pads = view.constant(node.input[1]).reshape(-1).tolist()
-        value = view.constant(node.input[2]).reshape(-1) if len(node.input) > 2 and node.input[2] else None
-    else:
-        pads, value = list(attrs.get("pads", [])), np.array([attrs.get("value", 0.0)])
-    if len(pads) != 2 * rank:
-        raise _Decline(f"{what}{len(pads)} pads for a rank-{rank} tensor")
-    before, after = int(pads[axis]), int(pads[axis + rank])
-    if before == after == 0:
-        return None
-    mode = attrs.get("mode", b"constant")
-    if (mode.decode() if isinstance(mode, bytes) else mode) != "constant" or before < 0 or after < 0 or \
-            (value is not None and value.size and np.any(value != 0)):
-        raise _Decline(f"{what}only zero padding of the channel axis is understood")
-    return before, after
 
 
 def _block_of(layer: Layer, channels: int) -> int:
@@ -507,10 +391,6 @@ def _block_of(layer: Layer, channels: int) -> int:
         return 0
     block = channels // layer.groups
     return block if layer.in_features == block * layer.taps else 0
-
-
-def _attrs(node) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _per_channel_node(view: GraphView, node, kind: str, channels: int) -> bool:
@@ -589,25 +469,25 @@ def _flatten_into_layer(view: GraphView, by_node, node, tensor: str, place: Plac
     """Flatten(axis=1) or Reshape to [N, -1] of an [N, C, H, W] tensor feeding one Gemm/MatMul."""
     shape = view.types.get(tensor).shape if view.types.get(tensor) else None
     if shape is None or len(shape) < 2 or any(not isinstance(d, int) for d in shape[1:]):
-        raise _Decline(f"{node.op_type} {node.name!r}: the shape of {tensor!r} is not static")
-    if node.op_type == "Flatten" and _attrs(node).get("axis", 1) != 1:
-        raise _Decline(f"Flatten {node.name!r} with axis != 1")
+        raise Decline(f"{node.op_type} {node.name!r}: the shape of {tensor!r} is not static")
+    if node.op_type == "Flatten" and attributes(node).get("axis", 1) != 1:
+        raise Decline(f"Flatten {node.name!r} with axis != 1")
     if node.op_type == "Reshape":
         if not view.is_constant(node.input[1]):
-            raise _Decline(f"Reshape {node.name!r} has a computed shape")
+            raise Decline(f"Reshape {node.name!r} has a computed shape")
         target = [int(v) for v in view.constant(node.input[1]).reshape(-1)]
         features = int(np.prod(shape[1:]))
         if len(target) != 2 or target[1] not in (-1, features) or target == [-1, -1] or \
                 (target[0] not in (0, -1) and target[1] == -1):
-            raise _Decline(f"Reshape {node.name!r} to {target} is not a flatten to [N, C·H·W]")
-        if _attrs(node).get("allowzero", 0):
-            raise _Decline(f"Reshape {node.name!r} with allowzero=1")
+            raise Decline(f"Reshape {node.name!r} to {target} is not a flatten to [N, C·H·W]")
+        if attributes(node).get("allowzero", 0):
+            raise Decline(f"Reshape {node.name!r} with allowzero=1")
     users = view.consumers.get(node.output[0], [])
     if len(users) != 1 or node.output[0] in view.output_names:
-        raise _Decline(f"the output of {node.op_type} {node.name!r} has several readers")
+        raise Decline(f"the output of {node.op_type} {node.name!r} has several readers")
     layer = by_node.get(users[0])
     width = int(np.prod(shape[2:])) if len(shape) > 2 else 1
     if layer is None or layer.op_type == "Conv" or view.nodes[users[0]].input[0] != node.output[0] or \
             layer.in_features != place.space * width:
-        raise _Decline(f"{node.op_type} {node.name!r} does not feed a Gemm/MatMul layer with K = C·H·W")
+        raise Decline(f"{node.op_type} {node.name!r} does not feed a Gemm/MatMul layer with K = C·H·W")
     return Consumer(layer.name, users[0], width, place)

@@ -20,9 +20,8 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from onnx import helper
 
-from ..onnxio.graph import GraphView
+from ..onnxio.graph import GraphView, attribute
 from .channels import ChannelGroup, Consumer, ShapeEdit, full_place
 from .layers import Layer
 
@@ -120,7 +119,7 @@ class _Declined(Exception):
 
 def _perm(view: GraphView, index: int) -> tuple[int, ...]:
     node = view.nodes[index]
-    return tuple(next((helper.get_attribute_value(a) for a in node.attribute if a.name == "perm"), ()))
+    return tuple(attribute(node, "perm", ()))
 
 
 def _readers(view: GraphView, tensor: str) -> list[int]:

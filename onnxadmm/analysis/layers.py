@@ -15,7 +15,7 @@ import onnx
 from onnx import helper
 
 from ..errors import ConfigError
-from ..onnxio.graph import GraphView
+from ..onnxio.graph import GraphView, attributes
 from .activation import ActivationChain, find_chain
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
@@ -165,10 +165,6 @@ class _Decline(Exception):
     pass
 
 
-def _attrs(node: onnx.NodeProto) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
 def _describe(view: GraphView, index: int) -> Layer:
     node = view.nodes[index]
     if node.op_type == "Conv":
@@ -205,7 +201,7 @@ def _conv(view: GraphView, index: int, node: onnx.NodeProto) -> Layer:
     dims = tuple(weight.dims)
     if len(dims) not in (3, 4):
         raise _Decline(f"{len(dims) - 2}-D convolution is not supported (1-D and 2-D are)")
-    attrs = _attrs(node)
+    attrs = attributes(node)
     groups = int(attrs.get("group", 1))
     if groups < 1 or min(dims) < 1:
         raise _Decline(f"invalid Conv (group={groups}, weight shape {dims})")
@@ -237,7 +233,7 @@ def _conv(view: GraphView, index: int, node: onnx.NodeProto) -> Layer:
 
 
 def _gemm(view: GraphView, index: int, node: onnx.NodeProto) -> Layer:
-    attrs = _attrs(node)
+    attrs = attributes(node)
     if attrs.get("transA", 0):
         raise _Decline("Gemm with transA=1 is not supported")
     if view.is_constant(node.input[0]) and not view.is_constant(node.input[1]):

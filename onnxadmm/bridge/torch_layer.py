@@ -30,6 +30,10 @@ def converter_missing(node: onnx.NodeProto, opset: int) -> bool:
     """True when onnx2torch has no converter for this node's (domain, op_type) at ``opset``."""
     from onnx2torch.node_converters.registry import get_converter
 
+    from . import fakequant
+
+    if node.domain == fakequant.DOMAIN:
+        return node.op_type not in fakequant.OPS
     try:
         get_converter(node.op_type, opset, node.domain or "")
         return False
@@ -66,6 +70,10 @@ def check_convertible(view: GraphView, node_ids: list[int], consequence: str = "
 def onnx_to_torch(model: onnx.ModelProto, first: onnx.NodeProto) -> torch.nn.Module:
     """onnx2torch's module for ``model`` in eval mode; any failure is a BridgeError naming ``first``."""
     from onnx2torch import convert
+
+    from .fakequant import register
+
+    register()  # onnxadmm's training-only ops
 
     try:
         with warnings.catch_warnings():

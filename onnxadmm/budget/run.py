@@ -143,18 +143,17 @@ class _Search:
         self.results = {k: v for k, v in self.results.items() if k in keep}  # hold at most two models
         return measured
 
-    def _measure(self, candidate: Candidate, report: dict, seconds: float) -> Measured:
-        validation = report["validation"]
+    def _measure(self, candidate: Candidate, report, seconds: float) -> Measured:
+        """The candidate's cost and accuracy from its ``CompressReport``."""
+        validation = report.validation
         if self.objective == "latency":
-            rows = validation["latency"]
-            batch = self.batch or rows[0]["batch_size"]
-            cost = next(r["ratio_median"] for r in rows if r["batch_size"] == batch)
+            batch = self.batch or validation.latency[0].batch_size
+            cost = next(r.ratio_median for r in validation.latency if r.batch_size == batch)
         else:
-            footprint = validation["footprint"]
-            cost = footprint["compressed"]["zipped_bytes"] / max(footprint["original"]["zipped_bytes"], 1)
-        failed = [g["name"] for g in validation["gates"] if not g["passed"]]
-        return Measured(candidate, cost, validation["accuracy_drop_pt"], validation["agreement"],
-                        bool(report["passed"]), seconds, f"gate missed: {', '.join(failed)}" if failed else "")
+            cost = validation.compressed.zipped_bytes / max(validation.original.zipped_bytes, 1)
+        failed = [g.name for g in validation.gates if not g.passed]
+        return Measured(candidate, cost, validation.comparison.accuracy_drop_pt, validation.comparison.agreement,
+                        bool(report.passed), seconds, f"gate missed: {', '.join(failed)}" if failed else "")
 
     def result(self, validate_config: ValidateConfig):
         chosen = choose(self.measured)
@@ -168,7 +167,7 @@ class _Search:
                                  if validate_config.max_accuracy_drop is not None
                                  else ("agreement", validate_config.min_agreement))
         rows = [m.row() for m in self.measured]
-        result.report["search"] = {
+        result.report.search = {
             "objective": self.objective, "cost": "latency ratio" if self.objective == "latency" else
             "zipped size ratio", "latency_batch": self.batch, "gate": {gate_kind: gate_value},
             "time_budget_s": None if math.isinf(self.budget_s) else self.budget_s,
@@ -178,6 +177,5 @@ class _Search:
             "chart": mermaid_frontier(rows, self.objective, gate_kind, gate_value),
             "reason": "" if chosen else "no candidate held the gate on the evaluation data; the output is the "
                                         f"one closest to it ({best.candidate.label}: {best.note})"}
-        result.report["passed"] = chosen is not None and result.report["passed"]
-        result.passed = result.report["passed"]
+        result.report.passed = result.passed = chosen is not None and result.report.passed
         return result

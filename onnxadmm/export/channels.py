@@ -24,10 +24,10 @@ from typing import Mapping
 
 import numpy as np
 import onnx
-from onnx import helper
 
-from ..analysis.channels import CHANNEL_MOVERS, ChannelGroup, channel_pieces
-from ..onnxio.graph import FreshNames, GraphView
+from ..analysis.channels import ChannelGroup
+from ..analysis.movers import MOVERS, channel_pieces
+from ..onnxio.graph import FreshNames, GraphView, attribute
 from ..onnxio.load import default_opset
 from ..onnxio.normalize import infer_types
 from .apply import write_initializers
@@ -70,9 +70,8 @@ class _Slicer:
             node = view.nodes[node_index]
             name = node.input[slot]
             if name not in values and len(view.consumers.get(name, [])) > 1:
-                fresh = self.fresh.name(f"{name}__onnxadmm_{node.name}_{slot}")
-                values[fresh] = view.constant(name)
-                node.input[slot] = name = fresh
+                name = self._new_constant(f"{name}__onnxadmm_{node.name}_{slot}", view.constant(name), values)
+                node.input[slot] = name
             array = values[name] if name in values else view.constant(name)
             values[name] = np.delete(array, sorted(indices), axis=axis)
         for node_index, removed in self.group_cuts.items():
@@ -84,80 +83,28 @@ class _Slicer:
             target = view.constant(node.input[1]).copy()
             if target[1] > 0:
                 target[1] -= removed
-                fresh = self.fresh.name(f"{node.input[1]}__onnxadmm_{node.name}")
-                values[fresh] = target
-                node.input[1] = fresh
+                node.input[1] = self._new_constant(f"{node.input[1]}__onnxadmm_{node.name}", target, values)
         for node_index, kind in self.movers.items():
-            self._move(view.nodes[node_index], kind, values)
+            node = view.nodes[node_index]
+            MOVERS[node.op_type].narrow(view, node, kind, self._removed(node.input[0]), self._removed(node.output[0]),
+                                        self.opset, lambda base, value: self._new_constant(base, value, values))
         for (node_index, slot), decreases in self.shape_edits.items():  # always a private copy
             node = view.nodes[node_index]
             target = view.constant(node.input[slot]).copy()
             flat = target.reshape(-1)
             for element, decrease in decreases.items():
                 flat[element] -= decrease
-            fresh = self.fresh.name(f"{node.input[slot]}__onnxadmm_{node.name}_{slot}")
-            values[fresh] = target
-            node.input[slot] = fresh
+            node.input[slot] = self._new_constant(f"{node.input[slot]}__onnxadmm_{node.name}_{slot}", target, values)
         write_initializers(graph, values)
 
-    def _move(self, node: onnx.NodeProto, kind: str, values: dict[str, np.ndarray]) -> None:
-        """New Split sizes / Slice bounds / Pad widths: each loses the removed positions it covers."""
-        view = self.view
-        shape = view.types[node.input[0]].shape
-        axis = 1 if kind == "conv" else len(shape) - 1
-        removed_in = np.array(sorted(self.removed.get(node.input[0], ())), dtype=np.int64)
+    def _removed(self, tensor: str) -> np.ndarray:
+        """The removed positions of ``tensor`` (every group), sorted."""
+        return np.array(sorted(self.removed.get(tensor, ())), dtype=np.int64)
 
-        def before(position: int) -> int:
-            return int(np.searchsorted(removed_in, position))
-
-        if node.op_type == "Split":
-            sizes = [view.types[o].shape[axis] for o in node.output]
-            starts = np.cumsum([0, *sizes])
-            new = np.array([size - (before(starts[i + 1]) - before(starts[i])) for i, size in enumerate(sizes)],
-                           dtype=np.int64)
-            if self.opset >= 13:
-                fresh = self.fresh.name(f"{node.name}__onnxadmm_split")
-                values[fresh] = new
-                while len(node.input) < 2:
-                    node.input.append("")
-                node.input[1] = fresh
-                _drop_attr(node, "num_outputs")
-            else:
-                _set_attr(node, "split", [int(v) for v in new])
-        elif node.op_type == "Slice":
-            total = shape[axis]
-            if len(node.input) > 1:
-                names = list(node.input[1:]) + [""] * (5 - len(node.input))
-                starts, ends = (view.constant(n).reshape(-1).copy() for n in names[:2])
-                axes = view.constant(names[2]).reshape(-1) if names[2] else np.arange(len(starts))
-            else:
-                starts, ends = (np.array(_attr(node, k, []), np.int64) for k in ("starts", "ends"))
-                axes = np.array(_attr(node, "axes", list(range(len(starts)))))
-            i = int(np.flatnonzero(np.asarray(axes) % len(shape) == axis)[0])
-            lo, hi = (min(max(int(v) + total if v < 0 else int(v), 0), total) for v in (starts[i], ends[i]))
-            starts[i], ends[i] = lo - before(lo), hi - before(hi)
-            if len(node.input) > 1:
-                for slot, array in ((1, starts), (2, ends)):
-                    fresh = self.fresh.name(f"{node.name}__onnxadmm_{slot}")
-                    values[fresh] = array.astype(view.constant(node.input[slot]).dtype)
-                    node.input[slot] = fresh
-            else:
-                _set_attr(node, "starts", [int(v) for v in starts])
-                _set_attr(node, "ends", [int(v) for v in ends])
-        else:  # Pad: removed output positions left of / right of the input are pad channels
-            removed_out = np.array(sorted(self.removed.get(node.output[0], ())), dtype=np.int64)
-            rank = len(shape)
-            pads = (view.constant(node.input[1]) if len(node.input) > 1 else
-                    np.array(_attr(node, "pads", []), np.int64)).reshape(-1).copy()
-            first, width = int(pads[axis]), int(shape[axis])
-            pads[axis] -= int(np.sum(removed_out < first))
-            pads[axis + rank] -= int(np.sum(removed_out >= first + width))
-            if len(node.input) > 1:
-                fresh = self.fresh.name(f"{node.name}__onnxadmm_pads")
-                values[fresh] = pads.astype(np.int64)
-                node.input[1] = fresh
-            else:
-                _set_attr(node, "pads", [int(v) for v in pads])
+    def _new_constant(self, base: str, value: np.ndarray, values: dict[str, np.ndarray]) -> str:
+        fresh = self.fresh.name(base)
+        values[fresh] = value
+        return fresh
 
     @property
     def opset(self) -> int:
@@ -196,16 +143,12 @@ def slice_channels(model: onnx.ModelProto, groups: list[ChannelGroup], keep: Map
     return out
 
 
-def _attr(node: onnx.NodeProto, name: str, default):
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
-
-
 def _cut_producer(slicer: _Slicer, index: int, removed: np.ndarray) -> None:
     node = slicer.view.nodes[index]
     if node.op_type == "Conv":
         slicer.cut(index, 1, 0, removed)
     elif node.op_type == "Gemm":
-        slicer.cut(index, 1, 0 if _attr(node, "transB", 0) else 1, removed)
+        slicer.cut(index, 1, 0 if attribute(node, "transB", 0) else 1, removed)
     else:  # MatMul: x @ W, W (K, N)
         slicer.cut(index, 1, 1, removed)
     slicer.cut(index, 2, -1, removed)
@@ -218,20 +161,9 @@ def _cut_consumer(slicer: _Slicer, index: int, removed: np.ndarray, width: int) 
         return
     cols = columns_of(removed, width)
     if node.op_type == "Gemm":
-        slicer.cut(index, 1, 1 if _attr(node, "transB", 0) else 0, cols)
+        slicer.cut(index, 1, 1 if attribute(node, "transB", 0) else 0, cols)
     else:
         slicer.cut(index, 1, 0, cols)
-
-
-def _drop_attr(node: onnx.NodeProto, name: str) -> None:
-    for attr in list(node.attribute):
-        if attr.name == name:
-            node.attribute.remove(attr)
-
-
-def _set_attr(node: onnx.NodeProto, name: str, value) -> None:
-    _drop_attr(node, name)
-    node.attribute.append(helper.make_attribute(name, value))
 
 
 def _cut_through(slicer: _Slicer, index: int, group: ChannelGroup, channels: np.ndarray) -> None:
@@ -241,12 +173,12 @@ def _cut_through(slicer: _Slicer, index: int, group: ChannelGroup, channels: np.
     kind = group.kind
     place = group.places.get(node.output[0]) or group.places[node.input[0]]
     removed = place.positions(channels)
-    if op in CHANNEL_MOVERS:  # a Concat's sizes follow its inputs; the others carry explicit bounds
-        if op != "Concat" and channel_pieces(view, node, kind) is not None:
+    if op in MOVERS:  # new sizes / bounds / pad widths, written once every group's cuts are known
+        if channel_pieces(view, node, kind) is not None:
             slicer.movers[index] = kind
         return
     if op == "Conv":  # grouped, Cin = Cout: whole blocks of Cout/group filters go, and their groups
-        block = view.initializers[node.input[1]].dims[0] // _attr(node, "group", 1)
+        block = view.initializers[node.input[1]].dims[0] // attribute(node, "group", 1)
         slicer.cut(index, 1, 0, removed)
         slicer.cut(index, 2, 0, removed)
         slicer.group_cuts[index] = slicer.group_cuts.get(index, 0) + len(removed) // block

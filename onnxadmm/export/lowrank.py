@@ -23,7 +23,7 @@ import onnx
 from onnx import helper
 
 from ..analysis.layers import Layer
-from ..onnxio.graph import FreshNames
+from ..onnxio.graph import FreshNames, attributes
 from .apply import write_initializers
 
 SPATIAL_ATTRS = ("kernel_shape", "strides", "pads", "dilations", "auto_pad")
@@ -79,7 +79,7 @@ def factorize(model: onnx.ModelProto, factored: list[FactoredLayer]) -> onnx.Mod
         dtype = helper.tensor_dtype_to_np_dtype(layer.weight_elem_type)
         stem = fresh.prefix(f"{layer.weight_name}__onnxadmm_lowrank")  # the factors' names all start with it
         first_out = fresh.name(f"{layer.output_name}__onnxadmm_lowrank_in")
-        conv_attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        conv_attrs = attributes(node)
         first, second_weight = _pair(node, layer, item, stem, first_out, dtype, values)
         before[layer.name] = [first]
         if item.input_basis is not None:

@@ -20,6 +20,12 @@ distilled weights are kept only when their loss on those samples is lower than t
 (Checking on samples the solve had seen was measured to mislead: on ResNet-56 distillation raised the
 loss there while it lowered it, and raised top-1, on 9,000 unseen images.) A model onnx2torch cannot
 convert whole is left as it is, with the reason in the report.
+
+With a precision stage (``--quantize``) distillation runs after the grid solve with the grid fixed: each solved
+weight enters the forward pass as s·clamp(round(W/s), −L, L) with its solved per-channel scales s (L = 127, 63
+or 7; ``FixedGrid``), every tensor the exported model quantizes is rounded as it is there (the graph given
+carries those roundings), and the gradient passes the roundings unchanged (straight-through). The trained
+weights are written back on the grid, so the export stores exactly what was trained.
 """
 
 from __future__ import annotations
@@ -32,8 +38,9 @@ from typing import Mapping
 import numpy as np
 import onnx
 import torch
+from torch.nn.utils import parametrize
 
-from ..bridge.torch_block import BlockModule, convert_block, find_weights
+from ..bridge.torch_block import BlockModule, WeightHandle, convert_block, find_weights
 from ..bridge.torch_layer import BridgeError
 from ..calib.readers import SampleSet, held_out_rows
 from ..config import CompressConfig
@@ -65,10 +72,20 @@ class Distillation:
     note: str = ""
 
 
+@dataclass
+class FixedGrid:
+    """The weights that stay on their integer grid while distilling a quantized model (the activations' roundings
+    are nodes of the graph distilled: ``quantize/fakequant.with_export_rounding``)."""
+
+    weights: dict[str, tuple[np.ndarray, int, int]]  # initializer -> (per-channel scales, ONNX axis, levels L)
+
+
 def distill(original: onnx.ModelProto, compressed: onnx.ModelProto, samples: SampleSet, config: CompressConfig,
-            progress: Progress | None = None) -> tuple[onnx.ModelProto, Distillation | None]:
+            progress: Progress | None = None, grid: FixedGrid | None = None
+            ) -> tuple[onnx.ModelProto, Distillation | None]:
     """``compressed`` (same inputs and outputs as ``original``) with its compressed layers trained to the
-    original's outputs; unchanged, with no record, when ``config.distill_epochs`` is 0."""
+    original's outputs; unchanged, with no record, when ``config.distill_epochs`` is 0. With ``grid``, trained
+    with the grid fixed (module docstring)."""
     if not config.distill_epochs:
         return compressed, None
     progress = progress or (lambda *args: None)
@@ -91,6 +108,8 @@ def distill(original: onnx.ModelProto, compressed: onnx.ModelProto, samples: Sam
         record.seconds = time.perf_counter() - started
         return compressed, record
     record.trained = sorted(handles)
+    if grid is not None:
+        handles = _on_grid(student, handles, grid)
     teacher = session(original, config.threads)
 
     def teach(feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
@@ -106,11 +125,75 @@ def distill(original: onnx.ModelProto, compressed: onnx.ModelProto, samples: Sam
     record.kept = record.loss_after < record.loss_before
     record.seconds = time.perf_counter() - started
     if not held_out.any():
-        record.note = "fewer than 20 calibration samples: checked on the training samples"
+        record.note = "; ".join(n for n in (record.note, "fewer than 20 calibration samples: checked on the "
+                                            "training samples") if n)
     if not record.kept:
         record.note = "; ".join(n for n in (record.note, "the held-out loss did not fall; solved weights kept") if n)
         return compressed, record
     return apply_initializers(compressed, {n: h.to_onnx() for n, h in handles.items()}), record
+
+
+class _GridWeight(torch.nn.Module):
+    """W ↦ s·clamp(round(W/s), −L, L) per channel; the gradient passes unchanged inside the clamp."""
+
+    def __init__(self, scales: np.ndarray, axis: int, levels: int):
+        super().__init__()
+        self.register_buffer("scales", torch.from_numpy(np.asarray(scales, np.float32).reshape(-1)))
+        self.register_buffer("zeros", torch.zeros(self.scales.numel(), dtype=torch.int32))
+        self.axis, self.levels = axis, levels
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return torch.fake_quantize_per_channel_affine(weight, self.scales, self.zeros, self.axis, -self.levels,
+                                                      self.levels)
+
+
+class _GridHandle(WeightHandle):
+    """A parametrized weight: ``tensor`` is the latent value trained, ``to_onnx`` the value on the grid."""
+
+    def __init__(self, module: torch.nn.Module, attribute: str, transposed: bool):
+        super().__init__(getattr(module.parametrizations, attribute).original, transposed)
+        self.module, self.attribute = module, attribute
+
+    def to_onnx(self) -> np.ndarray:
+        with torch.no_grad():
+            value = getattr(self.module, self.attribute).numpy()
+        return np.ascontiguousarray(value.T if self.transposed else value)
+
+
+def _on_grid(student: BlockModule, handles: dict[str, WeightHandle], grid: FixedGrid) -> dict[str, WeightHandle]:
+    """Put each gridded weight behind ``_GridWeight``; returns the handles, the gridded ones trained latent."""
+    owners = {id(t): (m, n) for m in student.module.modules()
+              for n, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]}
+    for name, handle in list(handles.items()):
+        if name in grid.weights:
+            module, attribute = owners[id(handle.tensor)]
+            scales, axis, levels = grid.weights[name]
+            axis = handle.tensor.ndim - 1 - axis if handle.transposed else axis
+            parametrize.register_parametrization(module, attribute, _GridWeight(scales, axis, levels), unsafe=True)
+            handles[name] = _GridHandle(module, attribute, handle.transposed)
+    return handles
+
+
+def held_out_loss(original: onnx.ModelProto, candidates: Mapping[str, onnx.ModelProto], samples: SampleSet,
+                  config: CompressConfig) -> dict[str, float]:
+    """Mean D over the float outputs of each candidate (run in onnxruntime) against ``original``, on the
+    held-out calibration rows (all rows when there are too few to hold any out)."""
+    held = held_out_rows(samples.num_samples, samples.fixed_batch)
+    rows = np.flatnonzero(held) if held.any() else np.arange(samples.num_samples)
+    feed = {n: a[rows] for n, a in samples.arrays.items()}
+    names = [o.name for o in original.graph.output if o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT]
+
+    def outputs(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+        sess = session(model, config.threads)
+        return in_batches(lambda f: sess.run(names, dict(f)), feed, list(feed), names, config.batch_size)
+
+    reference = outputs(original)
+    losses = {}
+    for label, model in candidates.items():
+        got = outputs(model)
+        losses[label] = float(np.mean([float(divergence(torch.from_numpy(got[n]), torch.from_numpy(reference[n])))
+                                       for n in names]))
+    return losses
 
 
 def _augmentation(samples: SampleSet, requested: str) -> str:

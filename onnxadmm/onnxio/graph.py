@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from ..errors import UnsupportedModelError
 
@@ -162,6 +162,26 @@ def _tensor_type(value: onnx.ValueInfoProto) -> TensorType | None:
         else:
             dims.append(None)
     return TensorType(tensor_type.elem_type, tuple(dims))
+
+
+def attributes(node: onnx.NodeProto) -> dict:
+    """A node's attributes as Python values."""
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def attribute(node: onnx.NodeProto, name: str, default=None):
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def drop_attribute(node: onnx.NodeProto, name: str) -> None:
+    for attr in list(node.attribute):
+        if attr.name == name:
+            node.attribute.remove(attr)
+
+
+def set_attribute(node: onnx.NodeProto, name: str, value) -> None:
+    drop_attribute(node, name)
+    node.attribute.append(helper.make_attribute(name, value))
 
 
 class FreshNames:

@@ -52,6 +52,9 @@ def cut(view: GraphView, node_ids: Iterable[int], outputs: list[str],
     graph = helper.make_graph(
         [view.nodes[i] for i in ordered], name, inputs,
         [value_info(t, view.types.get(t)) for t in outputs], initializers)
+    graph.value_info.extend(  # shape inference stops at an op outside the ONNX domain; say what it writes
+        value_info(out, view.types[out]) for i in ordered if view.nodes[i].domain not in ("", "ai.onnx")
+        for out in view.nodes[i].output if out in view.types and out not in outputs)
     model = helper.make_model(graph, opset_imports=list(view.model.opset_import),
                               ir_version=view.model.ir_version)
     model.functions.extend(view.model.functions)

@@ -32,7 +32,7 @@ from ..analysis.channels import ChannelGroup
 from ..calib.readers import SampleSet
 from ..cost.timing import measure, timed
 from ..errors import ConfigError, ExportError
-from ..onnxio.graph import GraphView
+from ..onnxio.graph import GraphView, attributes
 from ..onnxio.outputs import OutputSet
 from ..onnxio.runtime import cpu_threads, session
 from ..onnxio.scratch import cache_root
@@ -83,7 +83,6 @@ class LatencyTable:
         def run():
             from ..analysis.layers import find_layers
             from ..export.lowrank import factorize, random_factored
-            from ..onnxio.graph import GraphView
 
             dense = _one_node(node, input_shape, weight, {})
             layer = find_layers(GraphView(dense)).layers[0]
@@ -248,7 +247,7 @@ def _one_node(node: onnx.NodeProto, input_shape: tuple[int, ...], weight: np.nda
     ``sandwich`` puts a dense 1×1 Conv before (Cin → Cin) and after (Cout → Cout) a Conv."""
     shape = list(_narrowed_input(node, input_shape, narrowed))
     w_shape = list(weight.shape)
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    attrs = attributes(node)
     out_axis, in_axis = _weight_axes(node, attrs)
     if "out" in narrowed:
         w_shape[out_axis] = narrowed["out"]
@@ -349,8 +348,7 @@ class LatencyCost:
                 weight = view.constant(node.input[1])
                 in_shape = (batch, *shapes[node.input[0]][1:])
                 self.shapes_of[index] = (node_key(node), in_shape, weight.shape)
-                out_axis, in_axis = _weight_axes(node, {a.name: helper.get_attribute_value(a)
-                                                        for a in node.attribute})
+                out_axis, in_axis = _weight_axes(node, attributes(node))
                 per = {}
                 for k in options[group.name]:
                     removed = len(place.positions(removed_of[(group.name, k)]))

@@ -21,7 +21,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..calib.ranges import LEVELS, TensorRange
-from ..onnxio.graph import GraphView
+from ..onnxio.graph import FreshNames, GraphView
+from ..onnxio.normalize import infer_types
 
 PREFIX = "__onnxadmm_fq_"
 
@@ -90,3 +91,68 @@ def embedding_rounding(view: GraphView) -> dict[str, np.ndarray]:
         q, scales = row_int8(view.constant(name))
         tables[name] = (q.astype(np.float32) * scales).astype(np.float32)
     return tables
+
+
+def with_export_rounding(model: onnx.ModelProto, exported: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """A copy of the float ``model`` that rounds every tensor the ``exported`` int8 model quantizes, as it does:
+    a ``FakeQuantize`` with the scale and zero point of the export's uint8 ``QuantizeLinear``, or a
+    ``DynamicFakeQuantize`` where the export has ``DynamicQuantizeLinear`` (``bridge/fakequant.py``) — the graph
+    distillation trains with the grid fixed. Returns it and the number of tensors rounded."""
+    from ..bridge.fakequant import DOMAIN
+
+    constants = {t.name: t for t in exported.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
+    rounding: dict[str, tuple[str, dict]] = {}
+    for node in exported.graph.node:
+        tensor = node.input[0] if node.input else ""
+        if tensor.endswith(OUTPUT_RENAMED) and tensor[:-len(OUTPUT_RENAMED)] in outputs:
+            tensor = tensor[:-len(OUTPUT_RENAMED)]  # onnxruntime's quantizer renames a quantized graph output
+        if not tensor or tensor in constants or tensor in rounding:
+            continue
+        if node.op_type == "DynamicQuantizeLinear":
+            rounding[tensor] = ("DynamicFakeQuantize", {})
+        elif node.op_type == "QuantizeLinear" and len(node.input) == 3 and node.input[1] in constants \
+                and node.input[2] in constants:
+            scale, zero = (numpy_helper.to_array(constants[n]) for n in node.input[1:])
+            if scale.size == 1 and zero.dtype == np.uint8:
+                rounding[tensor] = ("FakeQuantize", {"scale": float(scale), "zero_point": int(zero)})
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    known = {v.name: v for v in (*infer_types(model).graph.value_info, *model.graph.input, *model.graph.output)}
+    out.graph.value_info.extend(_renamed(known[t], t) for t in rounding if t in known and t not in outputs)
+    fresh = FreshNames(out.graph)
+    inputs = {v.name for v in out.graph.input}
+    nodes, done = [], 0
+    for tensor in sorted(t for t in rounding if t in inputs):  # graph inputs: their readers read the rounded copy
+        op, attrs = rounding[tensor]
+        rounded = fresh.name(f"{tensor}__onnxadmm_rounded")
+        out.graph.value_info.append(_renamed(known[tensor], rounded))
+        nodes.append(helper.make_node(op, [tensor], [rounded], fresh.name(f"{PREFIX}{done}"), domain=DOMAIN, **attrs))
+        for node in out.graph.node:
+            node.input[:] = [rounded if name == tensor else name for name in node.input]
+        done += 1
+    for node in out.graph.node:  # a computed tensor: its producer writes a raw copy, the rounding writes the tensor
+        nodes.append(node)
+        for slot, tensor in enumerate(node.output):
+            if tensor in rounding:
+                op, attrs = rounding[tensor]
+                raw = fresh.name(f"{tensor}__onnxadmm_raw")
+                node.output[slot] = raw
+                nodes.append(helper.make_node(op, [raw], [tensor], fresh.name(f"{PREFIX}{done}"), domain=DOMAIN,
+                                              **attrs))
+                done += 1
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    out.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    return out, done
+
+
+OUTPUT_RENAMED = "_QuantizeLinear_Input"
+
+
+def _renamed(value: onnx.ValueInfoProto, name: str) -> onnx.ValueInfoProto:
+    """The type of ``value`` under another name (shape inference does not pass the training-only ops)."""
+    copy = onnx.ValueInfoProto()
+    copy.CopyFrom(value)
+    copy.name = name
+    return copy

@@ -8,7 +8,10 @@ every method — sparse, N:M, channels, grouped, low-rank factors (each factor a
    first pass, ``fakequant.py``), then bias correction. Zeros stay zero (the grid ∩ a sparse support).
 2. Activation ranges per tensor from two streamed passes (``ranges.py``), on the model with the solved
    weights.
-3. QDQ through onnxruntime's quantizer with every range and weight scale as an override (``qdq.py``), and
+3. With ``--distill-epochs``: distillation with the grid fixed (``finetune/distill.py``) on a float graph that
+   rounds every tensor the export quantizes as the export does (``fakequant.with_export_rounding``; the rows
+   it is checked on are left out of step 1), kept when the exported graph gets closer to the original.
+4. QDQ through onnxruntime's quantizer with every range and weight scale as an override (``qdq.py``), and
    the fusion coverage: which layers onnxruntime then runs as integer kernels.
 Dynamic activations (transformers: calibrated ranges clip the outliers of LayerNorm outputs and residual
 streams): the MatMuls' weights solved onto the grid from the float inputs, exported in onnxruntime's dynamic
@@ -31,17 +34,18 @@ from ..calib.ranges import TensorRange, activation_ranges, float_tensors
 from ..calib.readers import SampleSet, held_out_rows, run_all
 from ..config import CompressConfig
 from ..export.apply import apply_initializers
-from ..export.w4 import W4_BITS, W4_OPSET, int4_weights
 from ..export.qdq import (WEIGHT_OPS, FusionCoverage, WeightScales, fusion_coverage, int8_forms,
                           quantize_dynamic_int8, quantize_qdq, weight_axis)
+from ..export.w4 import W4_BITS, W4_OPSET, int4_weights
+from ..finetune.distill import Distillation, FixedGrid, distill, held_out_loss
 from ..onnxio.graph import GraphView
 from ..onnxio.load import default_opset
 from ..onnxio.normalize import infer_types, normalize
 from ..onnxio.runtime import session
 from ..plan.latency import timing_feed
-from ..report.schema import layer_row
+from ..report.schema import LayerRow
 from ..solve.layerwise import compress_layers
-from .fakequant import embedding_rounding, with_input_rounding
+from .fakequant import embedding_rounding, with_export_rounding, with_input_rounding
 from .fallback import FloatFallback, keep_faster_float
 
 Progress = Callable[[str, int, int, str], None]
@@ -62,6 +66,7 @@ class QuantizedModel:
     fallback: FloatFallback | None = None  # --objective latency: layers kept float where int8 is slower
     notes: list[str] = field(default_factory=list)  # for the report's notes
     weight_bits: int = 8  # 7 with --int8-reduce-range, 4 for w4
+    distilled: Distillation | None = None  # --distill-epochs: distillation with the grid fixed
 
     def report(self) -> dict:
         estimators: dict[str, int] = {}
@@ -85,13 +90,14 @@ class QuantizedModel:
 
 
 def quantize(model: onnx.ModelProto, samples: SampleSet, config: CompressConfig,
-             progress: Progress | None = None) -> QuantizedModel:
-    """The precision stage ``config.quantize`` names (int8 or w4)."""
-    return (quantize_int8 if config.quantize == "int8" else quantize_w4)(model, samples, config, progress)
+             progress: Progress | None = None, teacher: onnx.ModelProto | None = None) -> QuantizedModel:
+    """The precision stage ``config.quantize`` names (int8 or w4). ``teacher``: the original model, which
+    distillation with the grid fixed (``--distill-epochs``) matches; ``model`` when not given."""
+    return (quantize_int8 if config.quantize == "int8" else quantize_w4)(model, samples, config, progress, teacher)
 
 
 def quantize_w4(model: onnx.ModelProto, samples: SampleSet, config: CompressConfig,
-                progress: Progress | None = None) -> QuantizedModel:
+                progress: Progress | None = None, teacher: onnx.ModelProto | None = None) -> QuantizedModel:
     """int4 weights, float activations (``export/w4.py``): every layer's weights onto the 4-bit grid through its
     activation, x̂ the inputs of the model whose earlier layers are already on their grid (zeros kept), then
     stored as int4 with their scales."""
@@ -101,13 +107,16 @@ def quantize_w4(model: onnx.ModelProto, samples: SampleSet, config: CompressConf
     view = normalized.view()
     found = apply_exclude(find_layers(view), config.exclude)
     structures = {layer.name: Structure("grid", bits=W4_BITS, keep_zeros=True) for layer in found.layers}
-    solved = compress_layers(view, found.layers, samples, structures, {l.name: 1.0 for l in found.layers}, config,
-                             progress)
+    solved = compress_layers(view, found.layers, _solving(samples, config), structures,
+                             {l.name: 1.0 for l in found.layers}, config, progress)
     solved_model = apply_initializers(normalized.model, solved.initializers)
     seconds = {"weights_s": time.perf_counter() - started}
+    scales = _solved_scales(solved_model, solved)
+    solved_model, distilled = _distilled(teacher or normalized.model, solved_model, samples, config, progress,
+                                         scales, W4_BITS, lambda m: int4_weights(m, scales), seconds)
     started = time.perf_counter()
     progress("quantize", 0, 1, "int4 export")
-    quantized = int4_weights(solved_model, _solved_scales(solved_model, solved))
+    quantized = int4_weights(solved_model, scales)
     seconds["export_s"] = time.perf_counter() - started
     coverage = FusionCoverage(float=[{"name": o.layer.name, "op_type": o.layer.op_type,
                                       "reason": "w4: int4 weights dequantized to float; the layer runs in float"}
@@ -116,11 +125,11 @@ def quantize_w4(model: onnx.ModelProto, samples: SampleSet, config: CompressConf
         f"--quantize w4: the model was converted from opset {default_opset(model)} to {W4_OPSET} and IR version "
         f"{model.ir_version} to {quantized.ir_version} (int4 weights need both; onnxruntime >= 1.20 runs it)"]
     return QuantizedModel(quantized, _rows(solved), _declined(found, solved), {}, coverage, seconds, "float",
-                          float_model=solved_model, notes=notes, weight_bits=W4_BITS)
+                          float_model=solved_model, notes=notes, weight_bits=W4_BITS, distilled=distilled)
 
 
 def quantize_int8(model: onnx.ModelProto, samples: SampleSet, config: CompressConfig,
-                  progress: Progress | None = None) -> QuantizedModel:
+                  progress: Progress | None = None, teacher: onnx.ModelProto | None = None) -> QuantizedModel:
     """The int8 model with static or dynamic activations (``config.int8_activations``; auto: both where the
     MatMuls hold most of the layer weights, the one with the smaller output error on the held-out calibration
     samples kept)."""
@@ -128,7 +137,8 @@ def quantize_int8(model: onnx.ModelProto, samples: SampleSet, config: CompressCo
     normalized = normalize(model)
     found = apply_exclude(find_layers(normalized.view()), config.exclude)
     modes = int8_forms(found.layers, config.int8_activations)
-    built = {mode: (_static if mode == "static" else _dynamic)(normalized, found, samples, config, progress)
+    built = {mode: (_static if mode == "static" else _dynamic)(normalized, found, samples, config, progress,
+                                                                 teacher or normalized.model)
              for mode in modes}
     chosen = next(iter(built.values()))
     if len(built) > 1:
@@ -182,7 +192,7 @@ def _relative_sq(estimate: np.ndarray, reference: np.ndarray) -> float:
     return float(np.sum((estimate.astype(np.float64) - reference) ** 2) / max(np.sum(reference ** 2), 1e-30))
 
 
-def _static(normalized, found, samples: SampleSet, config: CompressConfig, progress) -> QuantizedModel:
+def _static(normalized, found, samples: SampleSet, config: CompressConfig, progress, teacher) -> QuantizedModel:
     seconds = {}
     started = time.perf_counter()
     view = normalized.view()
@@ -194,8 +204,8 @@ def _static(normalized, found, samples: SampleSet, config: CompressConfig, progr
     layers = [layer for layer in apply_exclude(find_layers(rounded_view), config.exclude).layers
               if layer.name in inputs]
     structures = {layer.name: Structure("grid", bits=int8_bits(config), keep_zeros=True) for layer in layers}
-    solved = compress_layers(rounded_view, layers, samples, structures, {l.name: 1.0 for l in layers}, config,
-                             progress, switches)
+    solved = compress_layers(rounded_view, layers, _solving(samples, config), structures,
+                             {l.name: 1.0 for l in layers}, config, progress, switches)
     solved_model = apply_initializers(normalized.model, solved.initializers)
     seconds["weights_s"] = time.perf_counter() - started
     started = time.perf_counter()
@@ -203,9 +213,12 @@ def _static(normalized, found, samples: SampleSet, config: CompressConfig, progr
     ranges = activation_ranges(solved_model, names, samples, config.activation_range, config.batch_size,
                                config.threads, progress)
     seconds["ranges_s"] = time.perf_counter() - started
+    scales = _solved_scales(solved_model, solved)
+    solved_model, distilled = _distilled(
+        teacher, solved_model, samples, config, progress, scales, int8_bits(config),
+        lambda m: quantize_qdq(m, samples, ranges, scales, (), config.int8_reduce_range), seconds)
     started = time.perf_counter()
     progress("quantize", 0, 1, "QDQ export")
-    scales = _solved_scales(solved_model, solved)
 
     def export(float_nodes=()):
         return quantize_qdq(solved_model, samples, ranges, scales, float_nodes, config.int8_reduce_range)
@@ -214,10 +227,10 @@ def _static(normalized, found, samples: SampleSet, config: CompressConfig, progr
     coverage = _coverage(quantized, solved_model, view)
     seconds["export_s"] = time.perf_counter() - started
     return QuantizedModel(quantized, _rows(solved), _declined(found, solved), ranges, coverage, seconds, "static",
-                          float_model=solved_model, export=export)
+                          float_model=solved_model, export=export, distilled=distilled)
 
 
-def _dynamic(normalized, found, samples: SampleSet, config: CompressConfig, progress) -> QuantizedModel:
+def _dynamic(normalized, found, samples: SampleSet, config: CompressConfig, progress, teacher) -> QuantizedModel:
     """Weights of the MatMuls (and plain Gemms) onto the grid, x̂ the inputs of the model whose embedding tables
     are already rounded as exported (the run-time activation rounding follows each tensor's own range, which no
     calibrated pass reproduces), then onnxruntime's dynamic form (embeddings int8 per row)."""
@@ -228,13 +241,16 @@ def _dynamic(normalized, found, samples: SampleSet, config: CompressConfig, prog
               (layer.op_type == "Gemm" and layer.alpha == 1.0 and layer.beta == 1.0)]
     structures = {layer.name: Structure("grid", bits=int8_bits(config), keep_zeros=True) for layer in layers}
     tables = embedding_rounding(view)
-    solved = compress_layers(view, layers, samples, structures, {l.name: 1.0 for l in layers}, config, progress,
-                             tables)
+    solved = compress_layers(view, layers, _solving(samples, config), structures, {l.name: 1.0 for l in layers},
+                             config, progress, tables)
     solved_model = apply_initializers(normalized.model, solved.initializers)
     seconds["weights_s"] = time.perf_counter() - started
+    scales = _solved_scales(solved_model, solved)
+    solved_model, distilled = _distilled(
+        teacher, solved_model, samples, config, progress, scales, int8_bits(config),
+        lambda m: quantize_dynamic_int8(m, scales, (), config.int8_reduce_range), seconds)
     started = time.perf_counter()
     progress("quantize", 0, 1, "dynamic int8 export")
-    scales = _solved_scales(solved_model, solved)
 
     def export(float_nodes=()):
         return quantize_dynamic_int8(solved_model, scales, float_nodes, config.int8_reduce_range)
@@ -243,7 +259,40 @@ def _dynamic(normalized, found, samples: SampleSet, config: CompressConfig, prog
     coverage = _coverage(quantized, solved_model, view)
     seconds["export_s"] = time.perf_counter() - started
     return QuantizedModel(quantized, _rows(solved), _declined(found, solved), {}, coverage, seconds, "dynamic",
-                          float_model=solved_model, export=export)
+                          float_model=solved_model, export=export, distilled=distilled)
+
+
+def _solving(samples: SampleSet, config: CompressConfig) -> SampleSet:
+    """The samples the grid solve sees: with ``--distill-epochs``, the held-out rows the distillation is checked
+    on are left out."""
+    held = held_out_rows(samples.num_samples, samples.fixed_batch)
+    return samples.subset(np.flatnonzero(~held)) if config.distill_epochs and held.any() else samples
+
+
+def _distilled(teacher: onnx.ModelProto, solved_model: onnx.ModelProto, samples: SampleSet, config: CompressConfig,
+               progress, scales: dict[str, WeightScales], bits: int,
+               export: Callable[[onnx.ModelProto], onnx.ModelProto], seconds: dict[str, float]
+               ) -> tuple[onnx.ModelProto, Distillation | None]:
+    """``--distill-epochs``: the solved model distilled with the grid fixed (``finetune/distill.py``), kept when
+    its exported form is closer to ``teacher`` on the held-out calibration samples than the solved one's."""
+    if not config.distill_epochs:
+        return solved_model, None
+    started = time.perf_counter()
+    levels = 2 ** (bits - 1) - 1
+    grid = FixedGrid({name: (s.scales, s.axis, levels) for name, s in scales.items()})
+    training, _ = with_export_rounding(solved_model, export(solved_model))
+    trained, record = distill(teacher, training, samples, config, progress, grid)
+    view = GraphView(trained)
+    distilled_model = apply_initializers(solved_model, {name: view.constant(name) for name in record.trained})
+    if record.kept:  # judged again on the exported graphs
+        losses = held_out_loss(teacher, {"solved": export(solved_model), "distilled": export(distilled_model)},
+                               samples, config)
+        record.kept = losses["distilled"] < losses["solved"]
+        record.note = "; ".join(n for n in (record.note, "exported graphs on the held-out samples: loss "
+                                            f"{losses['solved']:.4g} solved, {losses['distilled']:.4g} distilled"
+                                            + ("" if record.kept else "; solved weights kept")) if n)
+    seconds["distill_s"] = time.perf_counter() - started
+    return (distilled_model if record.kept else solved_model), record
 
 
 def int8_bits(config: CompressConfig) -> int:
@@ -269,5 +318,5 @@ def _declined(found, solved) -> list[dict]:
 
 
 def _rows(solved) -> list[dict]:
-    return [{**layer_row(o), "scale_min": float(o.scales.min()), "scale_max": float(o.scales.max())}
+    return [{**LayerRow.of(o).as_dict(), "scale_min": float(o.scales.min()), "scale_max": float(o.scales.max())}
             for o in solved.outcomes if o.scales is not None]

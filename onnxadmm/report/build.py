@@ -1,68 +1,36 @@
-"""The reports' content: what ``compress`` and ``validate`` write as JSON (``schema.py`` for the
-versioned envelope and the per-layer rows, ``markdown.py`` for the rendering)."""
+"""The reports' content: the typed reports of ``compress`` and ``validate`` (``schema.py``) assembled from
+what the stages returned (``markdown.py`` renders them)."""
 
 from __future__ import annotations
 
-import dataclasses
 import resource
 import time
 
-from ..onnxio.load import LoadedModel, default_opset
-from .schema import SCHEMA_VERSION, layer_row, machine
-
-
-def kept_dense(row: dict) -> bool:
-    """A solved layer that lost no weight and was not factorized (its values may be refit)."""
-    return row["structure"] == "dense" or ("rank" not in row and row["nonzero"] >= row["params"])
-
-
-def input_info(loaded: LoadedModel) -> dict:
-    model = loaded.model
-    return {"path": str(loaded.path) if loaded.path else None, "sha256": loaded.sha256,
-            "size_bytes": loaded.size_bytes, "opset": default_opset(model), "ir_version": model.ir_version,
-            "producer": f"{model.producer_name} {model.producer_version}".strip()}
-
+from ..onnxio.load import LoadedModel
+from .schema import Calibration, CompressReport, LayerRow, ModelFile, Timing, Totals, ValidateReport
 
 
 def compress_report(loaded: LoadedModel, config, validate_config, digest: str, calib, plan_report: dict, solved,
-                    declined: list, validation, notes: list[str], started: float, solve_seconds: float) -> dict:
-    """The ``compress`` report (schema ``SCHEMA_VERSION``); ``started`` is the run's ``perf_counter`` start."""
-    rows = [layer_row(o) for o in solved.outcomes]
-    total = sum(r["params"] for r in rows)
-    nonzero = sum(r["nonzero"] for r in rows)
-    fp_a, fp_b = validation.original, validation.compressed
-    return {
-        "schema_version": SCHEMA_VERSION, "kind": "compress", "tool": machine(),
-        "input": input_info(loaded), "output": {},
-        "config": dataclasses.asdict(config), "validate_config": dataclasses.asdict(validate_config),
-        "config_sha256": digest, "seed": config.seed,
-        "calibration": {"source": calib.source, "samples": calib.num_samples,
-                        "representative": calib.representative},
-        "plan": plan_report,
-        "layers": rows, "refined_blocks": [dataclasses.asdict(o) for o in solved.refined],
-        "distillation": dataclasses.asdict(solved.distilled) if solved.distilled else None,
-        "declined": [dataclasses.asdict(d) for d in declined],
-        "totals": {"layers_compressed": sum(not kept_dense(r) for r in rows),
-                   "layers_kept_dense": sum(kept_dense(r) for r in rows),  # solved (refit), nothing removed
-                   "layers_declined": len(declined),
-                   "weights_in_compressed_layers": total, "nonzero_in_compressed_layers": nonzero,
-                   "sparsity": 1 - nonzero / total if total else 0.0,
-                   "nonzero_reduction_x": fp_a.nonzero_layer_weights / max(fp_b.nonzero_layer_weights, 1)},
-        "validation": validation.as_dict(), "passed": validation.passed,
-        "timing": {"compress_s": solve_seconds, "total_s": time.perf_counter() - started,
-                   "peak_rss_mb": peak_rss_mb(), "activation_cache_peak_mb": solved.peak_cache_bytes / 2**20,
-                   "activation_spilled_mb": solved.spilled_bytes / 2**20},
-        "notes": notes,
-    }
+                    declined: list, validation, notes: list[str], started: float, solve_seconds: float
+                    ) -> CompressReport:
+    """The ``compress`` report; ``started`` is the run's ``perf_counter`` start."""
+    rows = [LayerRow.of(o) for o in solved.outcomes]
+    reduction = validation.original.nonzero_layer_weights / max(validation.compressed.nonzero_layer_weights, 1)
+    timing = Timing(time.perf_counter() - started, peak_rss_mb(), solve_seconds, solved.peak_cache_bytes / 2**20,
+                    solved.spilled_bytes / 2**20)
+    return CompressReport(
+        input=ModelFile.of(loaded), config=config, validate_config=validate_config, config_sha256=digest,
+        calibration=Calibration(calib.source, calib.num_samples, calib.representative), plan=plan_report,
+        layers=rows, refined_blocks=list(solved.refined), distillation=solved.distilled, declined=list(declined),
+        totals=Totals.of(rows, len(declined), reduction), validation=validation, timing=timing, notes=notes,
+        passed=validation.passed)
 
 
-def validate_report(original: LoadedModel, compressed: LoadedModel, config, validation, started: float) -> dict:
+def validate_report(original: LoadedModel, compressed: LoadedModel, config, validation, started: float
+                    ) -> ValidateReport:
     """The ``validate`` report; ``started`` is the run's ``perf_counter`` start."""
-    return {"schema_version": SCHEMA_VERSION, "kind": "validate", "tool": machine(),
-            "input": input_info(original), "output": input_info(compressed),
-            "validate_config": dataclasses.asdict(config), "validation": validation.as_dict(),
-            "passed": validation.passed,
-            "timing": {"total_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}}
+    return ValidateReport(ModelFile.of(original), ModelFile.of(compressed), config, validation,
+                          Timing(time.perf_counter() - started, peak_rss_mb()), validation.passed)
 
 
 def peak_rss_mb() -> float:

@@ -58,45 +58,43 @@ def _fmt(value, digits: int = 4) -> str:
     return str(value)
 
 
-def _validation(lines: list[str], v: dict) -> None:
-    lines.append(f"## Validation ({v['samples']} samples, {'held-out' if v['held_out'] else 'NOT held-out'}: "
-                 f"{v['data']})")
+def _validation(lines: list[str], v) -> None:
+    """``v``: a ``validation.run.Validation``."""
+    c = v.comparison
+    lines.append(f"## Validation ({c.samples} samples, {'held-out' if v.held_out else 'NOT held-out'}: "
+                 f"{v.data_source})")
     lines.append("")
     lines.append("| metric | value |")
     lines.append("|---|---|")
-    if v.get("agreement") is not None:
-        lines.append(f"| top-1 agreement with original | {v['agreement']:.4f} |")
-    if v.get("accuracy_original") is not None:
-        lines.append(f"| top-1 original / compressed | {100 * v['accuracy_original']:.2f} % / "
-                     f"{100 * v['accuracy_compressed']:.2f} % |")
-        lines.append(f"| top-1 drop | {v['accuracy_drop_pt']:.2f} pt |")
-    for out in v["outputs"]:
-        lines.append(f"| `{out['name']}` cosine / max-abs / rel. error | {out['cosine']:.6f} / "
-                     f"{_fmt(out['max_abs'])} / {_fmt(out['relative_error'])} |")
-        if out.get("sample_cosine") is not None:
-            lines.append(f"| `{out['name']}` mean per-sample cosine | {out['sample_cosine']:.4f} |")
-    fa, fb = v["footprint"]["original"], v["footprint"]["compressed"]
-    lines.append(f"| file size raw | {fa['size_bytes']:,} → {fb['size_bytes']:,} B |")
-    lines.append(f"| file size zip | {fa['zipped_bytes']:,} → {fb['zipped_bytes']:,} B |")
-    lines.append(f"| nonzero params | {fa['nonzero_params']:,} → {fb['nonzero_params']:,} |")
-    lines.append(f"| dense MACs / sample | {fa['macs']:,} → {fb['macs']:,} |")
-    for lat in v["latency"]:
-        lines.append(f"| latency batch {lat['batch_size']}, {lat['threads']} thr | "
-                     f"{lat['original_ms_median']:.3f} → {lat['compressed_ms_median']:.3f} ms (median); "
-                     f"speed-up {lat['speedup']:.3f}× [{1 / lat['ratio_p90']:.3f}, {1 / lat['ratio_p10']:.3f}] |")
+    if c.agreement is not None:
+        lines.append(f"| top-1 agreement with original | {c.agreement:.4f} |")
+    if c.accuracy_original is not None:
+        lines.append(f"| top-1 original / compressed | {100 * c.accuracy_original:.2f} % / "
+                     f"{100 * c.accuracy_compressed:.2f} % |")
+        lines.append(f"| top-1 drop | {c.accuracy_drop_pt:.2f} pt |")
+    for out in c.outputs:
+        lines.append(f"| `{out.name}` cosine / max-abs / rel. error | {out.cosine:.6f} / "
+                     f"{_fmt(out.max_abs)} / {_fmt(out.relative_error)} |")
+        if out.sample_cosine is not None:
+            lines.append(f"| `{out.name}` mean per-sample cosine | {out.sample_cosine:.4f} |")
+    fa, fb = v.original, v.compressed
+    lines.append(f"| file size raw | {fa.size_bytes:,} → {fb.size_bytes:,} B |")
+    lines.append(f"| file size zip | {fa.zipped_bytes:,} → {fb.zipped_bytes:,} B |")
+    lines.append(f"| nonzero params | {fa.nonzero_params:,} → {fb.nonzero_params:,} |")
+    lines.append(f"| dense MACs / sample | {fa.macs:,} → {fb.macs:,} |")
+    for lat in v.latency:
+        lines.append(f"| latency batch {lat.batch_size}, {lat.threads} thr | "
+                     f"{lat.original_ms_median:.3f} → {lat.compressed_ms_median:.3f} ms (median); "
+                     f"speed-up {lat.speedup:.3f}× [{1 / lat.ratio_p90:.3f}, {1 / lat.ratio_p10:.3f}] |")
     lines.append("")
-    if v.get("gains"):
-        lines.append("**What was gained**")
-        lines.append("")
-        lines.extend(f"- {g}" for g in v["gains"])
-        lines.append("")
-    if v.get("time_split"):
-        _time_split(lines, v["time_split"])
-    if v["gates"]:
+    _bullets(lines, "**What was gained**", v.gains)
+    if v.time_split:
+        _time_split(lines, v.time_split)
+    if v.gates:
         lines.append("**Gates**")
         lines.append("")
-        for gate in v["gates"]:
-            lines.append(f"- {'PASS' if gate['passed'] else 'FAIL'} `{gate['name']}`: {gate['detail']}")
+        for gate in v.gates:
+            lines.append(f"- {'PASS' if gate.passed else 'FAIL'} `{gate.name}`: {gate.detail}")
         lines.append("")
 
 
@@ -123,32 +121,33 @@ def _time_split(lines: list[str], split: dict, top: int = 15) -> None:
     lines.append("")
 
 
-def _refined(lines: list[str], rows: list[dict]) -> None:
-    kept = sum(r["kept"] for r in rows)
+def _refined(lines: list[str], rows: list) -> None:
+    """``rows``: ``finetune.refine.BlockOutcome``s."""
+    kept = sum(r.kept for r in rows)
     lines.append(f"## Block-wise refinement ({kept} of {len(rows)} blocks improved; relative error of the "
                  "block output on held-out calibration samples)")
     lines.append("")
     lines.append("| block | layers | error before → after | kept | s | note |")
     lines.append("|---|---|---|---|---|---|")
     for r in rows:
-        lines.append(f"| `{r['block']}` | {len(r['layers'])} | {_fmt(r['loss_before'], 3)} → "
-                     f"{_fmt(r['loss_after'], 3)} | {'epoch ' + str(r.get('best_epoch')) if r['kept'] else 'no'} | {r['seconds']:.1f} | "
-                     f"{r['note']} |")
+        lines.append(f"| `{r.block}` | {len(r.layers)} | {_fmt(r.loss_before, 3)} → {_fmt(r.loss_after, 3)} | "
+                     f"{'epoch ' + str(r.best_epoch) if r.kept else 'no'} | {r.seconds:.1f} | {r.note} |")
     lines.append("")
 
 
-def _distilled(lines: list[str], d: dict) -> None:
-    lines.append(f"## Whole-model distillation ({d['epochs']} epochs, augmentation {d['augment']}, "
-                 f"{len(d['trained'])} weight tensors trained, {d['seconds']:.1f} s)")
+def _distilled(lines: list[str], d) -> None:
+    """``d``: a ``finetune.distill.Distillation``."""
+    lines.append(f"## Whole-model distillation ({d.epochs} epochs, augmentation {d.augment}, "
+                 f"{len(d.trained)} weight tensors trained, {d.seconds:.1f} s)")
     lines.append("")
     lines.append("On every tenth calibration sample (held out of the solve, the block refinement and the "
                  "distillation):")
     lines.append("")
-    lines.append(f"- loss to the original's outputs: {_fmt(d['loss_before'], 4)} → {_fmt(d['loss_after'], 4)}")
-    if d["agreement_before"] is not None:
-        lines.append(f"- top-1 agreement with the original: {_fmt(d['agreement_before'], 3)} → "
-                     f"{_fmt(d['agreement_after'], 3)}")
-    lines.append(f"- distilled weights kept: {'yes' if d['kept'] else 'no'}" + (f" ({d['note']})" if d["note"] else ""))
+    lines.append(f"- loss to the original's outputs: {_fmt(d.loss_before, 4)} → {_fmt(d.loss_after, 4)}")
+    if d.agreement_before is not None:
+        lines.append(f"- top-1 agreement with the original: {_fmt(d.agreement_before, 3)} → "
+                     f"{_fmt(d.agreement_after, 3)}")
+    lines.append(f"- distilled weights kept: {'yes' if d.kept else 'no'}" + (f" ({d.note})" if d.note else ""))
     lines.append("")
 
 
@@ -220,57 +219,65 @@ def _search(lines: list[str], search: dict) -> None:
     lines.append("")
 
 
-def render(report: dict) -> str:
-    lines = [f"# onnxadmm {report['kind']} report", ""]
-    status = "PASSED" if report.get("passed", True) else "FAILED (a gate was missed)"
+def render(report) -> str:
+    """Markdown for a ``CompressReport``, ``ValidateReport`` or ``CheckReport`` (``schema.py``)."""
+    lines = [f"# onnxadmm {report.kind} report", ""]
+    status = "PASSED" if report.passed else "FAILED (a gate was missed)"
     lines.append(f"**Result: {status}**")
     lines.append("")
-    if "input" in report:
-        lines.append(f"- input: `{report['input'].get('path')}` (sha256 {report['input']['sha256'][:12]}…)")
-    if report.get("output"):
-        lines.append(f"- output: `{report['output'].get('path')}`")
-    if "config" in report and "method" in report["config"]:
-        c = report["config"]
-        lines.append(f"- method `{c['method']}`, loss `{c['loss']}`, solver `{c['solver']}`, seed {c['seed']}")
-    if "calibration" in report:
-        cal = report["calibration"]
-        rep = "" if cal["representative"] else " — **random data, not representative**"
-        lines.append(f"- calibration: {cal['samples']} samples from `{cal['source']}`{rep}")
-    if "totals" in report:
-        t = report["totals"]
-        kept = t.get("layers_kept_dense", 0)
-        lines.append(f"- compressed layers: {t['layers_compressed']}"
-                     + (f", kept dense and refit: {kept}" if kept else "") + f" (declined {t['layers_declined']}); "
-                     f"sparsity over them {t['sparsity']:.4f}; nonzero layer weights "
-                     f"{t['nonzero_reduction_x']:.2f}× fewer")
-    if "timing" in report:
-        tm = report["timing"]
-        lines.append(f"- time {tm['total_s']:.1f} s, peak RSS {tm['peak_rss_mb']:.0f} MB")
-    for note in report.get("notes", []):
+    lines.append(f"- input: `{report.input.path}` (sha256 {report.input.sha256[:12]}…)")
+    if report.kind == "check":
+        _check(lines, report)
+        return "\n".join(lines)
+    if report.output:
+        lines.append(f"- output: `{report.output.path}`")
+    compress = report.kind == "compress"
+    if compress:
+        c = report.config
+        lines.append(f"- method `{c.method}`, loss `{c.loss}`, solver `{c.solver}`, seed {c.seed}")
+        cal = report.calibration
+        rep = "" if cal.representative else " — **random data, not representative**"
+        lines.append(f"- calibration: {cal.samples} samples from `{cal.source}`{rep}")
+        t = report.totals
+        lines.append(f"- compressed layers: {t.layers_compressed}"
+                     + (f", kept dense and refit: {t.layers_kept_dense}" if t.layers_kept_dense else "")
+                     + f" (declined {t.layers_declined}); sparsity over them {t.sparsity:.4f}; nonzero layer "
+                     f"weights {t.nonzero_reduction_x:.2f}× fewer")
+    lines.append(f"- time {report.timing.total_s:.1f} s, peak RSS {report.timing.peak_rss_mb:.0f} MB")
+    for note in report.notes if compress else []:
         lines.append(f"- note: {note}")
     lines.append("")
-    if report.get("search"):
-        _search(lines, report["search"])
-    if report.get("validation"):
-        _validation(lines, report["validation"])
-    if report.get("layers"):
+    if compress and report.search:
+        _search(lines, report.search)
+    _validation(lines, report.validation)
+    if compress:
+        _compress_sections(lines, report)
+    if report.platform_check:
+        _platform(lines, report.platform_check)
+    if compress:
+        _bullets(lines, "## Left dense", [f"`{row.name}` ({row.op_type}): {row.reason}" for row in report.declined])
+    return "\n".join(lines)
+
+
+def _compress_sections(lines: list[str], report) -> None:
+    """The layers, the fine-tuning, and the plan as the method and the precision stage report it."""
+    if report.layers:
         lines.append("## Layers")
         lines.append("")
         lines.append("| layer | op | shape | activation | structure | target | sparsity | error dense → "
                      "projected → final | s |")
         lines.append("|---|---|---|---|---|---|---|---|---|")
-        for row in report["layers"]:
-            lines.append(f"| `{row['name']}` | {row['op_type']} | {'×'.join(map(str, row['weight_shape']))} | "
-                         f"{row['activation']} | {row['structure']} | {row['target_level']:.2f} | "
-                         f"{row['sparsity']:.3f} | {_fmt(row['error_dense'], 3)} → "
-                         f"{_fmt(row['error_projected'], 3)} → {_fmt(row['error_final'], 3)} | "
-                         f"{row['seconds']:.2f} |")
+        for row in report.layers:
+            lines.append(f"| `{row.name}` | {row.op_type} | {'×'.join(map(str, row.weight_shape))} | "
+                         f"{row.activation} | {row.structure} | {row.target_level:.2f} | {row.sparsity:.3f} | "
+                         f"{_fmt(row.error_dense, 3)} → {_fmt(row.error_projected, 3)} → "
+                         f"{_fmt(row.error_final, 3)} | {row.seconds:.2f} |")
         lines.append("")
-    if report.get("refined_blocks"):
-        _refined(lines, report["refined_blocks"])
-    if report.get("distillation"):
-        _distilled(lines, report["distillation"])
-    plan = report.get("plan") or {}
+    if report.refined_blocks:
+        _refined(lines, report.refined_blocks)
+    if report.distillation:
+        _distilled(lines, report.distillation)
+    plan = report.plan or {}
     if plan.get("groups"):
         lines.append(f"## Channel groups (MACs planned {plan['macs_planned_ratio']:.3f} of the original, "
                      f"{plan['strategy']})")
@@ -291,12 +298,29 @@ def render(report: dict) -> str:
         _factor_plan(lines, plan)
     if plan.get("quantization"):
         _quantization(lines, plan["quantization"])
-    if report.get("platform_check"):
-        _platform(lines, report["platform_check"])
-    if report.get("declined"):
-        lines.append("## Left dense")
+
+
+def _check(lines: list[str], report) -> None:
+    """``check``: what the method would compress and decline."""
+    lines.append(f"- method `{report.method}`: {len(report.compressible)} compressible layers, "
+                 f"{len(report.declined)} declined")
+    lines.extend(f"- note: {note}" for note in report.notes)
+    lines.append("")
+    lines.append("## What the method would do")
+    lines.append("")
+    lines.extend(f"- {line}" for line in report.method_preview)
+    lines.append("")
+    if report.compressible:
+        lines.append("| layer | op | shape | activation | params |")
+        lines.append("|---|---|---|---|---|")
+        for row in report.compressible:
+            lines.append(f"| `{row.name}` | {row.op_type} | {'×'.join(map(str, row.weight_shape))} | "
+                         f"{row.activation} | {row.params:,} |")
         lines.append("")
-        for row in report["declined"]:
-            lines.append(f"- `{row['name']}` ({row['op_type']}): {row['reason']}")
-        lines.append("")
-    return "\n".join(lines)
+    _bullets(lines, "## Declined", [f"`{row.name}` ({row.op_type}): {row.reason}" for row in report.declined])
+
+
+def _bullets(lines: list[str], title: str, items: list[str]) -> None:
+    """A titled bullet list; nothing when there are no items."""
+    if items:
+        lines.extend([title, "", *(f"- {item}" for item in items), ""])

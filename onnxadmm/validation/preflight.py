@@ -3,14 +3,13 @@ groups, MACs and parameters — without calibration data."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import numpy as np
 import onnx
 
 from ..analysis.channels import find_channel_groups
-from ..analysis.layers import apply_exclude, find_layers
+from ..analysis.layers import Declined, apply_exclude, find_layers
 from ..bridge.torch_layer import BridgeError, activation_function, converter_missing
 from ..config import CheckConfig, CompressConfig
 from ..cost.footprint import footprint
@@ -19,11 +18,10 @@ from ..onnxio.graph import GraphView, model_inputs
 from ..onnxio.load import as_loaded, default_opset
 from ..onnxio.normalize import normalize
 from ..onnxio.runtime import session
-from ..report.build import input_info
-from ..report.schema import SCHEMA_VERSION, machine
+from ..report.schema import CheckReport, CompressibleLayer, GroupSummary, ModelFile
 
 
-def check(model: Any, config: CheckConfig | CompressConfig = CheckConfig()) -> dict:
+def check(model: Any, config: CheckConfig | CompressConfig = CheckConfig()) -> CheckReport:
     """Preflight: which layers would be compressed, which are declined and why, MACs and params. What
     ``compress`` would refuse before any work (unreadable text, a failed full check, a node onnxruntime
     cannot run) raises here the same error."""
@@ -35,28 +33,20 @@ def check(model: Any, config: CheckConfig | CompressConfig = CheckConfig()) -> d
     everything = find_layers(view)
     found = apply_exclude(everything, config.exclude)
     found = method.declines(found, config) if method else found
-    compressible, declined = [], [dataclasses.asdict(d) for d in found.declined]
+    compressible, declined = [], list(found.declined)
     for layer in found.layers:
         try:
             activation_function(view, layer)
         except BridgeError as exc:
-            declined.append({"name": layer.name, "op_type": layer.op_type, "reason": str(exc)})
+            declined.append(Declined(layer.name, layer.op_type, str(exc)))
             continue
-        compressible.append({"name": layer.name, "op_type": layer.op_type,
-                             "weight_shape": list(layer.weight_shape), "groups": layer.groups,
-                             "activation": layer.chain.description if layer.chain else "none",
-                             "params": layer.num_weights})
-    groups = [{"name": g.name, "channels": g.channels, "producers": len(g.producers),
-               "consumers": [c.layer for c in g.consumers], "declined": g.declined}
+        compressible.append(CompressibleLayer(layer.name, layer.op_type, list(layer.weight_shape), layer.groups,
+                                              layer.chain.description if layer.chain else "none", layer.num_weights))
+    groups = [GroupSummary(g.name, g.channels, len(g.producers), [c.layer for c in g.consumers], g.declined)
               for g in find_channel_groups(view, found.layers)]
-    report = {"schema_version": SCHEMA_VERSION, "kind": "check", "tool": machine(), "input": input_info(loaded),
-              "method": config.method, "notes": loaded.notes,
-              "normalization": normalized.rewrites, "compressible": compressible, "declined": declined,
-              "channel_groups": groups, "method_preview": _preview(method, view, everything, found, config),
-              "unsupported_ops": _unsupported_ops(view), "estimate": _estimate(loaded.model, view)}
-    report["passed"] = bool(compressible)
-    report["verdict"] = "ok" if compressible else f"nothing can be compressed in this model by --method {config.method}"
-    return report
+    return CheckReport(ModelFile.of(loaded), config.method, loaded.notes, normalized.rewrites, compressible, declined,
+                       groups, _preview(method, view, everything, found, config), _unsupported_ops(view),
+                       _estimate(loaded.model, view))
 
 
 def _preview(method, view: GraphView, everything, found, config) -> list[str]:
