@@ -478,3 +478,22 @@ def test_the_training_graph_computes_what_the_exported_int8_model_computes():
     step = float(initializer(quantized.model, q_out.input[1]))
     assert np.abs(got - exported).max() <= 2 * step
     assert np.abs(got - exported).mean() < 0.5 * np.abs(floating - exported).mean()
+
+
+def test_dynamic_int8_distillation_trains_through_the_run_time_rounding():
+    """Dynamic int8: the activations are rounded per tensor at run time; the distilled graph rounds them the same
+    way, so its held-out loss is the exported model's (the record's before/after equal the losses measured on
+    the exported graphs in onnxruntime)."""
+    import re
+
+    from test_refine import deep_mlp
+
+    model = deep_mlp(8)
+    result = compress(model, samples_for(model, 400, seed=1),
+                      CompressConfig(method="sparse", sparsity=0.5, uniform=True, admm_iterations=10, quantize="int8",
+                                     int8_activations="dynamic", distill_epochs=10, distill_lr=1e-3), QUICK)
+    record = result.report.distillation
+    assert result.report.plan["quantization"]["activations"] == "dynamic"
+    solved, distilled = map(float, re.search(r"loss (\S+) solved, (\S+) distilled", record.note).groups())
+    assert solved == pytest.approx(record.loss_before, rel=1e-3) and distilled == pytest.approx(record.loss_after, rel=1e-3)
+    assert record.kept and distilled < solved

@@ -52,8 +52,10 @@ def _cache_path() -> Path:
 class LatencyTable:
     """Times (ms) of one-node models, measured once per shape and kept on disk."""
 
-    def __init__(self, threads: int, use_disk: bool = True, precision: str = "none"):
+    def __init__(self, threads: int, use_disk: bool = True, precision: str = "none", timer=measure):
+        """``timer``: the A/B measurement (``cost.timing.measure``'s signature; a test passes synthetic times)."""
         self.threads = cpu_threads(threads)
+        self.timer = timer
         self.precision = precision  # "int8" / "int8-dynamic": whole graphs are timed in that int8 form
         self.path = _cache_path() if use_disk else None
         self.entries: dict[str, float] = {}
@@ -69,7 +71,7 @@ class LatencyTable:
         "out" (output channels/features) and/or "in" (input channels/features)."""
         def run():
             small = x[tuple(slice(0, d) for d in _narrowed_input(node, input_shape, narrowed))]
-            return measure(_one_node(node, input_shape, weight, {}), _one_node(node, input_shape, weight, narrowed),
+            return self.timer(_one_node(node, input_shape, weight, {}), _one_node(node, input_shape, weight, narrowed),
                            {"x": x}, ROUNDS, self.threads, feed_b={"x": small})
 
         x = np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)
@@ -88,7 +90,7 @@ class LatencyTable:
             layer = find_layers(GraphView(dense)).layers[0]
             pair = factorize(dense, [random_factored(layer, inner, input_rank, np.random.default_rng(2))])
             x = np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)
-            return measure(dense, pair, {"x": x}, ROUNDS, self.threads)
+            return self.timer(dense, pair, {"x": x}, ROUNDS, self.threads)
 
         key = ("pair", *node_key(node), tuple(input_shape), weight.shape, inner, self.threads)
         return self._cached(key + ((("tucker2", input_rank),) if input_rank else ()), run)
@@ -106,11 +108,11 @@ class LatencyTable:
         conv is also timed between two dense 1×1 convs (its neighbours in the model), dense against
         grouped: with t the node alone and Δ the sandwich's grouped − dense time, ratio = (t + Δ) / t."""
         def alone():
-            return measure(_one_node(node, input_shape, weight, {}),
+            return self.timer(_one_node(node, input_shape, weight, {}),
                            _one_node(node, input_shape, weight, {}, group=blocks), {"x": x}, ROUNDS, self.threads)
 
         def sandwiched():
-            return measure(_one_node(node, input_shape, weight, {}, sandwich=True),
+            return self.timer(_one_node(node, input_shape, weight, {}, sandwich=True),
                            _one_node(node, input_shape, weight, {}, group=blocks, sandwich=True), {"x": x}, ROUNDS,
                            self.threads)
 
@@ -130,10 +132,10 @@ class LatencyTable:
         def run():
             dense = _one_node(node, input_shape, weight, {})
             if self.precision == "int8-dynamic":
-                return measure(dense, quantize_dynamic_int8(dense, {}), {"x": x}, ROUNDS, self.threads)
+                return self.timer(dense, quantize_dynamic_int8(dense, {}), {"x": x}, ROUNDS, self.threads)
             chain = integer_chain(rounded_qdq(dense, {"x": x}))
             x_u8 = np.random.default_rng(0).integers(0, 256, input_shape, dtype=np.uint8)
-            return measure(dense, chain, {"x": x}, ROUNDS, self.threads, feed_b={chain.graph.input[0].name: x_u8})
+            return self.timer(dense, chain, {"x": x}, ROUNDS, self.threads, feed_b={chain.graph.input[0].name: x_u8})
 
         x = np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)
         return self._cached((self.precision, *node_key(node), tuple(input_shape), weight.shape, self.threads), run)
@@ -153,9 +155,9 @@ class LatencyTable:
             if precision != "none":
                 from ..export.qdq import rounded_int8
 
-                return measure(rounded_int8(original, feed, precision),
+                return self.timer(rounded_int8(original, feed, precision),
                                rounded_int8(planned, feed, precision), feed, PLAN_ROUNDS, self.threads)
-            return measure(original, planned, feed, PLAN_ROUNDS, self.threads)
+            return self.timer(original, planned, feed, PLAN_ROUNDS, self.threads)
 
         parts = ("plan", structure_digest(original), structure_digest(planned), _shapes(feed), self.threads)
         return self._cached(parts + ((precision,) if precision != "none" else ()), run)[1]
@@ -166,7 +168,7 @@ class LatencyTable:
         from ..export.qdq import rounded_int8
 
         def run():
-            return measure(original, rounded_int8(original, feed, self.precision), feed, PLAN_ROUNDS, self.threads)
+            return self.timer(original, rounded_int8(original, feed, self.precision), feed, PLAN_ROUNDS, self.threads)
 
         kind = "int8" if self.precision == "int8" else self.precision
         return self._cached((kind, structure_digest(original), _shapes(feed), self.threads), run)[1]
