@@ -190,6 +190,11 @@ def test_check_says_what_each_method_would_do(workdir):
     layers = len(reports["lowrank"].compressible)
     assert sum(line.startswith("  + ") for line in preview["lowrank"]) == layers  # every layer, with its ranks
     assert "int8 grid" in preview["none"][0] and preview["auto"][1] == preview["channel"][0]
+    from onnxadmm.report.markdown import render
+
+    markdown = render(reports["lowrank"])  # what `check --report` writes beside the JSON
+    assert markdown.startswith("# onnxadmm check report") and "```\n" + preview["lowrank"][0] in markdown
+    assert all(f"| `{row.name}` |" in markdown for row in reports["lowrank"].compressible)
     code, out, _ = cli("check", workdir / "in.onnx", "--method", "grouped", "--conv-groups", "3")
     assert code == 0 and "with 3 blocks" in out
     code, _, err = cli("check", workdir / "in.onnx", "--conv-groups", "3")

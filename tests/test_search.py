@@ -235,3 +235,17 @@ def test_a_budget_without_a_method_is_the_search(words, method):
 
     args = build_parser().parse_args(["compress", "m.onnx", "o.onnx", "--calib", "random:4", *words])
     assert _configs(args, with_compress=True)[0].method == method
+
+
+@pytest.mark.parametrize("miss_drop, refined", [(0.8, True), (3.0, False)])
+def test_refinement_is_retried_only_on_a_miss_within_reach_of_the_budget(miss_drop, refined):
+    """A miss at 1.6x the 0.5 pt budget gets the refinement retry; one at 6x is reported as not tried."""
+    table = _Table(lambda c: 0.1 if c.method == "none" or c.sparsity < 0.75 else miss_drop,
+                   lambda c: 0.28 if c.method == "none" else 0.28 * (1 - c.sparsity))
+    result = run_search(table, CompressConfig(method="auto", objective="size"), ValidateConfig(max_accuracy_drop=0.5),
+                        lambda *a: None)
+    assert any(c.refine_epochs for c in table.calls) == refined
+    last = result.report.search["candidates"][-1]
+    assert last["label"].endswith(", refined")
+    assert last["note"].startswith("not tried: the unrefined run's damage is 6.0x the budget") != refined
+    assert result.report.search["chosen"] == "sparse 0.625 + int8"  # the bisection's hold, refined or not

@@ -11,7 +11,9 @@ Candidates, cheapest first, each a full ``compress`` measured in onnxruntime lik
    with the step, so the first miss ends it; one bisection step then tries the level between the last hold
    (int8 alone counting as level 0) and the miss.
 3. The least aggressive miss is tried again with block refinement (``--refine-epochs``, default ``REFINE_EPOCHS``), the
-   one place where the extra time can move the frontier.
+   one place where the extra time can move the frontier — when its damage is at most ``REFINE_REACH`` times the
+   budget (top-1 drop, or 1 − agreement): on the test-bed refinement brought back misses at 1.18× and 1.27× the
+   budget and none at 3.9×, 6× or 10.9× (``docs/SEARCH.md``), so a far miss is reported as not tried.
 A candidate that would not finish within ``--time-budget-min`` (estimated from the slowest run so far) is
 skipped and reported as such. ``--channel-multiple`` and ``--latency-batch`` go to the channel candidates; the
 latency batch is also the one every candidate's cost is measured at.
@@ -33,6 +35,7 @@ from .frontier import Candidate, Measured, choose, closest, frontier, mark
 LATENCY_STEPS = (0.92, 0.84, 0.76)
 SPARSITIES = (0.5, 0.75, 0.9, 0.95)
 REFINE_EPOCHS = 10
+REFINE_REACH = 2.0
 
 
 def run_search(attempt: Callable[[CompressConfig], object], config: CompressConfig,
@@ -65,21 +68,38 @@ def run_search(attempt: Callable[[CompressConfig], object], config: CompressConf
     levels = [anchor * f for f in LATENCY_STEPS] if config.objective == "latency" else list(SPARSITIES)
     # int8 alone is the ladder's level 0 (channels at the int8 latency, or no sparsity): the bisection may fall
     # between it and the first step
-    held, missed = (anchor if config.objective == "latency" else 0.0) if int8_holds else None, None
+    held, missed, miss = (anchor if config.objective == "latency" else 0.0) if int8_holds else None, None, None
     for level in levels:
         outcome = search.run(make(level))
         if outcome is None or not outcome.passed:
-            missed = level if outcome is not None and outcome.cost is not None else None
+            missed, miss = (level, outcome) if outcome is not None and outcome.cost is not None else (None, None)
             break
         held = level
     if missed is not None and held is not None:  # one bisection step between the last hold and the miss
         middle = (held + missed) / 2
         outcome = search.run(make(middle))
         if outcome is not None and not outcome.passed and outcome.cost is not None:
-            missed = middle
+            missed, miss = middle, outcome
     if missed is not None:
-        search.run(make(missed, config.refine_epochs or REFINE_EPOCHS))
+        refined = make(missed, config.refine_epochs or REFINE_EPOCHS)
+        excess = _excess(miss, validate_config)
+        if excess <= REFINE_REACH:
+            search.run(refined)
+        else:
+            search.skip(refined, f"not tried: the unrefined run's damage is {excess:.1f}x the budget, beyond what "
+                                 f"refinement recovered in any measurement ({REFINE_REACH:g}x at most)")
     return search.result(validate_config)
+
+
+def _excess(miss: Measured, validate_config: ValidateConfig) -> float:
+    """How many budgets a miss spent: top-1 drop / the drop allowed, or (1 − agreement) / (1 − the agreement
+    required); the larger where both gates are set."""
+    ratios = [0.0]
+    if validate_config.max_accuracy_drop is not None and miss.accuracy_drop_pt is not None:
+        ratios.append(miss.accuracy_drop_pt / max(validate_config.max_accuracy_drop, 1e-9))
+    if validate_config.min_agreement is not None and miss.agreement is not None:
+        ratios.append((1.0 - miss.agreement) / max(1.0 - validate_config.min_agreement, 1e-9))
+    return max(ratios)
 
 
 def _default(name: str):
@@ -113,8 +133,7 @@ class _Search:
         elapsed = time.perf_counter() - self.started
         slowest = max((m.seconds for m in self.measured), default=0.0)
         if self.measured and elapsed + slowest > self.budget_s:
-            self.measured.append(Measured(candidate, None, None, None, False, 0.0,
-                                          f"skipped: {elapsed:.0f} s of the {self.budget_s:.0f} s budget spent"))
+            self.skip(candidate, f"skipped: {elapsed:.0f} s of the {self.budget_s:.0f} s budget spent")
             return None
         self.progress("search", len(self.measured), len(self.measured) + 1, candidate.label)
         started = time.perf_counter()
@@ -142,6 +161,10 @@ class _Search:
         keep = {id(choose(self.measured)), id(closest(self.measured))}
         self.results = {k: v for k, v in self.results.items() if k in keep}  # hold at most two models
         return measured
+
+    def skip(self, candidate: Candidate, reason: str) -> None:
+        """Report ``candidate`` as not run, and why."""
+        self.measured.append(Measured(candidate, None, None, None, False, 0.0, reason))
 
     def _measure(self, candidate: Candidate, report, seconds: float) -> Measured:
         """The candidate's cost and accuracy from its ``CompressReport``."""

@@ -306,10 +306,7 @@ def _check(lines: list[str], report) -> None:
                  f"{len(report.declined)} declined")
     lines.extend(f"- note: {note}" for note in report.notes)
     lines.append("")
-    lines.append("## What the method would do")
-    lines.append("")
-    lines.extend(f"- {line}" for line in report.method_preview)
-    lines.append("")
+    lines.extend(["## What the method would do", "", "```", *report.method_preview, "```", ""])
     if report.compressible:
         lines.append("| layer | op | shape | activation | params |")
         lines.append("|---|---|---|---|---|")
