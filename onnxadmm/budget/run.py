@@ -83,7 +83,7 @@ def run_search(attempt: Callable[[CompressConfig], object], config: CompressConf
     if missed is not None:
         refined = make(missed, config.refine_epochs or REFINE_EPOCHS)
         excess = _excess(miss, validate_config)
-        if excess <= REFINE_REACH:
+        if excess <= REFINE_REACH * (1 + 1e-6):  # a drop of exactly twice the budget, give or take float rounding
             search.run(refined)
         else:
             search.skip(refined, f"not tried: the unrefined run's damage is {excess:.1f}x the budget, beyond what "
