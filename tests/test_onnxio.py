@@ -290,3 +290,24 @@ def test_fresh_names_never_meet_a_name_the_graph_has():
     assert fresh.name("y") == "y_2" and fresh.name("r") == "r_2"
     stem = fresh.prefix("w__onnxadmm_lowrank")  # "…_out" exists: the stem itself must move
     assert stem == "w__onnxadmm_lowrank_2"
+
+
+def test_large_models_reach_onnxruntime_through_files_with_the_same_results(monkeypatch):
+    """Models from ``FILES_FROM_BYTES`` up are given to onnxruntime as a temporary file with external data (no
+    in-memory serialization): with the threshold at 0, a whole compress through that path writes the model the
+    in-memory path writes, byte for byte."""
+    from onnxadmm import CompressConfig, ValidateConfig, compress
+    from onnxadmm.onnxio import runtime
+
+    model = tiny_cnn()
+    feed = samples_for(model, 32)
+    config = CompressConfig(sparsity=0.5, sensitivity_samples=8, admm_iterations=4, sample_patches=1024)
+    in_memory = compress(model, feed, config, ValidateConfig(latency_rounds=1))
+    calls = []
+    through_files = runtime._session_from_files
+    monkeypatch.setattr(runtime, "FILES_FROM_BYTES", 0)
+    monkeypatch.setattr(runtime, "_session_from_files", lambda *a, **k: calls.append(1) or through_files(*a, **k))
+    on_disk = compress(model, feed, config, ValidateConfig(latency_rounds=1))
+    assert calls  # every session of the second run went through a file
+    assert on_disk.model.SerializeToString() == in_memory.model.SerializeToString()
+    assert on_disk.report.validation.comparison.outputs[0].cosine == in_memory.report.validation.comparison.outputs[0].cosine

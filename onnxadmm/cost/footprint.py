@@ -132,24 +132,23 @@ def footprint(model: onnx.ModelProto, feed_one: dict[str, np.ndarray], threads: 
               blob: bytes | None = None) -> Footprint:
     """Measure ``model``; ``feed_one`` is a single-sample input used to observe shapes."""
     size_bytes, pieces = (len(blob), [blob]) if blob is not None else serialized_pieces(model)
-    params = nonzero = 0
-    arrays = {}
+    counts = {}  # initializer -> (elements, nonzero elements), one tensor in memory at a time
     for tensor in _parameter_initializers(model):
         array = numpy_helper.to_array(tensor)
-        arrays[tensor.name] = array
-        params += array.size
-        nonzero += int(np.count_nonzero(array))
+        counts[tensor.name] = (array.size, int(np.count_nonzero(array)))
+        del array
+    params, nonzero = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
     for node in model.graph.node:  # QDQ: a layer's weight is the integer tensor behind its DequantizeLinear
-        if node.op_type == "DequantizeLinear" and node.input[0] in arrays:
-            arrays[node.output[0]] = arrays[node.input[0]]
+        if node.op_type == "DequantizeLinear" and node.input[0] in counts:
+            counts[node.output[0]] = counts[node.input[0]]
     macs = nonzero_macs = layer_weights = nonzero_layer_weights = 0
     for index, cost in node_macs(model, feed_one, threads).items():
         node = cost.node
-        weight = arrays.get(node.input[1]) if len(node.input) > 1 else None
+        weight = counts.get(node.input[1]) if len(node.input) > 1 else None
         macs += cost.dense
         if weight is not None:
-            layer_weights += weight.size
-            nz = int(np.count_nonzero(weight))
+            layer_weights += weight[0]
+            nz = weight[1]
             nonzero_layer_weights += nz
             nonzero_macs += nz * cost.positions if node.op_type != "ConvTranspose" else cost.dense
         else:

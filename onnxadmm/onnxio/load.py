@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from ..errors import BadInputError, UnsupportedModelError
-from .save import exceeds_protobuf_limit, serialized_pieces
+from .save import serialized_pieces, weightless
 
 MIN_OPSET = 7
 
@@ -175,8 +175,7 @@ def check_model(model: onnx.ModelProto, where: str) -> None:
             f"{where} uses ai.onnx opset {opset}, newer than this onnxruntime supports ({limit}); "
             f"re-export at opset <= {limit} or upgrade onnxruntime")
     try:
-        if not exceeds_protobuf_limit(model):
-            onnx.checker.check_model(model)
+        onnx.checker.check_model(weightless(model))
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid graph"
         raise UnsupportedModelError(f"{where} fails onnx.checker: {first}") from None
@@ -186,12 +185,10 @@ def check_model(model: onnx.ModelProto, where: str) -> None:
 
 
 def full_check(model: onnx.ModelProto) -> str | None:
-    """None when onnx.checker's full check (strict shape inference) passes, else its first line. Models over
-    protobuf's 2 GB limit are not checked here (the checker needs them serialized)."""
-    if exceeds_protobuf_limit(model):
-        return None
+    """None when onnx.checker's full check (strict shape inference) passes, else its first line. Checked on the
+    ``weightless`` proxy, so a model of any size is checked without a copy of its weights."""
     try:
-        onnx.checker.check_model(model, full_check=True)
+        onnx.checker.check_model(weightless(model), full_check=True)
         return None
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         return (str(exc).strip().splitlines() or ["invalid"])[0]

@@ -28,7 +28,7 @@ from onnx import numpy_helper
 from ..errors import UnsupportedModelError
 from .graph import GraphView
 from .load import default_opset, full_check
-from .save import without_initializers
+from .save import weightless
 
 # (op_type -> input slots that hold constants we may need as initializers)
 _CONSTANT_SLOTS = {"Conv": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1), "Clip": (1, 2)}
@@ -213,23 +213,10 @@ def _unshare_biases(graph: onnx.GraphProto, rewrites: list[str]) -> None:
         rewrites.append(f"gave {copied} Conv/Gemm nodes a private copy of a bias they shared")
 
 
-SHAPE_PROXY_MIN_ELEMENTS = 1024  # initializers at least this large enter shape inference as typed inputs
-
-
 def infer_types(model: onnx.ModelProto, data_prop: bool = True) -> onnx.ModelProto:
-    """The model's graph with inferred value_info and no weights (only its types are read).
-
-    Inference runs on a proxy in which every large initializer is a graph input of the same type and
-    shape: types come out the same (small constants, which shape arithmetic may read, stay), and a model
-    of any size costs no copy of its weights and never meets protobuf's 2 GB limit."""
-    proxy = without_initializers(model)
-    declared = {v.name for v in proxy.graph.input}
-    for tensor in model.graph.initializer:
-        if int(np.prod(tensor.dims, dtype=np.int64)) < SHAPE_PROXY_MIN_ELEMENTS:
-            proxy.graph.initializer.append(tensor)
-        elif tensor.name not in declared:
-            proxy.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type,
-                                                                        list(tensor.dims)))
+    """The model's graph with inferred value_info and no weights (only its types are read). Inference runs on
+    the ``weightless`` proxy: the same types, no copy of the weights, never protobuf's 2 GB limit."""
+    proxy = weightless(model)
     try:
         return onnx.shape_inference.infer_shapes(proxy, data_prop=data_prop)
     except Exception:  # noqa: BLE001 - shapes also come from the runtime pass

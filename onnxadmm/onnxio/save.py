@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Mapping
 
+import numpy as np
 import onnx
 from google.protobuf.message import EncodeError
 from onnx import numpy_helper
@@ -32,6 +33,25 @@ def exceeds_protobuf_limit(model: onnx.ModelProto) -> bool:
 def without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of everything but the graph's initializers (cheap: the weights are not copied)."""
     return _copy_except(model, {"graph": lambda graph: _copy_except(graph, {"initializer": None})})
+
+
+WEIGHTLESS_MIN_ELEMENTS = 1024  # initializers at least this large are typed graph inputs in ``weightless``
+
+
+def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with every large initializer (``WEIGHTLESS_MIN_ELEMENTS`` or more elements) turned into a graph
+    input of the same type and shape; small constants, which shape arithmetic may read, stay. onnx.checker and
+    shape inference see the same graph and types, without a copy of the weights (the checker otherwise
+    serializes the whole model, twice its size in memory) and whatever the model's size."""
+    proxy = without_initializers(model)
+    declared = {v.name for v in proxy.graph.input}
+    for tensor in model.graph.initializer:
+        if int(np.prod(tensor.dims, dtype=np.int64)) < WEIGHTLESS_MIN_ELEMENTS:
+            proxy.graph.initializer.append(tensor)
+        elif tensor.name not in declared:
+            proxy.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type,
+                                                                        list(tensor.dims)))
+    return proxy
 
 
 def _copy_except(message, special: dict):
