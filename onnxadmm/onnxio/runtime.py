@@ -57,13 +57,15 @@ def session_options(threads: int, optimize: bool):
     return options
 
 
-def _session_from_files(model: onnx.ModelProto, options, extra_outputs: Sequence[str] = ()):
-    """Models over protobuf's 2 GB limit go through a temporary file with external data, written tensor by
-    tensor from ``model`` (not copied); ``extra_outputs`` are added to the written graph's outputs."""
+def _session_from_files(model: onnx.ModelProto, options, extra_outputs: Sequence[str] = (),
+                        extra_inputs: Sequence[onnx.ValueInfoProto] = ()):
+    """Large models go through a temporary file with external data, written tensor by tensor from ``model``
+    (not copied); ``extra_outputs`` / ``extra_inputs`` are added to the written graph's outputs / inputs."""
     import onnxruntime as ort
 
     skeleton = without_initializers(model)
     _add_outputs(skeleton, extra_outputs)
+    skeleton.graph.input.extend(extra_inputs)
     with scratch_folder("onnxadmm-session-") as folder:
         path = os.path.join(folder, "model.onnx")
         write_with_external_data(skeleton, model.graph.initializer, Path(path), "model.onnx.data")
@@ -76,6 +78,20 @@ def session_with_outputs(model: onnx.ModelProto, names: Sequence[str], threads: 
         return _session_from_files(model, session_options(threads, True), names)
     probe = copy.deepcopy(model)
     _add_outputs(probe, names)
+    return session(probe, threads)
+
+
+def session_with_inputs(model: onnx.ModelProto, inputs: Sequence[onnx.ValueInfoProto], threads: int = 0):
+    """A session where the initializers named by ``inputs`` can also be fed (their stored values are the
+    defaults); the model is not changed."""
+    present = {v.name for v in model.graph.input}
+    added = [v for v in inputs if v.name not in present]
+    if _through_files(model):
+        return _session_from_files(model, session_options(threads, True), extra_inputs=added)
+    probe = copy.deepcopy(model)  # (copy.copy serializes: fails over 2 GB)
+    probe.graph.input.extend(added)
+    if probe.ir_version < 4:
+        probe.ir_version = 4
     return session(probe, threads)
 
 
