@@ -12,8 +12,8 @@ Candidates, cheapest first, each a full ``compress`` measured in onnxruntime lik
    (int8 alone counting as level 0) and the miss.
 3. The least aggressive miss is tried again with block refinement (``--refine-epochs``, default ``REFINE_EPOCHS``), the
    one place where the extra time can move the frontier — when its damage is at most ``REFINE_REACH`` times the
-   budget (top-1 drop, or 1 − agreement): on the test-bed refinement brought back misses at 1.18× and 1.27× the
-   budget and none at 3.9×, 6× or 10.9× (``docs/SEARCH.md``), so a far miss is reported as not tried.
+   budget (top-1 drop, or 1 − agreement); a farther miss is reported as not tried (the measurements behind the
+   reach: ``docs/METHODS.md``).
 A candidate that would not finish within ``--time-budget-min`` (estimated from the slowest run so far) is
 skipped and reported as such. ``--channel-multiple`` and ``--latency-batch`` go to the channel candidates; the
 latency batch is also the one every candidate's cost is measured at.

@@ -280,13 +280,14 @@ def _distilled(teacher: onnx.ModelProto, solved_model: onnx.ModelProto, samples:
     started = time.perf_counter()
     levels = 2 ** (bits - 1) - 1
     grid = FixedGrid({name: (s.scales, s.axis, levels) for name, s in scales.items()})
-    training, _ = with_export_rounding(solved_model, export(solved_model))
+    exported = export(solved_model)
+    training, _ = with_export_rounding(solved_model, exported)
     trained, record = distill(teacher, training, samples, config, progress, grid)
-    view = GraphView(trained)
-    distilled_model = apply_initializers(solved_model, {name: view.constant(name) for name in record.trained})
+    distilled_model = solved_model
     if record.kept:  # judged again on the exported graphs
-        losses = held_out_loss(teacher, {"solved": export(solved_model), "distilled": export(distilled_model)},
-                               samples, config)
+        view = GraphView(trained)
+        distilled_model = apply_initializers(solved_model, {name: view.constant(name) for name in record.trained})
+        losses = held_out_loss(teacher, {"solved": exported, "distilled": export(distilled_model)}, samples, config)
         record.kept = losses["distilled"] < losses["solved"]
         record.note = "; ".join(n for n in (record.note, "exported graphs on the held-out samples: loss "
                                             f"{losses['solved']:.4g} solved, {losses['distilled']:.4g} distilled"
