@@ -507,6 +507,36 @@ def test_in_context_calibration_makes_each_group_alone_save_what_its_graph_measu
         assert modelled == pytest.approx(measured, rel=1e-6)
         checked += 1
     assert checked > 0
+    _assert_changes_are_exact_differences(cost, groups, options)
+
+
+def _assert_changes_are_exact_differences(cost, groups, options, trials: int = 5, tolerance: float = 1e-9):
+    """``cost.change(keep, g, k)`` (the greedy allocation's step price, over g's nodes only) is
+    exact(keep with g at k) − exact(keep), at random widths of every group."""
+    rng = np.random.default_rng(0)
+    for _ in range(trials):
+        keep = {g.name: int(rng.choice(options[g.name])) for g in groups}
+        for group in groups:
+            for k in options[group.name]:
+                expected = cost.exact({**keep, group.name: k}) - cost.exact(keep)
+                assert cost.change(keep, group.name, k) == pytest.approx(expected, rel=1e-9,
+                                                                        abs=tolerance * cost.total)
+
+
+def test_macs_change_of_one_group_is_the_exact_difference_on_coupled_groups():
+    from onnxadmm.cost.footprint import node_macs
+    from onnxadmm.plan.channels import MacsCost, width_options
+
+    view = normalize(small_resnet(3)).view()
+    groups = [g for g in find_channel_groups(view, find_layers(view).layers) if not g.declined]
+    assert any(len(g.members) > 2 for g in groups)  # a residual stream couples several layers
+    one = {"input": samples_for(view.model, 1)["input"]}
+    costs = {i: c.dense for i, c in node_macs(view.model, one, 2).items()}
+    options = {g.name: width_options(g.channels, 4) for g in groups}
+    scores = {g.name: np.random.default_rng(1).random(g.channels) for g in groups}
+    # exact() rounds to whole MACs; change() does not
+    _assert_changes_are_exact_differences(MacsCost(costs, groups, removed_sets(groups, options, scores)), groups,
+                                          options, tolerance=1.0 / sum(costs.values()))
 
 
 def test_l0_l21_removes_channels_and_zeroes_elements_inside_them():
@@ -725,6 +755,9 @@ class _BilinearCost:
     def exact(self, keep):
         stream, inner = keep["stream"] / 8, keep["inner"] / 8
         return 100 * stream * inner + 10 * stream + 10 * inner
+
+    def change(self, keep, name, k):
+        return self.exact({**keep, name: k}) - self.exact(keep)
 
 
 def test_allocation_descends_on_the_exact_cost_and_never_buys_a_destroyed_output():

@@ -558,6 +558,37 @@ def test_logits_damage_is_the_softmax_kl_and_ignores_a_shift_of_every_score():
     assert squared["shrink"] == pytest.approx(0.09, rel=1e-3)
 
 
+def test_probe_damage_is_the_same_from_a_session_per_weight_set_as_from_one_session(monkeypatch):
+    """Small models get a session per set of probed weights (onnxruntime pre-packs the weights it is not
+    fed); the damage is the one a single session where every probed weight can be fed measures, in the
+    probes' order."""
+    from models import tiny_cnn
+
+    from onnxadmm.calib.readers import SampleSet
+    from onnxadmm.plan import sensitivity
+
+    model = tiny_cnn(4)
+    view = GraphView(model)
+    layers = find_layers(view).layers
+    samples = SampleSet({"input": samples_for(model, 40)["input"]}, "test")
+    weights = {l.name: view.constant(l.weight_name) for l in layers}
+    probes = {f"{l.name}@{f}": {l.weight_name: weights[l.name] * f} for l in layers for f in (0.5, -1.0)}
+    probes["both"] = {layers[0].weight_name: 0 * weights[layers[0].name],
+                      layers[1].weight_name: 0 * weights[layers[1].name]}
+    built = []
+    real = sensitivity.session_with_inputs
+    monkeypatch.setattr(sensitivity, "session_with_inputs", lambda *a: built.append(a[1]) or real(*a))
+    apart = sensitivity.output_damage(view, probes, samples, 16, 1)
+    assert len(built) == len(layers) + 1 and all(len(inputs) <= 2 for inputs in built)
+    monkeypatch.setattr(sensitivity, "through_files", lambda model: True)
+    together = sensitivity.output_damage(view, probes, samples, 16, 1)
+    assert len(built) == len(layers) + 2 and len(built[-1]) == len(layers)
+    assert list(apart) == list(probes) == list(together)
+    for key in probes:
+        assert apart[key] == pytest.approx(together[key], rel=1e-5, abs=1e-9)
+    assert min(apart.values()) > 0
+
+
 def wide_cnn():
     """Two 128-channel 3×3 convs at 16×16: large enough that low-rank pairs run much faster in onnxruntime
     (the fastest plan measures 0.36 of the original here; with 64 channels 0.76-0.79, too close to a

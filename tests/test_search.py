@@ -95,7 +95,10 @@ def test_size_search_uses_the_zipped_size_and_sparsity_ladder():
     assert sparsities[:3] == [0.5, 0.75, 0.9]  # 0.9 misses (1.0 pt): the ladder stops there
     assert 0.825 in sparsities  # one bisection step between 0.75 and 0.9
     assert result.report.search["chosen"].startswith("sparse 0.825")
-    assert [c.quantize for c in table.calls[:2]] == ["int8", "w4"]  # each precision alone first
+    # int4 weights alone first; int8 alone, the same weights in twice the bits, is not run once w4 holds
+    assert [c.quantize for c in table.calls if c.method == "none"] == ["w4"]
+    int8 = next(r for r in result.report.search["candidates"] if r["label"] == "int8")
+    assert int8["note"].startswith("not tried: int4 weights alone hold the gate")
 
 
 def test_size_search_climbs_sparsity_with_int4_weights_when_they_hold_and_are_smaller():
@@ -114,6 +117,7 @@ def test_size_search_climbs_sparsity_with_int4_weights_when_they_hold_and_are_sm
     table = _Table(lambda c: drop(c) + (1.0 if c.quantize == "w4" else 0.0), cost)  # w4 misses the gate alone
     run_search(table, CompressConfig(method="auto", objective="size"), ValidateConfig(max_accuracy_drop=0.5),
                lambda *a: None)
+    assert [c.quantize for c in table.calls if c.method == "none"] == ["w4", "int8"]
     assert {c.quantize for c in table.calls if c.method == "sparse"} == {"int8"}
 
 
@@ -248,4 +252,4 @@ def test_refinement_is_retried_only_on_a_miss_within_reach_of_the_budget(miss_dr
     last = result.report.search["candidates"][-1]
     assert last["label"].endswith(", refined")
     assert last["note"].startswith("not tried: the unrefined run's damage is 6.0x the budget") != refined
-    assert result.report.search["chosen"] == "sparse 0.625 + int8"  # the bisection's hold, refined or not
+    assert result.report.search["chosen"] == "sparse 0.625 + w4"  # the bisection's hold, refined or not

@@ -35,7 +35,8 @@ class AdmmSettings:
     refit_steps: int = 40  # masked steps through the activation after the support is fixed
     grad_patches: int | None = None  # None: 32·(d+1) rows, between 4096 and 16384
     tolerance: float = 1e-4  # stop when ‖W − Z‖ / ‖W₀‖ falls below it
-    settled_iterations: int = 3  # or, where a refit on Z's support follows, once it is unchanged this many times
+    settled_iterations: int = 3  # or, where a refit on Z's support follows, once it is settled this many times:
+    settled_changes: float = 0.01  # at most this fraction of the entries entered or left it since the last one
     stall_iterations: int = 0  # or (0 = off) once f(Z) has not improved by STALL_GAIN in this many iterations
     seed: int = 0
     # called after every iteration with (iteration, iterations, primal residual): progress inside a long layer
@@ -47,6 +48,10 @@ class AdmmSettings:
 
 
 STALL_GAIN = 0.005  # relative improvement of f(Z) that counts as progress for ``stall_iterations``
+# the refits' descent (support fixed) ends once STALL_WINDOW steps together gained less than REFIT_STALL of f:
+# past that, the remaining steps of a converged refit move f by about 1e-5 each
+REFIT_STALL = 1e-4
+STALL_WINDOW = 5
 
 
 @dataclass
@@ -77,16 +82,20 @@ class AdmmHistory:
 
 
 class _Settled:
-    """Counts the iterations in a row whose Z has the support of the one before; true at ``needed`` (never at 0)."""
+    """Counts the iterations in a row whose Z's support differs from the one before in at most ``changes``
+    (a fraction) of the entries; true at ``needed`` in a row (never when ``needed`` is 0). The last few
+    entries to cross the threshold sit at its margin, where the refit on the support decides their value."""
 
-    def __init__(self, needed: int):
-        self.needed, self.count, self.support = needed, 0, None
+    def __init__(self, needed: int, changes: float = 0.0):
+        self.needed, self.changes, self.count, self.support = needed, changes, 0, None
 
     def __call__(self, z: torch.Tensor) -> bool:
         if not self.needed:
             return False
         support = z != 0
-        self.count = self.count + 1 if self.support is not None and torch.equal(support, self.support) else 0
+        settled = self.support is not None and \
+            int((support != self.support).sum()) <= int(self.changes * support.numel())
+        self.count = self.count + 1 if settled else 0
         self.support = support
         return self.count >= self.needed
 
@@ -105,7 +114,7 @@ def admm_linear(stats: Moments, w_start: torch.Tensor, project: Projection, sett
     rho = settings.rho_init * curvature
     z = project(w.float(), rho).double()
     u = torch.zeros_like(w)
-    settled = _Settled(settings.settled_iterations if support_decides else 0)
+    settled = _Settled(settings.settled_iterations if support_decides else 0, settings.settled_changes)
     for step in range(settings.iterations):
         rhs = cross + rho * (z - u)
         w = torch.bmm(torch.bmm(rhs, basis) / (eigenvalues[:, None, :] + rho), basis.transpose(1, 2))
@@ -251,14 +260,21 @@ def _eigenbasis(x_aug: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
 
 
 def _descent(objective: ActivationObjective, theta: torch.Tensor, penalty: "_Penalty | None", rho: float,
-             mask: torch.Tensor | None, steps: int) -> torch.Tensor:
-    """``steps`` preconditioned steps on F(θ) = f(θ) + ρ/2‖W − A‖² (the penalty when given), each accepted only
-    if it decreases F (halving the step otherwise). Along a direction D the trials cost no weight-sized
-    work: z(θ − tD) = z − t·X̃Dᵀ, and the penalty changes by ρ/2(t²‖D_W‖² − 2t⟨W − A, D_W⟩)."""
-    z = objective.pre_activation(theta)
+             mask: torch.Tensor | None, steps: int, z: torch.Tensor | None = None, stall: float = 0.0
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``steps`` preconditioned steps on F(θ) = f(θ) + ρ/2‖W − A‖² (the penalty when given), each accepted
+    only if it decreases F (halving the step otherwise); with ``stall``, ended once STALL_WINDOW steps in a row
+    gained less than that share of F. Returns θ and z = X̃θᵀ (``z``: that of the given θ, when the caller has it).
+    Along a direction D the trials cost no weight-sized work: z(θ − tD) = z − t·X̃Dᵀ, and the penalty changes by
+    ρ/2(t²‖D_W‖² − 2t⟨W − A, D_W⟩)."""
+    z = objective.pre_activation(theta) if z is None else z
     residual = penalty.residual(theta) if penalty else None
     value = None
+    values = []
     for _ in range(steps):
+        if stall and len(values) > STALL_WINDOW and \
+                values[-1 - STALL_WINDOW] - values[-1] < stall * values[-1 - STALL_WINDOW]:
+            break
         value_here, dz, a2 = objective.value_and_parts(z)
         value = value_here if value is None else value
         grad = objective.gradient(dz, theta.shape)
@@ -289,7 +305,8 @@ def _descent(objective: ActivationObjective, theta: torch.Tensor, penalty: "_Pen
             step *= 0.5
         else:
             break
-    return theta
+        values.append(value)
+    return theta, z
 
 
 class _Penalty:
@@ -320,10 +337,11 @@ def admm_activation(problem: LayerProblem, w_start: torch.Tensor, b_start: torch
     z = project(theta[..., :-1], rho)
     u = torch.zeros_like(z)
     history = AdmmHistory()
-    settled = _Settled(settings.settled_iterations if support_decides else 0)
+    settled = _Settled(settings.settled_iterations if support_decides else 0, settings.settled_changes)
+    pre_activation = None  # X̃θᵀ, carried from one W-step to the next (θ does not change in between)
     for step in range(settings.iterations):
         penalty = _Penalty(rho, z, u)
-        theta = _descent(objective, theta, penalty, rho, None, settings.inner_steps)
+        theta, pre_activation = _descent(objective, theta, penalty, rho, None, settings.inner_steps, pre_activation)
         z, u, primal, dual = _z_and_dual_step(theta[..., :-1], z, u, project, rho, norm0)
         history.record(objective.value(torch.cat([z, theta[..., -1:]], dim=-1)), primal, dual, rho / objective.curvature)
         if _stops(step, primal, z, history, settings, settled):
@@ -338,7 +356,7 @@ def refit_activation(objective: ActivationObjective, w: torch.Tensor, b: torch.T
     g, r, _ = w.shape
     theta = torch.cat([w * mask, b.reshape(g, r, 1)], dim=-1)
     full_mask = torch.cat([mask.float(), torch.ones(g, r, 1)], dim=-1)
-    theta = _descent(objective, theta, None, 0.0, full_mask, steps)
+    theta, _ = _descent(objective, theta, None, 0.0, full_mask, steps, stall=REFIT_STALL)
     return theta[..., :-1] * mask, theta[..., -1].reshape(-1)
 
 
@@ -348,7 +366,7 @@ def refit_bias_activation(objective: ActivationObjective, w: torch.Tensor, b: to
     g, r, _ = w.shape
     theta = torch.cat([w, b.reshape(g, r, 1)], dim=-1)
     bias_only = torch.cat([torch.zeros_like(w), torch.ones(g, r, 1)], dim=-1)
-    theta = _descent(objective, theta, None, 0.0, bias_only, steps)
+    theta, _ = _descent(objective, theta, None, 0.0, bias_only, steps, stall=REFIT_STALL)
     return theta[..., -1].reshape(-1)
 
 

@@ -46,16 +46,19 @@ def resolve_conv(height: int, width: int, kernel, strides, dilations, pads, auto
 
 def conv_patches(x: torch.Tensor, kernel, strides, dilations, shape: ConvShape, groups: int,
                  sample: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor) -> torch.Tensor:
-    """Patches (P, G, d) of x (N, C, H, W) at output positions (sample, oy, ox)."""
+    """Patches (P, G, d) of x (N, C, H, W) at output positions (sample, oy, ox): the padded input laid out
+    channels-last, one row of C values per pixel, and each patch's kh·kw pixels taken as whole rows."""
     top, left, bottom, right = shape.pads
     padded = F.pad(x, (left, right, top, bottom))
+    _, channels, height, width = padded.shape
+    pixels = padded.permute(0, 2, 3, 1).reshape(-1, channels)  # (N·H·W, C)
     ky = torch.arange(kernel[0]) * dilations[0]
     kx = torch.arange(kernel[1]) * dilations[1]
     rows = oy[:, None] * strides[0] + ky[None, :]  # (P, kh)
     cols = ox[:, None] * strides[1] + kx[None, :]  # (P, kw)
-    picked = padded[sample[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (P, kh, kw, C)
-    patches = picked.permute(0, 3, 1, 2).reshape(len(sample), -1)  # (P, C·kh·kw)
-    return patches.reshape(len(sample), groups, -1)
+    index = (sample[:, None, None] * height + rows[:, :, None]) * width + cols[:, None, :]  # (P, kh, kw)
+    picked = pixels.index_select(0, index.reshape(-1)).reshape(len(sample), -1, channels)  # (P, kh·kw, C)
+    return picked.transpose(1, 2).reshape(len(sample), groups, -1)  # (P, G, C/G·kh·kw)
 
 
 def sample_positions(rng: np.random.Generator, total: int, count: int) -> np.ndarray:

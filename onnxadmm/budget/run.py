@@ -4,7 +4,8 @@ gate holds on the evaluation data.
 
 Candidates, cheapest first, each a full ``compress`` measured in onnxruntime like any other run:
 1. int8 alone (``--method none --quantize int8``); its measured latency ratio r₀ anchors the rest. For size,
-   int4 weights alone (``--quantize w4``) next.
+   int4 weights alone (``--quantize w4``) first, and int8 alone only when w4 misses the gate (it stores the
+   same weights in twice the bits, so it cannot be the smaller model).
 2. latency: channel pruning + int8 at ``--target-latency`` r₀·f for f in ``LATENCY_STEPS`` (fp32 channel
    pruning at 1·f when int8 is not faster or fails the gate); size: element sparsity at ``SPARSITIES`` with the
    smallest precision that held the gate alone (w4, else int8, else fp32). Each ladder is climbed while the gate holds: damage grows
@@ -46,13 +47,23 @@ def run_search(attempt: Callable[[CompressConfig], object], config: CompressConf
         raise ConfigError("the search needs a budget: --max-accuracy-drop PT (with --labels) or --min-agreement F "
                           "(or choose a --method)")
     search = _Search(attempt, config, progress)
-    int8 = search.run(Candidate("int8", {"method": "none", "quantize": "int8"}))
-    int8_holds = int8 is not None and int8.passed
-    anchor = int8.cost if int8_holds and int8.cost < 1.0 else 1.0
-    quantize = "int8" if int8_holds and (config.objective == "size" or int8.cost < 1.0) else "none"
+    int8_alone = Candidate("int8", {"method": "none", "quantize": "int8"})
     if config.objective == "size":
         w4 = search.run(Candidate("w4", {"method": "none", "quantize": "w4"}))
-        quantize = "w4" if w4 is not None and w4.passed and (not int8_holds or w4.cost < int8.cost) else quantize
+        if w4 is not None and w4.passed:  # the same weights in half the bits: int8 alone cannot be smaller
+            search.skip(int8_alone, "not tried: int4 weights alone hold the gate, and int8 stores the same weights "
+                                    "in twice the bits")
+            quantize, alone_holds = "w4", True
+        else:
+            int8 = search.run(int8_alone)
+            alone_holds = int8 is not None and int8.passed
+            quantize = "int8" if alone_holds else "none"
+        anchor = 1.0
+    else:
+        int8 = search.run(int8_alone)
+        alone_holds = int8 is not None and int8.passed
+        anchor = int8.cost if alone_holds and int8.cost < 1.0 else 1.0
+        quantize = "int8" if alone_holds and int8.cost < 1.0 else "none"
     suffix = f" + {quantize}" if quantize != "none" else " (fp32)"
 
     def make(level: float, refine: int = 0) -> Candidate:
@@ -66,9 +77,9 @@ def run_search(attempt: Callable[[CompressConfig], object], config: CompressConf
         return Candidate(label + suffix + (", refined" if refine else ""), settings, "refine" if refine else "solve")
 
     levels = [anchor * f for f in LATENCY_STEPS] if config.objective == "latency" else list(SPARSITIES)
-    # int8 alone is the ladder's level 0 (channels at the int8 latency, or no sparsity): the bisection may fall
-    # between it and the first step
-    held, missed, miss = (anchor if config.objective == "latency" else 0.0) if int8_holds else None, None, None
+    # the precision alone is the ladder's level 0 (channels at the int8 latency, or no sparsity): the bisection
+    # may fall between it and the first step
+    held, missed, miss = (anchor if config.objective == "latency" else 0.0) if alone_holds else None, None, None
     for level in levels:
         outcome = search.run(make(level))
         if outcome is None or not outcome.passed:

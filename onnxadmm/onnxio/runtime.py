@@ -30,7 +30,7 @@ def session(model: onnx.ModelProto | bytes | str, threads: int = 0, optimize: bo
     import onnxruntime as ort
 
     options = session_options(threads, optimize)
-    if isinstance(model, onnx.ModelProto) and _through_files(model):
+    if isinstance(model, onnx.ModelProto) and through_files(model):
         return _session_from_files(model, options)
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     try:
@@ -74,7 +74,7 @@ def _session_from_files(model: onnx.ModelProto, options, extra_outputs: Sequence
 
 def session_with_outputs(model: onnx.ModelProto, names: Sequence[str], threads: int = 0):
     """A session whose outputs also include the intermediate tensors ``names`` (the model is not changed)."""
-    if _through_files(model):
+    if through_files(model):
         return _session_from_files(model, session_options(threads, True), names)
     probe = copy.deepcopy(model)
     _add_outputs(probe, names)
@@ -86,7 +86,7 @@ def session_with_inputs(model: onnx.ModelProto, inputs: Sequence[onnx.ValueInfoP
     defaults); the model is not changed."""
     present = {v.name for v in model.graph.input}
     added = [v for v in inputs if v.name not in present]
-    if _through_files(model):
+    if through_files(model):
         return _session_from_files(model, session_options(threads, True), extra_inputs=added)
     probe = copy.deepcopy(model)  # (copy.copy serializes: fails over 2 GB)
     probe.graph.input.extend(added)
@@ -103,7 +103,7 @@ def _add_outputs(model: onnx.ModelProto, names: Sequence[str]) -> None:
 FILES_FROM_BYTES = 64 * 2**20
 
 
-def _through_files(model: onnx.ModelProto) -> bool:
+def through_files(model: onnx.ModelProto) -> bool:
     """Large models reach onnxruntime through a temporary file with external data, written tensor by tensor:
     serializing them in memory would hold the weights twice more while the session is built (three times for
     ``session_with_outputs``, which copies the model), and over protobuf's 2 GB limit it cannot be done."""

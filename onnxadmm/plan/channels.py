@@ -161,6 +161,12 @@ class MacsCost:
         self.costs, self.groups, self.removed_of = costs, groups, removed_of
         self.total = float(sum(costs.values()))
         self.shares: dict[tuple[str, int], list] = {}
+        self.node_shares: dict[tuple[str, int], dict[int, tuple[str, float]]] = {}
+        self.by_name = {g.name: g for g in groups}
+        self.at_node: dict[int, list[ChannelGroup]] = {}  # node -> the groups it is a member of
+        for group in groups:
+            for index in group.members:
+                self.at_node.setdefault(index, []).append(group)
 
     def option_cost(self, group: ChannelGroup, k: int) -> float:
         channels = self.removed_of[(group.name, k)]
@@ -169,6 +175,29 @@ class MacsCost:
 
     def exact(self, keep: dict[str, int]) -> float:
         return float(exact_macs(self.costs, self.groups, keep, self.removed_of, self.shares))
+
+    def change(self, keep: dict[str, int], name: str, k: int) -> float:
+        """exact(keep with group ``name`` at width k) − exact(keep), over the nodes that group touches."""
+        before, after = self._member_shares(self.by_name[name], keep[name]), self._member_shares(self.by_name[name], k)
+        delta = 0.0
+        for index, (side, share) in before.items():
+            removed = {"in": 0.0, "out": 0.0}
+            for group in self.at_node[index]:
+                other_side, other_share = self._member_shares(group, keep[group.name])[index]
+                removed[other_side] += other_share
+            kept = (1 - removed["in"]) * (1 - removed["out"])
+            removed[side] += after[index][1] - share
+            delta += self.costs[index] * ((1 - removed["in"]) * (1 - removed["out"]) - kept)
+        return delta
+
+    def _member_shares(self, group: ChannelGroup, k: int) -> dict[int, tuple[str, float]]:
+        """Each costed member of ``group``: (side, share of its channels removed at width k)."""
+        key = (group.name, k)
+        if key not in self.node_shares:
+            channels = self.removed_of[key]
+            self.node_shares[key] = {index: (side, len(place.positions(channels)) / place.space)
+                                     for index, (side, place) in group.members.items() if index in self.costs}
+        return self.node_shares[key]
 
 
 def plan_channels(view: GraphView, layers: list[Layer], groups: list[ChannelGroup], samples: SampleSet,
@@ -482,10 +511,11 @@ def _allocate_greedy(model, groups, curves, budget) -> dict[str, int] | None:
     best_end = None
     while True:
         step = None
+        keep = keep_of(index)
         for name, i in index.items():
             for j in range(i):
                 trial = {**index, name: j}
-                cost = model.exact(keep_of(trial))
+                cost = current + model.change(keep, name, int(curves[name][j].level))
                 if cost <= budget:
                     total = damage_of(trial)
                     if best_end is None or total < best_end[0]:
@@ -499,8 +529,9 @@ def _allocate_greedy(model, groups, curves, budget) -> dict[str, int] | None:
                     step = (rate, name, j, cost)
         if step is None or (best_end is not None and damage_of(index) >= best_end[0]):
             return None if best_end is None else keep_of(best_end[1])
-        _, name, j, current = step
+        _, name, j, _ = step
         index[name] = j
+        current = model.exact(keep_of(index))
 
 
 __all__ = ["ChannelPlan", "plan_channels", "width_options", "exact_macs", "group_mask", "removed_channels",

@@ -367,6 +367,12 @@ class LatencyCost:
                     self.node_ms[index] = full_ms
                 self.ratios[(group.name, index)] = per
         self.table.save()
+        self.at_node: dict[int, list[tuple[str, dict[int, float]]]] = {}  # timed node -> (group, its ratios)
+        self.nodes_of: dict[str, list[int]] = {}  # group -> the timed nodes it narrows
+        for (name, index), per in self.ratios.items():
+            if index in self.node_ms:
+                self.at_node.setdefault(index, []).append((name, per))
+                self.nodes_of.setdefault(name, []).append(index)
 
     def calibrate_in_context(self, original: onnx.ModelProto,
                              narrowed: Callable[[ChannelGroup, int], onnx.ModelProto],
@@ -403,6 +409,19 @@ class LatencyCost:
     def option_cost(self, group: ChannelGroup, k: int) -> float:
         return sum(self.node_ms.get(index, 0.0) * per[k] for (name, index), per in self.ratios.items()
                    if name == group.name)
+
+    def change(self, keep: dict[str, int], name: str, k: int) -> float:
+        """exact(keep with group ``name`` at width k) − exact(keep), over the nodes that group touches."""
+        delta = 0.0
+        for index in self.nodes_of.get(name, []):
+            others, mine = 1.0, None
+            for group, per in self.at_node[index]:
+                if group == name:
+                    mine = per
+                else:
+                    others *= per[keep[group]]
+            delta += self.node_ms[index] * others * (mine[k] - mine[keep[name]])
+        return delta
 
     def exact(self, keep: dict[str, int]) -> float:
         factor = {index: 1.0 for index in self.node_ms}
