@@ -157,10 +157,12 @@ def render() -> str:
               "VGG-16 1,107 s solve (1,174 s total, its first Gemm alone 588 s); AlexNet gave no result in 20 minutes "
               "when the problem was reported, and 228 s with the thin eigenbasis alone. ResNet-56, run back to back on "
               "2026-12-05 before and after the support-settling rule, the carried pre-activation, the per-weight-set "
-              "probe sessions and the patch gather: 60.0 → 47.9 s total, the evaluation split's top-1 drop −0.09 → "
-              "−0.07 pt and agreement 0.9708 → 0.9711 (9,000 images). EfficientNet-Lite0 channels at MACs 0.75, back to "
-              "back with and without the support-settling rule: 8.60 / 9.20 pt drop, agreement 0.850 / 0.860 on the "
-              "500 held-out images (the same plan).", ""]
+              "probe sessions and the patch gather: 60.0 → 49.8 s total, the evaluation split's top-1 drop −0.09 → "
+              "0.07 pt and agreement 0.9708 → 0.9702 (9,000 images). The settling rule first counted 1 % of all "
+              "entries: 47.9 s, but LeNet-5 at sparsity 0.9–0.95 lost 0.1–0.4 pt more (10,000 digits), since at 90 % "
+              "sparsity that is 10 % of the support; counted against the support, LeNet is within 0.07 pt of before. "
+              "EfficientNet-Lite0 channels at MACs 0.75 with the first rule and with none: 8.60 / 9.20 pt drop, "
+              "agreement 0.850 / 0.860 on the 500 held-out images (the same plan).", ""]
     return "\n".join(lines) + "\n" + DESIGN
 
 
@@ -173,7 +175,7 @@ A layer with R outputs, d inputs and M sampled rows X̃ (M × (d+1), the inputs 
 | eigenbasis of S = X̃ᵀX̃ (once) | O(M·d² + d³) when M ≥ d+1; O(M²·d + M³) when M < d+1 | few samples for a wide layer (a 9216-input Gemm fed by 16 images) use the thin basis from the M×M Gram matrix; the preconditioner is exact either way (Woodbury) |
 | W-step descent step | two products with the data, O(M·d·R), and the preconditioner, O(R·d·min(M, d)) | the gradient Dᵀ·X̃ and the direction's pre-activation X̃·Dᵀ; the trial points along the direction cost O(M·R) each (z − t·X̃Dᵀ) and the ADMM penalty is priced in closed form |
 | Z-step (projection) | O(R·d) | top-k by selection (`kthvalue`), not by sorting |
-| iterations | at most `--admm-iterations` (40) × 3 steps | stops when ‖W − Z‖/‖W₀‖ < 10⁻⁴, or — where a refit on Z's support follows — once the support has changed in at most 1 % of the entries for 3 iterations in a row (the last entries to cross sit at the threshold, where the refit sets their value); X̃θᵀ is carried from one W-step to the next |
+| iterations | at most `--admm-iterations` (40) × 3 steps | stops when ‖W − Z‖/‖W₀‖ < 10⁻⁴, or — where a refit on Z's support follows — once at most 1 % of the support's size has entered or left it, 3 iterations in a row (the last entries to cross sit at the threshold, where the refit sets their value); X̃θᵀ is carried from one W-step to the next |
 | refit steps | at most 40 | the descent on a fixed support ends once 5 steps together gained less than 10⁻⁴ of the objective (a converged refit's remaining steps gain about 10⁻⁵ each) |
 | sensitivity probes | one whole-model run per probe and batch | a weight fed as an input is not pre-packed by onnxruntime, so a session where every layer's weight can be fed runs the model 2.0× (ResNet-56) to 2.8× (EfficientNet-Lite0) slower at batch 32; models under 64 MB get a session per probed weight set instead |
 | channel allocation | each greedy step prices every (group, width) move | by the change on the nodes that group touches, not the whole model (EfficientNet-Lite0: 18.5 → 3.6 s) |

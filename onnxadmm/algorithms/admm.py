@@ -36,7 +36,7 @@ class AdmmSettings:
     grad_patches: int | None = None  # None: 32·(d+1) rows, between 4096 and 16384
     tolerance: float = 1e-4  # stop when ‖W − Z‖ / ‖W₀‖ falls below it
     settled_iterations: int = 3  # or, where a refit on Z's support follows, once it is settled this many times:
-    settled_changes: float = 0.01  # at most this fraction of the entries entered or left it since the last one
+    settled_changes: float = 0.01  # entries that entered or left it since the last one: at most this share of it
     stall_iterations: int = 0  # or (0 = off) once f(Z) has not improved by STALL_GAIN in this many iterations
     seed: int = 0
     # called after every iteration with (iteration, iterations, primal residual): progress inside a long layer
@@ -82,9 +82,9 @@ class AdmmHistory:
 
 
 class _Settled:
-    """Counts the iterations in a row whose Z's support differs from the one before in at most ``changes``
-    (a fraction) of the entries; true at ``needed`` in a row (never when ``needed`` is 0). The last few
-    entries to cross the threshold sit at its margin, where the refit on the support decides their value."""
+    """Counts the iterations in a row whose Z's support differs from the one before in at most ``changes`` times
+    its size (entries in or out); true at ``needed`` in a row (never when ``needed`` is 0). The last few entries
+    to cross the threshold sit at its margin, where the refit on the support decides their value."""
 
     def __init__(self, needed: int, changes: float = 0.0):
         self.needed, self.changes, self.count, self.support = needed, changes, 0, None
@@ -94,7 +94,7 @@ class _Settled:
             return False
         support = z != 0
         settled = self.support is not None and \
-            int((support != self.support).sum()) <= int(self.changes * support.numel())
+            int((support != self.support).sum()) <= int(self.changes * int(support.sum()))
         self.count = self.count + 1 if settled else 0
         self.support = support
         return self.count >= self.needed
