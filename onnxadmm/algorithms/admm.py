@@ -48,8 +48,7 @@ class AdmmSettings:
 
 
 STALL_GAIN = 0.005  # relative improvement of f(Z) that counts as progress for ``stall_iterations``
-# the refits' descent (support fixed) ends once STALL_WINDOW steps together gained less than REFIT_STALL of f:
-# past that, the remaining steps of a converged refit move f by about 1e-5 each
+# the refits' descent (support fixed) ends once STALL_WINDOW steps together gained less than REFIT_STALL of f
 REFIT_STALL = 1e-4
 STALL_WINDOW = 5
 

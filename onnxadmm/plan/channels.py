@@ -125,27 +125,33 @@ def removed_sets(groups: list[ChannelGroup], options: dict[str, list[int]], scor
     return {(g.name, k): removed_channels(g, k, scores.get(g.name)) for g in groups for k in options[g.name]}
 
 
+def member_shares(group: ChannelGroup, k: int, costs: dict[int, int],
+                  removed_of: dict[tuple[str, int], np.ndarray] | None = None) -> dict[int, tuple[str, float]]:
+    """Each costed member of ``group``: (side, share of its channels removed when k are kept). ``removed_of``
+    gives each (group, kept width)'s removed channels (default: uniform groups' count)."""
+    channels = (removed_of or {}).get((group.name, k))
+    if channels is None:
+        channels = removed_channels(group, k, None)
+    return {index: (side, len(place.positions(channels)) / place.space)
+            for index, (side, place) in group.members.items() if index in costs}
+
+
 def exact_macs(costs: dict[int, int], groups: list[ChannelGroup], keep: dict[str, int],
                removed_of: dict[tuple[str, int], np.ndarray] | None = None,
-               shares: dict[tuple[str, int], list] | None = None) -> int:
+               shares: dict[tuple[str, int], dict] | None = None) -> int:
     """Σ_n MACs_n · (1 − removed_in(n)) · (1 − removed_out(n)): each side loses the share of its channels
     that are removed group channels, summed over the groups on that side (the exported graph's MACs).
-    ``removed_of`` gives each (group, kept width)'s removed channels (default: uniform groups' count);
-    ``shares`` memoizes each (group, kept width)'s per-member shares across calls (allocation calls this
-    a million times on EfficientNet-Lite0)."""
+    ``shares`` memoizes ``member_shares`` of each (group, kept width) across calls (allocation calls this
+    many times)."""
     removed = {index: {"in": 0.0, "out": 0.0} for index in costs}
     for group in groups:
-        k = keep[group.name]
-        per_member = None if shares is None else shares.get((group.name, k))
+        key = (group.name, keep[group.name])
+        per_member = None if shares is None else shares.get(key)
         if per_member is None:
-            channels = (removed_of or {}).get((group.name, k))
-            if channels is None:
-                channels = removed_channels(group, k, None)
-            per_member = [(index, side, len(place.positions(channels)) / place.space)
-                          for index, (side, place) in group.members.items() if index in removed]
+            per_member = member_shares(group, key[1], costs, removed_of)
             if shares is not None:
-                shares[(group.name, k)] = per_member
-        for index, side, share in per_member:
+                shares[key] = per_member
+        for index, (side, share) in per_member.items():
             removed[index][side] += share
     return int(round(sum(costs[i] * (1 - removed[i]["in"]) * (1 - removed[i]["out"]) for i in costs)))
 
@@ -160,8 +166,7 @@ class MacsCost:
                  removed_of: dict[tuple[str, int], np.ndarray]):
         self.costs, self.groups, self.removed_of = costs, groups, removed_of
         self.total = float(sum(costs.values()))
-        self.shares: dict[tuple[str, int], list] = {}
-        self.node_shares: dict[tuple[str, int], dict[int, tuple[str, float]]] = {}
+        self.shares: dict[tuple[str, int], dict[int, tuple[str, float]]] = {}  # memo of ``member_shares``
         self.by_name = {g.name: g for g in groups}
         self.at_node: dict[int, list[ChannelGroup]] = {}  # node -> the groups it is a member of
         for group in groups:
@@ -191,13 +196,10 @@ class MacsCost:
         return delta
 
     def _member_shares(self, group: ChannelGroup, k: int) -> dict[int, tuple[str, float]]:
-        """Each costed member of ``group``: (side, share of its channels removed at width k)."""
         key = (group.name, k)
-        if key not in self.node_shares:
-            channels = self.removed_of[key]
-            self.node_shares[key] = {index: (side, len(place.positions(channels)) / place.space)
-                                     for index, (side, place) in group.members.items() if index in self.costs}
-        return self.node_shares[key]
+        if key not in self.shares:
+            self.shares[key] = member_shares(group, k, self.costs, self.removed_of)
+        return self.shares[key]
 
 
 def plan_channels(view: GraphView, layers: list[Layer], groups: list[ChannelGroup], samples: SampleSet,

@@ -77,10 +77,10 @@ def output_damage(view: GraphView, probes: dict, samples: SampleSet, batch_size:
     classifier kept at rank 162 changes it by 0.30 and top-1 from 88.4 to 76.0 %, at 29 % of its entries
     by 0.71 and top-1 86.6 % — the KL orders them as top-1 does (0.95 and 0.16).
 
-    A weight fed as an input is not pre-packed by onnxruntime, so a session where every probed weight can be
-    fed runs the whole model slower (ResNet-56 2.0×, EfficientNet-Lite0 2.8× at batch 32). Models below
-    ``runtime.FILES_FROM_BYTES`` get a session per set of probed weights instead (one at a time: a layer's
-    probes share it); larger ones, whose sessions cost more to build, one session for every probe."""
+    onnxruntime does not pre-pack a weight it is fed as an input, so a session where every probed weight can
+    be fed runs the whole model slower (docs/SCALE.md). Models below ``runtime.FILES_FROM_BYTES`` get a session
+    per set of probed weights instead (one at a time: a layer's probes share it); larger ones, whose sessions
+    cost more to build, one session for every probe."""
     batches = list(samples.batches(batch_size))
     reference = outputs = scores = None
     energy = count = 1.0
