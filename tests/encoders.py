@@ -112,8 +112,11 @@ def tiny_encoder(weights: dict[str, np.ndarray], gelu: str = "erf", bias: bool =
     f = node("Add", [f, h], "ffn/Residual")
     f = node("LayerNormalization", [f, const("ln2_g", weights["ln2_g"]), const("ln2_b", weights["ln2_b"])],
              "ln2", axis=-1)
-    nodes.append(helper.make_node("ReduceMean", [f, const("ax1", np.array([1], np.int64))], ["pooled"],
-                                  name="pool", keepdims=0))
+    if opset >= 18:
+        nodes.append(helper.make_node("ReduceMean", [f, const("ax1", np.array([1], np.int64))], ["pooled"],
+                                      name="pool", keepdims=0))
+    else:
+        nodes.append(helper.make_node("ReduceMean", [f], ["pooled"], name="pool", axes=[1], keepdims=0))
     nodes.append(helper.make_node("Gemm", ["pooled", const("wc", weights["wc"]), const("bc", weights["bc"])],
                                   ["logits"], name="classifier", transB=1))
     graph = helper.make_graph(

@@ -4,6 +4,7 @@ blocks onnx2torch cannot convert, determinism."""
 import numpy as np
 import onnx
 import pytest
+import torch
 
 from models import GraphBuilder, run, samples_for
 from onnxadmm import CompressConfig, compress
@@ -170,7 +171,7 @@ def test_loss_ignores_the_channels_slicing_removes():
     target = np.ones((4, 6, 3, 3), np.float32)
     weight = _loss_weight(target, (1, np.array([0, 4])))
     assert weight.shape == (1, 6, 1, 1) and weight.flatten().tolist() == [0, 1, 1, 1, 0, 1]
-    assert _loss_weight(target, None).shape == ()
+    assert float(_loss_weight(target, None).sum()) == 1  # one weight broadcast over everything
 
 
 def test_nodes_between_rejects_tensors_that_are_no_cut():
@@ -210,3 +211,60 @@ def test_block_diagonal_pairs_stay_grouped_after_refinement():
     assert groups.count(2) >= 2
     out = run(result.model, calib)[0]
     assert out.shape == (200, 10) and np.isfinite(out).all()
+
+
+def test_encoder_blocks_take_the_attention_mask_as_a_side_input_and_compose_to_the_model():
+    """The expanded attention mask stays live through every encoder block; it is a side input (computed
+    from the graph inputs alone), so the hidden state alone is a cut."""
+    from encoders import encoder_inputs, encoder_weights, tiny_encoder
+    from onnxadmm.analysis.blocks import nodes_between
+
+    model = tiny_encoder(encoder_weights(), shapes="constant")
+    view = normalize(model).view()
+    layers = {l.node_index for l in find_layers(view).layers}
+    blocks = find_blocks(view, layers, min_nodes=1)
+    assert len(blocks) >= 3
+    assert {s for b in blocks for s in b.sides} & {"mask/Unsqueeze", "mask/Cast", "mask/Sub", "mask/Mul"}
+    for block in blocks[1:]:
+        assert len(block.outputs) == 1 and block.inputs[0] not in block.sides
+    feed = encoder_inputs(6)
+    side_names = sorted({s for b in blocks for s in b.sides} - set(view.input_names))
+    sides = cut(view, nodes_between(view, list(view.input_names), side_names), side_names)
+    values = {**feed, **dict(zip(side_names, run(sides, {v.name: feed[v.name] for v in sides.graph.input})))}
+    for block in blocks:
+        segment = cut(view, block.node_ids, block.outputs)
+        assert {v.name for v in segment.graph.input} <= set(block.inputs)
+        values.update(zip(block.outputs, run(segment, {v.name: values[v.name] for v in segment.graph.input})))
+    np.testing.assert_allclose(values["logits"], run(model, feed)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_block_loss_counts_real_tokens_only():
+    from onnxadmm.finetune.refine import _loss_weight, _rows
+
+    tokens = np.array([[1, 1, 0], [1, 0, 0]], np.float32)
+    hidden = np.ones((2, 3, 4), np.float32)
+    weight = _loss_weight(hidden, None, tokens)
+    np.testing.assert_array_equal((_rows(weight, [1]) * torch.from_numpy(hidden[[1]])).sum(axis=2).numpy(),
+                                  [[4, 0, 0]])
+    assert _loss_weight(np.ones((2, 5), np.float32), None, tokens).shape == (1, 1)  # pooled: every entry
+    channels = _loss_weight(hidden, (-1, np.array([0])), tokens)
+    assert float(channels.sum()) == 3 * 3  # 3 real tokens × 3 counted channels
+
+
+def test_encoder_refinement_trains_blocks_that_read_the_mask_and_keeps_supports():
+    from encoders import encoder_inputs, encoder_weights, tiny_encoder
+
+    model = tiny_encoder(encoder_weights(3), shapes="constant", opset=17)  # onnx2torch: ReduceMean ≤ 17
+    calib = encoder_inputs(200, seed=4)
+    config = dict(method="sparse", sparsity=0.7, uniform=True, admm_iterations=10)
+    plain = compress(model, calib, CompressConfig(**config))
+    refined = compress(model, calib, CompressConfig(**config, refine_epochs=15, refine_block_layers=1))
+    rows = {r.block: r for r in refined.report.refined_blocks}
+    assert len(rows) >= 4 and not any(r.note.startswith("not refined") for r in rows.values())
+    attention = next(r for r in rows.values() if "attn/k/MatMul" in r.layers)  # reads the mask as a side input
+    assert not attention.block.startswith("attention_mask") and attention.kept
+    assert all(r.loss_after < r.loss_before for r in rows.values() if r.kept)
+    inits = lambda m: {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}  # noqa: E731
+    a, b = inits(plain.model), inits(refined.model)
+    for layer in find_layers(GraphView(model)).layers:
+        np.testing.assert_array_equal(a[layer.weight_name] != 0, b[layer.weight_name] != 0)

@@ -8,11 +8,16 @@ spans a whole residual block (or a whole inverted-residual block) rather than on
 holding none joins the block before it, so a block ends after the activation that follows it.
 Constant subexpressions (Constant nodes, ops on initializers only) are copied into each block that
 reads them.
+
+Tensors computed from the graph inputs by nodes outside the refined set — a transformer's attention mask
+expanded once and read by every encoder layer — are the same in the original and the compressed model.
+They are *side inputs*: they may stay live across a cut (the cut is then the one other live tensor) and
+enter each later block as an extra input, never as an output to fit.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..onnxio.graph import GraphView, node_inputs
 
@@ -23,6 +28,7 @@ class Block:
     inputs: list[str]  # live tensors entering the block (graph inputs for the first)
     outputs: list[str]  # the cut tensor leaving it (the graph outputs for the last)
     counted: list[int]  # the nodes to refine inside it
+    sides: list[str] = field(default_factory=list)  # side inputs among ``inputs`` (see the module docstring)
 
     @property
     def name(self) -> str:
@@ -41,12 +47,30 @@ def constant_nodes(view: GraphView) -> set[int]:
     return nodes
 
 
+def side_tensors(view: GraphView, counted: set[int], constants: set[int]) -> set[str]:
+    """The graph inputs, and every tensor computed from them (and constants) by nodes not in ``counted``
+    and not downstream of one."""
+    sides = set(view.input_names)
+    known = set(view.initializers) | {""} | sides
+    for index in view.order:
+        node = view.nodes[index]
+        outputs = {o for o in node.output if o}
+        if index in constants:
+            known |= outputs
+        elif index not in counted and all(name in known for name in node_inputs(node)):
+            sides |= outputs
+            known |= outputs
+    return sides
+
+
 def find_blocks(view: GraphView, counted: set[int], min_nodes: int = 2, cuts: set[str] | None = None
                 ) -> list[Block]:
     """The graph split at cut tensors into blocks each holding ≥ ``min_nodes`` of the ``counted`` nodes
     (the last block may hold fewer); with ``cuts``, only those tensors may be cut (the original model's,
-    so that a block never ends inside a factorized layer's nodes)."""
+    so that a block never ends inside a factorized layer's nodes). A tensor is a cut when it is the only
+    live tensor, or the only one besides side inputs."""
     constants = constant_nodes(view)
+    sides = side_tensors(view, counted, constants)
     order = [i for i in view.order if i not in constants]
     remaining: dict[str, int] = {}
     for index in order:
@@ -57,7 +81,7 @@ def find_blocks(view: GraphView, counted: set[int], min_nodes: int = 2, cuts: se
     live = {name for name in view.input_names if remaining.get(name)}
     stretches: list[tuple[list[int], list[str], list[str]]] = []
     current: list[int] = []
-    entering = sorted(live)
+    entering = _main_first(live, sides)
     for position, index in enumerate(order):
         node = view.nodes[index]
         current.append(index)
@@ -68,10 +92,11 @@ def find_blocks(view: GraphView, counted: set[int], min_nodes: int = 2, cuts: se
                     live.discard(name)
         live.update(o for o in node.output if o and (remaining.get(o) or o in outputs))
         last = position == len(order) - 1
-        if last or (len(live) == 1 and not (live & outputs) and (cuts is None or live <= cuts)):
-            leaving = list(view.output_names) if last else sorted(live)
+        main = live if len(live) == 1 else live - sides
+        if last or (len(main) == 1 and not (live & outputs) and (cuts is None or main <= cuts)):
+            leaving = list(view.output_names) if last else sorted(main)
             stretches.append((current, entering, leaving))
-            current, entering = [], sorted(live)
+            current, entering = [], _main_first(live, sides)
     blocks: list[Block] = []
     for ids, entering, leaving in stretches:
         inside = [i for i in ids if i in counted]
@@ -84,7 +109,13 @@ def find_blocks(view: GraphView, counted: set[int], min_nodes: int = 2, cuts: se
             blocks.append(Block(list(ids), entering, leaving, inside))
     for block in blocks:
         block.node_ids = with_constants(view, block.node_ids, constants)
+        block.sides = [name for name in block.inputs[1:] if name in sides]
     return blocks
+
+
+def _main_first(live: set[str], sides: set[str]) -> list[str]:
+    """The live tensors entering a block: the cut first, then the side inputs."""
+    return sorted(live - sides) + sorted(live & sides) if len(live) > 1 else sorted(live)
 
 
 def with_constants(view: GraphView, node_ids, constants: set[int]) -> list[int]:

@@ -10,7 +10,9 @@ over the calibration samples with Adam (cosine learning rate), x̂ the compresse
 (refined blocks before it), x the original's. The support of every weight is fixed — after each step
 W ← W ⊙ M with M = (W ≠ 0) at the start — so sparsity patterns and removed channels stay exactly as
 solved. Every tenth calibration sample is held out: each block keeps the weights of the epoch with the
-lowest held-out loss, or its solved weights if no epoch beat them. No labels are used. A block onnx2torch
+lowest held-out loss, or its solved weights if no epoch beat them. No labels are used. For token inputs
+(``--token-mask``), a [batch, sequence, ...] block output counts only at real tokens, as in the
+layer-wise solve; side inputs of a block (``analysis/blocks.py``: an attention mask) are computed once. A block onnx2torch
 cannot convert runs unchanged in onnxruntime. The block inputs and targets of every calibration sample
 are held in memory (outside ``--max-memory-mb``).
 """
@@ -36,6 +38,7 @@ from ..onnxio.graph import GraphView
 from ..onnxio.runtime import session
 from ..onnxio.subgraph import cut
 from ..solve.layerwise import Progress
+from ..solve.problem import token_mask_input
 from .train import cosine_adam, in_batches, masked_step, run_torch, value_types
 
 
@@ -95,6 +98,12 @@ def refine_blocks(original: GraphView, compressed: onnx.ModelProto, samples: Sam
     original_constants = constant_nodes(original)
     teacher_values = {name: np.asarray(a) for name, a in samples.arrays.items()}
     student_values = dict(teacher_values)
+    side_names = sorted({name for block in blocks for name in block.sides})
+    student_sides = _side_values(view, side_names, samples, config)
+    teacher_sides = _side_values(original, side_names, samples, config) if side_names else {}
+    teacher_values.update(teacher_sides)
+    student_values.update(student_sides)
+    tokens = _token_weights(view, samples, config)
     refined: dict[str, np.ndarray] = {}
     outcomes = []
     held_out = held_out_rows(samples.num_samples, samples.fixed_batch)
@@ -103,11 +112,11 @@ def refine_blocks(original: GraphView, compressed: onnx.ModelProto, samples: Sam
         started = time.perf_counter()
         outcome = BlockOutcome(block.name, [view.nodes[i].name for i in block.counted], None, None, False, 0.0)
         targets, teacher_note = _teacher(original, original_constants, block, teacher_values, samples, config)
-        weights = {name: _loss_weight(targets[name], (ignored or {}).get(name)) for name in block.outputs}
+        weights = {name: _loss_weight(targets[name], (ignored or {}).get(name), tokens) for name in block.outputs}
         try:
             student = convert_block(view, block.node_ids, block.outputs, {}, value_types(student_values))
         except BridgeError as exc:
-            student_values = _run_onnx(view, block, student_values, config)
+            student_values = {**student_sides, **_run_onnx(view, block, student_values, config)}
             outcome.note = f"not refined: {exc}"
         else:
             trainable = {n for i in block.node_ids for n in view.nodes[i].input if n in changed}
@@ -118,9 +127,9 @@ def refine_blocks(original: GraphView, compressed: onnx.ModelProto, samples: Sam
                                       outcome))
             else:
                 outcome.note = "no compressed weights found in the converted block"
-            student_values = run_torch(student, student_values, config.batch_size)
+            student_values = {**student_sides, **run_torch(student, student_values, config.batch_size)}
         outcome.note = "; ".join(n for n in (outcome.note, teacher_note) if n)
-        teacher_values = targets
+        teacher_values = {**teacher_sides, **targets}
         outcome.seconds = time.perf_counter() - started
         outcomes.append(outcome)
     progress("refine", len(blocks), len(blocks), "done")
@@ -144,15 +153,45 @@ def _teacher(original: GraphView, constants: set[int], block: Block, values: Map
     return run_torch(teacher, values, config.batch_size), ""
 
 
-def _loss_weight(target: np.ndarray, ignored: tuple[int, np.ndarray] | None) -> torch.Tensor:
-    """1 where the block output counts in the loss, 0 at the ignored positions (broadcast over samples)."""
-    if ignored is None or not len(ignored[1]):
-        return torch.ones(())
-    axis, positions = ignored
-    axis %= target.ndim
-    weight = np.ones(target.shape[axis], np.float32)
-    weight[np.asarray(positions, dtype=np.int64)] = 0
-    return torch.from_numpy(weight.reshape([-1 if a == axis else 1 for a in range(target.ndim)]))
+def _side_values(view: GraphView, names: list[str], samples: SampleSet, config: CompressConfig
+                 ) -> dict[str, np.ndarray]:
+    """The side inputs ``names``: graph inputs from the samples, the rest computed by ``view`` from them."""
+    given = {name: np.asarray(samples.arrays[name]) for name in names if name in samples.arrays}
+    computed = [name for name in names if name not in given]
+    if not computed:
+        return given
+    ids = nodes_between(view, list(view.input_names), computed)
+    if ids is None:
+        raise ValueError(f"side inputs {computed} are not computed from the graph inputs alone")
+    return {**given, **_run_onnx(view, Block(ids, list(view.input_names), computed, []), samples.arrays, config)}
+
+
+def _token_weights(view: GraphView, samples: SampleSet, config: CompressConfig) -> np.ndarray | None:
+    """The token mask [samples, sequence] as float 0/1 (``--token-mask``), or None."""
+    name = token_mask_input(view, config.token_mask)
+    return None if name is None or name not in samples.arrays else (samples.arrays[name] != 0).astype(np.float32)
+
+
+def _loss_weight(target: np.ndarray, ignored: tuple[int, np.ndarray] | None, tokens: np.ndarray | None = None
+                 ) -> torch.Tensor:
+    """1 where the block output counts in the loss, 0 at the ignored positions; with ``tokens`` and a
+    [samples, sequence, ...] target, also 0 at padding tokens. Shaped [samples or 1, ...] to broadcast
+    against the target (``_rows`` picks a batch's rows)."""
+    weight = torch.ones([1] * target.ndim)
+    if ignored is not None and len(ignored[1]):
+        axis, positions = ignored
+        axis %= target.ndim
+        channels = np.ones(target.shape[axis], np.float32)
+        channels[np.asarray(positions, dtype=np.int64)] = 0
+        weight = weight * torch.from_numpy(channels.reshape([-1 if a == axis else 1 for a in range(target.ndim)]))
+    if tokens is not None and target.ndim >= 3 and target.shape[:2] == tokens.shape:
+        weight = weight * torch.from_numpy(tokens.reshape(tokens.shape + (1,) * (target.ndim - 2)))
+    return weight
+
+
+def _rows(weight: torch.Tensor, take) -> torch.Tensor:
+    """The loss weight of the samples ``take`` (a weight without a sample axis applies to every sample)."""
+    return weight if weight.shape[0] == 1 else weight[torch.from_numpy(np.asarray(take))]
 
 
 def relative_loss(block: BlockModule, inputs: Mapping[str, np.ndarray], targets: Mapping[str, np.ndarray],
@@ -164,8 +203,9 @@ def relative_loss(block: BlockModule, inputs: Mapping[str, np.ndarray], targets:
             take = rows[start:start + batch_size]
             outs = block({n: torch.from_numpy(a[take]) for n, a in inputs.items() if n in block.input_names})
             for out, name in zip(outs, block.output_names):
-                y = torch.from_numpy(targets[name][take]) * weights[name]
-                error += float((out * weights[name] - y).pow(2).sum())
+                weight = _rows(weights[name], take)
+                y = torch.from_numpy(targets[name][take]) * weight
+                error += float((out * weight - y).pow(2).sum())
                 energy += float(y.pow(2).sum())
     return error / max(energy, 1e-30)
 
@@ -182,7 +222,8 @@ def _train(student: BlockModule, handles: dict[str, WeightHandle], inputs, targe
     best = [t.detach().clone() for t in tensors]
     outcome.loss_before = best_loss = relative_loss(student, inputs, targets, weights, check_rows,
                                                     config.batch_size)
-    energy = {name: float((torch.from_numpy(targets[name][train_rows]) * weights[name]).pow(2).mean()) or 1.0
+    energy = {name: float((torch.from_numpy(targets[name][train_rows]) * _rows(weights[name], train_rows))
+                          .pow(2).mean()) or 1.0
               for name in student.output_names}
     for tensor in tensors:
         tensor.requires_grad_(True)
@@ -195,7 +236,8 @@ def _train(student: BlockModule, handles: dict[str, WeightHandle], inputs, targe
         for start in range(0, len(order), batch):
             take = np.sort(order[start:start + batch])
             outs = student({n: torch.from_numpy(a[take]) for n, a in inputs.items() if n in student.input_names})
-            loss = sum(((out - torch.from_numpy(targets[name][take])) * weights[name]).pow(2).mean() / energy[name]
+            loss = sum(((out - torch.from_numpy(targets[name][take])) * _rows(weights[name], take)).pow(2).mean()
+                       / energy[name]
                        for out, name in zip(outs, student.output_names))
             masked_step(optimizer, schedule, loss, tensors, masks)
         check = relative_loss(student, inputs, targets, weights, check_rows, config.batch_size)
