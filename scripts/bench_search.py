@@ -107,14 +107,13 @@ NOTES = {  # what a case's rows show, in words (checked against its JSON when it
                             "0.629 against 0.654, and the two run the same kernels (49 QLinearConv, 9 QLinearAdd, "
                             "1 QGemm) for the same time (5.09 and 5.05 ms per run in onnxruntime's profiler). The "
                             "one channel candidate took 21 minutes, so the 20-minute budget skipped the rest.",
-    "resnet56_size": "sparse 0.625 + w4 is 11.5x smaller zipped than the original at 0.24 pt, where w4 alone is "
-                     "8.4x (int8 alone measured 4.0x at 0.01 pt in the previous run, commit e4c06cc): sparsity "
-                     "composes with the integer grid for size. int8 alone is no longer run once w4 holds (it stores "
-                     "the same weights in twice the bits), and the missed 0.75 (4.3x the budget) is beyond the "
-                     "refinement retry's reach: the search took 483 s, 3.7x one compress of the chosen "
-                     "configuration, against 787 s (6.0x) in the previous run. A run between the two (the "
-                     "support-settling rule then counted over all entries) missed 0.625 unrefined at 0.59 pt, "
-                     "refined it to 0.27 pt and took 648 s (3.6x of its refined 180 s).",
+    "resnet56_size": "sparse 0.625 + w4 is 11.5x smaller zipped than the original at 0.24 pt, where w4 alone measured "
+                     "8.4x and int8 alone 4.0x at 0.01 pt in earlier runs (commits 21367ad, e4c06cc): sparsity "
+                     "composes with the integer grid for size. Since sparse 0.5 + w4 holds the gate, neither "
+                     "precision alone (both larger) is run, and the missed 0.75 (4.3x the budget) is beyond the "
+                     "refinement retry's reach: the search took 383 s, 2.9x one compress of the chosen "
+                     "configuration (483 s, 3.7x, when w4 alone ran first; 787 s, 6.0x, before int8 alone was "
+                     "skipped and the retry's reach bounded).",
     "resnet56_latency_m16": "With widths in multiples of 16 the channel plans do speed up the int8 graph; the refined "
                             "0.442 candidate holds the gate at 0.449 of the original, but that is within the 3 % tie "
                             "of int8 alone (0.461), so int8 alone is chosen for its lower damage. Neither is "

@@ -95,10 +95,24 @@ def test_size_search_uses_the_zipped_size_and_sparsity_ladder():
     assert sparsities[:3] == [0.5, 0.75, 0.9]  # 0.9 misses (1.0 pt): the ladder stops there
     assert 0.825 in sparsities  # one bisection step between 0.75 and 0.9
     assert result.report.search["chosen"].startswith("sparse 0.825")
-    # int4 weights alone first; int8 alone, the same weights in twice the bits, is not run once w4 holds
-    assert [c.quantize for c in table.calls if c.method == "none"] == ["w4"]
-    int8 = next(r for r in result.report.search["candidates"] if r["label"] == "int8")
-    assert int8["note"].startswith("not tried: int4 weights alone hold the gate")
+    # sparse 0.5 + w4 first: it holds, so neither precision alone (both larger) is run
+    assert table.calls[0].method == "sparse" and table.calls[0].quantize == "w4"
+    assert [c.quantize for c in table.calls if c.method == "none"] == []
+    rows = {r["label"]: r for r in result.report.search["candidates"]}
+    for alone in ("w4", "int8"):
+        assert rows[alone]["note"].startswith("not tried: sparse 0.500 + w4 holds the gate")
+
+
+def test_size_search_falls_back_to_int4_alone_when_the_first_sparsity_misses():
+    table = _Table(lambda c: 0.1 if c.method == "none" else 0.1 + 1.2 * c.sparsity,  # 0.25 holds, 0.5 misses
+                   lambda c: 0.15 if c.method == "none" else 0.15 * (1 - c.sparsity))
+    result = run_search(table, CompressConfig(method="auto", objective="size"),
+                        ValidateConfig(max_accuracy_drop=0.5), lambda *a: None)
+    tried = [(c.method, c.quantize, c.sparsity if c.method == "sparse" else None) for c in table.calls]
+    assert tried[:3] == [("sparse", "w4", 0.5), ("none", "w4", None), ("sparse", "w4", 0.25)]  # bisection from 0
+    rows = {r["label"]: r for r in result.report.search["candidates"]}
+    assert rows["int8"]["note"].startswith("not tried: int4 weights alone hold the gate")
+    assert result.report.search["chosen"] == "sparse 0.250 + w4"
 
 
 def test_size_search_climbs_sparsity_with_int4_weights_when_they_hold_and_are_smaller():
@@ -118,7 +132,8 @@ def test_size_search_climbs_sparsity_with_int4_weights_when_they_hold_and_are_sm
     run_search(table, CompressConfig(method="auto", objective="size"), ValidateConfig(max_accuracy_drop=0.5),
                lambda *a: None)
     assert [c.quantize for c in table.calls if c.method == "none"] == ["w4", "int8"]
-    assert {c.quantize for c in table.calls if c.method == "sparse"} == {"int8"}
+    assert [c.quantize for c in table.calls if c.method == "sparse"][0] == "w4"  # the first try, before w4 alone
+    assert {c.quantize for c in table.calls[3:] if c.method == "sparse"} == {"int8"}
 
 
 def test_a_candidate_that_changes_nothing_is_recognized_and_noise_level_cost_gains_do_not_win():

@@ -3,12 +3,13 @@
 gate holds on the evaluation data.
 
 Candidates, cheapest first, each a full ``compress`` measured in onnxruntime like any other run:
-1. int8 alone (``--method none --quantize int8``); its measured latency ratio r₀ anchors the rest. For size,
-   int4 weights alone (``--quantize w4``) first, and int8 alone only when w4 misses the gate (it stores the
-   same weights in twice the bits, so it cannot be the smaller model).
+1. latency: int8 alone (``--method none --quantize int8``); its measured latency ratio r₀ anchors the rest.
+   size: the first sparsity with int4 weights (``--quantize w4``); when it holds, neither precision alone can be
+   the smaller model and neither is run. Otherwise int4 weights alone, and int8 alone only when w4 misses the
+   gate (it stores the same weights in twice the bits).
 2. latency: channel pruning + int8 at ``--target-latency`` r₀·f for f in ``LATENCY_STEPS`` (fp32 channel
    pruning at 1·f when int8 is not faster or fails the gate); size: element sparsity at ``SPARSITIES`` with the
-   smallest precision that held the gate alone (w4, else int8, else fp32). Each ladder is climbed while the gate holds: damage grows
+   smallest precision that holds the gate (w4, else int8, else fp32). Each ladder is climbed while the gate holds: damage grows
    with the step, so the first miss ends it; one bisection step then tries the level between the last hold
    (int8 alone counting as level 0) and the miss.
 3. The least aggressive miss is tried again with block refinement (``--refine-epochs``, default ``REFINE_EPOCHS``), the
@@ -48,25 +49,8 @@ def run_search(attempt: Callable[[CompressConfig], object], config: CompressConf
                           "(or choose a --method)")
     search = _Search(attempt, config, progress)
     int8_alone = Candidate("int8", {"method": "none", "quantize": "int8"})
-    if config.objective == "size":
-        w4 = search.run(Candidate("w4", {"method": "none", "quantize": "w4"}))
-        if w4 is not None and w4.passed:  # the same weights in half the bits: int8 alone cannot be smaller
-            search.skip(int8_alone, "not tried: int4 weights alone hold the gate, and int8 stores the same weights "
-                                    "in twice the bits")
-            quantize, alone_holds = "w4", True
-        else:
-            int8 = search.run(int8_alone)
-            alone_holds = int8 is not None and int8.passed
-            quantize = "int8" if alone_holds else "none"
-        anchor = 1.0
-    else:
-        int8 = search.run(int8_alone)
-        alone_holds = int8 is not None and int8.passed
-        anchor = int8.cost if alone_holds and int8.cost < 1.0 else 1.0
-        quantize = "int8" if alone_holds and int8.cost < 1.0 else "none"
-    suffix = f" + {quantize}" if quantize != "none" else " (fp32)"
 
-    def make(level: float, refine: int = 0) -> Candidate:
+    def make(level: float, quantize: str, refine: int = 0) -> Candidate:
         if config.objective == "latency":
             label, settings = f"channels {level:.3f}", {"method": "channel", "target_latency": round(level, 3),
                                                         "channel_multiple": config.channel_multiple,
@@ -74,25 +58,34 @@ def run_search(attempt: Callable[[CompressConfig], object], config: CompressConf
         else:
             label, settings = f"sparse {level:.3f}", {"method": "sparse", "sparsity": round(level, 3)}
         settings = {**settings, "quantize": quantize, **({"refine_epochs": refine} if refine else {})}
+        suffix = f" + {quantize}" if quantize != "none" else " (fp32)"
         return Candidate(label + suffix + (", refined" if refine else ""), settings, "refine" if refine else "solve")
 
-    levels = [anchor * f for f in LATENCY_STEPS] if config.objective == "latency" else list(SPARSITIES)
-    # the precision alone is the ladder's level 0 (channels at the int8 latency, or no sparsity): the bisection
-    # may fall between it and the first step
-    held, missed, miss = (anchor if config.objective == "latency" else 0.0) if alone_holds else None, None, None
-    for level in levels:
-        outcome = search.run(make(level))
+    missed = miss = None  # the least aggressive level that missed the gate, and its measurement
+    if config.objective == "size":
+        quantize, held, ladder, missed, miss = _size_start(search, make, int8_alone)
+    else:
+        int8 = search.run(int8_alone)
+        alone_holds = int8 is not None and int8.passed
+        faster = alone_holds and int8.cost < 1.0
+        anchor = int8.cost if faster else 1.0
+        quantize = "int8" if faster else "none"
+        # int8 alone is the ladder's level 0 (channels at its latency): the bisection may fall between it and the
+        # first step
+        held, ladder = (anchor if alone_holds else None), [anchor * f for f in LATENCY_STEPS]
+    for level in ladder:
+        outcome = search.run(make(level, quantize))
         if outcome is None or not outcome.passed:
             missed, miss = (level, outcome) if outcome is not None and outcome.cost is not None else (None, None)
             break
         held = level
     if missed is not None and held is not None:  # one bisection step between the last hold and the miss
         middle = (held + missed) / 2
-        outcome = search.run(make(middle))
+        outcome = search.run(make(middle, quantize))
         if outcome is not None and not outcome.passed and outcome.cost is not None:
             missed, miss = middle, outcome
     if missed is not None:
-        refined = make(missed, config.refine_epochs or REFINE_EPOCHS)
+        refined = make(missed, quantize, config.refine_epochs or REFINE_EPOCHS)
         excess = _excess(miss, validate_config)
         if excess <= REFINE_REACH * (1 + 1e-6):  # a drop of exactly twice the budget, give or take float rounding
             search.run(refined)
@@ -100,6 +93,29 @@ def run_search(attempt: Callable[[CompressConfig], object], config: CompressConf
             search.skip(refined, f"not tried: the unrefined run's damage is {excess:.1f}x the budget, beyond what "
                                  f"refinement recovered in any measurement ({REFINE_REACH:g}x at most)")
     return search.result(validate_config)
+
+
+def _size_start(search: "_Search", make, int8_alone: Candidate):
+    """The size search's precision and start: (quantize, the level that held — 0.0 for the precision alone —,
+    the sparsities left to climb, the level that missed and its measurement). Sparsity with int4 weights at the
+    first level is tried first: when it holds, it is smaller than either precision alone, which are reported
+    as not tried."""
+    first = search.run(make(SPARSITIES[0], "w4"))
+    w4_alone = Candidate("w4", {"method": "none", "quantize": "w4"})
+    if first is not None and first.passed:
+        reason = f"not tried: {first.candidate.label} holds the gate, and this stores more"
+        search.skip(w4_alone, reason)
+        search.skip(int8_alone, reason)
+        return "w4", SPARSITIES[0], list(SPARSITIES[1:]), None, None
+    missed, miss = (SPARSITIES[0], first) if first is not None and first.cost is not None else (None, None)
+    w4 = search.run(w4_alone)
+    if w4 is not None and w4.passed:  # the same weights in half the bits: int8 alone cannot be smaller
+        search.skip(int8_alone, "not tried: int4 weights alone hold the gate, and int8 stores the same weights "
+                                "in twice the bits")
+        return "w4", 0.0, [], missed, miss
+    int8 = search.run(int8_alone)
+    holds = int8 is not None and int8.passed
+    return ("int8" if holds else "none"), (0.0 if holds else None), list(SPARSITIES), None, None
 
 
 def _excess(miss: Measured, validate_config: ValidateConfig) -> float:
