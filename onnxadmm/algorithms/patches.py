@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -49,9 +48,11 @@ def conv_patches(x: torch.Tensor, kernel, strides, dilations, shape: ConvShape, 
     """Patches (P, G, d) of x (N, C, H, W) at output positions (sample, oy, ox): the padded input laid out
     channels-last, one row of C values per pixel, and each patch's kh·kw pixels taken as whole rows."""
     top, left, bottom, right = shape.pads
-    padded = F.pad(x, (left, right, top, bottom))
-    _, channels, height, width = padded.shape
-    pixels = padded.permute(0, 2, 3, 1).reshape(-1, channels)  # (N·H·W, C)
+    count, channels, rows_in, cols_in = x.shape
+    height, width = rows_in + top + bottom, cols_in + left + right
+    padded = x.new_zeros((count, height, width, channels))  # channels-last, zero border: one copy of x
+    padded[:, top:top + rows_in, left:left + cols_in] = x.permute(0, 2, 3, 1)
+    pixels = padded.reshape(-1, channels)  # (N·H·W, C)
     ky = torch.arange(kernel[0]) * dilations[0]
     kx = torch.arange(kernel[1]) * dilations[1]
     rows = oy[:, None] * strides[0] + ky[None, :]  # (P, kh)

@@ -31,6 +31,7 @@ class LayerProblem:
     fit_bias: bool = True
     sample_ids: torch.Tensor | None = None  # (P,) the calibration sample each patch comes from
     _target: torch.Tensor | None = field(default=None, repr=False)
+    _energy: dict = field(default_factory=dict, repr=False)  # loss -> ‖target‖²
 
     def held_out(self, every: int = HOLD_OUT_EVERY) -> torch.Tensor | None:
         """(P,) mask of the patches from every ``every``-th calibration sample (id ≡ every−1 mod every);
@@ -87,15 +88,17 @@ class LayerProblem:
 
     @torch.no_grad()
     def relative_error(self, w: torch.Tensor, b: torch.Tensor, loss: str) -> float:
-        """‖prediction − target‖² / ‖target‖² over all sampled positions (chunked)."""
+        """‖prediction − target‖² / ‖target‖² over all sampled positions (chunked; float32 sums, which torch
+        accumulates pairwise)."""
         target = self.target(loss)
-        num, den = 0.0, float(target.double().pow(2).sum()) or 1.0
+        if loss not in self._energy:
+            self._energy[loss] = float(target.pow(2).sum()) or 1.0
+        num = 0.0
         step = 8192
         for start in range(0, self.num_patches, step):
             rows = slice(start, start + step)
-            diff = self.prediction(w, b, loss, rows) - target[rows]
-            num += float(diff.double().pow(2).sum())
-        return num / den
+            num += float((self.prediction(w, b, loss, rows) - target[rows]).pow(2).sum())
+        return num / self._energy[loss]
 
     @torch.no_grad()
     def shift_free(self) -> "LayerProblem":
