@@ -100,7 +100,8 @@ def refine_blocks(original: GraphView, compressed: onnx.ModelProto, samples: Sam
     student_values = dict(teacher_values)
     side_names = sorted({name for block in blocks for name in block.sides})
     student_sides = _side_values(view, side_names, samples, config)
-    teacher_sides = _side_values(original, side_names, samples, config) if side_names else {}
+    in_original = [name for name in side_names if name in original.producer or name in original.input_names]
+    teacher_sides = {**student_sides, **_side_values(original, in_original, samples, config)}
     teacher_values.update(teacher_sides)
     student_values.update(student_sides)
     tokens = _token_weights(view, samples, config)
