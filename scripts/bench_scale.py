@@ -204,6 +204,15 @@ reports its ADMM iteration and primal residual on the progress line, so a long l
   `session_with_outputs`'s copy of the model, and the footprint's copy of every weight. Measured on 8
   parallel MatMul layers in external data (512 MB of weights, `--sparsity 0.5 --uniform --solver
   magnitude`): peak RSS 5,000 → 3,549 MB, 8.7× → 5.9× the weights above the 520 MB the imports take.
+  Where the 2.12 GB model's 12.0 GB peak comes from, RSS at each stage (34 parallel MatMuls in external data,
+  `--sparsity 0.5 --uniform --solver magnitude --max-memory-mb 256`, 64 samples; 2026-12-06): imports 0.5 GB;
+  after loading and normalizing 4.9 GB (the input and its normalized deep copy); the solve adds the solved
+  weights, 8.3 GB at its end (peak 8.7); building the compressed model 10.4 GB; validation, with onnxruntime
+  sessions of both models (their own weights) while both protos are held, 12.0 GB, and it took 5.7 of the
+  run's 7.4 minutes. What would bound it: normalizing without a second copy of the weights (the original
+  stays readable from its file for validation), writing each solved weight straight into the output's
+  external-data file instead of holding it and then a model built from it, and timing large models one
+  session at a time.
 * Layers solved in parallel processes: layers fed by the same already-compressed input are independent
   problems; they are solved one after another today.
 * More than one machine: the unit of work would be one layer problem (its sampled rows X̃, targets and W₀,
