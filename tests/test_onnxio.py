@@ -311,3 +311,17 @@ def test_large_models_reach_onnxruntime_through_files_with_the_same_results(monk
     assert calls  # every session of the second run went through a file
     assert on_disk.model.SerializeToString() == in_memory.model.SerializeToString()
     assert on_disk.report.validation.comparison.outputs[0].cosine == in_memory.report.validation.comparison.outputs[0].cosine
+
+
+def test_reaches_bytes_agrees_with_the_serialized_size_without_sizing_the_whole_model(monkeypatch):
+    from onnxadmm.onnxio.save import reaches_bytes
+
+    model = tiny_cnn()
+    size = model.ByteSize()
+    for limit in (1, size // 2, size - 64, size + 64, 10 * size):
+        assert reaches_bytes(model, limit) == (size >= limit), limit
+    # the initializers alone reach the limit: the model as a whole is never sized
+    monkeypatch.setattr(onnx.ModelProto, "ByteSize", lambda self: pytest.fail("sized the whole model"))
+    with pytest.raises(pytest.fail.Exception):
+        model.ByteSize()
+    assert reaches_bytes(model, size // 2)

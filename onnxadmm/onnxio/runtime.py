@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Sequence
 
 import onnx
-from google.protobuf.message import EncodeError
 
 from ..config import available_cores
 from ..errors import UnsupportedModelError
 from .save import (
+    reaches_bytes,
     without_initializers,
     write_with_external_data,
 )
@@ -107,7 +107,4 @@ def through_files(model: onnx.ModelProto) -> bool:
     """Large models reach onnxruntime through a temporary file with external data, written tensor by tensor:
     serializing them in memory would hold the weights twice more while the session is built (three times for
     ``session_with_outputs``, which copies the model), and over protobuf's 2 GB limit it cannot be done."""
-    try:
-        return model.ByteSize() >= FILES_FROM_BYTES
-    except EncodeError:  # protobuf refuses even to size a model over its 2 GB limit
-        return True
+    return reaches_bytes(model, FILES_FROM_BYTES)
