@@ -9,9 +9,9 @@ Candidates, cheapest first, each a full ``compress`` measured in onnxruntime lik
    gate (it stores the same weights in twice the bits).
 2. latency: channel pruning + int8 at ``--target-latency`` r₀·f for f in ``LATENCY_STEPS`` (fp32 channel
    pruning at 1·f when int8 is not faster or fails the gate); size: element sparsity at ``SPARSITIES`` with the
-   smallest precision that holds the gate (w4, else int8, else fp32). Each ladder is climbed while the gate holds: damage grows
-   with the step, so the first miss ends it; one bisection step then tries the level between the last hold
-   (int8 alone counting as level 0) and the miss.
+   smallest precision that holds the gate (w4, else int8, else fp32). Each ladder is climbed while the gate
+   holds: damage grows with the step, so the first miss ends it; one bisection step then tries the level
+   between the last hold (the precision alone counting as level 0) and the miss.
 3. The least aggressive miss is tried again with block refinement (``--refine-epochs``, default ``REFINE_EPOCHS``), the
    one place where the extra time can move the frontier — when its damage is at most ``REFINE_REACH`` times the
    budget (top-1 drop, or 1 − agreement); a farther miss is reported as not tried (the measurements behind the

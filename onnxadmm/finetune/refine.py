@@ -12,8 +12,8 @@ W ← W ⊙ M with M = (W ≠ 0) at the start — so sparsity patterns and remov
 solved. Every tenth calibration sample is held out: each block keeps the weights of the epoch with the
 lowest held-out loss, or its solved weights if no epoch beat them. No labels are used. For token inputs
 (``--token-mask``), a [batch, sequence, ...] block output counts only at real tokens, as in the
-layer-wise solve; side inputs of a block (``analysis/blocks.py``: an attention mask) are computed once. A block onnx2torch
-cannot convert runs unchanged in onnxruntime. The block inputs and targets of every calibration sample
+layer-wise solve; side inputs of a block (``analysis/blocks.py``: an attention mask) are computed once.
+A block onnx2torch cannot convert runs unchanged in onnxruntime. The block inputs and targets of every calibration sample
 are held in memory (outside ``--max-memory-mb``).
 """
 
