@@ -251,6 +251,75 @@ def test_footprint_of_a_model_over_the_protobuf_limit_is_measured_in_pieces(monk
     assert (pieced.params, pieced.macs) == (whole.params, whole.macs)
 
 
+
+
+def test_footprint_of_a_model_that_goes_through_files_is_zipped_in_pieces_with_its_exact_size(monkeypatch):
+    """From the size at which models reach onnxruntime through files, the footprint zips the model initializer by
+    initializer instead of serializing a copy of it: the size stays exact (under 2 GB), the zipped size within
+    the framing of the initializers."""
+    from onnxadmm.cost import footprint as fp
+    from onnxadmm.onnxio import save
+
+    model = tiny_cnn()
+    feed = samples_for(model, 1)
+    whole = fp.footprint(model, feed, threads=1)
+    serialized = []  # initializers in each ModelProto serialized while the footprint sizes the model
+    whole_bytes, observe_shapes = onnx.ModelProto.SerializeToString, fp.node_macs
+    monkeypatch.setattr(fp, "FILES_FROM_BYTES", 10)
+    monkeypatch.setattr(onnx.ModelProto, "SerializeToString",
+                        lambda self: serialized.append(len(self.graph.initializer)) or whole_bytes(self))
+    monkeypatch.setattr(fp, "node_macs", lambda *args: serialized.append("sized") or observe_shapes(*args))
+    pieced = fp.footprint(model, feed, threads=1)
+    assert serialized[0] == 0 and serialized.index("sized") == 1  # the graph without its weights, then shapes
+    assert pieced.size_bytes == whole.size_bytes == model.ByteSize()
+    assert abs(pieced.zipped_bytes - whole.zipped_bytes) <= 8 * len(model.graph.initializer) + 64
+    assert (pieced.params, pieced.macs) == (whole.params, whole.macs)
+    assert save.serialized_pieces(model, 10)[0] == model.ByteSize()
+
+def _zip_with_zipfile(pieces) -> int:
+    """The zip zipfile streams (to an unseekable sink, as the footprint always counted it)."""
+    import io
+    import zipfile
+
+    class Sink(io.RawIOBase):
+        size = 0
+
+        def writable(self):
+            return True
+
+        def write(self, data):
+            self.size += len(data)
+            return len(data)
+
+    sink = Sink()
+    with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as archive:
+        with archive.open("model.onnx", "w", force_zip64=True) as entry:
+            for piece in pieces:
+                entry.write(piece)
+    return sink.size
+
+
+def test_zipped_size_in_parallel_blocks_is_one_deflate_stream_of_the_input(monkeypatch):
+    """Under one block the zipped size is exactly zipfile's; over several (pieces of any length crossing the
+    block boundaries), the blocks join into one raw deflate stream that decompresses to the input, and the
+    size stays within 64 bytes per block of zipfile's."""
+    import zlib
+
+    from onnxadmm.cost import footprint as fp
+
+    rng = np.random.default_rng(0)
+    weights = rng.standard_normal(300_000).astype(np.float32)
+    weights[rng.random(weights.size) < 0.5] = 0.0
+    blob = weights.tobytes()
+    assert fp.zipped_size(blob) == _zip_with_zipfile([blob])
+    assert fp.zipped_size(b"") == _zip_with_zipfile([b""])
+    monkeypatch.setattr(fp, "DEFLATE_BLOCK_BYTES", 100_000)
+    pieces = [blob[:1234], blob[1234:1234 + 250_000], blob[251_234:251_235], blob[251_235:]]
+    assert zlib.decompress(b"".join(fp.deflated_blocks(pieces, threads=2)), -15) == blob
+    blocks = -(-len(blob) // 100_000)
+    assert 0 <= fp.zipped_size(pieces, threads=2) - _zip_with_zipfile([blob]) <= 64 * blocks
+    assert fp.zipped_size(pieces, threads=1) == fp.zipped_size(blob, threads=2)
+
 def test_models_over_the_protobuf_limit_are_saved_and_run_from_external_data_without_being_changed(
         tmp_path, monkeypatch):
     """Over 2 GB (simulated by lowering the limit): the atomic save writes external data tensor by tensor,

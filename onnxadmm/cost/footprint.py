@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import io
 import zipfile
-from collections.abc import Iterable
+import zlib
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +23,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..onnxio.graph import GraphView
-from ..onnxio.runtime import session_with_outputs
+from ..onnxio.runtime import FILES_FROM_BYTES, cpu_threads, session_with_outputs
 from ..onnxio.save import serialized_pieces
 
 
@@ -39,18 +42,82 @@ class Footprint:
         return dict(self.__dict__)
 
 
-def zipped_size(blob: bytes | Iterable[bytes]) -> int:
-    """Bytes of a zip (deflate, level 6) holding the model; ``blob`` may come in pieces (models over 2 GB)."""
+DEFLATE_LEVEL = 6
+DEFLATE_BLOCK_BYTES = 16 << 20  # unit of work for the threads
+DEFLATE_WINDOW_BYTES = 32 << 10  # deflate's history: each block is primed with the bytes before it
+
+
+def zipped_size(blob: bytes | Iterable[bytes], threads: int = 0) -> int:
+    """Bytes of a zip (deflate, level 6) holding the model; ``blob`` may come in pieces (models over 2 GB).
+    The zip is never held: only its length is counted."""
+    return ZIP_CONTAINER_BYTES + sum(len(chunk) for chunk in deflated_blocks(
+        [blob] if isinstance(blob, (bytes, bytearray, memoryview)) else blob, threads))
+
+
+def deflated_blocks(pieces: Iterable[bytes], threads: int = 0) -> Iterator[bytes]:
+    """One raw deflate stream of the concatenated ``pieces``, in order, compressed in blocks of
+    ``DEFLATE_BLOCK_BYTES`` on ``threads`` threads (0: every core; zlib releases the GIL). Each block is primed
+    with the 32 KB before it and ends with a sync flush (pigz's scheme), so the blocks join into one valid
+    stream, a few bytes per block longer than deflating it in one go; under one block it is that stream."""
+    workers = cpu_threads(threads)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque = deque()
+        for block, window, last in _blocks(pieces):
+            pending.append(pool.submit(_deflate, block, window, last))
+            while len(pending) > 2 * workers:  # bounded: at most a few blocks in memory
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _blocks(pieces: Iterable[bytes]) -> Iterator[tuple[bytes | memoryview, bytes | memoryview, bool]]:
+    """(block, the up to 32 KB before it, whether it is the last) over the concatenation of ``pieces``."""
+    carry = bytearray()  # bytes not yet in a block
+    window: bytes | memoryview = b""
+    previous = None
+    for piece in pieces:
+        view = memoryview(piece).cast("B")
+        start = 0
+        if carry:
+            start = min(len(view), DEFLATE_BLOCK_BYTES - len(carry))
+            carry += view[:start]
+            if len(carry) < DEFLATE_BLOCK_BYTES:
+                continue
+            full, carry = bytes(carry), bytearray()
+            if previous is not None:
+                yield previous[0], previous[1], False
+            previous, window = (full, window), full[-DEFLATE_WINDOW_BYTES:]
+        while len(view) - start >= DEFLATE_BLOCK_BYTES:
+            full = view[start:start + DEFLATE_BLOCK_BYTES]
+            if previous is not None:
+                yield previous[0], previous[1], False
+            previous, window = (full, window), full[-DEFLATE_WINDOW_BYTES:]
+            start += DEFLATE_BLOCK_BYTES
+        carry += view[start:]
+    if carry or previous is None:
+        if previous is not None:
+            yield previous[0], previous[1], False
+        previous = (bytes(carry), window)
+    yield previous[0], previous[1], True
+
+
+def _deflate(block, window, last: bool) -> bytes:
+    compressor = zlib.compressobj(DEFLATE_LEVEL, zlib.DEFLATED, -15, 8, zlib.Z_DEFAULT_STRATEGY,
+                                  *([window] if len(window) else []))
+    return compressor.compress(block) + compressor.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
+
+
+def _zip_of(data: bytes) -> int:
+    """Bytes of the zip ``zipfile`` writes for one entry holding ``data`` (the container ``zipped_size`` adds)."""
     counter = _ByteCounter()
-    with zipfile.ZipFile(counter, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as archive:
+    with zipfile.ZipFile(counter, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=DEFLATE_LEVEL) as archive:
         with archive.open("model.onnx", "w", force_zip64=True) as entry:
-            for piece in ([blob] if isinstance(blob, bytes) else blob):
-                entry.write(piece)
+            entry.write(data)
     return counter.size
 
 
 class _ByteCounter(io.RawIOBase):
-    """A write-only sink that keeps only the count (the zip of a large model is never held in memory)."""
+    """A write-only sink that keeps only the count."""
 
     def __init__(self):
         self.size = 0
@@ -61,6 +128,9 @@ class _ByteCounter(io.RawIOBase):
     def write(self, data) -> int:
         self.size += len(data)
         return len(data)
+
+
+ZIP_CONTAINER_BYTES = _zip_of(b"") - len(_deflate(b"", b"", True))  # headers, descriptor, central directory
 
 
 INTEGER_PRODUCTS = ("MatMulInteger",)  # dynamic int8: the integer weight is the product's second input
@@ -130,8 +200,12 @@ def _weight_dims(view: GraphView, name: str) -> tuple | None:
 
 def footprint(model: onnx.ModelProto, feed_one: dict[str, np.ndarray], threads: int = 0,
               blob: bytes | None = None) -> Footprint:
-    """Measure ``model``; ``feed_one`` is a single-sample input used to observe shapes."""
-    size_bytes, pieces = (len(blob), [blob]) if blob is not None else serialized_pieces(model)
+    """Measure ``model``; ``feed_one`` is a single-sample input used to observe shapes. Models large enough to
+    reach onnxruntime through files are zipped initializer by initializer (no serialized copy), before the
+    session that observes the shapes holds its own copy of the weights."""
+    size_bytes, pieces = (len(blob), [blob]) if blob is not None else serialized_pieces(model, FILES_FROM_BYTES)
+    zipped_bytes = zipped_size(pieces, threads)
+    del pieces
     counts = {}  # initializer -> (elements, nonzero elements), one tensor in memory at a time
     for tensor in _parameter_initializers(model):
         array = numpy_helper.to_array(tensor)
@@ -153,6 +227,6 @@ def footprint(model: onnx.ModelProto, feed_one: dict[str, np.ndarray], threads: 
             nonzero_macs += nz * cost.positions if node.op_type != "ConvTranspose" else cost.dense
         else:
             nonzero_macs += cost.dense
-    return Footprint(size_bytes=size_bytes, zipped_bytes=zipped_size(pieces), params=params,
+    return Footprint(size_bytes=size_bytes, zipped_bytes=zipped_bytes, params=params,
                      nonzero_params=nonzero, macs=macs, nonzero_macs=nonzero_macs,
                      layer_weights=layer_weights, nonzero_layer_weights=nonzero_layer_weights)

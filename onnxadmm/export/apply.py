@@ -18,25 +18,30 @@ from ..onnxio.load import full_check
 from ..onnxio.save import stamp_metadata, without_initializers
 
 
-def apply_initializers(model: onnx.ModelProto, values: Mapping[str, np.ndarray]) -> onnx.ModelProto:
-    """A copy of ``model`` whose initializers named in ``values`` hold the new arrays (same dtype)."""
+def apply_initializers(model: onnx.ModelProto, values: dict[str, np.ndarray],
+                       consume: bool = False) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers named in ``values`` hold the new arrays (same dtype). With
+    ``consume``, each array is removed from ``values`` once written, so the solved weights and the copy are not
+    both held whole (a large model's solve ends holding every solved weight)."""
     out = without_initializers(model)  # then each initializer once: new ones are not copied twice
+    shapes = {name: np.shape(array) for name, array in values.items()}
     replaced = set()
     for tensor in model.graph.initializer:
-        if tensor.name in values:
+        if tensor.name in shapes:
             dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-            out.graph.initializer.append(numpy_helper.from_array(np.asarray(values[tensor.name]).astype(dtype),
-                                                                 tensor.name))
+            array = values.pop(tensor.name) if consume else values[tensor.name]
+            out.graph.initializer.append(numpy_helper.from_array(np.asarray(array).astype(dtype), tensor.name))
+            del array
             replaced.add(tensor.name)
         else:
             out.graph.initializer.append(tensor)
-    missing = set(values) - replaced
+    missing = set(shapes) - replaced
     if missing:
         raise OnnxAdmmError(f"internal error: initializers {sorted(missing)} not found in the graph")
     for value in out.graph.input:  # keep declared shapes of overridable initializers consistent
-        if value.name in values and value.type.tensor_type.HasField("shape"):
+        if value.name in shapes and value.type.tensor_type.HasField("shape"):
             dims = value.type.tensor_type.shape.dim
-            shape = np.asarray(values[value.name]).shape
+            shape = shapes[value.name]
             if len(dims) != len(shape) or any(d.dim_value != s for d, s in zip(dims, shape)):
                 value.type.tensor_type.ClearField("shape")
                 value.type.tensor_type.shape.dim.extend(

@@ -51,4 +51,4 @@ class ElementSparsity(CompressionMethod):
         structures = {l.name: structure_for(l, ctx.config, plan.levels[l.name]) for l in ctx.layers}
         result = compress_layers(ctx.view, ctx.layers, ctx.samples, structures, plan.levels, ctx.config,
                                  ctx.progress)
-        return Solved(apply_initializers(ctx.model, result.initializers), result)
+        return Solved(apply_initializers(ctx.model, result.initializers, consume=True), result)

@@ -139,7 +139,7 @@ class Grouped(CompressionMethod):
         failed = {d.name for d in result.declined}
         pairs = [pair for pair in plan.pairs
                  if by_node[pair.producer].name not in failed and by_node[pair.consumer].name not in failed]
-        return Solved(apply_initializers(ctx.model, result.initializers), result,
+        return Solved(apply_initializers(ctx.model, result.initializers, consume=True), result,
                       declined=declined_groups(plan.groups), details=pairs)
 
     def export(self, ctx: Context, plan: GroupPlan, solved: Solved) -> onnx.ModelProto:

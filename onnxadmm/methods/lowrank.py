@@ -52,7 +52,7 @@ class LowRank(CompressionMethod):
                                   None if o.factors.sparse is None else o.factors.sparse.numpy(),
                                   None if o.factors.input_basis is None else o.factors.input_basis.numpy())
                     for o in result.outcomes if o.factors is not None]
-        return Solved(factorize(apply_initializers(ctx.model, result.initializers), factored), result)
+        return Solved(factorize(apply_initializers(ctx.model, result.initializers, consume=True), factored), result)
 
     def report(self, plan: RankPlan, solved: Solved) -> dict:
         forms = {o.layer.name: export_form(o.layer, o.factors.inner, o.factors.sparse is not None,

@@ -81,15 +81,18 @@ def _copy_except(message, special: dict):
     return out
 
 
-def serialized_pieces(model: onnx.ModelProto) -> tuple[int, Iterable[bytes]]:
-    """(serialized size, its bytes in pieces): one blob under protobuf's 2 GB limit; above it the graph
-    without initializers, then each initializer (the same bytes up to each initializer's field framing of
-    ``FRAMING_BYTES``)."""
-    if not exceeds_protobuf_limit(model):
+def serialized_pieces(model: onnx.ModelProto, whole_below: int = PROTOBUF_LIMIT_BYTES
+                      ) -> tuple[int, Iterable[bytes]]:
+    """(serialized size, its bytes in pieces): one blob when the model serializes to under ``whole_below``
+    bytes; otherwise the graph without initializers, then each initializer, one at a time (the same bytes up to
+    each initializer's field framing), so no model-sized copy is held. The size is exact under protobuf's 2 GB
+    limit; above it the framing counts ``FRAMING_BYTES`` per initializer."""
+    if not reaches_bytes(model, min(whole_below, PROTOBUF_LIMIT_BYTES)):
         blob = model.SerializeToString()
         return len(blob), [blob]
     skeleton = without_initializers(model).SerializeToString()
-    size = len(skeleton) + sum(t.ByteSize() + FRAMING_BYTES for t in model.graph.initializer)
+    size = model.ByteSize() if not exceeds_protobuf_limit(model) else \
+        len(skeleton) + sum(t.ByteSize() + FRAMING_BYTES for t in model.graph.initializer)
     return size, itertools.chain([skeleton], (t.SerializeToString() for t in model.graph.initializer))
 
 

@@ -109,7 +109,7 @@ def quantize_w4(model: onnx.ModelProto, samples: SampleSet, config: CompressConf
     structures = {layer.name: Structure("grid", bits=W4_BITS, keep_zeros=True) for layer in found.layers}
     solved = compress_layers(view, found.layers, _solving(samples, config), structures,
                              {l.name: 1.0 for l in found.layers}, config, progress)
-    solved_model = apply_initializers(normalized.model, solved.initializers)
+    solved_model = apply_initializers(normalized.model, solved.initializers, consume=True)
     seconds = {"weights_s": time.perf_counter() - started}
     scales = _solved_scales(solved_model, solved)
     solved_model, distilled = _distilled(teacher or normalized.model, solved_model, samples, config, progress,
@@ -206,7 +206,7 @@ def _static(normalized, found, samples: SampleSet, config: CompressConfig, progr
     structures = {layer.name: Structure("grid", bits=int8_bits(config), keep_zeros=True) for layer in layers}
     solved = compress_layers(rounded_view, layers, _solving(samples, config), structures,
                              {l.name: 1.0 for l in layers}, config, progress, switches)
-    solved_model = apply_initializers(normalized.model, solved.initializers)
+    solved_model = apply_initializers(normalized.model, solved.initializers, consume=True)
     seconds["weights_s"] = time.perf_counter() - started
     started = time.perf_counter()
     names = float_tensors(solved_model, normalized.inferred)
@@ -243,7 +243,7 @@ def _dynamic(normalized, found, samples: SampleSet, config: CompressConfig, prog
     tables = embedding_rounding(view)
     solved = compress_layers(view, layers, _solving(samples, config), structures, {l.name: 1.0 for l in layers},
                              config, progress, tables)
-    solved_model = apply_initializers(normalized.model, solved.initializers)
+    solved_model = apply_initializers(normalized.model, solved.initializers, consume=True)
     seconds["weights_s"] = time.perf_counter() - started
     scales = _solved_scales(solved_model, solved)
     solved_model, distilled = _distilled(
