@@ -229,6 +229,17 @@ reports its ADMM iteration and primal residual on the progress line, so a long l
   validate 98 → 68 s, the peak now at the A/B timing (two sessions beside both protos). The slow test's
   2.12 GB model: 10.4 GB (4.76×), compress 99 s; its peak is the same A/B timing, and in the solve the input,
   its normalized copy and the solved weights.
+  Where EfficientNet-Lite0's peak comes from (a 17 MB model, so it is all activations and working memory;
+  `--method channel --target-macs 0.75`, RSS sampled every 20–200 ms, 2026-12-06): 4,847 MB at the default
+  `--max-memory-mb 2048`, of which imports 0.52 GB; the two activation caches up to their half of the budget
+  (0.94 GB in memory after a segment run); about 0.95 GB beyond imports and caches that persists from layer to
+  layer; onnxruntime's segment runs 0.6–0.9 GB more while they run; and the layer's sampled problem and its
+  solve 0.5–1.1 GB on the largest layers (64k patches of the 96-channel depthwise conv at 112×112). Not heap
+  fragmentation: with glibc's mmap threshold fixed at 1 MB (`MALLOC_MMAP_THRESHOLD_`) the peak to block 3 was
+  3,986 MB instead of 4,022. `--max-memory-mb 1024` peaks at 3,299 MB (342 s instead of 384 s; fewer patches
+  per layer, so not the same model). `--quantize int8` on the same model (`--solver magnitude`) peaks at
+  5,972 MB: the input-range pass holds every layer input of a 32-image batch (4.1 GB), and the solve, which
+  caches the original and the rounded model's inputs, 5.4 GB.
 * Layers solved in parallel processes: layers fed by the same already-compressed input are independent
   problems; they are solved one after another today.
 * More than one machine: the unit of work would be one layer problem (its sampled rows X̃, targets and W₀,

@@ -14,13 +14,14 @@ exactly representable):
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import numpy as np
 import onnx
 
-from ..onnxio.runtime import session_with_outputs
+from ..onnxio.runtime import cpu_threads, session_with_outputs
 from .readers import SampleSet
 
 ESTIMATORS = ("auto", "minmax", "percentile", "mse")
@@ -60,17 +61,21 @@ def activation_ranges(model: onnx.ModelProto, names: list[str], samples: SampleS
     fed = [n for n in names if n in samples.arrays]  # graph inputs among the tensors (not every input is float)
     lows = {n: np.inf for n in names}
     highs = {n: -np.inf for n in names}
-    for values in _stream(sess, wanted, fed, samples, batch_size, progress, "ranges (1/2)"):
-        for name, value in values.items():
-            if value.size:
-                lows[name] = min(lows[name], float(value.min()))
-                highs[name] = max(highs[name], float(value.max()))
-    edges = {n: _edges(lows[n], highs[n]) for n in names}
-    counts = {n: np.zeros(BINS, np.float64) for n in names}
-    for values in _stream(sess, wanted, fed, samples, batch_size, progress, "ranges (2/2)"):
-        for name, value in values.items():
-            counts[name] += np.histogram(value, bins=edges[name])[0]
+    with ThreadPoolExecutor(max_workers=cpu_threads(threads)) as pool:  # numpy's sorts and reductions
+        for values in _stream(sess, wanted, fed, samples, batch_size, progress, "ranges (1/2)"):  # free the GIL
+            for name, (low, high) in zip(values, pool.map(_extremes, values.values())):
+                lows[name], highs[name] = min(lows[name], low), max(highs[name], high)
+        edges = {n: _edges(lows[n], highs[n]) for n in names}
+        counts = {n: np.zeros(BINS, np.float64) for n in names}
+        for values in _stream(sess, wanted, fed, samples, batch_size, progress, "ranges (2/2)"):
+            for name, count in zip(values, pool.map(lambda item: np.histogram(item[1], bins=edges[item[0]])[0],
+                                                    values.items())):
+                counts[name] += count
     return {n: choose_range(counts[n], edges[n], estimator) for n in names if np.isfinite(lows[n])}
+
+
+def _extremes(value: np.ndarray) -> tuple[float, float]:
+    return (float(value.min()), float(value.max())) if value.size else (np.inf, -np.inf)
 
 
 def _stream(sess, wanted: list[str], fed: list[str], samples: SampleSet, batch_size: int, progress, stage: str
