@@ -154,6 +154,10 @@ def test_exact_round_trip_gives_identical_outputs():
     feed = samples_for(model, 5)
     for a, b in zip(run(model, feed), run(again, feed)):
         np.testing.assert_array_equal(a, b)
+    handed = dict(values)
+    consumed = apply_initializers(norm.model, handed, consume=True)
+    assert consumed.SerializeToString() == again.SerializeToString()
+    assert handed == {}  # each solved array released once it is in the model
 
 
 def test_zero_sparsity_leaves_weights_untouched():
