@@ -237,9 +237,12 @@ reports its ADMM iteration and primal residual on the progress line, so a long l
   solve 0.5–1.1 GB on the largest layers (64k patches of the 96-channel depthwise conv at 112×112). Not heap
   fragmentation: with glibc's mmap threshold fixed at 1 MB (`MALLOC_MMAP_THRESHOLD_`) the peak to block 3 was
   3,986 MB instead of 4,022. `--max-memory-mb 1024` peaks at 3,299 MB (342 s instead of 384 s; fewer patches
-  per layer, so not the same model). `--quantize int8` on the same model (`--solver magnitude`) peaks at
-  5,972 MB: the input-range pass holds every layer input of a 32-image batch (4.1 GB), and the solve, which
-  caches the original and the rounded model's inputs, 5.4 GB.
+  per layer, so not the same model). `--quantize int8` on the same model (`--solver magnitude`) peaked at
+  6,001 MB in its second range pass, which held every float tensor of a 32-image batch; the range passes'
+  batches are now sized so one batch of their tensors fits half of `--max-memory-mb` (the statistics do not
+  depend on the batching: the same ranges, a byte-identical model), and that pass peaks at 4,604 MB. The
+  peak is now the solve's (it caches the original and the rounded model's layer inputs): 5,429 MB, where the
+  first range pass peaks at 4.1 GB.
 * Layers solved in parallel processes: layers fed by the same already-compressed input are independent
   problems; they are solved one after another today.
 * More than one machine: the unit of work would be one layer problem (its sampled rows X̃, targets and W₀,

@@ -15,6 +15,7 @@ from onnxadmm.algorithms.projections.grid import IntegerGrid, integer_values, ou
 from onnxadmm.algorithms.projections.sparse import TopK
 from onnxadmm.export.qdq import fusion_coverage
 from onnxadmm.calib.ranges import choose_range, quantization_mse
+from onnxadmm.calib.readers import SampleSet
 
 FAST = dict(sensitivity_samples=8, admm_iterations=6, sample_patches=1024, seed=0)
 QUICK = ValidateConfig(latency_rounds=2)
@@ -72,6 +73,24 @@ def test_range_estimators_pick_the_smallest_quantization_error():
     assert chosen["mse"].mse < 0.2 * chosen["minmax"].mse
     assert chosen["auto"].mse == min(r.mse for r in chosen.values())
     assert quantization_mse(counts, centers, chosen["auto"].lo, chosen["auto"].hi) == pytest.approx(chosen["auto"].mse)
+
+
+def test_range_passes_within_a_memory_budget_find_the_same_ranges_in_smaller_batches(monkeypatch):
+    """A budget smaller than one batch of the tensors makes the passes run smaller batches (one sample here),
+    and the ranges do not change: extremes and histogram counts do not depend on the batching."""
+    from onnxadmm.calib import ranges
+
+    model = tiny_cnn()
+    samples = SampleSet(samples_for(model, 40), "test")
+    names = [n.output[0] for n in model.graph.node]
+    batches = []
+    stream = ranges._stream
+    monkeypatch.setattr(ranges, "_stream", lambda sess, wanted, fed, data, batch_size, *rest:
+                        batches.append(batch_size) or stream(sess, wanted, fed, data, batch_size, *rest))
+    whole = ranges.activation_ranges(model, names, samples, "auto", 16, 1)
+    small = ranges.activation_ranges(model, names, samples, "auto", 16, 1, memory_bytes=1)
+    assert batches == [16, 16, 1, 1]
+    assert {n: r.as_dict() for n, r in small.items()} == {n: r.as_dict() for n, r in whole.items()}
 
 
 # -- export against a numpy integer reference ---------------------------------------------------------------
@@ -457,7 +476,6 @@ def test_the_training_graph_computes_what_the_exported_int8_model_computes():
     (onnx2torch, straight-through ops): its outputs match onnxruntime's integer kernels to within two steps of
     the output's own quantization, much closer than the float model is."""
     from onnxadmm.bridge.torch_block import convert_block
-    from onnxadmm.calib.readers import SampleSet
     from onnxadmm.finetune.train import run_torch, value_types
     from onnxadmm.onnxio.graph import GraphView
     from onnxadmm.onnxio.normalize import normalize

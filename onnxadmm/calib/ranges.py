@@ -53,12 +53,16 @@ def float_tensors(model: onnx.ModelProto, inferred: onnx.ModelProto) -> list[str
 
 
 def activation_ranges(model: onnx.ModelProto, names: list[str], samples: SampleSet, estimator: str,
-                      batch_size: int, threads: int, progress: Callable | None = None) -> dict[str, TensorRange]:
-    """One ``TensorRange`` per tensor in ``names``, chosen by ``estimator`` (see the module docstring)."""
+                      batch_size: int, threads: int, progress: Callable | None = None,
+                      memory_bytes: int | None = None) -> dict[str, TensorRange]:
+    """One ``TensorRange`` per tensor in ``names``, chosen by ``estimator`` (see the module docstring). With
+    ``memory_bytes``, the batches are made small enough that one batch of every tensor in ``names`` fits it (the
+    statistics do not depend on how the samples are batched)."""
     progress = progress or (lambda *args: None)
     sess = session_with_outputs(model, names, threads)
     wanted = [n for n in names if n not in samples.arrays]
     fed = [n for n in names if n in samples.arrays]  # graph inputs among the tensors (not every input is float)
+    batch_size = _batch_within(sess, wanted, samples, batch_size, memory_bytes)
     lows = {n: np.inf for n in names}
     highs = {n: -np.inf for n in names}
     with ThreadPoolExecutor(max_workers=cpu_threads(threads)) as pool:  # numpy's sorts and reductions
@@ -72,6 +76,15 @@ def activation_ranges(model: onnx.ModelProto, names: list[str], samples: SampleS
                                                     values.items())):
                 counts[name] += count
     return {n: choose_range(counts[n], edges[n], estimator) for n in names if np.isfinite(lows[n])}
+
+
+def _batch_within(sess, wanted: list[str], samples: SampleSet, batch_size: int, memory_bytes: int | None) -> int:
+    """``batch_size``, lowered so that one batch of the ``wanted`` outputs (their bytes for one sample, measured)
+    fits ``memory_bytes``; a model with a fixed batch keeps it."""
+    if memory_bytes is None or samples.fixed_batch or not wanted:
+        return batch_size
+    per_sample = sum(np.asarray(value).nbytes for value in sess.run(wanted, samples.feed(1)))
+    return int(max(1, min(batch_size, memory_bytes // max(per_sample, 1))))
 
 
 def _extremes(value: np.ndarray) -> tuple[float, float]:

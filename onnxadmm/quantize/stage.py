@@ -198,7 +198,8 @@ def _static(normalized, found, samples: SampleSet, config: CompressConfig, progr
     view = normalized.view()
     inputs = {layer.name: layer.input_name for layer in found.layers}
     input_ranges = activation_ranges(normalized.model, sorted(set(inputs.values())), samples,
-                                     config.activation_range, config.batch_size, config.threads, progress)
+                                     config.activation_range, config.batch_size, config.threads, progress,
+                                     _ranges_memory(config))
     rounding, switches = with_input_rounding(normalized.model, input_ranges, inputs)
     rounded_view = GraphView(rounding, infer_types(rounding))
     layers = [layer for layer in apply_exclude(find_layers(rounded_view), config.exclude).layers
@@ -211,7 +212,7 @@ def _static(normalized, found, samples: SampleSet, config: CompressConfig, progr
     started = time.perf_counter()
     names = float_tensors(solved_model, normalized.inferred)
     ranges = activation_ranges(solved_model, names, samples, config.activation_range, config.batch_size,
-                               config.threads, progress)
+                               config.threads, progress, _ranges_memory(config))
     seconds["ranges_s"] = time.perf_counter() - started
     scales = _solved_scales(solved_model, solved)
     solved_model, distilled = _distilled(
@@ -260,6 +261,11 @@ def _dynamic(normalized, found, samples: SampleSet, config: CompressConfig, prog
     seconds["export_s"] = time.perf_counter() - started
     return QuantizedModel(quantized, _rows(solved), _declined(found, solved), {}, coverage, seconds, "dynamic",
                           float_model=solved_model, export=export, distilled=distilled)
+
+
+def _ranges_memory(config: CompressConfig) -> int:
+    """What one batch of the range passes' tensors may hold: the activations' half of ``--max-memory-mb``."""
+    return (config.max_memory_mb << 20) // 2
 
 
 def _solving(samples: SampleSet, config: CompressConfig) -> SampleSet:
