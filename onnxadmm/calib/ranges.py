@@ -65,8 +65,9 @@ def activation_ranges(model: onnx.ModelProto, names: list[str], samples: SampleS
     batch_size = _batch_within(sess, wanted, samples, batch_size, memory_bytes)
     lows = {n: np.inf for n in names}
     highs = {n: -np.inf for n in names}
-    with ThreadPoolExecutor(max_workers=cpu_threads(threads)) as pool:  # numpy's sorts and reductions
-        for values in _stream(sess, wanted, fed, samples, batch_size, progress, "ranges (1/2)"):  # free the GIL
+    # each batch's tensors on every core: numpy's sorts and reductions release the GIL
+    with ThreadPoolExecutor(max_workers=cpu_threads(threads)) as pool:
+        for values in _stream(sess, wanted, fed, samples, batch_size, progress, "ranges (1/2)"):
             for name, (low, high) in zip(values, pool.map(_extremes, values.values())):
                 lows[name], highs[name] = min(lows[name], low), max(highs[name], high)
         edges = {n: _edges(lows[n], highs[n]) for n in names}
