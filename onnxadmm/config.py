@@ -206,7 +206,8 @@ class CompressConfig:
     )
     max_memory_mb: int = field(
         default=2048,
-        metadata=_opt("memory for cached activations; beyond it they spill to a temporary folder"),
+        metadata=_opt("memory for activations: the cached layer inputs (beyond it they spill to a temporary "
+                      "folder) and the batches of the int8 range passes"),
     )
     sample_patches: int = field(
         default=65536, metadata=_opt("input patches sampled per layer for its statistics")
