@@ -72,33 +72,36 @@ def deflated_blocks(pieces: Iterable[bytes], threads: int = 0) -> Iterator[bytes
 
 def _blocks(pieces: Iterable[bytes]) -> Iterator[tuple[bytes | memoryview, bytes | memoryview, bool]]:
     """(block, the up to 32 KB before it, whether it is the last) over the concatenation of ``pieces``."""
+    window, previous = b"", None
+    for chunk in _chunks(pieces):
+        if previous is not None:
+            yield previous, window, False
+            window = previous[-DEFLATE_WINDOW_BYTES:]
+        previous = chunk
+    yield previous, window, True
+
+
+def _chunks(pieces: Iterable[bytes]) -> Iterator[bytes | memoryview]:
+    """The concatenation of ``pieces`` in ``DEFLATE_BLOCK_BYTES`` blocks (the last shorter; one empty block when
+    there are no bytes), without copying the blocks that lie inside one piece."""
     carry = bytearray()  # bytes not yet in a block
-    window: bytes | memoryview = b""
-    previous = None
+    whole = 0
     for piece in pieces:
         view = memoryview(piece).cast("B")
-        start = 0
         if carry:
-            start = min(len(view), DEFLATE_BLOCK_BYTES - len(carry))
-            carry += view[:start]
+            take = DEFLATE_BLOCK_BYTES - len(carry)
+            carry += view[:take]
+            view = view[take:]
             if len(carry) < DEFLATE_BLOCK_BYTES:
                 continue
-            full, carry = bytes(carry), bytearray()
-            if previous is not None:
-                yield previous[0], previous[1], False
-            previous, window = (full, window), full[-DEFLATE_WINDOW_BYTES:]
-        while len(view) - start >= DEFLATE_BLOCK_BYTES:
-            full = view[start:start + DEFLATE_BLOCK_BYTES]
-            if previous is not None:
-                yield previous[0], previous[1], False
-            previous, window = (full, window), full[-DEFLATE_WINDOW_BYTES:]
-            start += DEFLATE_BLOCK_BYTES
-        carry += view[start:]
-    if carry or previous is None:
-        if previous is not None:
-            yield previous[0], previous[1], False
-        previous = (bytes(carry), window)
-    yield previous[0], previous[1], True
+            yield bytes(carry)
+            carry, whole = bytearray(), whole + 1
+        while len(view) >= DEFLATE_BLOCK_BYTES:
+            yield view[:DEFLATE_BLOCK_BYTES]
+            view, whole = view[DEFLATE_BLOCK_BYTES:], whole + 1
+        carry += view
+    if carry or not whole:
+        yield bytes(carry)
 
 
 def _deflate(block, window, last: bool) -> bytes:

@@ -87,12 +87,13 @@ def serialized_pieces(model: onnx.ModelProto, whole_below: int = PROTOBUF_LIMIT_
     bytes; otherwise the graph without initializers, then each initializer, one at a time (the same bytes up to
     each initializer's field framing), so no model-sized copy is held. The size is exact under protobuf's 2 GB
     limit; above it the framing counts ``FRAMING_BYTES`` per initializer."""
-    if not reaches_bytes(model, min(whole_below, PROTOBUF_LIMIT_BYTES)):
+    over_limit = exceeds_protobuf_limit(model)
+    if not over_limit and not reaches_bytes(model, whole_below):
         blob = model.SerializeToString()
         return len(blob), [blob]
     skeleton = without_initializers(model).SerializeToString()
-    size = model.ByteSize() if not exceeds_protobuf_limit(model) else \
-        len(skeleton) + sum(t.ByteSize() + FRAMING_BYTES for t in model.graph.initializer)
+    size = len(skeleton) + sum(t.ByteSize() + FRAMING_BYTES for t in model.graph.initializer) if over_limit \
+        else model.ByteSize()
     return size, itertools.chain([skeleton], (t.SerializeToString() for t in model.graph.initializer))
 
 
