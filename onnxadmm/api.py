@@ -7,24 +7,24 @@ order, for every method (``methods/base.py``):
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 
 from . import __version__
 from .analysis.layers import apply_exclude, find_layers
-from .calib.readers import SampleSet, evaluation_set, evenly_spaced, held_out_rows, open_samples, select
+from .calib.readers import SampleSet, evenly_spaced, open_samples, run_samples, select
 from .config import CheckConfig, CompressConfig, ValidateConfig, config_hash
 from .errors import UnsupportedModelError
 from .onnxio.graph import GraphView, model_inputs, signature_differences
 from .onnxio.load import LoadedModel, as_loaded
 from .onnxio.normalize import normalize
 from .onnxio.outputs import OutputSet
-from .onnxio.save import compressed_before, stage_model
+from .onnxio.save import compressed_before, stage_model, without_initializers
 from .report.build import compress_report, validate_report
 from .report.schema import CheckReport, CompressReport, ValidateReport, WrittenFile
 from .solve.layerwise import Progress
@@ -57,7 +57,8 @@ def compress(model: Any, calibration: Any, config: CompressConfig = CompressConf
 
     ``evaluation`` (optional, same forms as calibration) is the held-out data for validation; without
     it, calibration samples left out by ``calib_samples`` are used, or else the calibration samples
-    themselves (reported as not held-out).
+    themselves (reported as not held-out). A model given by its path is normalized in place (its weights held
+    once) and timed from its file.
     """
     import torch
 
@@ -78,18 +79,19 @@ def compress(model: Any, calibration: Any, config: CompressConfig = CompressConf
         progress("load", 0, 1, "reading model")
         loaded = as_loaded(model)
         notes: list[str] = list(loaded.notes) + compressed_before(loaded.model, config.force)
-        compressed, config, parts = _pipeline(loaded, calibration, evaluation, config, validate_config, progress)
+        compressed, config, parts = _pipeline(loaded, calibration, evaluation, config, validate_config, progress,
+                                              isinstance(model, (str, os.PathLike)))
         notes.extend(parts["notes"])
         solve_seconds = time.perf_counter() - started
-        eval_set = parts["eval_set"]
+        eval_set, reference = parts["eval_set"], parts["reference"]
         progress("validate", 0, 1, f"{eval_set.num_samples} samples")
-        validation = validate_models(loaded.model, compressed, eval_set, validate_config, config.batch_size,
+        validation = validate_models(reference, compressed, eval_set, validate_config, config.batch_size,
                                      config.threads, parts["held_out"], sequence_length=config.latency_seq_len)
         report = compress_report(loaded, config, validate_config, parts["digest"], parts["calib"],
                                  parts["plan_report"], parts["solved"], parts["declined"], validation, notes,
                                  started, solve_seconds)
         if validate_config.platform:
-            report.platform_check = platform_check(loaded.model, compressed, eval_set, validate_config, progress)
+            report.platform_check = platform_check(reference.model(), compressed, eval_set, validate_config, progress)
             report.passed = validation.passed and report.platform_check["passed"]
         progress("done", 1, 1, "")
         return CompressResult(compressed, report, report.passed)
@@ -110,19 +112,21 @@ def search(model: Any, calibration: Any, config: CompressConfig = CompressConfig
 
 
 def _pipeline(loaded: LoadedModel, calibration, evaluation, config: CompressConfig,
-              validate_config: ValidateConfig, progress: Progress) -> tuple[onnx.ModelProto, CompressConfig, dict]:
-    """Every stage before validation. The normalized graph and the solved weight arrays are not kept (a model
-    over 2 GB must not be held thrice)."""
+              validate_config: ValidateConfig, progress: Progress, in_place: bool = False
+              ) -> tuple[onnx.ModelProto, CompressConfig, dict]:
+    """Every stage before validation, and the original measured; of the model-sized data only the output is kept."""
+    from .cost.footprint import stored_size
     from .export.apply import finalize
     from .finetune.distill import distill
     from .methods import Context, method_for, run_method
     from .quantize.stage import quantize
     from .validation.gates import check_gate_inputs
-    from .validation.run import gate_checker
+    from .validation.run import gate_checker, measure_reference
 
     method = method_for(config.method)
     config = method.configure(config)
-    normalized = normalize(loaded.model)
+    stored = stored_size(loaded.model, config.threads)  # the input's own bytes, before it is normalized
+    normalized = normalize(loaded.model, in_place=in_place)
     notes = list(normalized.rewrites)
     view = normalized.view()
     everything = find_layers(view)
@@ -130,26 +134,21 @@ def _pipeline(loaded: LoadedModel, calibration, evaluation, config: CompressConf
     if not found.layers:
         reasons = "; ".join(f"{d.name}: {d.reason}" for d in found.declined[:5]) or "no Conv/Gemm/MatMul"
         raise UnsupportedModelError(f"nothing to compress in this model ({reasons})")
-    inputs = model_inputs(view)
     progress("calibration", 0, 1, "reading samples")
-    calib_all = open_samples(calibration, inputs, validate_config.labels, config.seed, labels_required=False)
-    calib, rest = select(calib_all, config.calib_samples)
-    eval_set, held_out = evaluation_set(evaluation, inputs, calib_all, rest, calib, validate_config, config.seed)
-    check_gate_inputs(validate_config, eval_set.labels is not None)
-    if config.latency_seq_len:
-        calib.feed(1, config.latency_seq_len)  # a ConfigError now when no input has a sequence axis
-    solving = calib  # what the solve and block refinement see; distillation checks on samples they did not
-    if config.distill_epochs:
-        solving = calib.subset(np.flatnonzero(~held_out_rows(calib.num_samples, calib.fixed_batch)))
-        notes.append(f"{calib.num_samples - solving.num_samples} of {calib.num_samples} calibration samples held "
-                     "out of the layer-wise solve and block refinement, to check the distillation on")
-    ctx = Context(view, normalized.model, everything.layers, found.layers, solving, config, progress)
-    gate = gate_checker(loaded.model, eval_set, validate_config, config) if method.relax(config) else None
+    run = run_samples(calibration, evaluation, model_inputs(view), config, validate_config)
+    notes.extend(run.notes)
+    check_gate_inputs(validate_config, run.evaluation.labels is not None)
+    progress("calibration", 0, 1, f"running the original on {run.evaluation.num_samples} evaluation samples")
+    reference = measure_reference(normalized.model, run.evaluation, config.batch_size, config.threads, stored,
+                                  loaded.path if in_place else loaded.model, loaded.sha256)
+    loaded.model = without_initializers(loaded.model) if in_place else loaded.model  # (the report reads its opset)
+    ctx = Context(view, normalized.model, everything.layers, found.layers, run.solving, config, progress)
+    gate = gate_checker(reference, run.evaluation, validate_config, config) if method.relax(config) else None
     compressed, solved, plan_report = run_method(method, ctx, gate)
     if config.quantize == "none":
-        compressed, solved.result.distilled = distill(normalized.model, compressed, calib, config, progress)
+        compressed, solved.result.distilled = distill(normalized.model, compressed, run.calib, config, progress)
     else:  # distillation, if asked, runs inside the precision stage with the grid fixed
-        quantized = quantize(compressed, calib, config, progress, teacher=normalized.model)
+        quantized = quantize(compressed, run.calib, config, progress, teacher=normalized.model)
         compressed, plan_report["quantization"], solved.result.distilled = quantized.model, quantized.report(), \
             quantized.distilled
         notes.extend(method.notes(config) + quantized.notes)
@@ -159,8 +158,9 @@ def _pipeline(loaded: LoadedModel, calibration, evaluation, config: CompressConf
         "version": __version__, "config_sha256": digest, "seed": str(config.seed),
         "source_sha256": loaded.sha256, "method": config.method}))
     return compressed, config, {
-        "notes": notes, "calib": calib, "eval_set": eval_set, "held_out": held_out, "digest": digest,
-        "plan_report": plan_report, "solved": dataclasses.replace(solved.result, initializers={}),
+        "notes": notes, "calib": run.calib, "eval_set": run.evaluation, "held_out": run.held_out, "digest": digest,
+        "reference": reference, "plan_report": plan_report,
+        "solved": dataclasses.replace(solved.result, initializers={}),
         "declined": solved.result.declined + solved.declined + found.declined}
 
 

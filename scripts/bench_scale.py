@@ -135,8 +135,11 @@ def render() -> str:
     rows.sort(key=lambda r: r["parameters"])
     lines = ["# Scale: compress time and memory against model size", "",
              "Each row is one `onnxadmm compress` in a fresh process on this 2-core x86 machine (24 GB), produced by "
-             "`python scripts/bench_scale.py`. Solve = the layer-wise solve and export (`timing.compress_s`); total "
-             "adds loading, calibration and validation in onnxruntime. AlexNet and VGG-16 are torchvision's with "
+             "`python scripts/bench_scale.py`. Solve = `timing.compress_s`: the layer-wise solve and export, and (since "
+             "2026-12-06) the original's outputs and footprint, measured before the solve; total adds loading and "
+             "the compressed model's validation in onnxruntime. Peak RSS is this process's own (VmHWM; rows before "
+             "2026-12-06 read `ru_maxrss`, which also keeps the peak of the process that started it — here the "
+             "benchmark, which had exported the torchvision model). AlexNet and VGG-16 are torchvision's with "
              "random weights; the test-bed models use their standard calibration split.", "",
              "| case | arguments | parameters | model MB | solve s | total s | bar s | peak RSS MB | RSS / model | "
              "slowest layer (s) | commit |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -192,59 +195,50 @@ A layer with R outputs, d inputs and M sampled rows X̃ (M × (d+1), the inputs 
 The products run on torch's intra-op threads (both cores here). A layer solving for more than about 10 s
 reports its ADMM iteration and primal residual on the progress line, so a long layer is visibly alive.
 
+## Memory
+
+Activations are bounded by `--max-memory-mb` (streamed, spilled to disk beyond it; the int8 range passes size
+their batches to half of it). Weights are held at most twice. A model given by its path is normalized in place,
+after its file's sizes are measured; its outputs and footprint are measured once, before the solve, and the
+latency A/B reads it from its file; two models over 1 GB together are timed one after the other, not with both
+sessions held. The peak is read from Linux's VmHWM: `ru_maxrss` also keeps the peak of the process that
+started the run (the slow test's generator had read as 6.7 GB).
+
+Where the 2.12 GB model's peak comes from (34 parallel MatMuls in external data, `--sparsity 0.5 --uniform
+--solver magnitude --max-memory-mb 256`, 64 samples, RSS sampled every 200 ms, 2026-12-06):
+
+| stage | RSS | what it holds |
+|---|---|---|
+| imports | 0.5 GB | |
+| load, sizes of the file, normalize in place | 2.7 GB (peak 3.1) | the input, once |
+| the original's outputs and footprint | peak 5.0 GB | with an onnxruntime session of it |
+| solve | peak 5.6 GB, 5.4 at its end | the normalized graph and the solved weights; one layer's working memory |
+| validation | 3.1 GB, peak 5.3 GB | the compressed model, and one onnxruntime session at a time |
+
+Peak 5,678 MB, 2.61× the weights (the slow test; 10,355 MB, 4.76×, with the input's deep copy, both protos
+and both sessions of the A/B held at once). Earlier steps (2026-12-05/06): onnx.checker and shape inference on
+a weightless proxy (large initializers as typed inputs), models from 64 MB up handed to onnxruntime as files
+with external data, the footprint zipping initializer by initializer (in 16 MB blocks on every core: 2.1×
+faster), and the solved weights moved into the compressed model one by one.
+
+What bounds it at about 1.5×, and why it is not one more step: protobuf's Python runtime (upb) keeps every
+message's bytes in an arena freed only with the whole message — replacing an initializer's `raw_data` or
+deleting it frees nothing (measured: three replacements of a 200 MB tensor, +600 MB) — so the weights must live
+outside the protos: the input's initializers kept as references to its external-data file (memory-mapped),
+each solved weight written to a scratch external-data file as it is solved, and the sessions, the footprint
+and the output built over those files.
+
+EfficientNet-Lite0 (17 MB, so all activations and working memory; `--method channel --target-macs 0.75`,
+2026-12-06): 4,847 MB at the default `--max-memory-mb 2048`, of which imports 0.52 GB; the two activation
+caches up to their half of the budget (0.94 GB); about 0.95 GB that persists from layer to layer (not heap
+fragmentation: with glibc's mmap threshold fixed at 1 MB the peak to block 3 was 3,986 MB instead of 4,022);
+onnxruntime's segment runs 0.6–0.9 GB while they run; the largest layers' sampled problem and solve 0.5–1.1 GB.
+`--max-memory-mb 1024` peaks at 3.3–3.6 GB (268 s against 384 s) but samples fewer patches per layer: 10.20 pt
+top-1 drop and agreement 0.848 on the 500 held-out images, against 8.60 pt and 0.856. `--quantize int8`
+(`--solver magnitude`): 5,429 MB, the solve's (it caches the original and the rounded model's layer inputs).
+
 ## Not built yet
 
-* Memory bounded by `--max-memory-mb`: the activations are (streamed, spilled beyond the budget), the weights
-  are not — the input, the normalized graph, the compressed model, onnxruntime's sessions (their own copy of
-  every initializer; two at once for the A/B timing), the sensitivity probes' copy of the model and the
-  solve's float64 temporaries each hold a model-sized amount, which is where the peak RSS / model ratios
-  above come from. Removed (2026-12-05): the checker's and the full check's
-  serialized copies (they now run on a weightless proxy, large initializers as typed inputs), the in-memory
-  serialization of models from 64 MB up for onnxruntime (a temporary file with external data instead),
-  `session_with_outputs`'s copy of the model, and the footprint's copy of every weight. Measured on 8
-  parallel MatMul layers in external data (512 MB of weights, `--sparsity 0.5 --uniform --solver
-  magnitude`): peak RSS 5,000 → 3,549 MB, 8.7× → 5.9× the weights above the 520 MB the imports take.
-  Where the 2.12 GB model's 12.0 GB peak comes from, RSS at each stage (34 parallel MatMuls in external data,
-  `--sparsity 0.5 --uniform --solver magnitude --max-memory-mb 256`, 64 samples; 2026-12-06): imports 0.5 GB;
-  after loading and normalizing 4.9 GB (the input and its normalized deep copy); the solve adds the solved
-  weights, 8.3 GB at its end (peak 8.7); building the compressed model 10.4 GB; validation, with onnxruntime
-  sessions of both models (their own weights) while both protos are held, 12.0 GB, and it took 5.7 of the
-  run's 7.4 minutes. What would bound it: normalizing without a second copy of the weights (the original
-  stays readable from its file for validation), writing each solved weight straight into the output's
-  external-data file instead of holding it and then a model built from it, and timing large models one
-  session at a time. Building each model's session once for its outputs and every latency batch saved 15 s
-  there and raised the peak to 14.2 GB (the footprint's sessions then sat beside them): not kept. Where
-  validation's time goes (`onnxadmm validate` of that model against itself, profiled: 342 s): the
-  zip-compressed size of both files 157 s (deflate), sizing the protobuf 96 s (protobuf takes about 11 s to
-  size a model over 2 GB before refusing it; the thresholds are now checked by sizing the initializers one by
-  one, stopping once they reach the limit), building onnxruntime sessions 84 s. The same command, not
-  profiled, after that change: 284 s; and the slow test's compress of that model peaks at 10.5 GB (4.82× the
-  weights; 12.0 GB, 5.53×, before). Then (2026-12-06): the zip-compressed sizes are deflated in 16 MB blocks
-  on every core, each block primed with the 32 KB before it (pigz's scheme: one valid deflate stream, within
-  about 30 bytes per block of deflating it in one go, exactly it under one block) — 2.1× faster on 2 cores
-  (512 MB of weights: 22.5 → 10.7 s; the same with half of them zero, 36.8 → 17.5 s); the footprint zips a
-  model from 64 MB up initializer by initializer instead of serializing a copy, before its shape session
-  holds the weights; and the solved weights move into the compressed model one by one instead of being held
-  beside it. On 8 parallel MatMuls (512 MB, the command above): peak RSS 3,367 → 3,087 MB, compress and
-  validate 98 → 68 s, the peak now at the A/B timing (two sessions beside both protos). The slow test's
-  2.12 GB model: 10.4 GB (4.76×), compress 99 s; its peak is the same A/B timing, and in the solve the input,
-  its normalized copy and the solved weights.
-  Where EfficientNet-Lite0's peak comes from (a 17 MB model, so it is all activations and working memory;
-  `--method channel --target-macs 0.75`, RSS sampled every 20–200 ms, 2026-12-06): 4,847 MB at the default
-  `--max-memory-mb 2048`, of which imports 0.52 GB; the two activation caches up to their half of the budget
-  (0.94 GB in memory after a segment run); about 0.95 GB beyond imports and caches that persists from layer to
-  layer; onnxruntime's segment runs 0.6–0.9 GB more while they run; and the layer's sampled problem and its
-  solve 0.5–1.1 GB on the largest layers (64k patches of the 96-channel depthwise conv at 112×112). Not heap
-  fragmentation: with glibc's mmap threshold fixed at 1 MB (`MALLOC_MMAP_THRESHOLD_`) the peak to block 3 was
-  3,986 MB instead of 4,022. `--max-memory-mb 1024` peaks at 3,299–3,598 MB in two runs (compress 268 s alone
-  on the machine, against the default's 384 s), but it samples fewer patches per layer (a quarter of the
-  budget holds them): 10.20 pt top-1 drop and agreement 0.848 on the 500 held-out images, against 8.60 pt and
-  0.856 at the default. `--quantize int8` on the same model (`--solver magnitude`) peaked at
-  6,001 MB in its second range pass, which held every float tensor of a 32-image batch; the range passes'
-  batches are now sized so one batch of their tensors fits half of `--max-memory-mb` (the statistics do not
-  depend on the batching: the same ranges, a byte-identical model), and that pass peaks at 4,604 MB. The
-  peak is now the solve's (it caches the original and the rounded model's layer inputs): 5,429 MB, where the
-  first range pass peaks at 4.1 GB.
 * Layers solved in parallel processes: layers fed by the same already-compressed input are independent
   problems; they are solved one after another today.
 * More than one machine: the unit of work would be one layer problem (its sampled rows X̃, targets and W₀,

@@ -243,3 +243,68 @@ def test_residual_with_a_shortcut_conv_is_scheduled():
     result = compress(model, samples_for(model, 16), CompressConfig(sparsity=0.5, uniform=True, admm_iterations=5))
     assert result.report.totals.layers_compressed == 4
     assert not result.report.declined
+
+
+def test_a_model_read_from_its_file_is_normalized_in_place_and_reported_as_the_file(tmp_path):
+    """compress(path) normalizes the model it reads in place (its weights held once) and times the original from
+    its file: the figures for the original are those of the file, and the output the same as compress(proto)."""
+    model = tiny_cnn()
+    model.graph.node[1].name = ""  # normalization names it: the normalized graph is not the file's bytes
+    path = tmp_path / "in.onnx"
+    onnx.save(model, str(path))
+    before = path.read_bytes()
+    samples = samples_for(model, 48)
+    from_file = compress(str(path), samples, cfg(sparsity=0.6), FAST)
+    from_proto = compress(model, samples, cfg(sparsity=0.6), FAST)
+    assert path.read_bytes() == before
+    original = from_file.report.validation.original
+    assert original.size_bytes == len(before) == from_proto.report.validation.original.size_bytes
+    assert original == from_proto.report.validation.original
+    assert from_file.model.SerializeToString() == from_proto.model.SerializeToString()
+    assert from_file.report.validation.comparison.agreement == from_proto.report.validation.comparison.agreement
+    assert all(latency.interleaved for latency in from_file.report.validation.latency)
+
+
+def test_the_original_read_again_must_be_the_file_that_was_measured(tmp_path):
+    from onnxadmm.errors import BadInputError
+    from onnxadmm.onnxio.load import load_model
+    from onnxadmm.validation.run import measure_reference
+    from onnxadmm.calib.readers import SampleSet
+
+    model = tiny_cnn()
+    path = tmp_path / "in.onnx"
+    onnx.save(model, str(path))
+    loaded = load_model(path)
+    reference = measure_reference(loaded.model, SampleSet(samples_for(model, 4), "test"), source=path,
+                                  sha256=loaded.sha256)
+    assert reference.model().SerializeToString() == loaded.model.SerializeToString()
+    onnx.save(tiny_cnn(seed=1), str(path))
+    with pytest.raises(BadInputError, match="changed on disk"):
+        reference.model()
+
+
+def test_models_too_large_for_two_sessions_are_timed_one_after_the_other(monkeypatch):
+    from onnxadmm.calib.readers import SampleSet
+    from onnxadmm.validation import run as validation
+
+    model = tiny_cnn()
+    samples = SampleSet(samples_for(model, 8), "test")
+    monkeypatch.setattr(validation, "INTERLEAVE_BELOW_BYTES", 0)
+    result = validation.validate_models(model, model, samples, FAST, batch_size=8)
+    assert [latency.interleaved for latency in result.latency] == [False]
+    assert 0.5 < result.latency[0].ratio_median < 2.0  # the same model against itself
+    assert any("one model after the other" in line for line in result.gains)
+
+
+def test_peak_memory_is_this_programs_not_its_parents():
+    """A run started by a process holding a lot of memory (a CI runner, a test) reports its own peak: Linux's
+    ``ru_maxrss`` would keep the parent's from before the exec."""
+    import subprocess
+    import sys
+
+    child = "from onnxadmm.report.build import peak_rss_mb; print(peak_rss_mb())"
+    parent = ("import subprocess, sys, numpy as np; held = np.ones(600 << 17); "  # 600 MB, touched
+              f"print(subprocess.run([sys.executable, '-c', {child!r}], capture_output=True, text=True).stdout)")
+    reported = float(subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True,
+                                    check=True).stdout)
+    assert reported < 400

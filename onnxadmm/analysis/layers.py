@@ -86,16 +86,14 @@ class Layer:
         return np.ascontiguousarray(w.reshape(self.groups, self.out_features // self.groups, self.in_features))
 
     def stored(self, canonical: np.ndarray) -> np.ndarray:
-        """Inverse of :meth:`canonical`, in the weight's own dtype."""
-        w = np.asarray(canonical, dtype=np.float64).reshape(self.out_features, self.in_features)
-        if self.layout == "gemm_nk":
-            w = w / self.alpha
-        elif self.layout == "gemm_kn":
-            w = (w / self.alpha).T
-        elif self.layout == "matmul":
+        """Inverse of :meth:`canonical`, in the weight's own dtype (through float64 only to divide by alpha)."""
+        w = np.asarray(canonical).reshape(self.out_features, self.in_features)
+        if self.layout in ("gemm_nk", "gemm_kn") and self.alpha != 1.0:
+            w = w.astype(np.float64) / self.alpha
+        if self.layout in ("gemm_kn", "matmul"):
             w = w.T
         dtype = helper.tensor_dtype_to_np_dtype(self.weight_elem_type)
-        return np.ascontiguousarray(w.reshape(self.weight_shape).astype(dtype))
+        return np.array(w.reshape(self.weight_shape), dtype=dtype, order="C")  # (a copy, always)
 
     def canonical_bias(self, view: GraphView) -> np.ndarray:
         """Bias as a float32 vector of length Cout (zeros when the layer has none); includes beta."""

@@ -165,6 +165,33 @@ def evaluation_set(evaluation, inputs, calib_all: SampleSet, rest: np.ndarray, u
     return samples, held_out
 
 
+@dataclass
+class RunSamples:
+    """The samples of one ``compress`` run."""
+
+    calib: SampleSet  # the calibration samples used
+    solving: SampleSet  # what the layer-wise solve and block refinement see (distillation checks on the rest)
+    evaluation: SampleSet  # what validation compares on
+    held_out: bool  # whether ``evaluation`` is disjoint from ``calib``
+    notes: list[str]
+
+
+def run_samples(calibration, evaluation, inputs: Mapping[str, TensorType], config, validate_config) -> RunSamples:
+    """Open the calibration data (labels optional), keep ``config.calib_samples`` of it, and choose the
+    evaluation samples (``evaluation_set``); with distillation, its held-out rows are left out of the solve."""
+    calib_all = open_samples(calibration, inputs, validate_config.labels, config.seed, labels_required=False)
+    calib, rest = select(calib_all, config.calib_samples)
+    samples, held_out = evaluation_set(evaluation, inputs, calib_all, rest, calib, validate_config, config.seed)
+    if config.latency_seq_len:
+        calib.feed(1, config.latency_seq_len)  # a ConfigError now when no input has a sequence axis
+    if not config.distill_epochs:
+        return RunSamples(calib, calib, samples, held_out, [])
+    solving = calib.subset(np.flatnonzero(~held_out_rows(calib.num_samples, calib.fixed_batch)))
+    return RunSamples(calib, solving, samples, held_out, [
+        f"{calib.num_samples - solving.num_samples} of {calib.num_samples} calibration samples held out of the "
+        "layer-wise solve and block refinement, to check the distillation on"])
+
+
 def open_samples(spec: Any, inputs: Mapping[str, TensorType], labels_key: str | None = None,
                  seed: int = 0, what: str = "calibration", labels_required: bool = True) -> SampleSet:
     """Read ``spec`` and check it against the model ``inputs`` (name -> type).

@@ -201,19 +201,37 @@ def _weight_dims(view: GraphView, name: str) -> tuple | None:
     return view.types[name].shape if name in view.types else None
 
 
-def footprint(model: onnx.ModelProto, feed_one: dict[str, np.ndarray], threads: int = 0,
-              blob: bytes | None = None) -> Footprint:
-    """Measure ``model``; ``feed_one`` is a single-sample input used to observe shapes. Models large enough to
-    reach onnxruntime through files are zipped initializer by initializer (no serialized copy), before the
-    session that observes the shapes holds its own copy of the weights."""
+@dataclass
+class StoredSize:
+    """What a model's file costs, read from its initializers alone (no onnxruntime run): serialized and zipped
+    bytes, and the elements and nonzero elements of each parameter tensor (``_parameter_initializers``)."""
+
+    size_bytes: int
+    zipped_bytes: int
+    counts: dict[str, tuple[int, int]]  # initializer -> (elements, nonzero elements)
+
+
+def stored_size(model: onnx.ModelProto, threads: int = 0, blob: bytes | None = None) -> StoredSize:
+    """Sizes and parameter counts of ``model``. Models large enough to reach onnxruntime through files are zipped
+    initializer by initializer (no serialized copy); one tensor is decoded at a time."""
     size_bytes, pieces = (len(blob), [blob]) if blob is not None else serialized_pieces(model, FILES_FROM_BYTES)
     zipped_bytes = zipped_size(pieces, threads)
     del pieces
-    counts = {}  # initializer -> (elements, nonzero elements), one tensor in memory at a time
+    counts = {}
     for tensor in _parameter_initializers(model):
         array = numpy_helper.to_array(tensor)
         counts[tensor.name] = (array.size, int(np.count_nonzero(array)))
         del array
+    return StoredSize(size_bytes, zipped_bytes, counts)
+
+
+def footprint(model: onnx.ModelProto, feed_one: dict[str, np.ndarray], threads: int = 0,
+              blob: bytes | None = None, stored: StoredSize | None = None) -> Footprint:
+    """Measure ``model``; ``feed_one`` is a single-sample input used to observe shapes. ``stored``: the sizes and
+    counts already measured (``stored_size``) — of this model, or of the file it was normalized from, which
+    computes the same (``api.compress`` measures its input before normalizing it in place)."""
+    stored = stored or stored_size(model, threads, blob)
+    counts = dict(stored.counts)
     params, nonzero = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
     for node in model.graph.node:  # QDQ: a layer's weight is the integer tensor behind its DequantizeLinear
         if node.op_type == "DequantizeLinear" and node.input[0] in counts:
@@ -230,6 +248,6 @@ def footprint(model: onnx.ModelProto, feed_one: dict[str, np.ndarray], threads: 
             nonzero_macs += nz * cost.positions if node.op_type != "ConvTranspose" else cost.dense
         else:
             nonzero_macs += cost.dense
-    return Footprint(size_bytes=size_bytes, zipped_bytes=zipped_bytes, params=params,
+    return Footprint(size_bytes=stored.size_bytes, zipped_bytes=stored.zipped_bytes, params=params,
                      nonzero_params=nonzero, macs=macs, nonzero_macs=nonzero_macs,
                      layer_weights=layer_weights, nonzero_layer_weights=nonzero_layer_weights)

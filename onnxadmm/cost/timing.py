@@ -4,7 +4,9 @@ Both sessions use the same thread count with thread-pool spinning off (else one 
 spinning steals the other's core). After warm-up, rounds alternate the order (A B, then B A, ...);
 each measurement repeats the call enough times to last a few milliseconds. The result is the median
 of per-round ratios B/A with its 10th–90th percentile band; speed-up = 1 / ratio. Absolute times on a
-shared machine are noisy — the ratio is the figure to trust.
+shared machine are noisy — the ratio is the figure to trust. Models too large to hold two sessions of
+(``interleaved=False``) are timed one after the other, each session dropped before the next is built: the
+same rounds and ratios, without the alternation that cancels a change in the machine's load.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class LatencyAB:
     ratio_p10: float
     ratio_p90: float
     sequence_length: int | None = None  # tokens per sample, when timed at --latency-seq-len
+    interleaved: bool = True  # False: A's rounds, then B's (one session at a time)
 
     @property
     def speedup(self) -> float:
@@ -51,27 +54,32 @@ def timed(sess, names, feed, repeats: int) -> float:
 
 
 def measure(model_a, model_b, feed: dict[str, np.ndarray], rounds: int, threads: int,
-            warmup: int = 3, feed_b: dict[str, np.ndarray] | None = None) -> LatencyAB:
+            warmup: int = 3, feed_b: dict[str, np.ndarray] | None = None, interleaved: bool = True) -> LatencyAB:
     """A/B latency of two models on the same ``feed`` (the batch size is the feed's first axis), or on
     ``feed_b`` for B when the two take differently shaped inputs."""
     feed_b = feed if feed_b is None else feed_b
     threads = cpu_threads(threads)
-    sess_a, sess_b = session(model_a, threads), session(model_b, threads)
-    names_a = [o.name for o in sess_a.get_outputs()]
-    names_b = [o.name for o in sess_b.get_outputs()]
-    for _ in range(warmup):
-        timed(sess_a, names_a, feed, 1)
-        timed(sess_b, names_b, feed_b, 1)
-    single = max(timed(sess_a, names_a, feed, 1), 1e-6)
-    repeats = max(1, int(np.ceil(MIN_MEASURE_S / single)))
-    times_a, times_b = [], []
-    for index in range(rounds):
-        if index % 2 == 0:
-            times_a.append(timed(sess_a, names_a, feed, repeats))
-            times_b.append(timed(sess_b, names_b, feed_b, repeats))
-        else:
-            times_b.append(timed(sess_b, names_b, feed_b, repeats))
-            times_a.append(timed(sess_a, names_a, feed, repeats))
+    if interleaved:
+        timers = [_Timer(model_a, feed, threads), _Timer(model_b, feed_b, threads)]
+        for _ in range(warmup):
+            for timer in timers:
+                timer.time(1)
+        repeats = max(1, int(np.ceil(MIN_MEASURE_S / max(timers[0].time(1), 1e-6))))
+        times_a, times_b = [], []
+        for index in range(rounds):
+            for timer, times in ((timers[0], times_a), (timers[1], times_b))[::1 if index % 2 == 0 else -1]:
+                times.append(timer.time(repeats))
+    else:
+        timer = _Timer(model_a, feed, threads)
+        for _ in range(warmup):
+            timer.time(1)
+        repeats = max(1, int(np.ceil(MIN_MEASURE_S / max(timer.time(1), 1e-6))))
+        times_a = [timer.time(repeats) for _ in range(rounds)]
+        timer = None  # A's session is released before B's is built
+        timer = _Timer(model_b, feed_b, threads)
+        for _ in range(warmup):
+            timer.time(1)
+        times_b = [timer.time(repeats) for _ in range(rounds)]
     a, b = np.array(times_a) * 1e3, np.array(times_b) * 1e3
     ratios = b / a
     batch = len(next(iter(feed.values())))
@@ -79,4 +87,15 @@ def measure(model_a, model_b, feed: dict[str, np.ndarray], rounds: int, threads:
                      original_ms_median=float(np.median(a)), original_ms_p90=float(np.percentile(a, 90)),
                      compressed_ms_median=float(np.median(b)), compressed_ms_p90=float(np.percentile(b, 90)),
                      ratio_median=float(np.median(ratios)), ratio_p10=float(np.percentile(ratios, 10)),
-                     ratio_p90=float(np.percentile(ratios, 90)))
+                     ratio_p90=float(np.percentile(ratios, 90)), interleaved=interleaved)
+
+
+class _Timer:
+    """One model's session and feed."""
+
+    def __init__(self, model, feed: dict[str, np.ndarray], threads: int):
+        self.session, self.feed = session(model, threads), feed
+        self.names = [o.name for o in self.session.get_outputs()]
+
+    def time(self, repeats: int) -> float:
+        return timed(self.session, self.names, self.feed, repeats)

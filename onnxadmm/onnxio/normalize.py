@@ -46,8 +46,10 @@ class NormalizedModel:
         return GraphView(self.model, self.inferred)
 
 
-def normalize(model: onnx.ModelProto) -> NormalizedModel:
-    model = copy.deepcopy(model)
+def normalize(model: onnx.ModelProto, in_place: bool = False) -> NormalizedModel:
+    """The normalized graph: a copy of ``model``, or ``model`` itself rewritten (``in_place``: for a model read
+    from a file, whose weights are then held once)."""
+    model = model if in_place else copy.deepcopy(model)
     rewrites: list[str] = []
     _passes_full_check(model, rewrites)
     _unique_names(model.graph, rewrites)

@@ -25,14 +25,16 @@ def cpu_threads(requested: int) -> int:
     return requested if requested > 0 else available_cores()
 
 
-def session(model: onnx.ModelProto | bytes | str, threads: int = 0, optimize: bool = True):
-    """An InferenceSession on the CPU with ``threads`` intra-op threads (0 = all cores)."""
+def session(model: onnx.ModelProto | bytes | str | Path, threads: int = 0, optimize: bool = True):
+    """An InferenceSession on the CPU with ``threads`` intra-op threads (0 = all cores); ``model`` may be a
+    file's path (onnxruntime reads it and its external data itself)."""
     import onnxruntime as ort
 
     options = session_options(threads, optimize)
     if isinstance(model, onnx.ModelProto) and through_files(model):
         return _session_from_files(model, options)
-    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else \
+        str(model) if isinstance(model, Path) else model
     try:
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,

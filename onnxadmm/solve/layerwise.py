@@ -7,6 +7,7 @@ activation, shapes disagree at run time) stays dense and is reported.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -84,6 +85,9 @@ def schedule(view: GraphView, layers: list[Layer]) -> list[Layer]:
     return ordered
 
 
+COLLECT_FROM_WEIGHTS = 1 << 22  # after a layer this large, its converted modules are freed at once
+
+
 def admm_settings(config: CompressConfig) -> AdmmSettings:
     return AdmmSettings(iterations=config.admm_iterations, rho_init=config.rho_init,
                         rho_growth=config.rho_growth, grad_patches=config.grad_patches, seed=config.seed)
@@ -138,6 +142,8 @@ def compress_layers(view: GraphView, layers: list[Layer], samples: SampleSet, st
             for name in (layer.input_name, *sides):
                 pending[name] -= 1
             stream.evict()
+            if layer.num_weights >= COLLECT_FROM_WEIGHTS:
+                gc.collect()  # the converted layer (an onnx2torch graph: reference cycles) holds a copy of its weight
         progress("solve", len(order), len(order), "done")
         return SequentialResult(initializers, outcomes, declined, stream.peak_bytes, stream.spilled_bytes)
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -12,8 +13,9 @@ import onnx
 
 from ..calib.readers import SampleSet, run_all
 from ..config import ValidateConfig
-from ..cost.footprint import Footprint, footprint
+from ..cost.footprint import Footprint, StoredSize, footprint
 from ..cost.timing import LatencyAB, measure
+from ..errors import BadInputError
 from ..onnxio.graph import is_quantized, quantized_form
 from ..onnxio.runtime import session
 from .compare import Comparison, compare
@@ -22,6 +24,42 @@ from .profile import explain, time_split
 
 # A speed-up inside this band is reported as "no measurable change".
 NOISE_BAND = 0.05
+# Two models of this many bytes together are timed one after the other, not with both sessions held at once.
+INTERLEAVE_BELOW_BYTES = 1 << 30
+
+
+@dataclass
+class Reference:
+    """The original as validation compares against it, measured once: its outputs on the evaluation samples and
+    its footprint. ``source`` is what onnxruntime times: the model, or the file it was read from when its weights
+    are no longer held (``model()`` then reads the file again and checks it has not changed)."""
+
+    outputs: dict[str, np.ndarray]
+    footprint: Footprint
+    quantized: bool
+    source: onnx.ModelProto | Path
+    sha256: str | None = None
+
+    def model(self) -> onnx.ModelProto:
+        if isinstance(self.source, onnx.ModelProto):
+            return self.source
+        from ..onnxio.load import load_model
+
+        loaded = load_model(self.source)
+        if self.sha256 and loaded.sha256 != self.sha256:
+            raise BadInputError(f"{self.source} changed on disk while onnxadmm was running; run it again on a file "
+                                "that stays as it is")
+        return loaded.model
+
+
+def measure_reference(model: onnx.ModelProto, samples: SampleSet, batch_size: int = 32, threads: int = 0,
+                      stored: StoredSize | None = None, source: onnx.ModelProto | Path | None = None,
+                      sha256: str | None = None) -> Reference:
+    """Run ``model`` on ``samples`` and measure its footprint. ``stored``: its sizes, measured before (of the file
+    ``model`` was normalized from, which computes the same); ``source``: what to time instead of ``model``."""
+    outputs = run_all(session(model, threads), samples, batch_size)
+    measured = footprint(model, samples.feed(samples.fixed_batch or 1), threads, stored=stored)
+    return Reference(outputs, measured, is_quantized(model), model if source is None else source, sha256)
 
 
 @dataclass
@@ -48,29 +86,29 @@ class Validation:
                 "time_split": self.time_split}
 
 
-def validate_models(original: onnx.ModelProto, compressed: onnx.ModelProto, samples: SampleSet,
+def validate_models(original: onnx.ModelProto | Reference, compressed: onnx.ModelProto, samples: SampleSet,
                     config: ValidateConfig, batch_size: int = 32, threads: int = 0, held_out: bool = True,
-                    original_blob: bytes | None = None, compressed_blob: bytes | None = None,
                     sequence_length: int | None = None) -> Validation:
-    outputs_a = run_all(session(original, threads), samples, batch_size)  # one session at a time
-    outputs_b = run_all(session(compressed, threads), samples, batch_size)
-    comparison = compare(outputs_a, outputs_b, samples.labels, samples.num_samples)
+    reference = original if isinstance(original, Reference) else \
+        measure_reference(original, samples, batch_size, threads)
+    outputs_b = run_all(session(compressed, threads), samples, batch_size)  # one session at a time
+    comparison = compare(reference.outputs, outputs_b, samples.labels, samples.num_samples)
     one = samples.feed(samples.fixed_batch or 1)
-    fp_a = footprint(original, one, threads, original_blob)
-    fp_b = footprint(compressed, one, threads, compressed_blob)
+    fp_a, fp_b = reference.footprint, footprint(compressed, one, threads)
+    interleaved = fp_a.size_bytes + fp_b.size_bytes < INTERLEAVE_BELOW_BYTES
     latencies = []
     for size in config.latency_batch_sizes:
         if samples.fixed_batch and size != samples.fixed_batch:
             continue
-        latencies.append(measure(original, compressed, samples.feed(size, sequence_length), config.latency_rounds,
-                                 config.latency_threads or threads))
+        latencies.append(measure(reference.source, compressed, samples.feed(size, sequence_length),
+                                 config.latency_rounds, config.latency_threads or threads, interleaved=interleaved))
         latencies[-1].sequence_length = sequence_length
     gates = evaluate(config, comparison, latencies)
     validation = Validation(comparison, fp_a, fp_b, latencies, gates, held_out, samples.source)
     validation.gains = gains_statement(fp_a, fp_b, latencies,
-                                       None if is_quantized(original) else quantized_form(compressed))
+                                       None if reference.quantized else quantized_form(compressed))
     if fp_b.macs < fp_a.macs and latencies:  # structure removed: say where the time went, node by node
-        split = time_split(original, compressed, one, config.latency_threads or threads)
+        split = time_split(reference.model(), compressed, one, config.latency_threads or threads)
         if split is not None:
             validation.time_split = split.as_dict()
             validation.gains.extend(explain(validation.time_split, fp_b.macs / max(fp_a.macs, 1)))
@@ -86,15 +124,14 @@ def accuracy_gates(outputs_original: dict[str, np.ndarray], compressed: onnx.Mod
     return all(g.passed for g in evaluate(accuracy_only, comparison, [])), comparison
 
 
-def gate_checker(original: onnx.ModelProto, samples: SampleSet, config: ValidateConfig, compress_config
+def gate_checker(reference: Reference, samples: SampleSet, config: ValidateConfig, compress_config
                  ) -> Callable[[onnx.ModelProto], tuple[bool, Comparison]] | None:
-    """``model -> (accuracy gates passed, comparison)`` against ``original`` on ``samples`` (the original
-    run once), or None when ``config`` sets no accuracy or agreement gate."""
+    """``model -> (accuracy gates passed, comparison)`` against the original's outputs on ``samples``
+    (``reference``, measured on them), or None when ``config`` sets no accuracy or agreement gate."""
     if config.max_accuracy_drop is None and config.min_agreement is None:
         return None
     batch, threads = compress_config.batch_size, compress_config.threads
-    outputs_original = run_all(session(original, threads), samples, batch)
-    return lambda model: accuracy_gates(outputs_original, model, samples, config, batch, threads)
+    return lambda model: accuracy_gates(reference.outputs, model, samples, config, batch, threads)
 
 
 def gains_statement(a: Footprint, b: Footprint, latencies: list[LatencyAB], precision: str | None = None
@@ -140,6 +177,8 @@ def gains_statement(a: Footprint, b: Footprint, latencies: list[LatencyAB], prec
         else:
             verdict = "faster" if lat.speedup > 1 else "slower"
         tokens = f", sequence {lat.sequence_length}" if lat.sequence_length else ""
+        order = "" if lat.interleaved else (" (timed one model after the other: the two are too large to hold two "
+                                            "sessions at once, so a change in the machine's load is not cancelled)")
         lines.append(f"Latency at batch {lat.batch_size}{tokens}, {lat.threads} threads: speed-up "
-                     f"{lat.speedup:.3f}x (band {1 / lat.ratio_p90:.3f}-{1 / lat.ratio_p10:.3f}x) — {verdict}.")
+                     f"{lat.speedup:.3f}x (band {1 / lat.ratio_p90:.3f}-{1 / lat.ratio_p10:.3f}x) — {verdict}{order}.")
     return lines
