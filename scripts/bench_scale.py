@@ -198,7 +198,9 @@ reports its ADMM iteration and primal residual on the progress line, so a long l
 ## Memory
 
 Activations are bounded by `--max-memory-mb` (streamed, spilled to disk beyond it; the int8 range passes size
-their batches to half of it). Weights are held at most twice. A model given by its path is normalized in place,
+their batches to half of it). In the layer-wise solve and validation the weights are held at most twice (block
+refinement, distillation and the int8 stage keep the original beside the model they change, not measured
+here). A model given by its path is normalized in place,
 after its file's sizes are measured; its outputs and footprint are measured once, before the solve, and the
 latency A/B reads it from its file; two models over 1 GB together are timed one after the other, not with both
 sessions held. The peak is read from Linux's VmHWM: `ru_maxrss` also keeps the peak of the process that
