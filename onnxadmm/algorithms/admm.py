@@ -280,6 +280,7 @@ def _descent(objective: ActivationObjective, theta: torch.Tensor, penalty: "_Pen
         if penalty:
             grad.add_(residual, alpha=rho)
         direction = objective.precondition(grad, a2, rho if penalty else 1e-3 * objective.curvature)
+        del grad  # (a layer-sized tensor: not held through the line search)
         if mask is not None:
             direction.mul_(mask)
         z_direction = objective.pre_activation(direction)

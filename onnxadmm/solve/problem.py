@@ -66,7 +66,8 @@ def sample_problem(stream: ActivationStream, layer: Layer, layer_index: int, w0:
     """Gather the problem of ``layer`` (canonical ``w0`` (G,R,d), ``b0`` (Cout)) over all batches."""
     sides = list(layer.chain.side_inputs) if layer.chain else []
     budget = patch_budget(layer, len(sides), settings)
-    w0_t, b0_t = torch.from_numpy(np.array(w0, np.float32)), torch.from_numpy(np.array(b0, np.float32))
+    w0_t = torch.from_numpy(np.require(w0, np.float32, ["C", "W"]))  # shares ``w0`` when it can (no second copy)
+    b0_t = torch.from_numpy(np.array(b0, np.float32))
     parts = {"x_hat": [], "y": [], "ids": [], "side_hat": [[] for _ in sides], "side_ref": [[] for _ in sides]}
     first_sample = 0  # global index of the batch's first calibration sample
     for batch in range(stream.num_batches):
