@@ -211,10 +211,10 @@ class StoredSize:
     counts: dict[str, tuple[int, int]]  # initializer -> (elements, nonzero elements)
 
 
-def stored_size(model: onnx.ModelProto, threads: int = 0, blob: bytes | None = None) -> StoredSize:
+def stored_size(model: onnx.ModelProto, threads: int = 0) -> StoredSize:
     """Sizes and parameter counts of ``model``. Models large enough to reach onnxruntime through files are zipped
     initializer by initializer (no serialized copy); one tensor is decoded at a time."""
-    size_bytes, pieces = (len(blob), [blob]) if blob is not None else serialized_pieces(model, FILES_FROM_BYTES)
+    size_bytes, pieces = serialized_pieces(model, FILES_FROM_BYTES)
     zipped_bytes = zipped_size(pieces, threads)
     del pieces
     counts = {}
@@ -226,11 +226,11 @@ def stored_size(model: onnx.ModelProto, threads: int = 0, blob: bytes | None = N
 
 
 def footprint(model: onnx.ModelProto, feed_one: dict[str, np.ndarray], threads: int = 0,
-              blob: bytes | None = None, stored: StoredSize | None = None) -> Footprint:
+              stored: StoredSize | None = None) -> Footprint:
     """Measure ``model``; ``feed_one`` is a single-sample input used to observe shapes. ``stored``: the sizes and
     counts already measured (``stored_size``) — of this model, or of the file it was normalized from, which
     computes the same (``api.compress`` measures its input before normalizing it in place)."""
-    stored = stored or stored_size(model, threads, blob)
+    stored = stored or stored_size(model, threads)
     counts = dict(stored.counts)
     params, nonzero = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
     for node in model.graph.node:  # QDQ: a layer's weight is the integer tensor behind its DequantizeLinear

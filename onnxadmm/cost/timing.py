@@ -60,26 +60,20 @@ def measure(model_a, model_b, feed: dict[str, np.ndarray], rounds: int, threads:
     feed_b = feed if feed_b is None else feed_b
     threads = cpu_threads(threads)
     if interleaved:
-        timers = [_Timer(model_a, feed, threads), _Timer(model_b, feed_b, threads)]
-        for _ in range(warmup):
-            for timer in timers:
-                timer.time(1)
-        repeats = max(1, int(np.ceil(MIN_MEASURE_S / max(timers[0].time(1), 1e-6))))
+        timer_a, timer_b = _Timer(model_a, feed, threads), _Timer(model_b, feed_b, threads)
+        repeats = _warm_up([timer_a, timer_b], warmup)
         times_a, times_b = [], []
         for index in range(rounds):
-            for timer, times in ((timers[0], times_a), (timers[1], times_b))[::1 if index % 2 == 0 else -1]:
+            for timer, times in ((timer_a, times_a), (timer_b, times_b))[::1 if index % 2 == 0 else -1]:
                 times.append(timer.time(repeats))
-    else:
-        timer = _Timer(model_a, feed, threads)
-        for _ in range(warmup):
-            timer.time(1)
-        repeats = max(1, int(np.ceil(MIN_MEASURE_S / max(timer.time(1), 1e-6))))
-        times_a = [timer.time(repeats) for _ in range(rounds)]
-        timer = None  # A's session is released before B's is built
-        timer = _Timer(model_b, feed_b, threads)
-        for _ in range(warmup):
-            timer.time(1)
-        times_b = [timer.time(repeats) for _ in range(rounds)]
+    else:  # one session at a time: A's is released before B's is built
+        timer_a = _Timer(model_a, feed, threads)
+        repeats = _warm_up([timer_a], warmup)
+        times_a = [timer_a.time(repeats) for _ in range(rounds)]
+        del timer_a
+        timer_b = _Timer(model_b, feed_b, threads)
+        _warm_up([timer_b], warmup)
+        times_b = [timer_b.time(repeats) for _ in range(rounds)]
     a, b = np.array(times_a) * 1e3, np.array(times_b) * 1e3
     ratios = b / a
     batch = len(next(iter(feed.values())))
@@ -88,6 +82,14 @@ def measure(model_a, model_b, feed: dict[str, np.ndarray], rounds: int, threads:
                      compressed_ms_median=float(np.median(b)), compressed_ms_p90=float(np.percentile(b, 90)),
                      ratio_median=float(np.median(ratios)), ratio_p10=float(np.percentile(ratios, 10)),
                      ratio_p90=float(np.percentile(ratios, 90)), interleaved=interleaved)
+
+
+def _warm_up(timers: list["_Timer"], warmup: int) -> int:
+    """``warmup`` calls of each; returns the repeats that make one measurement of the first last a few ms."""
+    for _ in range(warmup):
+        for timer in timers:
+            timer.time(1)
+    return max(1, int(np.ceil(MIN_MEASURE_S / max(timers[0].time(1), 1e-6))))
 
 
 class _Timer:
