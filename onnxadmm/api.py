@@ -27,7 +27,7 @@ from .onnxio.outputs import OutputSet
 from .onnxio.save import compressed_before, stage_model, without_initializers
 from .report.build import compress_report, validate_report
 from .report.schema import CheckReport, CompressReport, ValidateReport, WrittenFile
-from .solve.layerwise import Progress
+from .solve.layerwise import Progress, resolved_products
 
 
 @dataclass
@@ -124,7 +124,7 @@ def _pipeline(loaded: LoadedModel, calibration, evaluation, config: CompressConf
     from .validation.run import gate_checker, measure_reference
 
     method = method_for(config.method)
-    config = method.configure(config)
+    config = resolved_products(method.configure(config))  # (the report names the products run)
     stored = stored_size(loaded.model, config.threads)  # the input's own bytes, before it is normalized
     normalized = normalize(loaded.model, in_place=in_place)
     notes = list(normalized.rewrites)

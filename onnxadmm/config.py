@@ -48,6 +48,7 @@ PRECISIONS = ("none", "int8", "w4")
 RANGE_ESTIMATORS = ("auto", "minmax", "percentile", "mse")
 INT8_ACTIVATIONS = ("auto", "static", "dynamic")
 LOSSES = ("activation", "linear")
+PRODUCTS = ("auto", "bf16", "fp32")
 SOLVERS = ("admm", "magnitude", "refit")
 ELEMENT_METHODS = ("sparse", "nm", "l1", "l0", "kernels")
 SEED_MAX = 2**32 - 1  # numpy's legacy and torch's generators both take seeds in [0, 2**32)
@@ -217,6 +218,12 @@ class CompressConfig:
                                     "32 per input of a row, between 4096 and 16384)")
     )
     admm_iterations: int = field(default=40, metadata=_opt("ADMM iterations per layer"))
+    admm_products: str = field(
+        default="auto",
+        metadata=_opt("the ADMM descent's large products with the sampled inputs (gradient, step): bf16 (float32 "
+                      "accumulation; they steer the descent, the weights and reported errors stay float32), fp32, "
+                      "or auto: bf16 where the CPU multiplies it in hardware (x86 AMX)", PRODUCTS),
+    )
     rho_init: float = field(
         default=0.02, metadata=_opt("initial ADMM penalty, relative to the mean eigenvalue of H")
     )
@@ -264,6 +271,7 @@ class CompressConfig:
         check_threads("threads", self.threads)
         _check_choice("loss", self.loss, LOSSES)
         _check_choice("solver", self.solver, SOLVERS)
+        _check_choice("admm_products", self.admm_products, PRODUCTS)
         _check_choice("sparse_structure", self.sparse_structure, SPARSE_STRUCTURES)
         _check_choice("lowrank_form", self.lowrank_form, LOWRANK_FORMS)
         if self.objective is None and self.method in OBJECTIVE_DEFAULT_LATENCY:

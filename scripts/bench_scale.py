@@ -173,7 +173,22 @@ def render() -> str:
               "`--sparsity 0.9` 0.9917 → 0.9900; ResNet-20 `--method channel --target-macs 0.6` 33.7 → 26.8 s, "
               "0.8507 → 0.8472; ResNet-20 `--method lowrank --target-params 0.5` 46.5 → 38.5 s, 9.14 → 9.64 pt, "
               "0.7719 → 0.7679; EfficientNet-Lite0 channels at MACs 0.75 326 → 311 s, 8.60 → 9.00 pt, "
-              "0.856 → 0.858 (500 images); ResNet-20 `--quantize int8` unchanged (0.9856 → 0.9870).", ""]
+              "0.856 → 0.858 (500 images); ResNet-20 `--quantize int8` unchanged (0.9856 → 0.9870).", "",
+              "bfloat16 steering products (`--admm-products`, 2026-12-06; `auto` is bf16 on this machine, which has "
+              "AMX): the rows marked `d2ad979 dirty` ran with them, measured before their commit. Each pair is one CLI run with `--val` on the "
+              "evaluation split, bf16 / fp32, compress seconds, top-1 drop, agreement: ResNet-56 `--sparsity 0.5` "
+              "48.3 / 52.4 s, 0.09 / 0.07 pt, 0.9700 / 0.9702; EfficientNet-Lite0 channels at MACs 0.75 269 / 271 s "
+              "total, 9.00 / 8.60 pt, 0.854 / 0.856 (500 images: two images of top-1, one of agreement); ResNet-20 "
+              "channels at MACs 0.7 18.7 / 20.4 s, 2.29 / 2.27 pt, 0.8894 / 0.8901; ResNet-20 `--quantize int8` "
+              "22.8 / 23.9 s, −0.16 / −0.18 pt, 0.9857 / 0.9856; ResNet-20 `--method lowrank --target-params 0.5` "
+              "31.9 / 35.3 s, 9.06 / 9.14 pt, 0.7731 / 0.7719; ResNet-20 `--sparsity 0.7 --quantize int8` 35.4 / "
+              "38.1 s, 1.14 / 1.38 pt, 0.9043 / 0.9037; LeNet-5 `--sparsity 0.9` over seeds 0–3: mean drop 0.35 / "
+              "0.34 pt, agreement 0.9911 / 0.9913. VGG-16 with the table's command: 264 / 320 s total, peak RSS 6,859 / 6,566 MB (the bfloat16 copy of the sampled inputs). With `fp32` "
+              "the output graph is byte-identical to the release before (ResNet-20 `--sparsity 0.5`). With every "
+              "product in bf16 (no size floor, no drift check) ResNet-20 low-rank took 39.0 s against 33.7 s, so "
+              "products under 10⁸ multiply-adds stay float32; the gain is where the products dominate (VGG-16's "
+              "convolutions), little where memory-bound steps do (EfficientNet-Lite0's refits: the trial points "
+              "z − t·X̃Dᵀ over M × Cout, and its depthwise layers' batched small products).", ""]
     return "\n".join(lines) + "\n" + DESIGN
 
 
@@ -184,7 +199,7 @@ A layer with R outputs, d inputs and M sampled rows X̃ (M × (d+1), the inputs 
 | step | cost | notes |
 |---|---|---|
 | eigenbasis of S = X̃ᵀX̃ (once) | O(M·d² + d³) when M ≥ d+1; O(M²·d + M³) when M < d+1 | few samples for a wide layer (a 9216-input Gemm fed by 16 images) use the thin basis from the M×M Gram matrix; the preconditioner is exact either way (Woodbury) |
-| W-step descent step | two products with the data, O(M·d·R), and the preconditioner, O(R·d·min(M, d)) | the gradient Dᵀ·X̃ and the direction's pre-activation X̃·Dᵀ; the trial points along the direction cost O(M·R) each (z − t·X̃Dᵀ) and the ADMM penalty is priced in closed form |
+| W-step descent step | two products with the data, O(M·d·R), and the preconditioner, O(R·d·min(M, d)) | the gradient Dᵀ·X̃ and the direction's pre-activation X̃·Dᵀ; the trial points along the direction cost O(M·R) each (z − t·X̃Dᵀ) and the ADMM penalty is priced in closed form. Where the CPU multiplies bfloat16 in hardware (x86 AMX; `--admm-products auto`) these two products run in bfloat16 with float32 accumulation. They steer: θ is updated exactly, f(Z), the refits' held-out errors and the layer's reported errors are float32; the line search judges its trial points z − t·X̃Dᵀ with the rounded X̃Dᵀ, and the carried z = X̃θᵀ is recomputed in float32 every 6 steps so the rounding cannot accumulate |
 | Z-step (projection) | O(R·d) | top-k by selection (`kthvalue`), not by sorting |
 | iterations | at most `--admm-iterations` (40) × 3 steps | stops when ‖W − Z‖/‖W₀‖ < 10⁻⁴, or — where a refit on Z's support follows — once at most 1 % of the support's size has entered or left it, 3 iterations in a row (the last entries to cross sit at the threshold, where the refit sets their value); X̃θᵀ is carried from one W-step to the next |
 | refit steps | at most 40 | the descent on a fixed support ends once 5 steps together gained less than 10⁻⁴ of the objective (a converged refit's remaining steps gain about 10⁻⁵ each) |

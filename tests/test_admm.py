@@ -226,11 +226,12 @@ class _Quadratic:
     leave a descent that gains almost nothing per step (a stand-in for a converged refit)."""
 
     curvature = 1.0
+    x_low = None  # float32 products throughout
 
     def __init__(self, lam):
         self.lam = lam.reshape(1, -1)
 
-    def pre_activation(self, theta):
+    def pre_activation(self, theta, steering=False):
         return theta.reshape(1, -1).clone()
 
     def value_at(self, z):
@@ -295,3 +296,65 @@ def test_history_stalls_when_the_objective_stops_improving():
     assert history.stalled(5)  # the last five are within 0.5 % of 0.7
     assert not history.stalled(6)  # 0.7 in the window: the best before it (0.8) is 13 % worse
     assert not history.stalled(0)
+
+
+@pytest.mark.parametrize("structure", [Structure("unstructured", 0.7), Structure("grid", bits=8, keep_zeros=True)])
+def test_bf16_steering_products_solve_a_layer_as_well_as_float32(structure, monkeypatch):
+    monkeypatch.setattr("onnxadmm.algorithms.admm.BF16_FROM_MACS", 0)  # bf16 for this small layer too
+    prob = problem(seed=3, patches=8000, d=96, rows=16)
+    solutions = {bf16: solve_layer(prob, structure, "activation", "admm", AdmmSettings(bf16_products=bf16))
+                 for bf16 in (False, True)}
+    assert not torch.equal(solutions[True].weight, solutions[False].weight)  # the products did run in bfloat16
+    fp32, bf16 = solutions[False].error_final, solutions[True].error_final
+    assert bf16 <= 1.05 * fp32 + 1e-5, (bf16, fp32)
+    assert solutions[True].sparsity == pytest.approx(solutions[False].sparsity, abs=0.01)
+
+
+def test_the_carried_pre_activation_is_recomputed_before_bf16_rounding_accumulates(monkeypatch):
+    monkeypatch.setattr("onnxadmm.algorithms.admm.BF16_FROM_MACS", 0)  # bf16 for this small layer too
+    from onnxadmm.algorithms.admm import EXACT_EVERY, ActivationObjective, Carried, _descent
+
+    prob = problem(seed=4, patches=8000, d=96, rows=16)
+    objective = ActivationObjective(prob, AdmmSettings(bf16_products=True))
+    theta = torch.cat([prob.w0 * 0.5, prob.b0.reshape(1, -1, 1)], dim=-1)
+    carried = None
+    for _ in range(3 * EXACT_EVERY):  # W-steps of one step each, z carried from one to the next
+        theta, carried = _descent(objective, theta, None, 0.0, None, 1, carried)
+        assert carried.rounded_steps <= EXACT_EVERY
+        exact = objective.pre_activation(theta)
+        assert float((carried.z - exact).norm() / exact.norm()) < 1e-2
+    assert isinstance(carried, Carried)
+    # float32 products carry z exactly up to float32 rounding
+    objective32 = ActivationObjective(prob, AdmmSettings())
+    theta32, carried32 = _descent(objective32, theta, None, 0.0, None, 8)
+    assert carried32.rounded_steps == 0
+    assert float((carried32.z - objective32.pre_activation(theta32)).norm() /
+                 objective32.pre_activation(theta32).norm()) < 1e-5
+
+
+def test_bf16_steering_stops_for_a_layer_once_float32_disagrees_with_it(monkeypatch):
+    monkeypatch.setattr("onnxadmm.algorithms.admm.BF16_FROM_MACS", 0)  # bf16 for this small layer too
+    from onnxadmm.algorithms.admm import EXACT_EVERY, ActivationObjective, refit_activation
+
+    prob = problem(seed=6, patches=8000, d=96, rows=16)
+    support = torch.ones_like(prob.w0, dtype=torch.bool)
+    start = prob.w0 * 0.5
+    exact = ActivationObjective(prob, AdmmSettings())
+    w32, b32 = refit_activation(exact, start, prob.b0, support, 4 * EXACT_EVERY)
+    honest = ActivationObjective(prob, AdmmSettings(bf16_products=True))
+    refit_activation(honest, start, prob.b0, support, 4 * EXACT_EVERY)
+    assert honest.x_low is not None  # true bfloat16 rounding stays within the drift share on this layer
+    skewed = ActivationObjective(prob, AdmmSettings(bf16_products=True))
+    skewed.x_low = (skewed.x_aug * 1.1).bfloat16()  # a steering copy 10 % off: z drifts from X̃θᵀ
+    w, b = refit_activation(skewed, start, prob.b0, support, 4 * EXACT_EVERY)
+    assert skewed.x_low is None  # the first float32 recompute saw the drift and stopped bf16
+    assert prob.relative_error(w, b, "activation") <= 1.05 * prob.relative_error(w32, b32, "activation")
+
+
+def test_small_products_stay_float32_where_converting_would_cost_what_bf16_saves():
+    from onnxadmm.algorithms.admm import BF16_FROM_MACS, ActivationObjective
+
+    small = ActivationObjective(problem(seed=7, patches=4000, d=48, rows=12), AdmmSettings(bf16_products=True))
+    assert small.x_aug.numel() * 12 < BF16_FROM_MACS and small.x_low is None
+    large = ActivationObjective(problem(seed=7, patches=16384, d=575, rows=16), AdmmSettings(bf16_products=True))
+    assert large.x_aug.numel() * 16 >= BF16_FROM_MACS and large.x_low.dtype == torch.bfloat16

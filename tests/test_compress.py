@@ -308,3 +308,23 @@ def test_peak_memory_is_this_programs_not_its_parents():
     reported = float(subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True,
                                     check=True).stdout)
     assert reported < 400
+
+
+def test_admm_products_are_resolved_for_this_machine_and_named_in_the_report():
+    from onnxadmm.algorithms.admm import bf16_native
+    from onnxadmm.errors import ConfigError
+    from onnxadmm.solve.layerwise import admm_settings, resolved_products
+
+    with pytest.raises(ConfigError, match="admm_products"):
+        CompressConfig(admm_products="fp16")
+    expected = "bf16" if bf16_native() else "fp32"
+    assert resolved_products(cfg(sparsity=0.5)).admm_products == expected
+    assert admm_settings(cfg(sparsity=0.5)).bf16_products == (expected == "bf16")
+    assert admm_settings(cfg(sparsity=0.5, admm_products="fp32")).bf16_products is False
+    assert admm_settings(cfg(sparsity=0.5, admm_products="bf16")).bf16_products is True
+    model = tiny_cnn()
+    result = compress(model, samples_for(model, 24), cfg(sparsity=0.5), FAST)
+    assert result.report.config.admm_products == expected
+    from onnxadmm.report.markdown import render
+
+    assert f"large products in {expected}" in render(result.report)

@@ -234,7 +234,8 @@ def render(report) -> str:
     compress = report.kind == "compress"
     if compress:
         c = report.config
-        lines.append(f"- method `{c.method}`, loss `{c.loss}`, solver `{c.solver}`, seed {c.seed}")
+        lines.append(f"- method `{c.method}`, loss `{c.loss}`, solver `{c.solver}`"
+                     + (f" (large products in {c.admm_products})" if c.solver == "admm" else "") + f", seed {c.seed}")
         cal = report.calibration
         rep = "" if cal.representative else " — **random data, not representative**"
         lines.append(f"- calibration: {cal.samples} samples from `{cal.source}`{rep}")

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..algorithms.admm import AdmmSettings
+from ..algorithms.admm import AdmmSettings, bf16_native
 from ..algorithms.factorize import Factors
 from ..algorithms.solve import Structure, solve_layer
 from ..analysis.layers import Declined, Layer
@@ -90,7 +90,15 @@ COLLECT_FROM_WEIGHTS = 1 << 22  # after a layer this large, its converted module
 
 def admm_settings(config: CompressConfig) -> AdmmSettings:
     return AdmmSettings(iterations=config.admm_iterations, rho_init=config.rho_init,
-                        rho_growth=config.rho_growth, grad_patches=config.grad_patches, seed=config.seed)
+                        rho_growth=config.rho_growth, grad_patches=config.grad_patches, seed=config.seed,
+                        bf16_products=resolved_products(config).admm_products == "bf16")
+
+
+def resolved_products(config: CompressConfig) -> CompressConfig:
+    """``--admm-products auto`` as this machine resolves it: bf16 where the CPU multiplies it in hardware."""
+    if config.admm_products != "auto":
+        return config
+    return dataclasses.replace(config, admm_products="bf16" if bf16_native() else "fp32")
 
 
 def compress_layers(view: GraphView, layers: list[Layer], samples: SampleSet, structures: dict[str, Structure],
