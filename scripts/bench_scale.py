@@ -175,7 +175,7 @@ def render() -> str:
               "0.7719 → 0.7679; EfficientNet-Lite0 channels at MACs 0.75 326 → 311 s, 8.60 → 9.00 pt, "
               "0.856 → 0.858 (500 images); ResNet-20 `--quantize int8` unchanged (0.9856 → 0.9870).", "",
               "bfloat16 steering products (`--admm-products`, 2026-12-06; `auto` is bf16 on this machine, which has "
-              "AMX): the rows marked `d2ad979 dirty` ran with them, measured before their commit. Each pair is one CLI run with `--val` on the "
+              "AMX): the rows marked `d2ad979 dirty` (measured before their commit) and later ran with them. Each pair is one CLI run with `--val` on the "
               "evaluation split, bf16 / fp32, compress seconds, top-1 drop, agreement: ResNet-56 `--sparsity 0.5` "
               "48.3 / 52.4 s, 0.09 / 0.07 pt, 0.9700 / 0.9702; EfficientNet-Lite0 channels at MACs 0.75 269 / 271 s "
               "total, 9.00 / 8.60 pt, 0.854 / 0.856 (500 images: two images of top-1, one of agreement); ResNet-20 "
@@ -188,7 +188,13 @@ def render() -> str:
               "product in bf16 (no size floor, no drift check) ResNet-20 low-rank took 39.0 s against 33.7 s, so "
               "products under 10⁸ multiply-adds stay float32; the gain is where the products dominate (VGG-16's "
               "convolutions), little where memory-bound steps do (EfficientNet-Lite0's refits: the trial points "
-              "z − t·X̃Dᵀ over M × Cout, and its depthwise layers' batched small products).", ""]
+              "z − t·X̃Dᵀ over M × Cout, and its depthwise layers' batched small products).", "",
+              "Sensitivity probes cut at the probed weights' first reader (2026-12-06, the rows marked `ae65c45 "
+              "dirty`): each probe runs the graph from there on, fed the original's tensors crossing the cut. "
+              "ResNet-56 `--sparsity 0.5`: the planning stage 5.3 → 3.4 s, damages within 6·10⁻⁶ of the whole-graph "
+              "ones, the same per-layer levels and a byte-identical model; bench total 42 → 38 s. EfficientNet-Lite0 "
+              "channels at MACs 0.75 (CLI with `--val`): planning 50 → 21 s, total 269 → 250 s, the same 9.00 pt "
+              "and agreement 0.854 on the 500 held-out images; bench total 282 → 239 s.", ""]
     return "\n".join(lines) + "\n" + DESIGN
 
 
@@ -203,7 +209,7 @@ A layer with R outputs, d inputs and M sampled rows X̃ (M × (d+1), the inputs 
 | Z-step (projection) | O(R·d) | top-k by selection (`kthvalue`), not by sorting |
 | iterations | at most `--admm-iterations` (40) × 3 steps | stops when ‖W − Z‖/‖W₀‖ < 10⁻⁴, or — where a refit on Z's support follows — once at most 1 % of the support's size has entered or left it, 3 iterations in a row (the last entries to cross sit at the threshold, where the refit sets their value); X̃θᵀ is carried from one W-step to the next |
 | refit steps | at most 40 | the descent on a fixed support ends once 5 steps together gained less than 10⁻⁴ of the objective (a converged refit's remaining steps gain about 10⁻⁵ each) |
-| sensitivity probes | one whole-model run per probe and batch | a weight fed as an input is not pre-packed by onnxruntime, so a session where every layer's weight can be fed runs the model 2.0× (ResNet-56) to 2.8× (EfficientNet-Lite0) slower at batch 32; models under 64 MB get a session per probed weight set instead |
+| sensitivity probes | one run per probe and batch of the graph from the probed weights' first reader on (models under 64 MB; the whole graph above) | a weight fed as an input is not pre-packed by onnxruntime, so a session where every layer's weight can be fed runs the model 2.0× (ResNet-56) to 2.8× (EfficientNet-Lite0) slower at batch 32; models under 64 MB get a session per probed weight set instead, cut at its first reader and fed the original's tensors that cross the cut (computed segment by segment, one forward pass in all): ResNet-56's probes 5.3 → 3.4 s, the same damages to 6·10⁻⁶ and the same plan |
 | channel allocation | each greedy step prices every (group, width) move | by the change on the nodes that group touches, not the whole model (EfficientNet-Lite0: 18.5 → 3.6 s) |
 | M | 32 rows per unknown of a row, between 4,096 and 16,384 | fewer over-fit the refit through the activation |
 

@@ -560,8 +560,9 @@ def test_logits_damage_is_the_softmax_kl_and_ignores_a_shift_of_every_score():
 
 def test_probe_damage_is_the_same_from_a_session_per_weight_set_as_from_one_session(monkeypatch):
     """Small models get a session per set of probed weights (onnxruntime pre-packs the weights it is not
-    fed); the damage is the one a single session where every probed weight can be fed measures, in the
-    probes' order."""
+    fed), running the graph from the set's first reader on, fed the original's tensors crossing there (the
+    residual's skip too); the damage is the one a single session of the whole graph where every probed weight
+    can be fed measures, in the probes' order."""
     from models import tiny_cnn
 
     from onnxadmm.calib.readers import SampleSet
@@ -577,9 +578,12 @@ def test_probe_damage_is_the_same_from_a_session_per_weight_set_as_from_one_sess
                       layers[1].weight_name: 0 * weights[layers[1].name]}
     built = []
     real = sensitivity.session_with_inputs
-    monkeypatch.setattr(sensitivity, "session_with_inputs", lambda *a: built.append(a[1]) or real(*a))
+    nodes = []
+    monkeypatch.setattr(sensitivity, "session_with_inputs",
+                        lambda *a: built.append(a[1]) or nodes.append(len(a[0].graph.node)) or real(*a))
     apart = sensitivity.output_damage(view, probes, samples, 16, 1)
     assert len(built) == len(layers) + 1 and all(len(inputs) <= 2 for inputs in built)
+    assert max(nodes) == len(model.graph.node) > min(nodes)  # the first layer's probes run it all, later ones less
     monkeypatch.setattr(sensitivity, "through_files", lambda model: True)
     together = sensitivity.output_damage(view, probes, samples, 16, 1)
     assert len(built) == len(layers) + 2 and len(built[-1]) == len(layers)

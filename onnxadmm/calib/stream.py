@@ -69,7 +69,7 @@ class ActivationStream:
         inputs = sorted({t for i in segment for t in node_inputs(self.view.nodes[i])
                          if t not in produced and t not in self.view.initializers})
         weights = {t for i in segment for t in node_inputs(self.view.nodes[i]) if t in self.overrides}
-        types = {t: _array_type(self.get(ORIGINAL, t, 0)) for t in inputs}
+        types = {t: array_type(self.get(ORIGINAL, t, 0)) for t in inputs}
         runs = [(ORIGINAL, {})]
         if weights or any(t in self.differs for t in inputs):
             runs.append((COMPRESSED, {t: self.overrides[t] for t in weights}))
@@ -110,5 +110,5 @@ class ActivationStream:
             store.close()
 
 
-def _array_type(array: np.ndarray) -> TensorType:
+def array_type(array: np.ndarray) -> TensorType:
     return TensorType(onnx.helper.np_dtype_to_tensor_dtype(np.asarray(array).dtype), None)

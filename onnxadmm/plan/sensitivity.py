@@ -5,7 +5,8 @@ Curve shape (cheap, per layer): removing the entries with the smallest score s_j
     e(s) = Σ_{smallest fraction s of scores} s_j / Σ_j s_j.
 Scale (measured): prune the layer alone at a probe level, run the whole model, and take the relative
 change of the model outputs D = ‖f − f₀‖² / ‖f₀‖². The predicted damage of level s is α·e(s) with
-α = D / e(probe). One session serves every probe: the layer weights are made overridable inputs.
+α = D / e(probe). A probe's weights are fed to a session as inputs; in a model under 64 MB that session runs
+only the nodes from the first one reading them on, fed the original's tensors that cross there.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import onnx
 
 from ..analysis.layers import Layer
 from ..calib.readers import SampleSet
+from ..calib.stream import array_type
 from ..onnxio.graph import GraphView
-from ..onnxio.runtime import session_with_inputs, session_with_outputs, through_files
+from ..onnxio.runtime import session, session_with_inputs, session_with_outputs, through_files
+from ..onnxio.subgraph import cut
 
 
 def input_second_moments(view: GraphView, layers: list[Layer], samples: SampleSet, batch_size: int,
@@ -79,24 +82,34 @@ def output_damage(view: GraphView, probes: dict, samples: SampleSet, batch_size:
 
     onnxruntime does not pre-pack a weight it is fed as an input, so a session where every probed weight can
     be fed runs the whole model slower (docs/SCALE.md). Models below ``runtime.FILES_FROM_BYTES`` get a session
-    per set of probed weights instead (one at a time: a layer's probes share it); larger ones, whose sessions
-    cost more to build, one session for every probe."""
+    per set of probed weights instead (one at a time: a layer's probes share it), running the graph from that
+    set's first reader on (``_suffix_runs``); larger ones, whose sessions cost more to build, one session of the
+    whole graph for every probe. Outputs computed before a probe's weights are read are unchanged by it."""
     batches = list(samples.batches(batch_size))
+    plain = session(view.model, threads) if not through_files(view.model) else None
     reference = outputs = scores = None
     energy = count = 1.0
     damage = {}
-    for sess, keys in _probe_sessions(view, probes, threads):
+    runs = _suffix_runs(view, probes, batches, threads) if plain else \
+        [(_overridable(view, sorted({n for values in probes.values() for n in values}), threads), list(probes),
+          batches)]
+    for sess, keys, feeds in runs:
         if reference is None:
-            outputs = [o.name for o in sess.get_outputs()]
-            reference = [[np.asarray(r, np.float64) for r in sess.run(outputs, batch)] for batch in batches]
+            whole = plain or sess
+            outputs = [o.name for o in whole.get_outputs()]
+            reference = [[np.asarray(r, np.float64) for r in whole.run(outputs, batch)] for batch in batches]
             scores = [logits_kl and r.ndim == 2 and r.shape[1] >= 2 for r in (reference[0] if reference else [])]
             energy = sum(float(np.sum(r ** 2)) for ref in reference for r, kl in zip(ref, scores) if not kl) or 1.0
             count = sum(len(ref[0]) for ref in reference) or 1
+        computed = [o.name for o in sess.get_outputs()] if sess is not None else []
         for key in keys:
             squared = divergence = 0.0
-            for batch, ref in zip(batches, reference):
-                got = sess.run(outputs, {**batch, **probes[key]})
-                for g, r, kl in zip(got, ref, scores):
+            for feed, ref in zip(feeds, reference):
+                got = dict(zip(computed, sess.run(computed, {**feed, **probes[key]})))
+                for name, r, kl in zip(outputs, ref, scores):
+                    if name not in got:
+                        continue
+                    g = got[name]
                     if kl:
                         divergence += float(np.sum(_kl_rows(r, np.asarray(g, np.float64))))
                     else:
@@ -105,21 +118,50 @@ def output_damage(view: GraphView, probes: dict, samples: SampleSet, batch_size:
     return {key: damage[key] for key in probes}
 
 
-def _probe_sessions(view: GraphView, probes: dict, threads: int):
-    """(session, probe keys) pairs covering every probe; each session can be fed the weights its probes set."""
-    if through_files(view.model):
-        yield _overridable(view, sorted({name for values in probes.values() for name in values}), threads), \
-            list(probes)
-        return
+def _suffix_runs(view: GraphView, probes: dict, batches: list[dict], threads: int):
+    """(session, probe keys, its feed per batch) for each set of probed weights, in graph order: the session runs
+    the nodes from the set's first reader on, with those weights as inputs, fed the original's tensors that
+    cross that cut — computed segment by segment from one cut to the next (one forward pass in all, holding one
+    cut's tensors at a time)."""
+    position = {node: k for k, node in enumerate(view.order)}
     sets: dict[tuple[str, ...], list] = {}
     for key, values in probes.items():
         sets.setdefault(tuple(sorted(values)), []).append(key)
-    for names, keys in sets.items():
-        yield _overridable(view, list(names), threads), keys
+
+    def first_reader(names) -> int:
+        return min((position[c] for name in names for c in view.consumers.get(name, [])), default=0)
+
+    state, start = [dict(batch) for batch in batches], 0  # the tensors crossing the cut at ``start``, per batch
+    for names, keys in sorted(sets.items(), key=lambda item: first_reader(item[0])):
+        at = first_reader(names)
+        crossing = _crossing(view, position, at)
+        produced = [t for t in crossing if t in view.producer and position[view.producer[t]] >= start]
+        types = {t: array_type(value) for t, value in state[0].items()} if state else {}
+        if produced and state:
+            segment = session(cut(view, view.order[start:at], produced, types), threads)
+            wanted = [i.name for i in segment.get_inputs()]
+            for values in state:
+                values.update(zip(produced, segment.run(produced, {t: values[t] for t in wanted})))
+        state, start = [{t: values[t] for t in crossing} for values in state], at
+        later = [o for o in view.output_names if o in view.producer and position[view.producer[o]] >= at]
+        if not later:  # every output is computed before these weights are read
+            yield None, keys, []
+            continue
+        types = {t: array_type(value) for t, value in state[0].items()} if state else {}
+        sess = _overridable(view, list(names), threads, cut(view, view.order[at:], later, types))
+        wanted = {i.name for i in sess.get_inputs()} - set(names)
+        yield sess, keys, [{t: values[t] for t in values if t in wanted} for values in state]
 
 
-def _overridable(view: GraphView, names: list[str], threads: int):
-    return session_with_inputs(view.model, [onnx.helper.make_tensor_value_info(
+def _crossing(view: GraphView, position: dict[int, int], at: int) -> list[str]:
+    """Tensors a node at or after position ``at`` reads that a node before it (or the caller) provides."""
+    return sorted(t for t, readers in view.consumers.items()
+                  if t and t not in view.initializers and any(position[r] >= at for r in readers)
+                  and (t not in view.producer or position[view.producer[t]] < at))
+
+
+def _overridable(view: GraphView, names: list[str], threads: int, model: onnx.ModelProto | None = None):
+    return session_with_inputs(view.model if model is None else model, [onnx.helper.make_tensor_value_info(
         name, view.initializers[name].data_type, view.initializers[name].dims) for name in names], threads)
 
 
