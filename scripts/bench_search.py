@@ -98,9 +98,14 @@ def render() -> str:
 
 
 NOTES = {  # what a case's rows show, in words (checked against its JSON when it is re-run)
-    "resnet56_latency": "With channel widths in multiples of 8 (the default) no channel plan makes the int8 graph "
-                        "faster than 0.949 of int8 alone here, so the first channel candidate fails at planning "
-                        "and the ladder stops.",
+    "resnet56_latency": "In this run (2026-12-06) int8 alone measured 0.478 and the first channel target (0.92 of "
+                        "it, 0.440) was planned: it missed the gate unrefined (0.84 pt) and held it refined (0.27 "
+                        "pt) at 0.436 of the original at batch 1, 9 % faster than int8 alone in the same run. In the "
+                        "run before (commit 82f545c) int8 alone measured 0.460 and no channel plan made the int8 "
+                        "graph faster than 0.949 of it, so the first channel candidate failed at planning: whether "
+                        "channels beat int8 alone here depends on the machine's state as much as on the plan. The "
+                        "search took 501 s, 3.6x one compress of the chosen configuration (138 s): the first "
+                        "target's miss, the bisection step (0.459) and the refinement retry together cost 432 s.",
     "efficientnet_latency": "int8 alone measured 0.668 at batch 1 here, against 0.489 in the int8 bench (docs/QUANT.md, "
                             "commit 258526f). It is this machine's state, not the export: onnxruntime's own "
                             "quantize_static model, timed in the same run as onnxadmm's (2026-12-05), measured "
