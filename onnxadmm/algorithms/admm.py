@@ -59,13 +59,12 @@ STALL_GAIN = 0.005  # relative improvement of f(Z) that counts as progress for `
 REFIT_STALL = 1e-4
 STALL_WINDOW = 5
 EXACT_EVERY = 6  # bf16 products: steps after which the carried z = X̃θᵀ is recomputed in float32
-BF16_FROM_MACS = 10 ** 8  # ... for products this large (ResNet-20 low-rank ran slower with every product in bf16)
+BF16_FROM_MACS = 10 ** 8  # ... for products this large (smaller ones gain little: docs/SCALE.md)
 DRIFT_SHARE = 0.01  # ... and after which bf16 stops for the layer if f(carried z) was off f(X̃θᵀ) by more
 
 
 def bf16_native() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices in hardware (x86 AMX tiles). There a 16384×577 by 577×64
-    product measured 1.1 ms in bfloat16 against 5.1 ms in float32; without such units bfloat16 is emulated."""
+    """Whether this CPU multiplies bfloat16 matrices in hardware (x86 AMX tiles); elsewhere bfloat16 is emulated."""
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
     return bool(probe and probe())
 
@@ -298,15 +297,16 @@ class Carried:
     value: float | None = None
 
 
-def _recomputed(objective: ActivationObjective, theta: torch.Tensor, carried: Carried) -> Carried:
-    """z = X̃θᵀ in float32 after bfloat16 steps; bfloat16 stops for the objective when f of the carried z was
-    more than DRIFT_SHARE off f of the exact one (the rounding then steers as much as the data does)."""
-    tracked = carried.value if carried.value is not None else objective.value_at(carried.z)
+def _recomputed(objective: ActivationObjective, theta: torch.Tensor, z: torch.Tensor, value: float | None
+                ) -> tuple[torch.Tensor, float]:
+    """z = X̃θᵀ and its f in float32, after bfloat16 steps carried ``z`` (f ``value``); bfloat16 stops for the
+    objective when the two f differ by more than DRIFT_SHARE (the rounding then steers as much as the data)."""
+    tracked = value if value is not None else objective.value_at(z)
     z = objective.pre_activation(theta)
     value = objective.value_at(z)
     if abs(tracked - value) > DRIFT_SHARE * value:
         objective.stop_steering()
-    return Carried(z, 0, value)
+    return z, value
 
 
 def _descent(objective: ActivationObjective, theta: torch.Tensor, penalty: "_Penalty | None", rho: float,
@@ -323,8 +323,7 @@ def _descent(objective: ActivationObjective, theta: torch.Tensor, penalty: "_Pen
     values = []
     for _ in range(steps):
         if rounded_steps >= EXACT_EVERY:
-            exact = _recomputed(objective, theta, Carried(z, rounded_steps, value))
-            z, rounded_steps, value = exact.z, exact.rounded_steps, exact.value
+            (z, value), rounded_steps = _recomputed(objective, theta, z, value), 0
         if stall and len(values) > STALL_WINDOW and \
                 values[-1 - STALL_WINDOW] - values[-1] < stall * values[-1 - STALL_WINDOW]:
             break
