@@ -10,6 +10,7 @@ import dataclasses
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from .onnxio.save import compressed_before, stage_model, without_initializers
 from .report.build import compress_report, validate_report
 from .report.schema import CheckReport, CompressReport, ValidateReport, WrittenFile
 from .solve.layerwise import Progress, resolved_products
+from .solve.reuse import StageReuse
 
 
 @dataclass
@@ -52,25 +54,19 @@ class CompressResult:
 
 def compress(model: Any, calibration: Any, config: CompressConfig = CompressConfig(),
              validate_config: ValidateConfig | None = None, evaluation: Any = None,
-             progress: Progress | None = None) -> CompressResult:
-    """Compress ``model`` (path, ModelProto or LoadedModel) with ``calibration`` samples.
-
-    ``evaluation`` (optional, same forms as calibration) is the held-out data for validation; without
-    it, calibration samples left out by ``calib_samples`` are used, or else the calibration samples
-    themselves (reported as not held-out). A model given by its path is normalized in place (its weights held
-    once) and timed from its file.
-    """
+             progress: Progress | None = None, reuse: StageReuse | None = None) -> CompressResult:
+    """Compress ``model`` (path, ModelProto or LoadedModel) with ``calibration`` samples. ``evaluation`` (optional,
+    same forms) is the held-out data for validation; without it, calibration samples left out by ``calib_samples``
+    are used, or else the calibration samples themselves (reported as not held-out). A model given by its path is
+    normalized in place (its weights held once) and timed from its file. ``reuse``: what the candidates of one
+    search share (``solve/reuse.py``)."""
     import torch
 
     from .onnxio.runtime import cpu_threads
     from .validation.platform import platform_check
     from .validation.run import validate_models
 
-    validate_config = validate_config or ValidateConfig()
-    if config.latency_batch and config.latency_batch not in validate_config.latency_batch_sizes:
-        # the batch the target was met at is also the one the validation times
-        validate_config = dataclasses.replace(
-            validate_config, latency_batch_sizes=(*validate_config.latency_batch_sizes, config.latency_batch))
+    validate_config = (validate_config or ValidateConfig()).timing_batch(config.latency_batch)
     progress = progress or (lambda *args: None)
     started = time.perf_counter()
     threads_before = torch.get_num_threads()
@@ -80,7 +76,7 @@ def compress(model: Any, calibration: Any, config: CompressConfig = CompressConf
         loaded = as_loaded(model)
         notes: list[str] = list(loaded.notes) + compressed_before(loaded.model, config.force)
         compressed, config, parts = _pipeline(loaded, calibration, evaluation, config, validate_config, progress,
-                                              isinstance(model, (str, os.PathLike)))
+                                              isinstance(model, (str, os.PathLike)), reuse)
         notes.extend(parts["notes"])
         solve_seconds = time.perf_counter() - started
         eval_set, reference = parts["eval_set"], parts["reference"]
@@ -107,13 +103,14 @@ def search(model: Any, calibration: Any, config: CompressConfig = CompressConfig
     from .budget.run import run_search
 
     loaded, progress = as_loaded(model), progress or (lambda *args: None)
-    return run_search(lambda candidate: compress(loaded, calibration, candidate, validate_config, evaluation,
-                                                 progress), config, validate_config or ValidateConfig(), progress)
+    return run_search(lambda candidate, reuse: compress(loaded, calibration, candidate, validate_config, evaluation,
+                                                        progress, reuse), config, validate_config or ValidateConfig(),
+                      progress)
 
 
 def _pipeline(loaded: LoadedModel, calibration, evaluation, config: CompressConfig,
-              validate_config: ValidateConfig, progress: Progress, in_place: bool = False
-              ) -> tuple[onnx.ModelProto, CompressConfig, dict]:
+              validate_config: ValidateConfig, progress: Progress, in_place: bool = False,
+              reuse: StageReuse | None = None) -> tuple[onnx.ModelProto, CompressConfig, dict]:
     """Every stage before validation, and the original measured; of the model-sized data only the output is kept."""
     from .cost.footprint import stored_size
     from .export.apply import finalize
@@ -139,12 +136,14 @@ def _pipeline(loaded: LoadedModel, calibration, evaluation, config: CompressConf
     notes.extend(run.notes)
     check_gate_inputs(validate_config, run.evaluation.labels is not None)
     progress("calibration", 0, 1, f"running the original on {run.evaluation.num_samples} evaluation samples")
-    reference = measure_reference(normalized.model, run.evaluation, config.batch_size, config.threads, stored,
-                                  loaded.path if in_place else loaded.model, loaded.sha256)
+    measure = partial(measure_reference, normalized.model, run.evaluation, config.batch_size, config.threads,
+                      stored, loaded.path if in_place else loaded.model, loaded.sha256)
+    reference = reuse.reference(config, measure) if reuse else measure()
     loaded.model = without_initializers(loaded.model) if in_place else loaded.model  # (the report reads its opset)
-    ctx = Context(view, normalized.model, everything.layers, found.layers, run.solving, config, progress)
+    ctx = Context(view, normalized.model, everything.layers, found.layers, run.solving, config, progress, reuse)
     gate = gate_checker(reference, run.evaluation, validate_config, config) if method.relax(config) else None
     compressed, solved, plan_report = run_method(method, ctx, gate)
+    notes.extend(ctx.notes)
     if config.quantize == "none":
         compressed, solved.result.distilled = distill(normalized.model, compressed, run.calib, config, progress)
     else:  # distillation, if asked, runs inside the precision stage with the grid fixed

@@ -427,6 +427,13 @@ class ValidateConfig:
         if self.platform_samples < 1:
             raise ConfigError("platform_samples must be >= 1")
 
+    def timing_batch(self, batch: int | None) -> "ValidateConfig":
+        """These settings with ``batch`` among the latency batch sizes (the batch a latency target was met at is
+        also the one the validation times)."""
+        if not batch or batch in self.latency_batch_sizes:
+            return self
+        return dataclasses.replace(self, latency_batch_sizes=(*self.latency_batch_sizes, batch))
+
 
 @dataclass(frozen=True)
 class CheckConfig:

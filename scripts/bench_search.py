@@ -7,7 +7,8 @@
 Each case runs `onnxadmm.search` on the standard calibration split, gated on the standard evaluation split.
 Columns per candidate: cost ratio (latency at batch 1, or zipped size), top-1 drop, agreement, gate, seconds;
 per case: the chosen candidate against int8 alone (the latency search's first candidate), the search's time and its
-ratio to one compress of the chosen configuration (that candidate's own run inside the search).
+ratio to one compress of the chosen configuration (that candidate's own run inside the search, plus the measured
+time of what it reused of earlier candidates' runs: the original's evaluation run, a shared solve).
 Results: docs/bench/search__<case>.json, rendered into docs/SEARCH.md.
 """
 
@@ -51,12 +52,14 @@ def run_case(case: str) -> dict:
     rows = s["candidates"]
     chosen = next((r for r in rows if r["label"] == s["chosen"]), None)
     int8 = next((r for r in rows if r["label"] == "int8"), None)
+    # the chosen configuration compressed on its own: its run in the search and what it reused of earlier runs
+    alone_s = chosen["seconds"] + chosen.get("reused_s", 0.0) if chosen and chosen["seconds"] else None
     latency = {f"b{l.batch_size}": l.ratio_median for l in result.report.validation.latency}
     footprint = result.report.validation
     record = {"case": case, "model": model, "split": split, "commit": COMMIT, "settings": settings, "gate": gate,
               "held": s["held"], "chosen": s["chosen"], "candidates": rows, "search_s": wall_s,
-              "chosen_compress_s": chosen["seconds"] if chosen else None,
-              "search_over_one_compress": wall_s / chosen["seconds"] if chosen and chosen["seconds"] else None,
+              "chosen_compress_s": alone_s,
+              "search_over_one_compress": wall_s / alone_s if alone_s else None,
               "chosen_latency": latency, "chosen_accuracy_drop_pt": result.report.validation.comparison.accuracy_drop_pt,
               "chosen_agreement": result.report.validation.comparison.agreement,
               "chosen_zip_ratio": footprint.original.zipped_bytes / footprint.compressed.zipped_bytes,
@@ -64,6 +67,12 @@ def run_case(case: str) -> dict:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"search__{case}.json").write_text(json.dumps(record, indent=1))
     return record
+
+
+def _seconds(candidate: dict) -> str:
+    """Its own run, + what it reused of earlier runs."""
+    reused = candidate.get("reused_s", 0.0)
+    return f"{candidate['seconds']:.0f}" + (f" + {reused:.0f}" if reused >= 0.5 else "")
 
 
 def render() -> str:
@@ -74,7 +83,10 @@ def render() -> str:
              "Cost ratios are A/B medians against the original in onnxruntime at batch 1. Measured twice, the same "
              "int8 ResNet-56 gave 0.47 and 0.51 in separate runs: the search treats costs within 3 % as a tie "
              "(the lower damage wins), and a candidate whose graph is the same as an earlier one (a channel "
-             "target int8 alone already meets plans nothing) is not measured again.", ""]
+             "target int8 alone already meets plans nothing) is not measured again. Candidates whose graphs differ "
+             "only in their weights' values (a refinement retry and its miss) share the geometric mean of their "
+             "latency measurements; each one's own is in brackets. Seconds: a candidate's own run, + what it "
+             "reused of earlier ones (the original's evaluation run; a retry's solve).", ""]
     for path in sorted(RESULTS.glob("search__*.json")):
         r = json.loads(path.read_text())
         gate = ", ".join(f"{k} {v}" for k, v in r["gate"].items())
@@ -90,22 +102,33 @@ def render() -> str:
                   "| candidate | cost ratio | top-1 drop (pt) | agreement | gate | s | note |", "|---|---|---|---|---|---|---|"]
         for c in sorted(r["candidates"], key=lambda c: (c["cost_ratio"] is None, c["cost_ratio"] or 0)):
             cost = "—" if c["cost_ratio"] is None else f"{c['cost_ratio']:.3f}"
+            cost += f" ({c['cost_measured']:.3f})" if "cost_measured" in c else ""
             lines.append(f"| {'**' + c['label'] + '**' if c['chosen'] else c['label']} | {cost} | "
                          f"{_number(c['accuracy_drop_pt'], 2)} | {_number(c['agreement'], 3)} | "
-                         f"{'holds' if c['passed'] else 'missed'} | {c['seconds']:.0f} | {c.get('note') or ''} |")
+                         f"{'holds' if c['passed'] else 'missed'} | {_seconds(c)} | "
+                         f"{c.get('note') or ''} |")
         lines += ["", *([NOTES[r["case"]], ""] if r["case"] in NOTES else [])]
     return "\n".join(lines)
 
 
 NOTES = {  # what a case's rows show, in words (checked against its JSON when it is re-run)
-    "resnet56_latency": "In this run (2026-12-06) int8 alone measured 0.478 and the first channel target (0.92 of "
-                        "it, 0.440) was planned: it missed the gate unrefined (0.84 pt) and held it refined (0.27 "
-                        "pt) at 0.436 of the original at batch 1, 9 % faster than int8 alone in the same run. In the "
-                        "run before (commit 82f545c) int8 alone measured 0.460 and no channel plan made the int8 "
-                        "graph faster than 0.949 of it, so the first channel candidate failed at planning: whether "
-                        "channels beat int8 alone here depends on the machine's state as much as on the plan. The "
-                        "search took 501 s, 3.6x one compress of the chosen configuration (138 s): the first "
-                        "target's miss, the bisection step (0.459) and the refinement retry together cost 432 s.",
+    "resnet56_latency": "In this run (2026-12-06) int8 alone measured 0.475 and the first channel target (0.92 of "
+                        "it, 0.437) missed the gate unrefined (0.84 pt); its refinement retry, which starts from the "
+                        "miss's plan and solve, held it (0.38 pt) and ended the search: 0.440 of the original at "
+                        "batch 1 (0.448 pooled with the miss's 0.456, the same graph), 6 % faster than int8 alone. "
+                        "The search took 274 s, 1.8x one compress of the chosen configuration (92 s of its own run + "
+                        "63 s reused: the miss's plan and solve, the original's evaluation run). Before the retry "
+                        "started from its miss's solve and came before the bisection step (commit 177e39c), the "
+                        "same case took 501 s, 3.6x, with a bisection candidate (0.459) in between; with the reuse "
+                        "alone (the bisection still first), 383 s. Whether channels beat int8 alone here depends on "
+                        "the machine's state as much as on the plan: in that 383 s run the refined candidate measured "
+                        "0.475 against its miss's 0.445 (the same graph), and int8 alone (0.481) won the 3 % tie; in "
+                        "a run at commit 82f545c no channel plan made the int8 graph faster than 0.949 of it.",
+    "lenet_size": "The miss at 0.95 (0.89 pt, 1.8x the budget) was retried with refinement first and missed "
+                  "again (0.85 pt); the bisection step 0.925 missed unrefined (0.54 pt) and held refined (0.36 pt): "
+                  "25.3x smaller zipped. 55 s, 3.5x one compress of the chosen configuration (16 s); with the "
+                  "bisection before the retry (commit 177e39c) the same choice took 42 s, 2.6x: a retry at the miss "
+                  "that does not hold costs a candidate more, one that holds (resnet56_latency) saves the bisection.",
     "efficientnet_latency": "int8 alone measured 0.668 at batch 1 here, against 0.489 in the int8 bench (docs/QUANT.md, "
                             "commit 258526f). It is this machine's state, not the export: onnxruntime's own "
                             "quantize_static model, timed in the same run as onnxadmm's (2026-12-05), measured "

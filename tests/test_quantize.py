@@ -208,6 +208,35 @@ def test_solved_weights_beat_rounding_on_the_layer_objective():
     assert result.report.passed and result.report.validation.comparison.agreement >= 0.9
 
 
+def test_the_profile_counts_integer_kernels_as_the_weight_products_they_are():
+    """An int8 model's products run as QLinearConv/QGemm: the profile's compute share counts them, as it counts
+    the float model's Conv/Gemm."""
+    from onnxadmm.validation.profile import COMPUTE_OPS, time_split
+
+    model = tiny_cnn()
+    feed = samples_for(model, 48)
+    q = compress(model, feed, CompressConfig(method="none", quantize="int8", **FAST), QUICK).model
+    split = time_split(model, q, {k: v[:1] for k, v in feed.items()}, 1, runs=3)
+    products = [[n.op for n in side.values() if n.op in COMPUTE_OPS] for side in (split.original, split.compressed)]
+    assert set(products[1]) == {"QLinearConv", "QGemm"} and len(products[1]) == len(products[0]) == 5, products
+    compute_ms, other_ms = split.totals()["compute"][1], split.totals()["other"][1]
+    assert compute_ms > 0 and compute_ms + other_ms == pytest.approx(sum(n.time_ms for n in split.compressed.values()))
+
+
+def test_a_latency_below_the_macs_ratio_is_put_down_to_the_integer_kernels_not_fixed_costs():
+    from onnxadmm.cost.footprint import Footprint
+    from onnxadmm.cost.timing import LatencyAB
+    from onnxadmm.validation.run import gains_statement
+
+    a = Footprint(1000, 900, 100, 100, 1000, 1000, 90, 90)
+    b = Footprint(300, 250, 84, 84, 835, 835, 75, 75)
+    fast = LatencyAB(1, 2, 5, 10, 1.0, 1.1, 0.46, 0.5, 0.463, 0.42, 0.5)
+    slow = LatencyAB(1, 2, 5, 10, 1.0, 1.1, 1.1, 1.2, 1.1, 1.0, 1.2)
+    int8 = " ".join(gains_statement(a, b, [fast, slow], "int8"))
+    assert "the integer kernels run each remaining MAC faster" in int8
+    assert "-45 % off the MACs ratio" in int8 and "+32 % off the MACs ratio: fixed costs" in int8
+
+
 def test_integers_are_exactly_the_solved_grid_values():
     gen = torch.Generator().manual_seed(1)
     w = torch.randn(1, 4, 6, generator=gen)

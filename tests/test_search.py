@@ -2,6 +2,7 @@
 measurements, the candidate ladder on a synthetic cost/damage table, the Mermaid chart, and the CLI end to
 end on the bundled LeNet-5."""
 
+import dataclasses
 import json
 import re
 import shutil
@@ -40,10 +41,11 @@ class _Table:
     """Stands in for `compress` with a synthetic table: cost and top-1 drop as functions of the settings; the
     "model" is an empty graph named by ``model_of(config)`` (equal names: the same model)."""
 
-    def __init__(self, drop_of, cost_of, model_of=lambda c: repr(c)):
+    def __init__(self, drop_of, cost_of, model_of=lambda c: repr(c), structure_of=None):
         self.drop_of, self.cost_of, self.model_of, self.calls = drop_of, cost_of, model_of, []
+        self.structure_of = structure_of or model_of  # the graph without its weights' values
 
-    def __call__(self, config: CompressConfig):
+    def __call__(self, config: CompressConfig, reuse=None):
         self.calls.append(config)
         if config.method == "channel" and config.target_latency < 0.31:
             raise ConfigError(f"--target-latency {config.target_latency} cannot be met")
@@ -54,7 +56,9 @@ class _Table:
             latency=[SimpleNamespace(batch_size=1, ratio_median=cost)],
             original=SimpleNamespace(zipped_bytes=1000), compressed=SimpleNamespace(zipped_bytes=int(cost * 1000)))
         report = SimpleNamespace(passed=gate.passed, validation=validation, search=None)
-        model = onnx.helper.make_model(onnx.helper.make_graph([], self.model_of(config), [], []))
+        node = onnx.helper.make_node("Identity", ["w"], ["y"], name=self.structure_of(config))
+        weight = onnx.numpy_helper.from_array(np.array([len(self.model_of(config))], np.float32), "w")
+        model = onnx.helper.make_model(onnx.helper.make_graph([node], self.model_of(config), [], [], [weight]))
         return SimpleNamespace(report=report, passed=report.passed, model=model)
 
 
@@ -108,8 +112,11 @@ def test_size_search_falls_back_to_int4_alone_when_the_first_sparsity_misses():
                    lambda c: 0.15 if c.method == "none" else 0.15 * (1 - c.sparsity))
     result = run_search(table, CompressConfig(method="auto", objective="size"),
                         ValidateConfig(max_accuracy_drop=0.5), lambda *a: None)
-    tried = [(c.method, c.quantize, c.sparsity if c.method == "sparse" else None) for c in table.calls]
-    assert tried[:3] == [("sparse", "w4", 0.5), ("none", "w4", None), ("sparse", "w4", 0.25)]  # bisection from 0
+    tried = [(c.method, c.quantize, c.sparsity if c.method == "sparse" else None, c.refine_epochs)
+             for c in table.calls]
+    # the miss at 1.4x the budget is refined first; that misses too, so the bisection tries 0.25 (from level 0)
+    assert tried == [("sparse", "w4", 0.5, 0), ("none", "w4", None, 0), ("sparse", "w4", 0.5, 10),
+                     ("sparse", "w4", 0.25, 0)]
     rows = {r["label"]: r for r in result.report.search["candidates"]}
     assert rows["int8"]["note"].startswith("not tried: int4 weights alone hold the gate")
     assert result.report.search["chosen"] == "sparse 0.250 + w4"
@@ -264,7 +271,99 @@ def test_refinement_is_retried_only_on_a_miss_within_reach_of_the_budget(miss_dr
     result = run_search(table, CompressConfig(method="auto", objective="size"), ValidateConfig(max_accuracy_drop=0.5),
                         lambda *a: None)
     assert any(c.refine_epochs for c in table.calls) == refined
-    last = result.report.search["candidates"][-1]
-    assert last["label"].endswith(", refined")
-    assert last["note"].startswith("not tried: the unrefined run's damage is 6.0x the budget") != refined
+    rows = result.report.search["candidates"]
+    retry = next(r for r in rows if r["label"].endswith(", refined"))
+    assert retry["label"] == "sparse 0.750 + w4, refined"  # the miss itself, retried before any bisection
+    assert retry["note"].startswith("not tried: the unrefined run's damage is 6.0x the budget") != refined
+    assert rows.index(retry) < [r["label"] for r in rows].index("sparse 0.625 + w4")
     assert result.report.search["chosen"] == "sparse 0.625 + w4"  # the bisection's hold, refined or not
+
+
+def test_a_refinement_retry_and_its_miss_share_one_latency_figure():
+    """The retry's graph is its miss's with other weight values: the two latency measurements (0.42, 0.48) are one
+    quantity, each candidate gets their geometric mean, and the retry is chosen against int8 alone (0.47) on it."""
+    measured = {0: 0.42, 1: 0.48}
+    table = _Table(lambda c: 0.1 if c.method == "none" else (0.3 if c.refine_epochs else 0.8),
+                   lambda c: 0.47 if c.method == "none" else measured[int(bool(c.refine_epochs))],
+                   structure_of=lambda c: repr(dataclasses.replace(c, refine_epochs=0)))
+    result = run_search(table, CompressConfig(method="auto"), ValidateConfig(max_accuracy_drop=0.5), lambda *a: None)
+    rows = {r["label"]: r for r in result.report.search["candidates"]}
+    miss, retry = rows["channels 0.432 + int8"], rows["channels 0.432 + int8, refined"]
+    assert miss["cost_measured"] == 0.42 and retry["cost_measured"] == 0.48
+    assert miss["cost_ratio"] == retry["cost_ratio"] == pytest.approx((0.42 * 0.48) ** 0.5)
+    assert "cost_measured" not in rows["int8"]
+    assert result.report.search["chosen"] == "channels 0.432 + int8, refined"
+    assert list(rows) == ["int8", "channels 0.432 + int8", "channels 0.432 + int8, refined"]  # no bisection
+
+
+def test_a_refined_hold_at_the_miss_ends_the_search_without_a_bisection():
+    table = _Table(lambda c: 0.1 if c.method == "none" or c.sparsity < 0.75 else (0.3 if c.refine_epochs else 0.8),
+                   lambda c: 0.28 if c.method == "none" else 0.28 * (1 - c.sparsity))
+    result = run_search(table, CompressConfig(method="auto", objective="size"), ValidateConfig(max_accuracy_drop=0.5),
+                        lambda *a: None)
+    labels = [r["label"] for r in result.report.search["candidates"]]
+    assert result.report.search["chosen"] == "sparse 0.750 + w4, refined"
+    assert not any(label.startswith("sparse 0.625") for label in labels), labels
+
+
+def test_a_refined_retry_starts_from_the_missed_candidates_solve_and_computes_what_a_fresh_run_does(monkeypatch):
+    """Candidates that differ only in block refinement share the plan and the layer-wise solve, and the
+    original's evaluation run is measured once; the retry's model is the one a compress of its settings on its
+    own writes, and the search counts the reused seconds."""
+    from models import samples_for, tiny_cnn
+    from onnxadmm import compress
+    from onnxadmm.methods.elements import ElementSparsity
+    from onnxadmm.solve.reuse import StageReuse
+    from onnxadmm.validation import run as validation_run
+
+    solves, references = [], []
+    solve, measure = ElementSparsity.solve, validation_run.measure_reference
+    monkeypatch.setattr(ElementSparsity, "solve", lambda self, ctx, plan: solves.append(1) or solve(self, ctx, plan))
+    monkeypatch.setattr(validation_run, "measure_reference", lambda *a, **k: references.append(1) or measure(*a, **k))
+    model = tiny_cnn()
+    feed = samples_for(model, 40)
+    fast = dict(sensitivity_samples=8, admm_iterations=6, sample_patches=1024, seed=0, uniform=True)
+    check = ValidateConfig(latency_rounds=1)
+    reuse = StageReuse()
+    first = compress(model, feed, CompressConfig(sparsity=0.6, **fast), check, reuse=reuse)
+    refined = compress(model, feed, CompressConfig(sparsity=0.6, refine_epochs=2, **fast), check, reuse=reuse)
+    assert len(solves) == 1 and len(references) == 1 and reuse.saved_s > 0
+    assert any("earlier candidate" in note for note in refined.report.notes)
+    assert refined.report.refined_blocks and not first.report.refined_blocks
+    other = compress(model, feed, CompressConfig(sparsity=0.7, **fast), check, reuse=reuse)
+    assert len(solves) == 2 and len(references) == 1  # another sparsity: solved anew, the same original's run
+    alone = compress(model, feed, CompressConfig(sparsity=0.6, refine_epochs=2, **fast), check)
+    assert len(solves) == 3
+    weights = [{t.name: onnx.numpy_helper.to_array(t) for t in r.model.graph.initializer} for r in (refined, alone)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(np.array_equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not np.array_equal(*(onnx.numpy_helper.to_array(t) for t in (first.model.graph.initializer[0],
+                                                                        other.model.graph.initializer[0])))
+
+
+def test_the_reused_solve_is_a_copy_later_stages_cannot_change():
+    from onnxadmm.solve.reuse import StageReuse
+
+    reuse, runs = StageReuse(), []
+
+    @dataclasses.dataclass
+    class Result:
+        refined: list
+
+    @dataclasses.dataclass
+    class Solved:
+        model: onnx.ModelProto
+        result: Result
+
+    def solve():
+        runs.append(1)
+        return "plan", Solved(onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [])), Result([]))
+
+    _, first, note = reuse.plan_and_solve(CompressConfig(sparsity=0.5), solve)
+    first.model.graph.name, first.result.refined = "changed by a later stage", ["a block"]
+    _, again, note = reuse.plan_and_solve(CompressConfig(sparsity=0.5, refine_epochs=3), solve)
+    assert len(runs) == 1 and note and again.model.graph.name == "g" and again.result.refined == []
+    for sparsity in (0.6, 0.7):
+        reuse.plan_and_solve(CompressConfig(sparsity=sparsity), solve)
+    reuse.plan_and_solve(CompressConfig(sparsity=0.5), solve)  # pushed out by the two after it (SOLVES_KEPT)
+    assert len(runs) == 4

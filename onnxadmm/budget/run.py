@@ -10,14 +10,16 @@ Candidates, cheapest first, each a full ``compress`` measured in onnxruntime lik
 2. latency: channel pruning + int8 at ``--target-latency`` r₀·f for f in ``LATENCY_STEPS`` (fp32 channel
    pruning at 1·f when int8 is not faster or fails the gate); size: element sparsity at ``SPARSITIES`` with the
    smallest precision that holds the gate (w4, else int8, else fp32). Each ladder is climbed while the gate
-   holds: damage grows with the step, so the first miss ends it; one bisection step then tries the level
-   between the last hold (the precision alone counting as level 0) and the miss.
-3. The least aggressive miss is tried again with block refinement (``--refine-epochs``, default ``REFINE_EPOCHS``), the
-   one place where the extra time can move the frontier — when its damage is at most ``REFINE_REACH`` times the
-   budget (top-1 drop, or 1 − agreement); a farther miss is reported as not tried (the measurements behind the
-   reach: ``docs/METHODS.md``).
-A candidate that would not finish within ``--time-budget-min`` (estimated from the slowest run so far) is
-skipped and reported as such. ``--channel-multiple`` and ``--latency-batch`` go to the channel candidates; the
+   holds: damage grows with the step, so the first miss ends it.
+3. The miss is tried again with block refinement (``--refine-epochs``, default ``REFINE_EPOCHS``), starting from
+   its own solve, when its damage is at most ``REFINE_REACH`` times the budget (top-1 drop, or 1 − agreement; a
+   farther miss is reported as not tried — the measurements behind the reach: ``docs/METHODS.md``). A refined
+   hold ends the search: it costs less than any level between the last hold and the miss. Otherwise one bisection
+   step tries the level between the last hold (the precision alone counting as level 0) and the miss, itself
+   retried with refinement when it misses within reach.
+Under ``--objective latency``, candidates whose graphs differ only in their weights' values share one latency
+figure, the geometric mean of their measurements (``_Search._pool``). A candidate that would not finish within
+``--time-budget-min`` (estimated from the slowest run so far) is skipped and reported as such. ``--channel-multiple`` and ``--latency-batch`` go to the channel candidates; the
 latency batch is also the one every candidate's cost is measured at.
 """
 
@@ -31,6 +33,7 @@ from typing import Callable
 
 from ..config import CompressConfig, ValidateConfig
 from ..errors import ConfigError, OnnxAdmmError
+from ..solve.reuse import StageReuse
 from .chart import mermaid_frontier
 from .frontier import Candidate, Measured, choose, closest, frontier, mark
 
@@ -40,9 +43,10 @@ REFINE_EPOCHS = 10
 REFINE_REACH = 2.0
 
 
-def run_search(attempt: Callable[[CompressConfig], object], config: CompressConfig,
+def run_search(attempt: Callable[[CompressConfig, StageReuse], object], config: CompressConfig,
                validate_config: ValidateConfig, progress: Callable[[str, int, int, str], None]):
-    """``attempt(config) -> CompressResult`` runs one candidate. Returns the chosen candidate's result with the
+    """``attempt(config, reuse) -> CompressResult`` runs one candidate (``reuse``: what the candidates share,
+    ``solve/reuse.py``). Returns the chosen candidate's result with the
     report's ``search`` section (or, when no candidate holds the gate, the closest one with ``passed`` False)."""
     if validate_config.max_accuracy_drop is None and validate_config.min_agreement is None:
         raise ConfigError("the search needs a budget: --max-accuracy-drop PT (with --labels) or --min-agreement F "
@@ -79,20 +83,28 @@ def run_search(attempt: Callable[[CompressConfig], object], config: CompressConf
             missed, miss = (level, outcome) if outcome is not None and outcome.cost is not None else (None, None)
             break
         held = level
-    if missed is not None and held is not None:  # one bisection step between the last hold and the miss
+    if missed is None:
+        return search.result(validate_config)
+    epochs = config.refine_epochs or REFINE_EPOCHS
+    retry = _refine(search, make(missed, quantize, epochs), miss, validate_config)
+    if (retry is None or not retry.passed) and held is not None:  # one bisection step between the hold and the miss
         middle = (held + missed) / 2
         outcome = search.run(make(middle, quantize))
         if outcome is not None and not outcome.passed and outcome.cost is not None:
-            missed, miss = middle, outcome
-    if missed is not None:
-        refined = make(missed, quantize, config.refine_epochs or REFINE_EPOCHS)
-        excess = _excess(miss, validate_config)
-        if excess <= REFINE_REACH * (1 + 1e-6):  # a drop of exactly twice the budget, give or take float rounding
-            search.run(refined)
-        else:
-            search.skip(refined, f"not tried: the unrefined run's damage is {excess:.1f}x the budget, beyond what "
-                                 f"refinement recovered in any measurement ({REFINE_REACH:g}x at most)")
+            _refine(search, make(middle, quantize, epochs), outcome, validate_config)
     return search.result(validate_config)
+
+
+def _refine(search: "_Search", refined: Candidate, miss: Measured, validate_config: ValidateConfig
+            ) -> Measured | None:
+    """The refinement retry of a miss (it starts from the miss's solve, ``solve/reuse.py``), when the miss's damage
+    is within ``REFINE_REACH`` budgets; else ``refined`` is reported as not tried. None when not run."""
+    excess = _excess(miss, validate_config)
+    if excess <= REFINE_REACH * (1 + 1e-6):  # a drop of exactly twice the budget, give or take float rounding
+        return search.run(refined)
+    search.skip(refined, f"not tried: the unrefined run's damage is {excess:.1f}x the budget, beyond what "
+                         f"refinement recovered in any measurement ({REFINE_REACH:g}x at most)")
+    return None
 
 
 def _size_start(search: "_Search", make, int8_alone: Candidate):
@@ -142,6 +154,18 @@ def _graph_digest(model) -> str | None:
         return None
 
 
+def _structure_digest(model) -> str:
+    """sha256 of the graph without its weights' values: the nodes, and each initializer's name, type and shape."""
+    digest = hashlib.sha256()
+    for node in model.graph.node:
+        digest.update(node.SerializeToString())
+    for tensor in model.graph.initializer:
+        digest.update(f"{tensor.name}|{tensor.data_type}|{tuple(tensor.dims)}".encode())
+    for value in (*model.graph.input, *model.graph.output):
+        digest.update(value.SerializeToString())
+    return digest.hexdigest()
+
+
 class _Search:
     def __init__(self, attempt, config: CompressConfig, progress):
         self.attempt, self.progress = attempt, progress
@@ -155,6 +179,8 @@ class _Search:
         self.measured: list[Measured] = []
         self.results: dict[int, object] = {}  # id(Measured) -> CompressResult, for the chosen and the closest
         self.models: dict[str, Measured] = {}  # sha256 of each distinct output model -> its measurement
+        self.reuse = StageReuse()
+        self.structures: dict[str, list[Measured]] = {}  # sha256 of a graph without its weights' values
 
     def run(self, candidate: Candidate) -> Measured | None:
         elapsed = time.perf_counter() - self.started
@@ -163,9 +189,9 @@ class _Search:
             self.skip(candidate, f"skipped: {elapsed:.0f} s of the {self.budget_s:.0f} s budget spent")
             return None
         self.progress("search", len(self.measured), len(self.measured) + 1, candidate.label)
-        started = time.perf_counter()
+        started, saved_before = time.perf_counter(), self.reuse.saved_s
         try:
-            result = self.attempt(dataclasses.replace(self.base, **candidate.settings))
+            result = self.attempt(dataclasses.replace(self.base, **candidate.settings), self.reuse)
         except OnnxAdmmError as exc:
             # on the first candidate a config error is about the settings themselves (e.g. no labels): stop; a
             # later error is about that candidate (e.g. a latency target it cannot meet): say why and go on
@@ -181,13 +207,29 @@ class _Search:
                                           time.perf_counter() - started, f"the same model as {same.candidate.label}"))
             return same
         measured = self._measure(candidate, result.report, time.perf_counter() - started)
+        measured.extra["reused_s"] = round(self.reuse.saved_s - saved_before, 2)
         if digest:
             self.models[digest] = measured
         self.measured.append(measured)
+        if self.objective == "latency" and measured.cost is not None:
+            self._pool(_structure_digest(result.model), measured)
         self.results[id(measured)] = result
         keep = {id(choose(self.measured)), id(closest(self.measured))}
         self.results = {k: v for k, v in self.results.items() if k in keep}  # hold at most two models
         return measured
+
+    def _pool(self, structure: str, measured: Measured) -> None:
+        """Candidates whose graphs differ only in their weights' values (a refinement retry and its miss) run the
+        same kernels: their latency ratio is one quantity measured more than once, so each gets the geometric
+        mean of the measurements (``cost_measured`` keeps its own)."""
+        twins = self.structures.setdefault(structure, [])
+        twins.append(measured)
+        if len(twins) > 1:
+            raw = [m.extra.setdefault("cost_measured", m.cost) for m in twins]
+            pooled = math.exp(sum(math.log(r) for r in raw) / len(raw))
+            for m in twins:
+                m.cost = pooled
+                m.extra["cost_pooled_with"] = [o.candidate.label for o in twins if o is not m]
 
     def skip(self, candidate: Candidate, reason: str) -> None:
         """Report ``candidate`` as not run, and why."""

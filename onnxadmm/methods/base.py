@@ -27,6 +27,7 @@ from ..config import CompressConfig
 from ..finetune.refine import refine
 from ..onnxio.graph import GraphView
 from ..solve.layerwise import Progress, SequentialResult
+from ..solve.reuse import StageReuse
 
 Ignored = dict[str, tuple[int, np.ndarray]]  # tensor -> (axis, positions the export removes)
 Gate = Callable[[onnx.ModelProto], tuple[bool, Any]]  # model -> (accuracy gates passed, comparison)
@@ -43,6 +44,8 @@ class Context:
     samples: SampleSet  # what the layer-wise solve and the block refinement see
     config: CompressConfig
     progress: Progress
+    reuse: StageReuse | None = None  # a search's candidates share their solves (``solve/reuse.py``)
+    notes: list[str] = field(default_factory=list)  # for the report
 
 
 @dataclass
@@ -119,6 +122,18 @@ def register(*names: str):
     return add
 
 
+def _plan_and_solve(method: CompressionMethod, ctx: Context) -> tuple[Plan, Solved]:
+    def run():
+        plan = method.plan(ctx)
+        return plan, method.solve(ctx, plan)
+
+    if ctx.reuse is None:
+        return run()
+    plan, solved, note = ctx.reuse.plan_and_solve(ctx.config, run)
+    ctx.notes.extend([note] if note else [])
+    return plan, solved
+
+
 def refit_the_rest(structures: dict[str, Structure], levels: dict[str, float], layers: list[Layer],
                    config: CompressConfig) -> None:
     """With ``refit_dense``, every layer without a structure is refit to the compressed model's inputs
@@ -140,8 +155,7 @@ def run_method(method: CompressionMethod, ctx: Context, gate: Gate | None
     the gate fails (give-back; each attempt goes in the report)."""
     attempts = []
     while True:
-        plan = method.plan(ctx)
-        solved = method.solve(ctx, plan)
+        plan, solved = _plan_and_solve(method, ctx)
         solved.model, solved.result.refined = refine(ctx.view, solved.model, ctx.samples, ctx.config,
                                                      ctx.progress, solved.ignored)
         exported = method.export(ctx, plan, solved)

@@ -213,10 +213,22 @@ def _search(lines: list[str], search: dict) -> None:
     lines.append("|---|---|---|---|---|---|---|---|")
     for row in search["candidates"]:
         name = f"**{row['label']}** (chosen)" if row["chosen"] else row["label"]
-        lines.append(f"| {name} | {_fmt(row['cost_ratio'], 3)} | {_fmt(row['accuracy_drop_pt'])} | "
+        cost = _fmt(row["cost_ratio"], 3) + (f" (measured {row['cost_measured']:.3f})" if "cost_measured" in row else "")
+        lines.append(f"| {name} | {cost} | {_fmt(row['accuracy_drop_pt'])} | "
                      f"{_fmt(row['agreement'], 4)} | {'holds' if row['passed'] else 'missed'} | "
-                     f"{'yes' if row['on_frontier'] else ''} | {row['seconds']:.0f} | {row['note']} |")
+                     f"{'yes' if row['on_frontier'] else ''} | {_seconds(row)} | {row['note']} |")
     lines.append("")
+    if any("cost_measured" in row for row in search["candidates"]):
+        lines.extend([f"Candidates whose graphs differ only in their weights' values run the same kernels: their "
+                      f"{search['cost']} is the geometric mean of their measurements (each one's in brackets).", ""])
+    if any(row.get("reused_s") for row in search["candidates"]):
+        lines.extend(["s: the candidate's own run; + what it reused of earlier candidates' runs (the original's "
+                      "run on the evaluation samples, a solve it shares with one).", ""])
+
+
+def _seconds(row: dict) -> str:
+    reused = row.get("reused_s") or 0
+    return f"{row['seconds']:.0f}" + (f" + {reused:.0f}" if reused >= 0.5 else "")
 
 
 def render(report) -> str:

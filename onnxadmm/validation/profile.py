@@ -26,7 +26,10 @@ from ..onnxio.runtime import cpu_threads, session_options
 from ..onnxio.save import exceeds_protobuf_limit
 from ..onnxio.scratch import scratch_folder
 
-COMPUTE_OPS = {"Conv", "FusedConv", "NchwcConv", "Gemm", "MatMul", "FusedMatMul", "FusedGemm", "ConvTranspose"}
+COMPUTE_OPS = {"Conv", "FusedConv", "NchwcConv", "Gemm", "MatMul", "FusedMatMul", "FusedGemm", "ConvTranspose",
+               # the integer kernels a quantized model's products run as
+               "QLinearConv", "ConvInteger", "QGemm", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat",
+               "DynamicQuantizeMatMul", "MatMulNBits"}
 # what export/lowrank.py puts in the names of the nodes and tensors a factorized layer adds
 ADDED_NODE = re.compile(r"(__|/)onnxadmm_(lowrank_in|tucker_in|sparse)")
 
@@ -96,9 +99,9 @@ def _macs(args: dict) -> int:
     if op not in COMPUTE_OPS or len(inputs) < 2 or not outputs:
         return 0
     if "Conv" in op:  # weight (Cout, Cin/group, kh, kw): each output element costs Cin/group · kh · kw
-        weight = inputs[1]
+        weight = inputs[1]  # QLinearConv's prepacked weight is not among the recorded inputs: its MACs read 0
         return int(np.prod(outputs[0])) * int(np.prod(weight[1:])) if len(weight) >= 3 else 0
-    depth = inputs[0][-1] if inputs[0] else 0
+    depth = inputs[0][-1] if inputs[0] else 0  # M·N·K: the first input is (…, M, K) for every product here
     return int(np.prod(outputs[0])) * int(depth)
 
 
@@ -114,7 +117,7 @@ class TimeSplit:
         out = {"compute": [0.0, 0.0], "other": [0.0, 0.0]}
         for side, nodes in enumerate((self.original, self.compressed)):
             for node in nodes.values():
-                out["compute" if node.macs else "other"][side] += node.time_ms
+                out["compute" if node.op in COMPUTE_OPS else "other"][side] += node.time_ms
         return {k: (v[0], v[1]) for k, v in out.items()}
 
     def by_op(self) -> list[tuple[str, float, float]]:
@@ -172,7 +175,7 @@ def explain(split: dict, macs_ratio: float) -> list[str]:
         return []
     compressed_whole = compute["compressed"] + other["compressed"]
     lines = [f"Profiled at batch 1 (per-node kernel times, noisier than the A/B latency ratio, which is the "
-             f"figure for the whole model): weight-product nodes (Conv/Gemm/MatMul) take {100 * compute['original'] / whole:.0f} % "
+             f"figure for the whole model): weight-product nodes (Conv/Gemm/MatMul, integer or float) take {100 * compute['original'] / whole:.0f} % "
              f"of the original's kernel time and run at {compute['compressed'] / compute['original']:.3f}x their "
              f"time for {macs_ratio:.3f}x the MACs; the other nodes (elementwise, pooling, layout) take "
              f"{100 * other['original'] / whole:.0f} % and run at "

@@ -1,0 +1,73 @@
+"""What the candidates of one search share (``budget/run.py``). They differ in their settings, not in the model
+or the data, so:
+- the original's run on the evaluation samples is measured once (keyed by the settings that choose those
+  samples and run them);
+- a candidate that differs from an earlier one only in what acts after the solve (block refinement: the search's
+  retry of a missed candidate) starts from that candidate's plan and layer-wise solve instead of repeating them.
+  The solve is deterministic for given settings, so the reused solve is the one the candidate would compute.
+
+``saved_s`` sums the measured seconds of the stages reused, so a candidate's cost on its own is its run time plus
+what it reused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import OrderedDict
+from typing import Any, Callable
+
+import onnx
+
+from ..config import CompressConfig, config_hash
+
+AFTER_SOLVE = ("refine_epochs", "refine_lr", "refine_block_layers")  # settings read only after the solve
+SOLVES_KEPT = 2  # the retry follows its miss directly or after one bisection step
+
+
+class StageReuse:
+    def __init__(self):
+        self.saved_s = 0.0
+        self._reference: tuple[tuple, Any, float] | None = None
+        self._solves: OrderedDict[str, tuple[Any, Any, float]] = OrderedDict()
+
+    def reference(self, config: CompressConfig, measure: Callable[[], Any]) -> Any:
+        """``measure()`` (the original run on the evaluation samples), or its earlier result for the same
+        samples (chosen by ``calib_samples`` and ``seed``) run the same way (batch, threads)."""
+        key = (config.calib_samples, config.seed, config.batch_size, config.threads, config.latency_seq_len)
+        if self._reference is not None and self._reference[0] == key:
+            self.saved_s += self._reference[2]
+            return self._reference[1]
+        started = time.perf_counter()
+        reference = measure()
+        self._reference = (key, reference, time.perf_counter() - started)
+        return reference
+
+    def plan_and_solve(self, config: CompressConfig, plan_and_solve: Callable[[], tuple[Any, Any]]
+                       ) -> tuple[Any, Any, str | None]:
+        """(plan, solved, a note when reused): ``plan_and_solve()``, or a copy of an earlier candidate's whose
+        settings differ at most in ``AFTER_SOLVE``."""
+        key = config_hash(dataclasses.replace(config, **{name: _default(name) for name in AFTER_SOLVE}))
+        if key in self._solves:
+            plan, solved, seconds = self._solves[key]
+            self._solves.move_to_end(key)
+            self.saved_s += seconds
+            return plan, _copy(solved), (f"the plan and the layer-wise solve ({seconds:.0f} s) are an earlier "
+                                         "candidate's of this search with the same settings before refinement")
+        started = time.perf_counter()
+        plan, solved = plan_and_solve()
+        self._solves[key] = (plan, _copy(solved), time.perf_counter() - started)
+        while len(self._solves) > SOLVES_KEPT:
+            self._solves.popitem(last=False)
+        return plan, solved, None
+
+
+def _copy(solved):
+    """A ``Solved`` the later stages may change (they replace its model and set its result's fields)."""
+    model = onnx.ModelProto()
+    model.CopyFrom(solved.model)
+    return dataclasses.replace(solved, model=model, result=dataclasses.replace(solved.result))
+
+
+def _default(name: str):
+    return next(f.default for f in dataclasses.fields(CompressConfig) if f.name == name)
