@@ -251,14 +251,25 @@ outside the protos: the input's initializers kept as references to its external-
 each solved weight written to a scratch external-data file as it is solved, and the sessions, the footprint
 and the output built over those files.
 
-EfficientNet-Lite0 (17 MB, so all activations and working memory; `--method channel --target-macs 0.75`,
-2026-12-06): 4,847 MB at the default `--max-memory-mb 2048`, of which imports 0.52 GB; the two activation
-caches up to their half of the budget (0.94 GB); about 0.95 GB that persists from layer to layer (not heap
-fragmentation: with glibc's mmap threshold fixed at 1 MB the peak to block 3 was 3,986 MB instead of 4,022);
-onnxruntime's segment runs 0.6–0.9 GB while they run; the largest layers' sampled problem and solve 0.5–1.1 GB.
-`--max-memory-mb 1024` peaks at 3.3–3.6 GB (268 s against 384 s) but samples fewer patches per layer: 10.20 pt
-top-1 drop and agreement 0.848 on the 500 held-out images, against 8.60 pt and 0.856. `--quantize int8`
-(`--solver magnitude`): 5,429 MB, the solve's (it caches the original and the rounded model's layer inputs).
+EfficientNet-Lite0 (17 MB, so all activations and working memory; `--method channel --target-macs 0.75`):
+4,847 MB at the default `--max-memory-mb 2048` (2026-12-06, before the three changes below), of which imports
+0.52 GB; the two activation caches up to their half of the budget (0.94 GB); about 0.95 GB that persists from
+layer to layer (not heap fragmentation: with glibc's mmap threshold fixed at 1 MB the peak to block 3 was 3,986
+MB instead of 4,022); onnxruntime's segment runs 0.6–0.9 GB while they run; the largest layers' sampled problem
+and solve 0.5–1.1 GB. RSS sampled every 50 ms around each layer's stages showed the peaks at the depthwise
+convolutions (G groups of d = k² inputs: at 1,152 groups x̂ is about 0.5 GB): the refit's sums converted all of x̂
+to float64 at once (+1 GB), the objective's subset was copied twice on its way to [x̂; 1] (+0.5 GB), the sampled
+parts were joined with `torch.cat` beside themselves, and each segment session kept onnxruntime's arena at its
+peak. Now the sums and the subset are built 64 MB of rows at a time, the parts are let go of as they are
+copied, and the stream's sessions run without the arena: bench peak 4,762 → 4,128 MB (4,463 before the subset
+was built in chunks), 239 → 234 s; with `--val`, 4,158 MB, 227 s, top-1 drop 8.80 pt, agreement 0.848 on the 500
+held-out images (9.00 pt, 0.854 before: one image of top-1). What remains above 3 GB, at the deepest depthwise
+layers: imports 0.9 GB (0.36 of it shared libraries), the calibration images 0.3 GB, the two activation caches
+up to 1 GB, the sampled problem 0.5 GB and the objective's [x̂; 1] on its subset (nearly every sampled row at
+these widths) with its bfloat16 copy, 0.7 GB. `--max-memory-mb 1024` peaked at 3.3–3.6 GB before these changes
+(268 s against 384 s) but samples fewer patches per layer: 10.20 pt top-1 drop and agreement 0.848 on the 500
+held-out images, against 8.60 pt and 0.856. `--quantize int8` (`--solver magnitude`): 5,429 MB, the solve's (it
+caches the original and the rounded model's layer inputs).
 
 ## Not built yet
 

@@ -57,6 +57,25 @@ def test_masked_refit_of_a_large_layer_in_row_blocks_equals_the_whole_solve(monk
     torch.testing.assert_close(blocked, whole, rtol=1e-5, atol=1e-6)
 
 
+def test_moments_and_the_objective_subset_taken_in_chunks_equal_the_whole(monkeypatch):
+    """The float64 sums and the objective's [x̂; 1] subset are built a few rows at a time (no copy of x̂'s size
+    beside it): the same moments, the same subset, in any chunk size."""
+    from onnxadmm.algorithms import admm, refit
+    from onnxadmm.algorithms.admm import ActivationObjective
+
+    prob = problem(groups=3, d=7, rows=4, patches=500)
+    whole, objective = moments(prob), ActivationObjective(prob, AdmmSettings())
+    x = prob.x_hat[objective.rows].transpose(0, 1)
+    torch.testing.assert_close(objective.x_aug, torch.cat([x, torch.ones(*x.shape[:2], 1)], -1), rtol=0, atol=0)
+    monkeypatch.setattr(refit, "CHUNK_BYTES", 8 * 3 * (7 + 4) * 37)  # 37 rows a chunk: 13 full chunks, one of 19
+    monkeypatch.setattr(admm, "CHUNK_BYTES", 4 * 3 * 7 * 37)
+    chunked, again = moments(prob), ActivationObjective(prob, AdmmSettings())
+    for name in ("sigma", "cross", "mean_x", "mean_y"):
+        torch.testing.assert_close(getattr(chunked, name), getattr(whole, name), rtol=1e-12, atol=1e-12)
+    assert chunked.var_y == pytest.approx(whole.var_y, rel=1e-12)
+    assert torch.equal(again.x_aug, objective.x_aug)
+
+
 def test_admm_linear_lands_in_the_set_and_records_history():
     prob = problem(relu=False)
     stats = moments(prob)

@@ -1,6 +1,7 @@
 """Calibration readers (sources and errors), the segment-by-segment stream, and layer sampling."""
 
 import numpy as np
+import torch
 import onnx
 import pytest
 from onnx import numpy_helper
@@ -212,3 +213,12 @@ def test_sampled_problem_matches_the_real_layer_output(builder):
                                SampleSettings(max_patches=100, seed=0), samples.num_samples, verify=False)
         assert np.array_equal(problem.x_hat.numpy(), again.x_hat.numpy())
     stream.close()
+
+
+def test_patch_parts_are_joined_as_torch_cat_joins_them_and_let_go_of_as_copied():
+    from onnxadmm.solve.problem import _concat
+
+    parts = [torch.randn(n, 3, 2) for n in (5, 0, 7)]
+    expected = torch.cat(parts)
+    joined = _concat(parts)
+    assert torch.equal(joined, expected) and parts == []

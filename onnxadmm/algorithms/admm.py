@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from .problem import LayerProblem
+from .problem import CHUNK_BYTES, LayerProblem
 from .refit import Moments, bias_for, masked_refit, moments, ridge, split_moments
 
 Projection = Callable[[torch.Tensor, float], torch.Tensor]
@@ -187,10 +187,13 @@ class ActivationObjective:
         self.target = problem.target("activation")[self.rows]
         self.sides = problem.sides("hat", self.rows)
         self.scale = 1.0 / (float(self.target.pow(2).sum()) or 1.0)
-        x = problem.x_hat[self.rows].transpose(0, 1).float()  # (G, M, d)
-        g, _, d = x.shape
-        ones = torch.ones(x.shape[0], x.shape[1], 1, dtype=x.dtype)
-        self.x_aug = torch.cat([x, ones], dim=-1)  # (G, M, d+1)
+        _, g, d = problem.x_hat.shape
+        self.x_aug = torch.empty((g, take, d + 1))  # (G, M, d+1): [x̂ on the subset; 1], filled in chunks so that
+        self.x_aug[..., d] = 1.0  # no (M, G, d) copy of the subset is held beside it
+        chunk = max(1, CHUNK_BYTES // (4 * g * d))
+        for start in range(0, take, chunk):
+            part = self.rows[start:start + chunk]
+            self.x_aug[:, start:start + len(part), :d] = problem.x_hat[part].transpose(0, 1)
         self.eigenvalues, self.basis, self.thin = _eigenbasis(self.x_aug)
         macs = self.x_aug.numel() * problem.w0.shape[1]  # of one product with X̃: G·M·(d+1)·R
         self.x_low = self.x_aug.bfloat16() if settings.bf16_products and macs >= BF16_FROM_MACS else None

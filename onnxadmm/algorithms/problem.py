@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 Activation = Callable[[torch.Tensor, tuple], torch.Tensor]
+CHUNK_BYTES = 64 << 20  # copies of patch rows made at a time (float64 sums, the objective's subset): none of x̂'s size
 HOLD_OUT_EVERY = 10  # held-out patches: those of every 10th calibration sample
 MIN_HELD_OUT_SAMPLES = 8  # fewer held-out samples than this: no held-out check
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .problem import LayerProblem
+from .problem import CHUNK_BYTES, LayerProblem
 
 
 @dataclass
@@ -54,14 +54,24 @@ class _Sums:
         return _Sums(self.count - other.count, self.x - other.x, self.y - other.y, self.xx - other.xx,
                      self.yx - other.yx, self.yy - other.yy)
 
+    def __add__(self, other: "_Sums") -> "_Sums":
+        return _Sums(self.count + other.count, self.x + other.x, self.y + other.y, self.xx + other.xx,
+                     self.yx + other.yx, self.yy + other.yy)
+
 
 def _sums(problem: LayerProblem) -> _Sums:
-    x = problem.x_hat.double().transpose(0, 1)  # (G, P, d)
-    y = problem.y_ref.double()
-    g, count, _ = x.shape
-    y_groups = y.reshape(count, g, -1).transpose(0, 1)  # (G, P, R)
-    return _Sums(count, x.sum(dim=1), y.sum(dim=0), torch.bmm(x.transpose(1, 2), x),
-                 torch.bmm(y_groups.transpose(1, 2), x), float(y.pow(2).sum()))
+    """The sums over every patch, taken ``CHUNK_BYTES`` of float64 rows at a time."""
+    count, g, d = problem.x_hat.shape
+    rows = max(1, CHUNK_BYTES // (8 * g * (d + problem.y_ref.shape[1] // max(g, 1))))
+    total = None
+    for start in range(0, max(count, 1), rows):  # (one empty chunk when there are no patches)
+        x = problem.x_hat[start:start + rows].double().transpose(0, 1)  # (G, p, d)
+        y = problem.y_ref[start:start + rows].double()
+        y_groups = y.reshape(x.shape[1], g, -1).transpose(0, 1)  # (G, p, R)
+        part = _Sums(x.shape[1], x.sum(dim=1), y.sum(dim=0), torch.bmm(x.transpose(1, 2), x),
+                     torch.bmm(y_groups.transpose(1, 2), x), float(y.pow(2).sum()))
+        total = part if total is None else total + part
+    return total
 
 
 def _moments(sums: _Sums, fit_bias: bool, damping: float) -> Moments:

@@ -75,7 +75,7 @@ class ActivationStream:
             runs.append((COMPRESSED, {t: self.overrides[t] for t in weights}))
         for model_name, values in runs:
             model = cut(self.view, segment, wanted, types, values)
-            sess = session(model, self.threads)
+            sess = session(model, self.threads, arena=False)  # its peak is not kept beside the solve
             for batch in range(self.num_batches):
                 feed = {t: np.asarray(self.get(model_name, t, batch)) for t in inputs}
                 outputs = sess.run(wanted, feed)

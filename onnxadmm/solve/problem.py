@@ -96,10 +96,22 @@ def sample_problem(stream: ActivationStream, layer: Layer, layer_index: int, w0:
         parts["x_hat"].append(p_hat)
         parts["y"].append(y)
     return LayerProblem(
-        x_hat=torch.cat(parts["x_hat"]), y_ref=torch.cat(parts["y"]), w0=w0_t, b0=b0_t,
-        side_hat=tuple(torch.cat(p) for p in parts["side_hat"]),
-        side_ref=tuple(torch.cat(p) for p in parts["side_ref"]),
-        activation=activation, fit_bias=fit_bias, sample_ids=torch.cat(parts["ids"]))
+        x_hat=_concat(parts["x_hat"]), y_ref=_concat(parts["y"]), w0=w0_t, b0=b0_t,
+        side_hat=tuple(_concat(p) for p in parts["side_hat"]),
+        side_ref=tuple(_concat(p) for p in parts["side_ref"]),
+        activation=activation, fit_bias=fit_bias, sample_ids=_concat(parts["ids"]))
+
+
+def _concat(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(parts)``, emptying ``parts`` as it copies them: the peak is the result and one part, not
+    the result and all of them."""
+    out = torch.empty((sum(len(p) for p in parts), *parts[0].shape[1:]), dtype=parts[0].dtype)
+    start = 0
+    while parts:
+        part = parts.pop(0)
+        out[start:start + len(part)] = part
+        start += len(part)
+    return out
 
 
 def _samples_in(layer: Layer, x: torch.Tensor) -> int:
