@@ -129,12 +129,15 @@ NOTES = {  # what a case's rows show, in words (checked against its JSON when it
                   "25.3x smaller zipped. 55 s, 3.5x one compress of the chosen configuration (16 s); with the "
                   "bisection before the retry (commit 177e39c) the same choice took 42 s, 2.6x: a retry at the miss "
                   "that does not hold costs a candidate more, one that holds (resnet56_latency) saves the bisection.",
-    "efficientnet_latency": "int8 alone measured 0.668 at batch 1 here, against 0.489 in the int8 bench (docs/QUANT.md, "
-                            "commit 258526f). It is this machine's state, not the export: onnxruntime's own "
-                            "quantize_static model, timed in the same run as onnxadmm's (2026-12-05), measured "
-                            "0.629 against 0.654, and the two run the same kernels (49 QLinearConv, 9 QLinearAdd, "
-                            "1 QGemm) for the same time (5.09 and 5.05 ms per run in onnxruntime's profiler). The "
-                            "one channel candidate took 21 minutes, so the 20-minute budget skipped the rest.",
+    "efficientnet_latency": "int8 alone measured 0.664 at batch 1 here (0.668 in the run at commit 65f73c1), against "
+                            "0.489 in the int8 bench (docs/QUANT.md, commit 258526f). It is this machine's state, "
+                            "not the export: onnxruntime's own quantize_static model, timed in the same run as "
+                            "onnxadmm's (2026-12-05), measured 0.629 against 0.654, and the two run the same kernels "
+                            "(49 QLinearConv, 9 QLinearAdd, 1 QGemm) for the same time (5.09 and 5.05 ms per run in "
+                            "onnxruntime's profiler). The first channel target (0.611) reached 0.584 but missed the "
+                            "gate by 8.6x (8.60 pt), beyond the refinement retry's reach, and took 820 s, so the "
+                            "20-minute budget skipped the bisection step: the search took 1,067 s (1,818 s at "
+                            "65f73c1, where int8 alone took 572 s against 247 s now).",
     "resnet56_size": "sparse 0.625 + w4 is 11.5x smaller zipped than the original at 0.24 pt, where w4 alone measured "
                      "8.4x and int8 alone 4.0x at 0.01 pt in earlier runs (commits 21367ad, e4c06cc): sparsity "
                      "composes with the integer grid for size. Since sparse 0.5 + w4 holds the gate, neither "

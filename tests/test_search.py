@@ -365,5 +365,5 @@ def test_the_reused_solve_is_a_copy_later_stages_cannot_change():
     assert len(runs) == 1 and note and again.model.graph.name == "g" and again.result.refined == []
     for sparsity in (0.6, 0.7):
         reuse.plan_and_solve(CompressConfig(sparsity=sparsity), solve)
-    reuse.plan_and_solve(CompressConfig(sparsity=0.5), solve)  # pushed out by the two after it (SOLVES_KEPT)
+    reuse.plan_and_solve(CompressConfig(sparsity=0.5), solve)  # pushed out by the solves after it (SOLVES_KEPT = 1)
     assert len(runs) == 4

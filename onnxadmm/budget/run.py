@@ -19,8 +19,9 @@ Candidates, cheapest first, each a full ``compress`` measured in onnxruntime lik
    retried with refinement when it misses within reach.
 Under ``--objective latency``, candidates whose graphs differ only in their weights' values share one latency
 figure, the geometric mean of their measurements (``_Search._pool``). A candidate that would not finish within
-``--time-budget-min`` (estimated from the slowest run so far) is skipped and reported as such. ``--channel-multiple`` and ``--latency-batch`` go to the channel candidates; the
-latency batch is also the one every candidate's cost is measured at.
+``--time-budget-min`` (estimated from the slowest run so far) is skipped and reported as such.
+``--channel-multiple`` and ``--latency-batch`` go to the channel candidates; the latency batch is also the one
+every candidate's cost is measured at.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ REFINE_REACH = 2.0
 def run_search(attempt: Callable[[CompressConfig, StageReuse], object], config: CompressConfig,
                validate_config: ValidateConfig, progress: Callable[[str, int, int, str], None]):
     """``attempt(config, reuse) -> CompressResult`` runs one candidate (``reuse``: what the candidates share,
-    ``solve/reuse.py``). Returns the chosen candidate's result with the
-    report's ``search`` section (or, when no candidate holds the gate, the closest one with ``passed`` False)."""
+    ``solve/reuse.py``). Returns the chosen candidate's result with the report's ``search`` section (or, when no
+    candidate holds the gate, the closest one with ``passed`` False)."""
     if validate_config.max_accuracy_drop is None and validate_config.min_agreement is None:
         raise ConfigError("the search needs a budget: --max-accuracy-drop PT (with --labels) or --min-agreement F "
                           "(or choose a --method)")

@@ -213,7 +213,8 @@ def _search(lines: list[str], search: dict) -> None:
     lines.append("|---|---|---|---|---|---|---|---|")
     for row in search["candidates"]:
         name = f"**{row['label']}** (chosen)" if row["chosen"] else row["label"]
-        cost = _fmt(row["cost_ratio"], 3) + (f" (measured {row['cost_measured']:.3f})" if "cost_measured" in row else "")
+        cost = _fmt(row["cost_ratio"], 3)
+        cost += f" (measured {row['cost_measured']:.3f})" if "cost_measured" in row else ""
         lines.append(f"| {name} | {cost} | {_fmt(row['accuracy_drop_pt'])} | "
                      f"{_fmt(row['agreement'], 4)} | {'holds' if row['passed'] else 'missed'} | "
                      f"{'yes' if row['on_frontier'] else ''} | {_seconds(row)} | {row['note']} |")

@@ -4,7 +4,8 @@ or the data, so:
   samples and run them);
 - a candidate that differs from an earlier one only in what acts after the solve (block refinement: the search's
   retry of a missed candidate) starts from that candidate's plan and layer-wise solve instead of repeating them.
-  The solve is deterministic for given settings, so the reused solve is the one the candidate would compute.
+  The solve is deterministic for given settings, so the reused solve is the one the candidate would compute
+  (a plan priced by measured latencies could differ by the timings' noise: the retry refines its miss's plan).
 
 ``saved_s`` sums the measured seconds of the stages reused, so a candidate's cost on its own is its run time plus
 what it reused.
@@ -22,7 +23,7 @@ import onnx
 from ..config import CompressConfig, config_hash
 
 AFTER_SOLVE = ("refine_epochs", "refine_lr", "refine_block_layers")  # settings read only after the solve
-SOLVES_KEPT = 2  # the retry follows its miss directly or after one bisection step
+SOLVES_KEPT = 1  # a retry follows its miss directly (each kept solve holds a model)
 
 
 class StageReuse:

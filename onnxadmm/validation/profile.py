@@ -175,7 +175,8 @@ def explain(split: dict, macs_ratio: float) -> list[str]:
         return []
     compressed_whole = compute["compressed"] + other["compressed"]
     lines = [f"Profiled at batch 1 (per-node kernel times, noisier than the A/B latency ratio, which is the "
-             f"figure for the whole model): weight-product nodes (Conv/Gemm/MatMul, integer or float) take {100 * compute['original'] / whole:.0f} % "
+             f"figure for the whole model): weight-product nodes (Conv/Gemm/MatMul, integer or float) take "
+             f"{100 * compute['original'] / whole:.0f} % "
              f"of the original's kernel time and run at {compute['compressed'] / compute['original']:.3f}x their "
              f"time for {macs_ratio:.3f}x the MACs; the other nodes (elementwise, pooling, layout) take "
              f"{100 * other['original'] / whole:.0f} % and run at "
