@@ -500,9 +500,14 @@ def _check_finite(config) -> None:
             raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
 
 
+def default_of(name: str):
+    """The default of the ``CompressConfig`` setting ``name``."""
+    return next(f.default for f in dataclasses.fields(CompressConfig) if f.name == name)
+
+
 def _check_applies(config: "CompressConfig") -> None:
     for name, methods in APPLIES_TO.items():
-        default = next(f.default for f in dataclasses.fields(config) if f.name == name)
+        default = default_of(name)
         if name == "objective" and config.quantize == "int8":
             continue  # the int8 stage has an objective of its own (layers kept float where int8 is slower)
         if name == "latency_batch" and config.quantize == "int8" and \

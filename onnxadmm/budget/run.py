@@ -32,7 +32,7 @@ import math
 import time
 from typing import Callable
 
-from ..config import CompressConfig, ValidateConfig
+from ..config import CompressConfig, ValidateConfig, default_of
 from ..errors import ConfigError, OnnxAdmmError
 from ..solve.reuse import StageReuse
 from .chart import mermaid_frontier
@@ -142,10 +142,6 @@ def _excess(miss: Measured, validate_config: ValidateConfig) -> float:
     return max(ratios)
 
 
-def _default(name: str):
-    return next(f.default for f in dataclasses.fields(CompressConfig) if f.name == name)
-
-
 def _graph_digest(model) -> str | None:
     """sha256 of the graph (nodes and weights, not the model's metadata, which names each candidate's
     settings); None for a graph over protobuf's 2 GB limit."""
@@ -172,7 +168,7 @@ class _Search:
         self.attempt, self.progress = attempt, progress
         # each candidate is an ordinary compress: options of the search itself go back to their defaults
         self.base = dataclasses.replace(config, method="sparse", objective=None, time_budget_min=None,
-                                        refine_epochs=0, channel_multiple=_default("channel_multiple"),
+                                        refine_epochs=0, channel_multiple=default_of("channel_multiple"),
                                         latency_batch=None, latency_seq_len=config.latency_seq_len)
         self.objective, self.batch = config.objective, config.latency_batch
         self.budget_s = config.time_budget_min * 60 if config.time_budget_min else math.inf

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import onnx
 
-from ..config import CompressConfig, config_hash
+from ..config import CompressConfig, config_hash, default_of
 
 AFTER_SOLVE = ("refine_epochs", "refine_lr", "refine_block_layers")  # settings read only after the solve
 SOLVES_KEPT = 1  # a retry follows its miss directly (each kept solve holds a model)
@@ -48,7 +48,7 @@ class StageReuse:
                        ) -> tuple[Any, Any, str | None]:
         """(plan, solved, a note when reused): ``plan_and_solve()``, or a copy of an earlier candidate's whose
         settings differ at most in ``AFTER_SOLVE``."""
-        key = config_hash(dataclasses.replace(config, **{name: _default(name) for name in AFTER_SOLVE}))
+        key = config_hash(dataclasses.replace(config, **{name: default_of(name) for name in AFTER_SOLVE}))
         if key in self._solves:
             plan, solved, seconds = self._solves[key]
             self._solves.move_to_end(key)
@@ -68,7 +68,3 @@ def _copy(solved):
     model = onnx.ModelProto()
     model.CopyFrom(solved.model)
     return dataclasses.replace(solved, model=model, result=dataclasses.replace(solved.result))
-
-
-def _default(name: str):
-    return next(f.default for f in dataclasses.fields(CompressConfig) if f.name == name)
