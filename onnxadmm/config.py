@@ -157,6 +157,11 @@ class CompressConfig:
                                  "calibration samples per block, supports fixed, no labels (0 = off)")
     )
     refine_lr: float = field(default=1e-3, metadata=_opt("block-wise refinement: Adam learning rate"))
+    refine_grid_epochs: int = field(
+        default=0, metadata=_opt("with --quantize: block-wise refinement of the quantized model, weights on their "
+                                 "grid and activations rounded as exported (0 = off; --refine-lr and "
+                                 "--refine-block-layers apply)")
+    )
     refine_block_layers: int = field(
         default=2, metadata=_opt("block-wise refinement: merge cut-to-cut stretches until a block holds this "
                                  "many compressed layers")
@@ -288,6 +293,10 @@ class CompressConfig:
             raise ConfigError("--int8-activations applies to --quantize int8")
         if self.int8_reduce_range and self.quantize != "int8":
             raise ConfigError("--int8-reduce-range applies to --quantize int8")
+        if self.refine_grid_epochs < 0:
+            raise ConfigError(f"refine_grid_epochs must be >= 0, got {self.refine_grid_epochs}")
+        if self.refine_grid_epochs and self.quantize == "none":
+            raise ConfigError("--refine-grid-epochs applies to --quantize int8 or w4")
         if self.time_budget_min is not None and not self.time_budget_min > 0:
             raise ConfigError(f"time_budget_min must be > 0, got {self.time_budget_min}")
         if self.method == "none" and self.quantize == "none":

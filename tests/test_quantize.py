@@ -527,6 +527,35 @@ def test_the_training_graph_computes_what_the_exported_int8_model_computes():
     assert np.abs(got - exported).mean() < 0.5 * np.abs(floating - exported).mean()
 
 
+def test_a_training_graph_runs_in_onnxruntime_as_standard_ops_computing_the_same():
+    """The training-only roundings become QuantizeLinear → DequantizeLinear (static) and DynamicQuantizeLinear →
+    DequantizeLinear (dynamic) for onnxruntime (a block onnx2torch cannot convert, side inputs): the same outputs
+    as the torch module of the training graph, when onnxruntime runs it unoptimized."""
+    from onnxadmm.bridge.fakequant import DOMAIN, with_standard_ops
+    from onnxadmm.bridge.torch_block import convert_block
+    from onnxadmm.finetune.train import run_torch, value_types
+    from onnxadmm.onnxio.graph import GraphView
+    from onnxadmm.onnxio.normalize import normalize
+    from onnxadmm.onnxio.runtime import session
+    from onnxadmm.quantize.fakequant import with_export_rounding
+    from onnxadmm.quantize.stage import quantize_int8
+
+    model = tiny_cnn()
+    feed = samples_for(model, 48)
+    for activations in ("static", "dynamic"):
+        quantized = quantize_int8(normalize(model).model, SampleSet(feed, "test"),
+                                  CompressConfig(quantize="int8", int8_activations=activations, **FAST))
+        training, rounded = with_export_rounding(quantized.float_model, quantized.model)
+        standard = with_standard_ops(training)
+        assert rounded and not any(n.domain == DOMAIN for n in standard.graph.node)
+        view = GraphView(training)
+        student = convert_block(view, list(view.order), [o.name for o in training.graph.output], {}, value_types(feed))
+        expected = run_torch(student, feed, 48)[student.output_names[0]]
+        got = session(standard, optimize=False).run(None, feed)[0]
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert with_standard_ops(model) is model
+
+
 def test_dynamic_int8_distillation_trains_through_the_run_time_rounding():
     """Dynamic int8: the activations are rounded per tensor at run time; the distilled graph rounds them the same
     way, so its held-out loss is the exported model's (the record's before/after equal the losses measured on
@@ -544,3 +573,62 @@ def test_dynamic_int8_distillation_trains_through_the_run_time_rounding():
     solved, distilled = map(float, re.search(r"loss (\S+) solved, (\S+) distilled", record.note).groups())
     assert solved == pytest.approx(record.loss_before, rel=1e-3) and distilled == pytest.approx(record.loss_after, rel=1e-3)
     assert record.kept and distilled < solved
+
+
+# -- block refinement with the grid fixed ----------------------------------------------------------------------
+def test_block_refinement_with_the_grid_fixed_trains_the_stored_integers():
+    """w4 alone + --refine-grid-epochs: the precision stage refines block by block through the fixed grid, so the file
+    stores what was trained (int4 within −7..7), and the exported model is closer to the original on samples it
+    never saw than the solved one. A refinement that does not bring the exported model closer on the held-out
+    calibration samples (here: a step size too large) leaves the solved integers as they were."""
+    from test_distill import _divergence
+    from test_refine import deep_mlp
+
+    from onnxadmm.report.markdown import render
+
+    model = deep_mlp(8)
+    calib = samples_for(model, 400, seed=1)
+    settings = dict(method="none", quantize="w4", admm_iterations=10)
+    plain = compress(model, calib, CompressConfig(**settings), QUICK)
+    refined = compress(model, calib, CompressConfig(**settings, refine_grid_epochs=20, refine_lr=3e-4), QUICK)
+    record = refined.report.plan["quantization"]["refinement"]
+    assert plain.report.plan["quantization"]["refinement"] is None
+    assert record["blocks"] and any(b["kept"] for b in record["blocks"])
+    assert record["kept"] and record["loss_after"] < record["loss_before"]
+    a, b = _int4_weights(plain.model), _int4_weights(refined.model)
+    assert a.keys() == b.keys() and a
+    assert all(np.abs(b[name]).max() <= 7 for name in b)
+    assert any(not np.array_equal(a[n], b[n]) for n in a)
+    unseen = samples_for(model, 500, seed=7)
+    assert _divergence(refined.model, model, unseen) < _divergence(plain.model, model, unseen)
+    assert "refined weights kept" in render(refined.report)
+
+    rejected = compress(model, calib, CompressConfig(**settings, refine_grid_epochs=20, refine_lr=1e-3), QUICK)
+    record = rejected.report.plan["quantization"]["refinement"]
+    assert not record["kept"] and record["loss_after"] >= record["loss_before"]
+    c = _int4_weights(rejected.model)
+    assert all(np.array_equal(a[n], c[n]) for n in a)
+    assert "solved weights kept" in render(rejected.report)
+
+
+def test_int8_block_refinement_trains_through_the_activation_rounding():
+    """Static int8 + --refine-grid-epochs on a CNN: the blocks are cut from the graph that rounds every tensor the export
+    quantizes, and whatever the refinement keeps is stored as int8 with the solved scales (the exported weight
+    scales are the same with and without it)."""
+    model = tiny_cnn()
+    feed = samples_for(model, 60)
+    plain = compress(model, feed, CompressConfig(method="none", quantize="int8", **FAST), QUICK)
+    refined = compress(model, feed, CompressConfig(method="none", quantize="int8", refine_grid_epochs=3, **FAST), QUICK)
+    record = refined.report.plan["quantization"]["refinement"]
+    assert record is not None and record["blocks"] and record["seconds"] > 0
+    assert refined.report.plan["quantization"]["seconds"]["refine_s"] > 0
+
+    def weight_scales(model):
+        return {n.input[0]: initializer(model, n.input[1]).tolist() for n in model.graph.node
+                if n.op_type == "DequantizeLinear" and initializer_or_none(model, n.input[0]) is not None
+                and initializer(model, n.input[0]).dtype == np.int8}
+
+    assert weight_scales(plain.model) == weight_scales(refined.model) and weight_scales(plain.model)
+    from onnxadmm.errors import ConfigError
+    with pytest.raises(ConfigError, match="applies to --quantize int8 or w4"):
+        CompressConfig(method="sparse", refine_grid_epochs=3)

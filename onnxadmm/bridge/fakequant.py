@@ -11,7 +11,10 @@ only in graphs built for training (``quantize/fakequant.py``); no output file co
 
 from __future__ import annotations
 
+import numpy as np
+import onnx
 import torch
+from onnx import helper, numpy_helper
 from onnx2torch.node_converters.registry import add_converter
 from onnx2torch.utils.common import OnnxToTorchModule, OperationConverterResult, onnx_mapping_from_node
 
@@ -54,3 +57,33 @@ def register() -> None:
         lambda node, graph: OperationConverterResult(torch_module=DynamicFakeQuantize(),
                                                      onnx_mapping=onnx_mapping_from_node(node)))
     _registered = True
+
+
+def with_standard_ops(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with each op above replaced by the standard ONNX ops that compute the same, for onnxruntime:
+    FakeQuantize(s, z) → QuantizeLinear(s, z) → DequantizeLinear, DynamicFakeQuantize → DynamicQuantizeLinear →
+    DequantizeLinear. The same tensor names; ``model`` itself when it has none of them. Run it unoptimized:
+    onnxruntime's QDQ rewrites (a Relu before a Q dropped, Q/DQ around an op fused into an integer kernel) change
+    what it computes."""
+    if not any(node.domain == DOMAIN for node in model.graph.node):
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    nodes = []
+    for index, node in enumerate(model.graph.node):
+        if node.domain != DOMAIN:
+            nodes.append(node)
+            continue
+        prefix = f"{node.output[0]}__standard{index}"
+        q, s, z = f"{prefix}_q", f"{prefix}_scale", f"{prefix}_zero_point"
+        if node.op_type == "FakeQuantize":
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            out.graph.initializer.extend([numpy_helper.from_array(np.array(attrs["scale"], np.float32), s),
+                                          numpy_helper.from_array(np.array(attrs["zero_point"], np.uint8), z)])
+            nodes.append(helper.make_node("QuantizeLinear", [node.input[0], s, z], [q], f"{prefix}_Q"))
+        else:
+            nodes.append(helper.make_node("DynamicQuantizeLinear", [node.input[0]], [q, s, z], f"{prefix}_Q"))
+        nodes.append(helper.make_node("DequantizeLinear", [q, s, z], [node.output[0]], f"{prefix}_DQ"))
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out

@@ -23,7 +23,7 @@ convert whole is left as it is, with the reason in the report.
 
 With a precision stage (``--quantize``) distillation runs after the grid solve with the grid fixed: each solved
 weight enters the forward pass as s·clamp(round(W/s), −L, L) with its solved per-channel scales s (L = 127, 63
-or 7; ``FixedGrid``), every tensor the exported model quantizes is rounded as it is there (the graph given
+or 7; ``grid.py``), every tensor the exported model quantizes is rounded as it is there (the graph given
 carries those roundings), and the gradient passes the roundings unchanged (straight-through). The trained
 weights are written back on the grid, so the export stores exactly what was trained.
 """
@@ -38,9 +38,8 @@ from typing import Mapping
 import numpy as np
 import onnx
 import torch
-from torch.nn.utils import parametrize
 
-from ..bridge.torch_block import BlockModule, WeightHandle, convert_block, find_weights
+from ..bridge.torch_block import BlockModule, convert_block, find_weights
 from ..bridge.torch_layer import BridgeError
 from ..calib.readers import SampleSet, held_out_rows
 from ..config import CompressConfig
@@ -48,6 +47,7 @@ from ..export.apply import apply_initializers
 from ..onnxio.graph import GraphView
 from ..onnxio.runtime import session
 from ..solve.layerwise import Progress
+from .grid import FixedGrid, on_grid
 from .refine import changed_initializers
 from .train import cosine_adam, in_batches, masked_step, run_torch, value_types
 
@@ -70,14 +70,6 @@ class Distillation:
     kept: bool = False
     seconds: float = 0.0
     note: str = ""
-
-
-@dataclass
-class FixedGrid:
-    """The weights that stay on their integer grid while distilling a quantized model (the activations' roundings
-    are nodes of the graph distilled: ``quantize/fakequant.with_export_rounding``)."""
-
-    weights: dict[str, tuple[np.ndarray, int, int]]  # initializer -> (per-channel scales, ONNX axis, levels L)
 
 
 def distill(original: onnx.ModelProto, compressed: onnx.ModelProto, samples: SampleSet, config: CompressConfig,
@@ -108,8 +100,7 @@ def distill(original: onnx.ModelProto, compressed: onnx.ModelProto, samples: Sam
         record.seconds = time.perf_counter() - started
         return compressed, record
     record.trained = sorted(handles)
-    if grid is not None:
-        handles = _on_grid(student, handles, grid)
+    handles = on_grid(student, handles, grid)
     teacher = session(original, config.threads)
 
     def teach(feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
@@ -131,47 +122,6 @@ def distill(original: onnx.ModelProto, compressed: onnx.ModelProto, samples: Sam
         record.note = "; ".join(n for n in (record.note, "the held-out loss did not fall; solved weights kept") if n)
         return compressed, record
     return apply_initializers(compressed, {n: h.to_onnx() for n, h in handles.items()}), record
-
-
-class _GridWeight(torch.nn.Module):
-    """W ↦ s·clamp(round(W/s), −L, L) per channel; the gradient passes unchanged inside the clamp."""
-
-    def __init__(self, scales: np.ndarray, axis: int, levels: int):
-        super().__init__()
-        self.register_buffer("scales", torch.from_numpy(np.asarray(scales, np.float32).reshape(-1)))
-        self.register_buffer("zeros", torch.zeros(self.scales.numel(), dtype=torch.int32))
-        self.axis, self.levels = axis, levels
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return torch.fake_quantize_per_channel_affine(weight, self.scales, self.zeros, self.axis, -self.levels,
-                                                      self.levels)
-
-
-class _GridHandle(WeightHandle):
-    """A parametrized weight: ``tensor`` is the latent value trained, ``to_onnx`` the value on the grid."""
-
-    def __init__(self, module: torch.nn.Module, attribute: str, transposed: bool):
-        super().__init__(getattr(module.parametrizations, attribute).original, transposed)
-        self.module, self.attribute = module, attribute
-
-    def to_onnx(self) -> np.ndarray:
-        with torch.no_grad():
-            value = getattr(self.module, self.attribute).numpy()
-        return np.ascontiguousarray(value.T if self.transposed else value)
-
-
-def _on_grid(student: BlockModule, handles: dict[str, WeightHandle], grid: FixedGrid) -> dict[str, WeightHandle]:
-    """Put each gridded weight behind ``_GridWeight``; returns the handles, the gridded ones trained latent."""
-    owners = {id(t): (m, n) for m in student.module.modules()
-              for n, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]}
-    for name, handle in list(handles.items()):
-        if name in grid.weights:
-            module, attribute = owners[id(handle.tensor)]
-            scales, axis, levels = grid.weights[name]
-            axis = handle.tensor.ndim - 1 - axis if handle.transposed else axis
-            parametrize.register_parametrization(module, attribute, _GridWeight(scales, axis, levels), unsafe=True)
-            handles[name] = _GridHandle(module, attribute, handle.transposed)
-    return handles
 
 
 def held_out_loss(original: onnx.ModelProto, candidates: Mapping[str, onnx.ModelProto], samples: SampleSet,

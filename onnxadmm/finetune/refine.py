@@ -13,8 +13,12 @@ solved. Every tenth calibration sample is held out: each block keeps the weights
 lowest held-out loss, or its solved weights if no epoch beat them. No labels are used. For token inputs
 (``--token-mask``), a [batch, sequence, ...] block output counts only at real tokens, as in the
 layer-wise solve; side inputs of a block (``analysis/blocks.py``: an attention mask) are computed once.
-A block onnx2torch cannot convert runs unchanged in onnxruntime. The block inputs and targets of every calibration sample
-are held in memory (outside ``--max-memory-mb``).
+After a precision stage (``--refine-grid-epochs``) the same runs with the grid fixed: the compressed graph
+rounds every tensor the export quantizes (``quantize/fakequant.with_export_rounding``), the solved weights enter as
+s·clamp(round(W/s), −L, L) with their solved scales (``grid.py``, straight-through), and x is the float model
+the stage was given; the weights are written back on the grid. A block onnx2torch cannot convert runs
+unchanged in onnxruntime. The block inputs and targets of every calibration sample are held in memory
+(outside ``--max-memory-mb``).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import onnx
 import torch
 
 from ..analysis.blocks import Block, constant_nodes, find_blocks, nodes_between
+from ..bridge.fakequant import with_standard_ops
 from ..bridge.torch_block import BlockModule, WeightHandle, convert_block, find_weights
 from ..bridge.torch_layer import BridgeError
 from ..calib.readers import SampleSet, held_out_rows
@@ -39,6 +44,7 @@ from ..onnxio.runtime import session
 from ..onnxio.subgraph import cut
 from ..solve.layerwise import Progress
 from ..solve.problem import token_mask_input
+from .grid import FixedGrid, on_grid
 from .train import cosine_adam, in_batches, masked_step, run_torch, value_types
 
 
@@ -60,16 +66,17 @@ Ignored = Mapping[str, tuple[int, np.ndarray]]  # tensor -> (axis, positions) le
 
 
 def refine(original: GraphView, compressed: onnx.ModelProto, samples: SampleSet, config: CompressConfig,
-           progress: Progress | None = None, ignored: Ignored | None = None
+           progress: Progress | None = None, ignored: Ignored | None = None, grid: FixedGrid | None = None
            ) -> tuple[onnx.ModelProto, list[BlockOutcome]]:
     """``compressed`` (same inputs, outputs and cut tensors as ``original``) refined block by block; one
     outcome per block. Trained: the initializers that differ from the original's (solved layers, factor
     pairs); layers left as they were stay so (training those too was measured to overfit EfficientNet-Lite0's
     large late layers on 450 images). ``ignored`` positions of a block output (channels that will be sliced
-    away) do not count in its loss. Off (unchanged, no outcomes) when ``config.refine_epochs`` is 0."""
+    away) do not count in its loss. ``grid``: the weights trained on their fixed integer grid (module docstring).
+    Off (unchanged, no outcomes) when ``config.refine_epochs`` is 0."""
     if not config.refine_epochs:
         return compressed, []
-    values, outcomes = refine_blocks(original, compressed, samples, config, progress, ignored or {})
+    values, outcomes = refine_blocks(original, compressed, samples, config, progress, ignored or {}, grid)
     return (apply_initializers(compressed, values) if values else compressed), outcomes
 
 
@@ -86,7 +93,7 @@ def changed_initializers(original: GraphView, compressed: GraphView) -> set[str]
 
 
 def refine_blocks(original: GraphView, compressed: onnx.ModelProto, samples: SampleSet, config: CompressConfig,
-                  progress: Progress | None = None, ignored: Ignored | None = None
+                  progress: Progress | None = None, ignored: Ignored | None = None, grid: FixedGrid | None = None
                   ) -> tuple[dict[str, np.ndarray], list[BlockOutcome]]:
     """Refined values of the changed initializers, and one outcome per block (blocks are counted in
     nodes that read a changed initializer)."""
@@ -121,7 +128,7 @@ def refine_blocks(original: GraphView, compressed: onnx.ModelProto, samples: Sam
             outcome.note = f"not refined: {exc}"
         else:
             trainable = {n for i in block.node_ids for n in view.nodes[i].input if n in changed}
-            handles = find_weights(student, {n: view.constant(n) for n in trainable})
+            handles = on_grid(student, find_weights(student, {n: view.constant(n) for n in trainable}), grid)
             if handles:
                 torch.manual_seed(config.seed + index)
                 refined.update(_train(student, handles, student_values, targets, weights, held_out, config, index,
@@ -259,6 +266,7 @@ def _train(student: BlockModule, handles: dict[str, WeightHandle], inputs, targe
 def _run_onnx(view: GraphView, block: Block, inputs: Mapping[str, np.ndarray],
               config: CompressConfig) -> dict[str, np.ndarray]:
     model = cut(view, block.node_ids, block.outputs, value_types(inputs))
-    sess = session(model, config.threads)
+    standard = with_standard_ops(model)  # a training graph's roundings (run unoptimized: they are exact there)
+    sess = session(standard, config.threads, optimize=standard is model)
     return in_batches(lambda feed: sess.run(block.outputs, feed), inputs, [v.name for v in model.graph.input],
                        block.outputs, config.batch_size)

@@ -8,9 +8,11 @@ every method — sparse, N:M, channels, grouped, low-rank factors (each factor a
    first pass, ``fakequant.py``), then bias correction. Zeros stay zero (the grid ∩ a sparse support).
 2. Activation ranges per tensor from two streamed passes (``ranges.py``), on the model with the solved
    weights.
-3. With ``--distill-epochs``: distillation with the grid fixed (``finetune/distill.py``) on a float graph that
-   rounds every tensor the export quantizes as the export does (``fakequant.with_export_rounding``; the rows
-   it is checked on are left out of step 1), kept when the exported graph gets closer to the original.
+3. Training with the grid fixed (``finetune/grid.py``) on a float graph that rounds every tensor the export
+   quantizes as the export does (``fakequant.with_export_rounding``): with ``--refine-grid-epochs``, block
+   refinement against the float model the stage was given (``finetune/refine.py``); with ``--distill-epochs``,
+   distillation against the original (``finetune/distill.py``; the rows it is checked on are left out of
+   step 1). Each is kept when the exported graph gets closer to the original on the held-out samples.
 4. QDQ through onnxruntime's quantizer with every range and weight scale as an override (``qdq.py``), and
    the fusion coverage: which layers onnxruntime then runs as integer kernels.
 Dynamic activations (transformers: calibrated ranges clip the outliers of LayerNorm outputs and residual
@@ -21,6 +23,7 @@ weights and keeps the one with the smaller output error on the held-out calibrat
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -37,7 +40,9 @@ from ..export.apply import apply_initializers
 from ..export.qdq import (WEIGHT_OPS, FusionCoverage, WeightScales, fusion_coverage, int8_forms,
                           quantize_dynamic_int8, quantize_qdq, weight_axis)
 from ..export.w4 import W4_BITS, W4_OPSET, int4_weights
-from ..finetune.distill import Distillation, FixedGrid, distill, held_out_loss
+from ..finetune.distill import Distillation, distill, held_out_loss
+from ..finetune.grid import FixedGrid
+from ..finetune.refine import BlockOutcome, refine_blocks
 from ..onnxio.graph import GraphView
 from ..onnxio.load import default_opset
 from ..onnxio.normalize import infer_types, normalize
@@ -49,6 +54,22 @@ from .fakequant import embedding_rounding, with_export_rounding, with_input_roun
 from .fallback import FloatFallback, keep_faster_float
 
 Progress = Callable[[str, int, int, str], None]
+
+
+@dataclass
+class GridRefinement:
+    """Block refinement with the grid fixed: each block's outcome, and the loss D of the exported model to the
+    original on the held-out calibration samples before and after (``held_out_loss``)."""
+
+    blocks: list[BlockOutcome]
+    loss_before: float | None = None
+    loss_after: float | None = None
+    kept: bool = False
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {"blocks": [dataclasses.asdict(b) for b in self.blocks], "loss_before": self.loss_before,
+                "loss_after": self.loss_after, "kept": self.kept, "seconds": self.seconds}
 
 
 @dataclass
@@ -66,6 +87,7 @@ class QuantizedModel:
     fallback: FloatFallback | None = None  # --objective latency: layers kept float where int8 is slower
     notes: list[str] = field(default_factory=list)  # for the report's notes
     weight_bits: int = 8  # 7 with --int8-reduce-range, 4 for w4
+    refinement: GridRefinement | None = None  # --refine-grid-epochs: block refinement with the grid fixed
     distilled: Distillation | None = None  # --distill-epochs: distillation with the grid fixed
 
     def report(self) -> dict:
@@ -86,7 +108,8 @@ class QuantizedModel:
                 "layers": self.layers, "declined": self.declined,
                 "activation_ranges": {name: r.as_dict() for name, r in self.ranges.items()},
                 "estimators_chosen": estimators, "fusion": self.coverage.as_dict(), "seconds": self.seconds,
-                "float_fallback": self.fallback.as_dict() if self.fallback else None}
+                "float_fallback": self.fallback.as_dict() if self.fallback else None,
+                "refinement": self.refinement.as_dict() if self.refinement else None}
 
 
 def quantize(model: onnx.ModelProto, samples: SampleSet, config: CompressConfig,
@@ -112,8 +135,9 @@ def quantize_w4(model: onnx.ModelProto, samples: SampleSet, config: CompressConf
     solved_model = apply_initializers(normalized.model, solved.initializers, consume=True)
     seconds = {"weights_s": time.perf_counter() - started}
     scales = _solved_scales(solved_model, solved)
-    solved_model, distilled = _distilled(teacher or normalized.model, solved_model, samples, config, progress,
-                                         scales, W4_BITS, lambda m: int4_weights(m, scales), seconds)
+    solved_model, refinement, distilled = _trained(normalized.model, teacher or normalized.model, solved_model,
+                                                   samples, config, progress, scales, W4_BITS,
+                                                   lambda m: int4_weights(m, scales), seconds)
     started = time.perf_counter()
     progress("quantize", 0, 1, "int4 export")
     quantized = int4_weights(solved_model, scales)
@@ -125,7 +149,8 @@ def quantize_w4(model: onnx.ModelProto, samples: SampleSet, config: CompressConf
         f"--quantize w4: the model was converted from opset {default_opset(model)} to {W4_OPSET} and IR version "
         f"{model.ir_version} to {quantized.ir_version} (int4 weights need both; onnxruntime >= 1.20 runs it)"]
     return QuantizedModel(quantized, _rows(solved), _declined(found, solved), {}, coverage, seconds, "float",
-                          float_model=solved_model, notes=notes, weight_bits=W4_BITS, distilled=distilled)
+                          float_model=solved_model, notes=notes, weight_bits=W4_BITS, refinement=refinement,
+                          distilled=distilled)
 
 
 def quantize_int8(model: onnx.ModelProto, samples: SampleSet, config: CompressConfig,
@@ -215,8 +240,8 @@ def _static(normalized, found, samples: SampleSet, config: CompressConfig, progr
                                config.threads, progress, _ranges_memory(config))
     seconds["ranges_s"] = time.perf_counter() - started
     scales = _solved_scales(solved_model, solved)
-    solved_model, distilled = _distilled(
-        teacher, solved_model, samples, config, progress, scales, int8_bits(config),
+    solved_model, refinement, distilled = _trained(
+        normalized.model, teacher, solved_model, samples, config, progress, scales, int8_bits(config),
         lambda m: quantize_qdq(m, samples, ranges, scales, (), config.int8_reduce_range), seconds)
     started = time.perf_counter()
     progress("quantize", 0, 1, "QDQ export")
@@ -228,7 +253,8 @@ def _static(normalized, found, samples: SampleSet, config: CompressConfig, progr
     coverage = _coverage(quantized, solved_model, view)
     seconds["export_s"] = time.perf_counter() - started
     return QuantizedModel(quantized, _rows(solved), _declined(found, solved), ranges, coverage, seconds, "static",
-                          float_model=solved_model, export=export, distilled=distilled)
+                          float_model=solved_model, export=export, refinement=refinement,
+                          distilled=distilled)
 
 
 def _dynamic(normalized, found, samples: SampleSet, config: CompressConfig, progress, teacher) -> QuantizedModel:
@@ -247,8 +273,8 @@ def _dynamic(normalized, found, samples: SampleSet, config: CompressConfig, prog
     solved_model = apply_initializers(normalized.model, solved.initializers, consume=True)
     seconds["weights_s"] = time.perf_counter() - started
     scales = _solved_scales(solved_model, solved)
-    solved_model, distilled = _distilled(
-        teacher, solved_model, samples, config, progress, scales, int8_bits(config),
+    solved_model, refinement, distilled = _trained(
+        normalized.model, teacher, solved_model, samples, config, progress, scales, int8_bits(config),
         lambda m: quantize_dynamic_int8(m, scales, (), config.int8_reduce_range), seconds)
     started = time.perf_counter()
     progress("quantize", 0, 1, "dynamic int8 export")
@@ -260,7 +286,8 @@ def _dynamic(normalized, found, samples: SampleSet, config: CompressConfig, prog
     coverage = _coverage(quantized, solved_model, view)
     seconds["export_s"] = time.perf_counter() - started
     return QuantizedModel(quantized, _rows(solved), _declined(found, solved), {}, coverage, seconds, "dynamic",
-                          float_model=solved_model, export=export, distilled=distilled)
+                          float_model=solved_model, export=export, refinement=refinement,
+                          distilled=distilled)
 
 
 def _ranges_memory(config: CompressConfig) -> int:
@@ -275,17 +302,34 @@ def _solving(samples: SampleSet, config: CompressConfig) -> SampleSet:
     return samples.subset(np.flatnonzero(~held)) if config.distill_epochs and held.any() else samples
 
 
-def _distilled(teacher: onnx.ModelProto, solved_model: onnx.ModelProto, samples: SampleSet, config: CompressConfig,
-               progress, scales: dict[str, WeightScales], bits: int,
-               export: Callable[[onnx.ModelProto], onnx.ModelProto], seconds: dict[str, float]
-               ) -> tuple[onnx.ModelProto, Distillation | None]:
-    """``--distill-epochs``: the solved model distilled with the grid fixed (``finetune/distill.py``), kept when
-    its exported form is closer to ``teacher`` on the held-out calibration samples than the solved one's."""
+def _trained(given: onnx.ModelProto, teacher: onnx.ModelProto, solved_model: onnx.ModelProto, samples: SampleSet,
+             config: CompressConfig, progress, scales: dict[str, WeightScales], bits: int,
+             export: Callable[[onnx.ModelProto], onnx.ModelProto], seconds: dict[str, float]
+             ) -> tuple[onnx.ModelProto, GridRefinement | None, Distillation | None]:
+    """The solved model trained with the grid fixed (``finetune/grid.py``) on a float graph that rounds every
+    tensor the export quantizes as it does: ``--refine-grid-epochs``, block by block against ``given`` (the float
+    model the stage was given: the same shapes at every cut); then ``--distill-epochs``, the whole model against
+    ``teacher``. Each is kept only when its exported form is closer to ``teacher`` on the held-out calibration
+    samples than the model before it."""
+    grid = FixedGrid({name: (s.scales, s.axis, 2 ** (bits - 1) - 1) for name, s in scales.items()})
+    refinement = None
+    if config.refine_grid_epochs:
+        started = time.perf_counter()
+        exported = export(solved_model)
+        values, outcomes = refine_blocks(GraphView(given), with_export_rounding(solved_model, exported)[0], samples,
+                                         dataclasses.replace(config, refine_epochs=config.refine_grid_epochs),
+                                         progress, {}, grid)
+        refinement = GridRefinement(outcomes)
+        if values:
+            refined = apply_initializers(solved_model, values)
+            losses = held_out_loss(teacher, {"solved": exported, "refined": export(refined)}, samples, config)
+            refinement.loss_before, refinement.loss_after = losses["solved"], losses["refined"]
+            refinement.kept = losses["refined"] < losses["solved"]
+            solved_model = refined if refinement.kept else solved_model
+        refinement.seconds = seconds["refine_s"] = time.perf_counter() - started
     if not config.distill_epochs:
-        return solved_model, None
+        return solved_model, refinement, None
     started = time.perf_counter()
-    levels = 2 ** (bits - 1) - 1
-    grid = FixedGrid({name: (s.scales, s.axis, levels) for name, s in scales.items()})
     exported = export(solved_model)
     training, _ = with_export_rounding(solved_model, exported)
     trained, record = distill(teacher, training, samples, config, progress, grid)
@@ -299,7 +343,7 @@ def _distilled(teacher: onnx.ModelProto, solved_model: onnx.ModelProto, samples:
                                             f"{losses['solved']:.4g} solved, {losses['distilled']:.4g} distilled"
                                             + ("" if record.kept else "; solved weights kept")) if n)
     seconds["distill_s"] = time.perf_counter() - started
-    return (distilled_model if record.kept else solved_model), record
+    return (distilled_model if record.kept else solved_model), refinement, record
 
 
 def int8_bits(config: CompressConfig) -> int:

@@ -165,6 +165,8 @@ def _quantization(lines: list[str], quant: dict) -> None:
             lines.append(f"  - stays float: `{row['name']}` ({row['op_type']}): {row['reason']}")
     if quant.get("float_fallback"):
         lines.append(f"- {fallback_line(quant['float_fallback'])}")
+    if quant.get("refinement"):
+        lines.append(f"- {grid_refinement_line(quant['refinement'])}")
     chosen = ", ".join(f"{name} {count}" for name, count in sorted(quant["estimators_chosen"].items()))
     if quant["activation_ranges"]:
         lines.append(f"- activation ranges: {len(quant['activation_ranges'])} tensors; estimator chosen: {chosen}")
@@ -183,6 +185,18 @@ def _quantization(lines: list[str], quant: dict) -> None:
     for row in quant.get("declined", []):
         kept = "weights with onnxruntime's own max-abs scales" if precision == "int8" else "weights kept float"
         lines.append(f"- {kept}: `{row['name']}` ({row['op_type']}): {row['reason']}")
+
+
+def grid_refinement_line(refinement: dict) -> str:
+    """One line on block refinement with the grid fixed (``--refine-grid-epochs``)."""
+    blocks = refinement["blocks"]
+    line = (f"block refinement with the grid fixed: {sum(b['kept'] for b in blocks)} of {len(blocks)} blocks "
+            f"improved, {refinement['seconds']:.1f} s")
+    if refinement["loss_before"] is None:
+        return line + "; solved weights kept"
+    return (line + f"; exported model's loss to the original on held-out calibration samples "
+            f"{refinement['loss_before']:.4g} → {refinement['loss_after']:.4g}, "
+            + ("refined weights kept" if refinement["kept"] else "solved weights kept"))
 
 
 def fallback_line(fallback: dict) -> str:
