@@ -301,6 +301,9 @@ class CompressConfig:
             raise ConfigError(f"time_budget_min must be > 0, got {self.time_budget_min}")
         if self.method == "none" and self.quantize == "none":
             raise ConfigError("--method none compresses nothing: add --quantize int8 (or w4), or choose a method")
+        if self.method == "none" and self.refine_epochs:
+            raise ConfigError("--refine-epochs refines the layers --method changed, and --method none changes none: "
+                              "use --refine-grid-epochs to refine the quantized model")
         _check_range("sparsity", self.sparsity, 0.0, 1.0, hi_open=True)
         self.nm_pattern  # validates
         if self.grad_patches is not None and self.grad_patches < 1:

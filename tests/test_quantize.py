@@ -632,3 +632,5 @@ def test_int8_block_refinement_trains_through_the_activation_rounding():
     from onnxadmm.errors import ConfigError
     with pytest.raises(ConfigError, match="applies to --quantize int8 or w4"):
         CompressConfig(method="sparse", refine_grid_epochs=3)
+    with pytest.raises(ConfigError, match="use --refine-grid-epochs"):
+        CompressConfig(method="none", quantize="int8", refine_epochs=3)

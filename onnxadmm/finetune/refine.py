@@ -93,10 +93,10 @@ def changed_initializers(original: GraphView, compressed: GraphView) -> set[str]
 
 
 def refine_blocks(original: GraphView, compressed: onnx.ModelProto, samples: SampleSet, config: CompressConfig,
-                  progress: Progress | None = None, ignored: Ignored | None = None, grid: FixedGrid | None = None
-                  ) -> tuple[dict[str, np.ndarray], list[BlockOutcome]]:
+                  progress: Progress | None = None, ignored: Ignored | None = None, grid: FixedGrid | None = None,
+                  epochs: int | None = None) -> tuple[dict[str, np.ndarray], list[BlockOutcome]]:
     """Refined values of the changed initializers, and one outcome per block (blocks are counted in
-    nodes that read a changed initializer)."""
+    nodes that read a changed initializer); ``epochs`` per block, ``config.refine_epochs`` when not given."""
     progress = progress or (lambda *args: None)
     view = GraphView(compressed)
     changed = changed_initializers(original, view)
@@ -132,7 +132,7 @@ def refine_blocks(original: GraphView, compressed: onnx.ModelProto, samples: Sam
             if handles:
                 torch.manual_seed(config.seed + index)
                 refined.update(_train(student, handles, student_values, targets, weights, held_out, config, index,
-                                      outcome))
+                                      outcome, epochs or config.refine_epochs))
             else:
                 outcome.note = "no compressed weights found in the converted block"
             student_values = {**student_sides, **run_torch(student, student_values, config.batch_size)}
@@ -219,8 +219,9 @@ def relative_loss(block: BlockModule, inputs: Mapping[str, np.ndarray], targets:
 
 
 def _train(student: BlockModule, handles: dict[str, WeightHandle], inputs, targets, weights,
-           held_out: np.ndarray, config: CompressConfig, index: int, outcome: BlockOutcome) -> dict[str, np.ndarray]:
-    """Adam on the block's relative loss with fixed supports. After every epoch the held-out loss is
+           held_out: np.ndarray, config: CompressConfig, index: int, outcome: BlockOutcome, epochs: int
+           ) -> dict[str, np.ndarray]:
+    """Adam on the block's relative loss with fixed supports, ``epochs`` epochs. After every epoch the held-out loss is
     measured; the weights of the best epoch are returned as ONNX values (none when no epoch beat the
     solved weights)."""
     train_rows, check_rows = np.flatnonzero(~held_out), np.flatnonzero(held_out)
@@ -236,10 +237,10 @@ def _train(student: BlockModule, handles: dict[str, WeightHandle], inputs, targe
     for tensor in tensors:
         tensor.requires_grad_(True)
     batch = min(config.batch_size, len(train_rows))
-    steps = config.refine_epochs * math.ceil(len(train_rows) / batch)
+    steps = epochs * math.ceil(len(train_rows) / batch)
     optimizer, schedule = cosine_adam(tensors, config.refine_lr, steps)
     rng = np.random.default_rng(config.seed + index)
-    for epoch in range(config.refine_epochs):
+    for epoch in range(epochs):
         order = rng.permutation(train_rows)
         for start in range(0, len(order), batch):
             take = np.sort(order[start:start + batch])

@@ -317,8 +317,7 @@ def _trained(given: onnx.ModelProto, teacher: onnx.ModelProto, solved_model: onn
         started = time.perf_counter()
         exported = export(solved_model)
         values, outcomes = refine_blocks(GraphView(given), with_export_rounding(solved_model, exported)[0], samples,
-                                         dataclasses.replace(config, refine_epochs=config.refine_grid_epochs),
-                                         progress, {}, grid)
+                                         config, progress, {}, grid, config.refine_grid_epochs)
         refinement = GridRefinement(outcomes)
         if values:
             refined = apply_initializers(solved_model, values)
