@@ -634,3 +634,14 @@ def test_int8_block_refinement_trains_through_the_activation_rounding():
         CompressConfig(method="sparse", refine_grid_epochs=3)
     with pytest.raises(ConfigError, match="use --refine-grid-epochs"):
         CompressConfig(method="none", quantize="int8", refine_epochs=3)
+
+
+def test_the_int8_stages_activation_caches_are_in_the_reports_timing():
+    """The grid solve streams activations like a method's solve: with a budget smaller than its caches it spills,
+    and the report's timing says so (int8 alone: the method stage cached nothing)."""
+    model = tiny_cnn()
+    feed = samples_for(model, 200)
+    result = compress(model, feed, CompressConfig(method="none", quantize="int8", max_memory_mb=1, batch_size=8,
+                                                  **FAST), QUICK)
+    timing = result.report.timing.as_dict()
+    assert timing["activation_cache_peak_mb"] > 0 and timing["activation_spilled_mb"] > 0

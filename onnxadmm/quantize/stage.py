@@ -89,6 +89,12 @@ class QuantizedModel:
     weight_bits: int = 8  # 7 with --int8-reduce-range, 4 for w4
     refinement: GridRefinement | None = None  # --refine-grid-epochs: block refinement with the grid fixed
     distilled: Distillation | None = None  # --distill-epochs: distillation with the grid fixed
+    stream: tuple[int, int] = (0, 0)  # the grid solve's activation caches: peak bytes held, bytes spilled to disk
+
+    def add_stream_to(self, solved) -> None:
+        """Fold this stage's activation-cache figures into the method's ``SequentialResult`` (the report's timing)."""
+        solved.peak_cache_bytes = max(solved.peak_cache_bytes, self.stream[0])
+        solved.spilled_bytes += self.stream[1]
 
     def report(self) -> dict:
         estimators: dict[str, int] = {}
@@ -150,7 +156,7 @@ def quantize_w4(model: onnx.ModelProto, samples: SampleSet, config: CompressConf
         f"{model.ir_version} to {quantized.ir_version} (int4 weights need both; onnxruntime >= 1.20 runs it)"]
     return QuantizedModel(quantized, _rows(solved), _declined(found, solved), {}, coverage, seconds, "float",
                           float_model=solved_model, notes=notes, weight_bits=W4_BITS, refinement=refinement,
-                          distilled=distilled)
+                          distilled=distilled, stream=(solved.peak_cache_bytes, solved.spilled_bytes))
 
 
 def quantize_int8(model: onnx.ModelProto, samples: SampleSet, config: CompressConfig,
@@ -171,6 +177,7 @@ def quantize_int8(model: onnx.ModelProto, samples: SampleSet, config: CompressCo
         chosen = built[min(errors, key=errors.get)]
         chosen.held_out_errors = errors
         chosen.seconds = {f"{mode}_{k}": v for mode, q in built.items() for k, v in q.seconds.items()}
+        chosen.stream = (max(q.stream[0] for q in built.values()), sum(q.stream[1] for q in built.values()))
     chosen.weight_bits = int8_bits(config)
     if config.objective == "latency":
         _keep_faster_float(chosen, normalized.view(), samples, config, progress)
@@ -254,7 +261,7 @@ def _static(normalized, found, samples: SampleSet, config: CompressConfig, progr
     seconds["export_s"] = time.perf_counter() - started
     return QuantizedModel(quantized, _rows(solved), _declined(found, solved), ranges, coverage, seconds, "static",
                           float_model=solved_model, export=export, refinement=refinement,
-                          distilled=distilled)
+                          distilled=distilled, stream=(solved.peak_cache_bytes, solved.spilled_bytes))
 
 
 def _dynamic(normalized, found, samples: SampleSet, config: CompressConfig, progress, teacher) -> QuantizedModel:
@@ -287,7 +294,7 @@ def _dynamic(normalized, found, samples: SampleSet, config: CompressConfig, prog
     seconds["export_s"] = time.perf_counter() - started
     return QuantizedModel(quantized, _rows(solved), _declined(found, solved), {}, coverage, seconds, "dynamic",
                           float_model=solved_model, export=export, refinement=refinement,
-                          distilled=distilled)
+                          distilled=distilled, stream=(solved.peak_cache_bytes, solved.spilled_bytes))
 
 
 def _ranges_memory(config: CompressConfig) -> int:
