@@ -359,6 +359,10 @@ def _print_summary(report, report_path: Path | None) -> None:
             from .report.markdown import fallback_line
 
             lines.append(fallback_line(quant["float_fallback"]))
+        if quant.get("refinement"):
+            from .report.markdown import grid_refinement_line
+
+            lines.append(grid_refinement_line(quant["refinement"]))
     c = v.comparison
     where = f"{c.samples} {'held-out' if v.held_out else 'calibration (not held-out)'} samples"
     if c.accuracy_original is not None:

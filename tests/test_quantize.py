@@ -576,7 +576,7 @@ def test_dynamic_int8_distillation_trains_through_the_run_time_rounding():
 
 
 # -- block refinement with the grid fixed ----------------------------------------------------------------------
-def test_block_refinement_with_the_grid_fixed_trains_the_stored_integers():
+def test_block_refinement_with_the_grid_fixed_trains_the_stored_integers(capsys):
     """w4 alone + --refine-grid-epochs: the precision stage refines block by block through the fixed grid, so the file
     stores what was trained (int4 within −7..7), and the exported model is closer to the original on samples it
     never saw than the solved one. A refinement that does not bring the exported model closer on the held-out
@@ -602,6 +602,9 @@ def test_block_refinement_with_the_grid_fixed_trains_the_stored_integers():
     unseen = samples_for(model, 500, seed=7)
     assert _divergence(refined.model, model, unseen) < _divergence(plain.model, model, unseen)
     assert "refined weights kept" in render(refined.report)
+    from onnxadmm.cli import _print_summary
+    _print_summary(refined.report, None)
+    assert "block refinement with the grid fixed" in capsys.readouterr().out
 
     rejected = compress(model, calib, CompressConfig(**settings, refine_grid_epochs=20, refine_lr=1e-3), QUICK)
     record = rejected.report.plan["quantization"]["refinement"]
