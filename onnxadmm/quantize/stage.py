@@ -318,25 +318,28 @@ def _trained(given: onnx.ModelProto, teacher: onnx.ModelProto, solved_model: onn
     model the stage was given: the same shapes at every cut); then ``--distill-epochs``, the whole model against
     ``teacher``. Each is kept only when its exported form is closer to ``teacher`` on the held-out calibration
     samples than the model before it."""
+    if not config.refine_grid_epochs and not config.distill_epochs:
+        return solved_model, None, None
     grid = FixedGrid({name: (s.scales, s.axis, 2 ** (bits - 1) - 1) for name, s in scales.items()})
+    exported = export(solved_model)  # (the exported form of the model so far: each step is judged against it)
     refinement = None
     if config.refine_grid_epochs:
         started = time.perf_counter()
-        exported = export(solved_model)
         values, outcomes = refine_blocks(GraphView(given), with_export_rounding(solved_model, exported)[0], samples,
                                          config, progress, {}, grid, config.refine_grid_epochs)
         refinement = GridRefinement(outcomes)
         if values:
             refined = apply_initializers(solved_model, values)
-            losses = held_out_loss(teacher, {"solved": exported, "refined": export(refined)}, samples, config)
+            refined_exported = export(refined)
+            losses = held_out_loss(teacher, {"solved": exported, "refined": refined_exported}, samples, config)
             refinement.loss_before, refinement.loss_after = losses["solved"], losses["refined"]
             refinement.kept = losses["refined"] < losses["solved"]
-            solved_model = refined if refinement.kept else solved_model
+            if refinement.kept:
+                solved_model, exported = refined, refined_exported
         refinement.seconds = seconds["refine_s"] = time.perf_counter() - started
     if not config.distill_epochs:
         return solved_model, refinement, None
     started = time.perf_counter()
-    exported = export(solved_model)
     training, _ = with_export_rounding(solved_model, exported)
     trained, record = distill(teacher, training, samples, config, progress, grid)
     distilled_model = solved_model

@@ -22,7 +22,8 @@ import onnx
 
 from ..config import CompressConfig, config_hash, default_of
 
-AFTER_SOLVE = ("refine_epochs", "refine_grid_epochs", "refine_lr", "refine_block_layers")  # settings read only after the solve
+# the settings read only after the solve
+AFTER_SOLVE = ("refine_epochs", "refine_grid_epochs", "refine_lr", "refine_block_layers")
 SOLVES_KEPT = 1  # a retry follows its miss directly (each kept solve holds a model)
 
 
