@@ -2,7 +2,8 @@
 
 Rewrites (each semantics-preserving):
   * declared intermediate shapes (``value_info``) that contradict shape inference are dropped (an input
-    that fails onnx.checker's full check for any other reason is refused);
+    that fails onnx.checker's full check for any other reason is refused), and so are declared shapes of
+    initializers (the initializer states its own);
   * every node gets a unique, stable name (``{op_type}_{index}`` when missing; ``__k`` on duplicates);
   * ``Constant`` nodes become initializers (so per-channel constants, GELU's scalars and the head counts
     of attention Reshapes are seen as constants), and so do ``Identity(initializer)`` chains that feed a
@@ -13,7 +14,7 @@ Rewrites (each semantics-preserving):
   * a Conv/Gemm bias initializer read by several nodes gets one private copy per Conv/Gemm (exporters
     deduplicate equal tensors: the folded BatchNorm biases of a freshly initialized network are all
     equal), so each layer's bias can be refit. Shared *weights* stay shared and their layers are declined.
-Shape inference runs on a copy: the exported model keeps the original value_info.
+Shape inference runs on a copy: the exported model keeps the rest of the original value_info.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def normalize(model: onnx.ModelProto, in_place: bool = False) -> NormalizedModel
     model = model if in_place else copy.deepcopy(model)
     rewrites: list[str] = []
     _passes_full_check(model, rewrites)
+    _drop_declared_weight_shapes(model.graph)
     _unique_names(model.graph, rewrites)
     _fold_weight_constants(model.graph, rewrites)
     if default_opset(model) >= 11:
@@ -79,6 +81,17 @@ def _passes_full_check(model: onnx.ModelProto, rewrites: list[str]) -> None:
     raise UnsupportedModelError(f"the model fails onnx.checker's full check (strict shape inference): {problem}. "
                                 "onnxadmm promises an output that passes it, so the input must: fix the declared "
                                 "input/output shapes or re-export the model")
+
+
+def _drop_declared_weight_shapes(graph: onnx.GraphProto) -> None:
+    """``value_info`` entries that name an initializer (torch's dynamo exporter writes one per weight) repeat
+    what the initializer states; dropped, so a weight whose shape a method changes (channels, factors) carries
+    no stale declaration into the output."""
+    weights = {t.name for t in graph.initializer}
+    kept = [v for v in graph.value_info if v.name not in weights]
+    if len(kept) < len(graph.value_info):
+        graph.ClearField("value_info")
+        graph.value_info.extend(kept)
 
 
 def _unique_names(graph: onnx.GraphProto, rewrites: list[str]) -> None:
