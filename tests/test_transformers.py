@@ -137,17 +137,35 @@ def test_compress_removes_heads_and_neurons_end_to_end():
     assert groups is None or groups
 
 
-def test_int8_on_an_encoder_builds_both_activation_forms_and_keeps_the_better_one():
+def test_int8_on_an_encoder_probes_both_activation_forms_and_keeps_the_better_one(monkeypatch):
+    """auto: both forms scored with the weights only rounded; the better one solved alone when the probe is
+    decisive, both solved (and the solved errors deciding) when it is not — the same form either way here."""
     from onnxadmm import CompressConfig, ValidateConfig, compress
+    from onnxadmm.quantize import forms
+    from onnxadmm.report.markdown import render
     weights, model = _model(VARIANTS[0])
     calib = encoder_inputs(count=60, seq=8, seed=3)
-    result = compress(model, calib, CompressConfig(method="none", quantize="int8"), ValidateConfig(latency_rounds=3),
-                      evaluation=encoder_inputs(count=32, seq=8, seed=4))
+
+    def int8(margin):
+        monkeypatch.setattr(forms, "PROBE_MARGIN", margin)
+        return compress(model, calib, CompressConfig(method="none", quantize="int8"), ValidateConfig(latency_rounds=3),
+                        evaluation=encoder_inputs(count=32, seq=8, seed=4))
+
+    both = int8(float("inf"))  # never decisive: both forms solved
+    quant = both.report.plan["quantization"]
+    errors, probed = quant["held_out_output_error"], quant["form_probe"]["held_out_output_error"]
+    assert set(errors) == set(probed) == {"static", "dynamic"} and quant["form_probe"]["decided"] is None
+    assert quant["activations"] == min(errors, key=errors.get) == min(probed, key=probed.get)
+    time_line = next(line for line in render(both.report).splitlines() if line.startswith("- time: "))
+    assert "static: weights" in time_line and "dynamic: weights" in time_line, time_line  # both forms' costs
+
+    result = int8(1.0)  # always decisive: only the probe's choice is solved, to the same model
     quant = result.report.plan["quantization"]
-    errors = quant["held_out_output_error"]
-    assert set(errors) == {"static", "dynamic"}
-    assert quant["activations"] == min(errors, key=errors.get)
+    assert quant["form_probe"]["decided"] == quant["activations"] == both.report.plan["quantization"]["activations"]
+    assert quant["held_out_output_error"] is None and "form probe" in render(result.report)
+    assert all(not key.startswith(("static_", "dynamic_")) for key in quant["seconds"])
     out = result.model
+    assert [init.raw_data for init in out.graph.initializer] == [init.raw_data for init in both.model.graph.initializer]
     assert [(i.name, i.type) for i in out.graph.input] == [(i.name, i.type) for i in model.graph.input]
     if quant["activations"] == "dynamic":
         products = [n for n in out.graph.node if n.op_type == "MatMulInteger"]

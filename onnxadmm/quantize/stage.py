@@ -17,8 +17,9 @@ every method — sparse, N:M, channels, grouped, low-rank factors (each factor a
    the fusion coverage: which layers onnxruntime then runs as integer kernels.
 Dynamic activations (transformers: calibrated ranges clip the outliers of LayerNorm outputs and residual
 streams): the MatMuls' weights solved onto the grid from the float inputs, exported in onnxruntime's dynamic
-form (activations quantized per tensor at run time). ``auto`` builds both where MatMuls hold most of the
-weights and keeps the one with the smaller output error on the held-out calibration samples.
+form (activations quantized per tensor at run time). ``auto``, where MatMuls hold most of the weights, first
+scores both forms with the weights only rounded (``forms.py``) and solves the better one, or both when the
+probe cannot tell them apart (then the smaller solved output error on the held-out calibration samples wins).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from ..report.schema import LayerRow
 from ..solve.layerwise import compress_layers
 from .fakequant import embedding_rounding, with_export_rounding, with_input_rounding
 from .fallback import FloatFallback, keep_faster_float
+from .forms import FormProbe, probe_forms
 
 Progress = Callable[[str, int, int, str], None]
 
@@ -81,7 +83,8 @@ class QuantizedModel:
     coverage: FusionCoverage
     seconds: dict[str, float] = field(default_factory=dict)
     activations: str = "static"
-    held_out_errors: dict[str, float] = field(default_factory=dict)  # per activation mode tried (auto)
+    held_out_errors: dict[str, float] = field(default_factory=dict)  # per activation mode solved (auto)
+    probe: FormProbe | None = None  # auto, where both forms apply: the rounding-only probe (``forms.py``)
     float_model: onnx.ModelProto | None = field(default=None, repr=False)  # the solved weights, every op float
     export: Callable[[Sequence[str]], onnx.ModelProto] | None = field(default=None, repr=False)  # float nodes ->
     fallback: FloatFallback | None = None  # --objective latency: layers kept float where int8 is slower
@@ -111,6 +114,7 @@ class QuantizedModel:
         return {"format": form, "precision": "w4" if self.weight_bits == 4 else "int8",
                 "activations": self.activations,
                 "held_out_output_error": self.held_out_errors or None,
+                "form_probe": self.probe.as_dict() if self.probe else None,
                 "layers": self.layers, "declined": self.declined,
                 "activation_ranges": {name: r.as_dict() for name, r in self.ranges.items()},
                 "estimators_chosen": estimators, "fusion": self.coverage.as_dict(), "seconds": self.seconds,
@@ -168,8 +172,15 @@ def quantize_int8(model: onnx.ModelProto, samples: SampleSet, config: CompressCo
     normalized = normalize(model)
     found = apply_exclude(find_layers(normalized.view()), config.exclude)
     modes = int8_forms(found.layers, config.int8_activations)
-    built = {mode: (_static if mode == "static" else _dynamic)(normalized, found, samples, config, progress,
-                                                                 teacher or normalized.model)
+    probe = None
+    if len(modes) > 1:
+        probe = probe_forms(normalized.model, normalized.inferred, samples, config,
+                            lambda models: held_out_errors(normalized.model, models, samples, config),
+                            _ranges_memory(config), progress)
+        modes = [probe.chosen] if probe.chosen else modes
+    built = {mode: _static(normalized, found, samples, config, progress, teacher or normalized.model,
+                           probe.ranges if probe else None) if mode == "static" else
+             _dynamic(normalized, found, samples, config, progress, teacher or normalized.model)
              for mode in modes}
     chosen = next(iter(built.values()))
     if len(built) > 1:
@@ -178,6 +189,9 @@ def quantize_int8(model: onnx.ModelProto, samples: SampleSet, config: CompressCo
         chosen.held_out_errors = errors
         chosen.seconds = {f"{mode}_{k}": v for mode, q in built.items() for k, v in q.seconds.items()}
         chosen.stream = (max(q.stream[0] for q in built.values()), sum(q.stream[1] for q in built.values()))
+    if probe:
+        chosen.probe = probe
+        chosen.seconds["probe_s"] = probe.seconds
     chosen.weight_bits = int8_bits(config)
     if config.objective == "latency":
         _keep_faster_float(chosen, normalized.view(), samples, config, progress)
@@ -224,14 +238,18 @@ def _relative_sq(estimate: np.ndarray, reference: np.ndarray) -> float:
     return float(np.sum((estimate.astype(np.float64) - reference) ** 2) / max(np.sum(reference ** 2), 1e-30))
 
 
-def _static(normalized, found, samples: SampleSet, config: CompressConfig, progress, teacher) -> QuantizedModel:
+def _static(normalized, found, samples: SampleSet, config: CompressConfig, progress, teacher,
+            float_ranges: dict[str, TensorRange] | None = None) -> QuantizedModel:
+    """``float_ranges``: ranges already estimated on the float model (the form probe's), reused for the layer
+    inputs' rounding when they cover every input."""
     seconds = {}
     started = time.perf_counter()
     view = normalized.view()
     inputs = {layer.name: layer.input_name for layer in found.layers}
-    input_ranges = activation_ranges(normalized.model, sorted(set(inputs.values())), samples,
-                                     config.activation_range, config.batch_size, config.threads, progress,
-                                     _ranges_memory(config))
+    wanted = sorted(set(inputs.values()))
+    input_ranges = {n: float_ranges[n] for n in wanted} if float_ranges and set(wanted) <= set(float_ranges) else \
+        activation_ranges(normalized.model, wanted, samples, config.activation_range, config.batch_size,
+                          config.threads, progress, _ranges_memory(config))
     rounding, switches = with_input_rounding(normalized.model, input_ranges, inputs)
     rounded_view = GraphView(rounding, infer_types(rounding))
     layers = [layer for layer in apply_exclude(find_layers(rounded_view), config.exclude).layers

@@ -158,6 +158,8 @@ def _quantization(lines: list[str], quant: dict) -> None:
     lines.append(f"## {precision}")
     lines.append("")
     lines.append(f"- format: {quant['format']}")
+    if quant.get("form_probe") or quant.get("held_out_output_error"):
+        lines.append(f"- {form_choice_line(quant)}")
     if precision == "int8":
         lines.append(f"- fusion coverage: {len(fusion['integer'])} of {total} Conv/Gemm/MatMul run as onnxruntime "
                      f"integer kernels on this CPU ({100 * fusion['fraction_integer']:.0f} %)")
@@ -170,9 +172,7 @@ def _quantization(lines: list[str], quant: dict) -> None:
     chosen = ", ".join(f"{name} {count}" for name, count in sorted(quant["estimators_chosen"].items()))
     if quant["activation_ranges"]:
         lines.append(f"- activation ranges: {len(quant['activation_ranges'])} tensors; estimator chosen: {chosen}")
-    seconds = quant.get("seconds", {})
-    lines.append(f"- time: weights {seconds.get('weights_s', 0):.1f} s, ranges {seconds.get('ranges_s', 0):.1f} s, "
-                 f"export {seconds.get('export_s', 0):.1f} s")
+    lines.append(f"- time: {quantization_time(quant.get('seconds', {}))}")
     lines.append("")
     if quant["layers"]:
         lines.append("| layer | op | shape | scales | error dense → rounded → solved |")
@@ -185,6 +185,36 @@ def _quantization(lines: list[str], quant: dict) -> None:
     for row in quant.get("declined", []):
         kept = "weights with onnxruntime's own max-abs scales" if precision == "int8" else "weights kept float"
         lines.append(f"- {kept}: `{row['name']}` ({row['op_type']}): {row['reason']}")
+
+
+STEPS = {"probe_s": "form probe", "weights_s": "weights", "ranges_s": "ranges", "refine_s": "grid refinement", "distill_s": "distillation",
+         "export_s": "export", "latency_s": "int8 vs float timing"}
+
+
+def quantization_time(seconds: dict[str, float]) -> str:
+    """The precision stage's steps in the order they run; when both activation forms were built (``static_…``,
+    ``dynamic_…``), each form's steps under its name."""
+    def steps(prefix: str) -> str:
+        return ", ".join(f"{label} {seconds[prefix + key]:.1f} s" for key, label in STEPS.items()
+                         if prefix + key in seconds)
+    forms = [form for form in ("static", "dynamic") if any(k.startswith(form + "_") for k in seconds)]
+    parts = [f"{form}: {steps(form + '_')}" for form in forms] + ([steps("")] if steps("") else [])
+    return "; ".join(parts) or "not recorded"
+
+
+def form_choice_line(quant: dict) -> str:
+    """Why the activation form is the one it is: the rounding-only probe's errors, and the solved ones."""
+    def errors(values: dict) -> str:
+        return ", ".join(f"{form} {_fmt(value)}" for form, value in sorted(values.items()))
+    line = f"activation form {quant['activations']}"
+    probe = quant.get("form_probe")
+    if probe:
+        line += f" — held-out output error with the weights only rounded: {errors(probe['held_out_output_error'])}"
+        line += (f": at least {probe['margin']:g}x apart, so only {probe['decided']} was solved" if probe["decided"]
+                 else f": closer than {probe['margin']:g}x, so both were solved")
+    if quant.get("held_out_output_error"):
+        line += f"; solved: {errors(quant['held_out_output_error'])}"
+    return line
 
 
 def grid_refinement_line(refinement: dict) -> str:
