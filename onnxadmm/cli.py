@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import logging
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -28,6 +30,7 @@ from .onnxio import scratch
 from .onnxio.outputs import OutputSet, Use, check_paths, reads_of_model
 
 EXIT_OK, EXIT_GATE, EXIT_USAGE, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3, 4
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # a full, over-quota or read-only disk: exit 3
 
 
 class Terminated(KeyboardInterrupt):
@@ -428,6 +431,11 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001 - the last line of defence maps to exit 4
             if getattr(args, "debug", False):
                 traceback.print_exc()
+            if isinstance(exc, OSError) and exc.errno in DISK_ERRORS:  # the machine's disk, not a bug
+                where = f": {exc.filename}" if exc.filename else ""
+                _error(f"onnxadmm: error: the disk refused a write ({exc.strerror}{where}); free space there or "
+                       f"point TMPDIR (now {tempfile.gettempdir()}) at another disk; no partial output is left")
+                return EXIT_INPUT
             _error(f"onnxadmm: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the "
                    "traceback; please report it)")
             return EXIT_INTERNAL

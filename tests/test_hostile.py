@@ -205,6 +205,58 @@ def test_the_output_folder_removed_during_the_run_is_exit_3_naming_it(work, monk
     assert code == 3 and "m.onnx" in err and "internal error" not in err, err
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux) to play a full disk")
+def test_a_full_disk_under_the_spilled_activations_is_bad_input_naming_the_fix(tmp_path, monkeypatch):
+    """The activation cache spills to a disk with no space left (its first file is /dev/full): exit 3, the
+    folder and what to change named, no output and no scratch left behind."""
+    from onnxadmm.calib import store
+
+    model = tiny_cnn()
+    onnx.save(model, str(tmp_path / "in.onnx"))
+    np.savez(tmp_path / "calib.npz", input=samples_for(model, 400)["input"])
+    full = tmp_path / "onnxadmm-spill-full"
+    real_new_folder = store.scratch.new_folder
+
+    def new_folder(prefix, root=None):
+        if not prefix.startswith("onnxadmm-spill-"):
+            return real_new_folder(prefix, root)
+        store.scratch.register(full)
+        full.mkdir()
+        (full / "1.npy").symlink_to("/dev/full")
+        return full
+
+    monkeypatch.setattr(store.scratch, "new_folder", new_folder)
+    before = digests(tmp_path)
+    code, _, err = run_cli("compress", tmp_path / "in.onnx", tmp_path / "out.onnx", "--calib", tmp_path / "calib.npz",
+                           "--max-memory-mb", "1", *FAST)
+    assert code == 3 and "internal error" not in err, err
+    assert str(full) in err and "TMPDIR" in err and "--max-memory-mb" in err, err
+    assert not (tmp_path / "out.onnx").exists() and not full.exists()
+    assert digests(tmp_path) == before
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux) to play a full disk")
+def test_a_full_disk_under_any_scratch_file_is_exit_3_not_an_internal_error(work, monkeypatch):
+    """The int8 export writes the model to a scratch file for onnxruntime's quantizer; that file is /dev/full."""
+    from contextlib import contextmanager
+
+    from onnxadmm.export import qdq
+
+    @contextmanager
+    def full_folder(prefix, root=None):
+        folder = work / "scratch-full"
+        folder.mkdir()
+        (folder / "float.onnx").symlink_to("/dev/full")
+        yield folder
+
+    monkeypatch.setattr(qdq, "scratch_folder", full_folder)
+    before = digests(work)
+    code, _, err = run_cli("compress", work / "in.onnx", work / "out.onnx", "--calib", work / "calib.npz",
+                           "--method", "none", "--quantize", "int8", *FAST)
+    assert code == 3 and "internal error" not in err and "No space left" in err and "TMPDIR" in err, err
+    assert not (work / "out.onnx").exists() and digests(work) == before
+
+
 # -- 3. signals -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP, signal.SIGTERM])
 def test_interrupt_hangup_and_terminate_remove_spilled_activations(tmp_path, signum):

@@ -1,7 +1,8 @@
 """Cached activations, one array per (tensor, batch), within a memory budget.
 
 When the arrays in memory exceed the budget, the oldest are written to a temporary folder as .npy and
-read back memory-mapped on access, so peak memory follows the setting, not the data set size.
+read back memory-mapped on access, so peak memory follows the setting, not the data set size. A disk that
+cannot take them (full, read-only) is reported as such (``BadInputError``), naming the folder and the fix.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import BadInputError
 from ..onnxio import scratch
 
 
@@ -65,7 +67,14 @@ class TensorStore:
                 self._make_folder()
             self._files_written += 1
             path = self._folder / f"{self._files_written}.npy"
-            np.save(path, array)
+            try:
+                np.save(path, array)
+            except OSError as exc:  # a full or read-only disk is the machine's, not a bug: say what to change
+                path.unlink(missing_ok=True)
+                raise BadInputError(
+                    f"cannot spill cached activations to {self._folder}: {exc.strerror or exc} (after "
+                    f"{self.spilled_bytes / 2**20:.0f} MB written there); free space on that disk, point TMPDIR "
+                    "at a larger one, or raise --max-memory-mb so that less is spilled") from exc
             self._disk[key] = path
             self._bytes -= array.nbytes
             self.spilled_bytes += array.nbytes
