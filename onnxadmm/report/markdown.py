@@ -100,8 +100,8 @@ def _validation(lines: list[str], v) -> None:
 
 def _time_split(lines: list[str], split: dict, top: int = 15) -> None:
     """Per-node kernel times (onnxruntime profiler, batch 1): by op, then the slowest weight-product nodes."""
-    lines.append("**Where the time goes** (onnxruntime profiler, batch 1, median kernel time per run; node names "
-                 "as onnxruntime runs the graph)")
+    lines.append("**Where the time goes** (onnxruntime profiler, batch 1, median kernel time per run; each node "
+                 "named by the layer of the input graph it runs, or as onnxruntime names it)")
     lines.append("")
     lines.append("| op | original ms | compressed ms | ratio |")
     lines.append("|---|---|---|---|")
@@ -113,7 +113,7 @@ def _time_split(lines: list[str], split: dict, top: int = 15) -> None:
     lines.append("|---|---|---|---|---|")
     for row in split["layers"][:top]:
         a, b = row["output_shape"]
-        lines.append(f"| `{row['name']}` | {'×'.join(map(str, a))} → {'×'.join(map(str, b))} | "
+        lines.append(f"| `{row.get('layer') or row['name']}` | {'×'.join(map(str, a))} → {'×'.join(map(str, b))} | "
                      f"{row['macs_ratio']:.3f} | {row['time_ms_original']:.3f} → {row['time_ms_compressed']:.3f} | "
                      f"{_fmt(row['time_ratio'], 3)} |")
     if len(split["layers"]) > top:

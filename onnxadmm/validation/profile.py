@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -107,10 +107,12 @@ def _macs(args: dict) -> int:
 
 @dataclass
 class TimeSplit:
-    """Original vs compressed profiles, paired by node name."""
+    """Original vs compressed profiles, paired by node name; ``layers_of`` names, for onnxruntime's nodes that
+    it can tie to one, the weight-product node of the input graph they run (``graph_layers``)."""
 
     original: dict[str, NodeTime]
     compressed: dict[str, NodeTime]
+    layers_of: dict[str, str] = field(default_factory=dict)
 
     def totals(self) -> dict[str, tuple[float, float]]:
         """ms per run of the weight-product nodes ("compute") and of everything else ("other")."""
@@ -146,7 +148,8 @@ class TimeSplit:
             if not a.macs or not b:
                 continue
             macs, time_ms = sum(n.macs for n in b), sum(n.time_ms for n in b)
-            rows.append({"name": name, "op": a.op, "macs_ratio": macs / a.macs, "nodes": len(b),
+            rows.append({"name": name, "layer": self.layers_of.get(name), "op": a.op, "macs_ratio": macs / a.macs,
+                         "nodes": len(b),
                          "time_ms_original": a.time_ms, "time_ms_compressed": time_ms,
                          "time_ratio": time_ms / a.time_ms if a.time_ms else None,
                          "output_shape": [list(a.output_shape), list(b[-1].output_shape)]})
@@ -162,7 +165,43 @@ class TimeSplit:
 def time_split(original: onnx.ModelProto, compressed: onnx.ModelProto, feed: dict[str, np.ndarray],
                threads: int, runs: int = 30) -> TimeSplit | None:
     profiles = profile_nodes([original, compressed], feed, threads, runs)
-    return None if profiles is None else TimeSplit(*profiles)
+    return None if profiles is None else TimeSplit(*profiles, graph_layers(original, list(profiles[0])))
+
+
+LAYOUT_SUFFIX = "_nchwc"  # what onnxruntime's NCHWc layout transformer appends to the name of a node it rewrites
+WEIGHT_PRODUCTS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+TRACE_DEPTH = 6  # ops between a fused node's output and its weight product (activations, a swish's Mul)
+
+
+def graph_layers(model: onnx.ModelProto, names: list[str]) -> dict[str, str]:
+    """onnxruntime's node name -> the weight-product node of ``model`` it runs, where one can be named: the name
+    itself when ``model`` has such a node; else the name read as the tensor the fused node writes (onnxruntime
+    names a fused node by its last output, ``_nchwc`` appended when it also changed the layout), traced back
+    through the ops that compute it to the one weight product they all start from. A residual ``Add`` (two
+    products) or a graph input on the way leaves the name unmapped."""
+    graph = model.graph
+    nodes = {n.name: n for n in graph.node}
+    producer = {out: n for n in graph.node for out in n.output}
+    constants = {t.name for t in graph.initializer}
+
+    def source(node: onnx.NodeProto | None, depth: int) -> str | None:
+        if node is None or depth > TRACE_DEPTH:
+            return None
+        if node.op_type in WEIGHT_PRODUCTS:
+            return node.name
+        found = {source(producer.get(t), depth + 1) for t in node.input if t and t not in constants}
+        return found.pop() if len(found) == 1 else None
+
+    out = {}
+    for name in names:
+        node = nodes.get(name)
+        if node is None:
+            tensor = name[: -len(LAYOUT_SUFFIX)] if name.endswith(LAYOUT_SUFFIX) else name
+            node = producer.get(tensor)
+        layer = source(node, 0)
+        if layer is not None:
+            out[name] = layer
+    return out
 
 
 def explain(split: dict, macs_ratio: float) -> list[str]:
@@ -186,7 +225,8 @@ def explain(split: dict, macs_ratio: float) -> list[str]:
             row["time_ratio"] > 1.15 * row["macs_ratio"] and row["macs_ratio"] < 0.999]
     if slow:
         worst = sorted(slow, key=lambda r: -(r["time_ms_compressed"] - r["macs_ratio"] * r["time_ms_original"]))
-        named = ", ".join(f"`{r['name']}` ({r['macs_ratio']:.2f}x MACs, {r['time_ratio']:.2f}x time)" for r in worst[:3])
+        named = ", ".join(f"`{r.get('layer') or r['name']}` ({r['macs_ratio']:.2f}x MACs, {r['time_ratio']:.2f}x time)"
+                          for r in worst[:3])
         why = "small or odd widths use the CPU kernels less well"
         if any(r.get("nodes", 1) > 1 for r in slow):
             why += "; a factorized layer is two (Tucker-2: three) kernel calls, each with its own fixed cost"
