@@ -358,6 +358,10 @@ def _print_summary(report, report_path: Path | None) -> None:
                      + (f"{len(fusion['integer'])} of {len(fusion['integer']) + len(fusion['float'])} Conv/Gemm/"
                         "MatMul run as integer kernels in onnxruntime here" if precision == "int8" else
                         "stored as int4, run in float"))
+        if quant.get("form_probe") or quant.get("held_out_output_error"):
+            from .report.markdown import form_choice_line
+
+            lines.append(form_choice_line(quant))
         if quant.get("float_fallback"):
             from .report.markdown import fallback_line
 

@@ -137,7 +137,7 @@ def test_compress_removes_heads_and_neurons_end_to_end():
     assert groups is None or groups
 
 
-def test_int8_on_an_encoder_probes_both_activation_forms_and_keeps_the_better_one(monkeypatch):
+def test_int8_on_an_encoder_probes_both_activation_forms_and_keeps_the_better_one(monkeypatch, capsys):
     """auto: both forms scored with the weights only rounded; the better one solved alone when the probe is
     decisive, both solved (and the solved errors deciding) when it is not — the same form either way here."""
     from onnxadmm import CompressConfig, ValidateConfig, compress
@@ -163,6 +163,9 @@ def test_int8_on_an_encoder_probes_both_activation_forms_and_keeps_the_better_on
     quant = result.report.plan["quantization"]
     assert quant["form_probe"]["decided"] == quant["activations"] == both.report.plan["quantization"]["activations"]
     assert quant["held_out_output_error"] is None and "form probe" in render(result.report)
+    from onnxadmm.cli import _print_summary
+    _print_summary(result.report, None)  # the terminal says which form and why, as the Markdown report does
+    assert f"activation form {quant['activations']} — held-out output error" in capsys.readouterr().out
     assert all(not key.startswith(("static_", "dynamic_")) for key in quant["seconds"])
     out = result.model
     assert [init.raw_data for init in out.graph.initializer] == [init.raw_data for init in both.model.graph.initializer]
