@@ -5,9 +5,10 @@
 the weights as int8 per channel; they differ in how the activations are rounded. So each form is first built
 from the float weights rounded to nearest (onnxruntime's own max-abs scales) — static with the ranges
 ``--activation-range`` estimates on the float model — and scored by the held-out output error
-Σ ‖y − ŷ‖² / ‖y‖². When one form's error is at least ``PROBE_MARGIN`` times the other's, only the better form is
-solved; otherwise both are, and their solved errors decide. The probe costs one range pass, two exports and two
-held-out runs; a solve costs a layer problem per layer.
+Σ ‖y − ŷ‖² / ‖y‖² (``held_out_errors``, which also compares solved forms). When one form's error is at least
+``PROBE_MARGIN`` times the other's, only the better form is solved; otherwise both are, and their solved errors
+decide. The probe costs one range pass, two exports and two held-out runs; a solve costs a layer problem per
+layer.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import onnx
 
 from ..calib.ranges import TensorRange, activation_ranges, float_tensors
-from ..calib.readers import SampleSet
+from ..calib.readers import SampleSet, held_out_rows, run_all
 from ..config import CompressConfig
 from ..export.qdq import quantize_dynamic_int8, quantize_qdq
+from ..onnxio.runtime import session
 
 PROBE_MARGIN = 4.0  # rounding-only errors this far apart decide the form without solving the other
 
@@ -41,10 +44,8 @@ class FormProbe:
 
 
 def probe_forms(model: onnx.ModelProto, inferred: onnx.ModelProto, samples: SampleSet, config: CompressConfig,
-                errors_of: Callable[[dict[str, onnx.ModelProto]], dict[str, float]], memory_bytes: int,
-                progress: Callable | None = None) -> FormProbe:
-    """``errors_of(models by form) -> held-out output error by form`` (``stage.held_out_errors``);
-    ``memory_bytes``: what one batch of the range pass may hold."""
+                memory_bytes: int, progress: Callable | None = None) -> FormProbe:
+    """``memory_bytes``: what one batch of the range pass may hold."""
     started = time.perf_counter()
     ranges = activation_ranges(model, float_tensors(model, inferred), samples, config.activation_range,
                                config.batch_size, config.threads, progress, memory_bytes)
@@ -52,7 +53,26 @@ def probe_forms(model: onnx.ModelProto, inferred: onnx.ModelProto, samples: Samp
         progress("quantize", 0, 1, "activation form: rounding-only probe")
     rounded = {"static": quantize_qdq(model, samples, ranges, {}, (), config.int8_reduce_range),
                "dynamic": quantize_dynamic_int8(model, {}, (), config.int8_reduce_range)}
-    errors = errors_of(rounded)
+    errors = held_out_errors(model, rounded, samples, config)
     best, worst = sorted(errors, key=errors.get), max(errors.values())
     decisive = worst >= PROBE_MARGIN * max(errors[best[0]], 1e-12)
     return FormProbe(errors, best[0] if decisive else None, time.perf_counter() - started, ranges)
+
+
+def held_out_errors(original: onnx.ModelProto, candidates: dict[str, onnx.ModelProto],
+                    samples: SampleSet, config: CompressConfig) -> dict[str, float]:
+    """Σ over outputs of ‖y − ŷ‖² / ‖y‖² on the held-out calibration samples (``held_out_rows``; all of them
+    when there are too few to hold any out)."""
+    held = held_out_rows(samples.num_samples, samples.fixed_batch)
+    subset = samples.subset(np.flatnonzero(held)) if held.any() else samples
+    reference = run_all(session(original, config.threads), subset, config.batch_size)
+    errors = {}
+    for mode, model in candidates.items():
+        outputs = run_all(session(model, config.threads), subset, config.batch_size)
+        errors[mode] = float(sum(_relative_sq(outputs[n], y) for n, y in reference.items()))
+    return errors
+
+
+def _relative_sq(estimate: np.ndarray, reference: np.ndarray) -> float:
+    reference = reference.astype(np.float64)
+    return float(np.sum((estimate.astype(np.float64) - reference) ** 2) / max(np.sum(reference ** 2), 1e-30))

@@ -35,7 +35,7 @@ import onnx
 from ..algorithms.solve import Structure
 from ..analysis.layers import apply_exclude, find_layers
 from ..calib.ranges import TensorRange, activation_ranges, float_tensors
-from ..calib.readers import SampleSet, held_out_rows, run_all
+from ..calib.readers import SampleSet, held_out_rows
 from ..config import CompressConfig
 from ..export.apply import apply_initializers
 from ..export.qdq import (WEIGHT_OPS, FusionCoverage, WeightScales, fusion_coverage, int8_forms,
@@ -47,13 +47,12 @@ from ..finetune.refine import BlockOutcome, refine_blocks
 from ..onnxio.graph import GraphView
 from ..onnxio.load import default_opset
 from ..onnxio.normalize import infer_types, normalize
-from ..onnxio.runtime import session
 from ..plan.latency import timing_feed
 from ..report.schema import LayerRow
 from ..solve.layerwise import compress_layers
 from .fakequant import embedding_rounding, with_export_rounding, with_input_rounding
 from .fallback import FloatFallback, keep_faster_float
-from .forms import FormProbe, probe_forms
+from .forms import FormProbe, held_out_errors, probe_forms
 
 Progress = Callable[[str, int, int, str], None]
 
@@ -174,9 +173,8 @@ def quantize_int8(model: onnx.ModelProto, samples: SampleSet, config: CompressCo
     modes = int8_forms(found.layers, config.int8_activations)
     probe = None
     if len(modes) > 1:
-        probe = probe_forms(normalized.model, normalized.inferred, samples, config,
-                            lambda models: held_out_errors(normalized.model, models, samples, config),
-                            _ranges_memory(config), progress)
+        probe = probe_forms(normalized.model, normalized.inferred, samples, config, _ranges_memory(config),
+                            progress)
         modes = [probe.chosen] if probe.chosen else modes
     built = {mode: _static(normalized, found, samples, config, progress, teacher or normalized.model,
                            probe.ranges if probe else None) if mode == "static" else
@@ -217,25 +215,6 @@ def _keep_faster_float(quantized: QuantizedModel, view: GraphView, samples: Samp
                                             f"; the whole graph in int8 {whole:.2f}x the float graph"))
     quantized.model, quantized.fallback = model, fallback
     quantized.seconds["latency_s"] = time.perf_counter() - started
-
-
-def held_out_errors(original: onnx.ModelProto, candidates: dict[str, onnx.ModelProto],
-                    samples: SampleSet, config: CompressConfig) -> dict[str, float]:
-    """Σ over outputs of ‖y − ŷ‖² / ‖y‖² on the held-out calibration samples (``held_out_rows``; all of them
-    when there are too few to hold any out)."""
-    held = held_out_rows(samples.num_samples, samples.fixed_batch)
-    subset = samples.subset(np.flatnonzero(held)) if held.any() else samples
-    reference = run_all(session(original, config.threads), subset, config.batch_size)
-    errors = {}
-    for mode, model in candidates.items():
-        outputs = run_all(session(model, config.threads), subset, config.batch_size)
-        errors[mode] = float(sum(_relative_sq(outputs[n], y) for n, y in reference.items()))
-    return errors
-
-
-def _relative_sq(estimate: np.ndarray, reference: np.ndarray) -> float:
-    reference = reference.astype(np.float64)
-    return float(np.sum((estimate.astype(np.float64) - reference) ** 2) / max(np.sum(reference ** 2), 1e-30))
 
 
 def _static(normalized, found, samples: SampleSet, config: CompressConfig, progress, teacher,
