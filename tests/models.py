@@ -138,3 +138,40 @@ def run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[np.ndarray]
 
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return sess.run(None, feed)
+
+
+def to_float16(model: onnx.ModelProto, keep_io_types: bool) -> onnx.ModelProto:
+    """``model`` computing in float16, as onnxconverter-common's converter writes it: float16 weights and
+    constants, Casts to float16; float16 inputs and outputs, or (``keep_io_types``) float32 ones read and written
+    through Casts."""
+    half = onnx.ModelProto()
+    half.CopyFrom(model)
+    graph = half.graph
+    del graph.value_info[:]
+    tensors = [*graph.initializer, *(a.t for n in graph.node for a in n.attribute if a.type == a.TENSOR)]
+    for tensor in tensors:
+        if tensor.data_type == TensorProto.FLOAT:
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), tensor.name))
+    for node in graph.node:
+        for attribute in node.attribute:
+            if node.op_type == "Cast" and attribute.name == "to" and attribute.i == TensorProto.FLOAT:
+                attribute.i = TensorProto.FLOAT16
+    if not keep_io_types:
+        for value in (*graph.input, *graph.output):
+            value.type.tensor_type.elem_type = TensorProto.FLOAT16
+        return half
+    head, tail = [], []
+    for value in graph.input:
+        for node in graph.node:
+            node.input[:] = [f"{value.name}_half" if i == value.name else i for i in node.input]
+        head.append(helper.make_node("Cast", [value.name], [f"{value.name}_half"], f"{value.name}_to_half",
+                                     to=TensorProto.FLOAT16))
+    for value in graph.output:
+        for node in graph.node:
+            node.output[:] = [f"{value.name}_half" if o == value.name else o for o in node.output]
+        tail.append(helper.make_node("Cast", [f"{value.name}_half"], [value.name], f"{value.name}_to_float",
+                                     to=TensorProto.FLOAT))
+    nodes = [*head, *graph.node, *tail]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return half

@@ -35,6 +35,7 @@ from ..calib.readers import SampleSet
 from ..onnxio.runtime import session_options
 from ..onnxio.save import exceeds_protobuf_limit, without_initializers, write_with_external_data
 from ..onnxio.scratch import scratch_folder
+from ..onnxio.widen import computes_narrow, widen
 
 INTEGER_KERNELS = {"QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger",
                    "DynamicQuantizeMatMul", "NhwcQLinearConv"}
@@ -186,7 +187,9 @@ def timing_precision(layers, quantize: str, requested: str) -> str:
 
 
 def rounded_int8(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], precision: str) -> onnx.ModelProto:
-    """``model`` in the int8 form ``precision`` names, with onnxruntime's own scales (for timing)."""
+    """``model`` in the int8 form ``precision`` names, with onnxruntime's own scales (for timing); a 16-bit float
+    graph widened to float32 first, as the int8 stage does."""
+    model = widen(model) if computes_narrow(model) else model
     return quantize_dynamic_int8(model, {}) if precision == "int8-dynamic" else rounded_qdq(model, feed)
 
 

@@ -40,6 +40,16 @@ def subgraph_outer_inputs(graph: onnx.GraphProto) -> set[str]:
     return used - defined
 
 
+def all_graphs(graph: onnx.GraphProto):
+    """``graph`` and every subgraph inside it (If branches, Loop/Scan bodies), depth first."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for sub in subs:
+                yield from all_graphs(sub)
+
+
 def node_inputs(node: onnx.NodeProto) -> list[str]:
     """Explicit inputs plus the outer-scope names read by its subgraphs (If/Loop/Scan)."""
     names = [n for n in node.input if n]

@@ -18,6 +18,7 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from ..errors import BadInputError, UnsupportedModelError
+from .graph import all_graphs
 from .save import serialized_pieces, weightless
 
 MIN_OPSET = 7
@@ -95,14 +96,7 @@ def _check_looks_like_onnx(model: onnx.ModelProto, where) -> None:
 
 
 def _all_initializers(graph: onnx.GraphProto):
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_initializers(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _all_initializers(sub)
+    return (tensor for g in all_graphs(graph) for tensor in g.initializer)
 
 
 def _load_external_data(model: onnx.ModelProto, path: Path) -> None:

@@ -47,6 +47,7 @@ from ..finetune.refine import BlockOutcome, refine_blocks
 from ..onnxio.graph import GraphView
 from ..onnxio.load import default_opset
 from ..onnxio.normalize import infer_types, normalize
+from ..onnxio.widen import computes_narrow, widen
 from ..plan.latency import timing_feed
 from ..report.schema import LayerRow
 from ..solve.layerwise import compress_layers
@@ -124,8 +125,19 @@ class QuantizedModel:
 def quantize(model: onnx.ModelProto, samples: SampleSet, config: CompressConfig,
              progress: Progress | None = None, teacher: onnx.ModelProto | None = None) -> QuantizedModel:
     """The precision stage ``config.quantize`` names (int8 or w4). ``teacher``: the original model, which
-    distillation with the grid fixed (``--distill-epochs``) matches; ``model`` when not given."""
-    return (quantize_int8 if config.quantize == "int8" else quantize_w4)(model, samples, config, progress, teacher)
+    distillation with the grid fixed (``--distill-epochs``) matches; ``model`` when not given. A graph that
+    computes in float16 or bfloat16 is widened to float32 first (``onnxio/widen.py``), its inputs and outputs
+    keeping their types."""
+    narrow = computes_narrow(model)
+    if narrow:
+        model, teacher = widen(model), (widen(teacher) if teacher is not None else None)
+    quantized = (quantize_int8 if config.quantize == "int8" else quantize_w4)(model, samples, config, progress,
+                                                                              teacher)
+    if narrow:
+        quantized.notes.append("the model computes in 16-bit floats: its float parts now compute in float32 "
+                               "(onnxruntime's integer kernels and quantizer take float32, and its CPU kernels "
+                               "compute 16-bit floats as float32 anyway); inputs and outputs keep their types")
+    return quantized
 
 
 def quantize_w4(model: onnx.ModelProto, samples: SampleSet, config: CompressConfig,

@@ -169,6 +169,8 @@ def time_split(original: onnx.ModelProto, compressed: onnx.ModelProto, feed: dic
 
 
 LAYOUT_SUFFIX = "_nchwc"  # what onnxruntime's NCHWc layout transformer appends to the name of a node it rewrites
+# what its cast inserter prefixes to the output of a 16-bit float node it computes in float32 and casts back
+CAST_PREFIX = "InsertedPrecisionFreeCast_"
 WEIGHT_PRODUCTS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 TRACE_DEPTH = 6  # ops between a fused node's output and its weight product (activations, a swish's Mul)
 
@@ -176,7 +178,8 @@ TRACE_DEPTH = 6  # ops between a fused node's output and its weight product (act
 def graph_layers(model: onnx.ModelProto, names: list[str]) -> dict[str, str]:
     """onnxruntime's node name -> the weight-product node of ``model`` it runs, where one can be named: the name
     itself when ``model`` has such a node; else the name read as the tensor the fused node writes (onnxruntime
-    names a fused node by its last output, ``_nchwc`` appended when it also changed the layout), traced back
+    names a fused node by its last output, ``_nchwc`` appended when it also changed the layout, and
+    ``InsertedPrecisionFreeCast_`` prefixed when the graph computes in float16 and the node in float32), traced back
     through the ops that compute it to the one weight product they all start from. A residual ``Add`` (two
     products) or a graph input on the way leaves the name unmapped."""
     graph = model.graph
@@ -197,6 +200,7 @@ def graph_layers(model: onnx.ModelProto, names: list[str]) -> dict[str, str]:
         node = nodes.get(name)
         if node is None:
             tensor = name[: -len(LAYOUT_SUFFIX)] if name.endswith(LAYOUT_SUFFIX) else name
+            tensor = tensor[len(CAST_PREFIX):] if tensor.startswith(CAST_PREFIX) else tensor
             node = producer.get(tensor)
         layer = source(node, 0)
         if layer is not None:
