@@ -1,9 +1,10 @@
 """Layer discovery: every Conv/Gemm/MatMul is a layer or declined with a reason; activation chains."""
 
 import numpy as np
+import onnx
 import pytest
 
-from models import GraphBuilder, mlp, tiny_cnn, token_mlp
+from models import GraphBuilder, mlp, run, samples_for, tiny_cnn, token_mlp
 from onnxadmm.analysis.layers import apply_exclude, find_layers
 from onnxadmm.errors import ConfigError
 from onnxadmm.onnxio.normalize import normalize
@@ -53,14 +54,34 @@ def test_silu_pattern_and_leaky_relu_are_chains():
     assert [l.chain.description for l in found.layers] == ["SiLU", "LeakyRelu"]
 
 
-def test_batchnorm_then_relu_is_one_chain():
+@pytest.mark.parametrize("bias", [False, True])
+def test_batchnorm_after_a_conv_is_folded_into_it_computing_the_same(bias):
+    b = GraphBuilder()
+    y = b.conv("input", 3, 8, act=None, bias=bias)
+    gain, shift, mean, var = (b.rng.uniform(lo, hi, 8).astype(np.float32) for lo, hi in
+                              ((0.5, 2), (-0.5, 0.5), (-0.3, 0.3), (0.5, 1.5)))
+    # torch's exporter without constant folding reads the statistics through Identity nodes
+    statistics = [b.node("Identity", [b.const(v)]) for v in (gain, shift, mean, var)]
+    y = b.node("BatchNormalization", [y, *statistics], epsilon=1e-3)
+    model = b.model([("input", ["N", 3, 8, 8])], [b.node("Relu", [y])])
+    normalized = normalize(model)
+    assert [n.op_type for n in normalized.model.graph.node] == ["Conv", "Relu"]
+    assert any("folded 1 BatchNormalization" in r for r in normalized.rewrites)
+    onnx.checker.check_model(normalized.model, full_check=True)
+    feed = samples_for(model, 4)
+    assert np.allclose(run(normalized.model, feed)[0], run(model, feed)[0], atol=1e-5)
+    _, found = layers_of(model)
+    assert found.layers[0].chain.description == "Relu"  # the layer's activation follows it directly
+
+
+def test_batchnorm_left_unfolded_is_part_of_the_activation_chain():
     b = GraphBuilder()
     y = b.conv("input", 3, 8, act=None, bias=False)
-    ones, zeros = np.ones(8, np.float32), np.zeros(8, np.float32)
+    y = b.node("Mul", [y, b.const(np.full((8, 1, 1), 0.5, np.float32))])  # only a BatchNormalization right
+    ones, zeros = np.ones(8, np.float32), np.zeros(8, np.float32)  # after a Conv is folded
     y = b.node("BatchNormalization", [y, b.const(ones * 2), b.const(zeros + 0.1), b.const(zeros), b.const(ones)])
-    y = b.node("Relu", [y])
-    _, found = layers_of(b.model([("input", ["N", 3, 8, 8])], [y]))
-    assert found.layers[0].chain.description == "BatchNormalization+Relu"
+    _, found = layers_of(b.model([("input", ["N", 3, 8, 8])], [b.node("Relu", [y])]))
+    assert found.layers[0].chain.description.endswith("BatchNormalization+Relu")
 
 
 def test_shared_weight_and_odd_operands_are_declined():

@@ -648,3 +648,23 @@ def test_the_int8_stages_activation_caches_are_in_the_reports_timing():
                                                   **FAST), QUICK)
     timing = result.report.timing.as_dict()
     assert timing["activation_cache_peak_mb"] > 0 and timing["activation_spilled_mb"] > 0
+
+
+def test_int8_of_a_cnn_with_unfolded_batchnorms_has_none_left_between_its_integer_convs():
+    from models import GraphBuilder
+
+    b = GraphBuilder(3)
+    y = "input"
+    for cin, cout in ((3, 8), (8, 16)):
+        y = b.conv(y, cin, cout, act=None, bias=False)
+        statistics = [b.const(b.rng.uniform(lo, hi, cout).astype(np.float32))
+                      for lo, hi in ((0.5, 2), (-0.5, 0.5), (-0.3, 0.3), (0.5, 1.5))]
+        y = b.node("Relu", [b.node("BatchNormalization", [y, *statistics])])
+    model = b.model([("input", ["N", 3, 12, 12])], [b.gemm(b.node("Flatten", [b.node("GlobalAveragePool", [y])]),
+                                                            16, 10, act=None)])
+    feed = samples_for(model, 48)
+    result = compress(model, feed, CompressConfig(method="none", quantize="int8", **FAST), QUICK)
+    ops = [n.op_type for n in result.model.graph.node]
+    assert "BatchNormalization" not in ops
+    assert len(result.report.plan["quantization"]["fusion"]["integer"]) == 3
+    assert any("BatchNormalization" in note for note in result.report.notes)

@@ -13,7 +13,11 @@ Rewrites (each semantics-preserving):
     convert the omitted form);
   * a Conv/Gemm bias initializer read by several nodes gets one private copy per Conv/Gemm (exporters
     deduplicate equal tensors: the folded BatchNorm biases of a freshly initialized network are all
-    equal), so each layer's bias can be refit. Shared *weights* stay shared and their layers are declined.
+    equal), so each layer's bias can be refit. Shared *weights* stay shared and their layers are declined;
+  * an inference-mode ``BatchNormalization`` right after a Conv that only it reads is folded into that Conv
+    (what onnxruntime does when it loads the model; exporters leave it unfolded without constant folding or in
+    training-mode exports): with s = γ / √(var + ε), W' = s·W per output channel and b' = s·(b − mean) + β, so
+    the layer's activation follows it directly and its int8 form fuses.
 Shape inference runs on a copy: the exported model keeps the rest of the original value_info.
 """
 
@@ -27,12 +31,13 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import UnsupportedModelError
-from .graph import GraphView
+from .graph import FreshNames, GraphView, attribute, node_inputs
 from .load import default_opset, full_check
 from .save import weightless
 
 # (op_type -> input slots that hold constants we may need as initializers)
-_CONSTANT_SLOTS = {"Conv": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1), "Clip": (1, 2)}
+_CONSTANT_SLOTS = {"Conv": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1), "Clip": (1, 2),
+                   "BatchNormalization": (1, 2, 3, 4)}
 
 
 @dataclass
@@ -59,6 +64,7 @@ def normalize(model: onnx.ModelProto, in_place: bool = False) -> NormalizedModel
     if default_opset(model) >= 11:
         _explicit_clip_bounds(model.graph, rewrites)
     _unshare_biases(model.graph, rewrites)
+    _fold_batch_norms(model.graph, rewrites)
     inferred = infer_types(model)
     return NormalizedModel(model=model, inferred=inferred, rewrites=rewrites)
 
@@ -226,6 +232,67 @@ def _unshare_biases(graph: onnx.GraphProto, rewrites: list[str]) -> None:
         graph.initializer.remove(tensor)
     if copied:
         rewrites.append(f"gave {copied} Conv/Gemm nodes a private copy of a bias they shared")
+
+
+def _fold_batch_norms(graph: onnx.GraphProto, rewrites: list[str]) -> None:
+    """BatchNormalization(Conv(x, W, b)) -> Conv(x, s·W, s·(b − mean) + β), s = γ / √(var + ε) per output channel,
+    where the Conv's output is read by the BatchNormalization alone and W and b are constants only the Conv
+    reads. The Conv then writes the BatchNormalization's output tensor."""
+    constants = {t.name: t for t in graph.initializer if t.name not in {v.name for v in graph.input}}
+    outputs = {v.name for v in graph.output}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node_inputs(node):  # subgraphs' reads of outer values included
+            readers[name] = readers.get(name, 0) + 1
+    producers = {out: node for node in graph.node for out in node.output}
+
+    def private(name: str) -> bool:
+        return name in constants and readers[name] == 1
+
+    def foldable(norm: onnx.NodeProto) -> onnx.NodeProto | None:
+        """The Conv ``norm`` folds into, or None."""
+        if norm.op_type != "BatchNormalization" or len(norm.output) != 1 or attribute(norm, "training_mode", 0) \
+                or len(norm.input) != 5 or not all(n in constants for n in norm.input[1:]):
+            return None
+        conv = producers.get(norm.input[0])
+        if conv is None or conv.op_type != "Conv" or readers[norm.input[0]] != 1 or norm.input[0] in outputs:
+            return None
+        bias = conv.input[2] if len(conv.input) > 2 else ""
+        return conv if private(conv.input[1]) and (not bias or private(bias)) else None
+
+    fresh = FreshNames(graph)
+    folded = []
+    for norm in graph.node:
+        conv = foldable(norm)
+        if conv is None:
+            continue
+        gamma, beta, mean, var = (numpy_helper.to_array(constants[n]).astype(np.float64) for n in norm.input[1:])
+        scale = gamma / np.sqrt(var + attribute(norm, "epsilon", 1e-5))
+        weight = constants[conv.input[1]]
+        w = numpy_helper.to_array(weight)
+        weight.CopyFrom(numpy_helper.from_array(
+            (w.astype(np.float64) * scale.reshape(-1, *[1] * (w.ndim - 1))).astype(w.dtype), weight.name))
+        bias_name = conv.input[2] if len(conv.input) > 2 and conv.input[2] else None
+        b = numpy_helper.to_array(constants[bias_name]).astype(np.float64) if bias_name else np.zeros_like(mean)
+        bias = numpy_helper.from_array((scale * (b - mean) + beta).astype(w.dtype),
+                                       bias_name or fresh.name(f"{conv.name}_bias"))
+        if bias_name:
+            constants[bias_name].CopyFrom(bias)
+        else:
+            graph.initializer.append(bias)
+            del conv.input[2:]
+            conv.input.append(bias.name)
+        conv.output[0] = norm.output[0]
+        folded.append(norm)
+    for norm in folded:
+        graph.node.remove(norm)
+    statistics = {n for norm in folded for n in norm.input[1:]}
+    still_read = {n for node in graph.node for n in node_inputs(node)}
+    for tensor in [t for t in graph.initializer if t.name in statistics and t.name not in still_read]:
+        graph.initializer.remove(tensor)
+    if folded:
+        rewrites.append(f"folded {len(folded)} BatchNormalization nodes into the Conv before each (as onnxruntime "
+                        "does when it loads the model)")
 
 
 def infer_types(model: onnx.ModelProto, data_prop: bool = True) -> onnx.ModelProto:
