@@ -66,7 +66,7 @@ def test_batchnorm_after_a_conv_is_folded_into_it_computing_the_same(bias):
     model = b.model([("input", ["N", 3, 8, 8])], [b.node("Relu", [y])])
     normalized = normalize(model)
     assert [n.op_type for n in normalized.model.graph.node] == ["Conv", "Relu"]
-    assert any("folded 1 BatchNormalization" in r for r in normalized.rewrites)
+    assert any("folded into the Conv before each: 1 BatchNormalization" in r for r in normalized.rewrites)
     onnx.checker.check_model(normalized.model, full_check=True)
     feed = samples_for(model, 4)
     assert np.allclose(run(normalized.model, feed)[0], run(model, feed)[0], atol=1e-5)
@@ -74,14 +74,35 @@ def test_batchnorm_after_a_conv_is_folded_into_it_computing_the_same(bias):
     assert found.layers[0].chain.description == "Relu"  # the layer's activation follows it directly
 
 
-def test_batchnorm_left_unfolded_is_part_of_the_activation_chain():
+def _folded(model):
+    normalized = normalize(model)
+    onnx.checker.check_model(normalized.model, full_check=True)
+    feed = samples_for(model, 4)
+    assert np.allclose(run(normalized.model, feed)[0], run(model, feed)[0], atol=1e-5)
+    return [n.op_type for n in normalized.model.graph.node]
+
+
+def test_a_chain_of_per_channel_maps_after_a_conv_folds_whole():
     b = GraphBuilder()
     y = b.conv("input", 3, 8, act=None, bias=False)
-    y = b.node("Mul", [y, b.const(np.full((8, 1, 1), 0.5, np.float32))])  # only a BatchNormalization right
-    ones, zeros = np.ones(8, np.float32), np.zeros(8, np.float32)  # after a Conv is folded
-    y = b.node("BatchNormalization", [y, b.const(ones * 2), b.const(zeros + 0.1), b.const(zeros), b.const(ones)])
-    _, found = layers_of(b.model([("input", ["N", 3, 8, 8])], [b.node("Relu", [y])]))
-    assert found.layers[0].chain.description.endswith("BatchNormalization+Relu")
+    y = b.node("Mul", [y, b.const(b.rng.uniform(0.5, 2, (8, 1, 1)).astype(np.float32))])
+    y = b.node("Add", [b.const(b.rng.uniform(-1, 1, (1, 8, 1, 1)).astype(np.float32)), y])  # either operand order
+    y = b.node("Div", [y, b.const(np.array(2.0, np.float32))])  # a scalar is per channel too
+    assert _folded(b.model([("input", ["N", 3, 8, 8])], [b.node("Relu", [y])])) == ["Conv", "Relu"]
+
+
+@pytest.mark.parametrize("case", ["spatial constant", "constant minus the output", "output read twice"])
+def test_maps_that_are_not_per_channel_maps_of_a_conv_output_stay(case):
+    b = GraphBuilder()
+    y = b.conv("input", 3, 8, act=None)
+    if case == "spatial constant":
+        z = b.node("Mul", [y, b.const(b.rng.uniform(0.5, 2, (8, 8)).astype(np.float32))])
+    elif case == "constant minus the output":
+        z = b.node("Sub", [b.const(np.full((8, 1, 1), 0.5, np.float32)), y])
+    else:
+        z = b.node("Add", [b.node("Mul", [y, b.const(np.full((8, 1, 1), 2.0, np.float32))]), y])
+    ops = _folded(b.model([("input", ["N", 3, 8, 8])], [b.node("Relu", [z])]))
+    assert len(ops) == (4 if case == "output read twice" else 3)
 
 
 def test_shared_weight_and_odd_operands_are_declined():

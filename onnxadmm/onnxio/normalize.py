@@ -14,10 +14,11 @@ Rewrites (each semantics-preserving):
   * a Conv/Gemm bias initializer read by several nodes gets one private copy per Conv/Gemm (exporters
     deduplicate equal tensors: the folded BatchNorm biases of a freshly initialized network are all
     equal), so each layer's bias can be refit. Shared *weights* stay shared and their layers are declined;
-  * an inference-mode ``BatchNormalization`` right after a Conv that only it reads is folded into that Conv
-    (what onnxruntime does when it loads the model; exporters leave it unfolded without constant folding or in
-    training-mode exports): with s = γ / √(var + ε), W' = s·W per output channel and b' = s·(b − mean) + β, so
-    the layer's activation follows it directly and its int8 form fuses.
+  * a per-channel affine map right after a Conv that only it reads — an inference-mode ``BatchNormalization``
+    (s = γ / √(var + ε), t = β − s·mean), or ``Mul``/``Add``/``Sub``/``Div`` by a per-channel constant — is
+    folded into that Conv, W' = s·W per output channel and b' = s·b + t (what onnxruntime does when it loads
+    the model; exporters leave BatchNormalization unfolded without constant folding, converters write biases
+    as an ``Add``), so the layer's activation follows it directly and its int8 form fuses.
 Shape inference runs on a copy: the exported model keeps the rest of the original value_info.
 """
 
@@ -64,7 +65,7 @@ def normalize(model: onnx.ModelProto, in_place: bool = False) -> NormalizedModel
     if default_opset(model) >= 11:
         _explicit_clip_bounds(model.graph, rewrites)
     _unshare_biases(model.graph, rewrites)
-    _fold_batch_norms(model.graph, rewrites)
+    _fold_into_convs(model.graph, rewrites)
     inferred = infer_types(model)
     return NormalizedModel(model=model, inferred=inferred, rewrites=rewrites)
 
@@ -234,65 +235,98 @@ def _unshare_biases(graph: onnx.GraphProto, rewrites: list[str]) -> None:
         rewrites.append(f"gave {copied} Conv/Gemm nodes a private copy of a bias they shared")
 
 
-def _fold_batch_norms(graph: onnx.GraphProto, rewrites: list[str]) -> None:
-    """BatchNormalization(Conv(x, W, b)) -> Conv(x, s·W, s·(b − mean) + β), s = γ / √(var + ε) per output channel,
-    where the Conv's output is read by the BatchNormalization alone and W and b are constants only the Conv
-    reads. The Conv then writes the BatchNormalization's output tensor."""
+def _fold_into_convs(graph: onnx.GraphProto, rewrites: list[str]) -> None:
+    """y ↦ s·y + t per output channel right after a Conv (an inference-mode BatchNormalization, or Mul / Add / Sub /
+    Div by a constant per channel or scalar) folded into it: W' = s·W per output channel, b' = s·b + t. Only
+    where the Conv's output is read by that node alone and W and b are constants only the Conv reads; the Conv
+    then writes the folded node's output tensor. Repeated, so a chain (Conv → Mul → Add) folds whole."""
+    counts: dict[str, int] = {}
+    while True:
+        folded = _fold_once(graph)
+        if folded is None:
+            break
+        counts[folded] = counts.get(folded, 0) + 1
+    if counts:
+        parts = ", ".join(f"{n} {op}" for op, n in counts.items())
+        rewrites.append(f"folded into the Conv before each: {parts} (as onnxruntime does when it loads the model)")
+
+
+def _fold_once(graph: onnx.GraphProto) -> str | None:
+    """Fold the first foldable node after a Conv (``_fold_into_convs``); its op type, or None."""
     constants = {t.name: t for t in graph.initializer if t.name not in {v.name for v in graph.input}}
-    outputs = {v.name for v in graph.output}
     readers: dict[str, int] = {}
     for node in graph.node:
         for name in node_inputs(node):  # subgraphs' reads of outer values included
             readers[name] = readers.get(name, 0) + 1
     producers = {out: node for node in graph.node for out in node.output}
+    outputs = {v.name for v in graph.output}
 
     def private(name: str) -> bool:
         return name in constants and readers[name] == 1
 
-    def foldable(norm: onnx.NodeProto) -> onnx.NodeProto | None:
-        """The Conv ``norm`` folds into, or None."""
-        if norm.op_type != "BatchNormalization" or len(norm.output) != 1 or attribute(norm, "training_mode", 0) \
-                or len(norm.input) != 5 or not all(n in constants for n in norm.input[1:]):
-            return None
-        conv = producers.get(norm.input[0])
-        if conv is None or conv.op_type != "Conv" or readers[norm.input[0]] != 1 or norm.input[0] in outputs:
-            return None
-        bias = conv.input[2] if len(conv.input) > 2 else ""
-        return conv if private(conv.input[1]) and (not bias or private(bias)) else None
-
-    fresh = FreshNames(graph)
-    folded = []
-    for norm in graph.node:
-        conv = foldable(norm)
-        if conv is None:
+    for node in graph.node:
+        data = next((n for n in node.input[:2] if producers.get(n) is not None
+                     and producers[n].op_type == "Conv"), None) if node.op_type in _CHANNEL_AFFINE else None
+        conv = producers.get(data) if data else None
+        if conv is None or readers[data] != 1 or data in outputs or len(node.output) != 1:
             continue
-        gamma, beta, mean, var = (numpy_helper.to_array(constants[n]).astype(np.float64) for n in norm.input[1:])
-        scale = gamma / np.sqrt(var + attribute(norm, "epsilon", 1e-5))
+        bias_name = conv.input[2] if len(conv.input) > 2 and conv.input[2] else None
+        if not private(conv.input[1]) or (bias_name and not private(bias_name)):
+            continue
         weight = constants[conv.input[1]]
         w = numpy_helper.to_array(weight)
+        affine = _channel_affine(node, data, constants, w.shape[0], w.ndim)
+        if affine is None:
+            continue
+        scale, shift = affine
+        b = numpy_helper.to_array(constants[bias_name]).astype(np.float64) if bias_name else np.zeros(w.shape[0])
         weight.CopyFrom(numpy_helper.from_array(
             (w.astype(np.float64) * scale.reshape(-1, *[1] * (w.ndim - 1))).astype(w.dtype), weight.name))
-        bias_name = conv.input[2] if len(conv.input) > 2 and conv.input[2] else None
-        b = numpy_helper.to_array(constants[bias_name]).astype(np.float64) if bias_name else np.zeros_like(mean)
-        bias = numpy_helper.from_array((scale * (b - mean) + beta).astype(w.dtype),
-                                       bias_name or fresh.name(f"{conv.name}_bias"))
+        bias = numpy_helper.from_array((scale * b + shift).astype(w.dtype),
+                                       bias_name or FreshNames(graph).name(f"{conv.name}_bias"))
         if bias_name:
             constants[bias_name].CopyFrom(bias)
         else:
             graph.initializer.append(bias)
             del conv.input[2:]
             conv.input.append(bias.name)
-        conv.output[0] = norm.output[0]
-        folded.append(norm)
-    for norm in folded:
-        graph.node.remove(norm)
-    statistics = {n for norm in folded for n in norm.input[1:]}
-    still_read = {n for node in graph.node for n in node_inputs(node)}
-    for tensor in [t for t in graph.initializer if t.name in statistics and t.name not in still_read]:
-        graph.initializer.remove(tensor)
-    if folded:
-        rewrites.append(f"folded {len(folded)} BatchNormalization nodes into the Conv before each (as onnxruntime "
-                        "does when it loads the model)")
+        conv.output[0] = node.output[0]
+        graph.node.remove(node)
+        still_read = {n for other in graph.node for n in node_inputs(other)}
+        for tensor in [t for t in graph.initializer if t.name in set(node.input) - still_read]:
+            graph.initializer.remove(tensor)
+        return node.op_type
+    return None
+
+
+_CHANNEL_AFFINE = ("BatchNormalization", "Mul", "Add", "Sub", "Div")
+
+
+def _channel_affine(node: onnx.NodeProto, data: str, constants: dict, channels: int, rank: int
+                    ) -> tuple[np.ndarray, np.ndarray] | None:
+    """(s, t) with node(y) = s·y + t per channel of y's axis 1 (float64, ``channels`` long), or None when the
+    node is not such a map of ``data`` (its other operands not constant, or broadcasting beyond a channel)."""
+    if node.op_type == "BatchNormalization":
+        if attribute(node, "training_mode", 0) or len(node.input) != 5 or node.input[0] != data \
+                or not all(n in constants for n in node.input[1:]):
+            return None
+        gamma, beta, mean, var = (numpy_helper.to_array(constants[n]).astype(np.float64) for n in node.input[1:])
+        scale = gamma / np.sqrt(var + attribute(node, "epsilon", 1e-5))
+        return scale, beta - scale * mean
+    other = [n for n in node.input if n != data]
+    if len(node.input) != 2 or len(other) != 1 or other[0] not in constants:
+        return None
+    if node.op_type in ("Sub", "Div") and node.input[0] != data:
+        return None  # c − y and c / y are not maps y ↦ s·y + t
+    c = numpy_helper.to_array(constants[other[0]]).astype(np.float64)
+    if c.ndim > rank:
+        return None
+    shape = (1,) * (rank - c.ndim) + c.shape
+    if any(d != 1 for axis, d in enumerate(shape) if axis != 1) or shape[1] not in (1, channels):
+        return None
+    c = np.broadcast_to(c.reshape(-1), (channels,)).copy()
+    ones, zeros = np.ones(channels), np.zeros(channels)
+    return {"Mul": (c, zeros), "Div": (1 / c, zeros), "Add": (ones, c), "Sub": (ones, -c)}[node.op_type]
 
 
 def infer_types(model: onnx.ModelProto, data_prop: bool = True) -> onnx.ModelProto:
