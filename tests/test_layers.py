@@ -131,3 +131,31 @@ def test_exclude_by_name_glob_and_op_type():
     assert reasons == ["excluded by --exclude 'Gemm'"]
     with pytest.raises(ConfigError, match="matches no"):
         apply_exclude(found, ("nothing_like_this",))
+
+
+@pytest.mark.parametrize("form", ["asymmetric", "valid conv", "value input zero", "opset 10 attribute"])
+def test_a_zero_pad_before_a_conv_becomes_its_pads(form):
+    b = GraphBuilder()
+    pads = [0, 0, 0, 0, 0, 0, 1, 1] if form == "asymmetric" else [0, 0, 1, 2, 0, 0, 1, 2]  # TF "SAME", stride 2
+    if form == "opset 10 attribute":
+        y = b.node("Pad", ["input"], mode="constant", pads=pads)
+    else:
+        zero = [b.const(np.array(0, np.float32))] if form == "value input zero" else []
+        y = b.node("Pad", ["input", b.const(np.array(pads, np.int64)), *zero], mode="constant")
+    y = b.conv(y, 3, 8, stride=2, act="Relu", auto_pad="VALID") if form == "valid conv" else \
+        b.conv(y, 3, 8, stride=2, pad=1, act="Relu")
+    opset = 10 if form == "opset 10 attribute" else 17
+    assert _folded(b.model([("input", ["N", 3, 9, 9])], [y], opset=opset)) == ["Conv", "Relu"]
+
+
+@pytest.mark.parametrize("case", ["reflect", "nonzero value", "channel pad", "read twice"])
+def test_pads_that_are_not_a_conv_s_zero_padding_stay(case):
+    b = GraphBuilder()
+    pads = [0, 2, 1, 1, 0, 0, 1, 1] if case == "channel pad" else [0, 0, 1, 1, 0, 0, 1, 1]
+    inputs = ["input", b.const(np.array(pads, np.int64))]
+    if case == "nonzero value":
+        inputs.append(b.const(np.array(0.5, np.float32)))
+    y = b.node("Pad", inputs, mode="reflect" if case == "reflect" else "constant")
+    z = b.conv(y, 5 if case == "channel pad" else 3, 8, pad=0, act="Relu")
+    outputs = [z, b.node("ReduceMean", [y], keepdims=0)] if case == "read twice" else [z]
+    assert "Pad" in _folded(b.model([("input", ["N", 3, 9, 9])], outputs))

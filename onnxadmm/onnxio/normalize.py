@@ -18,7 +18,9 @@ Rewrites (each semantics-preserving):
     (s = γ / √(var + ε), t = β − s·mean), or ``Mul``/``Add``/``Sub``/``Div`` by a per-channel constant — is
     folded into that Conv, W' = s·W per output channel and b' = s·b + t (what onnxruntime does when it loads
     the model; exporters leave BatchNormalization unfolded without constant folding, converters write biases
-    as an ``Add``), so the layer's activation follows it directly and its int8 form fuses.
+    as an ``Add``), so the layer's activation follows it directly and its int8 form fuses;
+  * a zero ``Pad`` of the spatial axes that only a Conv reads becomes that Conv's ``pads`` (TensorFlow's
+    converters write "SAME" padding as a Pad; left, the int8 Conv reads it through an extra Q/DQ pair).
 Shape inference runs on a copy: the exported model keeps the rest of the original value_info.
 """
 
@@ -32,7 +34,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import UnsupportedModelError
-from .graph import FreshNames, GraphView, attribute, node_inputs
+from .graph import FreshNames, GraphView, attribute, drop_attribute, node_inputs, set_attribute
 from .load import default_opset, full_check
 from .save import weightless
 
@@ -66,6 +68,7 @@ def normalize(model: onnx.ModelProto, in_place: bool = False) -> NormalizedModel
         _explicit_clip_bounds(model.graph, rewrites)
     _unshare_biases(model.graph, rewrites)
     _fold_into_convs(model.graph, rewrites)
+    _fold_pads_into_convs(model.graph, rewrites)
     inferred = infer_types(model)
     return NormalizedModel(model=model, inferred=inferred, rewrites=rewrites)
 
@@ -327,6 +330,66 @@ def _channel_affine(node: onnx.NodeProto, data: str, constants: dict, channels: 
     c = np.broadcast_to(c.reshape(-1), (channels,)).copy()
     ones, zeros = np.ones(channels), np.zeros(channels)
     return {"Mul": (c, zeros), "Div": (1 / c, zeros), "Add": (ones, c), "Sub": (ones, -c)}[node.op_type]
+
+
+def _fold_pads_into_convs(graph: onnx.GraphProto, rewrites: list[str]) -> None:
+    """Conv(Pad(x, zeros on the spatial axes), pads=q) -> Conv(x, pads=q + those zeros), where the Pad is constant
+    mode with value 0, leaves the batch and channel axes alone and is read by that Conv alone."""
+    constants = {t.name: t for t in graph.initializer if t.name not in {v.name for v in graph.input}}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node_inputs(node):
+            readers.setdefault(name, []).append(node)
+    outputs = {v.name for v in graph.output}
+    folded = []
+    for pad in [n for n in graph.node if n.op_type == "Pad"]:
+        convs = readers.get(pad.output[0], [])
+        if len(convs) != 1 or convs[0].op_type != "Conv" or convs[0].input[0] != pad.output[0] \
+                or pad.output[0] in outputs or _text(attribute(convs[0], "auto_pad", "NOTSET")) not in ("NOTSET", "VALID"):
+            continue
+        conv, extra = convs[0], _zero_pads(pad, constants)
+        rank = len(constants[conv.input[1]].dims) if conv.input[1] in constants else None
+        if extra is None or rank is None or len(extra) != 2 * rank or any(extra[a] or extra[rank + a] for a in (0, 1)):
+            continue
+        spatial = rank - 2
+        own = list(attribute(conv, "pads", [0] * 2 * spatial))  # VALID: no padding of its own
+        drop_attribute(conv, "auto_pad")
+        begins = [own[a] + int(extra[2 + a]) for a in range(spatial)]
+        ends = [own[spatial + a] + int(extra[rank + 2 + a]) for a in range(spatial)]
+        set_attribute(conv, "pads", begins + ends)
+        conv.input[0] = pad.input[0]
+        folded.append(pad)
+    for pad in folded:
+        graph.node.remove(pad)
+    still_read = {n for node in graph.node for n in node_inputs(node)}
+    unused = {n for pad in folded for n in pad.input[1:]} - still_read
+    for tensor in [t for t in graph.initializer if t.name in unused]:
+        graph.initializer.remove(tensor)
+    if folded:
+        rewrites.append(f"folded {len(folded)} zero Pad nodes into the pads of the Conv after each")
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _zero_pads(pad: onnx.NodeProto, constants: dict) -> np.ndarray | None:
+    """The pads (begins then ends, every axis) of a constant-mode Pad by zero with non-negative constant pads;
+    None for any other Pad (reflect/edge, a value or pads computed at run time, an ``axes`` input)."""
+    if _text(attribute(pad, "mode", "constant")) != "constant" or len(pad.input) > 3:
+        return None
+    if len(pad.input) > 1:  # opset >= 11: pads and the value are inputs
+        if pad.input[1] not in constants:
+            return None
+        pads = numpy_helper.to_array(constants[pad.input[1]])
+        if len(pad.input) > 2 and pad.input[2]:
+            if pad.input[2] not in constants or np.any(numpy_helper.to_array(constants[pad.input[2]]) != 0):
+                return None
+    else:
+        pads = np.array(attribute(pad, "pads", []), np.int64)
+        if attribute(pad, "value", 0.0) != 0:
+            return None
+    return pads if pads.ndim == 1 and np.all(pads >= 0) else None
 
 
 def infer_types(model: onnx.ModelProto, data_prop: bool = True) -> onnx.ModelProto:
