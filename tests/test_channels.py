@@ -876,3 +876,11 @@ def test_latency_batch_other_than_a_fixed_model_batch_is_refused(tmp_path, monke
     with pytest.raises(ConfigError, match=r"--latency-batch 8: the model's inputs have a fixed batch of 1; use "
                                           r"--latency-batch 1"):
         compress(model, samples_for(model, 32), config)
+
+
+def test_a_model_where_every_channel_group_stays_whole_is_refused_with_the_reasons():
+    b = GraphBuilder(2)
+    y = b.conv("input", 3, 8)
+    model = b.model([("input", ["N", 3, 8, 8])], [b.conv(y, 8, 4, act=None), y])  # y is also a graph output
+    with pytest.raises(ConfigError, match=r"no channel group can lose channels \(all 2 stay whole — .*graph output"):
+        compress(model, samples_for(model, 16), CompressConfig(method="channel", target_macs=0.8))

@@ -66,7 +66,7 @@ def test_batchnorm_after_a_conv_is_folded_into_it_computing_the_same(bias):
     model = b.model([("input", ["N", 3, 8, 8])], [b.node("Relu", [y])])
     normalized = normalize(model)
     assert [n.op_type for n in normalized.model.graph.node] == ["Conv", "Relu"]
-    assert any("folded into the Conv before each: 1 BatchNormalization" in r for r in normalized.rewrites)
+    assert any("folded into the Conv/Gemm before each: 1 BatchNormalization" in r for r in normalized.rewrites)
     onnx.checker.check_model(normalized.model, full_check=True)
     feed = samples_for(model, 4)
     assert np.allclose(run(normalized.model, feed)[0], run(model, feed)[0], atol=1e-5)
@@ -89,6 +89,17 @@ def test_a_chain_of_per_channel_maps_after_a_conv_folds_whole():
     y = b.node("Add", [b.const(b.rng.uniform(-1, 1, (1, 8, 1, 1)).astype(np.float32)), y])  # either operand order
     y = b.node("Div", [y, b.const(np.array(2.0, np.float32))])  # a scalar is per channel too
     assert _folded(b.model([("input", ["N", 3, 8, 8])], [b.node("Relu", [y])])) == ["Conv", "Relu"]
+
+
+@pytest.mark.parametrize("trans_b, bias, beta", [(True, True, 1.0), (False, True, 0.5), (True, False, 1.0)])
+def test_batchnorm_and_a_scale_after_a_gemm_fold_into_it(trans_b, bias, beta):
+    b = GraphBuilder()
+    y = b.gemm("input", 32, 8, trans_b=trans_b, beta=beta, bias=bias, act=None)
+    statistics = [b.const(b.rng.uniform(lo, hi, 8).astype(np.float32))
+                  for lo, hi in ((0.5, 2), (-0.5, 0.5), (-0.3, 0.3), (0.5, 1.5))]
+    y = b.node("BatchNormalization", [y, *statistics])  # torch's BatchNorm1d after a Linear
+    y = b.node("Mul", [y, b.const(b.rng.uniform(0.5, 2, 8).astype(np.float32))])
+    assert _folded(b.model([("input", ["N", 32])], [b.node("Relu", [y])])) == ["Gemm", "Relu"]
 
 
 @pytest.mark.parametrize("case", ["spatial constant", "constant minus the output", "output read twice"])

@@ -21,6 +21,7 @@ from ..analysis.channels import ChannelGroup, find_channel_groups
 from ..analysis.heads import with_head_groups
 from ..analysis.layers import Declined, Layer
 from ..config import CompressConfig
+from ..errors import ConfigError
 from ..export.apply import apply_initializers
 from ..export.channels import slice_channels
 from ..onnxio.graph import GraphView
@@ -105,6 +106,11 @@ class Channels(CompressionMethod):
     def plan(self, ctx: Context) -> GroupPlan:
         groups = channel_groups(ctx.view, ctx.all_layers, ctx.layers)
         active = [g for g in groups if not g.declined]
+        if not active:
+            reasons = "; ".join(f"{g.name}: {g.declined}" for g in groups[:3]) + ("; …" if len(groups) > 3 else "")
+            raise ConfigError(f"--method {ctx.config.method}: no channel group can lose channels "
+                              + (f"(all {len(groups)} stay whole — {reasons}); 'onnxadmm check' lists each and why"
+                                 if groups else "(no layer's output channels are read by another layer)"))
         ctx.progress("plan", 0, 1, f"{len(active)} channel groups; measuring sensitivity")
         return GroupPlan(groups, plan_channels(ctx.view, ctx.layers, active, ctx.samples, ctx.config))
 

@@ -14,9 +14,9 @@ Rewrites (each semantics-preserving):
   * a Conv/Gemm bias initializer read by several nodes gets one private copy per Conv/Gemm (exporters
     deduplicate equal tensors: the folded BatchNorm biases of a freshly initialized network are all
     equal), so each layer's bias can be refit. Shared *weights* stay shared and their layers are declined;
-  * a per-channel affine map right after a Conv that only it reads — an inference-mode ``BatchNormalization``
+  * a per-channel affine map right after a Conv or Gemm that only it reads — an inference-mode ``BatchNormalization``
     (s = γ / √(var + ε), t = β − s·mean), or ``Mul``/``Add``/``Sub``/``Div`` by a per-channel constant — is
-    folded into that Conv, W' = s·W per output channel and b' = s·b + t (what onnxruntime does when it loads
+    folded into that layer, W' = s·W per output channel and b' = s·b + t (what onnxruntime does when it loads
     the model; exporters leave BatchNormalization unfolded without constant folding, converters write biases
     as an ``Add``), so the layer's activation follows it directly and its int8 form fuses;
   * a zero ``Pad`` of the spatial axes that only a Conv reads becomes that Conv's ``pads`` (TensorFlow's
@@ -67,7 +67,7 @@ def normalize(model: onnx.ModelProto, in_place: bool = False) -> NormalizedModel
     if default_opset(model) >= 11:
         _explicit_clip_bounds(model.graph, rewrites)
     _unshare_biases(model.graph, rewrites)
-    _fold_into_convs(model.graph, rewrites)
+    _fold_into_layers(model.graph, rewrites)
     _fold_pads_into_convs(model.graph, rewrites)
     inferred = infer_types(model)
     return NormalizedModel(model=model, inferred=inferred, rewrites=rewrites)
@@ -238,11 +238,12 @@ def _unshare_biases(graph: onnx.GraphProto, rewrites: list[str]) -> None:
         rewrites.append(f"gave {copied} Conv/Gemm nodes a private copy of a bias they shared")
 
 
-def _fold_into_convs(graph: onnx.GraphProto, rewrites: list[str]) -> None:
-    """y ↦ s·y + t per output channel right after a Conv (an inference-mode BatchNormalization, or Mul / Add / Sub /
-    Div by a constant per channel or scalar) folded into it: W' = s·W per output channel, b' = s·b + t. Only
-    where the Conv's output is read by that node alone and W and b are constants only the Conv reads; the Conv
-    then writes the folded node's output tensor. Repeated, so a chain (Conv → Mul → Add) folds whole."""
+def _fold_into_layers(graph: onnx.GraphProto, rewrites: list[str]) -> None:
+    """y ↦ s·y + t per output channel right after a Conv or Gemm (an inference-mode BatchNormalization, or Mul /
+    Add / Sub / Div by a constant per channel or scalar) folded into it: W' = s·W per output channel,
+    b' = s·b + t (a Gemm's C: s·C + t/β). Only where the layer's output is read by that node alone and W and b
+    are constants only the layer reads; the layer then writes the folded node's output tensor. Repeated, so a
+    chain (Conv → Mul → Add) folds whole."""
     counts: dict[str, int] = {}
     while True:
         folded = _fold_once(graph)
@@ -251,11 +252,12 @@ def _fold_into_convs(graph: onnx.GraphProto, rewrites: list[str]) -> None:
         counts[folded] = counts.get(folded, 0) + 1
     if counts:
         parts = ", ".join(f"{n} {op}" for op, n in counts.items())
-        rewrites.append(f"folded into the Conv before each: {parts} (as onnxruntime does when it loads the model)")
+        rewrites.append(f"folded into the Conv/Gemm before each: {parts} (as onnxruntime does when it loads the "
+                        "model)")
 
 
 def _fold_once(graph: onnx.GraphProto) -> str | None:
-    """Fold the first foldable node after a Conv (``_fold_into_convs``); its op type, or None."""
+    """Fold the first foldable node after a Conv or Gemm (``_fold_into_layers``); its op type, or None."""
     constants = {t.name: t for t in graph.initializer if t.name not in {v.name for v in graph.input}}
     readers: dict[str, int] = {}
     for node in graph.node:
@@ -269,37 +271,55 @@ def _fold_once(graph: onnx.GraphProto) -> str | None:
 
     for node in graph.node:
         data = next((n for n in node.input[:2] if producers.get(n) is not None
-                     and producers[n].op_type == "Conv"), None) if node.op_type in _CHANNEL_AFFINE else None
-        conv = producers.get(data) if data else None
-        if conv is None or readers[data] != 1 or data in outputs or len(node.output) != 1:
+                     and producers[n].op_type in ("Conv", "Gemm")), None) if node.op_type in _CHANNEL_AFFINE else None
+        layer = producers.get(data) if data else None
+        if layer is None or readers[data] != 1 or data in outputs or len(node.output) != 1:
             continue
-        bias_name = conv.input[2] if len(conv.input) > 2 and conv.input[2] else None
-        if not private(conv.input[1]) or (bias_name and not private(bias_name)):
+        bias_name = layer.input[2] if len(layer.input) > 2 and layer.input[2] else None
+        if not private(layer.input[1]) or (bias_name and not private(bias_name)):
             continue
-        weight = constants[conv.input[1]]
+        weight = constants[layer.input[1]]
         w = numpy_helper.to_array(weight)
-        affine = _channel_affine(node, data, constants, w.shape[0], w.ndim)
-        if affine is None:
+        gemm = layer.op_type == "Gemm"
+        if gemm and (attribute(layer, "transA", 0) or w.ndim != 2 or (bias_name and attribute(layer, "beta", 1.0) == 0)):
+            continue
+        axis = 1 if gemm and not attribute(layer, "transB", 0) else 0  # the weight's output-channel axis
+        channels = w.shape[axis]
+        affine = _channel_affine(node, data, constants, channels, 2 if gemm else w.ndim)
+        b = _per_channel(numpy_helper.to_array(constants[bias_name]), channels) if bias_name else np.zeros(channels)
+        if affine is None or b is None:
             continue
         scale, shift = affine
-        b = numpy_helper.to_array(constants[bias_name]).astype(np.float64) if bias_name else np.zeros(w.shape[0])
+        beta = attribute(layer, "beta", 1.0) if gemm and bias_name else 1.0  # Gemm: y = α·A·B + β·C
+        shape = [1] * w.ndim
+        shape[axis] = channels
         weight.CopyFrom(numpy_helper.from_array(
-            (w.astype(np.float64) * scale.reshape(-1, *[1] * (w.ndim - 1))).astype(w.dtype), weight.name))
-        bias = numpy_helper.from_array((scale * b + shift).astype(w.dtype),
-                                       bias_name or FreshNames(graph).name(f"{conv.name}_bias"))
+            (w.astype(np.float64) * scale.reshape(shape)).astype(w.dtype), weight.name))
+        bias = numpy_helper.from_array((scale * b + shift / beta).astype(w.dtype),
+                                       bias_name or FreshNames(graph).name(f"{layer.name}_bias"))
         if bias_name:
             constants[bias_name].CopyFrom(bias)
         else:
             graph.initializer.append(bias)
-            del conv.input[2:]
-            conv.input.append(bias.name)
-        conv.output[0] = node.output[0]
+            del layer.input[2:]
+            layer.input.append(bias.name)
+            if gemm:
+                set_attribute(layer, "beta", 1.0)
+        layer.output[0] = node.output[0]
         graph.node.remove(node)
         still_read = {n for other in graph.node for n in node_inputs(other)}
         for tensor in [t for t in graph.initializer if t.name in set(node.input) - still_read]:
             graph.initializer.remove(tensor)
         return node.op_type
     return None
+
+
+def _per_channel(c: np.ndarray, channels: int) -> np.ndarray | None:
+    """A bias as a float64 vector over the output channels: a scalar, [C] or [1, C]; None for any other shape
+    (a Gemm's C may be a whole [N, C] matrix)."""
+    if c.size not in (1, channels) or any(d != 1 for d in c.shape[:-1]):
+        return None
+    return np.broadcast_to(c.reshape(-1).astype(np.float64), (channels,)).copy()
 
 
 _CHANNEL_AFFINE = ("BatchNormalization", "Mul", "Add", "Sub", "Div")
