@@ -170,3 +170,14 @@ def test_pads_that_are_not_a_conv_s_zero_padding_stay(case):
     z = b.conv(y, 5 if case == "channel pad" else 3, 8, pad=0, act="Relu")
     outputs = [z, b.node("ReduceMean", [y], keepdims=0)] if case == "read twice" else [z]
     assert "Pad" in _folded(b.model([("input", ["N", 3, 9, 9])], outputs))
+
+
+@pytest.mark.parametrize("rank", [2, 3])
+def test_a_matrix_matmul_plus_a_constant_bias_becomes_a_gemm(rank):
+    b = GraphBuilder()
+    bias = b.const((b.rng.standard_normal(8) * 0.1).astype(np.float32))
+    y = b.node("Relu", [b.node("Add", [b.matmul("input", 16, 8), bias])])
+    y = b.node("Add", [bias, b.matmul(y, 8, 8)])  # the same bias read twice, in either operand order
+    shape = ["N", 16] if rank == 2 else ["N", 5, 16]
+    ops = _folded(b.model([("input", shape)], [y]))
+    assert ops == (["Gemm", "Relu", "Gemm"] if rank == 2 else ["MatMul", "Add", "Relu", "MatMul", "Add"])

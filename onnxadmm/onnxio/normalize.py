@@ -19,6 +19,9 @@ Rewrites (each semantics-preserving):
     folded into that layer, W' = s·W per output channel and b' = s·b + t (what onnxruntime does when it loads
     the model; exporters leave BatchNormalization unfolded without constant folding, converters write biases
     as an ``Add``), so the layer's activation follows it directly and its int8 form fuses;
+  * ``Add(MatMul(x, W), b)`` with x a matrix, W and b constants (b per output column) becomes
+    ``Gemm(x, W, b)`` (Keras dense layers through tf2onnx; onnxruntime fuses them so at load), so the layer's
+    bias is its own: refit with it, and folded with what follows;
   * a zero ``Pad`` of the spatial axes that only a Conv reads becomes that Conv's ``pads`` (TensorFlow's
     converters write "SAME" padding as a Pad; left, the int8 Conv reads it through an extra Q/DQ pair).
 Shape inference runs on a copy: the exported model keeps the rest of the original value_info.
@@ -31,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from ..errors import UnsupportedModelError
 from .graph import FreshNames, GraphView, attribute, drop_attribute, node_inputs, set_attribute
@@ -67,6 +70,7 @@ def normalize(model: onnx.ModelProto, in_place: bool = False) -> NormalizedModel
     if default_opset(model) >= 11:
         _explicit_clip_bounds(model.graph, rewrites)
     _unshare_biases(model.graph, rewrites)
+    _matmul_add_to_gemm(model, rewrites)
     _fold_into_layers(model.graph, rewrites)
     _fold_pads_into_convs(model.graph, rewrites)
     inferred = infer_types(model)
@@ -236,6 +240,57 @@ def _unshare_biases(graph: onnx.GraphProto, rewrites: list[str]) -> None:
         graph.initializer.remove(tensor)
     if copied:
         rewrites.append(f"gave {copied} Conv/Gemm nodes a private copy of a bias they shared")
+
+
+def _matmul_add_to_gemm(model: onnx.ModelProto, rewrites: list[str]) -> None:
+    """Add(MatMul(x, W), b) -> Gemm(x, W, b) where x has rank 2, W [K, N] and b ([N], [1, N] or a scalar) are
+    constants, and the MatMul's output is read by the Add alone. The Gemm writes the Add's output tensor."""
+    graph = model.graph
+    constants = {t.name: t for t in graph.initializer if t.name not in {v.name for v in graph.input}}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node_inputs(node):
+            readers[name] = readers.get(name, 0) + 1
+    products = {n.output[0]: n for n in graph.node if n.op_type == "MatMul" and len(n.input) == 2
+                and n.input[1] in constants and len(constants[n.input[1]].dims) == 2}
+    outputs = {v.name for v in graph.output}
+    pairs = []
+    for add in graph.node:
+        if add.op_type != "Add" or len(add.input) != 2:
+            continue
+        product = next((n for n in add.input if n in products and readers[n] == 1 and n not in outputs), None)
+        other = [n for n in add.input if n != product]
+        if product is None or len(other) != 1 or other[0] not in constants:
+            continue
+        columns = constants[products[product].input[1]].dims[1]
+        bias = constants[other[0]]
+        if int(np.prod(bias.dims)) not in (1, columns) or any(d != 1 for d in list(bias.dims)[:-1]):
+            continue
+        pairs.append((products[product], add, other[0]))
+    if not pairs:
+        return
+    types = GraphView(model, infer_types(model)).types
+    fresh = FreshNames(graph)
+    fused = 0
+    for matmul, add, bias_name in pairs:
+        x = types.get(matmul.input[0])
+        if x is None or x.shape is None or len(x.shape) != 2:
+            continue
+        bias = constants[bias_name]
+        columns = constants[matmul.input[1]].dims[1]
+        vector = np.broadcast_to(numpy_helper.to_array(bias).reshape(-1), (columns,)).copy()
+        private = numpy_helper.from_array(vector, fresh.name(f"{matmul.name}_bias"))
+        graph.initializer.append(private)  # a copy: the bias may be read elsewhere, and the layer refits its own
+        gemm = helper.make_node("Gemm", [matmul.input[0], matmul.input[1], private.name], [add.output[0]],
+                                matmul.name)
+        graph.node.insert(list(graph.node).index(matmul), gemm)
+        graph.node.remove(matmul)
+        graph.node.remove(add)
+        if readers[bias_name] == 1:
+            graph.initializer.remove(bias)
+        fused += 1
+    if fused:
+        rewrites.append(f"made {fused} MatMul + Add pairs Gemm nodes (as onnxruntime does when it loads the model)")
 
 
 def _fold_into_layers(graph: onnx.GraphProto, rewrites: list[str]) -> None:
