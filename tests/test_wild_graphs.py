@@ -112,3 +112,23 @@ def test_loop_body_reading_an_outer_weight_is_left_alone_and_the_rest_compresses
     onnx.checker.check_model(result.model, full_check=True)
     feed = samples_for(model, 3, seed=5)
     assert run(result.model, feed)[0].shape == run(model, feed)[0].shape
+
+
+def test_a_resize_to_the_input_s_size_computed_early_compresses_by_channels():
+    """Segmentation heads resize to the image's size, read by Shape at the start: a segment that begins after
+    it reads that size as an input, whose length the Resize needs when the segment is loaded (LR-ASPP)."""
+    b = GraphBuilder(7)
+    axes = b.const(np.array([0], np.int64))
+    size = b.node("Cast", [b.node("Slice", [b.node("Shape", ["input"]), b.const(np.array([2], np.int64)),
+                                            b.const(np.array([4], np.int64)), axes])], to=TensorProto.INT64)
+    y = b.conv(b.conv("input", 3, 16, stride=2), 16, 16)
+    y = b.node("Add", [b.conv(y, 16, 8, k=1, act=None), b.conv(y, 16, 8, k=1, act=None)])  # two classifiers
+    head = b.node("Slice", [b.node("Shape", [y]), b.const(np.array([0], np.int64)), b.const(np.array([2], np.int64)),
+                            axes])
+    y = b.node("Resize", [y, "", "", b.node("Concat", [head, size], axis=0)], mode="linear")
+    model = b.model([("input", ["N", 3, 12, 12])], [b.conv(y, 8, 4, act=None)])
+    result = compress(model, samples_for(model, 24), CompressConfig(method="channel", target_macs=0.85,
+                                                                  sensitivity_samples=8, admm_iterations=4))
+    onnx.checker.check_model(result.model, full_check=True)
+    feed = samples_for(model, 3, seed=5)
+    assert run(result.model, feed)[0].shape == run(model, feed)[0].shape == (3, 4, 12, 12)

@@ -10,7 +10,7 @@ pending node or layer reads it.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -69,11 +69,12 @@ class ActivationStream:
         inputs = sorted({t for i in segment for t in node_inputs(self.view.nodes[i])
                          if t not in produced and t not in self.view.initializers})
         weights = {t for i in segment for t in node_inputs(self.view.nodes[i]) if t in self.overrides}
-        types = {t: array_type(self.get(ORIGINAL, t, 0)) for t in inputs}
         runs = [(ORIGINAL, {})]
         if weights or any(t in self.differs for t in inputs):
             runs.append((COMPRESSED, {t: self.overrides[t] for t in weights}))
         for model_name, values in runs:
+            types = {t: observed_type([self.get(model_name, t, b) for b in range(self.num_batches)])
+                     for t in inputs}
             model = cut(self.view, segment, wanted, types, values)
             sess = session(model, self.threads, arena=False)  # its peak is not kept beside the solve
             for batch in range(self.num_batches):
@@ -110,5 +111,17 @@ class ActivationStream:
             store.close()
 
 
-def array_type(array: np.ndarray) -> TensorType:
-    return TensorType(onnx.helper.np_dtype_to_tensor_dtype(np.asarray(array).dtype), None)
+def observed_type(arrays: Sequence[np.ndarray]) -> TensorType:
+    """The type of a segment input fed ``arrays`` (one per batch): their dtype, and their shape with an axis
+    whose size differs between them (a smaller last batch) left symbolic. A declared shape matters: a Resize
+    whose target size is computed from a segment input needs that input's length known when the segment is
+    loaded."""
+    shapes = [np.shape(a) for a in arrays]
+    dtype = onnx.helper.np_dtype_to_tensor_dtype(np.asarray(arrays[0]).dtype)
+    if len({len(shape) for shape in shapes}) != 1:
+        return TensorType(dtype, None)
+    dims: list[int | str] = []
+    for axis in range(len(shapes[0])):
+        sizes = {shape[axis] for shape in shapes}
+        dims.append(sizes.pop() if len(sizes) == 1 else f"onnxadmm_axis{axis}")
+    return TensorType(dtype, tuple(dims))

@@ -17,7 +17,7 @@ import onnx
 
 from ..analysis.layers import Layer
 from ..calib.readers import SampleSet
-from ..calib.stream import array_type
+from ..calib.stream import observed_type
 from ..onnxio.graph import GraphView
 from ..onnxio.runtime import session, session_with_inputs, session_with_outputs, through_files
 from ..onnxio.subgraph import cut
@@ -136,7 +136,7 @@ def _suffix_runs(view: GraphView, probes: dict, batches: list[dict], threads: in
         at = first_reader(names)
         crossing = _crossing(view, position, at)
         produced = [t for t in crossing if t in view.producer and position[view.producer[t]] >= start]
-        types = {t: array_type(value) for t, value in state[0].items()} if state else {}
+        types = {t: observed_type([values[t] for values in state]) for t in state[0]} if state else {}
         if produced and state:
             segment = session(cut(view, view.order[start:at], produced, types), threads)
             wanted = [i.name for i in segment.get_inputs()]
@@ -147,7 +147,7 @@ def _suffix_runs(view: GraphView, probes: dict, batches: list[dict], threads: in
         if not later:  # every output is computed before these weights are read
             yield None, keys, []
             continue
-        types = {t: array_type(value) for t, value in state[0].items()} if state else {}
+        types = {t: observed_type([values[t] for values in state]) for t in state[0]} if state else {}
         sess = _overridable(view, list(names), threads, cut(view, view.order[at:], later, types))
         wanted = {i.name for i in sess.get_inputs()} - set(names)
         yield sess, keys, [{t: values[t] for t in values if t in wanted} for values in state]
