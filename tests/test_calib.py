@@ -222,3 +222,14 @@ def test_patch_parts_are_joined_as_torch_cat_joins_them_and_let_go_of_as_copied(
     expected = torch.cat(parts)
     joined = _concat(parts)
     assert torch.equal(joined, expected) and parts == []
+
+
+def test_a_model_input_without_a_batch_axis_is_refused_saying_so(tmp_path):
+    unbatched = {"image": TensorType(F32, (3, 12, 12))}  # one image per run, as detectors export
+    np.savez(tmp_path / "images.npz", image=x(4))
+    with pytest.raises(CalibrationError, match=r"'image' of the model has no batch axis: it takes one sample"):
+        open_samples(tmp_path / "images.npz", unbatched)
+    batch_one = {"input": TensorType(F32, (1, 3, 12, 12))}  # a batch axis of 1: another message
+    np.savez(tmp_path / "extra_axis.npz", input=x(4)[:, None])
+    with pytest.raises(CalibrationError, match=r"rank 5\); the model expects rank 4"):
+        open_samples(tmp_path / "extra_axis.npz", batch_one)

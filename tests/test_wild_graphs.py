@@ -132,3 +132,19 @@ def test_a_resize_to_the_input_s_size_computed_early_compresses_by_channels():
     onnx.checker.check_model(result.model, full_check=True)
     feed = samples_for(model, 3, seed=5)
     assert run(result.model, feed)[0].shape == run(model, feed)[0].shape == (3, 4, 12, 12)
+
+
+@pytest.mark.parametrize("scale", [1e-20, 1e18])
+def test_layers_whose_inputs_leave_float32_s_range_are_declined_with_the_reason(scale):
+    """Untrained networks can vanish or explode; the solver's float32 sums of squares cannot follow, so such
+    layers are declined (the int8 stage quantizes them with onnxruntime's own scales) instead of crashing."""
+    from models import tiny_cnn
+
+    model = tiny_cnn()
+    feed = {k: v * np.float32(scale) for k, v in samples_for(model, 16).items()}
+    result = compress(model, feed, CompressConfig(method="none", quantize="int8", admm_iterations=4,
+                                                  sensitivity_samples=8))
+    reasons = {d["name"]: d["reason"] for d in result.report.plan["quantization"]["declined"]}
+    first = next(n.name for n in model.graph.node if n.op_type == "Conv")
+    assert "outside 1e-15..1e+15" in reasons[first], reasons
+    onnx.checker.check_model(result.model, full_check=True)

@@ -404,6 +404,13 @@ def _check_against_model(raw: dict[str, np.ndarray], inputs: Mapping[str, Tensor
                                    f"{expected}; convert it, e.g. x.astype(np.{expected.name})")
         shape = tensor_type.shape
         if shape is not None:
+            if array.ndim == len(shape) + 1 and all(isinstance(d, int) for d in shape) and shape[0] != 1 \
+                    and array.shape[1:] == tuple(shape):  # each sample is one whole input
+                raise CalibrationError(
+                    f"input {name!r} of the model has no batch axis: it takes one sample {_show(shape)} per "
+                    f"run (as torchvision's detection models export), and onnxadmm calibrates, compares and "
+                    f"times with samples stacked on axis 0. Export the model with a batch axis (for a "
+                    f"detector, the backbone and heads without the box post-processing)")
             if array.ndim != len(shape):
                 raise CalibrationError(
                     f"input {name!r} in {source} has shape {array.shape} (rank {array.ndim}); the model "

@@ -28,7 +28,13 @@ from ..onnxio.graph import GraphView
 
 
 class SamplingError(Exception):
-    """The tensors seen at run time do not fit the layer's static description."""
+    """The tensors seen at run time do not fit the layer's static description, or the solver's arithmetic."""
+
+
+# a layer input whose largest magnitude is outside this range leaves float32 arithmetic in the solver: sums of
+# about 1e6 rows of x² overflow above it, and x² falls below float32's normal numbers under it; trained
+# networks stay many orders inside it
+INPUT_RANGE = (1e-15, 1e15)
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,12 @@ def sample_problem(stream: ActivationStream, layer: Layer, layer_index: int, w0:
         else:
             tokens = None if settings.token_mask is None else stream.get(ORIGINAL, settings.token_mask, batch)
             p_ref, p_hat, gather, ids = _row_positions(layer, x_ref, x_hat, rng, quota, tokens)
+        largest = max(float(p_ref.abs().max()), float(p_hat.abs().max())) if p_ref.numel() else 0.0
+        if not (largest == 0.0 or INPUT_RANGE[0] <= largest <= INPUT_RANGE[1]):  # NaN included
+            raise SamplingError(f"its input peaks at {largest:.1e} on the calibration samples, outside "
+                                f"{INPUT_RANGE[0]:.0e}..{INPUT_RANGE[1]:.0e} where the solver's float32 products "
+                                "stay finite and normal (such values come from untrained or broken weights), so "
+                                "the layer is not solved")
         parts["ids"].append(ids + first_sample)
         first_sample += _samples_in(layer, x_ref)
         y = torch.bmm(p_ref.transpose(0, 1), w0_t.transpose(1, 2)).transpose(0, 1).reshape(len(p_ref), -1) + b0_t
