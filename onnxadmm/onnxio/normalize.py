@@ -334,17 +334,18 @@ def _fold_once(graph: onnx.GraphProto) -> str | None:
         if not private(layer.input[1]) or (bias_name and not private(bias_name)):
             continue
         weight = constants[layer.input[1]]
-        w = numpy_helper.to_array(weight)
-        gemm = layer.op_type == "Gemm"
-        if gemm and (attribute(layer, "transA", 0) or w.ndim != 2 or (bias_name and attribute(layer, "beta", 1.0) == 0)):
+        dims, gemm = list(weight.dims), layer.op_type == "Gemm"
+        if gemm and (attribute(layer, "transA", 0) or len(dims) != 2 or
+                     (bias_name and attribute(layer, "beta", 1.0) == 0)):
             continue
         axis = 1 if gemm and not attribute(layer, "transB", 0) else 0  # the weight's output-channel axis
-        channels = w.shape[axis]
-        affine = _channel_affine(node, data, constants, channels, 2 if gemm else w.ndim)
+        channels = dims[axis]
+        affine = _channel_affine(node, data, constants, channels, 2 if gemm else len(dims))
         b = _per_channel(numpy_helper.to_array(constants[bias_name]), channels) if bias_name else np.zeros(channels)
         if affine is None or b is None:
             continue
         scale, shift = affine
+        w = numpy_helper.to_array(weight)
         beta = attribute(layer, "beta", 1.0) if gemm and bias_name else 1.0  # Gemm: y = α·A·B + β·C
         shape = [1] * w.ndim
         shape[axis] = channels
