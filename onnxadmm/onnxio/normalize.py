@@ -242,15 +242,33 @@ def _unshare_biases(graph: onnx.GraphProto, rewrites: list[str]) -> None:
         rewrites.append(f"gave {copied} Conv/Gemm nodes a private copy of a bias they shared")
 
 
+def _constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    """Initializers a caller cannot override (not also graph inputs), by name."""
+    inputs = {v.name for v in graph.input}
+    return {t.name: t for t in graph.initializer if t.name not in inputs}
+
+
+def _readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor name -> the nodes reading it (a subgraph's reads of outer values count as its node's)."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node_inputs(node):
+            readers.setdefault(name, []).append(node)
+    return readers
+
+
+def _drop_unread(graph: onnx.GraphProto, names) -> None:
+    """Remove the initializers among ``names`` that no node reads any more."""
+    read = _readers(graph)
+    for tensor in [t for t in graph.initializer if t.name in set(names) and t.name not in read]:
+        graph.initializer.remove(tensor)
+
+
 def _matmul_add_to_gemm(model: onnx.ModelProto, rewrites: list[str]) -> None:
     """Add(MatMul(x, W), b) -> Gemm(x, W, b) where x has rank 2, W [K, N] and b ([N], [1, N] or a scalar) are
     constants, and the MatMul's output is read by the Add alone. The Gemm writes the Add's output tensor."""
     graph = model.graph
-    constants = {t.name: t for t in graph.initializer if t.name not in {v.name for v in graph.input}}
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node_inputs(node):
-            readers[name] = readers.get(name, 0) + 1
+    constants, readers = _constants(graph), _readers(graph)
     products = {n.output[0]: n for n in graph.node if n.op_type == "MatMul" and len(n.input) == 2
                 and n.input[1] in constants and len(constants[n.input[1]].dims) == 2}
     outputs = {v.name for v in graph.output}
@@ -258,7 +276,7 @@ def _matmul_add_to_gemm(model: onnx.ModelProto, rewrites: list[str]) -> None:
     for add in graph.node:
         if add.op_type != "Add" or len(add.input) != 2:
             continue
-        product = next((n for n in add.input if n in products and readers[n] == 1 and n not in outputs), None)
+        product = next((n for n in add.input if n in products and len(readers[n]) == 1 and n not in outputs), None)
         other = [n for n in add.input if n != product]
         if product is None or len(other) != 1 or other[0] not in constants:
             continue
@@ -286,9 +304,8 @@ def _matmul_add_to_gemm(model: onnx.ModelProto, rewrites: list[str]) -> None:
         graph.node.insert(list(graph.node).index(matmul), gemm)
         graph.node.remove(matmul)
         graph.node.remove(add)
-        if readers[bias_name] == 1:
-            graph.initializer.remove(bias)
         fused += 1
+    _drop_unread(graph, [bias for _, _, bias in pairs])
     if fused:
         rewrites.append(f"made {fused} MatMul + Add pairs Gemm nodes (as onnxruntime does when it loads the model)")
 
@@ -313,22 +330,18 @@ def _fold_into_layers(graph: onnx.GraphProto, rewrites: list[str]) -> None:
 
 def _fold_once(graph: onnx.GraphProto) -> str | None:
     """Fold the first foldable node after a Conv or Gemm (``_fold_into_layers``); its op type, or None."""
-    constants = {t.name: t for t in graph.initializer if t.name not in {v.name for v in graph.input}}
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node_inputs(node):  # subgraphs' reads of outer values included
-            readers[name] = readers.get(name, 0) + 1
+    constants, readers = _constants(graph), _readers(graph)
     producers = {out: node for node in graph.node for out in node.output}
     outputs = {v.name for v in graph.output}
 
     def private(name: str) -> bool:
-        return name in constants and readers[name] == 1
+        return name in constants and len(readers[name]) == 1
 
     for node in graph.node:
         data = next((n for n in node.input[:2] if producers.get(n) is not None
                      and producers[n].op_type in ("Conv", "Gemm")), None) if node.op_type in _CHANNEL_AFFINE else None
         layer = producers.get(data) if data else None
-        if layer is None or readers[data] != 1 or data in outputs or len(node.output) != 1:
+        if layer is None or len(readers[data]) != 1 or data in outputs or len(node.output) != 1:
             continue
         bias_name = layer.input[2] if len(layer.input) > 2 and layer.input[2] else None
         if not private(layer.input[1]) or (bias_name and not private(bias_name)):
@@ -363,9 +376,7 @@ def _fold_once(graph: onnx.GraphProto) -> str | None:
                 set_attribute(layer, "beta", 1.0)
         layer.output[0] = node.output[0]
         graph.node.remove(node)
-        still_read = {n for other in graph.node for n in node_inputs(other)}
-        for tensor in [t for t in graph.initializer if t.name in set(node.input) - still_read]:
-            graph.initializer.remove(tensor)
+        _drop_unread(graph, node.input)
         return node.op_type
     return None
 
@@ -411,11 +422,7 @@ def _channel_affine(node: onnx.NodeProto, data: str, constants: dict, channels: 
 def _fold_pads_into_convs(graph: onnx.GraphProto, rewrites: list[str]) -> None:
     """Conv(Pad(x, zeros on the spatial axes), pads=q) -> Conv(x, pads=q + those zeros), where the Pad is constant
     mode with value 0, leaves the batch and channel axes alone and is read by that Conv alone."""
-    constants = {t.name: t for t in graph.initializer if t.name not in {v.name for v in graph.input}}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node_inputs(node):
-            readers.setdefault(name, []).append(node)
+    constants, readers = _constants(graph), _readers(graph)
     outputs = {v.name for v in graph.output}
     folded = []
     for pad in [n for n in graph.node if n.op_type == "Pad"]:
@@ -437,10 +444,7 @@ def _fold_pads_into_convs(graph: onnx.GraphProto, rewrites: list[str]) -> None:
         folded.append(pad)
     for pad in folded:
         graph.node.remove(pad)
-    still_read = {n for node in graph.node for n in node_inputs(node)}
-    unused = {n for pad in folded for n in pad.input[1:]} - still_read
-    for tensor in [t for t in graph.initializer if t.name in unused]:
-        graph.initializer.remove(tensor)
+    _drop_unread(graph, [n for pad in folded for n in pad.input[1:]])
     if folded:
         rewrites.append(f"folded {len(folded)} zero Pad nodes into the pads of the Conv after each")
 
