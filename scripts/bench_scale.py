@@ -255,32 +255,56 @@ message's bytes in an arena freed only with the whole message — replacing an i
 deleting it frees nothing (measured: three replacements of a 200 MB tensor, +600 MB) — so the weights must live
 outside the protos: the input's initializers kept as references to its external-data file (memory-mapped),
 each solved weight written to a scratch external-data file as it is solved, and the sessions, the footprint
-and the output built over those files.
+and the output built over those files. And the sessions must not copy them either: measured (2026-12-06, onnxruntime
+1.31.1, CPU provider, a 1 GB model of 16 MatMuls in external data, VmHWM), a default session built from the
+file holds 1.07 GB of its own (the MatMul weights pre-packed into MLAS's layout; peak 1.17 GB), while with
+`session.disable_prepacking = 1` it maps the external-data file (54 MB after the session is built, 1.08 GB of
+file pages once a run has touched every weight). Mapped pages still count in the resident set, once per
+mapping, so the bound needs the weights mapped once for the whole process — not a copy per proto, solve and
+session.
 
 EfficientNet-Lite0 (17 MB, so all activations and working memory; `--method channel --target-macs 0.75`):
-4,847 MB at the default `--max-memory-mb 2048` (2026-12-06, before the three changes below), of which imports
-0.52 GB; the two activation caches up to their half of the budget (0.94 GB); about 0.95 GB that persists from
-layer to layer (not heap fragmentation: with glibc's mmap threshold fixed at 1 MB the peak to block 3 was 3,986
-MB instead of 4,022); onnxruntime's segment runs 0.6–0.9 GB while they run; the largest layers' sampled problem
-and solve 0.5–1.1 GB. RSS sampled every 50 ms around each layer's stages showed the peaks at the depthwise
-convolutions (G groups of d = k² inputs: at 1,152 groups x̂ is about 0.5 GB): the refit's sums converted all of x̂
-to float64 at once (+1 GB), the objective's subset was copied twice on its way to [x̂; 1] (+0.5 GB), the sampled
-parts were joined with `torch.cat` beside themselves, and each segment session kept onnxruntime's arena at its
-peak. Now the sums and the subset are built 64 MB of rows at a time, the parts are let go of as they are
-copied, and the stream's sessions run without the arena: bench peak 4,762 → 4,128 MB (4,463 before the subset
-was built in chunks), 239 → 234 s; with `--val`, 4,158 MB, 227 s, top-1 drop 8.80 pt, agreement 0.848 on the 500
-held-out images (9.00 pt, 0.854 before: one image of top-1). What remains above 3 GB, at the deepest depthwise
-layers: imports 0.9 GB (0.36 of it shared libraries), the calibration images 0.3 GB, the two activation caches
-up to 1 GB, the sampled problem 0.5 GB and the objective's [x̂; 1] on its subset (nearly every sampled row at
-these widths) with its bfloat16 copy, 0.7 GB. `--max-memory-mb 1024` peaked at 3.3–3.6 GB before these changes
-(268 s against 384 s) but samples fewer patches per layer: 10.20 pt top-1 drop and agreement 0.848 on the 500
-held-out images, against 8.60 pt and 0.856. `--quantize int8` (`--solver magnitude`): 5,429 MB, the solve's (it
-caches the original and the rounded model's layer inputs).
+how `--max-memory-mb` (default 2048) is shared, since 2026-12-06: a quarter for the cached activations (both
+models' layer inputs; spilled to disk beyond it), a quarter for one layer's sampled problem (x̂, targets, side
+inputs), an eighth for the solver's copy of its patch subset [x̂; 1] (and its bfloat16 copy) — lowered rows
+where that copy would exceed it, never below 32 rows per unknown: only wide grouped layers, such as a 1,152-channel
+5×5 depthwise conv (4,096 → 1,424 rows) — and the rest for onnxruntime's segment runs and the solver's own
+temporaries. Measured peak RSS: 4,847 MB (before the first round of changes), 4,128 (bench, the release before),
+**2,928 MB with `--val`** (bench row above: without it). What the second round changed, each found by sampling
+RSS (anonymous and file pages, and the peak reset before each step) around every layer's stream step, sampling
+and solve:
+
+| step | found | now |
+|---|---|---|
+| freed memory | glibc kept freed heap blocks (arrays under its adaptive 32 MB mmap threshold): with the caches down to 35 MB in the last blocks, 2.16 GB stayed anonymous — 1.1 GB more than imports, images and caches | `malloc_trim(0)` after each stream step, each layer's sampling and each layer (`calib/memory.py`): 2.52 → 1.44 GB between the last layers. (A fixed 1 MB mmap threshold instead, every large array a fresh mapping: peak 3,327 against 3,748 MB, but 746 against 650 s, the two run side by side) |
+| sensitivity probes (planning) | one batch of 32 samples returned every layer input at once, converted to float64 whole, and the probe sessions kept onnxruntime's arena: planning peaked at 3,046 MB | float64 one sample at a time, sessions without the arena: 1,822 MB |
+| sampling a layer | the batches' patches were joined into x̂ beside themselves (2 × x̂) | two passes: positions from the batches' shapes (and the token mask), then each batch's patches copied into place: +1.4 → +0.9 GB at the 1,152-channel depthwise convs |
+| held-out split of the refit | `subset` copied 90 % and 10 % of x̂ | the held-out patches are stored last, so both sides are views |
+| the caches | half of the budget | a quarter: more is spilled (the spill goes through the page cache) |
+
+Figures (one CLI run each, alone on the machine): the release before, with `--val` on the 500 held-out images,
+4,158 MB, top-1 drop 8.80 pt, agreement 0.848 (227 s total when it was measured; re-run here without `--val`
+for this comparison: 4,143 MB, 268 s wall); now, with `--val`, 2,928 MB, 9.60 pt, 0.852, 270 s wall. Storing the held-out patches last
+changes which rows the objective's random subset holds, so the model differs: paired on the 500 images the two
+disagree on 22 (13 right only before, 9 only now; exact McNemar p = 0.52). The subset cap did not move a single
+held-out prediction (9.60 pt and 0.852 with and without it). What remains at the peak, at the 5×5 depthwise
+convs of 1,152 channels: imports 0.7 GB (torch 0.5 of it), the calibration images 0.3 GB, the caches up to 0.5 GB,
+x̂ 0.5 GB and the solver's subset copy with its temporaries 0.7 GB. The two rows marked `939c377 dirty` were
+measured on a slower day than the rows before them: ResNet-56 `--sparsity 0.5` run back to back, the release
+before and this one alternately, took 57.1 / 55.9 s and 55.6 / 58.7 s wall — the same — where the same release
+had measured 39 s total; the time bars are this machine's load here, not a regression. `--quantize int8` (`--solver magnitude`): 5,429 MB
+before these changes, the solve's (it caches the original and the rounded model's layer inputs); not re-measured.
 
 ## Not built yet
 
 * Layers solved in parallel processes: layers fed by the same already-compressed input are independent
-  problems; they are solved one after another today.
+  problems; they are solved one after another today. On this 2-core machine the cores are already busy: CPU time
+  over wall time (`/usr/bin/time`, 2026-12-06, nothing else running) was 177 % for ResNet-56 `--sparsity 0.5`
+  (44 s) and 168 % for EfficientNet-Lite0 `--method channel --target-macs 0.75` (262 s, of whose 441 CPU-seconds
+  88 were the kernel's: the activation caches spilled 14 GB to disk at the default `--max-memory-mb 2048`). So a
+  second process could win at most 1.13× and 1.19×, less its start-up (its imports alone measured 3.3–3.6 s and
+  0.85 GB peak RSS) and the copies of the layer's inputs — and few layers qualify: no two layers of the test-bed's ResNet-56 (parameter-free shortcuts) or
+  EfficientNet-Lite0 share an input; a transformer layer's Q, K and V do.
 * More than one machine: the unit of work would be one layer problem (its sampled rows X̃, targets and W₀,
   a few MB to a few hundred MB) and its solution; a Ray task per layer of a segment (the layers whose
   inputs are all final), with the activation stream on the driver, is the shape it would take. Not built:

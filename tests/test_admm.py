@@ -189,6 +189,39 @@ def test_held_out_patches_are_every_tenth_sample_and_need_enough_samples():
     assert LayerProblem(x_hat=prob.x_hat, y_ref=prob.y_ref, w0=prob.w0, b0=prob.b0).held_out() is None
 
 
+def test_held_out_patches_stored_last_make_both_sides_of_the_split_views_of_the_patches():
+    from onnxadmm.algorithms.problem import held_out_last
+
+    prob, _ = _gemm_problem(200, 10, lambda x, gen: x, seed=5)
+    order = held_out_last(prob.sample_ids)
+    stored = torch.empty_like(prob.x_hat).index_copy_(0, order, prob.x_hat)
+    ids = torch.empty_like(prob.sample_ids).index_copy_(0, order, prob.sample_ids)
+    assert ids[:180].tolist() == [i for i in range(200) if i % 10 != 9]  # each side in its own order
+    assert ids[180:].tolist() == list(range(9, 200, 10))
+    last = dataclasses.replace(prob, x_hat=stored, y_ref=torch.empty_like(prob.y_ref).index_copy_(0, order, prob.y_ref),
+                               sample_ids=ids)
+    held = last.held_out()
+    for part, mask in ((last.subset(~held), ~held), (last.subset(held), held)):
+        assert part.x_hat.untyped_storage().data_ptr() == stored.untyped_storage().data_ptr()  # a view
+        assert torch.equal(part.x_hat, stored[mask]) and torch.equal(part.sample_ids, ids[mask])
+    scattered = prob.subset(prob.held_out())  # held-out patches spread out: copied, the same rows
+    assert torch.equal(scattered.x_hat, prob.x_hat[prob.sample_ids % 10 == 9])
+
+
+def test_the_objective_s_subset_fits_its_memory_share_but_keeps_32_rows_per_unknown():
+    from onnxadmm.algorithms.admm import ActivationObjective, grad_rows, subset_rows
+
+    free = AdmmSettings()
+    assert subset_rows(free, 1152, 25) == grad_rows(None, 25) == 4096  # no share: as before
+    share = dataclasses.replace(free, subset_bytes=256 << 20, bf16_products=True)
+    assert subset_rows(share, 1152, 25) == (256 << 20) // (1152 * 26 * 6)  # a wide depthwise conv: 1,424
+    assert subset_rows(share, 1, 577) == grad_rows(None, 577)  # an ordinary conv: untouched
+    assert subset_rows(dataclasses.replace(share, subset_bytes=1 << 20), 1152, 25) == 32 * 26  # the floor
+    prob = problem(patches=3000, d=24, rows=1, groups=64)
+    objective = ActivationObjective(prob, dataclasses.replace(free, subset_bytes=64 * 25 * 4 * 1000))
+    assert objective.x_aug.shape == (64, 1000, 25) and objective.x_aug.numel() * 4 <= 64 * 25 * 4 * 1000
+
+
 @pytest.mark.parametrize("patches", [12, 400])  # fewer samples than inputs (thin basis), and more
 def test_preconditioner_inverts_the_gauss_newton_matrix(patches):
     from onnxadmm.algorithms.admm import ActivationObjective

@@ -580,7 +580,7 @@ def test_probe_damage_is_the_same_from_a_session_per_weight_set_as_from_one_sess
     real = sensitivity.session_with_inputs
     nodes = []
     monkeypatch.setattr(sensitivity, "session_with_inputs",
-                        lambda *a: built.append(a[1]) or nodes.append(len(a[0].graph.node)) or real(*a))
+                        lambda *a, **k: built.append(a[1]) or nodes.append(len(a[0].graph.node)) or real(*a, **k))
     apart = sensitivity.output_damage(view, probes, samples, 16, 1)
     assert len(built) == len(layers) + 1 and all(len(inputs) <= 2 for inputs in built)
     assert max(nodes) == len(model.graph.node) > min(nodes)  # the first layer's probes run it all, later ones less

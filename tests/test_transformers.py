@@ -14,7 +14,7 @@ from onnxadmm.errors import ConfigError
 from onnxadmm.export.channels import slice_channels
 from onnxadmm.methods.channels import channel_groups
 from onnxadmm.onnxio.normalize import normalize
-from onnxadmm.solve.problem import _row_positions, token_mask_input
+from onnxadmm.solve.problem import _row_pick, token_mask_input
 
 VARIANTS = [dict(gelu=g, bias=b, shapes=s, ffn_rank=r) for g in ("erf", "tanh", "op") for b in (True, False)
             for s, r in (("concat", 3), ("constant", 2))]
@@ -98,12 +98,12 @@ def test_token_mask_keeps_padding_out_of_the_rows():
 
     class Layer:
         in_features, out_features, name, op_type = 3, 3, "l", "MatMul"
-    picked_ref, _, gather, ids = _row_positions(Layer, rows, rows, np.random.default_rng(0), 100, tokens)
-    flat = picked_ref[:, 0, 0].long() // 3
+    pick = _row_pick(Layer, tuple(rows.shape), np.random.default_rng(0), 100, tokens)
+    flat = pick.patches(rows)[:, 0, 0].long() // 3
     assert sorted(flat.tolist()) == [0, 1, 5, 6, 7, 8]
-    assert ids.tolist() == [0, 0, 1, 1, 1, 1]
-    picked_all, *_ = _row_positions(Layer, rows, rows, np.random.default_rng(0), 100, None)
-    assert len(picked_all) == 10
+    assert pick.ids.tolist() == [0, 0, 1, 1, 1, 1]
+    every = _row_pick(Layer, tuple(rows.shape), np.random.default_rng(0), 100, None)
+    assert len(every.patches(rows)) == 10
 
 
 def test_token_mask_input_is_found_or_refused_by_name():

@@ -46,6 +46,7 @@ class AdmmSettings:
     stall_iterations: int = 0  # or (0 = off) once f(Z) has not improved by STALL_GAIN in this many iterations
     seed: int = 0
     bf16_products: bool = False  # the descent's products with X̃ in bfloat16 (see the module docstring)
+    subset_bytes: int | None = None  # memory for the objective's copy of its patches (None: no bound)
     # called after every iteration with (iteration, iterations, primal residual): progress inside a long layer
     on_iteration: Callable[[int, int, float], None] | None = field(default=None, compare=False, repr=False)
 
@@ -173,21 +174,30 @@ def grad_rows(requested: int | None, inputs: int) -> int:
     return int(min(16384, max(4096, 32 * (inputs + 1))))
 
 
+def subset_rows(settings: AdmmSettings, groups: int, inputs: int) -> int:
+    """Rows of the objective's subset: ``grad_rows``, lowered where its copy [x̂; 1] (float32, and bfloat16
+    where the products use it) would exceed ``settings.subset_bytes`` — wide grouped layers, such as a
+    depthwise conv of 1,152 channels with 5×5 kernels — but never below 32 rows per unknown."""
+    rows = max(grad_rows(settings.grad_patches, inputs), 4 * (inputs + 1))
+    if settings.subset_bytes is None:
+        return rows
+    per_row = groups * (inputs + 1) * (6 if settings.bf16_products else 4)
+    return min(rows, max(32 * (inputs + 1), settings.subset_bytes // per_row))
+
+
 class ActivationObjective:
     """f(W, b) = ‖σ(W x̂ + b) − t‖² / ‖t‖² on a fixed subset of patches, with its gradient and
     the eigenbasis of the augmented input second moment Σ̃ = E[x̃x̃ᵀ], x̃ = [x̂; 1]."""
 
     def __init__(self, problem: LayerProblem, settings: AdmmSettings):
-        count = problem.num_patches
-        take = min(count, max(grad_rows(settings.grad_patches, problem.x_hat.shape[-1]),
-                              4 * (problem.x_hat.shape[-1] + 1)))
+        count, g, d = problem.x_hat.shape
+        take = min(count, subset_rows(settings, g, d))
         generator = torch.Generator().manual_seed(settings.seed)
         self.rows = torch.randperm(count, generator=generator)[:take].sort().values
         self.problem = problem
         self.target = problem.target("activation")[self.rows]
         self.sides = problem.sides("hat", self.rows)
         self.scale = 1.0 / (float(self.target.pow(2).sum()) or 1.0)
-        _, g, d = problem.x_hat.shape
         self.x_aug = torch.empty((g, take, d + 1))  # (G, M, d+1): [x̂ on the subset; 1], filled in chunks so that
         self.x_aug[..., d] = 1.0  # no (M, G, d) copy of the subset is held beside it
         chunk = max(1, CHUNK_BYTES // (4 * g * d))

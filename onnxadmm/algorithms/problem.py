@@ -45,7 +45,10 @@ class LayerProblem:
         return held
 
     def subset(self, rows: torch.Tensor) -> "LayerProblem":
-        """The same problem on the patches ``rows`` (a mask or indices)."""
+        """The same problem on the patches ``rows`` (a mask or indices). A mask selecting one contiguous run
+        of patches gives views, not copies: the sampler stores the held-out patches last
+        (``held_out_last``), so both sides of the held-out split share x̂'s memory."""
+        rows = _as_slice(rows)
         return LayerProblem(
             x_hat=self.x_hat[rows], y_ref=self.y_ref[rows], w0=self.w0, b0=self.b0,
             side_hat=tuple(s[rows] for s in self.side_hat), side_ref=tuple(s[rows] for s in self.side_ref),
@@ -122,3 +125,23 @@ class LayerProblem:
         return LayerProblem(x_hat=self.x_hat, y_ref=self.y_ref + shift, w0=self.w0, b0=self.b0,
                             activation=None, fit_bias=self.fit_bias, sample_ids=self.sample_ids)
 
+
+def held_out_last(sample_ids: torch.Tensor, every: int = HOLD_OUT_EVERY) -> torch.Tensor:
+    """The row each patch is stored at so that the held-out ones (``LayerProblem.held_out``) come last, each
+    side in its original order: (P,) destinations."""
+    held = sample_ids % every == every - 1
+    destination = torch.empty(len(sample_ids), dtype=torch.int64)
+    fit = int((~held).sum())
+    destination[~held] = torch.arange(fit)
+    destination[held] = torch.arange(fit, len(sample_ids))
+    return destination
+
+
+def _as_slice(rows: torch.Tensor) -> torch.Tensor | slice:
+    """A boolean mask whose selected rows are one contiguous run, as that slice; anything else as given."""
+    if not isinstance(rows, torch.Tensor) or rows.dtype != torch.bool:
+        return rows
+    picked = torch.nonzero(rows).flatten()
+    if picked.numel() and int(picked[-1]) - int(picked[0]) + 1 == picked.numel():
+        return slice(int(picked[0]), int(picked[-1]) + 1)
+    return rows

@@ -32,8 +32,7 @@ def session(model: onnx.ModelProto | bytes | str | Path, threads: int = 0, optim
     run's intermediate tensors to the system instead of keeping its peak allocated for the next run."""
     import onnxruntime as ort
 
-    options = session_options(threads, optimize)
-    options.enable_cpu_mem_arena = arena
+    options = session_options(threads, optimize, arena)
     if isinstance(model, onnx.ModelProto) and through_files(model):
         return _session_from_files(model, options)
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else \
@@ -49,10 +48,11 @@ def session(model: onnx.ModelProto | bytes | str | Path, threads: int = 0, optim
             "the node before compressing") from None
 
 
-def session_options(threads: int, optimize: bool):
+def session_options(threads: int, optimize: bool, arena: bool = True):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = arena
     options.intra_op_num_threads = cpu_threads(threads)
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -77,27 +77,28 @@ def _session_from_files(model: onnx.ModelProto, options, extra_outputs: Sequence
         return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
-def session_with_outputs(model: onnx.ModelProto, names: Sequence[str], threads: int = 0):
+def session_with_outputs(model: onnx.ModelProto, names: Sequence[str], threads: int = 0, arena: bool = True):
     """A session whose outputs also include the intermediate tensors ``names`` (the model is not changed)."""
     if through_files(model):
-        return _session_from_files(model, session_options(threads, True), names)
+        return _session_from_files(model, session_options(threads, True, arena), names)
     probe = copy.deepcopy(model)
     _add_outputs(probe, names)
-    return session(probe, threads)
+    return session(probe, threads, arena=arena)
 
 
-def session_with_inputs(model: onnx.ModelProto, inputs: Sequence[onnx.ValueInfoProto], threads: int = 0):
+def session_with_inputs(model: onnx.ModelProto, inputs: Sequence[onnx.ValueInfoProto], threads: int = 0,
+                        arena: bool = True):
     """A session where the initializers named by ``inputs`` can also be fed (their stored values are the
     defaults); the model is not changed."""
     present = {v.name for v in model.graph.input}
     added = [v for v in inputs if v.name not in present]
     if through_files(model):
-        return _session_from_files(model, session_options(threads, True), extra_inputs=added)
+        return _session_from_files(model, session_options(threads, True, arena), extra_inputs=added)
     probe = copy.deepcopy(model)  # (copy.copy serializes: fails over 2 GB)
     probe.graph.input.extend(added)
     if probe.ir_version < 4:
         probe.ir_version = 4
-    return session(probe, threads)
+    return session(probe, threads, arena=arena)
 
 
 def _add_outputs(model: onnx.ModelProto, names: Sequence[str]) -> None:

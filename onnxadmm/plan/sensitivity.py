@@ -27,17 +27,19 @@ def input_second_moments(view: GraphView, layers: list[Layer], samples: SampleSe
                          threads: int) -> dict[str, np.ndarray]:
     """E[x_j²] for every canonical input entry j of each layer, shape (G, d)."""
     names = sorted({layer.input_name for layer in layers})
-    sess = session_with_outputs(view.model, names, threads)
+    sess = session_with_outputs(view.model, names, threads, arena=False)
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     for batch in samples.batches(batch_size):
         for name, value in zip(names, sess.run(names, batch)):
-            value = np.asarray(value, dtype=np.float64)
             layer = next(l for l in layers if l.input_name == name)
             axis = 1 if layer.op_type == "Conv" else value.ndim - 1
-            moved = np.moveaxis(value, axis, -1).reshape(-1, value.shape[axis])
-            sums[name] = sums.get(name, 0.0) + (moved ** 2).sum(axis=0)
-            counts[name] = counts.get(name, 0) + moved.shape[0]
+            parts = [value[i:i + 1] for i in range(len(value))] if value.ndim > 1 else [value]
+            for part in parts:  # float64 one sample at a time, not a float64 copy of the whole batch
+                part = np.asarray(part, dtype=np.float64)
+                moved = np.moveaxis(part, axis, -1).reshape(-1, part.shape[axis])
+                sums[name] = sums.get(name, 0.0) + (moved ** 2).sum(axis=0)
+                counts[name] = counts.get(name, 0) + moved.shape[0]
     result = {}
     for layer in layers:
         per_channel = sums[layer.input_name] / max(counts[layer.input_name], 1)
@@ -86,7 +88,7 @@ def output_damage(view: GraphView, probes: dict, samples: SampleSet, batch_size:
     set's first reader on (``_suffix_runs``); larger ones, whose sessions cost more to build, one session of the
     whole graph for every probe. Outputs computed before a probe's weights are read are unchanged by it."""
     batches = list(samples.batches(batch_size))
-    plain = session(view.model, threads) if not through_files(view.model) else None
+    plain = session(view.model, threads, arena=False) if not through_files(view.model) else None
     reference = outputs = scores = None
     energy = count = 1.0
     damage = {}
@@ -138,7 +140,7 @@ def _suffix_runs(view: GraphView, probes: dict, batches: list[dict], threads: in
         produced = [t for t in crossing if t in view.producer and position[view.producer[t]] >= start]
         types = {t: observed_type([values[t] for values in state]) for t in state[0]} if state else {}
         if produced and state:
-            segment = session(cut(view, view.order[start:at], produced, types), threads)
+            segment = session(cut(view, view.order[start:at], produced, types), threads, arena=False)
             wanted = [i.name for i in segment.get_inputs()]
             for values in state:
                 values.update(zip(produced, segment.run(produced, {t: values[t] for t in wanted})))
@@ -162,7 +164,8 @@ def _crossing(view: GraphView, position: dict[int, int], at: int) -> list[str]:
 
 def _overridable(view: GraphView, names: list[str], threads: int, model: onnx.ModelProto | None = None):
     return session_with_inputs(view.model if model is None else model, [onnx.helper.make_tensor_value_info(
-        name, view.initializers[name].data_type, view.initializers[name].dims) for name in names], threads)
+        name, view.initializers[name].data_type, view.initializers[name].dims) for name in names], threads,
+        arena=False)
 
 
 def _kl_rows(reference: np.ndarray, scores: np.ndarray) -> np.ndarray:

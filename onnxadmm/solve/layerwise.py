@@ -20,6 +20,7 @@ from ..algorithms.factorize import Factors
 from ..algorithms.solve import Structure, solve_layer
 from ..analysis.layers import Declined, Layer
 from ..bridge.torch_layer import BridgeError, activation_function
+from ..calib.memory import release_freed_memory
 from ..calib.readers import SampleSet
 from ..calib.stream import ActivationStream
 from ..config import CompressConfig
@@ -91,7 +92,8 @@ COLLECT_FROM_WEIGHTS = 1 << 22  # after a layer this large, its converted module
 def admm_settings(config: CompressConfig) -> AdmmSettings:
     return AdmmSettings(iterations=config.admm_iterations, rho_init=config.rho_init,
                         rho_growth=config.rho_growth, grad_patches=config.grad_patches, seed=config.seed,
-                        bf16_products=resolved_products(config).admm_products == "bf16")
+                        bf16_products=resolved_products(config).admm_products == "bf16",
+                        subset_bytes=(config.max_memory_mb << 20) // 8)  # (the budget's shares: compress_layers)
 
 
 def resolved_products(config: CompressConfig) -> CompressConfig:
@@ -114,14 +116,15 @@ def compress_layers(view: GraphView, layers: list[Layer], samples: SampleSet, st
     for layer in order:
         for name in (layer.input_name, *(layer.chain.side_inputs if layer.chain else ())):
             pending[name] = pending.get(name, 0) + 1
-    budget = config.max_memory_mb << 20
+    budget = config.max_memory_mb << 20  # a quarter cached activations, a quarter one layer's sampled problem, an
+    # eighth the solver's copy of its patch subset (``admm_settings``), the rest onnxruntime's and the solver's own
     sampling = SampleSettings(max_patches=config.sample_patches, memory_bytes=budget // 4, seed=config.seed,
                               token_mask=token_mask_input(view, config.token_mask))
     settings = admm_settings(config)
     initializers: dict[str, np.ndarray] = {}
     outcomes: list[LayerOutcome] = []
     declined: list[Declined] = []
-    stream = ActivationStream(view, samples, config.batch_size, budget // 2, config.threads,
+    stream = ActivationStream(view, samples, config.batch_size, budget // 4, config.threads,
                               keep=lambda name: pending.get(name, 0) > 0 or name == sampling.token_mask)
     try:  # nothing between creating the stream and here, so an interrupt cannot leave its spill behind
         stream.set_initializers(switches or {})
@@ -152,6 +155,7 @@ def compress_layers(view: GraphView, layers: list[Layer], samples: SampleSet, st
             stream.evict()
             if layer.num_weights >= COLLECT_FROM_WEIGHTS:
                 gc.collect()  # the converted layer (an onnx2torch graph: reference cycles) holds a copy of its weight
+            release_freed_memory()
         progress("solve", len(order), len(order), "done")
         return SequentialResult(initializers, outcomes, declined, stream.peak_bytes, stream.spilled_bytes)
     finally:
@@ -181,6 +185,7 @@ def _solve_one(stream, view, layer, index, level, structure, config, sampling, s
     activation = activation_function(view, layer)
     fit_bias = layer.bias_name is not None and layer.beta != 0
     problem = sample_problem(stream, layer, index, w0, b0, activation, fit_bias, sampling, total_samples)
+    release_freed_memory()  # the batches' patches, before the solve's copies
     torch.manual_seed(config.seed + index)
     solution = solve_layer(problem, structure, config.loss, config.solver, settings)
     values = {layer.weight_name: layer.stored(solution.weight.numpy())}

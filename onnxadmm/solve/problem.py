@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 
 from ..algorithms.patches import conv_patches, resolve_conv, sample_positions
-from ..algorithms.problem import LayerProblem
+from ..algorithms.problem import LayerProblem, held_out_last
 from ..analysis.layers import Layer
 from ..bridge.torch_layer import BridgeError, verify_layer
 from ..calib.stream import COMPRESSED, ORIGINAL, ActivationStream
@@ -69,122 +70,139 @@ def patch_budget(layer: Layer, num_sides: int, settings: SampleSettings) -> int:
 def sample_problem(stream: ActivationStream, layer: Layer, layer_index: int, w0: np.ndarray,
                    b0: np.ndarray, activation, fit_bias: bool, settings: SampleSettings,
                    total_samples: int, verify: bool = True) -> LayerProblem:
-    """Gather the problem of ``layer`` (canonical ``w0`` (G,R,d), ``b0`` (Cout)) over all batches."""
+    """Gather the problem of ``layer`` (canonical ``w0`` (G,R,d), ``b0`` (Cout)) over all batches.
+
+    Two passes: the positions are drawn from the batches' shapes (and the token mask) alone, so the arrays are
+    allocated once at their final size and each batch's patches are copied straight into place — never the
+    patches beside a joined copy of them."""
     sides = list(layer.chain.side_inputs) if layer.chain else []
     budget = patch_budget(layer, len(sides), settings)
     w0_t = torch.from_numpy(np.require(w0, np.float32, ["C", "W"]))  # shares ``w0`` when it can (no second copy)
     b0_t = torch.from_numpy(np.array(b0, np.float32))
-    parts = {"x_hat": [], "y": [], "ids": [], "side_hat": [[] for _ in sides], "side_ref": [[] for _ in sides]}
-    first_sample = 0  # global index of the batch's first calibration sample
+    picks, ids, first_sample = [], [], 0  # first_sample: global index of the batch's first calibration sample
     for batch in range(stream.num_batches):
-        x_ref = torch.from_numpy(np.array(stream.get(ORIGINAL, layer.input_name, batch), dtype=np.float32))
-        x_hat = torch.from_numpy(np.array(stream.get(COMPRESSED, layer.input_name, batch), dtype=np.float32))
+        shape = np.shape(stream.get(ORIGINAL, layer.input_name, batch))
         rng = np.random.default_rng([settings.seed, layer_index, batch])
-        quota = math.ceil(budget * _samples_in(layer, x_ref) / total_samples)
+        quota = math.ceil(budget * _samples_in(layer, shape) / total_samples)
         if layer.op_type == "Conv":
-            p_ref, p_hat, gather, ids = _conv_positions(layer, x_ref, x_hat, rng, quota)
+            pick = _conv_pick(layer, shape, rng, quota)
         else:
             tokens = None if settings.token_mask is None else stream.get(ORIGINAL, settings.token_mask, batch)
-            p_ref, p_hat, gather, ids = _row_positions(layer, x_ref, x_hat, rng, quota, tokens)
+            pick = _row_pick(layer, shape, rng, quota, tokens)
+        picks.append(pick)
+        ids.append(pick.ids + first_sample)
+        first_sample += _samples_in(layer, shape)
+    sample_ids = torch.cat(ids)
+    order = held_out_last(sample_ids)  # row of each patch in the problem
+    count = len(order)
+    x_hat = torch.empty((count, layer.groups, layer.in_features))
+    y_ref = torch.empty((count, layer.out_features))
+    side_hat = [torch.empty((count, layer.out_features)) for _ in sides]
+    side_ref = [torch.empty((count, layer.out_features)) for _ in sides]
+    start = 0
+    for batch, pick in enumerate(picks):
+        rows = order[start:start + len(pick.ids)]
+        start += len(pick.ids)
+        x_ref = torch.from_numpy(np.array(stream.get(ORIGINAL, layer.input_name, batch), dtype=np.float32))
+        p_ref = pick.patches(x_ref)
+        p_hat = pick.patches(torch.from_numpy(np.array(stream.get(COMPRESSED, layer.input_name, batch),
+                                                       dtype=np.float32)))
         largest = max(float(p_ref.abs().max()), float(p_hat.abs().max())) if p_ref.numel() else 0.0
         if not (largest == 0.0 or INPUT_RANGE[0] <= largest <= INPUT_RANGE[1]):  # NaN included
             raise SamplingError(f"its input peaks at {largest:.1e} on the calibration samples, outside "
                                 f"{INPUT_RANGE[0]:.0e}..{INPUT_RANGE[1]:.0e} where the solver's float32 products "
                                 "stay finite and normal (such values come from untrained or broken weights), so "
                                 "the layer is not solved")
-        parts["ids"].append(ids + first_sample)
-        first_sample += _samples_in(layer, x_ref)
         y = torch.bmm(p_ref.transpose(0, 1), w0_t.transpose(1, 2)).transpose(0, 1).reshape(len(p_ref), -1) + b0_t
         side_ref_full = [np.asarray(stream.get(ORIGINAL, s, batch), dtype=np.float32) for s in sides]
         for k, name in enumerate(sides):
-            ref = torch.from_numpy(np.array(side_ref_full[k]))
+            side_ref[k].index_copy_(0, rows, pick.gather(torch.from_numpy(np.array(side_ref_full[k])), name))
             hat = torch.from_numpy(np.array(stream.get(COMPRESSED, name, batch), dtype=np.float32))
-            parts["side_ref"][k].append(gather(ref, name))
-            parts["side_hat"][k].append(gather(hat, name))
+            side_hat[k].index_copy_(0, rows, pick.gather(hat, name))
         if verify and batch == 0:
-            expected = y if activation is None else activation(y, tuple(p[-1] for p in parts["side_ref"]))
+            expected = y if activation is None else activation(y, tuple(s[rows] for s in side_ref))
             verify_layer(stream.view, layer, x_ref.numpy(), side_ref_full,
-                         lambda full: gather(full, layer.output_name), expected.detach())
-        parts["x_hat"].append(p_hat)
-        parts["y"].append(y)
+                         lambda full: pick.gather(full, layer.output_name), expected.detach())
+        x_hat.index_copy_(0, rows, p_hat)
+        y_ref.index_copy_(0, rows, y)
     return LayerProblem(
-        x_hat=_concat(parts["x_hat"]), y_ref=_concat(parts["y"]), w0=w0_t, b0=b0_t,
-        side_hat=tuple(_concat(p) for p in parts["side_hat"]),
-        side_ref=tuple(_concat(p) for p in parts["side_ref"]),
-        activation=activation, fit_bias=fit_bias, sample_ids=_concat(parts["ids"]))
+        x_hat=x_hat, y_ref=y_ref, w0=w0_t, b0=b0_t, side_hat=tuple(side_hat), side_ref=tuple(side_ref),
+        activation=activation, fit_bias=fit_bias,
+        sample_ids=torch.empty_like(sample_ids).index_copy_(0, order, sample_ids))
 
 
-def _concat(parts: list[torch.Tensor]) -> torch.Tensor:
-    """``torch.cat(parts)``, emptying ``parts`` as it copies them: the peak is the result and one part, not
-    the result and all of them."""
-    out = torch.empty((sum(len(p) for p in parts), *parts[0].shape[1:]), dtype=parts[0].dtype)
-    start = 0
-    while parts:
-        part = parts.pop(0)
-        out[start:start + len(part)] = part
-        start += len(part)
-    return out
+def _samples_in(layer: Layer, shape: tuple[int, ...]) -> int:
+    return shape[0] if layer.op_type in ("Conv", "Gemm") or len(shape) > 1 else 1
 
 
-def _samples_in(layer: Layer, x: torch.Tensor) -> int:
-    return x.shape[0] if layer.op_type in ("Conv", "Gemm") or x.ndim > 1 else 1
+@dataclass(frozen=True)
+class _Pick:
+    """Where one batch is sampled: ``ids`` (P,) the sample of each patch within the batch; ``patches(x)`` the
+    layer's input patches there, (P, G, d); ``gather(full, name)`` a layer-output-shaped tensor there, (P, Cout)."""
+
+    ids: torch.Tensor
+    patches: Callable[[torch.Tensor], torch.Tensor]
+    gather: Callable[[torch.Tensor, str], torch.Tensor]
 
 
-def _conv_positions(layer: Layer, x_ref: torch.Tensor, x_hat: torch.Tensor, rng, quota: int):
+def _conv_pick(layer: Layer, shape: tuple[int, ...], rng, quota: int) -> _Pick:
     geometry = layer.conv
     if geometry.spatial_rank == 1:
-        x_ref, x_hat = x_ref[:, :, None, :], x_hat[:, :, None, :]
-    if x_ref.ndim != 4 or x_ref.shape[1] != layer.groups * (layer.in_features //
-                                                             (geometry.kernel[0] * geometry.kernel[1])):
-        raise SamplingError(f"layer {layer.name!r}: input of shape {tuple(x_ref.shape)} does not match its "
+        shape = (*shape[:2], 1, *shape[2:])
+    if len(shape) != 4 or shape[1] != layer.groups * (layer.in_features // (geometry.kernel[0] * geometry.kernel[1])):
+        raise SamplingError(f"layer {layer.name!r}: input of shape {tuple(shape)} does not match its "
                             f"weight {layer.weight_shape}")
-    count, _, height, width = x_ref.shape
-    shape = resolve_conv(height, width, geometry.kernel, geometry.strides, geometry.dilations,
-                         geometry.pads, geometry.auto_pad)
-    per_sample = shape.out_h * shape.out_w
+    count, _, height, width = shape
+    resolved = resolve_conv(height, width, geometry.kernel, geometry.strides, geometry.dilations,
+                            geometry.pads, geometry.auto_pad)
+    per_sample = resolved.out_h * resolved.out_w
     flat = torch.from_numpy(sample_positions(rng, count * per_sample, quota))
     sample, rest = flat // per_sample, flat % per_sample
-    oy, ox = rest // shape.out_w, rest % shape.out_w
-    args = (geometry.kernel, geometry.strides, geometry.dilations, shape, layer.groups, sample, oy, ox)
-    p_ref, p_hat = conv_patches(x_ref, *args), conv_patches(x_hat, *args)
-    expected = (count, layer.out_features, shape.out_h, shape.out_w)
+    oy, ox = rest // resolved.out_w, rest % resolved.out_w
+    expected = (count, layer.out_features, resolved.out_h, resolved.out_w)
 
-    def gather(full: torch.Tensor, name: str) -> torch.Tensor:
+    def spatial_2d(full) -> torch.Tensor:
         full = torch.as_tensor(full)
-        if geometry.spatial_rank == 1:
-            full = full[:, :, None, :]
+        return full[:, :, None, :] if geometry.spatial_rank == 1 else full
+
+    def patches(x: torch.Tensor) -> torch.Tensor:
+        return conv_patches(spatial_2d(x), geometry.kernel, geometry.strides, geometry.dilations, resolved,
+                            layer.groups, sample, oy, ox)
+
+    def gather(full, name: str) -> torch.Tensor:
+        full = spatial_2d(full)
         if tuple(full.shape) != expected:
             raise SamplingError(f"tensor {name!r} has shape {tuple(full.shape)}, expected {expected} "
                                 f"(the output of layer {layer.name!r})")
         return full[sample, :, oy, ox]
 
-    return p_ref, p_hat, gather, sample
+    return _Pick(sample, patches, gather)
 
 
-def _row_positions(layer: Layer, x_ref: torch.Tensor, x_hat: torch.Tensor, rng, quota: int,
-                   tokens: np.ndarray | None = None):
+def _row_pick(layer: Layer, shape: tuple[int, ...], rng, quota: int, tokens: np.ndarray | None = None) -> _Pick:
     """Rows of a Gemm/MatMul input; with ``tokens`` ([batch, sequence] matching a 3-D input), only the
     rows of nonzero tokens."""
     k = layer.in_features
-    if x_ref.shape[-1] != k:
-        raise SamplingError(f"layer {layer.name!r}: input of shape {tuple(x_ref.shape)} does not end in "
-                            f"K={k}")
-    rows_ref, rows_hat = x_ref.reshape(-1, k), x_hat.reshape(-1, k)
-    candidates = np.arange(rows_ref.shape[0])
-    if tokens is not None and x_ref.ndim == 3 and tuple(np.shape(tokens)) == tuple(x_ref.shape[:2]):
+    if not shape or shape[-1] != k:
+        raise SamplingError(f"layer {layer.name!r}: input of shape {tuple(shape)} does not end in K={k}")
+    expected_rows = int(np.prod(shape[:-1]))
+    candidates = np.arange(expected_rows)
+    if tokens is not None and len(shape) == 3 and tuple(np.shape(tokens)) == tuple(shape[:2]):
         candidates = np.flatnonzero(np.asarray(tokens).reshape(-1) != 0)
     picked = torch.from_numpy(candidates[sample_positions(rng, len(candidates), quota)])
-    expected_rows = rows_ref.shape[0]
+    per_sample = max(1, expected_rows // _samples_in(layer, shape))
 
-    def gather(full: torch.Tensor, name: str) -> torch.Tensor:
+    def patches(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1, k)[picked][:, None, :]
+
+    def gather(full, name: str) -> torch.Tensor:
         full = torch.as_tensor(full)
         if full.shape[-1] != layer.out_features or full.numel() != expected_rows * layer.out_features:
             raise SamplingError(f"tensor {name!r} has shape {tuple(full.shape)}, not the output shape of "
                                 f"layer {layer.name!r}")
         return full.reshape(-1, layer.out_features)[picked]
 
-    per_sample = max(1, expected_rows // _samples_in(layer, x_ref))
-    return rows_ref[picked][:, None, :], rows_hat[picked][:, None, :], gather, picked // per_sample
+    return _Pick(picked // per_sample, patches, gather)
 
 
 __all__ = ["SampleSettings", "SamplingError", "sample_problem", "patch_budget", "BridgeError"]
