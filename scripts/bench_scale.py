@@ -269,14 +269,14 @@ models' layer inputs; spilled to disk beyond it), a quarter for one layer's samp
 inputs), an eighth for the solver's copy of its patch subset [x̂; 1] (and its bfloat16 copy) — lowered rows
 where that copy would exceed it, never below 32 rows per unknown: only wide grouped layers, such as a 1,152-channel
 5×5 depthwise conv (4,096 → 1,424 rows) — and the rest for onnxruntime's segment runs and the solver's own
-temporaries. Measured peak RSS: 4,847 MB (before the first round of changes), 4,128 (bench, the release before),
-**2,928 MB with `--val`** (bench row above: without it). What the second round changed, each found by sampling
+temporaries. Measured peak RSS: 4,847 MB (before the first round of changes), 4,128 (bench, the release before), 2,914 MB (bench, now: the row above),
+3,168 MB with `--val` (the bench row above is without it). What the second round changed, each found by sampling
 RSS (anonymous and file pages, and the peak reset before each step) around every layer's stream step, sampling
 and solve:
 
 | step | found | now |
 |---|---|---|
-| freed memory | glibc kept freed heap blocks (arrays under its adaptive 32 MB mmap threshold): with the caches down to 35 MB in the last blocks, 2.16 GB stayed anonymous — 1.1 GB more than imports, images and caches | `malloc_trim(0)` after each stream step, each layer's sampling and each layer (`calib/memory.py`): 2.52 → 1.44 GB between the last layers. (A fixed 1 MB mmap threshold instead, every large array a fresh mapping: peak 3,327 against 3,748 MB, but 746 against 650 s, the two run side by side) |
+| freed memory | glibc kept freed heap blocks (arrays under its adaptive 32 MB mmap threshold): with the caches down to 35 MB in the last blocks, 2.16 GB stayed anonymous — 1.1 GB more than imports, images and caches | `malloc_trim(0)` (`calib/memory.py`), checked after each stream step, each layer's sampling and each layer, done once the process has grown by a quarter of the budget since the last time: 2.52 → 1.44 GB between the last layers. Done after every step it cost ResNet-56 7 % (54.2 / 52.4 s against 50.6 / 48.4 s without; with the threshold 51.2 / 49.9 s, the release before 50.8 / 49.2 s, all back to back). A fixed 1 MB mmap threshold instead, every large array a fresh mapping: peak 3,327 against 3,748 MB, but 746 against 650 s, the two run side by side |
 | sensitivity probes (planning) | one batch of 32 samples returned every layer input at once, converted to float64 whole, and the probe sessions kept onnxruntime's arena: planning peaked at 3,046 MB | float64 one sample at a time, sessions without the arena: 1,822 MB |
 | sampling a layer | the batches' patches were joined into x̂ beside themselves (2 × x̂) | two passes: positions from the batches' shapes (and the token mask), then each batch's patches copied into place: +1.4 → +0.9 GB at the 1,152-channel depthwise convs |
 | held-out split of the refit | `subset` copied 90 % and 10 % of x̂ | the held-out patches are stored last, so both sides are views |
@@ -284,16 +284,17 @@ and solve:
 
 Figures (one CLI run each, alone on the machine): the release before, with `--val` on the 500 held-out images,
 4,158 MB, top-1 drop 8.80 pt, agreement 0.848 (227 s total when it was measured; re-run here without `--val`
-for this comparison: 4,143 MB, 268 s wall); now, with `--val`, 2,928 MB, 9.60 pt, 0.852, 270 s wall. Storing the held-out patches last
+for this comparison: 4,143 MB, 268 s wall); now, with `--val`, 3,168 MB, 9.60 pt, 0.852, 257 s wall (handing memory back after every step instead: 2,928 MB, 270 s). Storing the held-out patches last
 changes which rows the objective's random subset holds, so the model differs: paired on the 500 images the two
-disagree on 22 (13 right only before, 9 only now; exact McNemar p = 0.52). The subset cap did not move a single
-held-out prediction (9.60 pt and 0.852 with and without it). What remains at the peak, at the 5×5 depthwise
+disagree on 22 (13 right only before, 9 only now; exact McNemar p = 0.52). The subset cap left top-1 and agreement
+unchanged (9.60 pt and 0.852 with and without it). What remains at the peak, at the 5×5 depthwise
 convs of 1,152 channels: imports 0.7 GB (torch 0.5 of it), the calibration images 0.3 GB, the caches up to 0.5 GB,
-x̂ 0.5 GB and the solver's subset copy with its temporaries 0.7 GB. The two rows marked `939c377 dirty` were
+x̂ 0.5 GB and the solver's subset copy with its temporaries 0.7 GB. The rows marked `05102b2 dirty` were
 measured on a slower day than the rows before them: ResNet-56 `--sparsity 0.5` run back to back, the release
-before and this one alternately, took 57.1 / 55.9 s and 55.6 / 58.7 s wall — the same — where the same release
-had measured 39 s total; the time bars are this machine's load here, not a regression. `--quantize int8` (`--solver magnitude`): 5,429 MB
-before these changes, the solve's (it caches the original and the rounded model's layer inputs); not re-measured.
+before and this one alternately, took 50.8 / 49.2 s and 51.2 / 49.9 s wall, where the release before had
+measured 39 s total on 2026-12-05; the time bars are this machine's load today, not a change of the solve. `--quantize int8 --solver magnitude --val`: 5,599 MB in
+the release before (its range passes) and 3,298 MB now, with their batches at a quarter of the budget and their
+session without the arena (`docs/INT8.md`).
 
 ## Not built yet
 

@@ -248,3 +248,21 @@ def test_input_second_moments_are_each_input_channel_s_mean_square(builder):
         taps = layer.in_features * layer.groups // len(per_channel)
         expected = np.repeat(per_channel, taps).reshape(layer.groups, layer.in_features)
         np.testing.assert_allclose(moments[layer.name], expected, rtol=1e-10)
+
+
+def test_freed_memory_is_handed_back_once_the_process_has_grown_by_the_threshold(monkeypatch):
+    from onnxadmm.calib import memory
+
+    calls, resident = [], [1000]
+    monkeypatch.setattr(memory, "_malloc_trim", lambda: (lambda pad: calls.append(pad) or resident.append(1100)))
+    monkeypatch.setattr(memory, "resident_bytes", lambda: resident[-1])
+    freed = memory.FreedMemory(threshold_bytes=500)
+    resident.append(1400)
+    freed.release()  # grown by 400: left alone
+    assert calls == []
+    resident.append(1600)
+    freed.release()  # by 600: trimmed, to 1100
+    assert calls == [0]
+    resident.append(1500)
+    freed.release()  # by 400 since then
+    assert calls == [0]

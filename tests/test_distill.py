@@ -88,8 +88,7 @@ def test_image_inputs_are_augmented_and_pruned_widths_stay():
     assert out.shape == (300, 10) and np.isfinite(out).all()
     assert record.kept
     unseen = samples_for(model, 300, seed=9)
-    # on 300 unseen samples: 0.00383 against 0.00395 (0.00449 against 0.00481 before the solve's held-out patches
-    # were stored last, which changed the plain model's objective subset)
+    # distillation lowers the divergence on unseen samples (by 3 % here: the plain solve is already close)
     assert _divergence(distilled.model, model, unseen) < 0.98 * _divergence(plain.model, model, unseen)
 
 

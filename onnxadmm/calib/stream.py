@@ -18,7 +18,6 @@ import onnx
 from ..onnxio.graph import GraphView, TensorType, node_inputs
 from ..onnxio.runtime import session
 from ..onnxio.subgraph import cut
-from .memory import release_freed_memory
 from .readers import SampleSet
 from .store import TensorStore
 
@@ -87,7 +86,6 @@ class ActivationStream:
             self.differs.update(wanted)
         self.computed |= segment
         self.evict()
-        release_freed_memory()
 
     def evict(self) -> None:
         """Drop cached tensors no pending node reads and no pending layer needs."""

@@ -307,8 +307,9 @@ def _dynamic(normalized, found, samples: SampleSet, config: CompressConfig, prog
 
 
 def _ranges_memory(config: CompressConfig) -> int:
-    """What one batch of the range passes' tensors may hold: the activations' half of ``--max-memory-mb``."""
-    return (config.max_memory_mb << 20) // 2
+    """What one batch of the range passes' tensors may hold: a quarter of ``--max-memory-mb`` (onnxruntime
+    hands them over as a copy, so a batch is held about twice while it runs)."""
+    return (config.max_memory_mb << 20) // 4
 
 
 def _solving(samples: SampleSet, config: CompressConfig) -> SampleSet:

@@ -20,7 +20,7 @@ from ..algorithms.factorize import Factors
 from ..algorithms.solve import Structure, solve_layer
 from ..analysis.layers import Declined, Layer
 from ..bridge.torch_layer import BridgeError, activation_function
-from ..calib.memory import release_freed_memory
+from ..calib.memory import FreedMemory
 from ..calib.readers import SampleSet
 from ..calib.stream import ActivationStream
 from ..config import CompressConfig
@@ -124,6 +124,7 @@ def compress_layers(view: GraphView, layers: list[Layer], samples: SampleSet, st
     initializers: dict[str, np.ndarray] = {}
     outcomes: list[LayerOutcome] = []
     declined: list[Declined] = []
+    freed = FreedMemory(budget // 4)  # handed back once the process has grown by a quarter of the budget
     stream = ActivationStream(view, samples, config.batch_size, budget // 4, config.threads,
                               keep=lambda name: pending.get(name, 0) > 0 or name == sampling.token_mask)
     try:  # nothing between creating the stream and here, so an interrupt cannot leave its spill behind
@@ -139,10 +140,11 @@ def compress_layers(view: GraphView, layers: list[Layer], samples: SampleSet, st
                     pending[name] -= 1
                 continue
             stream.ensure([layer.input_name, *sides])
+            freed.release()
             inside = dataclasses.replace(settings, on_iteration=_inner_progress(progress, index, len(order), layer.name))
             try:
                 outcome, values = _solve_one(stream, view, layer, index, level, structures[layer.name],
-                                             config, sampling, inside, samples.num_samples)
+                                             config, sampling, inside, samples.num_samples, freed)
             except (BridgeError, SamplingError) as exc:
                 declined.append(Declined(layer.name, layer.op_type, str(exc)))
             else:
@@ -155,7 +157,7 @@ def compress_layers(view: GraphView, layers: list[Layer], samples: SampleSet, st
             stream.evict()
             if layer.num_weights >= COLLECT_FROM_WEIGHTS:
                 gc.collect()  # the converted layer (an onnx2torch graph: reference cycles) holds a copy of its weight
-            release_freed_memory()
+            freed.release()
         progress("solve", len(order), len(order), "done")
         return SequentialResult(initializers, outcomes, declined, stream.peak_bytes, stream.spilled_bytes)
     finally:
@@ -179,13 +181,13 @@ def _unchanged(view: GraphView, layer: Layer, structure: Structure) -> LayerOutc
                         seconds=0.0, patches=0)
 
 
-def _solve_one(stream, view, layer, index, level, structure, config, sampling, settings, total_samples):
+def _solve_one(stream, view, layer, index, level, structure, config, sampling, settings, total_samples, freed):
     w0 = layer.canonical(view.constant(layer.weight_name))
     b0 = layer.canonical_bias(view)
     activation = activation_function(view, layer)
     fit_bias = layer.bias_name is not None and layer.beta != 0
     problem = sample_problem(stream, layer, index, w0, b0, activation, fit_bias, sampling, total_samples)
-    release_freed_memory()  # the batches' patches, before the solve's copies
+    freed.release()  # the batches' patches, before the solve's copies
     torch.manual_seed(config.seed + index)
     solution = solve_layer(problem, structure, config.loss, config.solver, settings)
     values = {layer.weight_name: layer.stored(solution.weight.numpy())}
