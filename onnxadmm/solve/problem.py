@@ -3,7 +3,8 @@
 Output positions are sampled per batch (a fixed quota per sample, deterministic in the seed and the
 layer's index), and at each position we keep the compressed-model input patch x̂, the original
 pre-activation y = W₀x + b₀, and the chain's side inputs from both models. Memory is bounded by the
-patch cap, not by the number of calibration samples.
+patch cap, not by the number of calibration samples. The patches of the refit's held-out samples are stored
+last (``held_out_last``), so its split of the problem takes views.
 
 Token rows of a sequence model ([batch, sequence, K] inputs) are sampled only where the token mask (an
 input such as ``attention_mask``, 0 at padding) is nonzero: padded positions never reach the model's
