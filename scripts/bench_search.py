@@ -108,7 +108,29 @@ def render() -> str:
                          f"{'holds' if c['passed'] else 'missed'} | {_seconds(c)} | "
                          f"{c.get('note') or ''} |")
         lines += ["", *([NOTES[r["case"]], ""] if r["case"] in NOTES else [])]
-    return "\n".join(lines)
+    return "\n".join(lines + [NOT_PROPOSED])
+
+
+NOT_PROPOSED = """## What the search does not try, and why (measured)
+
+- **Low-rank × int8.** On ResNet-56, `--method lowrank --lowrank-form auto --target-macs 0.75 --quantize int8`
+  measured 0.490 at batch 1, 5.68 pt, agreement 0.837 (2026-12-06, one CLI run, 9,000 evaluation images). int8
+  alone measured 0.517 that day: 5 % faster for 5.7 pt. On MiniLM-L3, `--method lowrank --target-macs 0.75
+  --quantize int8` measured 0.610 / 0.543 (batch 1 / 8), 0.72 pt, agreement 0.967. int8 alone measured
+  0.590 / 0.536, 0.72 pt, 0.981 in the same run (`docs/TEXT.md`), and heads + neurons × int8 0.535 at 0.89 pt
+  (`docs/TRANSFORMERS.md`). A factor pair is two products where the layer had one, and under int8 both run as
+  integer kernels. So the pair saves little time beside int8, and on these models its damage is the larger one.
+  Channel pruning is the latency search's only structural family.
+- **A cheaper first evaluation on fewer held-out samples.** Evaluation is a small share of a candidate's time:
+  - ResNet-56 int8 alone: 5.2 s of 81 s (9,000 images and the latency A/B);
+  - MiniLM-L3 channel candidates: about 4.5 s of 124–185 s;
+  - LeNet-5 sparse + w4: 0.8 s of 6.4 s (10,000 digits).
+  Screening on a subset would save at most those shares and would add a second evaluation for every candidate
+  near the gate. A candidate's time is its plan and solve, and the search saves those in other ways:
+  - the refinement retry starts from its miss's solve;
+  - the original's evaluation run is shared;
+  - a miss beyond the retry's reach is not retried.
+"""
 
 
 NOTES = {  # what a case's rows show, in words (checked against its JSON when it is re-run)

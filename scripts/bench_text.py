@@ -43,6 +43,7 @@ ROWS = {
     "magnitude-macs0.5": {"method": "channel", "target_macs": 0.5, "solver": "magnitude"},
     "heads-latency0.7": {"method": "channel", "target_latency": 0.7},
     "lowrank-macs0.75": {"method": "lowrank", "target_macs": 0.75},
+    "lowrank-macs0.75-int8": {"method": "lowrank", "target_macs": 0.75, "quantize": "int8"},
     "int8": {"method": "none", "quantize": "int8"},
     "ort-dynamic": None,
     "ort-static": None,

@@ -84,3 +84,38 @@ def test_the_strongest_plan_is_returned_when_the_search_steps_all_missed_but_it_
     assert plan == 0.0 and measured == 0.3
     assert steps[-1].budget_ratio == 0.0 and steps[-1].measured_ratio == 0.3
     assert all(s.measured_ratio == 0.75 for s in steps[:-1])
+
+
+def test_the_sign_test_matches_the_binomial_tails():
+    from onnxadmm.cost.timing import sign_test_p
+
+    assert sign_test_p(15, 30) == 1.0
+    assert sign_test_p(0, 5) == pytest.approx(2 / 32)  # five rounds can never show a difference at 5 %
+    assert sign_test_p(21, 30) == pytest.approx(0.0428, abs=1e-4)  # the fewest of 30 that do
+    assert sign_test_p(20, 30) == pytest.approx(0.0987, abs=1e-4)
+    assert sign_test_p(9, 30) == sign_test_p(21, 30)
+
+
+def latency(ratio, faster, rounds=30):
+    from onnxadmm.cost.timing import LatencyAB
+
+    return LatencyAB(1, 2, rounds, 10, 1.0, 1.1, ratio, ratio, ratio, ratio * 0.8, ratio * 1.2, rounds_faster=faster)
+
+
+@pytest.mark.parametrize("ratio, faster, rounds, verdict", [
+    (0.948, 17, 30, "no measurable change"),  # a 5.5 % median gain that 17 of 30 rounds do not establish
+    (0.948, 24, 30, "faster"),
+    (1.10, 5, 30, "slower"),
+    (0.98, 30, 30, "no measurable change"),  # consistent, but inside the noise band
+    (0.80, 3, 3, "faster"),  # too few rounds for the sign test: the median decides
+    (0.80, None, 30, "faster"),  # rounds not recorded (a report read back from an older version)
+])
+def test_the_latency_verdict_needs_the_median_outside_the_band_and_the_rounds_to_agree(ratio, faster, rounds,
+                                                                                        verdict):
+    from onnxadmm.cost.footprint import Footprint
+    from onnxadmm.validation.run import gains_statement
+
+    footprint = Footprint(1000, 900, 100, 100, 1000, 1000, 90, 90)
+    line = gains_statement(footprint, footprint, [latency(ratio, faster, rounds)])[-1]
+    assert line.endswith(f"— {verdict}."), line
+    assert (f"faster in {faster} of {rounds} rounds" in line) == (faster is not None)

@@ -3,7 +3,9 @@
 Both sessions use the same thread count with thread-pool spinning off (else one session's idle
 spinning steals the other's core). After warm-up, rounds alternate the order (A B, then B A, ...);
 each measurement repeats the call enough times to last a few milliseconds. The result is the median
-of per-round ratios B/A with its 10th–90th percentile band; speed-up = 1 / ratio. Absolute times on a
+of per-round ratios B/A with its 10th–90th percentile band; speed-up = 1 / ratio. Whether B differs from A at
+all is a sign test over the rounds: under "no difference" each round's ratio is as likely below 1 as above, so
+k of n rounds faster has two-sided p = min(1, 2·P(X ≤ min(k, n − k))), X ~ Binomial(n, ½). Absolute times on a
 shared machine are noisy — the ratio is the figure to trust. Models too large to hold two sessions of
 (``interleaved=False``) are timed one after the other, each session dropped before the next is built: the
 same rounds and ratios, without the alternation that cancels a change in the machine's load.
@@ -11,6 +13,7 @@ same rounds and ratios, without the alternation that cancels a change in the mac
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -19,6 +22,7 @@ import numpy as np
 from ..onnxio.runtime import cpu_threads, session
 
 MIN_MEASURE_S = 0.005
+SIGN_TEST_LEVEL = 0.05  # a difference whose sign test p exceeds this is not established by the rounds
 
 
 @dataclass
@@ -36,13 +40,34 @@ class LatencyAB:
     ratio_p90: float
     sequence_length: int | None = None  # tokens per sample, when timed at --latency-seq-len
     interleaved: bool = True  # False: A's rounds, then B's (one session at a time)
+    rounds_faster: int | None = None  # rounds in which B took less time than A (None: not recorded)
 
     @property
     def speedup(self) -> float:
         return 1.0 / self.ratio_median
 
+    @property
+    def sign_p(self) -> float | None:
+        """Two-sided sign-test p of "B is as likely faster as slower in a round"; None when not recorded."""
+        return None if self.rounds_faster is None else sign_test_p(self.rounds_faster, self.rounds)
+
+    def differs(self, noise_band: float) -> bool:
+        """Whether B's latency differs from A's: the median speed-up outside 1 ± ``noise_band`` and, where the
+        rounds are recorded and enough to show it, a significant sign test."""
+        if abs(self.speedup - 1.0) <= noise_band:
+            return False
+        if self.rounds_faster is None or sign_test_p(0, self.rounds) > SIGN_TEST_LEVEL:
+            return True  # too few rounds for the test ever to show a difference: the median alone
+        return self.sign_p <= SIGN_TEST_LEVEL
+
     def as_dict(self) -> dict:
         return {**self.__dict__, "speedup": self.speedup}
+
+
+def sign_test_p(successes: int, trials: int) -> float:
+    """Two-sided exact sign test: min(1, 2·P(X ≤ min(k, n − k))) for X ~ Binomial(n, ½)."""
+    tail = min(successes, trials - successes)
+    return min(1.0, 2.0 * sum(math.comb(trials, i) for i in range(tail + 1)) / 2.0 ** trials)
 
 
 def timed(sess, names, feed, repeats: int) -> float:
@@ -81,7 +106,8 @@ def measure(model_a, model_b, feed: dict[str, np.ndarray], rounds: int, threads:
                      original_ms_median=float(np.median(a)), original_ms_p90=float(np.percentile(a, 90)),
                      compressed_ms_median=float(np.median(b)), compressed_ms_p90=float(np.percentile(b, 90)),
                      ratio_median=float(np.median(ratios)), ratio_p10=float(np.percentile(ratios, 10)),
-                     ratio_p90=float(np.percentile(ratios, 90)), interleaved=interleaved)
+                     ratio_p90=float(np.percentile(ratios, 90)), interleaved=interleaved,
+                     rounds_faster=int(np.sum(ratios < 1.0)))
 
 
 def _warm_up(timers: list["_Timer"], warmup: int) -> int:

@@ -22,7 +22,8 @@ from .compare import Comparison, compare
 from .gates import GateResult, evaluate
 from .profile import explain, time_split
 
-# A speed-up inside this band is reported as "no measurable change".
+# A speed-up inside this band is reported as "no measurable change" (as is one the rounds' sign test does not
+# establish: ``LatencyAB.differs``).
 NOISE_BAND = 0.05
 # Two models of this many bytes together are timed one after the other, not with both sessions held at once.
 INTERLEAVE_BELOW_BYTES = 1 << 30
@@ -177,13 +178,16 @@ def gains_statement(a: Footprint, b: Footprint, latencies: list[LatencyAB], prec
                 lines.append(f"At batch {lat.batch_size} the latency ratio {lat.ratio_median:.3f} is "
                              f"{100 * gap:+.0f} % off the MACs ratio: {why}.")
     for lat in latencies:
-        if abs(lat.speedup - 1.0) <= NOISE_BAND:
-            verdict = "no measurable change"
-        else:
-            verdict = "faster" if lat.speedup > 1 else "slower"
+        verdict = ("faster" if lat.speedup > 1 else "slower") if lat.differs(NOISE_BAND) else "no measurable change"
         tokens = f", sequence {lat.sequence_length}" if lat.sequence_length else ""
         order = "" if lat.interleaved else (" (timed one model after the other: the two are too large to hold two "
                                             "sessions at once, so a change in the machine's load is not cancelled)")
         lines.append(f"Latency at batch {lat.batch_size}{tokens}, {lat.threads} threads: speed-up "
-                     f"{lat.speedup:.3f}x (band {1 / lat.ratio_p90:.3f}-{1 / lat.ratio_p10:.3f}x) — {verdict}{order}.")
+                     f"{lat.speedup:.3f}x (band {1 / lat.ratio_p90:.3f}-{1 / lat.ratio_p10:.3f}x{_rounds(lat)}) — "
+                     f"{verdict}{order}.")
     return lines
+
+
+def _rounds(lat: LatencyAB) -> str:
+    """The rounds B was faster in, as '; faster in 21 of 30 rounds' (empty where they are not recorded)."""
+    return "" if lat.rounds_faster is None else f"; faster in {lat.rounds_faster} of {lat.rounds} rounds"
