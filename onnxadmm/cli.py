@@ -331,6 +331,8 @@ def _search_lines(search: dict) -> list[str]:
         lines.append(f"  {mark} {cost}  {drop}{agree}{'holds ' if row['passed'] else 'missed'}  {row['label']}"
                      + (f"  ({row['note']})" if row["note"] and not row["passed"] else ""))
     lines.append(f"  chosen: {search['chosen']}" if search["held"] else f"  {search['reason']}")
+    if search.get("within_noise"):
+        lines.append(f"  {search['within_noise']}")
     return lines
 
 
@@ -373,10 +375,13 @@ def _print_summary(report, report_path: Path | None) -> None:
     c = v.comparison
     where = f"{c.samples} {'held-out' if v.held_out else 'calibration (not held-out)'} samples"
     if c.accuracy_original is not None:
+        low, high = c.accuracy_drop_interval_pt
         lines.append(f"top-1 {100 * c.accuracy_original:.2f}% -> {100 * c.accuracy_compressed:.2f}% "
-                     f"(drop {c.accuracy_drop_pt:.2f} pt) on {where}")
+                     f"(drop {c.accuracy_drop_pt:.2f} pt; 95 % interval {low:.2f} to {high:.2f} pt) on {where}")
     if c.agreement is not None:
-        lines.append(f"top-1 agreement with the original: {c.agreement:.4f} on {where}")
+        low, high = c.agreement_interval
+        lines.append(f"top-1 agreement with the original: {c.agreement:.4f} (95 % interval {low:.4f}-{high:.4f}) "
+                     f"on {where}")
     for out in c.outputs[1:]:  # the first output is the one top-1 is taken from
         if out.sample_cosine is not None:
             lines.append(f"output {out.name!r}: mean per-sample cosine with the original {out.sample_cosine:.4f}")

@@ -41,8 +41,9 @@ class _Table:
     """Stands in for `compress` with a synthetic table: cost and top-1 drop as functions of the settings; the
     "model" is an empty graph named by ``model_of(config)`` (equal names: the same model)."""
 
-    def __init__(self, drop_of, cost_of, model_of=lambda c: repr(c), structure_of=None):
+    def __init__(self, drop_of, cost_of, model_of=lambda c: repr(c), structure_of=None, noise_pt=0.0):
         self.drop_of, self.cost_of, self.model_of, self.calls = drop_of, cost_of, model_of, []
+        self.noise_pt = noise_pt  # half-width of each drop's 95 % interval over the held-out samples
         self.structure_of = structure_of or model_of  # the graph without its weights' values
 
     def __call__(self, config: CompressConfig, reuse=None):
@@ -50,9 +51,10 @@ class _Table:
         if config.method == "channel" and config.target_latency < 0.31:
             raise ConfigError(f"--target-latency {config.target_latency} cannot be met")
         drop, cost = self.drop_of(config), self.cost_of(config)
-        gate = SimpleNamespace(name="max_accuracy_drop", passed=drop <= 0.5)
+        gate = SimpleNamespace(name="max_accuracy_drop", passed=drop <= 0.5,
+                               within_noise=drop - self.noise_pt < 0.5 < drop + self.noise_pt)
         validation = SimpleNamespace(
-            comparison=SimpleNamespace(accuracy_drop_pt=drop, agreement=1 - drop / 100), gates=[gate],
+            comparison=SimpleNamespace(accuracy_drop_pt=drop, agreement=1 - drop / 100, samples=200), gates=[gate],
             latency=[SimpleNamespace(batch_size=1, ratio_median=cost)],
             original=SimpleNamespace(zipped_bytes=1000), compressed=SimpleNamespace(zipped_bytes=int(cost * 1000)))
         report = SimpleNamespace(passed=gate.passed, validation=validation, search=None)
@@ -88,6 +90,19 @@ def test_latency_search_climbs_channel_targets_below_int8_and_refines_the_first_
     assert rows[search["chosen"]]["cost_ratio"] == min(r["cost_ratio"] for r in holding)
     assert rows[search["chosen"]]["chosen"] and rows[search["chosen"]]["on_frontier"]
     assert "```mermaid" in search["chart"]
+
+
+def test_the_search_says_how_many_candidates_the_evaluation_could_not_separate_from_the_gate():
+    quiet = run_search(_Table(_latency_drop, _latency_cost), CompressConfig(method="auto"),
+                       ValidateConfig(max_accuracy_drop=0.5), lambda *a: None).report.search
+    assert quiet["within_noise"] == "" and all(r["within_noise"] == [] for r in quiet["candidates"] if r["samples"])
+    noisy = run_search(_Table(_latency_drop, _latency_cost, noise_pt=0.45), CompressConfig(method="auto"),
+                       ValidateConfig(max_accuracy_drop=0.5), lambda *a: None).report.search
+    measured = [r for r in noisy["candidates"] if r.get("samples")]
+    inside = [r for r in measured if r["within_noise"]]
+    assert inside and all(abs(r["accuracy_drop_pt"] - 0.5) < 0.45 for r in inside)
+    assert noisy["within_noise"].startswith(f"{len(inside)} of {len(measured)} candidates")
+    assert "200 held-out samples" in noisy["within_noise"]
 
 
 def test_size_search_uses_the_zipped_size_and_sparsity_ladder():

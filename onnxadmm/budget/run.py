@@ -142,6 +142,17 @@ def _excess(miss: Measured, validate_config: ValidateConfig) -> float:
     return max(ratios)
 
 
+def _noise_statement(rows: list[dict]) -> str:
+    """How many measured candidates had the gate's limit inside their figure's 95 % interval; empty if none."""
+    measured = [r for r in rows if r.get("samples")]
+    noisy = [r for r in measured if r.get("within_noise")]
+    if not noisy:
+        return ""
+    return (f"{len(noisy)} of {len(measured)} candidates measured within the evaluation's noise: the gate's limit "
+            f"lies inside the 95 % interval of their figure over the {measured[0]['samples']} held-out samples "
+            "(more held-out samples would make the choice firmer)")
+
+
 def _graph_digest(model) -> str | None:
     """sha256 of the graph (nodes and weights, not the model's metadata, which names each candidate's
     settings); None for a graph over protobuf's 2 GB limit."""
@@ -241,8 +252,11 @@ class _Search:
         else:
             cost = validation.compressed.zipped_bytes / max(validation.original.zipped_bytes, 1)
         failed = [g.name for g in validation.gates if not g.passed]
-        return Measured(candidate, cost, validation.comparison.accuracy_drop_pt, validation.comparison.agreement,
-                        bool(report.passed), seconds, f"gate missed: {', '.join(failed)}" if failed else "")
+        measured = Measured(candidate, cost, validation.comparison.accuracy_drop_pt, validation.comparison.agreement,
+                            bool(report.passed), seconds, f"gate missed: {', '.join(failed)}" if failed else "")
+        measured.extra["within_noise"] = [g.name for g in validation.gates if g.within_noise]
+        measured.extra["samples"] = validation.comparison.samples
+        return measured
 
     def result(self, validate_config: ValidateConfig):
         chosen = choose(self.measured)
@@ -264,6 +278,7 @@ class _Search:
             "held": chosen is not None, "candidates": rows,
             "frontier": [m.candidate.label for m in frontier(self.measured)],
             "chart": mermaid_frontier(rows, self.objective, gate_kind, gate_value),
+            "within_noise": _noise_statement(rows),
             "reason": "" if chosen else "no candidate held the gate on the evaluation data; the output is the "
                                         f"one closest to it ({best.candidate.label}: {best.note})"}
         result.report.passed = result.passed = chosen is not None and result.report.passed

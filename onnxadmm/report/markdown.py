@@ -67,11 +67,15 @@ def _validation(lines: list[str], v) -> None:
     lines.append("| metric | value |")
     lines.append("|---|---|")
     if c.agreement is not None:
-        lines.append(f"| top-1 agreement with original | {c.agreement:.4f} |")
+        low, high = c.agreement_interval
+        lines.append(f"| top-1 agreement with original | {c.agreement:.4f} (95 % interval {low:.4f}–{high:.4f}) |")
     if c.accuracy_original is not None:
         lines.append(f"| top-1 original / compressed | {100 * c.accuracy_original:.2f} % / "
                      f"{100 * c.accuracy_compressed:.2f} % |")
-        lines.append(f"| top-1 drop | {c.accuracy_drop_pt:.2f} pt |")
+        low, high = c.accuracy_drop_interval_pt
+        lines.append(f"| top-1 drop | {c.accuracy_drop_pt:.2f} pt (95 % interval {low:.2f} to {high:.2f} pt; "
+                     f"{c.only_original_right} samples only the original gets right, {c.only_compressed_right} "
+                     "only the compressed model) |")
     for out in c.outputs:
         lines.append(f"| `{out.name}` cosine / max-abs / rel. error | {out.cosine:.6f} / "
                      f"{_fmt(out.max_abs)} / {_fmt(out.relative_error)} |")
@@ -265,6 +269,8 @@ def _search(lines: list[str], search: dict) -> None:
                      f"{_fmt(row['agreement'], 4)} | {'holds' if row['passed'] else 'missed'} | "
                      f"{'yes' if row['on_frontier'] else ''} | {_seconds(row)} | {row['note']} |")
     lines.append("")
+    if search.get("within_noise"):
+        lines.extend([search["within_noise"][0].upper() + search["within_noise"][1:] + ".", ""])
     if any("cost_measured" in row for row in search["candidates"]):
         lines.extend([f"Candidates whose graphs differ only in their weights' values run the same kernels: their "
                       f"{search['cost']} is the geometric mean of their measurements (each one's in brackets).", ""])

@@ -3,7 +3,8 @@
 For every output: cosine similarity, max |a − b|, and relative error ‖a − b‖ / ‖a‖ over all samples, and
 the mean over samples of each sample's cosine (what an embedding output is compared by).
 For a classifier output (the first output, shape [N, C] with C > 1): top-1 agreement with the
-original, and top-1 accuracy of both when labels are given (drop in percentage points).
+original, and top-1 accuracy of both when labels are given (drop in percentage points), each with its 95 %
+interval over the samples (``intervals.py``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-
+from .intervals import paired_drop_interval_pt, wilson_interval
 
 @dataclass
 class OutputDiff:
@@ -30,6 +31,9 @@ class Comparison:
     agreement: float | None = None
     accuracy_original: float | None = None
     accuracy_compressed: float | None = None
+    agreeing: int | None = None  # samples whose top-1 is the original's
+    only_original_right: int | None = None  # samples only the original classifies right (with labels)
+    only_compressed_right: int | None = None
 
     @property
     def accuracy_drop_pt(self) -> float | None:
@@ -37,10 +41,22 @@ class Comparison:
             return None
         return 100.0 * (self.accuracy_original - self.accuracy_compressed)
 
+    @property
+    def accuracy_drop_interval_pt(self) -> tuple[float, float] | None:
+        """95 % interval of the top-1 drop, paired over the samples."""
+        if self.only_original_right is None:
+            return None
+        return paired_drop_interval_pt(self.only_original_right, self.only_compressed_right, self.samples)
+
+    @property
+    def agreement_interval(self) -> tuple[float, float] | None:
+        return None if self.agreeing is None else wilson_interval(self.agreeing, self.samples)
+
     def as_dict(self) -> dict:
-        return {"samples": self.samples, "agreement": self.agreement,
+        return {"samples": self.samples, "agreement": self.agreement, "agreement_interval": self.agreement_interval,
                 "accuracy_original": self.accuracy_original, "accuracy_compressed": self.accuracy_compressed,
-                "accuracy_drop_pt": self.accuracy_drop_pt,
+                "accuracy_drop_pt": self.accuracy_drop_pt, "accuracy_drop_interval_pt": self.accuracy_drop_interval_pt,
+                "only_original_right": self.only_original_right, "only_compressed_right": self.only_compressed_right,
                 "outputs": [o.__dict__ for o in self.outputs]}
 
 
@@ -71,8 +87,11 @@ def compare(original: dict[str, np.ndarray], compressed: dict[str, np.ndarray],
     a, b = original[first], compressed[first]
     if a.ndim == 2 and a.shape[1] > 1 and a.shape[0] == count:
         top_a, top_b = a.argmax(axis=1), b.argmax(axis=1)
-        result.agreement = float(np.mean(top_a == top_b))
+        result.agreeing = int(np.sum(top_a == top_b))
+        result.agreement = result.agreeing / count
         if labels is not None:
-            result.accuracy_original = float(np.mean(top_a == labels))
-            result.accuracy_compressed = float(np.mean(top_b == labels))
+            right_a, right_b = top_a == labels, top_b == labels
+            result.accuracy_original, result.accuracy_compressed = float(np.mean(right_a)), float(np.mean(right_b))
+            result.only_original_right = int(np.sum(right_a & ~right_b))
+            result.only_compressed_right = int(np.sum(~right_a & right_b))
     return result

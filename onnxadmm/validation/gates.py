@@ -1,4 +1,8 @@
-"""CI gates on the validation figures. A missed gate makes the command exit 1."""
+"""CI gates on the validation figures. A missed gate makes the command exit 1.
+
+A gate is decided on the measured figure. Where its limit lies inside the figure's 95 % interval over the
+held-out samples (``intervals.py``), the gate says so (``within_noise``): other samples of the same size could
+decide it the other way, and more held-out samples would settle it."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from ..config import ValidateConfig
 from ..cost.timing import LatencyAB
 from ..errors import ConfigError
 from .compare import Comparison
+from .intervals import straddles
 
 
 @dataclass
@@ -17,6 +22,7 @@ class GateResult:
     value: float
     passed: bool
     detail: str
+    within_noise: bool = False  # the limit lies inside the figure's 95 % interval over the held-out samples
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -35,15 +41,21 @@ def evaluate(config: ValidateConfig, comparison: Comparison, latencies: list[Lat
         drop = comparison.accuracy_drop_pt
         if drop is None:
             raise ConfigError("--max-accuracy-drop needs a classifier output ([N, C]) and labels")
+        interval = comparison.accuracy_drop_interval_pt
+        noisy = interval is not None and straddles(interval, config.max_accuracy_drop)
         gates.append(GateResult("max_accuracy_drop", config.max_accuracy_drop, drop,
                                 drop <= config.max_accuracy_drop + 1e-9,
-                                f"top-1 drop {drop:.2f} pt (limit {config.max_accuracy_drop:.2f} pt)"))
+                                f"top-1 drop {drop:.2f} pt (limit {config.max_accuracy_drop:.2f} pt)"
+                                + _noise_note(interval, noisy, "pt", 2, comparison.samples), noisy))
     if config.min_agreement is not None:
         if comparison.agreement is None:
             raise ConfigError("--min-agreement needs a classifier output of shape [N, C] as first output")
+        interval = comparison.agreement_interval
+        noisy = interval is not None and straddles(interval, config.min_agreement)
         gates.append(GateResult("min_agreement", config.min_agreement, comparison.agreement,
                                 comparison.agreement >= config.min_agreement,
-                                f"top-1 agreement {comparison.agreement:.4f} (min {config.min_agreement})"))
+                                f"top-1 agreement {comparison.agreement:.4f} (min {config.min_agreement})"
+                                + _noise_note(interval, noisy, "", 4, comparison.samples), noisy))
     if config.min_speedup is not None:
         worst = min(latencies, key=lambda l: l.speedup)
         gates.append(GateResult("min_speedup", config.min_speedup, worst.speedup,
@@ -52,3 +64,12 @@ def evaluate(config: ValidateConfig, comparison: Comparison, latencies: list[Lat
                                 f"(band {1 / worst.ratio_p90:.3f}-{1 / worst.ratio_p10:.3f}x; min "
                                 f"{config.min_speedup}x)"))
     return gates
+
+
+def _noise_note(interval: tuple[float, float] | None, noisy: bool, unit: str, digits: int, samples: int) -> str:
+    """The 95 % interval, and whether the limit lies inside it."""
+    if interval is None:
+        return ""
+    unit = f" {unit}" if unit else ""
+    note = f"; 95 % interval {interval[0]:.{digits}f} to {interval[1]:.{digits}f}{unit} over {samples} samples"
+    return note + (", which holds the limit: more held-out samples would decide this gate" if noisy else "")
