@@ -119,3 +119,30 @@ def test_the_latency_verdict_needs_the_median_outside_the_band_and_the_rounds_to
     line = gains_statement(footprint, footprint, [latency(ratio, faster, rounds)])[-1]
     assert line.endswith(f"— {verdict}."), line
     assert (f"faster in {faster} of {rounds} rounds" in line) == (faster is not None)
+
+
+@pytest.mark.parametrize("rounds", [6, 10, 30, 100])
+def test_the_median_interval_covers_the_true_median_at_least_95_percent_of_the_time(rounds):
+    import numpy as np
+
+    from onnxadmm.cost.timing import median_interval
+
+    rng = np.random.default_rng(rounds)
+    ratios = 0.5 * rng.lognormal(0.0, 0.15, size=(3000, rounds))  # true median 0.5, skewed like timings
+    covered = np.mean([lo <= 0.5 <= hi for lo, hi in map(median_interval, ratios)])
+    assert 0.94 <= covered <= 0.995, covered  # at least 95 % in theory; 3,000 draws resolve about ±0.008
+    assert median_interval(np.arange(1.0, 31.0)) == (10.0, 21.0)  # the 10th and 21st of 30
+    assert median_interval(np.arange(1.0, 6.0)) == (1.0, 5.0)  # too few rounds: the whole range
+
+
+def test_a_speedup_gate_inside_the_median_interval_says_more_rounds_would_decide_it():
+    from onnxadmm.config import ValidateConfig
+    from onnxadmm.validation.compare import Comparison
+    from onnxadmm.validation.gates import evaluate
+
+    timing = latency(0.5, 30)
+    timing.ratio_interval = (0.48, 0.53)  # speed-up 1.89–2.08
+    near, = evaluate(ValidateConfig(min_speedup=2.0), Comparison(samples=10), [timing])
+    assert near.passed and near.within_noise and "more A/B rounds would decide this gate" in near.detail
+    far, = evaluate(ValidateConfig(min_speedup=1.5), Comparison(samples=10), [timing])
+    assert far.passed and not far.within_noise and "95 % interval 1.887 to 2.083x" in far.detail

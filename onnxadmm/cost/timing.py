@@ -5,7 +5,9 @@ spinning steals the other's core). After warm-up, rounds alternate the order (A 
 each measurement repeats the call enough times to last a few milliseconds. The result is the median
 of per-round ratios B/A with its 10th–90th percentile band; speed-up = 1 / ratio. Whether B differs from A at
 all is a sign test over the rounds: under "no difference" each round's ratio is as likely below 1 as above, so
-k of n rounds faster has two-sided p = min(1, 2·P(X ≤ min(k, n − k))), X ~ Binomial(n, ½). Absolute times on a
+k of n rounds faster has two-sided p = min(1, 2·P(X ≤ min(k, n − k))), X ~ Binomial(n, ½). The median ratio's
+95 % interval is the distribution-free one from the sorted ratios r₍₁₎ ≤ … ≤ r₍ₙ₎: [r₍ₖ₎, r₍ₙ₋ₖ₊₁₎] with k the
+largest such that P(X < k) ≤ 2.5 % (k = 10 of 30 rounds). Absolute times on a
 shared machine are noisy — the ratio is the figure to trust. Models too large to hold two sessions of
 (``interleaved=False``) are timed one after the other, each session dropped before the next is built: the
 same rounds and ratios, without the alternation that cancels a change in the machine's load.
@@ -41,10 +43,16 @@ class LatencyAB:
     sequence_length: int | None = None  # tokens per sample, when timed at --latency-seq-len
     interleaved: bool = True  # False: A's rounds, then B's (one session at a time)
     rounds_faster: int | None = None  # rounds in which B took less time than A (None: not recorded)
+    ratio_interval: tuple[float, float] | None = None  # 95 % interval of the median ratio (None: not recorded)
 
     @property
     def speedup(self) -> float:
         return 1.0 / self.ratio_median
+
+    @property
+    def speedup_interval(self) -> tuple[float, float] | None:
+        """95 % interval of the speed-up, 1 / the median ratio's."""
+        return None if self.ratio_interval is None else (1.0 / self.ratio_interval[1], 1.0 / self.ratio_interval[0])
 
     @property
     def sign_p(self) -> float | None:
@@ -68,6 +76,20 @@ def sign_test_p(successes: int, trials: int) -> float:
     """Two-sided exact sign test: min(1, 2·P(X ≤ min(k, n − k))) for X ~ Binomial(n, ½)."""
     tail = min(successes, trials - successes)
     return min(1.0, 2.0 * sum(math.comb(trials, i) for i in range(tail + 1)) / 2.0 ** trials)
+
+
+def median_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Distribution-free interval of the median: [x₍ₖ₎, x₍ₙ₋ₖ₊₁₎] of the sorted values, k the largest with
+    P(Binomial(n, ½) < k) ≤ (1 − level)/2; the whole range when n is too small for that (coverage 1 − 2^(1−n))."""
+    ordered, n = np.sort(np.asarray(values, dtype=float)), len(values)
+    k, below = 0, 0.0  # below = P(X < k + 1) as k grows
+    while k < n // 2:
+        below += math.comb(n, k) / 2.0 ** n
+        if below > (1 - level) / 2:
+            break
+        k += 1
+    k = max(k, 1)
+    return float(ordered[k - 1]), float(ordered[n - k])
 
 
 def timed(sess, names, feed, repeats: int) -> float:
@@ -107,7 +129,7 @@ def measure(model_a, model_b, feed: dict[str, np.ndarray], rounds: int, threads:
                      compressed_ms_median=float(np.median(b)), compressed_ms_p90=float(np.percentile(b, 90)),
                      ratio_median=float(np.median(ratios)), ratio_p10=float(np.percentile(ratios, 10)),
                      ratio_p90=float(np.percentile(ratios, 90)), interleaved=interleaved,
-                     rounds_faster=int(np.sum(ratios < 1.0)))
+                     rounds_faster=int(np.sum(ratios < 1.0)), ratio_interval=median_interval(ratios))
 
 
 def _warm_up(timers: list["_Timer"], warmup: int) -> int:

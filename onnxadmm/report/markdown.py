@@ -89,7 +89,10 @@ def _validation(lines: list[str], v) -> None:
     for lat in v.latency:
         lines.append(f"| latency batch {lat.batch_size}, {lat.threads} thr | "
                      f"{lat.original_ms_median:.3f} → {lat.compressed_ms_median:.3f} ms (median); "
-                     f"speed-up {lat.speedup:.3f}× [{1 / lat.ratio_p90:.3f}, {1 / lat.ratio_p10:.3f}]"
+                     f"speed-up {lat.speedup:.3f}×"
+                     + (f" (95 % interval {lat.speedup_interval[0]:.3f}–{lat.speedup_interval[1]:.3f})"
+                        if lat.speedup_interval else "")
+                     + f"; rounds [{1 / lat.ratio_p90:.3f}, {1 / lat.ratio_p10:.3f}]"
                      + (f", faster in {lat.rounds_faster} of {lat.rounds} rounds" if lat.rounds_faster is not None
                         else "") + " |")
     lines.append("")

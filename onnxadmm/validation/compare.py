@@ -15,6 +15,7 @@ import numpy as np
 
 from .intervals import paired_drop_interval_pt, wilson_interval
 
+
 @dataclass
 class OutputDiff:
     name: str

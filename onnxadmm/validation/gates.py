@@ -1,8 +1,8 @@
 """CI gates on the validation figures. A missed gate makes the command exit 1.
 
-A gate is decided on the measured figure. Where its limit lies inside the figure's 95 % interval over the
-held-out samples (``intervals.py``), the gate says so (``within_noise``): other samples of the same size could
-decide it the other way, and more held-out samples would settle it."""
+A gate is decided on the measured figure. Where its limit lies inside the figure's 95 % interval — over the
+held-out samples (``intervals.py``), or over the A/B rounds for the speed-up (``cost/timing.py``) — the gate says
+so (``within_noise``): another draw of the same size could decide it the other way, and more would settle it."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def evaluate(config: ValidateConfig, comparison: Comparison, latencies: list[Lat
         gates.append(GateResult("max_accuracy_drop", config.max_accuracy_drop, drop,
                                 drop <= config.max_accuracy_drop + 1e-9,
                                 f"top-1 drop {drop:.2f} pt (limit {config.max_accuracy_drop:.2f} pt)"
-                                + _noise_note(interval, noisy, "pt", 2, comparison.samples), noisy))
+                                + _noise_note(interval, noisy, " pt", 2, f"{comparison.samples} samples"), noisy))
     if config.min_agreement is not None:
         if comparison.agreement is None:
             raise ConfigError("--min-agreement needs a classifier output of shape [N, C] as first output")
@@ -55,21 +55,26 @@ def evaluate(config: ValidateConfig, comparison: Comparison, latencies: list[Lat
         gates.append(GateResult("min_agreement", config.min_agreement, comparison.agreement,
                                 comparison.agreement >= config.min_agreement,
                                 f"top-1 agreement {comparison.agreement:.4f} (min {config.min_agreement})"
-                                + _noise_note(interval, noisy, "", 4, comparison.samples), noisy))
+                                + _noise_note(interval, noisy, "", 4, f"{comparison.samples} samples"), noisy))
     if config.min_speedup is not None:
         worst = min(latencies, key=lambda l: l.speedup)
+        interval = worst.speedup_interval
+        noisy = interval is not None and straddles(interval, config.min_speedup)
         gates.append(GateResult("min_speedup", config.min_speedup, worst.speedup,
                                 worst.speedup >= config.min_speedup,
                                 f"speed-up {worst.speedup:.3f}x at batch {worst.batch_size} "
                                 f"(band {1 / worst.ratio_p90:.3f}-{1 / worst.ratio_p10:.3f}x; min "
-                                f"{config.min_speedup}x)"))
+                                f"{config.min_speedup}x)"
+                                + _noise_note(interval, noisy, "x", 3, f"{worst.rounds} A/B rounds", "A/B rounds"),
+                                noisy))
     return gates
 
 
-def _noise_note(interval: tuple[float, float] | None, noisy: bool, unit: str, digits: int, samples: int) -> str:
-    """The 95 % interval, and whether the limit lies inside it."""
+def _noise_note(interval: tuple[float, float] | None, noisy: bool, suffix: str, digits: int, over: str,
+                more: str = "held-out samples") -> str:
+    """The 95 % interval (each end followed by ``suffix``, e.g. ' pt') over ``over`` (e.g. '500 samples'), and
+    whether the limit lies inside it (then ``more`` of what would decide the gate)."""
     if interval is None:
         return ""
-    unit = f" {unit}" if unit else ""
-    note = f"; 95 % interval {interval[0]:.{digits}f} to {interval[1]:.{digits}f}{unit} over {samples} samples"
-    return note + (", which holds the limit: more held-out samples would decide this gate" if noisy else "")
+    note = f"; 95 % interval {interval[0]:.{digits}f} to {interval[1]:.{digits}f}{suffix} over {over}"
+    return note + (f", which holds the limit: more {more} would decide this gate" if noisy else "")

@@ -183,9 +183,16 @@ def gains_statement(a: Footprint, b: Footprint, latencies: list[LatencyAB], prec
         order = "" if lat.interleaved else (" (timed one model after the other: the two are too large to hold two "
                                             "sessions at once, so a change in the machine's load is not cancelled)")
         lines.append(f"Latency at batch {lat.batch_size}{tokens}, {lat.threads} threads: speed-up "
-                     f"{lat.speedup:.3f}x (band {1 / lat.ratio_p90:.3f}-{1 / lat.ratio_p10:.3f}x{_rounds(lat)}) — "
+                     f"{lat.speedup:.3f}x ({_speedup_interval(lat)}band {1 / lat.ratio_p90:.3f}-"
+                     f"{1 / lat.ratio_p10:.3f}x{_rounds(lat)}) — "
                      f"{verdict}{order}.")
     return lines
+
+
+def _speedup_interval(lat: LatencyAB) -> str:
+    """'95 % interval a-bx; ' where the rounds' interval of the median is recorded."""
+    interval = lat.speedup_interval
+    return "" if interval is None else f"95 % interval {interval[0]:.3f}-{interval[1]:.3f}x; "
 
 
 def _rounds(lat: LatencyAB) -> str:
