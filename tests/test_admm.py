@@ -76,6 +76,20 @@ def test_moments_and_the_objective_subset_taken_in_chunks_equal_the_whole(monkey
     assert torch.equal(again.x_aug, objective.x_aug)
 
 
+@pytest.mark.parametrize("fit_bias", [True, False])
+def test_the_grid_s_input_moments_equal_the_full_moments_in_any_chunk_size(monkeypatch, fit_bias):
+    """Σ and the means from float32 chunk products summed in float64, without the targets' moments."""
+    from onnxadmm.algorithms import refit
+
+    prob = problem(groups=3, d=7, rows=4, patches=500, fit_bias=fit_bias)
+    whole = moments(prob)
+    monkeypatch.setattr(refit, "CHUNK_BYTES", 4 * 3 * 7 * 37)  # 37 rows a chunk: 13 full chunks, one of 19
+    light = refit.input_moments(prob)
+    torch.testing.assert_close(light.sigma, whole.sigma, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(light.mean_x, whole.mean_x, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(bias_for(light, prob.w0), bias_for(whole, prob.w0), rtol=1e-5, atol=1e-6)
+
+
 def test_admm_linear_lands_in_the_set_and_records_history():
     prob = problem(relu=False)
     stats = moments(prob)

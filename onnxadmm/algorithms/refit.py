@@ -75,23 +75,56 @@ def _sums(problem: LayerProblem) -> _Sums:
 
 
 def _moments(sums: _Sums, fit_bias: bool, damping: float) -> Moments:
-    count, (g, d) = max(sums.count, 1), sums.x.shape
+    count, g = max(sums.count, 1), sums.x.shape[0]
     if fit_bias:
         mean_x, mean_y = sums.x / count, sums.y / count
     else:
         mean_x, mean_y = torch.zeros_like(sums.x), torch.zeros_like(sums.y)
-    sigma = sums.xx / count - mean_x[:, :, None] * mean_x[:, None, :]
+    sigma = _covariance(sums.xx, mean_x, count, damping)
     cross = sums.yx / count - mean_y.reshape(g, -1)[:, :, None] * mean_x[:, None, :]
-    scale = torch.diagonal(sigma, dim1=-2, dim2=-1).mean(dim=-1).clamp_min(1e-12)
-    sigma = sigma + damping * scale[:, None, None] * torch.eye(d, dtype=sigma.dtype)
     energy_y = sums.yy / count
     var_y = max(energy_y - float(mean_y.pow(2).sum()), 0.0)
     return Moments(sigma=sigma, cross=cross, mean_x=mean_x, mean_y=mean_y, var_y=var_y, energy_y=energy_y or 1.0)
 
 
+def _covariance(xx: torch.Tensor, mean_x: torch.Tensor, count: int, damping: float) -> torch.Tensor:
+    """Σ = Σxxᵀ/n − μμᵀ, plus ``damping`` × its mean diagonal on the diagonal."""
+    sigma = xx / count - mean_x[:, :, None] * mean_x[:, None, :]
+    scale = torch.diagonal(sigma, dim1=-2, dim2=-1).mean(dim=-1).clamp_min(1e-12)
+    return sigma + damping * scale[:, None, None] * torch.eye(sigma.shape[-1], dtype=sigma.dtype)
+
+
 def moments(problem: LayerProblem, damping: float = 1e-6) -> Moments:
     """Centered (or, without a free bias, uncentered) moments of x̂ and y over the sampled patches."""
     return _moments(_sums(problem), problem.fit_bias, damping)
+
+
+@dataclass
+class InputMoments:
+    """What the grid's scales and the mean-shift bias need: Σ = Cov(x̂) (G,d,d) and the means μx (G,d), μy
+    (Cout), in float64 (``bias_for`` takes these or ``Moments``)."""
+
+    sigma: torch.Tensor
+    mean_x: torch.Tensor
+    mean_y: torch.Tensor
+
+
+def input_moments(problem: LayerProblem, damping: float = 1e-6) -> InputMoments:
+    """Σ and the means over every patch without the targets' cross moments: each chunk's Σxxᵀ is a float32
+    product (relative rounding ~1e-6, twice as fast as float64 here), summed across chunks in float64."""
+    count, g, d = problem.x_hat.shape
+    rows = max(1, CHUNK_BYTES // (4 * g * d))
+    xx = torch.zeros(g, d, d, dtype=torch.float64)
+    sum_x = torch.zeros(g, d, dtype=torch.float64)
+    sum_y = torch.zeros(problem.y_ref.shape[1], dtype=torch.float64)
+    for start in range(0, count, rows):
+        x = problem.x_hat[start:start + rows].transpose(0, 1)  # (G, p, d) float32
+        xx += torch.bmm(x.transpose(1, 2), x).double()
+        sum_x += x.sum(dim=1, dtype=torch.float64)
+        sum_y += problem.y_ref[start:start + rows].sum(dim=0, dtype=torch.float64)
+    n = max(count, 1)
+    mean_x, mean_y = (sum_x / n, sum_y / n) if problem.fit_bias else (torch.zeros_like(sum_x), torch.zeros_like(sum_y))
+    return InputMoments(_covariance(xx, mean_x, n, damping), mean_x, mean_y)
 
 
 def split_moments(problem: LayerProblem, held: torch.Tensor, damping: float = 1e-6) -> tuple[Moments, Moments]:
@@ -111,7 +144,7 @@ def ridge(stats: Moments, strength: float, anchor: torch.Tensor) -> Moments:
                    mean_y=stats.mean_y, var_y=stats.var_y, energy_y=stats.energy_y)
 
 
-def bias_for(stats: Moments, w: torch.Tensor) -> torch.Tensor:
+def bias_for(stats: "Moments | InputMoments", w: torch.Tensor) -> torch.Tensor:
     """b = μ_y − W μ_x, the optimal bias for weights W under the linear metric."""
     wx = torch.einsum("grd,gd->gr", w.double(), stats.mean_x).reshape(-1)
     return (stats.mean_y - wx).float()

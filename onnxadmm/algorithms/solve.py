@@ -21,7 +21,7 @@ from .problem import LayerProblem
 from .projections.grid import IntegerGrid, output_error_scales
 from .projections.groups import ChannelBlock, ChannelBlocks, ChannelsThenElements, Kernels
 from .projections.sparse import NM, HardThreshold, SoftThreshold, TopK, keep_count
-from .refit import bias_for, masked_refit, moments
+from .refit import bias_for, input_moments, masked_refit, moments
 
 PENALTY_RHO = 1.0  # fixed ρ, relative to the layer's curvature, for the penalty methods (Kiaee et al.)
 PENALTY_SEARCH_STEPS = 10
@@ -145,7 +145,7 @@ def _solve_grid(problem: LayerProblem, structure: Structure, loss: str, solver: 
     least-squares bias. The weights end on the grid exactly; the bias is then corrected: least squares (the
     mean shift), then, for the activation loss, descent through the activation on the bias alone."""
     w0, b0 = problem.w0, problem.b0
-    stats = moments(problem)
+    stats = moments(problem) if loss == "linear" else input_moments(problem)  # (ADMM on the linear loss needs C)
     support = (w0 != 0) if structure.keep_zeros else None
     scales = output_error_scales(w0, stats.sigma, structure.bits, support)
     project = IntegerGrid(scales, structure.bits, support)
