@@ -111,7 +111,7 @@ class InputMoments:
 
 def input_moments(problem: LayerProblem, damping: float = 1e-6) -> InputMoments:
     """Σ and the means over every patch without the targets' cross moments: each chunk's Σxxᵀ is a float32
-    product (relative rounding ~1e-6, twice as fast as float64 here), summed across chunks in float64."""
+    product (relative rounding ~1e-6), summed across chunks in float64."""
     count, g, d = problem.x_hat.shape
     rows = max(1, CHUNK_BYTES // (4 * g * d))
     xx = torch.zeros(g, d, d, dtype=torch.float64)
@@ -123,7 +123,9 @@ def input_moments(problem: LayerProblem, damping: float = 1e-6) -> InputMoments:
         sum_x += x.sum(dim=1, dtype=torch.float64)
         sum_y += problem.y_ref[start:start + rows].sum(dim=0, dtype=torch.float64)
     n = max(count, 1)
-    mean_x, mean_y = (sum_x / n, sum_y / n) if problem.fit_bias else (torch.zeros_like(sum_x), torch.zeros_like(sum_y))
+    if not problem.fit_bias:  # uncentered, as ``moments``
+        sum_x, sum_y = torch.zeros_like(sum_x), torch.zeros_like(sum_y)
+    mean_x, mean_y = sum_x / n, sum_y / n
     return InputMoments(_covariance(xx, mean_x, n, damping), mean_x, mean_y)
 
 
