@@ -59,7 +59,8 @@ def activation_ranges(model: onnx.ModelProto, names: list[str], samples: SampleS
     ``memory_bytes``, the batches are made small enough that one batch of every tensor in ``names`` fits it (the
     statistics do not depend on how the samples are batched)."""
     progress = progress or (lambda *args: None)
-    sess = session_with_outputs(model, names, threads, arena=False)  # a batch of every tensor is not kept allocated after the passes
+    # without onnxruntime's arena: a batch of every tensor is not kept allocated after the passes
+    sess = session_with_outputs(model, names, threads, arena=False)
     wanted = [n for n in names if n not in samples.arrays]
     fed = [n for n in names if n in samples.arrays]  # graph inputs among the tensors (not every input is float)
     batch_size = _batch_within(sess, wanted, samples, batch_size, memory_bytes)
