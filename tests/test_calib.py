@@ -216,6 +216,38 @@ def test_sampled_problem_matches_the_real_layer_output(builder):
     stream.close()
 
 
+@pytest.mark.parametrize("builder", [tiny_cnn, token_mlp])
+def test_sampled_problem_is_the_same_from_spilled_batches(builder):
+    """Batches read back from disk (read-only memory maps) give the same problem as batches held in memory,
+    and sampling leaves the cached batches as they were."""
+    from onnxadmm.bridge.torch_layer import activation_function
+
+    model = builder()
+    view = normalize(model).view()
+    layers = find_layers(view).layers
+    samples = SampleSet(samples_for(model, 24), "mem")
+    streams = [ActivationStream(view, samples, 3, budget) for budget in (1 << 30, 4_000)]
+    for index, layer in enumerate(layers):
+        names = [layer.input_name, *layer.chain.side_inputs]
+        problems, cached = [], []
+        for stream in streams:
+            stream.ensure(names)
+            before = [np.array(stream.get(ORIGINAL, n, b)) for n in names for b in range(stream.num_batches)]
+            w0 = layer.canonical(view.constant(layer.weight_name))
+            problems.append(sample_problem(stream, layer, index, w0, layer.canonical_bias(view),
+                                           activation_function(view, layer), True,
+                                           SampleSettings(max_patches=100, seed=0), samples.num_samples))
+            after = [stream.get(ORIGINAL, n, b) for n in names for b in range(stream.num_batches)]
+            assert all(np.array_equal(a, b) for a, b in zip(before, after))
+            cached.append(after)
+        assert any(isinstance(a, np.memmap) for a in cached[1])  # the small budget really read from disk
+        for field in ("x_hat", "y_ref", "sample_ids"):
+            assert np.array_equal(getattr(problems[0], field).numpy(), getattr(problems[1], field).numpy())
+    assert streams[1].spilled_bytes > 0
+    for stream in streams:
+        stream.close()
+
+
 def test_a_model_input_without_a_batch_axis_is_refused_saying_so(tmp_path):
     unbatched = {"image": TensorType(F32, (3, 12, 12))}  # one image per run, as detectors export
     np.savez(tmp_path / "images.npz", image=x(4))

@@ -104,25 +104,24 @@ def sample_problem(stream: ActivationStream, layer: Layer, layer_index: int, w0:
     for batch, pick in enumerate(picks):
         rows = order[start:start + len(pick.ids)]
         start += len(pick.ids)
-        x_ref = torch.from_numpy(np.array(stream.get(ORIGINAL, layer.input_name, batch), dtype=np.float32))
+        x_ref = _tensor(stream.get(ORIGINAL, layer.input_name, batch))
         p_ref = pick.patches(x_ref)
-        p_hat = pick.patches(torch.from_numpy(np.array(stream.get(COMPRESSED, layer.input_name, batch),
-                                                       dtype=np.float32)))
-        largest = max(float(p_ref.abs().max()), float(p_hat.abs().max())) if p_ref.numel() else 0.0
+        p_hat = pick.patches(_tensor(stream.get(COMPRESSED, layer.input_name, batch)))
+        peaks = (_largest_magnitude(p_ref), _largest_magnitude(p_hat))
+        largest = float("nan") if any(math.isnan(p) for p in peaks) else max(peaks)
         if not (largest == 0.0 or INPUT_RANGE[0] <= largest <= INPUT_RANGE[1]):  # NaN included
             raise SamplingError(f"its input peaks at {largest:.1e} on the calibration samples, outside "
                                 f"{INPUT_RANGE[0]:.0e}..{INPUT_RANGE[1]:.0e} where the solver's float32 products "
                                 "stay finite and normal (such values come from untrained or broken weights), so "
                                 "the layer is not solved")
         y = torch.bmm(p_ref.transpose(0, 1), w0_t.transpose(1, 2)).transpose(0, 1).reshape(len(p_ref), -1) + b0_t
-        side_ref_full = [np.asarray(stream.get(ORIGINAL, s, batch), dtype=np.float32) for s in sides]
+        side_ref_full = [_tensor(stream.get(ORIGINAL, s, batch)) for s in sides]
         for k, name in enumerate(sides):
-            side_ref[k].index_copy_(0, rows, pick.gather(torch.from_numpy(np.array(side_ref_full[k])), name))
-            hat = torch.from_numpy(np.array(stream.get(COMPRESSED, name, batch), dtype=np.float32))
-            side_hat[k].index_copy_(0, rows, pick.gather(hat, name))
+            side_ref[k].index_copy_(0, rows, pick.gather(side_ref_full[k], name))
+            side_hat[k].index_copy_(0, rows, pick.gather(_tensor(stream.get(COMPRESSED, name, batch)), name))
         if verify and batch == 0:
             expected = y if activation is None else activation(y, tuple(s[rows] for s in side_ref))
-            verify_layer(stream.view, layer, x_ref.numpy(), side_ref_full,
+            verify_layer(stream.view, layer, x_ref.numpy(), [t.numpy() for t in side_ref_full],
                          lambda full: pick.gather(full, layer.output_name), expected.detach())
         x_hat.index_copy_(0, rows, p_hat)
         y_ref.index_copy_(0, rows, y)
@@ -130,6 +129,23 @@ def sample_problem(stream: ActivationStream, layer: Layer, layer_index: int, w0:
         x_hat=x_hat, y_ref=y_ref, w0=w0_t, b0=b0_t, side_hat=tuple(side_hat), side_ref=tuple(side_ref),
         activation=activation, fit_bias=fit_bias,
         sample_ids=torch.empty_like(sample_ids).index_copy_(0, order, sample_ids))
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """A float32 tensor of a cached batch: sharing its memory when it can (a writable float32 array; the batch
+    is only read), a copy otherwise (a spilled batch is a read-only memory map)."""
+    array = np.asarray(array)
+    if array.dtype == np.float32 and array.flags.writeable and array.flags.c_contiguous:
+        return torch.from_numpy(array)
+    return torch.from_numpy(np.array(array, dtype=np.float32))
+
+
+def _largest_magnitude(x: torch.Tensor) -> float:
+    """max |x| in one pass (no |x| temporary); NaN when x holds one; 0 for an empty x."""
+    if not x.numel():
+        return 0.0
+    low, high = torch.aminmax(x)
+    return max(-float(low), float(high)) if not torch.isnan(high) else float("nan")
 
 
 def _samples_in(layer: Layer, shape: tuple[int, ...]) -> int:
