@@ -65,7 +65,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...
             continue
         flag = "--" + f.name.replace("_", "-")
         meta = f.metadata
-        help_text = f"{meta.get('help', '')} (default: {f.default!r})"
+        help_text = f"{meta.get('help', '')} (default: {meta.get('cli_default', repr(f.default))})"
         hint = hints[f.name]
         args = typing.get_args(hint)
         base = next((a for a in args if a is not type(None)), hint) if args and type(None) in args else hint
@@ -156,7 +156,8 @@ def _configs(args, with_compress: bool) -> tuple[CompressConfig | None, Validate
             values[f.name] = given
         return from_mapping(cls, values, "command line")
 
-    method_options = (*APPLIES_TO, "target_macs", "target_latency", "target_params", "rank_ratio")
+    # options that choose the sparse method when no --method is given (it refines what a method changed)
+    method_options = (*APPLIES_TO, "target_macs", "target_latency", "target_params", "rank_ratio", "refine_epochs")
     if with_compress and getattr(args, "method", None) is None and base_c.method == "sparse" \
             and base_c.quantize == "none" and all(getattr(args, name, None) is None for name in method_options
                                                   if "auto" not in APPLIES_TO.get(name, ())):
@@ -165,6 +166,10 @@ def _configs(args, with_compress: bool) -> tuple[CompressConfig | None, Validate
         elif getattr(args, "max_accuracy_drop", None) is not None or getattr(args, "min_agreement", None) is not None \
                 or base_v.max_accuracy_drop is not None or base_v.min_agreement is not None:
             args.method = "auto"  # a budget and no method: search the methods within the budget
+        else:  # no method, no budget: int8 alone, the smaller and faster model (sparse zeros buy neither)
+            args.method, args.quantize = "none", "int8"
+            args.default_note = ("no --method: int8 alone (--method M for pruning, low-rank or sparsity; a budget, "
+                                 "--max-accuracy-drop PT or --min-agreement F, searches them)")
     return (merged(CompressConfig, base_c) if with_compress else None), merged(ValidateConfig, base_v)
 
 
@@ -253,6 +258,8 @@ def run_compress(args) -> int:
     reads = [*reads_of_model(args.input, writes=writes), *_data_reads(args.calib, "calibration data"),
              *_data_reads(args.val, "evaluation data"), *_config_reads(args)]
     check_paths(reads, writes)
+    if getattr(args, "default_note", None) and not args.quiet:
+        print(f"onnxadmm: {args.default_note}", file=sys.stderr)
     run = search if config.method == "auto" else compress
     result = run(args.input, args.calib, config, validate_config, evaluation=args.val, progress=Progress(args.quiet))
     with OutputSet() as outputs:

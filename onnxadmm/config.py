@@ -85,7 +85,11 @@ def _opt(help_text: str, choices: tuple[str, ...] | None = None, flag: str | Non
 class CompressConfig:
     """What to compress and how. ``sparsity`` is the fraction of weights set to zero (0..1)."""
 
-    method: str = field(default="sparse", metadata=_opt("constraint set / structure", tuple(METHODS)))
+    method: str = field(default="sparse", metadata={
+        **_opt("constraint set / structure", tuple(METHODS)),
+        "cli_default": "with a budget, the search (auto); with --sparsity (or another sparse option) or "
+                       "--refine-epochs, sparse; "
+                       "otherwise none with --quantize int8 (int8 alone)"})
     sparsity: float = field(
         default=0.5, metadata=_opt("global fraction of weights removed over the compressed layers (for "
                                    "l0-l21: inside the kept channels; for kernels: fraction of kernels)")

@@ -52,6 +52,20 @@ def test_compress_writes_model_and_reports(workdir):
     onnx.checker.check_model(onnx.load(str(workdir / "out.onnx")), full_check=True)
 
 
+def test_compress_without_a_method_or_budget_writes_the_int8_model_and_says_so(workdir):
+    flags = [f for f in FAST if f != "--quiet"]
+    code, out, err = cli("compress", workdir / "in.onnx", workdir / "out.onnx", "--calib", workdir / "calib.npz",
+                         "--labels", "labels", *flags)
+    assert code == 0, err
+    assert "no --method: int8 alone" in err and "int8: " in out
+    report = json.loads((workdir / "out.onnx.report.json").read_text())
+    assert report["config"]["method"] == "none" and report["config"]["quantize"] == "int8"
+    ops = {n.op_type for n in onnx.load(str(workdir / "out.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    footprint = report["validation"]["footprint"]
+    assert footprint["compressed"]["size_bytes"] < footprint["original"]["size_bytes"]
+
+
 def test_channel_method_writes_a_smaller_faster_graph(workdir):
     code, out, err = cli("compress", workdir / "in.onnx", workdir / "out.onnx", "--calib", workdir / "calib.npz",
                          "--labels", "labels", "--method", "channel", "--target-macs", "0.7", *FAST)

@@ -270,12 +270,19 @@ def test_frontier_png_is_deterministic_and_optional(monkeypatch):
     (["--max-accuracy-drop", "1", "--sparsity", "0.8"], "sparse"),
     (["--max-accuracy-drop", "1", "--quantize", "int8"], "none"),
     (["--sparsity", "0.8"], "sparse"),
+    (["--refine-epochs", "5"], "sparse"),
+    ([], "none"),
+    (["--activation-range", "mse"], "none"),
 ])
 def test_a_budget_without_a_method_is_the_search(words, method):
+    """A budget without a method searches; a method's own option chooses that method; nothing chooses int8
+    alone (the smaller and faster model)."""
     from onnxadmm.cli import _configs, build_parser
 
     args = build_parser().parse_args(["compress", "m.onnx", "o.onnx", "--calib", "random:4", *words])
-    assert _configs(args, with_compress=True)[0].method == method
+    config = _configs(args, with_compress=True)[0]
+    assert config.method == method
+    assert (config.quantize == "int8") == (method == "none")
 
 
 @pytest.mark.parametrize("miss_drop, refined", [(0.8, True), (3.0, False)])
