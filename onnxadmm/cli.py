@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("check", help="preflight: which layers would be compressed, which not and why")
     k.add_argument("input")
-    k.add_argument("--method", default="sparse", help="method to check for (default sparse)")
+    k.add_argument("--method", default="none", help="method to check for (default none: what compress does "
+                   "without --method or a budget, int8 alone)")
     k.add_argument("--nm", default="2:4", help="N:M pattern for --method nm")
     k.add_argument("--conv-groups", type=int, default=2, help="--method grouped: blocks per Conv pair")
     k.add_argument("--exclude", action="append", default=None, help="node names, globs or op types")

@@ -188,7 +188,8 @@ def test_output_in_a_folder_that_cannot_be_written_exits_3(workdir, folder):
 def test_check_lists_layers(workdir):
     code, out, _ = cli("check", workdir / "in.onnx")
     assert code == 0
-    assert "5 compressible layers" in out and "MACs per sample" in out
+    assert "5 compressible layers for --method none" in out and "MACs per sample" in out
+    assert "int8 grid" in out  # what compress does without a method
 
 
 def test_check_says_what_each_method_would_do(workdir):

@@ -14,8 +14,8 @@ class NoPlan:
 @register("none")
 class NoStructure(CompressionMethod):
     def preview(self, view, all_layers, layers, config) -> list[str]:
-        return [f"no structural change; with --quantize int8 the {len(layers)} layers' weights are solved onto the "
-                "int8 grid"]
+        return [f"no structural change; with --quantize int8 (what compress does without --method or a budget) the "
+                f"{len(layers)} layers' weights are solved onto the int8 grid"]
 
     def plan(self, ctx: Context) -> NoPlan:
         return NoPlan()
