@@ -24,7 +24,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import (APPLIES_TO, THREADS_PER_CORE_MAX, CheckConfig, CompressConfig, ValidateConfig, check_threads,
-                     from_mapping, load_toml)
+                     from_mapping, load_toml, toml_settings)
 from .errors import ConfigError, OnnxAdmmError
 from .onnxio import scratch
 from .onnxio.outputs import OutputSet, Use, check_paths, reads_of_model
@@ -157,11 +157,13 @@ def _configs(args, with_compress: bool) -> tuple[CompressConfig | None, Validate
             values[f.name] = given
         return from_mapping(cls, values, "command line")
 
-    # options that choose the sparse method when no --method is given (it refines what a method changed)
-    method_options = (*APPLIES_TO, "target_macs", "target_latency", "target_params", "rank_ratio", "refine_epochs")
-    if with_compress and getattr(args, "method", None) is None and base_c.method == "sparse" \
-            and base_c.quantize == "none" and all(getattr(args, name, None) is None for name in method_options
-                                                  if "auto" not in APPLIES_TO.get(name, ())):
+    # with no --method, these keep the default method (sparse); --refine-epochs refines what a method changed
+    method_options = [name for name in (*APPLIES_TO, "target_macs", "target_latency", "target_params", "rank_ratio",
+                                        "refine_epochs") if "auto" not in APPLIES_TO.get(name, ())]
+    chosen_in_file = toml_settings(args.config) if getattr(args, "config", None) else set()
+    chosen_in_file &= {"method", "quantize", *method_options}
+    if with_compress and getattr(args, "method", None) is None and not chosen_in_file \
+            and all(getattr(args, name, None) is None for name in method_options):
         if getattr(args, "quantize", None) not in (None, "none"):
             args.method = "none"  # --quantize int8 alone: int8 only, not the default sparse method
         elif getattr(args, "max_accuracy_drop", None) is not None or getattr(args, "min_agreement", None) is not None \

@@ -88,8 +88,7 @@ class CompressConfig:
     method: str = field(default="sparse", metadata={
         **_opt("constraint set / structure", tuple(METHODS)),
         "cli_default": "with a budget, the search (auto); with --sparsity (or another sparse option) or "
-                       "--refine-epochs, sparse; "
-                       "otherwise none with --quantize int8 (int8 alone)"})
+                       "--refine-epochs, sparse; otherwise none with --quantize int8 (int8 alone)"})
     sparsity: float = field(
         default=0.5, metadata=_opt("global fraction of weights removed over the compressed layers (for "
                                    "l0-l21: inside the kept channels; for kernels: fraction of kernels)")
@@ -598,21 +597,32 @@ def from_mapping(cls: type, mapping: Mapping[str, Any], where: str = "config"):
 def load_toml(path: str | Path) -> tuple[CompressConfig, ValidateConfig]:
     """Read a TOML file: top-level keys are CompressConfig fields, ``[validate]`` holds ValidateConfig."""
     path = Path(path)
+    data = _read_toml(path)
+    validate = data.pop("validate", {})
+    if not isinstance(validate, dict):
+        raise ConfigError(f"[validate] in {path} must be a table")
+    return (from_mapping(CompressConfig, _flatten_sections(data, path), str(path)),
+            from_mapping(ValidateConfig, validate, f"{path} [validate]"))
+
+
+def toml_settings(path: str | Path) -> set[str]:
+    """The ``CompressConfig`` settings a TOML file names (``[validate]`` aside), given or not at their defaults."""
+    data = _read_toml(Path(path))
+    data.pop("validate", None)
+    return set(_flatten_sections(data, Path(path)))
+
+
+def _read_toml(path: Path) -> dict:
     if path.exists() and not path.is_file():
         raise ConfigError(f"config file {path} is not a regular file (a folder, FIFO or device); give a .toml file")
     try:
-        data = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    validate = data.pop("validate", {})
-    if not isinstance(validate, dict):
-        raise ConfigError(f"[validate] in {path} must be a table")
-    return (from_mapping(CompressConfig, _flatten_sections(data, path), str(path)),
-            from_mapping(ValidateConfig, validate, f"{path} [validate]"))
 
 
 def _flatten_sections(data: dict, path: Path) -> dict:

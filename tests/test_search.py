@@ -285,6 +285,24 @@ def test_a_budget_without_a_method_is_the_search(words, method):
     assert (config.quantize == "int8") == (method == "none")
 
 
+@pytest.mark.parametrize("toml,words,method", [
+    ('sparsity = 0.7\n', [], "sparse"),
+    ('method = "sparse"\n', [], "sparse"),
+    ('[refine]\nepochs = 2\n', [], "sparse"),
+    ('seed = 3\n', [], "none"),
+    ('seed = 3\n[validate]\nmin_agreement = 0.99\n', [], "auto"),
+    ('sparsity = 0.7\n', ["--quantize", "int8"], "sparse"),
+])
+def test_a_config_file_chooses_the_method_as_the_flags_do(tmp_path, toml, words, method):
+    """A setting named in --config counts as given: a method or its option there keeps that method."""
+    from onnxadmm.cli import _configs, build_parser
+
+    (tmp_path / "c.toml").write_text(toml)
+    args = build_parser().parse_args(["compress", "m.onnx", "o.onnx", "--calib", "random:4", "--config",
+                                      str(tmp_path / "c.toml"), *words])
+    assert _configs(args, with_compress=True)[0].method == method
+
+
 @pytest.mark.parametrize("miss_drop, refined", [(0.8, True), (3.0, False)])
 def test_refinement_is_retried_only_on_a_miss_within_reach_of_the_budget(miss_drop, refined):
     """A miss at 1.6x the 0.5 pt budget gets the refinement retry; one at 6x is reported as not tried."""
