@@ -132,6 +132,32 @@ def test_qdq_export_computes_what_a_numpy_integer_reference_computes():
     assert layer["scale_min"] == pytest.approx(float(s_w.min()), rel=1e-6)
 
 
+@pytest.mark.parametrize("form", ["static", "dynamic"])
+def test_a_model_over_the_protobuf_limit_reaches_the_quantizers_in_external_data(form, monkeypatch):
+    """onnxruntime's quantizers serialize the models they build (the calibration graph, the output) whole unless
+    told to use external data: a model over 2 GB must tell them, in both activation forms (here a small model
+    taken for one over the limit: its source goes to the quantizer in external data, and the output comes back)."""
+    import onnxruntime.quantization as ortq
+    from onnxadmm.export import qdq
+
+    told = []
+    for name in ("quantize_static", "quantize_dynamic"):
+        real = getattr(ortq, name)
+        monkeypatch.setattr(ortq, name, lambda *a, _real=real, **k: (told.append(k["use_external_data_format"]),
+                                                                      _real(*a, **k))[1])
+    monkeypatch.setattr(qdq, "exceeds_protobuf_limit", lambda model: True)
+    model = mlp()
+    feed = samples_for(model, 16)
+    if form == "static":
+        quantized = qdq._ort_quantize(model, feed, {})
+    else:
+        quantized = qdq.quantize_dynamic_int8(model, {})
+    assert told == [True]
+    ops = {n.op_type for n in quantized.graph.node}
+    assert ("QuantizeLinear" in ops) if form == "static" else ("DynamicQuantizeLinear" in ops or "MatMulInteger" in ops)
+    np.testing.assert_allclose(run(quantized, feed)[0], run(model, feed)[0], atol=0.1 * np.abs(run(model, feed)[0]).max())
+
+
 # -- fusion coverage ----------------------------------------------------------------------------------------
 def without_output_qdq(model: onnx.ModelProto, layer: str) -> onnx.ModelProto:
     """``model`` with the Q/DQ pair after ``layer`` bypassed: its consumers read the float output, so

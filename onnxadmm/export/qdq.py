@@ -85,9 +85,9 @@ def quantize_dynamic_int8(model: onnx.ModelProto, weights: Mapping[str, WeightSc
     tables (Gather) stored as int8 with one scale per row; every other op stays float."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantized = _through_file(model, lambda source, path: quantize_dynamic(
+    quantized = _through_file(model, lambda source, path, large: quantize_dynamic(
         source, path, per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
-        reduce_range=reduce_range,
+        reduce_range=reduce_range, use_external_data_format=large,
         nodes_to_exclude=[n for name in float_nodes for n in (name, f"{name}_MatMul")]))  # a Gemm: MatMul + Add
     _put_solved_integers(quantized, model, weights)
     _embeddings_by_row(quantized)
@@ -229,29 +229,32 @@ def _ort_quantize(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], tensor
                   float_nodes: Sequence[str] = (), reduce_range: bool = False) -> onnx.ModelProto:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    return _through_file(model, lambda source, path: quantize_static(
+    return _through_file(model, lambda source, path, large: quantize_static(
         source, path, _OneBatch(feed), quant_format=QuantFormat.QDQ, per_channel=True,
         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-        nodes_to_exclude=list(float_nodes), reduce_range=reduce_range,
+        nodes_to_exclude=list(float_nodes), reduce_range=reduce_range, use_external_data_format=large,
         extra_options={"TensorQuantOverrides": tensor_overrides}))
 
 
 def _through_file(model: onnx.ModelProto, quantizer) -> onnx.ModelProto:
-    """``quantizer(source path, output path)`` on ``model`` written to a scratch folder (a path, not the
+    """``quantizer(source path, output path, large)`` on ``model`` written to a scratch folder (a path, not the
     ModelProto: given a ModelProto, onnxruntime's quantizers rewrite its initializers in place into references
-    to external data in a folder they then delete), with the quantizer's advice to its own users silenced."""
+    to external data in a folder they then delete), with the quantizer's advice to its own users silenced.
+    ``large``: the model is over protobuf's 2 GB limit, so the source is written with external data and the
+    quantizer must write its own intermediate models (the calibration graph) and output that way too."""
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
     try:
         with scratch_folder("onnxadmm-quantize-") as folder:
             source, path = folder / "float.onnx", os.path.join(folder, "quantized.onnx")
-            if exceeds_protobuf_limit(model):
+            large = exceeds_protobuf_limit(model)
+            if large:
                 write_with_external_data(without_initializers(model), model.graph.initializer, source,
                                          "float.onnx.data")
             else:
                 source.write_bytes(model.SerializeToString())
-            quantizer(str(source), path)
+            quantizer(str(source), path, large)
             return onnx.load(path)
     finally:
         root.setLevel(level)
