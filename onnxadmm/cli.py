@@ -157,23 +157,31 @@ def _configs(args, with_compress: bool) -> tuple[CompressConfig | None, Validate
             values[f.name] = given
         return from_mapping(cls, values, "command line")
 
-    # with no --method, these keep the default method (sparse); --refine-epochs refines what a method changed
+    if with_compress:
+        _infer_method(args, base_v)
+    return (merged(CompressConfig, base_c) if with_compress else None), merged(ValidateConfig, base_v)
+
+
+def _infer_method(args, base_v: ValidateConfig) -> None:
+    """``compress`` without a method (in the flags or the --config file): a method's own option keeps the default
+    (sparse); else ``--quantize`` alone is that precision alone, a budget is the search, and nothing is int8 alone
+    (the smaller and faster model: sparse zeros buy neither). Sets ``args.method`` (and what goes with it)."""
+    # --refine-epochs refines what a method changed, so it keeps the default method too
     method_options = [name for name in (*APPLIES_TO, "target_macs", "target_latency", "target_params", "rank_ratio",
                                         "refine_epochs") if "auto" not in APPLIES_TO.get(name, ())]
     chosen_in_file = toml_settings(args.config) if getattr(args, "config", None) else set()
-    chosen_in_file &= {"method", "quantize", *method_options}
-    if with_compress and getattr(args, "method", None) is None and not chosen_in_file \
-            and all(getattr(args, name, None) is None for name in method_options):
-        if getattr(args, "quantize", None) not in (None, "none"):
-            args.method = "none"  # --quantize int8 alone: int8 only, not the default sparse method
-        elif getattr(args, "max_accuracy_drop", None) is not None or getattr(args, "min_agreement", None) is not None \
-                or base_v.max_accuracy_drop is not None or base_v.min_agreement is not None:
-            args.method = "auto"  # a budget and no method: search the methods within the budget
-        else:  # no method, no budget: int8 alone, the smaller and faster model (sparse zeros buy neither)
-            args.method, args.quantize = "none", "int8"
-            args.default_note = ("no --method: int8 alone (--method M for pruning, low-rank or sparsity; a budget, "
-                                 "--max-accuracy-drop PT or --min-agreement F, searches them)")
-    return (merged(CompressConfig, base_c) if with_compress else None), merged(ValidateConfig, base_v)
+    if getattr(args, "method", None) is not None or chosen_in_file & {"method", "quantize", *method_options} \
+            or any(getattr(args, name, None) is not None for name in method_options):
+        return
+    if getattr(args, "quantize", None) not in (None, "none"):
+        args.method = "none"
+    elif getattr(args, "max_accuracy_drop", None) is not None or getattr(args, "min_agreement", None) is not None \
+            or base_v.max_accuracy_drop is not None or base_v.min_agreement is not None:
+        args.method = "auto"
+    else:
+        args.method, args.quantize = "none", "int8"
+        args.default_note = ("no --method: int8 alone (--method M for pruning, low-rank or sparsity; a budget, "
+                             "--max-accuracy-drop PT or --min-agreement F, searches them)")
 
 
 class Progress:
