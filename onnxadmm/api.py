@@ -147,7 +147,7 @@ def _pipeline(loaded: LoadedModel, calibration, evaluation, config: CompressConf
     if config.quantize == "none":
         compressed, solved.result.distilled = distill(normalized.model, compressed, run.calib, config, progress)
     else:  # distillation, if asked, runs inside the precision stage with the grid fixed
-        quantized = quantize(compressed, run.calib, config, progress, teacher=normalized.model)
+        quantized = quantize(compressed, run.calib, config, progress, teacher=normalized.model, in_place=True)
         quantized.add_stream_to(solved.result)
         compressed, plan_report["quantization"], solved.result.distilled = quantized.model, quantized.report(), \
             quantized.distilled

@@ -526,6 +526,25 @@ def test_int8_distillation_rounds_every_layer_input_it_trains_through():
     assert result.report.plan["quantization"]["seconds"]["distill_s"] > 0
 
 
+@pytest.mark.parametrize("activations", ["static", "dynamic"])
+def test_the_stage_in_place_writes_the_same_model_and_leaves_the_given_one_computing_as_before(activations):
+    """``in_place`` (the pipeline's: the stage's input is a model it owns, already normalized) holds the weights
+    once instead of copying them; the output is the same, and the given model — the teacher too — still computes
+    what it did."""
+    from onnxadmm.onnxio.normalize import normalize
+    from onnxadmm.quantize.stage import quantize
+
+    model = mlp()
+    feed = samples_for(model, 48)
+    config = CompressConfig(method="none", quantize="int8", int8_activations=activations, distill_epochs=1, **FAST)
+    given = normalize(model).model
+    before = run(given, feed)[0]
+    copied = quantize(normalize(model).model, SampleSet(feed, "test"), config)
+    in_place = quantize(given, SampleSet(feed, "test"), config, teacher=given, in_place=True)
+    assert in_place.model.SerializeToString() == copied.model.SerializeToString()
+    np.testing.assert_array_equal(run(given, feed)[0], before)
+
+
 def test_the_training_graph_computes_what_the_exported_int8_model_computes():
     """Every tensor the QDQ export quantizes is rounded the same way in the float graph distillation trains
     (onnx2torch, straight-through ops): its outputs match onnxruntime's integer kernels to within two steps of

@@ -123,16 +123,18 @@ class QuantizedModel:
 
 
 def quantize(model: onnx.ModelProto, samples: SampleSet, config: CompressConfig,
-             progress: Progress | None = None, teacher: onnx.ModelProto | None = None) -> QuantizedModel:
+             progress: Progress | None = None, teacher: onnx.ModelProto | None = None,
+             in_place: bool = False) -> QuantizedModel:
     """The precision stage ``config.quantize`` names (int8 or w4). ``teacher``: the original model, which
     distillation with the grid fixed (``--distill-epochs``) matches; ``model`` when not given. A graph that
     computes in float16 or bfloat16 is widened to float32 first (``onnxio/widen.py``), its inputs and outputs
-    keeping their types."""
+    keeping their types. ``in_place``: ``model`` (already normalized, as every method's output is, and never
+    changed by the stage after that) is normalized in place instead of copied: its weights are held once."""
     narrow = computes_narrow(model)
     if narrow:
         model, teacher = widen(model), (widen(teacher) if teacher is not None else None)
     quantized = (quantize_int8 if config.quantize == "int8" else quantize_w4)(model, samples, config, progress,
-                                                                              teacher)
+                                                                              teacher, in_place)
     if narrow:
         quantized.notes.append("the model computes in 16-bit floats: its float parts now compute in float32 "
                                "(onnxruntime's integer kernels and quantizer take float32, and its CPU kernels "
@@ -141,13 +143,14 @@ def quantize(model: onnx.ModelProto, samples: SampleSet, config: CompressConfig,
 
 
 def quantize_w4(model: onnx.ModelProto, samples: SampleSet, config: CompressConfig,
-                progress: Progress | None = None, teacher: onnx.ModelProto | None = None) -> QuantizedModel:
+                progress: Progress | None = None, teacher: onnx.ModelProto | None = None,
+                in_place: bool = False) -> QuantizedModel:
     """int4 weights, float activations (``export/w4.py``): every layer's weights onto the 4-bit grid through its
     activation, x̂ the inputs of the model whose earlier layers are already on their grid (zeros kept), then
     stored as int4 with their scales."""
     progress = progress or (lambda *args: None)
     started = time.perf_counter()
-    normalized = normalize(model)
+    normalized = normalize(model, in_place=in_place)
     view = normalized.view()
     found = apply_exclude(find_layers(view), config.exclude)
     structures = {layer.name: Structure("grid", bits=W4_BITS, keep_zeros=True) for layer in found.layers}
@@ -175,12 +178,13 @@ def quantize_w4(model: onnx.ModelProto, samples: SampleSet, config: CompressConf
 
 
 def quantize_int8(model: onnx.ModelProto, samples: SampleSet, config: CompressConfig,
-                  progress: Progress | None = None, teacher: onnx.ModelProto | None = None) -> QuantizedModel:
+                  progress: Progress | None = None, teacher: onnx.ModelProto | None = None,
+                  in_place: bool = False) -> QuantizedModel:
     """The int8 model with static or dynamic activations (``config.int8_activations``; auto: both where the
     MatMuls hold most of the layer weights, the one with the smaller output error on the held-out calibration
     samples kept)."""
     progress = progress or (lambda *args: None)
-    normalized = normalize(model)
+    normalized = normalize(model, in_place=in_place)
     found = apply_exclude(find_layers(normalized.view()), config.exclude)
     modes = int8_forms(found.layers, config.int8_activations)
     probe = None
