@@ -280,14 +280,12 @@ def correct_bits(model, evaluation: dict, batch_size: int = 250) -> str:
 def mcnemar(bits_a: str, bits_b: str, count: int) -> tuple[int, int, float]:
     """(samples only A gets right, only B gets right, exact two-sided McNemar p-value): under H0 (equal
     accuracy) each discordant sample is A's with probability 1/2, p = min(1, 2·P[Bin(n, ½) ≤ min(a, b)])."""
-    import math
+    from onnxadmm.cost.timing import sign_test_p
 
     a = np.unpackbits(np.frombuffer(bytes.fromhex(bits_a), np.uint8))[:count].astype(bool)
     b = np.unpackbits(np.frombuffer(bytes.fromhex(bits_b), np.uint8))[:count].astype(bool)
     only_a, only_b = int(np.sum(a & ~b)), int(np.sum(b & ~a))
-    n = only_a + only_b
-    tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1))
-    return only_a, only_b, min(1.0, 2 * tail / 2 ** n) if n else 1.0
+    return only_a, only_b, sign_test_p(only_a, only_a + only_b)
 
 
 def paired_lines(suite: str, rows: list[dict]) -> list[str]:

@@ -72,21 +72,23 @@ class LatencyAB:
         return {**self.__dict__, "speedup": self.speedup}
 
 
+def half_binomial_cdf(k: int, n: int) -> float:
+    """P(X ≤ k) for X ~ Binomial(n, ½)."""
+    return sum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n
+
+
 def sign_test_p(successes: int, trials: int) -> float:
-    """Two-sided exact sign test: min(1, 2·P(X ≤ min(k, n − k))) for X ~ Binomial(n, ½)."""
-    tail = min(successes, trials - successes)
-    return min(1.0, 2.0 * sum(math.comb(trials, i) for i in range(tail + 1)) / 2.0 ** trials)
+    """Two-sided exact sign test: min(1, 2·P(X ≤ min(k, n − k))) for X ~ Binomial(n, ½) (with k and n the
+    discordant pairs of two classifiers, the exact McNemar test)."""
+    return min(1.0, 2.0 * half_binomial_cdf(min(successes, trials - successes), trials))
 
 
 def median_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     """Distribution-free interval of the median: [x₍ₖ₎, x₍ₙ₋ₖ₊₁₎] of the sorted values, k the largest with
     P(Binomial(n, ½) < k) ≤ (1 − level)/2; the whole range when n is too small for that (coverage 1 − 2^(1−n))."""
     ordered, n = np.sort(np.asarray(values, dtype=float)), len(values)
-    k, below = 0, 0.0  # below = P(X < k + 1) as k grows
-    while k < n // 2:
-        below += math.comb(n, k) / 2.0 ** n
-        if below > (1 - level) / 2:
-            break
+    k = 0
+    while k < n // 2 and half_binomial_cdf(k, n) <= (1 - level) / 2:  # P(X < k + 1)
         k += 1
     k = max(k, 1)
     return float(ordered[k - 1]), float(ordered[n - k])

@@ -107,8 +107,7 @@ def sample_problem(stream: ActivationStream, layer: Layer, layer_index: int, w0:
         x_ref = _tensor(stream.get(ORIGINAL, layer.input_name, batch))
         p_ref = pick.patches(x_ref)
         p_hat = pick.patches(_tensor(stream.get(COMPRESSED, layer.input_name, batch)))
-        peaks = (_largest_magnitude(p_ref), _largest_magnitude(p_hat))
-        largest = float("nan") if any(math.isnan(p) for p in peaks) else max(peaks)
+        largest = _largest_magnitude(p_ref, p_hat)
         if not (largest == 0.0 or INPUT_RANGE[0] <= largest <= INPUT_RANGE[1]):  # NaN included
             raise SamplingError(f"its input peaks at {largest:.1e} on the calibration samples, outside "
                                 f"{INPUT_RANGE[0]:.0e}..{INPUT_RANGE[1]:.0e} where the solver's float32 products "
@@ -140,12 +139,14 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(array, dtype=np.float32))
 
 
-def _largest_magnitude(x: torch.Tensor) -> float:
-    """max |x| in one pass (no |x| temporary); NaN when x holds one; 0 for an empty x."""
-    if not x.numel():
-        return 0.0
-    low, high = torch.aminmax(x)
-    return max(-float(low), float(high)) if not torch.isnan(high) else float("nan")
+def _largest_magnitude(*tensors: torch.Tensor) -> float:
+    """max |x| over ``tensors``, one pass each (no |x| temporary); NaN when one holds a NaN; 0 when all are empty."""
+    peaks: list[float] = []
+    for x in tensors:
+        if x.numel():
+            low, high = torch.aminmax(x)
+            peaks += [-float(low), float(high)]
+    return float("nan") if any(math.isnan(p) for p in peaks) else max(peaks, default=0.0)
 
 
 def _samples_in(layer: Layer, shape: tuple[int, ...]) -> int:
