@@ -5,8 +5,8 @@
 
 Each case is one `onnxadmm compress` in a fresh process, as a user runs it; the figures come from its
 report: the solve's time (`timing.compress_s`), the whole run's (`total_s`, with validation), the peak
-RSS of the process, and the slowest layer's solve time. torchvision AlexNet and VGG-16 are exported with
-random weights (time and memory do not depend on the values); the test-bed models use their standard
+RSS of the process, and the slowest layer's solve time. torchvision AlexNet, VGG-16 and ResNeXt-50 are exported
+with random weights (time and memory do not depend on the values); the test-bed models use their standard
 calibration split. Results: docs/bench/scale__<case>.json, rendered into docs/SCALE.md with the log-log
 slopes of time against parameters and of peak RSS against model size.
 """
@@ -34,6 +34,7 @@ CASES = {
                              240),
     "alexnet": ("torchvision:alexnet", ["--sparsity", "0.3", "--calib", "random:16"], 300),
     "vgg16": ("torchvision:vgg16", ["--sparsity", "0.3", "--calib", "random:16"], 600),
+    "resnext50": ("torchvision:resnext50_32x4d", ["--sparsity", "0.3", "--calib", "random:16"], None),
     "large_2gb": ("generated:2.2GB", ["--sparsity", "0.5", "--uniform", "--calib", "random:64",
                                       "--max-memory-mb", "256"], None),
 }
@@ -139,8 +140,8 @@ def render() -> str:
              "2026-12-06) the original's outputs and footprint, measured before the solve; total adds loading and "
              "the compressed model's validation in onnxruntime. Peak RSS is this process's own (VmHWM; rows before "
              "2026-12-06 read `ru_maxrss`, which also keeps the peak of the process that started it — here the "
-             "benchmark, which had exported the torchvision model). AlexNet and VGG-16 are torchvision's with "
-             "random weights; the test-bed models use their standard calibration split.", "",
+             "benchmark, which had exported the torchvision model). AlexNet, VGG-16 and ResNeXt-50 (32×4d: grouped 3×3 "
+             "convs) are torchvision's with random weights; the test-bed models use their standard calibration split.", "",
              "| case | arguments | parameters | model MB | solve s | total s | bar s | peak RSS MB | RSS / model | "
              "slowest layer (s) | commit |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -250,6 +251,29 @@ it had not finished after 25 minutes: the linear metric ends each layer with an 
 gradients in float64 over 65,536 rows of 256 inputs (about 80 iterations of a 4-GFLOP product, the moments
 being of rank 64), which the default loss's path (the thin eigenbasis, above) does not need.
 
+The int8 stage on the same model (`compress large.onnx OUT --calib random:64 --max-memory-mb 256`, int8
+alone, the default): before 2026-12-07 an internal error, since onnxruntime's quantizers serialized their
+calibration graph whole unless told to use external data. Then 1,381 s (form probe 262 s, weight solve 908 s,
+export 122 s), peak RSS 14,385 MB, 6.6× the weights. Output 582 MB (3.9× smaller), 2.34× faster at batch 1,
+agreement 1.000 on the 64 samples. Three copies were removed since:
+- the stage normalizes the model it is given in place instead of a copy;
+- the QDQ export hands onnxruntime's `quantize_static` the ranges it already has as its calibration cache
+  (`calibration_cache_path`), so the quantizer no longer builds and runs a calibration copy of the model for
+  ranges the overrides replace anyway (the same bytes written);
+- the copy of the model whose layer inputs are rounded as exported, in which the static form's weights are
+  solved, is freed when the solve ends instead of being held through the range pass and the export.
+
+Measured on 2026-12-07, run alone, the same command: 1,394 s, peak RSS 11,984 MB (5.5× the weights), the same
+2.39× and 3.9×. The peak is now the dynamic export (this model's MatMuls choose dynamic activations):
+5.7 GB held when the solve ends (the float model and the solved one, imports, the activation cache), and
+onnxruntime's `quantize_dynamic` adds 6.3 GB, about 3× the weights (it loads the model, keeps each weight's
+float copy beside its int8 one and serializes the output). The form probe, which runs both quantizers on the
+rounded weights, peaks at 10.1 GB. On the 512 MB version (8 branches, `--solver magnitude`, `--int8-activations
+static`, back to back with the release before): peak RSS 4,609 → 3,096 MB, export 24 → 17 s, byte-identical
+output; with the default `auto` the probe's peak went 3,344 → 2,907 MB and the output stayed byte-identical.
+What would remove the rest of the dynamic export's 3×: writing the dynamic form (DynamicQuantizeLinear,
+MatMulInteger, the scale products) into the graph directly instead of through onnxruntime's quantizer.
+
 What bounds it at about 1.5×, and why it is not one more step: protobuf's Python runtime (upb) keeps every
 message's bytes in an arena freed only with the whole message — replacing an initializer's `raw_data` or
 deleting it frees nothing (measured: three replacements of a 200 MB tensor, +600 MB) — so the weights must live
@@ -295,6 +319,13 @@ before and this one alternately, took 50.8 / 49.2 s and 51.2 / 49.9 s wall, wher
 measured 39 s total on 2026-12-05; the time bars are this machine's load today, not a change of the solve. `--quantize int8 --solver magnitude --val`: 5,599 MB in
 the release before (its range passes) and 3,298 MB now, with their batches at a quarter of the budget and their
 session without the arena (`docs/INT8.md`).
+
+A larger `--max-memory-mb` is not a faster run here. EfficientNet-Lite0 `--quantize int8`, run back to back on
+2026-12-07 at the default 2048 and at 16000: 285 / 424 s total, peak RSS 2,938 / 6,755 MB, 20.8 / 2.5 GB
+spilled. Without the spill the first 12 layers took 60.6 s instead of 80.8 s: that is what spilling costs there
+(written at about 400 MB/s on this machine's disk). But at 16000 the wide depthwise layers' subsets are no longer
+lowered (the eighth above), and their solves took longer than the spill saved. On the 500 held-out images the two
+models measured 0.40 pt, agreement 0.992 and 0.20 pt, 0.986, within each other's 95 % intervals.
 
 ## Not built yet
 

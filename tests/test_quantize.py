@@ -158,6 +158,33 @@ def test_a_model_over_the_protobuf_limit_reaches_the_quantizers_in_external_data
     np.testing.assert_allclose(run(quantized, feed)[0], run(model, feed)[0], atol=0.1 * np.abs(run(model, feed)[0]).max())
 
 
+def test_the_qdq_export_hands_its_ranges_to_the_quantizer_instead_of_letting_it_calibrate(monkeypatch):
+    """With a range for every float tensor (as the int8 stage has), onnxruntime's quantizer reads them as its
+    calibration cache: no calibration graph and session of the model are built, and the output is the same bytes
+    as with its own calibration overridden by the same ranges."""
+    import sys
+    from onnxadmm.calib.ranges import activation_ranges, float_tensors
+    from onnxadmm.export import qdq
+    from onnxadmm.onnxio.normalize import normalize
+
+    normalized = normalize(tiny_cnn())
+    feed = samples_for(normalized.model, 16)
+    ranges = activation_ranges(normalized.model, float_tensors(normalized.model, normalized.inferred),
+                               SampleSet(feed, "test"), "minmax", 8, 0)
+    calibrated = qdq._ort_quantize(normalized.model, feed, qdq.overrides(ranges, {}))
+    quantizer = sys.modules["onnxruntime.quantization.quantize"]
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("the quantizer calibrated")
+
+    monkeypatch.setattr(quantizer, "create_calibrator", no_calibration)
+    with pytest.raises(AssertionError, match="calibrated"):
+        qdq._ort_quantize(normalized.model, feed, qdq.overrides(ranges, {}))  # the check can fail
+    cached = qdq.quantize_qdq(normalized.model, SampleSet(feed, "test"), ranges, {})
+    calibrated.ir_version = cached.ir_version
+    assert cached.SerializeToString() == calibrated.SerializeToString()
+
+
 # -- fusion coverage ----------------------------------------------------------------------------------------
 def without_output_qdq(model: onnx.ModelProto, layer: str) -> onnx.ModelProto:
     """``model`` with the Q/DQ pair after ``layer`` bypassed: its consumers read the float output, so

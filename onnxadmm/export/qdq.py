@@ -4,8 +4,8 @@
 fusion rules (uint8 activations, int8 per-channel weights, int32 biases at scale s_x·s_w, a Relu folded
 into the Q after it); onnxadmm hands it every range and every solved weight scale as a per-tensor override
 (``TensorQuantOverrides``), so the integers in the output are exactly the solved ones: the weights are
-already on their grid, and ``round(w / s)`` recovers the integers. Its own calibration is then only a
-formality, run on one batch.
+already on their grid, and ``round(w / s)`` recovers the integers. The ranges also reach it as its calibration
+cache, so it does not calibrate (a copy of the model with every tensor as an output, and a session of it).
 
 Dynamic activations (``quantize_dynamic_int8``): onnxruntime's ``quantize_dynamic`` turns each MatMul (and
 Gemm, as MatMul + Add) with a constant weight into DynamicQuantizeLinear(x) → MatMulInteger with per-column
@@ -73,7 +73,8 @@ def quantize_qdq(model: onnx.ModelProto, samples: SampleSet, ranges: Mapping[str
                  reduce_range: bool = False) -> onnx.ModelProto:
     """The QDQ model (uint8 activations, int8 per-channel weights) with the given ranges and scales; the nodes
     named in ``float_nodes`` stay float; ``reduce_range``: weights onnxruntime scales itself on 7 bits."""
-    quantized = _ort_quantize(model, next(samples.batches(8)), overrides(ranges, weights), float_nodes, reduce_range)
+    quantized = _ort_quantize(model, next(samples.batches(8)), overrides(ranges, weights), float_nodes, reduce_range,
+                              ranges)
     quantized.ir_version = model.ir_version  # the quantizer may stamp its own; the contract keeps the input's
     return quantized
 
@@ -226,14 +227,33 @@ def integer_chain(quantized: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _ort_quantize(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], tensor_overrides: dict,
-                  float_nodes: Sequence[str] = (), reduce_range: bool = False) -> onnx.ModelProto:
+                  float_nodes: Sequence[str] = (), reduce_range: bool = False,
+                  ranges: Mapping[str, TensorRange] | None = None) -> onnx.ModelProto:
+    """``ranges``: every float tensor's, handed to the quantizer as its calibration cache, so that it does not
+    calibrate (an augmented copy of the model and a session of it) for ranges the overrides replace anyway;
+    without them, its own min-max calibration on ``feed``."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    return _through_file(model, lambda source, path, large: quantize_static(
-        source, path, _OneBatch(feed), quant_format=QuantFormat.QDQ, per_channel=True,
-        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-        nodes_to_exclude=list(float_nodes), reduce_range=reduce_range, use_external_data_format=large,
-        extra_options={"TensorQuantOverrides": tensor_overrides}))
+    def run(source, path, large):
+        cache = None
+        if ranges:
+            cache = os.path.join(os.path.dirname(path), "ranges.json")
+            _write_calibration_cache(ranges, cache)
+        quantize_static(
+            source, path, _OneBatch(feed), quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+            nodes_to_exclude=list(float_nodes), reduce_range=reduce_range, use_external_data_format=large,
+            extra_options={"TensorQuantOverrides": tensor_overrides}, calibration_cache_path=cache)
+
+    return _through_file(model, run)
+
+
+def _write_calibration_cache(ranges: Mapping[str, TensorRange], path: str) -> None:
+    """The ranges in the calibration-cache file ``quantize_static`` reads instead of calibrating."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData, save_tensors_data
+
+    data = {name: TensorData(lowest=np.float32(r.lo), highest=np.float32(r.hi)) for name, r in ranges.items()}
+    save_tensors_data(TensorsData(CalibrationMethod.MinMax, data), path)
 
 
 def _through_file(model: onnx.ModelProto, quantizer) -> onnx.ModelProto:

@@ -245,13 +245,7 @@ def _static(normalized, found, samples: SampleSet, config: CompressConfig, progr
     input_ranges = {n: float_ranges[n] for n in wanted} if float_ranges and set(wanted) <= set(float_ranges) else \
         activation_ranges(normalized.model, wanted, samples, config.activation_range, config.batch_size,
                           config.threads, progress, _ranges_memory(config))
-    rounding, switches = with_input_rounding(normalized.model, input_ranges, inputs)
-    rounded_view = GraphView(rounding, infer_types(rounding))
-    layers = [layer for layer in apply_exclude(find_layers(rounded_view), config.exclude).layers
-              if layer.name in inputs]
-    structures = {layer.name: Structure("grid", bits=int8_bits(config), keep_zeros=True) for layer in layers}
-    solved = compress_layers(rounded_view, layers, _solving(samples, config), structures,
-                             {l.name: 1.0 for l in layers}, config, progress, switches)
+    solved = _solved_on_rounded_inputs(normalized.model, inputs, input_ranges, samples, config, progress)
     solved_model = apply_initializers(normalized.model, solved.initializers, consume=True)
     seconds["weights_s"] = time.perf_counter() - started
     started = time.perf_counter()
@@ -275,6 +269,19 @@ def _static(normalized, found, samples: SampleSet, config: CompressConfig, progr
     return QuantizedModel(quantized, _rows(solved), _declined(found, solved), ranges, coverage, seconds, "static",
                           float_model=solved_model, export=export, refinement=refinement,
                           distilled=distilled, stream=(solved.peak_cache_bytes, solved.spilled_bytes))
+
+
+def _solved_on_rounded_inputs(model: onnx.ModelProto, inputs: dict[str, str], input_ranges: dict[str, TensorRange],
+                              samples: SampleSet, config: CompressConfig, progress):
+    """Every layer (node name -> its input tensor in ``inputs``) onto the int8 grid, solved in the copy of ``model``
+    whose layer inputs are rounded as exported; the copy, a second set of the weights, is freed on return."""
+    rounding, switches = with_input_rounding(model, input_ranges, inputs)
+    rounded_view = GraphView(rounding, infer_types(rounding))
+    layers = [layer for layer in apply_exclude(find_layers(rounded_view), config.exclude).layers
+              if layer.name in inputs]
+    structures = {layer.name: Structure("grid", bits=int8_bits(config), keep_zeros=True) for layer in layers}
+    return compress_layers(rounded_view, layers, _solving(samples, config), structures,
+                           {l.name: 1.0 for l in layers}, config, progress, switches)
 
 
 def _dynamic(normalized, found, samples: SampleSet, config: CompressConfig, progress, teacher) -> QuantizedModel:
