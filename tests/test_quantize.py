@@ -201,6 +201,18 @@ def without_output_qdq(model: onnx.ModelProto, layer: str) -> onnx.ModelProto:
     return out
 
 
+def test_the_progress_lines_name_which_ranges_each_pass_estimates():
+    """The static stage streams the samples twice for ranges (the layer inputs' on the float model, then every
+    tensor's on the solved one), two passes each: a user watching the progress can tell the four apart."""
+    model = tiny_cnn()
+    messages = []
+    compress(model, samples_for(model, 32), CompressConfig(method="none", quantize="int8", **FAST), QUICK,
+             progress=lambda stage, done, total, message="": messages.append(message))
+    passes = [m for m in dict.fromkeys(messages) if "ranges" in m]
+    assert passes == ["layer inputs' ranges (1/2)", "layer inputs' ranges (2/2)",
+                      "ranges of the solved model (1/2)", "ranges of the solved model (2/2)"]
+
+
 def test_fusion_coverage_names_the_layer_a_graph_keeps_in_float():
     model = tiny_cnn()
     feed = samples_for(model, 32)

@@ -54,10 +54,10 @@ def float_tensors(model: onnx.ModelProto, inferred: onnx.ModelProto) -> list[str
 
 def activation_ranges(model: onnx.ModelProto, names: list[str], samples: SampleSet, estimator: str,
                       batch_size: int, threads: int, progress: Callable | None = None,
-                      memory_bytes: int | None = None) -> dict[str, TensorRange]:
+                      memory_bytes: int | None = None, label: str = "ranges") -> dict[str, TensorRange]:
     """One ``TensorRange`` per tensor in ``names``, chosen by ``estimator`` (see the module docstring). With
     ``memory_bytes``, the batches are made small enough that one batch of every tensor in ``names`` fits it (the
-    statistics do not depend on how the samples are batched)."""
+    statistics do not depend on how the samples are batched). ``label``: what the progress lines call the passes."""
     progress = progress or (lambda *args: None)
     # without onnxruntime's arena: a batch of every tensor is not kept allocated after the passes
     sess = session_with_outputs(model, names, threads, arena=False)
@@ -68,12 +68,12 @@ def activation_ranges(model: onnx.ModelProto, names: list[str], samples: SampleS
     highs = {n: -np.inf for n in names}
     # each batch's tensors on every core: numpy's sorts and reductions release the GIL
     with ThreadPoolExecutor(max_workers=cpu_threads(threads)) as pool:
-        for values in _stream(sess, wanted, fed, samples, batch_size, progress, "ranges (1/2)"):
+        for values in _stream(sess, wanted, fed, samples, batch_size, progress, f"{label} (1/2)"):
             for name, (low, high) in zip(values, pool.map(_extremes, values.values())):
                 lows[name], highs[name] = min(lows[name], low), max(highs[name], high)
         edges = {n: _edges(lows[n], highs[n]) for n in names}
         counts = {n: np.zeros(BINS, np.float64) for n in names}
-        for values in _stream(sess, wanted, fed, samples, batch_size, progress, "ranges (2/2)"):
+        for values in _stream(sess, wanted, fed, samples, batch_size, progress, f"{label} (2/2)"):
             for name, count in zip(values, pool.map(lambda item: np.histogram(item[1], bins=edges[item[0]])[0],
                                                     values.items())):
                 counts[name] += count

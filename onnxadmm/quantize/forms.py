@@ -48,7 +48,7 @@ def probe_forms(model: onnx.ModelProto, inferred: onnx.ModelProto, samples: Samp
     """``memory_bytes``: what one batch of the range pass may hold."""
     started = time.perf_counter()
     ranges = activation_ranges(model, float_tensors(model, inferred), samples, config.activation_range,
-                               config.batch_size, config.threads, progress, memory_bytes)
+                               config.batch_size, config.threads, progress, memory_bytes, "float model's ranges")
     if progress:
         progress("quantize", 0, 1, "activation form: rounding-only probe")
     rounded = {"static": quantize_qdq(model, samples, ranges, {}, (), config.int8_reduce_range),

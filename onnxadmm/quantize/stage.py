@@ -244,14 +244,14 @@ def _static(normalized, found, samples: SampleSet, config: CompressConfig, progr
     wanted = sorted(set(inputs.values()))
     input_ranges = {n: float_ranges[n] for n in wanted} if float_ranges and set(wanted) <= set(float_ranges) else \
         activation_ranges(normalized.model, wanted, samples, config.activation_range, config.batch_size,
-                          config.threads, progress, _ranges_memory(config))
+                          config.threads, progress, _ranges_memory(config), "layer inputs' ranges")
     solved = _solved_on_rounded_inputs(normalized.model, inputs, input_ranges, samples, config, progress)
     solved_model = apply_initializers(normalized.model, solved.initializers, consume=True)
     seconds["weights_s"] = time.perf_counter() - started
     started = time.perf_counter()
     names = float_tensors(solved_model, normalized.inferred)
     ranges = activation_ranges(solved_model, names, samples, config.activation_range, config.batch_size,
-                               config.threads, progress, _ranges_memory(config))
+                               config.threads, progress, _ranges_memory(config), "ranges of the solved model")
     seconds["ranges_s"] = time.perf_counter() - started
     scales = _solved_scales(solved_model, solved)
     solved_model, refinement, distilled = _trained(
