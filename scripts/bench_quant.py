@@ -68,7 +68,7 @@ def onnxadmm_quantize(model_path: Path, calib: np.ndarray, **settings) -> tuple[
 def measure(original: onnx.ModelProto, quantized: onnx.ModelProto, evaluation: dict) -> dict:
     from onnxadmm.calib.readers import SampleSet
     from onnxadmm.config import ValidateConfig
-    from onnxadmm.export.qdq import WEIGHT_OPS, fusion_coverage
+    from onnxadmm.export.coverage import WEIGHT_OPS, fusion_coverage
     from onnxadmm.validation.run import validate_models
 
     samples = SampleSet({"input": evaluation["input"]}, "evaluation", labels=evaluation["labels"])

@@ -269,15 +269,25 @@ agreement 1.000 on the 64 samples. Three copies were removed since:
   solved, is freed when the solve ends instead of being held through the range pass and the export.
 
 Measured on 2026-12-07, run alone, the same command: 1,394 s, peak RSS 11,984 MB (5.5× the weights), the same
-2.39× and 3.9×. The peak is now the dynamic export (this model's MatMuls choose dynamic activations):
+2.39× and 3.9×. The peak was then the dynamic export (this model's MatMuls choose dynamic activations):
 5.7 GB held when the solve ends (the float model and the solved one, imports, the activation cache), and
-onnxruntime's `quantize_dynamic` adds 6.3 GB, about 3× the weights (it loads the model, keeps each weight's
-float copy beside its int8 one and serializes the output). The form probe, which runs both quantizers on the
-rounded weights, peaks at 10.1 GB. On the 512 MB version (8 branches, `--solver magnitude`, `--int8-activations
-static`, back to back with the release before): peak RSS 4,609 → 3,096 MB, export 24 → 17 s, byte-identical
-output; with the default `auto` the probe's peak went 3,344 → 2,907 MB and the output stayed byte-identical.
-What would remove the rest of the dynamic export's 3×: writing the dynamic form (DynamicQuantizeLinear,
-MatMulInteger, the scale products) into the graph directly instead of through onnxruntime's quantizer.
+onnxruntime's `quantize_dynamic` added 6.3 GB, about 3× the weights (it loads the model, keeps each weight's
+float copy beside its int8 one and serializes the output). On the 512 MB version (8 branches, `--solver
+magnitude`, `--int8-activations static`, back to back with the release before): peak RSS 4,609 → 3,096 MB,
+export 24 → 17 s, byte-identical output; with the default `auto` the probe's peak went 3,344 → 2,907 MB and the
+output stayed byte-identical.
+
+Since, the dynamic form is written into the graph directly (`export/dynamic.py`: DynamicQuantizeLinear →
+MatMulInteger → the scale products, the graph `quantize_dynamic` writes, with the same integers), so the output
+holds each weight once, as int8; and the fusion-coverage session, which only names the kernels onnxruntime
+chose, is built from files without pre-packing and its optimized graph is read back without its weights. The
+same command, 2026-12-07: peak RSS 8,109 MB with the first change alone (the coverage session's copies then made
+the peak, +2.4 GB), 6,395 MB (2.9× the weights) with both; export 16 and 10 s; the same 582 MB output and
+agreement 1.000, 2.31× and 2.49× faster at batch 1 (1,384 and 1,579 s in all, the second beside the test
+suite). The peak is now shared by the form probe (6.3 GB, its second range pass and the rounding-only builds
+of both forms, the static one still through onnxruntime's quantizer), the solve (6.1 GB) and the export
+(6.4 GB). On the 512 MB version (default `auto`, ADMM, back to back with the release before, the first change
+alone): peak RSS 3,431 → 2,977 MB (now in the solve), export 33 → 3 s, identical outputs.
 
 What bounds it at about 1.5×, and why it is not one more step: protobuf's Python runtime (upb) keeps every
 message's bytes in an arena freed only with the whole message — replacing an initializer's `raw_data` or

@@ -13,7 +13,7 @@ from models import mlp, run, samples_for, tiny_cnn
 from onnxadmm import CompressConfig, ValidateConfig, compress
 from onnxadmm.algorithms.projections.grid import IntegerGrid, integer_values, output_error_scales, to_grid
 from onnxadmm.algorithms.projections.sparse import TopK
-from onnxadmm.export.qdq import fusion_coverage
+from onnxadmm.export.coverage import fusion_coverage
 from onnxadmm.calib.ranges import choose_range, quantization_mse
 from onnxadmm.calib.readers import SampleSet
 
@@ -132,30 +132,115 @@ def test_qdq_export_computes_what_a_numpy_integer_reference_computes():
     assert layer["scale_min"] == pytest.approx(float(s_w.min()), rel=1e-6)
 
 
-@pytest.mark.parametrize("form", ["static", "dynamic"])
-def test_a_model_over_the_protobuf_limit_reaches_the_quantizers_in_external_data(form, monkeypatch):
-    """onnxruntime's quantizers serialize the models they build (the calibration graph, the output) whole unless
-    told to use external data: a model over 2 GB must tell them, in both activation forms (here a small model
-    taken for one over the limit: its source goes to the quantizer in external data, and the output comes back)."""
+def test_a_model_over_the_protobuf_limit_reaches_the_static_quantizer_in_external_data(monkeypatch):
+    """onnxruntime's quantize_static serializes the models it builds (the calibration graph, the output) whole
+    unless told to use external data: a model over 2 GB must tell it (here a small model taken for one over the
+    limit: its source goes to the quantizer in external data, and the output comes back)."""
     import onnxruntime.quantization as ortq
     from onnxadmm.export import qdq
 
     told = []
-    for name in ("quantize_static", "quantize_dynamic"):
-        real = getattr(ortq, name)
-        monkeypatch.setattr(ortq, name, lambda *a, _real=real, **k: (told.append(k["use_external_data_format"]),
-                                                                      _real(*a, **k))[1])
+    real = ortq.quantize_static
+    monkeypatch.setattr(ortq, "quantize_static", lambda *a, **k: (told.append(k["use_external_data_format"]),
+                                                                  real(*a, **k))[1])
     monkeypatch.setattr(qdq, "exceeds_protobuf_limit", lambda model: True)
     model = mlp()
     feed = samples_for(model, 16)
-    if form == "static":
-        quantized = qdq._ort_quantize(model, feed, {})
-    else:
-        quantized = qdq.quantize_dynamic_int8(model, {})
+    quantized = qdq._ort_quantize(model, feed, {})
     assert told == [True]
-    ops = {n.op_type for n in quantized.graph.node}
-    assert ("QuantizeLinear" in ops) if form == "static" else ("DynamicQuantizeLinear" in ops or "MatMulInteger" in ops)
+    assert "QuantizeLinear" in {n.op_type for n in quantized.graph.node}
     np.testing.assert_allclose(run(quantized, feed)[0], run(model, feed)[0], atol=0.1 * np.abs(run(model, feed)[0]).max())
+
+
+def _shared_input_model() -> onnx.ModelProto:
+    """MatMuls on a 3-D input, two of them reading the same tensor (one quantized input for both) and two sharing
+    a weight; Gemms with transB on and off, with and without a bias, and one with alpha ≠ 1 (which stays float)."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(3)
+    shapes = [(16, 24), (24, 16), (16, 16), (8, 16), (8,), (16, 8), (8, 8)]
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.3, f"w{index}")
+             for index, shape in enumerate(shapes)]
+    names = [t.name for t in inits]
+    nodes = []
+    nodes += [helper.make_node("MatMul", ["x", names[0]], ["a"], name="left"),
+              helper.make_node("MatMul", ["a", names[1]], ["b"], name="right"),
+              helper.make_node("MatMul", ["b", names[2]], ["c"], name="shared_1"),
+              helper.make_node("MatMul", ["x", names[2]], ["d"], name="shared_2"),
+              helper.make_node("Add", ["c", "d"], ["e"], name="sum"),
+              helper.make_node("Flatten", ["e"], ["f"], name="flat", axis=2),
+              helper.make_node("Reshape", ["f", "shape"], ["g"], name="rows"),
+              helper.make_node("Gemm", ["g", names[3], names[4]], ["h"], name="gemm_t", transB=1),
+              helper.make_node("Gemm", ["h", names[6]], ["i"], name="gemm_plain"),
+              helper.make_node("Gemm", ["i", names[5]], ["y"], name="gemm_alpha", alpha=0.5, transB=1)]
+    inits.append(numpy_helper.from_array(np.array([-1, 16], np.int64), "shape"))
+    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", 16])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize("reduce_range", [False, True])
+def test_the_dynamic_form_computes_what_onnxruntimes_quantize_dynamic_writes(reduce_range, tmp_path):
+    """The dynamic form is written into the graph directly; onnxruntime's quantize_dynamic (per-column int8
+    weights, uint8 activations quantized at run time) is the reference: the same integers, the same outputs
+    to float rounding, on MatMuls and Gemms in every orientation, a shared input and a shared weight."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxadmm.export.coverage import fusion_coverage
+    from onnxadmm.export.dynamic import quantize_dynamic_int8
+
+    model = _shared_input_model()
+    onnx.save(model, str(tmp_path / "float.onnx"))
+    quantize_dynamic(str(tmp_path / "float.onnx"), str(tmp_path / "ort.onnx"), per_channel=True,
+                     weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"], reduce_range=reduce_range)
+    reference = onnx.load(str(tmp_path / "ort.onnx"))
+    ours = quantize_dynamic_int8(model, {}, reduce_range=reduce_range)
+    onnx.checker.check_model(ours)
+    feed = {"x": np.random.default_rng(0).standard_normal((4, 5, 16)).astype(np.float32)}
+    expected, got = run(reference, feed)[0], run(ours, feed)[0]
+    assert not np.allclose(got, run(model, feed)[0], rtol=0, atol=1e-6)  # the check can fail: int8 is not float
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    ref_inits = {t.name: numpy_helper.to_array(t) for t in reference.graph.initializer}
+    our_inits = {t.name: numpy_helper.to_array(t) for t in ours.graph.initializer}
+    for name in ("w0", "w1", "w2", "w6"):
+        np.testing.assert_array_equal(our_inits[f"{name}_quantized"], ref_inits[f"{name}_quantized"])
+    ops = [n.op_type for n in ours.graph.node]
+    assert ops.count("MatMulInteger") == 6 and ops.count("DynamicQuantizeLinear") == 5  # x: one for both
+    assert "gemm_alpha" in {n.name for n in ours.graph.node if n.op_type == "Gemm"}
+    layers = {n.name: n.op_type for n in model.graph.node if n.op_type in ("MatMul", "Gemm")}
+    coverage = fusion_coverage(ours, layers)
+    assert sorted(coverage.integer) == sorted(set(layers) - {"gemm_alpha"})
+    assert [row["name"] for row in coverage.float] == ["gemm_alpha"]
+
+
+def test_the_dynamic_form_holds_each_weight_once_as_int8():
+    """No float copy of a quantized weight is left in the output, and the input model is not modified."""
+    from onnxadmm.export.dynamic import quantize_dynamic_int8
+
+    model = _shared_input_model()
+    before = model.SerializeToString()
+    ours = quantize_dynamic_int8(model, {})
+    assert model.SerializeToString() == before
+    kinds = {t.name: t.data_type for t in ours.graph.initializer}
+    assert not {"w0", "w1", "w2", "w3", "w6"} & set(kinds)  # quantized: only their int8 forms remain
+    assert kinds["w5"] == onnx.TensorProto.FLOAT  # the alpha = 0.5 Gemm's weight stays float
+    assert len(ours.graph.initializer) == len({t.name for t in ours.graph.initializer})
+
+
+def test_the_dynamic_form_brings_an_older_opset_to_dynamic_quantize_linear():
+    from onnxadmm.export.dynamic import DYNAMIC_OPSET, quantize_dynamic_int8
+    from onnxadmm.onnxio.load import default_opset
+
+    model = mlp()
+    old = onnx.ModelProto()
+    old.CopyFrom(model)
+    old.opset_import[0].version = 9  # Gemm, Relu and LeakyRelu mean the same there
+    onnx.checker.check_model(old)
+    ours = quantize_dynamic_int8(old, {})
+    assert default_opset(ours) == DYNAMIC_OPSET and default_opset(old) == 9
+    feed = samples_for(model, 8)
+    np.testing.assert_allclose(run(ours, feed)[0], run(model, feed)[0], atol=0.05 * np.abs(run(model, feed)[0]).max())
 
 
 def test_the_qdq_export_hands_its_ranges_to_the_quantizer_instead_of_letting_it_calibrate(monkeypatch):
@@ -394,8 +479,22 @@ def test_integer_chain_is_the_quantized_layer_between_uint8_tensors():
     np.testing.assert_array_equal(chained.run(None, {x_q: x_int})[0], y_int)
 
 
+def test_fusion_coverage_reads_the_optimized_graph_without_its_weights():
+    """The optimized graph onnxruntime writes keeps its weights in a file that is not read back: coverage needs
+    node names and op types only (reading the weights had cost their size again on a 2 GB model)."""
+    import onnxruntime as ort
+    from onnxadmm.export.coverage import _optimized
+    from onnxadmm.export.dynamic import quantize_dynamic_int8
+
+    optimized = _optimized(quantize_dynamic_int8(mlp(), {}), ort)
+    assert "DynamicQuantizeMatMul" in {n.op_type for n in optimized.graph.node}
+    large = [t for t in optimized.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert large and all(not t.raw_data for t in large)
+    assert all(len(t.raw_data) < 1024 for t in optimized.graph.initializer)
+
+
 def test_nodes_named_float_stay_float_in_the_dynamic_export():
-    from onnxadmm.export.qdq import quantize_dynamic_int8
+    from onnxadmm.export.dynamic import quantize_dynamic_int8
 
     model = mlp()
     layers = {n.name: n.op_type for n in model.graph.node if n.op_type == "Gemm"}

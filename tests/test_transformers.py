@@ -181,7 +181,8 @@ def test_int8_on_an_encoder_probes_both_activation_forms_and_keeps_the_better_on
 
 def test_dynamic_export_carries_the_solved_integers():
     """The dynamic form's int8 weights and per-column scales are the solved ones: q·s is the solved weight."""
-    from onnxadmm.export.qdq import WeightScales, quantize_dynamic_int8
+    from onnxadmm.export.dynamic import quantize_dynamic_int8
+    from onnxadmm.export.qdq import WeightScales
     weights, model = _model(VARIANTS[0])
     rng = np.random.default_rng(0)
     scales = rng.uniform(0.001, 0.01, HIDDEN).astype(np.float32)

@@ -26,13 +26,14 @@ def cpu_threads(requested: int) -> int:
 
 
 def session(model: onnx.ModelProto | bytes | str | Path, threads: int = 0, optimize: bool = True,
-            arena: bool = True):
+            arena: bool = True, options=None):
     """An InferenceSession on the CPU with ``threads`` intra-op threads (0 = all cores); ``model`` may be a
     file's path (onnxruntime reads it and its external data itself). ``arena`` False: onnxruntime returns each
-    run's intermediate tensors to the system instead of keeping its peak allocated for the next run."""
+    run's intermediate tensors to the system instead of keeping its peak allocated for the next run.
+    ``options``: SessionOptions to use instead of those three."""
     import onnxruntime as ort
 
-    options = session_options(threads, optimize, arena)
+    options = options or session_options(threads, optimize, arena)
     if isinstance(model, onnx.ModelProto) and through_files(model):
         return _session_from_files(model, options)
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else \

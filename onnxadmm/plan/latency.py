@@ -127,7 +127,8 @@ class LatencyTable:
         """(fp32 ms, int8/fp32 ratio) of ``node`` alone in the int8 form ``precision`` names. Static QDQ is timed
         in the chain: uint8 in, uint8 out (``integer_chain``), as between int8 neighbours; dynamic with its run-time
         quantization of the input, which every dynamic layer pays."""
-        from ..export.qdq import integer_chain, quantize_dynamic_int8, rounded_qdq
+        from ..export.dynamic import quantize_dynamic_int8
+        from ..export.qdq import integer_chain, rounded_qdq
 
         def run():
             dense = _one_node(node, input_shape, weight, {})
@@ -153,8 +154,6 @@ class LatencyTable:
 
         def run():
             if precision != "none":
-                from ..export.qdq import rounded_int8
-
                 return self.timer(rounded_int8(original, feed, precision),
                                rounded_int8(planned, feed, precision), feed, PLAN_ROUNDS, self.threads)
             return self.timer(original, planned, feed, PLAN_ROUNDS, self.threads)
@@ -165,7 +164,6 @@ class LatencyTable:
     def int8_ratio(self, original: onnx.ModelProto, feed: dict[str, np.ndarray]) -> float:
         """Measured latency of the int8 form of ``original`` over its fp32 latency (cached like a plan): a
         target T of the fp32 original's latency is T / this of the int8 original's."""
-        from ..export.qdq import rounded_int8
 
         def run():
             return self.timer(original, rounded_int8(original, feed, self.precision), feed, PLAN_ROUNDS, self.threads)
@@ -519,3 +517,14 @@ def _strongest_plan(plan_at, measured_ratio, timed_plans: dict) -> tuple[Hashabl
     if plan not in timed_plans:
         timed_plans[plan] = measured_ratio(plan)
     return plan, predicted, timed_plans[plan]
+
+
+def rounded_int8(model: onnx.ModelProto, feed: dict[str, np.ndarray], precision: str) -> onnx.ModelProto:
+    """``model`` in the int8 form ``precision`` names, with max-abs weight scales (for timing: the values do not
+    change the time); a 16-bit float graph widened to float32 first, as the int8 stage does."""
+    from ..export.dynamic import quantize_dynamic_int8
+    from ..export.qdq import rounded_qdq
+    from ..onnxio.widen import computes_narrow, widen
+
+    model = widen(model) if computes_narrow(model) else model
+    return quantize_dynamic_int8(model, {}) if precision == "int8-dynamic" else rounded_qdq(model, feed)

@@ -77,9 +77,9 @@ def _rounding_nodes(graph: onnx.GraphProto, nodes: list, tensor: str, r: TensorR
 
 def embedding_rounding(view: GraphView) -> dict[str, np.ndarray]:
     """The embedding tables (float initializers a ``Gather`` reads as its data) as the dynamic int8 export stores
-    them — int8 per row, symmetric (``export.qdq.row_int8``) — dequantized: overrides for the compressed model,
+    them — int8 per row, symmetric (``export.dynamic.row_int8``) — dequantized: overrides for the compressed model,
     so the layers after them absorb the rounding."""
-    from ..export.qdq import row_int8
+    from ..export.dynamic import row_int8
 
     tables = {}
     for node in view.nodes:

@@ -23,7 +23,8 @@ import onnx
 from ..calib.ranges import TensorRange, activation_ranges, float_tensors
 from ..calib.readers import SampleSet, held_out_rows, run_all
 from ..config import CompressConfig
-from ..export.qdq import quantize_dynamic_int8, quantize_qdq
+from ..export.dynamic import quantize_dynamic_int8
+from ..export.qdq import quantize_qdq
 from ..onnxio.runtime import session
 
 PROBE_MARGIN = 4.0  # rounding-only errors this far apart decide the form without solving the other

@@ -14,12 +14,13 @@ every method — sparse, N:M, channels, grouped, low-rank factors (each factor a
    distillation against the original (``finetune/distill.py``; the rows it is checked on are left out of
    step 1). Each is kept when the exported graph gets closer to the original on the held-out samples.
 4. QDQ through onnxruntime's quantizer with every range and weight scale as an override (``qdq.py``), and
-   the fusion coverage: which layers onnxruntime then runs as integer kernels.
+   the fusion coverage: which layers onnxruntime then runs as integer kernels (``coverage.py``).
 Dynamic activations (transformers: calibrated ranges clip the outliers of LayerNorm outputs and residual
 streams): the MatMuls' weights solved onto the grid from the float inputs, exported in onnxruntime's dynamic
-form (activations quantized per tensor at run time). ``auto``, where MatMuls hold most of the weights, first
-scores both forms with the weights only rounded (``forms.py``) and solves the better one, or both when the
-probe cannot tell them apart (then the smaller solved output error on the held-out calibration samples wins).
+form (activations quantized per tensor at run time), written into the graph directly (``dynamic.py``). ``auto``,
+where MatMuls hold most of the weights, first scores both forms with the weights only rounded (``forms.py``) and
+solves the better one, or both when the probe cannot tell them apart (then the smaller solved output error on the
+held-out calibration samples wins).
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ from ..calib.ranges import TensorRange, activation_ranges, float_tensors
 from ..calib.readers import SampleSet, held_out_rows
 from ..config import CompressConfig
 from ..export.apply import apply_initializers
-from ..export.qdq import (WEIGHT_OPS, FusionCoverage, WeightScales, fusion_coverage, int8_forms,
-                          quantize_dynamic_int8, quantize_qdq, weight_axis)
+from ..export.coverage import WEIGHT_OPS, FusionCoverage, fusion_coverage
+from ..export.dynamic import quantize_dynamic_int8
+from ..export.qdq import WeightScales, int8_forms, quantize_qdq, weight_axis
 from ..export.w4 import W4_BITS, W4_OPSET, int4_weights
 from ..finetune.distill import Distillation, distill, held_out_loss
 from ..finetune.grid import FixedGrid
