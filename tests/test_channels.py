@@ -479,7 +479,8 @@ def test_latency_target_is_met_on_the_measured_graph(latency_cache):
 def test_in_context_calibration_makes_each_group_alone_save_what_its_graph_measures(tmp_path, monkeypatch):
     """After ``calibrate_in_context`` the latency model's saving for a group narrowed alone is the saving
     measured on the whole sliced graph (pooled over groups of identical shapes, factor clipped to
-    [0.25, 4])."""
+    [0.25, 4]); where the scaled saving of a node would exceed the node's own time it is capped there, so the
+    model saves less than measured."""
     from onnxadmm.plan.channels import width_options
     from onnxadmm.plan.latency import LatencyCost
     from onnxadmm.cost.footprint import node_macs
@@ -507,6 +508,10 @@ def test_in_context_calibration_makes_each_group_alone_save_what_its_graph_measu
         in_class = [g for g in groups if cost.context.get(g.name) == factor]
         measured = sum(1 - cost.table.plan_ratio(view.model, narrowed(g, k), one) for g in in_class)  # cached
         modelled = sum(1 - cost.exact({**full, g.name: k}) / cost.total for g in in_class)
+        names = {g.name for g in in_class}
+        if any(per[k] == 0.0 for (name, _), per in cost.ratios.items() if name in names):  # r' = max(0, …) capped
+            assert modelled < measured
+            continue
         assert modelled == pytest.approx(measured, rel=1e-6)
         checked += 1
     assert checked > 0
