@@ -187,7 +187,6 @@ def test_the_dynamic_form_computes_what_onnxruntimes_quantize_dynamic_writes(red
     weights, uint8 activations quantized at run time) is the reference: the same integers, the same outputs
     to float rounding, on MatMuls and Gemms in every orientation, a shared input and a shared weight."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxadmm.export.coverage import fusion_coverage
     from onnxadmm.export.dynamic import quantize_dynamic_int8
 
     model = _shared_input_model()

@@ -154,9 +154,9 @@ def _at_opset(model: onnx.ModelProto) -> onnx.ModelProto:
 def row_int8(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 per row: q = round(t / s) with s = max|row| / 127 (rows of zeros: s = 1). Returns q (int8)
     and s as a column (rows, 1)."""
-    scales = np.abs(table).max(axis=1, keepdims=True).astype(np.float64) / 127.0
+    scales = np.abs(table).max(axis=1, keepdims=True).astype(np.float64) / Q_MAX
     scales = np.where(scales > 0, scales, 1.0).astype(np.float32)
-    return np.clip(np.round(table / scales), -127, 127).astype(np.int8), scales
+    return np.clip(np.round(table / scales), -Q_MAX, Q_MAX).astype(np.int8), scales
 
 
 def _embeddings_by_row(nodes: list[onnx.NodeProto], inits: Mapping[str, onnx.TensorProto], fresh: FreshNames,
