@@ -231,7 +231,7 @@ class CompressConfig:
         default="auto",
         metadata=_opt("the ADMM descent's large products with the sampled inputs (gradient, step): bf16 (float32 "
                       "accumulation; they steer the descent, the weights and reported errors stay float32), fp32, "
-                      "or auto: bf16 where the CPU multiplies it in hardware (x86 AMX)", PRODUCTS),
+                      "or auto: bf16 where the CPU multiplies it in hardware (x86 AMX or AVX512-BF16)", PRODUCTS),
     )
     rho_init: float = field(
         default=0.02, metadata=_opt("initial ADMM penalty, relative to the mean eigenvalue of H")

@@ -328,3 +328,14 @@ def test_admm_products_are_resolved_for_this_machine_and_named_in_the_report():
     from onnxadmm.report.markdown import render
 
     assert f"large products in {expected}" in render(result.report)
+
+
+@pytest.mark.parametrize("amx, avx512_bf16, native", [(True, False, True), (False, True, True), (False, False, False)])
+def test_bf16_counts_as_native_with_amx_or_avx512_bf16(monkeypatch, amx, avx512_bf16, native):
+    import torch
+
+    from onnxadmm.algorithms.admm import bf16_native
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    assert bf16_native() is native

@@ -788,9 +788,10 @@ def test_block_refinement_with_the_grid_fixed_trains_the_stored_integers(capsys)
     _print_summary(refined.report, None)
     assert "block refinement with the grid fixed" in capsys.readouterr().out
 
-    rejected = compress(model, calib, CompressConfig(**settings, refine_grid_epochs=20, refine_lr=1e-3), QUICK)
+    # lr 1e-3 helped on some CPUs and not on others; 1e-2 makes every block's held-out loss worse
+    rejected = compress(model, calib, CompressConfig(**settings, refine_grid_epochs=20, refine_lr=1e-2), QUICK)
     record = rejected.report.plan["quantization"]["refinement"]
-    assert not record["kept"] and record["loss_after"] >= record["loss_before"]
+    assert not record["kept"] and not any(b["kept"] for b in record["blocks"])
     c = _int4_weights(rejected.model)
     assert all(np.array_equal(a[n], c[n]) for n in a)
     assert "solved weights kept" in render(rejected.report)

@@ -65,9 +65,10 @@ DRIFT_SHARE = 0.01  # ... and after which bf16 stops for the layer if f(carried 
 
 
 def bf16_native() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices in hardware (x86 AMX tiles); elsewhere bfloat16 is emulated."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(probe and probe())
+    """Whether this CPU multiplies bfloat16 matrices in hardware: x86 AMX tiles, or AVX512-BF16 dot products (AMD
+    Zen 4, Intel Cooper Lake); elsewhere bfloat16 is emulated."""
+    probes = (getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return any(bool(probe and probe()) for probe in probes)
 
 
 @dataclass
