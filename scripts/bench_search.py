@@ -165,7 +165,15 @@ NOTES = {  # what a case's rows show, in words (checked against its JSON when it
                             "reached 0.618, 5 % below int8 alone, but missed the gate by 5.8x (5.80 pt), beyond the "
                             "refinement retry's reach, and the 20-minute budget then skipped the bisection step: the "
                             "search took 739 s, 2.9x the int8 compress (252 s); 1,067 s at a4455c7, whose channel "
-                            "candidate took 820 s against 486 s now.",
+                            "candidate took 820 s against 486 s now. On an AMD Zen 4 machine of the same size "
+                            "(AVX512-VNNI, 2026-12-07, the CLI with the same arguments, before the change below), int8 "
+                            "alone measured 0.536 at batch 1 (0.60 pt, agreement 0.988; validated again: 0.553 / "
+                            "0.436 at batch 1 / 8) and was chosen: the bar of 0.55 holds there. The first channel "
+                            "target (0.493) took 943 s, 2.8x the int8 run (340 s), and missed (6.20 pt): the search "
+                            "took 1,282 s, past its 1,200 s budget, because a candidate was started when the slowest "
+                            "run so far fitted the remaining time. Since then a solving method's first candidate is "
+                            "expected to take 3x the slowest run so far (channels + int8 over int8 alone measured "
+                            "1.6-2.8), so that run would have ended after int8 alone, at 340 s.",
     "resnet56_size": "sparse 0.625 + w4 is 11.5x smaller zipped than the original at 0.39 pt, where w4 alone measured "
                      "8.4x and int8 alone 4.0x at 0.01 pt in earlier runs (commits 21367ad, e4c06cc): sparsity "
                      "composes with the integer grid for size. Since sparse 0.5 + w4 holds the gate, neither "

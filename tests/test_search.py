@@ -193,6 +193,31 @@ def test_no_holding_candidate_returns_the_closest_with_the_reason():
     assert search["chosen"] == "int8" and "no candidate held the gate" in search["reason"]
 
 
+@pytest.mark.parametrize("int8_s, channels_tried", [(150.0, 1), (250.0, 0)])
+def test_the_time_budget_skips_a_candidate_expected_to_overrun_it(monkeypatch, int8_s, channels_tried):
+    """--time-budget-min 10 (600 s), channels + int8 taking 400 s a run: the first channel candidate is expected at
+    3x the int8 run (it solves, then runs the int8 stage), the next at the 400 s its method took."""
+    import onnxadmm.budget.run as search_module
+
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(search_module.time, "perf_counter", lambda: clock.now)
+    table = _Table(_latency_drop, _latency_cost)
+
+    def timed(config, reuse=None):
+        clock.now += int8_s if config.method == "none" else 400.0
+        return table(config, reuse)
+
+    result = run_search(timed, CompressConfig(method="auto", time_budget_min=10),
+                        ValidateConfig(max_accuracy_drop=0.5), lambda *a: None)
+    assert [c.method for c in table.calls] == ["none"] + ["channel"] * channels_tried
+    assert clock.now <= 600.0
+    rows = result.report.search["candidates"]
+    skipped = [r for r in rows if r["note"].startswith("skipped")]
+    assert skipped and "budget spent, and it would take about" in skipped[0]["note"]
+    expected = 3 * int8_s if channels_tried == 0 else 400
+    assert f"about {expected:.0f} s" in skipped[0]["note"]
+
+
 def test_a_budget_is_required_and_search_options_need_the_search():
     with pytest.raises(ConfigError, match="needs a budget"):
         run_search(_Table(lambda c: 0, lambda c: 1), CompressConfig(method="auto"), ValidateConfig(),
