@@ -173,7 +173,8 @@ NOTES = {  # what a case's rows show, in words (checked against its JSON when it
                             "took 1,282 s, past its 1,200 s budget, because a candidate was started when the slowest "
                             "run so far fitted the remaining time. Since then a solving method's first candidate is "
                             "expected to take 3x the slowest run so far (channels + int8 over int8 alone measured "
-                            "1.6-2.8), so that run would have ended after int8 alone, at 340 s.",
+                            "1.6-2.8), and the same run ended after int8 alone: 325 s (latency 0.540, 0.60 pt, agreement 0.988), the channel "
+                            "candidate reported as skipped (expected 975 s).",
     "resnet56_size": "sparse 0.625 + w4 is 11.5x smaller zipped than the original at 0.39 pt, where w4 alone measured "
                      "8.4x and int8 alone 4.0x at 0.01 pt in earlier runs (commits 21367ad, e4c06cc): sparsity "
                      "composes with the integer grid for size. Since sparse 0.5 + w4 holds the gate, neither "
