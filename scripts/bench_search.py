@@ -145,7 +145,12 @@ NOTES = {  # what a case's rows show, in words (checked against its JSON when it
                         "alone (the bisection still first), 383 s. Whether channels beat int8 alone here depends on "
                         "the machine's state as much as on the plan: in that 383 s run the refined candidate measured "
                         "0.475 against its miss's 0.445 (the same graph), and int8 alone (0.481) won the 3 % tie; in "
-                        "a run at commit 82f545c no channel plan made the int8 graph faster than 0.949 of it.",
+                        "a run at commit 82f545c no channel plan made the int8 graph faster than 0.949 of it. On an AMD "
+                        "Zen 4 (2026-12-07, commit 64c8b7b, the CLI with the same arguments): int8 alone measured "
+                        "0.506 (0.02 pt); the first channel target (0.466) missed at 1.42 pt, 2.8x the budget, "
+                        "beyond the retry's reach, and the bisection step (0.486) held: 0.481 at batch 1, 0.41 pt, "
+                        "agreement 0.952, 5 % faster than int8 alone but above the issue's 0.45. 411 s, 2.8x one "
+                        "compress of the chosen configuration (134 s + 11 s reused).",
     "lenet_size": "The miss at 0.95 (0.86 pt, 1.7x the budget) was retried with refinement first and missed "
                   "again (0.76 pt); the bisection step 0.925 missed unrefined (0.52 pt) and held refined (0.42 pt): "
                   "25.3x smaller zipped. 60 s, 3.3x one compress of the chosen configuration (18 s); 55 s, 3.5x at "
