@@ -150,7 +150,9 @@ NOTES = {  # what a case's rows show, in words (checked against its JSON when it
                         "0.506 (0.02 pt); the first channel target (0.466) missed at 1.42 pt, 2.8x the budget, "
                         "beyond the retry's reach, and the bisection step (0.486) held: 0.481 at batch 1, 0.41 pt, "
                         "agreement 0.952, 5 % faster than int8 alone but above the issue's 0.45. 411 s, 2.8x one "
-                        "compress of the chosen configuration (134 s + 11 s reused).",
+                        "compress of the chosen configuration (134 s + 11 s reused). The miss's retry would not have held "
+                        "either: the same target run alone with `--refine-epochs 10` measured 0.449, 0.89 pt, "
+                        "agreement 0.926 (MACs 0.70).",
     "lenet_size": "The miss at 0.95 (0.86 pt, 1.7x the budget) was retried with refinement first and missed "
                   "again (0.76 pt); the bisection step 0.925 missed unrefined (0.52 pt) and held refined (0.42 pt): "
                   "25.3x smaller zipped. 60 s, 3.3x one compress of the chosen configuration (18 s); 55 s, 3.5x at "
