@@ -47,6 +47,7 @@ def fusion_coverage(quantized: onnx.ModelProto, layer_nodes: Mapping[str, str]) 
 
     optimized = {node.name: node for node in _optimized(quantized, ort).graph.node}
     by_output = {node.output[0]: node for node in quantized.graph.node if node.output}
+    by_name = {node.name: node for node in quantized.graph.node}
     dynamic = dynamic_products(quantized)
     coverage = FusionCoverage()
     for name, op_type in layer_nodes.items():
@@ -54,7 +55,7 @@ def fusion_coverage(quantized: onnx.ModelProto, layer_nodes: Mapping[str, str]) 
         if node is not None and node.op_type in INTEGER_KERNELS:
             coverage.integer.append(name)
             continue
-        source = next((n for n in quantized.graph.node if n.name == name), None)
+        source = by_name.get(name)
         if dynamic and name not in dynamic:
             reason = (f"stays float {op_type}: dynamic int8 covers MatMul/Gemm with a constant 2-D weight only "
                       "(a Gemm with alpha = beta = 1 and no transA)")
