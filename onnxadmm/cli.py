@@ -382,6 +382,10 @@ def _print_summary(report, report_path: Path | None) -> None:
             from .report.markdown import form_choice_line
 
             lines.append(form_choice_line(quant))
+        if quant.get("smoothing"):
+            from .report.markdown import smoothing_line
+
+            lines.append(smoothing_line(quant["smoothing"]))
         if quant.get("float_fallback"):
             from .report.markdown import fallback_line
 

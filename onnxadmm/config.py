@@ -47,6 +47,7 @@ PLATFORMS = ("linux-aarch64", "linux-x86_64-avx2")
 PRECISIONS = ("none", "int8", "w4")
 RANGE_ESTIMATORS = ("auto", "minmax", "percentile", "mse")
 INT8_ACTIVATIONS = ("auto", "static", "dynamic")
+INT8_SMOOTHING = ("auto", "off")
 LOSSES = ("activation", "linear")
 PRODUCTS = ("auto", "bf16", "fp32")
 SOLVERS = ("admm", "magnitude", "refit")
@@ -262,6 +263,12 @@ class CompressConfig:
                                       "most of the weights, kept by the smaller held-out output error, else static",
                                       INT8_ACTIVATIONS)
     )
+    int8_smoothing: str = field(
+        default="auto", metadata=_opt("--quantize int8, dynamic activations: each MatMul input's outlier channels "
+                                      "moved into the weights' rows, x.W = (x/s).(diag(s) W) (SmoothQuant), the "
+                                      "strength chosen per tensor by the rounded output error, where it lowers "
+                                      "it (auto), or off", INT8_SMOOTHING)
+    )
     int8_reduce_range: bool = field(
         default=False, metadata=_opt("--quantize int8: weights on 7 bits (-63..63), so onnxruntime's uint8 x int8 "
                                      "products cannot saturate on x86 CPUs without VNNI (AVX2 only; see --platform "
@@ -295,6 +302,9 @@ class CompressConfig:
         _check_choice("int8_activations", self.int8_activations, INT8_ACTIVATIONS)
         if self.int8_activations != "auto" and self.quantize != "int8":
             raise ConfigError("--int8-activations applies to --quantize int8")
+        _check_choice("int8_smoothing", self.int8_smoothing, INT8_SMOOTHING)
+        if self.int8_smoothing != "auto" and self.quantize != "int8":
+            raise ConfigError("--int8-smoothing applies to --quantize int8")
         if self.int8_reduce_range and self.quantize != "int8":
             raise ConfigError("--int8-reduce-range applies to --quantize int8")
         if self.refine_grid_epochs < 0:

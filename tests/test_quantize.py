@@ -667,7 +667,8 @@ def test_int8_distillation_rounds_every_layer_input_it_trains_through():
 def test_the_stage_in_place_writes_the_same_model_and_leaves_the_given_one_computing_as_before(activations):
     """``in_place`` (the pipeline's: the stage's input is a model it owns, already normalized) holds the weights
     once instead of copying them; the output is the same, and the given model — the teacher too — still computes
-    what it did."""
+    what it did (to float rounding: the dynamic form's smoothing rescales its weights, exactly in real
+    arithmetic)."""
     from onnxadmm.onnxio.normalize import normalize
     from onnxadmm.quantize.stage import quantize
 
@@ -679,7 +680,7 @@ def test_the_stage_in_place_writes_the_same_model_and_leaves_the_given_one_compu
     copied = quantize(normalize(model).model, SampleSet(feed, "test"), config)
     in_place = quantize(given, SampleSet(feed, "test"), config, teacher=given, in_place=True)
     assert in_place.model.SerializeToString() == copied.model.SerializeToString()
-    np.testing.assert_array_equal(run(given, feed)[0], before)
+    np.testing.assert_allclose(run(given, feed)[0], before, rtol=1e-5, atol=1e-6 * np.abs(before).max())
 
 
 def test_the_training_graph_computes_what_the_exported_int8_model_computes():

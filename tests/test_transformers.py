@@ -157,7 +157,8 @@ def test_int8_on_an_encoder_probes_both_activation_forms_and_keeps_the_better_on
     assert set(errors) == set(probed) == {"static", "dynamic"} and quant["form_probe"]["decided"] is None
     assert quant["activations"] == min(errors, key=errors.get) == min(probed, key=probed.get)
     time_line = next(line for line in render(both.report).splitlines() if line.startswith("- time: "))
-    assert "static: weights" in time_line and "dynamic: weights" in time_line, time_line  # both forms' costs
+    assert "static: weights" in time_line and "dynamic: smoothing" in time_line, time_line  # both forms' costs
+    assert "s, weights" in time_line.split("dynamic: ")[1], time_line
 
     result = int8(1.0)  # always decisive: only the probe's choice is solved, to the same model
     quant = result.report.plan["quantization"]

@@ -16,8 +16,10 @@ every method — sparse, N:M, channels, grouped, low-rank factors (each factor a
 4. QDQ through onnxruntime's quantizer with every range and weight scale as an override (``qdq.py``), and
    the fusion coverage: which layers onnxruntime then runs as integer kernels (``coverage.py``).
 Dynamic activations (transformers: calibrated ranges clip the outliers of LayerNorm outputs and residual
-streams): the MatMuls' weights solved onto the grid from the float inputs, exported in onnxruntime's dynamic
-form (activations quantized per tensor at run time), written into the graph directly (``dynamic.py``). ``auto``,
+streams): each MatMul input's outlier channels first moved into the weights' rows where that lowers the rounded
+output error (``smooth.py``), the MatMuls' weights solved onto the grid from the float inputs, exported in
+onnxruntime's dynamic form (activations quantized per tensor at run time), written into the graph directly
+(``dynamic.py``). ``auto``,
 where MatMuls hold most of the weights, first scores both forms with the weights only rounded (``forms.py``) and
 solves the better one, or both when the probe cannot tell them apart (then the smaller solved output error on the
 held-out calibration samples wins).
@@ -56,6 +58,7 @@ from ..solve.layerwise import compress_layers
 from .fakequant import embedding_rounding, with_export_rounding, with_input_rounding
 from .fallback import FloatFallback, keep_faster_float
 from .forms import FormProbe, held_out_errors, probe_forms
+from .smooth import Smoothing, smooth_activations
 
 Progress = Callable[[str, int, int, str], None]
 
@@ -95,6 +98,7 @@ class QuantizedModel:
     refinement: GridRefinement | None = None  # --refine-grid-epochs: block refinement with the grid fixed
     distilled: Distillation | None = None  # --distill-epochs: distillation with the grid fixed
     stream: tuple[int, int] = (0, 0)  # the grid solve's activation caches: peak bytes held, bytes spilled to disk
+    smoothing: Smoothing | None = None  # dynamic form: activation smoothing (``smooth.py``)
 
     def add_stream_to(self, solved) -> None:
         """Fold this stage's activation-cache figures into the method's ``SequentialResult`` (the report's timing)."""
@@ -121,7 +125,8 @@ class QuantizedModel:
                 "activation_ranges": {name: r.as_dict() for name, r in self.ranges.items()},
                 "estimators_chosen": estimators, "fusion": self.coverage.as_dict(), "seconds": self.seconds,
                 "float_fallback": self.fallback.as_dict() if self.fallback else None,
-                "refinement": self.refinement.as_dict() if self.refinement else None}
+                "refinement": self.refinement.as_dict() if self.refinement else None,
+                "smoothing": self.smoothing.as_dict() if self.smoothing else None}
 
 
 def quantize(model: onnx.ModelProto, samples: SampleSet, config: CompressConfig,
@@ -295,6 +300,16 @@ def _dynamic(normalized, found, samples: SampleSet, config: CompressConfig, prog
     view = normalized.view()
     layers = [layer for layer in found.layers if layer.op_type == "MatMul" or
               (layer.op_type == "Gemm" and layer.alpha == 1.0 and layer.beta == 1.0)]
+    smoothing = None
+    if config.int8_smoothing == "auto":
+        smoothing = smooth_activations(normalized.model, view, layers, _solving(samples, config), int8_bits(config),
+                                       config.batch_size, config.threads, _ranges_memory(config), progress)
+        seconds["smoothing_s"] = smoothing.seconds
+        if smoothing.smoothed:  # the graph changed: index it again
+            normalized.inferred = infer_types(normalized.model)
+            view = normalized.view()
+            names = {layer.name for layer in layers}
+            layers = [layer for layer in find_layers(view).layers if layer.name in names]
     structures = {layer.name: Structure("grid", bits=int8_bits(config), keep_zeros=True) for layer in layers}
     tables = embedding_rounding(view)
     solved = compress_layers(view, layers, _solving(samples, config), structures, {l.name: 1.0 for l in layers},
@@ -316,7 +331,8 @@ def _dynamic(normalized, found, samples: SampleSet, config: CompressConfig, prog
     seconds["export_s"] = time.perf_counter() - started
     return QuantizedModel(quantized, _rows(solved), _declined(found, solved), {}, coverage, seconds, "dynamic",
                           float_model=solved_model, export=export, refinement=refinement,
-                          distilled=distilled, stream=(solved.peak_cache_bytes, solved.spilled_bytes))
+                          distilled=distilled, stream=(solved.peak_cache_bytes, solved.spilled_bytes),
+                          smoothing=smoothing)
 
 
 def _ranges_memory(config: CompressConfig) -> int:

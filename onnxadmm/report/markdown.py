@@ -174,6 +174,8 @@ def _quantization(lines: list[str], quant: dict) -> None:
                      f"integer kernels on this CPU ({100 * fusion['fraction_integer']:.0f} %)")
         for row in fusion["float"]:
             lines.append(f"  - stays float: `{row['name']}` ({row['op_type']}): {row['reason']}")
+    if quant.get("smoothing"):
+        lines.append(f"- {smoothing_line(quant['smoothing'])}")
     if quant.get("float_fallback"):
         lines.append(f"- {fallback_line(quant['float_fallback'])}")
     if quant.get("refinement"):
@@ -191,12 +193,20 @@ def _quantization(lines: list[str], quant: dict) -> None:
                          f"{row['scale_min']:.2e}…{row['scale_max']:.2e} | {_fmt(row['error_dense'], 4)} → "
                          f"{_fmt(row['error_projected'], 4)} → {_fmt(row['error_final'], 4)} |")
         lines.append("")
+    smoothed = [row for row in (quant.get("smoothing") or {}).get("inputs", []) if row["alpha"] is not None]
+    if smoothed:
+        lines.append("| smoothed input | read by | α | rounded output error before → after | 1/s placed in |")
+        lines.append("|---|---|---|---|---|")
+        for row in smoothed:
+            lines.append(f"| `{row['tensor']}` | {len(row['consumers'])} MatMul | {row['alpha']:g} | "
+                         f"{_fmt(row['error_before'], 3)} → {_fmt(row['error_after'], 3)} | {row['placed']} |")
+        lines.append("")
     for row in quant.get("declined", []):
         kept = "weights with onnxruntime's own max-abs scales" if precision == "int8" else "weights kept float"
         lines.append(f"- {kept}: `{row['name']}` ({row['op_type']}): {row['reason']}")
 
 
-STEPS = {"probe_s": "form probe", "weights_s": "weights", "ranges_s": "ranges", "refine_s": "grid refinement", "distill_s": "distillation",
+STEPS = {"probe_s": "form probe", "smoothing_s": "smoothing", "weights_s": "weights", "ranges_s": "ranges", "refine_s": "grid refinement", "distill_s": "distillation",
          "export_s": "export", "latency_s": "int8 vs float timing"}
 
 
@@ -224,6 +234,23 @@ def form_choice_line(quant: dict) -> str:
     if quant.get("held_out_output_error"):
         line += f"; solved: {errors(quant['held_out_output_error'])}"
     return line
+
+
+def smoothing_line(smoothing: dict) -> str:
+    """One line on activation smoothing (dynamic int8, ``quantize/smooth.py``)."""
+    rows = smoothing["inputs"]
+    smoothed = [r for r in rows if r["alpha"] is not None]
+    if not smoothed:
+        return (f"activation smoothing: none of {len(rows)} MatMul inputs had a lower rounded output error with it; "
+                "graph unchanged")
+    alphas = sorted({r["alpha"] for r in smoothed})
+    before = sum(r["error_before"] for r in smoothed) / len(smoothed)
+    after = sum(r["error_after"] for r in smoothed) / len(smoothed)
+    nodes = sum(r["placed"].startswith("Mul node") for r in smoothed)
+    return (f"activation smoothing: {len(smoothed)} of {len(rows)} MatMul inputs, α {alphas[0]:g}"
+            + (f"–{alphas[-1]:g}" if len(alphas) > 1 else "")
+            + f"; their MatMuls' rounded output error, mean {before:.2e} → {after:.2e}; 1/s folded into "
+            f"{len(smoothed) - nodes} producers, {nodes} Mul nodes added")
 
 
 def grid_refinement_line(refinement: dict) -> str:
