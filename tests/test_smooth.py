@@ -97,6 +97,23 @@ def test_smoothing_folds_into_a_layer_norm_and_a_per_channel_mul_without_new_nod
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_an_input_without_outlier_channels_gets_no_mul_node():
+    """Smoothing an input with even channels gains little, and where it would take a Mul node (a graph input) that
+    pass over the tensor at run time is not worth it: the graph stays as it was."""
+    rng = np.random.default_rng(2)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "plain",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])],
+                              [numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+    smoothed, smoothing = _smooth(model, {"x": rng.standard_normal((64, 16)).astype(np.float32)})
+    (row,) = smoothing.inputs
+    assert row.alpha is None and row.placed == "" and not smoothing.smoothed
+    assert smoothed.graph.node[0] == model.graph.node[0] and len(smoothed.graph.node) == 1
+    outlier = {"x": rng.standard_normal((64, 16)).astype(np.float32) * np.where(np.arange(16) == 4, 30, 1)}
+    assert _smooth(model, outlier)[1].smoothed[0].placed.startswith("Mul node")  # worth it with an outlier channel
+
+
 def test_the_error_model_rounds_as_onnxruntimes_dynamic_quantize_linear():
     x = np.random.default_rng(1).standard_normal((4, 7, 16)).astype(np.float32)
     x[..., 3] *= 40.0
