@@ -57,7 +57,8 @@ class SmoothedInput:
     alpha: float | None
     error_before: float
     error_after: float
-    placed: str  # where 1/s went: "LayerNormalization 'name'", "Mul 'name' (constant)", "Mul node 'name'", ""
+    placed: str  # where 1/s went: "LayerNormalization 'n'", "Mul 'n' (its constant)", "value projection 'n'",
+    #              "Mul node 'n'", or "" (not smoothed)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
