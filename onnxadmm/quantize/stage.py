@@ -304,12 +304,13 @@ def _dynamic(normalized, found, samples: SampleSet, config: CompressConfig, prog
     if config.int8_smoothing == "auto":
         smoothing = smooth_activations(normalized.model, view, layers, _solving(samples, config), int8_bits(config),
                                        config.batch_size, config.threads, _ranges_memory(config), progress)
-        seconds["smoothing_s"] = smoothing.seconds
         if smoothing.smoothed:  # the graph changed: index it again
             normalized.inferred = infer_types(normalized.model)
             view = normalized.view()
             names = {layer.name for layer in layers}
             layers = [layer for layer in find_layers(view).layers if layer.name in names]
+        seconds["smoothing_s"] = time.perf_counter() - started
+        started = time.perf_counter()
     structures = {layer.name: Structure("grid", bits=int8_bits(config), keep_zeros=True) for layer in layers}
     tables = embedding_rounding(view)
     solved = compress_layers(view, layers, _solving(samples, config), structures, {l.name: 1.0 for l in layers},
