@@ -150,3 +150,26 @@ def test_int8_with_smoothing_is_closer_to_the_original_than_without(capsys):
     assert "activation smoothing: " in capsys.readouterr().out
     with pytest.raises(ConfigError, match="--int8-smoothing applies to --quantize int8"):
         CompressConfig(int8_smoothing="off")
+
+
+def test_latency_plans_time_the_mul_nodes_smoothing_adds():
+    """With smoothing, the planner times the dynamic int8 graph with a Mul before each input that cannot fold it
+    (here the graph input, the post-LN residual stream, the GELU output and the pooled features), none before the
+    attention's output projection (folded into the value projection)."""
+    from onnxadmm.export.qdq import timing_precision
+    from onnxadmm.export.smoothing import mul_node_inputs
+    from onnxadmm.plan.latency import rounded_int8
+    model = normalize(_outlier_encoder("erf", True, "concat", 3)).model
+    layers = find_layers(normalize(model).view()).layers
+    assert timing_precision(layers, "int8", "auto", "auto") == "int8-dynamic-smoothed"
+    assert timing_precision(layers, "int8", "auto", "off") == "int8-dynamic"
+    assert mul_node_inputs(model) == {"x": 16, "ln1": 16, "ffn/Mul_half": 24, "pooled": 16}
+    feed = _inputs(2, 5)
+    plain = rounded_int8(model, feed, "int8-dynamic")
+    timed = rounded_int8(model, feed, "int8-dynamic-smoothed")
+    muls = [n for n in timed.graph.node if n.op_type == "Mul"]
+    assert len(muls) == len([n for n in plain.graph.node if n.op_type == "Mul"]) + 4
+    quantized_inputs = {n.input[0] for n in timed.graph.node if n.op_type == "DynamicQuantizeLinear"}
+    assert {f"{t}_smoothed" for t in ("x", "ln1", "ffn/Mul_half", "pooled")} <= quantized_inputs
+    for got, want in zip(_outputs(timed, feed), _outputs(plain, feed)):  # a Mul by ones changes nothing
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

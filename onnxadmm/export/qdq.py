@@ -72,12 +72,15 @@ def int8_forms(layers, requested: str) -> list[str]:
     return ["static", "dynamic"] if matmul >= 0.5 * total else ["static"]
 
 
-def timing_precision(layers, quantize: str, requested: str) -> str:
+def timing_precision(layers, quantize: str, requested: str, smoothing: str = "off") -> str:
     """How planners time graphs: "none" (fp32), "int8" (static QDQ) or "int8-dynamic" (where the dynamic
-    form is built: its timing stands for both, as the choice between them is made on accuracy)."""
+    form is built: its timing stands for both, as the choice between them is made on accuracy), as
+    "int8-dynamic-smoothed" with activation smoothing's Mul nodes (``quantize/smooth.py``)."""
     if quantize != "int8":
         return "none"
-    return "int8-dynamic" if "dynamic" in int8_forms(layers, requested) else "int8"
+    if "dynamic" not in int8_forms(layers, requested):
+        return "int8"
+    return "int8-dynamic-smoothed" if smoothing == "auto" else "int8-dynamic"
 
 
 def rounded_qdq(model: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> onnx.ModelProto:

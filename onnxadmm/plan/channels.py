@@ -225,7 +225,8 @@ def plan_channels(view: GraphView, layers: list[Layer], groups: list[ChannelGrou
         timed = timing_feed(samples, config.latency_batch, config.latency_seq_len)
         shapes = {view.nodes[i].input[0]: c.input_shape for i, c in node_costs.items()}
         model = LatencyCost(view, groups, shapes, timed, options, config.threads, removed_of,
-                            precision=timing_precision(layers, config.quantize, config.int8_activations))
+                            precision=timing_precision(layers, config.quantize, config.int8_activations,
+                                                             config.int8_smoothing))
         model.calibrate_in_context(view.model, lambda g, k: _sliced(view, groups, scores, {g.name: k}), timed)
         target, what = config.target_latency, "--target-latency"
         if config.quantize == "int8":  # every plan is timed in int8 against the int8 original

@@ -56,7 +56,7 @@ class LatencyTable:
         """``timer``: the A/B measurement (``cost.timing.measure``'s signature; a test passes synthetic times)."""
         self.threads = cpu_threads(threads)
         self.timer = timer
-        self.precision = precision  # "int8" / "int8-dynamic": whole graphs are timed in that int8 form
+        self.precision = precision  # "int8" / "int8-dynamic"[-smoothed]: whole graphs are timed in that int8 form
         self.path = _cache_path() if use_disk else None
         self.entries: dict[str, float] = {}
         if self.path and self.path.is_file():
@@ -132,7 +132,7 @@ class LatencyTable:
 
         def run():
             dense = _one_node(node, input_shape, weight, {})
-            if self.precision == "int8-dynamic":
+            if self.precision.startswith("int8-dynamic"):  # (one node: smoothing's Mul is timed with the graph)
                 return self.timer(dense, quantize_dynamic_int8(dense, {}), {"x": x}, ROUNDS, self.threads)
             chain = integer_chain(rounded_qdq(dense, {"x": x}))
             x_u8 = np.random.default_rng(0).integers(0, 256, input_shape, dtype=np.uint8)
@@ -527,4 +527,10 @@ def rounded_int8(model: onnx.ModelProto, feed: dict[str, np.ndarray], precision:
     from ..onnxio.widen import computes_narrow, widen
 
     model = widen(model) if computes_narrow(model) else model
-    return quantize_dynamic_int8(model, {}) if precision == "int8-dynamic" else rounded_qdq(model, feed)
+    if not precision.startswith("int8-dynamic"):
+        return rounded_qdq(model, feed)
+    quantized = quantize_dynamic_int8(model, {})
+    if precision == "int8-dynamic-smoothed":
+        from ..export.smoothing import mul_node_inputs, with_timing_muls
+        quantized = with_timing_muls(quantized, mul_node_inputs(model))
+    return quantized

@@ -165,7 +165,7 @@ def plan_ranks(view: GraphView, layers: list[Layer], samples: SampleSet, config:
     timing, timed = None, one
     if config.objective == "latency" or config.target_latency is not None:
         timing = LatencyTable(config.threads, precision=timing_precision(layers, config.quantize,
-                                                                         config.int8_activations))
+                                                                         config.int8_activations, config.int8_smoothing))
         timed = timing_feed(samples, config.latency_batch, config.latency_seq_len)
         if config.quantize == "int8" and config.target_latency is not None:
             # plans are timed int8 against the int8 original: T of the fp32 original is T / r0 of that

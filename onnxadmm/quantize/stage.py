@@ -44,6 +44,7 @@ from ..export.apply import apply_initializers
 from ..export.coverage import WEIGHT_OPS, FusionCoverage, fusion_coverage
 from ..export.dynamic import quantize_dynamic_int8
 from ..export.qdq import WeightScales, int8_forms, quantize_qdq, weight_axis
+from ..export.smoothing import dynamic_layers
 from ..export.w4 import W4_BITS, W4_OPSET, int4_weights
 from ..finetune.distill import Distillation, distill, held_out_loss
 from ..finetune.grid import FixedGrid
@@ -298,8 +299,7 @@ def _dynamic(normalized, found, samples: SampleSet, config: CompressConfig, prog
     seconds = {}
     started = time.perf_counter()
     view = normalized.view()
-    layers = [layer for layer in found.layers if layer.op_type == "MatMul" or
-              (layer.op_type == "Gemm" and layer.alpha == 1.0 and layer.beta == 1.0)]
+    layers = dynamic_layers(found.layers)
     smoothing = None
     if config.int8_smoothing == "auto":
         smoothing = smooth_activations(normalized.model, view, layers, _solving(samples, config), int8_bits(config),
