@@ -52,9 +52,9 @@ def smoothable_inputs(view: GraphView, layers: Sequence[Layer]) -> dict[str, lis
 
 
 def folding(view: GraphView, tensor: str, consumers: Sequence[Layer], fresh: FreshNames,
-             heads: dict[int, tuple[ChannelGroup, dict[int, Layer]]]) -> Callable[[np.ndarray], str] | None:
-    """How ``tensor`` · diag(1/s) can be computed by what produces it, as a function of 1/s that does it and says
-    what it did; None when nothing else reads ``tensor`` is not the case or no producer takes it (a Mul node)."""
+            heads: dict[int, tuple[ChannelGroup, dict[int, Layer]]]) -> Callable[[np.ndarray], str] | None:
+    """How ``tensor`` · diag(1/s) can be computed by what produces it: a function of 1/s that does it and says
+    what it did; None when other nodes read ``tensor`` too or its producer cannot take the factor (a Mul node)."""
     readers = set(view.consumers.get(tensor, []))
     if readers != {layer.node_index for layer in consumers} or tensor in view.output_names or \
             tensor not in view.producer:
@@ -141,7 +141,7 @@ def _into_values(view: GraphView, consumer: Layer, fresh: FreshNames,
 
 
 def add_mul(model: onnx.ModelProto, view: GraphView, tensor: str, consumers: Sequence[Layer], inverse: np.ndarray,
-             fresh: FreshNames, added: dict[int, list[onnx.NodeProto]]) -> str:
+            fresh: FreshNames, added: dict[int, list[onnx.NodeProto]]) -> str:
     """``consumers`` read ``tensor`` · diag(``inverse``) from a Mul node, to go right after the producer."""
     name = fresh.name(f"{tensor}_smooth")
     smoothed, factor = fresh.name(f"{tensor}_smoothed"), fresh.name(f"{tensor}_smooth_scale")

@@ -104,8 +104,8 @@ def smooth_activations(model: onnx.ModelProto, view: GraphView, layers: Sequence
             scales = _scales(channel_max[tensor], row_max, alpha)
             for layer in consumers:  # one weight at a time
                 write_weight(view, layer, weight_kn(view, layer) * scales[:, None])
-            placed = fold(1.0 / scales) if fold else add_mul(model, view, tensor, consumers, 1.0 / scales, fresh,
-                                                               added)
+            placed = fold(1.0 / scales) if fold else \
+                add_mul(model, view, tensor, consumers, 1.0 / scales, fresh, added)
         result.inputs.append(SmoothedInput(tensor, [layer.name for layer in consumers], alpha, before, after, placed))
     insert_nodes(model, view, added)
     result.seconds = time.perf_counter() - started
