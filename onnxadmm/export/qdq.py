@@ -75,7 +75,7 @@ def int8_forms(layers, requested: str) -> list[str]:
 def timing_precision(layers, quantize: str, requested: str, smoothing: str = "off") -> str:
     """How planners time graphs: "none" (fp32), "int8" (static QDQ) or "int8-dynamic" (where the dynamic
     form is built: its timing stands for both, as the choice between them is made on accuracy), as
-    "int8-dynamic-smoothed" with activation smoothing's Mul nodes (``quantize/smooth.py``)."""
+    "int8-dynamic-smoothed" with activation smoothing's Mul nodes (``export/smoothing.py``)."""
     if quantize != "int8":
         return "none"
     if "dynamic" not in int8_forms(layers, requested):

@@ -40,7 +40,7 @@ def smoothable_inputs(view: GraphView, layers: Sequence[Layer]) -> dict[str, lis
     groups: dict[str, list[Layer]] = {}
     declared = {v.name for v in view.graph.input}
     for layer in layers:
-        if layer.op_type not in ("MatMul", "Gemm") or layer.layout == "conv":
+        if layer.op_type not in ("MatMul", "Gemm"):
             continue
         weight = view.initializers.get(layer.weight_name)
         if weight is None or len(weight.dims) != 2 or weight.data_type != onnx.TensorProto.FLOAT or \

@@ -29,7 +29,9 @@ import numpy as np
 import onnx
 
 from ..analysis.layers import Layer
+from ..calib.ranges import LEVELS
 from ..calib.readers import SampleSet, evenly_spaced
+from ..export.dynamic import column_int8
 from ..export.smoothing import add_mul, attention_heads, folding, insert_nodes, smoothable_inputs, weight_kn, \
     write_weight
 from ..onnxio.graph import FreshNames, GraphView
@@ -42,7 +44,6 @@ MIN_ERROR_ROWS = 256
 ERROR_PRODUCT = 1 << 32  # ... fewer where a candidate's products would take more multiply-adds than this
 MUL_NODE_GAIN = 0.9  # a Mul node is added only where the error falls to this fraction of it or less
 ERROR_COLUMNS = 4096  # output columns in the error, shared by the MatMuls reading x (each column is rounded alone)
-LEVELS = 255
 
 
 @dataclass
@@ -204,8 +205,6 @@ def _round_run(x: np.ndarray) -> np.ndarray:
 
 
 def _round_columns(w: np.ndarray, q_max: int) -> np.ndarray:
-    scale = np.abs(w).max(axis=0, keepdims=True) / q_max
-    scale[scale == 0] = 1.0
-    return (np.clip(np.round(w / scale), -q_max, q_max) * scale).astype(np.float32)
-
-
+    """W (K×N) rounded to int8 per column at max-abs scales, as the export rounds it, dequantized."""
+    q, scales = column_int8(w, False, None, q_max)
+    return q.astype(np.float32) * scales
