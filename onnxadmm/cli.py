@@ -348,6 +348,10 @@ def _search_lines(search: dict) -> list[str]:
         mark = "*" if row["chosen"] else ("f" if row["on_frontier"] else " ")
         lines.append(f"  {mark} {cost}  {drop}{agree}{'holds ' if row['passed'] else 'missed'}  {row['label']}"
                      + (f"  ({row['note']})" if row["note"] and not row["passed"] else ""))
+    if search.get("side_by_side"):
+        timing = search["side_by_side"]
+        lines.append(f"  timed again side by side (batch {timing['batch']}, {timing['rounds']} rounds): " + ", ".join(
+            f"{c['label']} {c['side_by_side']:.3f} (own run {c['own_run']:.3f})" for c in timing["candidates"]))
     lines.append(f"  chosen: {search['chosen']}" if search["held"] else f"  {search['reason']}")
     if search.get("within_noise"):
         lines.append(f"  {search['within_noise']}")

@@ -63,7 +63,7 @@ def run_case(case: str) -> dict:
               "chosen_latency": latency, "chosen_accuracy_drop_pt": result.report.validation.comparison.accuracy_drop_pt,
               "chosen_agreement": result.report.validation.comparison.agreement,
               "chosen_zip_ratio": footprint.original.zipped_bytes / footprint.compressed.zipped_bytes,
-              "int8_cost": int8["cost_ratio"] if int8 else None}
+              "int8_cost": int8["cost_ratio"] if int8 else None, "side_by_side": s.get("side_by_side")}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"search__{case}.json").write_text(json.dumps(record, indent=1))
     return record
@@ -85,8 +85,11 @@ def render() -> str:
              "(the lower damage wins), and a candidate whose graph is the same as an earlier one (a channel "
              "target int8 alone already meets plans nothing) is not measured again. Candidates whose graphs differ "
              "only in their weights' values (a refinement retry and its miss) share the geometric mean of their "
-             "latency measurements; each one's own is in brackets. Seconds: a candidate's own run, + what it "
-             "reused of earlier ones (the original's evaluation run; a retry's solve).", ""]
+             "latency measurements; each one's own is in brackets. Since 2026-12-07 the three cheapest candidates that "
+             "held the gate, and int8 alone when it held, are timed again side by side, in the same rounds against "
+             "the original, and chosen on those ratios (their own runs' figures follow as \"own run\"). Seconds: a "
+             "candidate's own run, + what it reused of earlier ones (the original's evaluation run; a retry's "
+             "solve).", ""]
     for path in sorted(RESULTS.glob("search__*.json")):
         r = json.loads(path.read_text())
         gate = ", ".join(f"{k} {v}" for k, v in r["gate"].items())
@@ -103,6 +106,7 @@ def render() -> str:
         for c in sorted(r["candidates"], key=lambda c: (c["cost_ratio"] is None, c["cost_ratio"] or 0)):
             cost = "—" if c["cost_ratio"] is None else f"{c['cost_ratio']:.3f}"
             cost += f" ({c['cost_measured']:.3f})" if "cost_measured" in c else ""
+            cost += f" (own run {c['cost_own_run']:.3f})" if "cost_own_run" in c else ""
             lines.append(f"| {'**' + c['label'] + '**' if c['chosen'] else c['label']} | {cost} | "
                          f"{_number(c['accuracy_drop_pt'], 2)} | {_number(c['agreement'], 3)} | "
                          f"{'holds' if c['passed'] else 'missed'} | {_seconds(c)} | "

@@ -146,3 +146,34 @@ def test_a_speedup_gate_inside_the_median_interval_says_more_rounds_would_decide
     assert near.passed and near.within_noise and "more A/B rounds would decide this gate" in near.detail
     far, = evaluate(ValidateConfig(min_speedup=1.5), Comparison(samples=10), [timing])
     assert far.passed and not far.within_noise and "95 % interval 1.887 to 2.083x" in far.detail
+
+
+def _matmuls(count: int, width: int = 256):
+    """x (1 × width) through ``count`` MatMuls by a width × width weight: work that grows with ``count``."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.eye(width, dtype=np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i}", "w"], [f"h{i + 1}" if i + 1 < count else "y"])
+             for i in range(count)]
+    graph = helper.make_graph(nodes, f"matmuls{count}", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                        [1, width])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, width])], [weight])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_models_timed_side_by_side_each_get_their_ratio_to_the_same_original():
+    import numpy as np
+
+    from onnxadmm.cost.timing import measure, measure_side_by_side
+
+    feed = {"x": np.ones((1, 256), np.float32)}
+    light, original, heavy = _matmuls(2), _matmuls(16), _matmuls(128)
+    latencies = measure_side_by_side(original, [light, heavy], feed, rounds=8, threads=1)
+    assert len(latencies) == 2 and all(l.rounds == 8 and l.interleaved for l in latencies)
+    assert latencies[0].ratio_median < 1.0 < latencies[1].ratio_median  # 2 and 128 MatMuls against 16
+    assert latencies[0].original_ms_median == latencies[1].original_ms_median  # the same rounds of A
+    pair = measure(original, heavy, feed, rounds=4, threads=1)
+    assert pair.interleaved and pair.ratio_median > 1.0
+    apart = measure(original, heavy, feed, rounds=4, threads=1, interleaved=False)
+    assert not apart.interleaved and apart.ratio_median > 1.0

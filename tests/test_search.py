@@ -432,3 +432,75 @@ def test_the_reused_solve_is_a_copy_later_stages_cannot_change():
         reuse.plan_and_solve(CompressConfig(sparsity=sparsity), solve)
     reuse.plan_and_solve(CompressConfig(sparsity=0.5), solve)  # pushed out by the solves after it (SOLVES_KEPT = 1)
     assert len(runs) == 4
+
+
+class _TimedTable(_Table):
+    """``_Table`` whose candidates measure the original on evaluation samples (so the search can time its
+    finalists), with the side-by-side timing replaced by ``side_by_side`` (graph name -> ratio)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.timed = []
+
+    def __call__(self, config: CompressConfig, reuse=None):
+        samples = SimpleNamespace(feed=lambda batch, seq_len=None: {"x": np.zeros((batch, 2), np.float32)})
+        reuse.reference(config, lambda: SimpleNamespace(source="the original"), samples)
+        return super().__call__(config, reuse)
+
+    def timer(self, side_by_side):
+        def measure(original, models, feed, rounds, threads):
+            self.timed.append((original, [m.graph.name for m in models], feed["x"].shape[0], rounds))
+            return [SimpleNamespace(ratio_median=side_by_side[m.graph.name], ratio_interval=(0.4, 0.5), threads=2)
+                    for m in models]
+        return measure
+
+
+def test_the_held_candidates_close_to_the_cheapest_are_timed_again_side_by_side_and_chosen_on_that(monkeypatch):
+    """Own runs: int8 alone 0.50, channels at 0.46 (0.44 measured) hold, 0.423 misses. Timed together, int8 alone
+    is the faster one (0.45 against 0.47): the choice follows the side-by-side figures."""
+    import onnxadmm.budget.run as search_module
+    from onnxadmm.report.markdown import _search
+
+    def name(c):
+        return "int8" if c.method == "none" else f"channels {c.target_latency}{'r' if c.refine_epochs else ''}"
+
+    table = _TimedTable(lambda c: 0.1 if c.method == "none" else (0.2 if c.target_latency > 0.44 else 3.0),
+                        lambda c: 0.50 if c.method == "none" else c.target_latency - 0.02, model_of=name)
+    monkeypatch.setattr(search_module, "measure_side_by_side", table.timer({"int8": 0.45, "channels 0.46": 0.47}))
+    result = run_search(table, CompressConfig(method="auto"), ValidateConfig(max_accuracy_drop=0.5, latency_rounds=12),
+                        lambda *a: None)
+    search = result.report.search
+    assert table.timed == [("the original", ["channels 0.46", "int8"], 1, 12)]  # cheapest first, one run
+    assert search["chosen"] == "int8" and result.passed
+    rows = {r["label"]: r for r in search["candidates"]}
+    assert rows["int8"]["cost_ratio"] == 0.45 and rows["int8"]["cost_own_run"] == 0.50
+    assert rows["channels 0.460 + int8"]["cost_ratio"] == 0.47
+    assert rows["channels 0.460 + int8"]["cost_own_run"] == pytest.approx(0.44)
+    assert [c["label"] for c in search["side_by_side"]["candidates"]] == ["channels 0.460 + int8", "int8"]
+    lines = []
+    _search(lines, search)
+    text = "\n".join(lines)
+    assert "timed again side by side (batch 1, 12 rounds" in text and "own run 0.500" in text
+
+
+def test_the_three_cheapest_and_int8_alone_are_the_finalists_and_a_lone_hold_is_not_timed_again(monkeypatch):
+    import onnxadmm.budget.run as search_module
+
+    def name(c):
+        return "int8" if c.method == "none" else f"channels {c.target_latency}"
+
+    table = _TimedTable(lambda c: 0.1, lambda c: 0.50 if c.method == "none" else c.target_latency - 0.02,
+                        model_of=name)
+    monkeypatch.setattr(search_module, "measure_side_by_side", table.timer(
+        {"channels 0.38": 0.47, "channels 0.42": 0.41, "channels 0.46": 0.45, "int8": 0.48}))
+    result = run_search(table, CompressConfig(method="auto"), ValidateConfig(max_accuracy_drop=0.5), lambda *a: None)
+    # every level held (own runs 0.36, 0.40, 0.44; int8 alone 0.50): the three cheapest and the baseline
+    assert table.timed[0][1] == ["channels 0.38", "channels 0.42", "channels 0.46", "int8"]
+    assert result.report.search["chosen"] == "channels 0.420 + int8"  # 0.41 side by side; 0.38's 0.36 was noise
+
+    lone = _TimedTable(lambda c: 0.1 if c.method == "channel" and c.target_latency > 0.9 else 3.0,
+                       lambda c: 0.50 if c.method == "none" else c.target_latency)
+    monkeypatch.setattr(search_module, "measure_side_by_side", lone.timer({}))
+    result = run_search(lone, CompressConfig(method="auto"), ValidateConfig(max_accuracy_drop=0.5), lambda *a: None)
+    assert result.report.search["chosen"] == "channels 0.920 (fp32)"  # int8 alone missed: nothing to compare with
+    assert lone.timed == [] and result.report.search["side_by_side"] is None

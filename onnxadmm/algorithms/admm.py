@@ -247,8 +247,9 @@ class ActivationObjective:
             out = self.problem.sigma(z, self.sides)
         return squared_norm(out - self.target) * self.scale
 
-    def value(self, theta: torch.Tensor) -> float:
-        return self.value_at(self.pre_activation(theta))
+    def value(self, theta: torch.Tensor, steering: bool = False) -> float:
+        """f(θ); ``steering``: from the bfloat16 product where the objective has its copy."""
+        return self.value_at(self.pre_activation(theta, steering))
 
     def gradient(self, dz: torch.Tensor, shape) -> torch.Tensor:
         g, r, _ = shape
@@ -411,8 +412,9 @@ def admm_activation(problem: LayerProblem, w_start: torch.Tensor, b_start: torch
         penalty = _Penalty(rho, z, u)
         theta, carried = _descent(objective, theta, penalty, rho, None, settings.inner_steps, carried)
         z, u, primal, dual = _z_and_dual_step(theta[..., :-1], z, u, project, rho, norm0)
-        history.record(objective.value(torch.cat([z, theta[..., -1:]], dim=-1)), primal, dual,
-                       rho / objective.curvature)
+        # f(Z) decides only where the stall rule is on; else it is the report's record, from the steering product
+        history.record(objective.value(torch.cat([z, theta[..., -1:]], dim=-1), not settings.stall_iterations),
+                       primal, dual, rho / objective.curvature)
         if _stops(step, primal, z, history, settings, settled):
             break
         rho, u = _grown(rho, u, settings, rho_fixed)

@@ -24,6 +24,11 @@ or, for the first candidate of a method that solves (channels, sparsity), ``NEW_
 run so far (it runs its own solve and then the precision stage that a precision-alone candidate ran).
 ``--channel-multiple`` and ``--latency-batch`` go to the channel candidates; the latency batch is also the one
 every candidate's cost is measured at.
+4. latency: the ``FINALISTS`` cheapest candidates that held the gate (one per graph structure), and int8 alone
+   when it held, are timed again side by side, in the same rounds against the original
+   (``cost/timing.py: measure_side_by_side``), and the choice is made on those ratios: each candidate's own run
+   was timed minutes apart from the others', and on a shared machine the same graph's ratio moves by more than
+   the candidates differ.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import time
 from typing import Callable
 
 from ..config import CompressConfig, ValidateConfig, default_of
+from ..cost.timing import measure_side_by_side
 from ..errors import ConfigError, OnnxAdmmError
 from ..solve.reuse import StageReuse
 from .chart import mermaid_frontier
@@ -47,6 +53,8 @@ REFINE_REACH = 2.0
 # a solving method's first candidate over the slowest run before it: channels + int8 over int8 alone measured 1.6-1.7
 # (ResNet-56), 1.9 (EfficientNet-Lite0, Intel) and 2.8 (the same, AMD Zen 4)
 NEW_METHOD_FACTOR = 3.0
+FINALISTS = 3  # the cheapest held candidates timed again side by side (with int8 alone when it held)
+FINALISTS_BELOW_BYTES = 1 << 28  # finalists' models are held for the side-by-side timing only below this size each
 
 
 def run_search(attempt: Callable[[CompressConfig, StageReuse], object], config: CompressConfig,
@@ -158,6 +166,11 @@ def _noise_statement(rows: list[dict]) -> str:
             "(more held-out samples would make the choice firmer)")
 
 
+def _model_bytes(report) -> int:
+    """The compressed model's bytes as its validation measured them (0 when it does not say)."""
+    return getattr(getattr(report.validation, "compressed", None), "size_bytes", 0) or 0
+
+
 def _graph_digest(model) -> str | None:
     """sha256 of the graph (nodes and weights, not the model's metadata, which names each candidate's
     settings); None for a graph over protobuf's 2 GB limit."""
@@ -194,6 +207,9 @@ class _Search:
         self.models: dict[str, Measured] = {}  # sha256 of each distinct output model -> its measurement
         self.reuse = StageReuse()
         self.structures: dict[str, list[Measured]] = {}  # sha256 of a graph without its weights' values
+        self.structure_of: dict[int, str] = {}  # id(Measured) -> its structure's sha256
+        self.holdable: set[int] = set()  # id(Measured) of the models small enough to hold for the side-by-side timing
+        self.side_by_side: dict | None = None  # what the finalists measured, timed together
 
     def run(self, candidate: Candidate) -> Measured | None:
         elapsed = time.perf_counter() - self.started
@@ -226,10 +242,13 @@ class _Search:
             self.models[digest] = measured
         self.measured.append(measured)
         if self.objective == "latency" and measured.cost is not None:
-            self._pool(_structure_digest(result.model), measured)
+            self.structure_of[id(measured)] = _structure_digest(result.model)
+            self._pool(self.structure_of[id(measured)], measured)
+            if _model_bytes(result.report) < FINALISTS_BELOW_BYTES:
+                self.holdable.add(id(measured))
         self.results[id(measured)] = result
-        keep = {id(choose(self.measured)), id(closest(self.measured))}
-        self.results = {k: v for k, v in self.results.items() if k in keep}  # hold at most two models
+        keep = {id(choose(self.measured)), id(closest(self.measured)), *map(id, self._finalists())}
+        self.results = {k: v for k, v in self.results.items() if k in keep}  # hold at most FINALISTS + 3 models
         return measured
 
     def _expected_seconds(self, candidate: Candidate) -> float:
@@ -274,7 +293,51 @@ class _Search:
         measured.extra["samples"] = validation.comparison.samples
         return measured
 
+    def _finalists(self) -> list[Measured]:
+        """The FINALISTS cheapest held candidates, one per graph structure (the least damaged), and the precision
+        alone if it held (the baseline the others are measured against), cheapest first; under ``--objective
+        latency`` only."""
+        if self.objective != "latency":
+            return []
+        passing = sorted((m for m in self.measured if m.passed and m.cost is not None and id(m) in self.holdable),
+                         key=lambda m: (m.cost, m.damage))
+        finalists, structures = [], set()
+        for m in passing:
+            structure = self.structure_of.get(id(m))
+            alone = m.candidate.settings.get("method") == "none"
+            if structure not in structures and (len(finalists) < FINALISTS or alone):
+                finalists.append(m)
+                structures.add(structure)
+        return finalists
+
+    def time_finalists(self, validate_config: ValidateConfig) -> None:
+        """The finalists timed again together, each against the original in the same rounds, at the batch their
+        costs were measured at; their costs (and their twins', which run the same kernels) become those ratios."""
+        finalists = [m for m in self._finalists() if id(m) in self.results]
+        timing = self.reuse.timing_inputs()
+        if len(finalists) < 2 or timing is None:
+            return
+        reference, samples = timing
+        batch = self.batch or self.results[id(finalists[0])].report.validation.latency[0].batch_size
+        rounds, threads = validate_config.latency_rounds, validate_config.latency_threads or self.base.threads
+        self.progress("search", len(self.measured), len(self.measured),
+                      f"timing the {len(finalists)} finalists side by side")
+        feed = samples.feed(batch, self.base.latency_seq_len)
+        latencies = measure_side_by_side(reference.source, [self.results[id(m)].model for m in finalists], feed,
+                                         rounds, threads)
+        timed = []
+        for m, latency in zip(finalists, latencies):
+            for twin in self.structures.get(self.structure_of.get(id(m)), [m]):
+                if twin.passed:
+                    twin.extra["cost_own_run"] = twin.cost
+                    twin.cost = latency.ratio_median
+            timed.append({"label": m.candidate.label, "own_run": m.extra["cost_own_run"],
+                          "side_by_side": round(latency.ratio_median, 4),
+                          "interval": [round(x, 4) for x in latency.ratio_interval]})
+        self.side_by_side = {"batch": batch, "rounds": rounds, "threads": latencies[0].threads, "candidates": timed}
+
     def result(self, validate_config: ValidateConfig):
+        self.time_finalists(validate_config)
         chosen = choose(self.measured)
         best = chosen or closest(self.measured)
         mark(self.measured, chosen)
@@ -294,7 +357,7 @@ class _Search:
             "held": chosen is not None, "candidates": rows,
             "frontier": [m.candidate.label for m in frontier(self.measured)],
             "chart": mermaid_frontier(rows, self.objective, gate_kind, gate_value),
-            "within_noise": _noise_statement(rows),
+            "within_noise": _noise_statement(rows), "side_by_side": self.side_by_side,
             "reason": "" if chosen else "no candidate held the gate on the evaluation data; the output is the "
                                         f"one closest to it ({best.candidate.label}: {best.note})"}
         result.report.passed = result.passed = chosen is not None and result.report.passed

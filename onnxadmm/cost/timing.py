@@ -106,23 +106,39 @@ def measure(model_a, model_b, feed: dict[str, np.ndarray], rounds: int, threads:
             warmup: int = 3, feed_b: dict[str, np.ndarray] | None = None, interleaved: bool = True) -> LatencyAB:
     """A/B latency of two models on the same ``feed`` (the batch size is the feed's first axis), or on
     ``feed_b`` for B when the two take differently shaped inputs."""
+    if interleaved:
+        return measure_side_by_side(model_a, [model_b], feed, rounds, threads, warmup, feed_b)[0]
     feed_b = feed if feed_b is None else feed_b
     threads = cpu_threads(threads)
-    if interleaved:
-        timer_a, timer_b = _Timer(model_a, feed, threads), _Timer(model_b, feed_b, threads)
-        repeats = _warm_up([timer_a, timer_b], warmup)
-        times_a, times_b = [], []
-        for index in range(rounds):
-            for timer, times in ((timer_a, times_a), (timer_b, times_b))[::1 if index % 2 == 0 else -1]:
-                times.append(timer.time(repeats))
-    else:  # one session at a time: A's is released before B's is built
-        timer_a = _Timer(model_a, feed, threads)
-        repeats = _warm_up([timer_a], warmup)
-        times_a = [timer_a.time(repeats) for _ in range(rounds)]
-        del timer_a
-        timer_b = _Timer(model_b, feed_b, threads)
-        _warm_up([timer_b], warmup)
-        times_b = [timer_b.time(repeats) for _ in range(rounds)]
+    timer_a = _Timer(model_a, feed, threads)  # one session at a time: A's is released before B's is built
+    repeats = _warm_up([timer_a], warmup)
+    times_a = [timer_a.time(repeats) for _ in range(rounds)]
+    del timer_a
+    timer_b = _Timer(model_b, feed_b, threads)
+    _warm_up([timer_b], warmup)
+    times_b = [timer_b.time(repeats) for _ in range(rounds)]
+    return _latency_ab(times_a, times_b, feed, threads, rounds, repeats, interleaved=False)
+
+
+def measure_side_by_side(model_a, models: list, feed: dict[str, np.ndarray], rounds: int, threads: int,
+                         warmup: int = 3, feed_b: dict[str, np.ndarray] | None = None) -> list[LatencyAB]:
+    """Each of ``models`` against ``model_a``, all sessions held and timed in the same rounds: a round times
+    A, B₁ … Bₙ, the next one in the reverse order, so each Bᵢ sits on average where A does and a change in
+    the machine's load between rounds reaches all of them alike. One ``LatencyAB`` per model (B/A ratios)."""
+    feed_b = feed if feed_b is None else feed_b
+    threads = cpu_threads(threads)
+    timers = [_Timer(model_a, feed, threads)] + [_Timer(model, feed_b, threads) for model in models]
+    repeats = _warm_up(timers, warmup)
+    times: list[list[float]] = [[] for _ in timers]
+    for index in range(rounds):
+        order = range(len(timers)) if index % 2 == 0 else reversed(range(len(timers)))
+        for position in order:
+            times[position].append(timers[position].time(repeats))
+    return [_latency_ab(times[0], times_b, feed, threads, rounds, repeats) for times_b in times[1:]]
+
+
+def _latency_ab(times_a: list[float], times_b: list[float], feed: dict[str, np.ndarray], threads: int,
+                rounds: int, repeats: int, interleaved: bool = True) -> LatencyAB:
     a, b = np.array(times_a) * 1e3, np.array(times_b) * 1e3
     ratios = b / a
     batch = len(next(iter(feed.values())))

@@ -295,18 +295,30 @@ def _search(lines: list[str], search: dict) -> None:
         name = f"**{row['label']}** (chosen)" if row["chosen"] else row["label"]
         cost = _fmt(row["cost_ratio"], 3)
         cost += f" (measured {row['cost_measured']:.3f})" if "cost_measured" in row else ""
+        cost += f" (own run {row['cost_own_run']:.3f})" if "cost_own_run" in row else ""
         lines.append(f"| {name} | {cost} | {_fmt(row['accuracy_drop_pt'])} | "
                      f"{_fmt(row['agreement'], 4)} | {'holds' if row['passed'] else 'missed'} | "
                      f"{'yes' if row['on_frontier'] else ''} | {_seconds(row)} | {row['note']} |")
     lines.append("")
     if search.get("within_noise"):
         lines.extend([search["within_noise"][0].upper() + search["within_noise"][1:] + ".", ""])
+    if search.get("side_by_side"):
+        lines.extend([_side_by_side(search["side_by_side"]), ""])
     if any("cost_measured" in row for row in search["candidates"]):
         lines.extend([f"Candidates whose graphs differ only in their weights' values run the same kernels: their "
                       f"{search['cost']} is the geometric mean of their measurements (each one's in brackets).", ""])
     if any(row.get("reused_s") for row in search["candidates"]):
         lines.extend(["s: the candidate's own run; + what it reused of earlier candidates' runs (the original's "
                       "run on the evaluation samples, a solve it shares with one).", ""])
+
+
+def _side_by_side(timing: dict) -> str:
+    """One sentence: the search's finalists timed together, against their own runs' figures."""
+    each = "; ".join(f"{c['label']} {c['side_by_side']:.3f} (95 % {c['interval'][0]:.3f}–{c['interval'][1]:.3f}; "
+                     f"own run {c['own_run']:.3f})" for c in timing["candidates"])
+    return (f"The cheapest candidates that held the gate, and int8 alone when it held, were timed again side by side "
+            f"(batch {timing['batch']}, {timing['rounds']} rounds, each against the original in the same rounds), "
+            f"and the choice is made on these ratios: {each}.")
 
 
 def _seconds(row: dict) -> str:

@@ -1,7 +1,8 @@
 """What the candidates of one search share (``budget/run.py``). They differ in their settings, not in the model
 or the data, so:
 - the original's run on the evaluation samples is measured once (keyed by the settings that choose those
-  samples and run them);
+  samples and run them), and kept with those samples: the search times its finalists against the original
+  on them, side by side;
 - a candidate that differs from an earlier one only in what acts after the solve (block refinement: the search's
   retry of a missed candidate) starts from that candidate's plan and layer-wise solve instead of repeating them.
   The solve is deterministic for given settings, so the reused solve is the one the candidate would compute
@@ -31,12 +32,14 @@ class StageReuse:
     def __init__(self):
         self.saved_s = 0.0
         self._reference: tuple[tuple, Any, float] | None = None
+        self.evaluation: Any = None  # the samples the last reference was measured on
         self._solves: OrderedDict[str, tuple[Any, Any, float]] = OrderedDict()
 
-    def reference(self, config: CompressConfig, measure: Callable[[], Any]) -> Any:
-        """``measure()`` (the original run on the evaluation samples), or its earlier result for the same
+    def reference(self, config: CompressConfig, measure: Callable[[], Any], samples: Any = None) -> Any:
+        """``measure()`` (the original run on the evaluation ``samples``), or its earlier result for the same
         samples (chosen by ``calib_samples`` and ``seed``) run the same way (batch, threads)."""
         key = (config.calib_samples, config.seed, config.batch_size, config.threads, config.latency_seq_len)
+        self.evaluation = samples
         if self._reference is not None and self._reference[0] == key:
             self.saved_s += self._reference[2]
             return self._reference[1]
@@ -44,6 +47,13 @@ class StageReuse:
         reference = measure()
         self._reference = (key, reference, time.perf_counter() - started)
         return reference
+
+    def timing_inputs(self) -> tuple[Any, Any] | None:
+        """(the last reference — its ``source`` is what onnxruntime times as the original —, its evaluation
+        samples), or None before any candidate measured one."""
+        if self._reference is None or self.evaluation is None:
+            return None
+        return self._reference[1], self.evaluation
 
     def plan_and_solve(self, config: CompressConfig, plan_and_solve: Callable[[], tuple[Any, Any]]
                        ) -> tuple[Any, Any, str | None]:
