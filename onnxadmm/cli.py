@@ -350,8 +350,12 @@ def _search_lines(search: dict) -> list[str]:
                      + (f"  ({row['note']})" if row["note"] and not row["passed"] else ""))
     if search.get("side_by_side"):
         timing = search["side_by_side"]
-        lines.append(f"  timed again side by side (batch {timing['batch']}, {timing['rounds']} rounds): " + ", ".join(
-            f"{c['label']} {c['side_by_side']:.3f} (own run {c['own_run']:.3f})" for c in timing["candidates"]))
+        if "skipped" in timing:
+            lines.append(f"  {timing['skipped']}")
+        else:
+            each = ", ".join(f"{c['label']} {c['side_by_side']:.3f} (own run {c['own_run']:.3f})"
+                             for c in timing["candidates"])
+            lines.append(f"  timed again side by side (batch {timing['batch']}, {timing['rounds']} rounds): {each}")
     lines.append(f"  chosen: {search['chosen']}" if search["held"] else f"  {search['reason']}")
     if search.get("within_noise"):
         lines.append(f"  {search['within_noise']}")

@@ -156,7 +156,12 @@ NOTES = {  # what a case's rows show, in words (checked against its JSON when it
                         "agreement 0.952, 5 % faster than int8 alone but above the issue's 0.45. 411 s, 2.8x one "
                         "compress of the chosen configuration (134 s + 11 s reused). The miss's retry would not have held "
                         "either: the same target run alone with `--refine-epochs 10` measured 0.449, 0.89 pt, "
-                        "agreement 0.926 (MACs 0.70).",
+                        "agreement 0.926 (MACs 0.70). Again on Zen 4 with the side-by-side step (2026-12-07, commit "
+                        "6ee225e, this script, empty latency cache): int8 alone measured 0.508 / 0.477 (batch 1 / 8, "
+                        "0.02 pt, agreement 0.987); the first channel target (0.468, 0.8945 of the int8 original "
+                        "as measured in the plan) was refused by the planner — it needed layer3.0's inner conv at 32 "
+                        "of 64 channels, where that group alone changes the output by its own energy — so the ladder "
+                        "ended and int8 alone was kept: 277 s, nothing to time side by side.",
     "lenet_size": "The miss at 0.95 (0.86 pt, 1.7x the budget) was retried with refinement first and missed "
                   "again (0.76 pt); the bisection step 0.925 missed unrefined (0.52 pt) and held refined (0.42 pt): "
                   "25.3x smaller zipped. 60 s, 3.3x one compress of the chosen configuration (18 s); 55 s, 3.5x at "

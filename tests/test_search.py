@@ -45,6 +45,7 @@ class _Table:
         self.drop_of, self.cost_of, self.model_of, self.calls = drop_of, cost_of, model_of, []
         self.noise_pt = noise_pt  # half-width of each drop's 95 % interval over the held-out samples
         self.structure_of = structure_of or model_of  # the graph without its weights' values
+        self.original_bytes = 1000
 
     def __call__(self, config: CompressConfig, reuse=None):
         self.calls.append(config)
@@ -56,7 +57,8 @@ class _Table:
         validation = SimpleNamespace(
             comparison=SimpleNamespace(accuracy_drop_pt=drop, agreement=1 - drop / 100, samples=200), gates=[gate],
             latency=[SimpleNamespace(batch_size=1, ratio_median=cost)],
-            original=SimpleNamespace(zipped_bytes=1000), compressed=SimpleNamespace(zipped_bytes=int(cost * 1000)))
+            original=SimpleNamespace(zipped_bytes=1000, size_bytes=self.original_bytes),
+            compressed=SimpleNamespace(zipped_bytes=int(cost * 1000), size_bytes=self.original_bytes // 4))
         report = SimpleNamespace(passed=gate.passed, validation=validation, search=None)
         node = onnx.helper.make_node("Identity", ["w"], ["y"], name=self.structure_of(config))
         weight = onnx.numpy_helper.from_array(np.array([len(self.model_of(config))], np.float32), "w")
@@ -504,3 +506,20 @@ def test_the_three_cheapest_and_int8_alone_are_the_finalists_and_a_lone_hold_is_
     result = run_search(lone, CompressConfig(method="auto"), ValidateConfig(max_accuracy_drop=0.5), lambda *a: None)
     assert result.report.search["chosen"] == "channels 0.920 (fp32)"  # int8 alone missed: nothing to compare with
     assert lone.timed == [] and result.report.search["side_by_side"] is None
+
+
+def test_finalists_too_large_to_time_together_are_reported_as_not_timed_again(monkeypatch):
+    import onnxadmm.budget.run as search_module
+    from onnxadmm.report.markdown import _search
+
+    table = _TimedTable(lambda c: 0.1 if c.method == "none" or c.target_latency > 0.45 else 3.0,
+                        lambda c: 0.50 if c.method == "none" else c.target_latency)
+    table.original_bytes = 800 << 20  # int8 alone and channels 0.46 + int8 hold: 800 + 2 x 200 MB
+    monkeypatch.setattr(search_module, "measure_side_by_side", table.timer({}))
+    result = run_search(table, CompressConfig(method="auto"), ValidateConfig(max_accuracy_drop=0.5), lambda *a: None)
+    search = result.report.search
+    assert table.timed == [] and search["side_by_side"]["skipped"].startswith("not timed again side by side")
+    assert search["chosen"] == "channels 0.460 + int8"  # on the costs of their own runs
+    lines = []
+    _search(lines, search)
+    assert any(line.startswith("Not timed again side by side: the original and the 2 finalists hold") for line in lines)

@@ -43,6 +43,7 @@ from ..config import CompressConfig, ValidateConfig, default_of
 from ..cost.timing import measure_side_by_side
 from ..errors import ConfigError, OnnxAdmmError
 from ..solve.reuse import StageReuse
+from ..validation.run import INTERLEAVE_BELOW_BYTES
 from .chart import mermaid_frontier
 from .frontier import Candidate, Measured, choose, closest, frontier, mark
 
@@ -318,7 +319,14 @@ class _Search:
         if len(finalists) < 2 or timing is None:
             return
         reference, samples = timing
-        batch = self.batch or self.results[id(finalists[0])].report.validation.latency[0].batch_size
+        validation = self.results[id(finalists[0])].report.validation
+        held_bytes = validation.original.size_bytes + sum(_model_bytes(self.results[id(m)].report) for m in finalists)
+        if held_bytes >= INTERLEAVE_BELOW_BYTES:
+            self.side_by_side = {"skipped": f"not timed again side by side: the original and the {len(finalists)} "
+                                            f"finalists hold {held_bytes / 2 ** 20:.0f} MB together, more than one "
+                                            "process times at once"}
+            return
+        batch = self.batch or validation.latency[0].batch_size
         rounds, threads = validate_config.latency_rounds, validate_config.latency_threads or self.base.threads
         self.progress("search", len(self.measured), len(self.measured),
                       f"timing the {len(finalists)} finalists side by side")

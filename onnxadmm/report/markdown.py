@@ -314,6 +314,8 @@ def _search(lines: list[str], search: dict) -> None:
 
 def _side_by_side(timing: dict) -> str:
     """One sentence: the search's finalists timed together, against their own runs' figures."""
+    if "skipped" in timing:
+        return timing["skipped"][0].upper() + timing["skipped"][1:] + "."
     each = "; ".join(f"{c['label']} {c['side_by_side']:.3f} (95 % {c['interval'][0]:.3f}–{c['interval'][1]:.3f}; "
                      f"own run {c['own_run']:.3f})" for c in timing["candidates"])
     return (f"The cheapest candidates that held the gate, and int8 alone when it held, were timed again side by side "
