@@ -138,7 +138,7 @@ def _pipeline(loaded: LoadedModel, calibration, evaluation, config: CompressConf
     progress("calibration", 0, 1, f"running the original on {run.evaluation.num_samples} evaluation samples")
     measure = partial(measure_reference, normalized.model, run.evaluation, config.batch_size, config.threads,
                       stored, loaded.path if in_place else loaded.model, loaded.sha256)
-    reference = reuse.reference(config, measure, run.evaluation) if reuse else measure()
+    reference = reuse.reference(config, measure, run.evaluation, validate_config) if reuse else measure()
     loaded.model = without_initializers(loaded.model) if in_place else loaded.model  # (the report reads its opset)
     ctx = Context(view, normalized.model, everything.layers, found.layers, run.solving, config, progress, reuse)
     gate = gate_checker(reference, run.evaluation, validate_config, config) if method.relax(config) else None

@@ -395,6 +395,8 @@ def test_a_refined_retry_starts_from_the_missed_candidates_solve_and_computes_wh
     first = compress(model, feed, CompressConfig(sparsity=0.6, **fast), check, reuse=reuse)
     refined = compress(model, feed, CompressConfig(sparsity=0.6, refine_epochs=2, **fast), check, reuse=reuse)
     assert len(solves) == 1 and len(references) == 1 and reuse.saved_s > 0
+    original, timing_rows = reuse.timing_inputs()  # what the search times its finalists against, on what
+    assert original.source is model and timing_rows.num_samples == max(check.latency_batch_sizes) < 40
     assert any("earlier candidate" in note for note in refined.report.notes)
     assert refined.report.refined_blocks and not first.report.refined_blocks
     other = compress(model, feed, CompressConfig(sparsity=0.7, **fast), check, reuse=reuse)
@@ -445,7 +447,9 @@ class _TimedTable(_Table):
         self.timed = []
 
     def __call__(self, config: CompressConfig, reuse=None):
-        samples = SimpleNamespace(feed=lambda batch, seq_len=None: {"x": np.zeros((batch, 2), np.float32)})
+        samples = SimpleNamespace(feed=lambda batch, seq_len=None: {"x": np.zeros((batch, 2), np.float32)},
+                                  num_samples=100)
+        samples.subset = lambda rows: samples
         reuse.reference(config, lambda: SimpleNamespace(source="the original"), samples)
         return super().__call__(config, reuse)
 

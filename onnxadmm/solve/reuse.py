@@ -1,8 +1,8 @@
 """What the candidates of one search share (``budget/run.py``). They differ in their settings, not in the model
 or the data, so:
 - the original's run on the evaluation samples is measured once (keyed by the settings that choose those
-  samples and run them), and kept with those samples: the search times its finalists against the original
-  on them, side by side;
+  samples and run them), and kept with the first of those samples: the search times its finalists against
+  the original on them, side by side;
 - a candidate that differs from an earlier one only in what acts after the solve (block refinement: the search's
   retry of a missed candidate) starts from that candidate's plan and layer-wise solve instead of repeating them.
   The solve is deterministic for given settings, so the reused solve is the one the candidate would compute
@@ -19,9 +19,10 @@ import time
 from collections import OrderedDict
 from typing import Any, Callable
 
+import numpy as np
 import onnx
 
-from ..config import CompressConfig, config_hash, default_of
+from ..config import CompressConfig, ValidateConfig, config_hash, default_of
 
 # the settings read only after the solve
 AFTER_SOLVE = ("refine_epochs", "refine_grid_epochs", "refine_lr", "refine_block_layers")
@@ -32,14 +33,17 @@ class StageReuse:
     def __init__(self):
         self.saved_s = 0.0
         self._reference: tuple[tuple, Any, float] | None = None
-        self.evaluation: Any = None  # the samples the last reference was measured on
+        self.evaluation: Any = None  # the first rows of the samples the last reference was measured on
         self._solves: OrderedDict[str, tuple[Any, Any, float]] = OrderedDict()
 
-    def reference(self, config: CompressConfig, measure: Callable[[], Any], samples: Any = None) -> Any:
-        """``measure()`` (the original run on the evaluation ``samples``), or its earlier result for the same
-        samples (chosen by ``calib_samples`` and ``seed``) run the same way (batch, threads)."""
+    def reference(self, config: CompressConfig, measure: Callable[[], Any], samples: Any = None,
+                  validate_config: ValidateConfig | None = None) -> Any:
+        """``measure()`` (the original run on the evaluation samples), or its earlier result for the same
+        samples (chosen by ``calib_samples`` and ``seed``) run the same way (batch, threads). Of the evaluation
+        ``samples``, the rows the largest latency feed of ``validate_config`` takes are kept for the search."""
         key = (config.calib_samples, config.seed, config.batch_size, config.threads, config.latency_seq_len)
-        self.evaluation = samples
+        rows = max((validate_config or ValidateConfig()).latency_batch_sizes)
+        self.evaluation = None if samples is None else samples.subset(np.arange(min(samples.num_samples, rows)))
         if self._reference is not None and self._reference[0] == key:
             self.saved_s += self._reference[2]
             return self._reference[1]
@@ -49,8 +53,8 @@ class StageReuse:
         return reference
 
     def timing_inputs(self) -> tuple[Any, Any] | None:
-        """(the last reference — its ``source`` is what onnxruntime times as the original —, its evaluation
-        samples), or None before any candidate measured one."""
+        """(the last reference — its ``source`` is what onnxruntime times as the original —, the first rows of
+        its evaluation samples), or None before any candidate measured one."""
         if self._reference is None or self.evaluation is None:
             return None
         return self._reference[1], self.evaluation
