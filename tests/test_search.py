@@ -177,13 +177,29 @@ def test_a_candidate_that_changes_nothing_is_recognized_and_noise_level_cost_gai
     assert choose(close).candidate.label == "a"  # 2 % cheaper is inside the noise: the lower damage wins
 
 
-def test_a_candidate_that_cannot_be_built_is_reported_and_the_search_goes_on():
+def test_a_candidate_that_cannot_be_built_is_reported_and_the_bisection_tries_between_it_and_the_last_hold():
+    """Targets below 0.31 are refused (as a planner refuses one it can reach only by destroying a group): the
+    refusal at 0.304 is a miss with nothing to refine, so the next candidate is the level halfway from 0.336."""
     table = _Table(lambda c: 0.0, lambda c: 0.4 if c.method == "none" else c.target_latency)
     result = run_search(table, CompressConfig(method="auto"), ValidateConfig(max_accuracy_drop=0.5),
                         lambda *a: None)
-    rows = result.report.search["candidates"]
-    assert rows[-1]["note"].startswith("failed: --target-latency 0.304 cannot be met") and not rows[-1]["passed"]
-    assert result.passed and result.report.search["chosen"] == "channels 0.336 + int8"
+    rows = {r["label"]: r for r in result.report.search["candidates"]}
+    refused = rows["channels 0.304 + int8"]
+    assert refused["note"].startswith("failed: --target-latency 0.304 cannot be met") and not refused["passed"]
+    assert list(rows)[-1] == "channels 0.320 + int8" and not any(label.endswith("refined") for label in rows)
+    assert result.passed and result.report.search["chosen"] == "channels 0.320 + int8"
+    table = _Table(lambda c: 0.0, lambda c: 0.4 if c.method == "none" else c.target_latency)
+
+    def refuse_below(config, reuse=None):  # the halfway level is refused too
+        if config.method == "channel" and config.target_latency < 0.335:
+            raise ConfigError(f"--target-latency {config.target_latency} cannot be met")
+        return table(config, reuse)
+
+    result = run_search(refuse_below, CompressConfig(method="auto"), ValidateConfig(max_accuracy_drop=0.5),
+                        lambda *a: None)
+    labels = [r["label"] for r in result.report.search["candidates"]]
+    assert labels[-2:] == ["channels 0.304 + int8", "channels 0.320 + int8"]  # both refused
+    assert result.report.search["chosen"] == "channels 0.336 + int8"
 
 
 def test_no_holding_candidate_returns_the_closest_with_the_reason():

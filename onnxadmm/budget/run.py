@@ -16,7 +16,9 @@ Candidates, cheapest first, each a full ``compress`` measured in onnxruntime lik
    farther miss is reported as not tried — the measurements behind the reach: ``docs/METHODS.md``). A refined
    hold ends the search: it costs less than any level between the last hold and the miss. Otherwise one bisection
    step tries the level between the last hold (the precision alone counting as level 0) and the miss, itself
-   retried with refinement when it misses within reach.
+   retried with refinement when it misses within reach. A level that could not be built (a latency target the
+   planner refuses as reachable only by destroying a layer group) is a miss with nothing to refine: the bisection
+   step follows it directly.
 Under ``--objective latency``, candidates whose graphs differ only in their weights' values share one latency
 figure, the geometric mean of their measurements (``_Search._pool``). A candidate that would not finish within
 ``--time-budget-min`` is skipped and reported as such: its time is estimated as the longest run of its method so far,
@@ -94,14 +96,15 @@ def run_search(attempt: Callable[[CompressConfig, StageReuse], object], config: 
         held, ladder = (anchor if alone_holds else None), [anchor * f for f in LATENCY_STEPS]
     for level in ladder:
         outcome = search.run(make(level, quantize))
-        if outcome is None or not outcome.passed:
-            missed, miss = (level, outcome) if outcome is not None and outcome.cost is not None else (None, None)
+        if outcome is None or not outcome.passed:  # None: skipped for the time budget, which ends the search
+            if outcome is not None:  # missed the gate, or could not be built (a target the planner refuses)
+                missed, miss = level, (outcome if outcome.cost is not None else None)
             break
         held = level
     if missed is None:
         return search.result(validate_config)
     epochs = config.refine_epochs or REFINE_EPOCHS
-    retry = _refine(search, make(missed, quantize, epochs), miss, validate_config)
+    retry = _refine(search, make(missed, quantize, epochs), miss, validate_config) if miss is not None else None
     if (retry is None or not retry.passed) and held is not None:  # one bisection step between the hold and the miss
         middle = (held + missed) / 2
         outcome = search.run(make(middle, quantize))
