@@ -19,10 +19,9 @@ Dynamic activations (transformers: calibrated ranges clip the outliers of LayerN
 streams): each MatMul input's outlier channels first moved into the weights' rows where that lowers the rounded
 output error (``smooth.py``), the MatMuls' weights solved onto the grid from the float inputs, exported in
 onnxruntime's dynamic form (activations quantized per tensor at run time), written into the graph directly
-(``dynamic.py``). ``auto``,
-where MatMuls hold most of the weights, first scores both forms with the weights only rounded (``forms.py``) and
-solves the better one, or both when the probe cannot tell them apart (then the smaller solved output error on the
-held-out calibration samples wins).
+(``dynamic.py``). ``auto``, where MatMuls hold most of the weights, first scores both forms with the weights
+only rounded (``forms.py``) and solves the better one, or both when the probe cannot tell them apart (then the
+smaller solved output error on the held-out calibration samples wins).
 """
 
 from __future__ import annotations

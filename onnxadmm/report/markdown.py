@@ -206,8 +206,9 @@ def _quantization(lines: list[str], quant: dict) -> None:
         lines.append(f"- {kept}: `{row['name']}` ({row['op_type']}): {row['reason']}")
 
 
-STEPS = {"probe_s": "form probe", "smoothing_s": "smoothing", "weights_s": "weights", "ranges_s": "ranges", "refine_s": "grid refinement", "distill_s": "distillation",
-         "export_s": "export", "latency_s": "int8 vs float timing"}
+STEPS = {"probe_s": "form probe", "smoothing_s": "smoothing", "weights_s": "weights", "ranges_s": "ranges",
+         "refine_s": "grid refinement", "distill_s": "distillation", "export_s": "export",
+         "latency_s": "int8 vs float timing"}
 
 
 def quantization_time(seconds: dict[str, float]) -> str:
