@@ -16,6 +16,7 @@ from onnxadmm.algorithms.projections.sparse import TopK
 from onnxadmm.export.coverage import fusion_coverage
 from onnxadmm.calib.ranges import choose_range, quantization_mse
 from onnxadmm.calib.readers import SampleSet
+from onnxadmm.errors import ConfigError
 
 FAST = dict(sensitivity_samples=8, admm_iterations=6, sample_patches=1024, seed=0)
 QUICK = ValidateConfig(latency_rounds=2)
@@ -429,6 +430,26 @@ def test_a_latency_target_with_int8_is_planned_on_int8_timings(tmp_path, monkeyp
         assert plan["latency_ratio_measured_at_plan"] <= target / r0 + 1e-4
         assert plan["latency_search"][0]["budget_ratio"] == pytest.approx(target / r0, abs=1e-4)
     assert plan["quantization"]["fusion"]["integer"]
+
+
+def test_a_latency_target_of_the_int8_original_is_planned_as_given():
+    """--target-latency-of int8: T is a fraction of the int8 original's latency as the planner times it, so the
+    plan aims at T itself, whatever r₀ measured; without --quantize int8 the option is refused."""
+    from models import GraphBuilder
+
+    b = GraphBuilder(5)
+    y = b.conv("input", 64, 128, act="Relu")
+    y = b.conv(y, 128, 128, act="Relu")
+    y = b.node("Flatten", [b.node("GlobalAveragePool", [y])])
+    model = b.model([("input", ["N", 64, 16, 16])], [b.gemm(y, 128, 10, act=None)])
+    result = compress(model, samples_for(model, 32), CompressConfig(
+        method="channel", target_latency=0.8, target_latency_of="int8", quantize="int8", **FAST), QUICK)
+    plan = result.report.plan
+    assert plan["int8_latency_ratio"] is not None
+    assert plan["latency_search"][0]["budget_ratio"] == pytest.approx(0.8, abs=1e-4)
+    assert plan["latency_ratio_measured_at_plan"] <= 0.8 + 1e-4
+    with pytest.raises(ConfigError, match="--target-latency-of int8"):
+        CompressConfig(method="channel", target_latency=0.8, target_latency_of="int8")
 
 
 def test_input_rounding_is_exact_when_off_and_uint8_rounding_when_switched_on():

@@ -49,6 +49,10 @@ class _Table:
 
     def __call__(self, config: CompressConfig, reuse=None):
         self.calls.append(config)
+        if config.target_latency_of == "int8":  # a fraction of the int8 original's latency: as one of the original's
+            int8 = self.cost_of(CompressConfig(method="none", quantize="int8"))
+            config = dataclasses.replace(config, target_latency=round(config.target_latency * int8, 3),
+                                         target_latency_of="original")
         if config.method == "channel" and config.target_latency < 0.31:
             raise ConfigError(f"--target-latency {config.target_latency} cannot be met")
         drop, cost = self.drop_of(config), self.cost_of(config)
@@ -80,10 +84,10 @@ def test_latency_search_climbs_channel_targets_below_int8_and_refines_the_first_
     table = _Table(_latency_drop, _latency_cost)
     result = run_search(table, CompressConfig(method="auto"), ValidateConfig(max_accuracy_drop=0.5),
                         lambda *a: None)
-    tried = [(c.method, c.quantize, c.target_latency, c.refine_epochs) for c in table.calls]
-    assert tried[0] == ("none", "int8", None, 0)  # int8 alone first: it anchors the latency ladder
-    assert all(q == "int8" for _, q, _, _ in tried[1:])  # int8 held and is faster: channels compose with it
-    assert tried[1][2] == round(0.47 * 0.92, 3) and tried[1][3] == 0
+    tried = [(c.method, c.quantize, c.target_latency, c.target_latency_of, c.refine_epochs) for c in table.calls]
+    assert tried[0] == ("none", "int8", None, "original", 0)  # int8 alone first
+    assert all(q == "int8" for _, q, *_ in tried[1:])  # int8 held and is faster: channels compose with it
+    assert tried[1][2:] == (0.92, "int8", 0)  # a fraction of the int8 original's latency, as the planner times it
     search = result.report.search
     rows = {r["label"]: r for r in search["candidates"]}
     assert any(r["round"] == "refine" for r in rows.values())  # the least aggressive miss, refined
@@ -178,28 +182,29 @@ def test_a_candidate_that_changes_nothing_is_recognized_and_noise_level_cost_gai
 
 
 def test_a_candidate_that_cannot_be_built_is_reported_and_the_bisection_tries_between_it_and_the_last_hold():
-    """Targets below 0.31 are refused (as a planner refuses one it can reach only by destroying a group): the
-    refusal at 0.304 is a miss with nothing to refine, so the next candidate is the level halfway from 0.336."""
+    """Targets below 0.31 of the original are refused (as a planner refuses one it can reach only by destroying a
+    group): the refusal at 0.76 of int8 (0.304) is a miss with nothing to refine, so the next candidate is the level
+    halfway from 0.84 of int8."""
     table = _Table(lambda c: 0.0, lambda c: 0.4 if c.method == "none" else c.target_latency)
     result = run_search(table, CompressConfig(method="auto"), ValidateConfig(max_accuracy_drop=0.5),
                         lambda *a: None)
     rows = {r["label"]: r for r in result.report.search["candidates"]}
-    refused = rows["channels 0.304 + int8"]
+    refused = rows["channels 0.760 of int8 + int8"]
     assert refused["note"].startswith("failed: --target-latency 0.304 cannot be met") and not refused["passed"]
-    assert list(rows)[-1] == "channels 0.320 + int8" and not any(label.endswith("refined") for label in rows)
-    assert result.passed and result.report.search["chosen"] == "channels 0.320 + int8"
+    assert list(rows)[-1] == "channels 0.800 of int8 + int8" and not any(label.endswith("refined") for label in rows)
+    assert result.passed and result.report.search["chosen"] == "channels 0.800 of int8 + int8"
     table = _Table(lambda c: 0.0, lambda c: 0.4 if c.method == "none" else c.target_latency)
 
     def refuse_below(config, reuse=None):  # the halfway level is refused too
-        if config.method == "channel" and config.target_latency < 0.335:
+        if config.method == "channel" and config.target_latency < 0.835:  # (of int8 alone's 0.4: 0.334)
             raise ConfigError(f"--target-latency {config.target_latency} cannot be met")
         return table(config, reuse)
 
     result = run_search(refuse_below, CompressConfig(method="auto"), ValidateConfig(max_accuracy_drop=0.5),
                         lambda *a: None)
     labels = [r["label"] for r in result.report.search["candidates"]]
-    assert labels[-2:] == ["channels 0.304 + int8", "channels 0.320 + int8"]  # both refused
-    assert result.report.search["chosen"] == "channels 0.336 + int8"
+    assert labels[-2:] == ["channels 0.760 of int8 + int8", "channels 0.800 of int8 + int8"]  # both refused
+    assert result.report.search["chosen"] == "channels 0.840 of int8 + int8"
 
 
 def test_no_holding_candidate_returns_the_closest_with_the_reason():
@@ -371,12 +376,12 @@ def test_a_refinement_retry_and_its_miss_share_one_latency_figure():
                    structure_of=lambda c: repr(dataclasses.replace(c, refine_epochs=0)))
     result = run_search(table, CompressConfig(method="auto"), ValidateConfig(max_accuracy_drop=0.5), lambda *a: None)
     rows = {r["label"]: r for r in result.report.search["candidates"]}
-    miss, retry = rows["channels 0.432 + int8"], rows["channels 0.432 + int8, refined"]
+    miss, retry = rows["channels 0.920 of int8 + int8"], rows["channels 0.920 of int8 + int8, refined"]
     assert miss["cost_measured"] == 0.42 and retry["cost_measured"] == 0.48
     assert miss["cost_ratio"] == retry["cost_ratio"] == pytest.approx((0.42 * 0.48) ** 0.5)
     assert "cost_measured" not in rows["int8"]
-    assert result.report.search["chosen"] == "channels 0.432 + int8, refined"
-    assert list(rows) == ["int8", "channels 0.432 + int8", "channels 0.432 + int8, refined"]  # no bisection
+    assert result.report.search["chosen"] == "channels 0.920 of int8 + int8, refined"
+    assert list(rows) == ["int8", "channels 0.920 of int8 + int8", "channels 0.920 of int8 + int8, refined"]  # no bisection
 
 
 def test_a_refined_hold_at_the_miss_ends_the_search_without_a_bisection():
@@ -496,9 +501,9 @@ def test_the_held_candidates_close_to_the_cheapest_are_timed_again_side_by_side_
     assert search["chosen"] == "int8" and result.passed
     rows = {r["label"]: r for r in search["candidates"]}
     assert rows["int8"]["cost_ratio"] == 0.45 and rows["int8"]["cost_own_run"] == 0.50
-    assert rows["channels 0.460 + int8"]["cost_ratio"] == 0.47
-    assert rows["channels 0.460 + int8"]["cost_own_run"] == pytest.approx(0.44)
-    assert [c["label"] for c in search["side_by_side"]["candidates"]] == ["channels 0.460 + int8", "int8"]
+    assert rows["channels 0.920 of int8 + int8"]["cost_ratio"] == 0.47
+    assert rows["channels 0.920 of int8 + int8"]["cost_own_run"] == pytest.approx(0.44)
+    assert [c["label"] for c in search["side_by_side"]["candidates"]] == ["channels 0.920 of int8 + int8", "int8"]
     lines = []
     _search(lines, search)
     text = "\n".join(lines)
@@ -518,7 +523,7 @@ def test_the_three_cheapest_and_int8_alone_are_the_finalists_and_a_lone_hold_is_
     result = run_search(table, CompressConfig(method="auto"), ValidateConfig(max_accuracy_drop=0.5), lambda *a: None)
     # every level held (own runs 0.36, 0.40, 0.44; int8 alone 0.50): the three cheapest and the baseline
     assert table.timed[0][1] == ["channels 0.38", "channels 0.42", "channels 0.46", "int8"]
-    assert result.report.search["chosen"] == "channels 0.420 + int8"  # 0.41 side by side; 0.38's 0.36 was noise
+    assert result.report.search["chosen"] == "channels 0.840 of int8 + int8"  # 0.41 side by side; 0.38's 0.36 was noise
 
     lone = _TimedTable(lambda c: 0.1 if c.method == "channel" and c.target_latency > 0.9 else 3.0,
                        lambda c: 0.50 if c.method == "none" else c.target_latency)
@@ -539,7 +544,7 @@ def test_finalists_too_large_to_time_together_are_reported_as_not_timed_again(mo
     result = run_search(table, CompressConfig(method="auto"), ValidateConfig(max_accuracy_drop=0.5), lambda *a: None)
     search = result.report.search
     assert table.timed == [] and search["side_by_side"]["skipped"].startswith("not timed again side by side")
-    assert search["chosen"] == "channels 0.460 + int8"  # on the costs of their own runs
+    assert search["chosen"] == "channels 0.920 of int8 + int8"  # on the costs of their own runs
     lines = []
     _search(lines, search)
     assert any(line.startswith("Not timed again side by side: the original and the 2 finalists hold") for line in lines)

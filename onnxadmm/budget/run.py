@@ -3,19 +3,23 @@
 gate holds on the evaluation data.
 
 Candidates, cheapest first, each a full ``compress`` measured in onnxruntime like any other run:
-1. latency: int8 alone (``--method none --quantize int8``); its measured latency ratio r₀ anchors the rest.
+1. latency: int8 alone (``--method none --quantize int8``).
    size: the first sparsity with int4 weights (``--quantize w4``); when it holds, neither precision alone can be
    the smaller model and neither is run. Otherwise int4 weights alone, and int8 alone only when w4 misses the
    gate (it stores the same weights in twice the bits).
-2. latency: channel pruning + int8 at ``--target-latency`` r₀·f for f in ``LATENCY_STEPS`` (fp32 channel
-   pruning at 1·f when int8 is not faster or fails the gate); size: element sparsity at ``SPARSITIES`` with the
-   smallest precision that holds the gate (w4, else int8, else fp32). Each ladder is climbed while the gate
+2. latency: channel pruning + int8 at ``--target-latency-of int8 --target-latency`` f for f in ``LATENCY_STEPS``:
+   a fraction of the int8 original's latency as the planner times it, in the same A/B as every plan, not of int8
+   alone's own validation run (on a shared machine that ratio moved by a third within an hour, and a ladder
+   anchored on it could lie wholly above what the planner measured for int8, so that no level planned anything).
+   fp32 channel pruning at f of the original when int8 is not faster or fails the gate.
+   size: element sparsity at ``SPARSITIES`` with the smallest precision that holds the gate (w4, else int8, else
+   fp32). Each ladder is climbed while the gate
    holds: damage grows with the step, so the first miss ends it.
 3. The miss is tried again with block refinement (``--refine-epochs``, default ``REFINE_EPOCHS``), starting from
    its own solve, when its damage is at most ``REFINE_REACH`` times the budget (top-1 drop, or 1 − agreement; a
    farther miss is reported as not tried — the measurements behind the reach: ``docs/METHODS.md``). A refined
    hold ends the search: it costs less than any level between the last hold and the miss. Otherwise one bisection
-   step tries the level between the last hold (the precision alone counting as level 0) and the miss, itself
+   step tries the level between the last hold (the precision alone counting as the ladder's start) and the miss, itself
    retried with refinement when it misses within reach. A level that could not be built (a latency target the
    planner refuses as reachable only by destroying a layer group) is a miss with nothing to refine: the bisection
    step follows it directly.
@@ -72,10 +76,11 @@ def run_search(attempt: Callable[[CompressConfig, StageReuse], object], config: 
     int8_alone = Candidate("int8", {"method": "none", "quantize": "int8"})
 
     def make(level: float, quantize: str, refine: int = 0) -> Candidate:
-        if config.objective == "latency":
-            label, settings = f"channels {level:.3f}", {"method": "channel", "target_latency": round(level, 3),
-                                                        "channel_multiple": config.channel_multiple,
-                                                        "latency_batch": config.latency_batch}
+        if config.objective == "latency":  # with int8, the level is a fraction of the int8 original's latency
+            of_int8 = quantize == "int8"
+            label = f"channels {level:.3f}" + (" of int8" if of_int8 else "")
+            settings = {"method": "channel", "target_latency": round(level, 3), "channel_multiple": config.channel_multiple,
+                        "latency_batch": config.latency_batch, **({"target_latency_of": "int8"} if of_int8 else {})}
         else:
             label, settings = f"sparse {level:.3f}", {"method": "sparse", "sparsity": round(level, 3)}
         settings = {**settings, "quantize": quantize, **({"refine_epochs": refine} if refine else {})}
@@ -88,12 +93,10 @@ def run_search(attempt: Callable[[CompressConfig, StageReuse], object], config: 
     else:
         int8 = search.run(int8_alone)
         alone_holds = int8 is not None and int8.passed
-        faster = alone_holds and int8.cost < 1.0
-        anchor = int8.cost if faster else 1.0
-        quantize = "int8" if faster else "none"
-        # int8 alone is the ladder's level 0 (channels at its latency): the bisection may fall between it and the
-        # first step
-        held, ladder = (anchor if alone_holds else None), [anchor * f for f in LATENCY_STEPS]
+        quantize = "int8" if alone_holds and int8.cost < 1.0 else "none"
+        # levels are fractions of the int8 original's latency as the planner times it (of the original's without
+        # int8); int8 alone is level 1.0, so the bisection may fall between it and the first step
+        held, ladder = (1.0 if alone_holds else None), list(LATENCY_STEPS)
     for level in ladder:
         outcome = search.run(make(level, quantize))
         if outcome is None or not outcome.passed:  # None: skipped for the time budget, which ends the search

@@ -167,7 +167,7 @@ def plan_ranks(view: GraphView, layers: list[Layer], samples: SampleSet, config:
         timing = LatencyTable(config.threads, precision=timing_precision(layers, config.quantize,
                                                                          config.int8_activations, config.int8_smoothing))
         timed = timing_feed(samples, config.latency_batch, config.latency_seq_len)
-        if config.quantize == "int8" and config.target_latency is not None:
+        if config.quantize == "int8" and config.target_latency is not None and config.target_latency_of != "int8":
             # plans are timed int8 against the int8 original: T of the fp32 original is T / r0 of that
             config = dataclasses.replace(config, target_latency=round(min(
                 1.0, config.target_latency / timing.int8_ratio(view.model, timed)), 4))
