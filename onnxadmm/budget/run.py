@@ -13,14 +13,13 @@ Candidates, cheapest first, each a full ``compress`` measured in onnxruntime lik
    anchored on it could lie wholly above what the planner measured for int8, so that no level planned anything).
    fp32 channel pruning at f of the original when int8 is not faster or fails the gate.
    size: element sparsity at ``SPARSITIES`` with the smallest precision that holds the gate (w4, else int8, else
-   fp32). Each ladder is climbed while the gate
-   holds: damage grows with the step, so the first miss ends it.
+   fp32). Each ladder is climbed while the gate holds: damage grows with the step, so the first miss ends it.
 3. The miss is tried again with block refinement (``--refine-epochs``, default ``REFINE_EPOCHS``), starting from
    its own solve, when its damage is at most ``REFINE_REACH`` times the budget (top-1 drop, or 1 − agreement; a
    farther miss is reported as not tried — the measurements behind the reach: ``docs/METHODS.md``). A refined
    hold ends the search: it costs less than any level between the last hold and the miss. Otherwise one bisection
-   step tries the level between the last hold (the precision alone counting as the ladder's start) and the miss, itself
-   retried with refinement when it misses within reach. A level that could not be built (a latency target the
+   step tries the level between the last hold (the precision alone counting as the ladder's start) and the miss,
+   itself retried with refinement when it misses within reach. A level that could not be built (a latency target the
    planner refuses as reachable only by destroying a layer group) is a miss with nothing to refine: the bisection
    step follows it directly.
 Under ``--objective latency``, candidates whose graphs differ only in their weights' values share one latency
@@ -79,8 +78,9 @@ def run_search(attempt: Callable[[CompressConfig, StageReuse], object], config: 
         if config.objective == "latency":  # with int8, the level is a fraction of the int8 original's latency
             of_int8 = quantize == "int8"
             label = f"channels {level:.3f}" + (" of int8" if of_int8 else "")
-            settings = {"method": "channel", "target_latency": round(level, 3), "channel_multiple": config.channel_multiple,
-                        "latency_batch": config.latency_batch, **({"target_latency_of": "int8"} if of_int8 else {})}
+            settings = {"method": "channel", "target_latency": round(level, 3),
+                        "channel_multiple": config.channel_multiple, "latency_batch": config.latency_batch,
+                        **({"target_latency_of": "int8"} if of_int8 else {})}
         else:
             label, settings = f"sparse {level:.3f}", {"method": "sparse", "sparsity": round(level, 3)}
         settings = {**settings, "quantize": quantize, **({"refine_epochs": refine} if refine else {})}
