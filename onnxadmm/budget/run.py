@@ -8,9 +8,9 @@ Candidates, cheapest first, each a full ``compress`` measured in onnxruntime lik
    the smaller model and neither is run. Otherwise int4 weights alone, and int8 alone only when w4 misses the
    gate (it stores the same weights in twice the bits).
 2. latency: channel pruning + int8 at ``--target-latency-of int8 --target-latency`` f for f in ``LATENCY_STEPS``:
-   a fraction of the int8 original's latency as the planner times it, in the same A/B as every plan, not of int8
-   alone's own validation run (on a shared machine that ratio moved by a third within an hour, and a ladder
-   anchored on it could lie wholly above what the planner measured for int8, so that no level planned anything).
+   a fraction of the int8 original's latency as the planner times it, in the same A/B as every plan. (Anchored on
+   int8 alone's own validation run, a noisy ratio, the whole ladder could lie above what the planner measures for
+   int8, and then no level plans anything.)
    fp32 channel pruning at f of the original when int8 is not faster or fails the gate.
    size: element sparsity at ``SPARSITIES`` with the smallest precision that holds the gate (w4, else int8, else
    fp32). Each ladder is climbed while the gate holds: damage grows with the step, so the first miss ends it.

@@ -220,7 +220,7 @@ def plan_channels(view: GraphView, layers: list[Layer], groups: list[ChannelGrou
     removed_of = removed_sets(groups, options, scores)
     timed = one
     if config.target_latency is not None:
-        from .latency import LatencyCost, timing_feed
+        from .latency import LatencyCost, target_of_int8_original, timing_feed
 
         timed = timing_feed(samples, config.latency_batch, config.latency_seq_len)
         shapes = {view.nodes[i].input[0]: c.input_shape for i, c in node_costs.items()}
@@ -231,12 +231,10 @@ def plan_channels(view: GraphView, layers: list[Layer], groups: list[ChannelGrou
         target, what = config.target_latency, "--target-latency"
         if config.quantize == "int8":  # every plan is timed in int8 against the int8 original
             int8_ratio = model.table.int8_ratio(view.model, timed)
-            if config.target_latency_of == "int8":
-                what = "--target-latency-of int8 --target-latency"
-            else:
-                target = round(min(1.0, config.target_latency / int8_ratio), 4)
-                what = (f"--target-latency {config.target_latency} with --quantize int8 (the int8 original "
-                        f"measured {int8_ratio:.3f} of the fp32 one, so the int8 graph must reach this ratio of it:)")
+            target = target_of_int8_original(config, lambda: int8_ratio)
+            what = "--target-latency-of int8 --target-latency" if config.target_latency_of == "int8" else (
+                f"--target-latency {config.target_latency} with --quantize int8 (the int8 original measured "
+                f"{int8_ratio:.3f} of the fp32 one, so the int8 graph must reach this ratio of it:)")
     else:
         model = MacsCost(costs, groups, removed_of)
         target, what = (config.target_macs if config.target_macs is not None else 1.0), "--target-macs"

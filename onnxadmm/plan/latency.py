@@ -296,6 +296,15 @@ def latency_batch_size(samples: SampleSet, batch: int | None) -> int:
     return batch or fixed or 1
 
 
+def target_of_int8_original(config, int8_ratio: Callable[[], float]) -> float:
+    """``--target-latency`` with ``--quantize int8`` as a fraction of the int8 original's latency, what every plan
+    is timed against: T itself with ``--target-latency-of int8``, else T / r₀ with r₀ = ``int8_ratio()`` (the int8
+    original over the fp32 one), at most 1."""
+    if config.target_latency_of == "int8":
+        return config.target_latency
+    return round(min(1.0, config.target_latency / int8_ratio()), 4)
+
+
 def timing_feed(samples: SampleSet, batch: int | None, sequence_length: int | None = None) -> dict[str, np.ndarray]:
     """What a latency target is timed on: calibration samples at ``latency_batch_size`` (and, for a transformer,
     at ``sequence_length`` tokens: --latency-seq-len)."""

@@ -42,7 +42,7 @@ from ..export.qdq import timing_precision
 from ..onnxio.graph import GraphView
 from .allocate import Option, allocate
 from .latency import (LatencyTable, context_factor, feed_batch, in_context, latency_unit, meet_measured_latency,
-                      node_key, timing_feed)
+                      node_key, target_of_int8_original, timing_feed)
 from .sensitivity import input_second_moments, output_damage
 
 PROBE_RATIOS = (0.125, 0.25, 0.5, 0.75)  # probe ranks (fractions of full rank) whose damage is measured
@@ -167,10 +167,9 @@ def plan_ranks(view: GraphView, layers: list[Layer], samples: SampleSet, config:
         timing = LatencyTable(config.threads, precision=timing_precision(layers, config.quantize,
                                                                          config.int8_activations, config.int8_smoothing))
         timed = timing_feed(samples, config.latency_batch, config.latency_seq_len)
-        if config.quantize == "int8" and config.target_latency is not None and config.target_latency_of != "int8":
-            # plans are timed int8 against the int8 original: T of the fp32 original is T / r0 of that
-            config = dataclasses.replace(config, target_latency=round(min(
-                1.0, config.target_latency / timing.int8_ratio(view.model, timed)), 4))
+        if config.quantize == "int8" and config.target_latency is not None:  # plans are timed against int8's
+            config = dataclasses.replace(config, target_latency=target_of_int8_original(
+                config, lambda: timing.int8_ratio(view.model, timed)))
     grids = {}
     for layer in eligible:
         grid = _ranks(min(layer.out_features, layer.in_features), config)
