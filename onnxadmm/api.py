@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -26,17 +25,19 @@ from .onnxio.load import LoadedModel, as_loaded
 from .onnxio.normalize import normalize
 from .onnxio.outputs import OutputSet
 from .onnxio.save import compressed_before, stage_model, without_initializers
+from .onnxio.weights import collected
 from .report.build import compress_report, validate_report
 from .report.schema import CheckReport, CompressReport, ValidateReport, WrittenFile
 from .solve.layerwise import Progress, resolved_products
 from .solve.reuse import StageReuse
 
 
-@dataclass
+@dataclasses.dataclass
 class CompressResult:
     model: onnx.ModelProto
     report: CompressReport
     passed: bool
+    weight_files: list = dataclasses.field(default_factory=list, repr=False)  # the scratch files model refers to
 
     def save(self, path: str | Path) -> int:
         """Write the model atomically; returns bytes written. (The CLI checks the path first.)"""
@@ -75,8 +76,9 @@ def compress(model: Any, calibration: Any, config: CompressConfig = CompressConf
         progress("load", 0, 1, "reading model")
         loaded = as_loaded(model)
         notes: list[str] = list(loaded.notes) + compressed_before(loaded.model, config.force)
-        compressed, config, parts = _pipeline(loaded, calibration, evaluation, config, validate_config, progress,
-                                              isinstance(model, (str, os.PathLike)), reuse)
+        with collected() as files:  # the scratch files the compressed model's weights are in (``onnxio/weights.py``)
+            compressed, config, parts = _pipeline(loaded, calibration, evaluation, config, validate_config, progress,
+                                                  isinstance(model, (str, os.PathLike)), reuse)
         notes.extend(parts["notes"])
         solve_seconds = time.perf_counter() - started
         eval_set, reference = parts["eval_set"], parts["reference"]
@@ -90,7 +92,7 @@ def compress(model: Any, calibration: Any, config: CompressConfig = CompressConf
             report.platform_check = platform_check(reference.model(), compressed, eval_set, validate_config, progress)
             report.passed = validation.passed and report.platform_check["passed"]
         progress("done", 1, 1, "")
-        return CompressResult(compressed, report, report.passed)
+        return CompressResult(compressed, report, report.passed, files)
     finally:
         torch.set_num_threads(threads_before)
 
@@ -154,9 +156,8 @@ def _pipeline(loaded: LoadedModel, calibration, evaluation, config: CompressConf
         notes.extend(method.notes(config) + quantized.notes)
     progress("export", 0, 1, "writing weights")
     digest = config_hash(config)
-    notes.extend(finalize(compressed, normalized.model, {
-        "version": __version__, "config_sha256": digest, "seed": str(config.seed),
-        "source_sha256": loaded.sha256, "method": config.method}))
+    stamp = {"version": __version__, "config_sha256": digest, "seed": str(config.seed), "source_sha256": loaded.sha256}
+    notes.extend(finalize(compressed, normalized.model, {**stamp, "method": config.method}))
     return compressed, config, {
         "notes": notes, "calib": run.calib, "eval_set": run.evaluation, "held_out": run.held_out, "digest": digest,
         "reference": reference, "plan_report": plan_report,
@@ -171,8 +172,7 @@ def validate(original: Any, compressed: Any, data: Any, config: ValidateConfig =
     from .validation.platform import platform_check
     from .validation.run import validate_models
 
-    started = time.perf_counter()
-    a, b = as_loaded(original), as_loaded(compressed)
+    started, a, b = time.perf_counter(), as_loaded(original), as_loaded(compressed)
     view_a = GraphView(a.model)
     if differences := signature_differences(view_a, GraphView(b.model)):
         raise UnsupportedModelError("the two models cannot be compared on the same data: " + "; ".join(differences))

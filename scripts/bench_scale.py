@@ -231,16 +231,59 @@ reports its ADMM iteration and primal residual on the progress line, so a long l
 ## Memory
 
 Activations are bounded by `--max-memory-mb` (streamed, spilled to disk beyond it; the int8 range passes size
-their batches to half of it). In the layer-wise solve and validation the weights are held at most twice (block
-refinement, distillation and the int8 stage keep the original beside the model they change, not measured
-here). A model given by its path is normalized in place,
-after its file's sizes are measured; its outputs and footprint are measured once, before the solve, and the
-latency A/B reads it from its file; two models over 1 GB together are timed one after the other, not with both
-sessions held. The peak is read from Linux's VmHWM: `ru_maxrss` also keeps the peak of the process that
-started the run (the slow test's generator had read as 6.7 GB).
+their batches to half of it). The peak is read from Linux's VmHWM: `ru_maxrss` also keeps the peak of the
+process that started the run (the slow test's generator had read as 6.7 GB).
 
-Where the 2.12 GB model's peak comes from (34 parallel MatMuls in external data, `--sparsity 0.5 --uniform
---solver magnitude --max-memory-mb 256`, 64 samples, RSS sampled every 200 ms, 2026-12-06):
+A model with external data keeps its weights in files (since 2026-12-07, `onnxio/weights.py`). Its initializers
+of 1 MB or more stay in its data file: the in-memory graph holds references, and each step reads the one tensor
+it needs. The layer-wise solve appends each solved weight to a scratch file and refers to it there; onnxruntime's
+sessions, the footprint and the output are written from those files a block at a time. The output is written
+with external data where it keeps such float weights. A model without external data is held in memory, in the
+layer-wise solve and validation at most twice (block refinement, distillation and the int8 stage keep the
+original beside the model they change). A model given by its path is normalized in place, after its file's
+sizes are measured; its outputs and footprint are measured once, before the solve, and the latency A/B reads it
+from its file; two models over 1 GB together are timed one after the other, not with both sessions held.
+
+Where the 2.12 GB model's peak comes from (34 parallel MatMuls in external data, the `large_2gb` row's command:
+`--sparsity 0.5 --uniform --calib random:64 --max-memory-mb 256`, ADMM through the Relu; RSS sampled every 0.5 s,
+2026-12-07, AMD EPYC Zen 4):
+
+| stage | RSS | what it holds |
+|---|---|---|
+| imports | 0.5 GB | |
+| load, sizes of the file, normalize in place | 1.1 GB | the graph; one tensor at a time |
+| the original's outputs and footprint | peak 3.0 GB | one onnxruntime session of it (its weights pre-packed) |
+| solve | 2.0–2.2 GB | one layer's problem and working memory |
+| validation | peak 3.3 GB | one onnxruntime session at a time |
+
+Peak 3,296 MB, 1.51× the weights, within 1.5× plus `--max-memory-mb` (3,520 MB); with the weights held in the
+protos, 6,272 MB (2.9×). Compress 435 s, 540 s in all. The default, int8 alone (`compress large.onnx OUT --calib
+random:64 --max-memory-mb 256`): peak 4,088 MB, 1.88× the weights (6,395 MB before), in the probe that chooses
+the activation form: its rounding-only build of the static form goes through onnxruntime's `quantize_static`,
+which loads the whole float model (2.2 GB) to write the QDQ graph. The solve stayed at 1.9–2.3 GB and validation
+peaked at 3.9 GB. 1,564 s wall (a few tests ran beside it), 2.05× faster at batch 1 than the original, the same
+582 MB output, agreement 1.000 on the 64 samples. Writing the static QDQ graph directly, as the dynamic form is
+(`export/dynamic.py`), is what would bound this one too.
+
+One layer's solve needs about 20× its weight: on the 512 MB version of the model (8 branches, the same command)
+RSS is 0.76 GB between layers and peaked at 2.17 GB inside the first layer's solve (a 256 × 65,536 weight, 64 MB:
+the solver's iterates and temporaries; not broken down further). So the bound above holds for models
+whose largest layer is small against the whole; a single layer of several GB would need its solve split by
+output rows.
+
+Why files, and why each session gets a copy of them on disk: protobuf's Python runtime (upb) keeps every
+message's bytes in an arena freed only with the whole message — replacing an initializer's `raw_data` or deleting
+it frees nothing (measured: three replacements of a 200 MB tensor, +600 MB). onnxruntime refuses external data
+by absolute path or through a symlink that leaves the model's folder, and `SessionOptions.add_external_initializers`
+copies the arrays it is given (1 GB of MatMul weights memory-mapped: +1.06 GB of anonymous memory, with or without
+pre-packing and graph optimizations; onnxruntime 1.31.1). So a session is built from a scratch file whose data are
+copied from the weight files (disk, not memory), and one is held at a time. A default session holds its weights
+pre-packed into MLAS's layout (1.07 GB of its own for a 1 GB model; with `session.disable_prepacking = 1` it maps
+the file instead, and the mapped pages count in the resident set all the same once a run has touched them).
+
+### Before the weights were kept in files
+
+Where the peak came from on 2026-12-06 (the same model, `--solver magnitude`, RSS sampled every 200 ms):
 
 | stage | RSS | what it holds |
 |---|---|---|
@@ -256,8 +299,8 @@ a weightless proxy (large initializers as typed inputs), models from 64 MB up ha
 with external data, the footprint zipping initializer by initializer (in 16 MB blocks on every core: 2.1×
 faster), and the solved weights moved into the compressed model one by one.
 
-The `large_2gb` row (2026-12-06) is the same model solved with the default loss (ADMM through the Relu, 64
-random samples): 467 s, peak 6,272 MB, 2.9× its 2,176 MB. With `--loss linear`, the case's earlier arguments,
+The `large_2gb` command (the default loss: ADMM through the Relu, 64 random samples) on 2026-12-06: 467 s,
+peak 6,272 MB, 2.9× its 2,176 MB. With `--loss linear`, the case's earlier arguments,
 it had not finished after 25 minutes: the linear metric ends each layer with an exact refit by conjugate
 gradients in float64 over 65,536 rows of 256 inputs (about 80 iterations of a 4-GFLOP product, the moments
 being of rank 64), which the default loss's path (the thin eigenbasis, above) does not need.
@@ -290,23 +333,12 @@ chose, is built from files without pre-packing and its optimized graph is read b
 same command, 2026-12-07: peak RSS 8,109 MB with the first change alone (the coverage session's copies then made
 the peak, +2.4 GB), 6,395 MB (2.9× the weights) with both; export 16 and 10 s; the same 582 MB output and
 agreement 1.000, 2.31× and 2.49× faster at batch 1 (1,384 and 1,579 s in all, the second beside the test
-suite). The peak is now shared by the form probe (6.3 GB, its second range pass and the rounding-only builds
+suite). The peak was then shared by the form probe (6.3 GB, its second range pass and the rounding-only builds
 of both forms, the static one still through onnxruntime's quantizer), the solve (6.1 GB) and the export
 (6.4 GB). On the 512 MB version (default `auto`, ADMM, back to back with the release before, the first change
 alone): peak RSS 3,431 → 2,977 MB (now in the solve), export 33 → 3 s, identical outputs.
 
-What bounds it at about 1.5×, and why it is not one more step: protobuf's Python runtime (upb) keeps every
-message's bytes in an arena freed only with the whole message — replacing an initializer's `raw_data` or
-deleting it frees nothing (measured: three replacements of a 200 MB tensor, +600 MB) — so the weights must live
-outside the protos: the input's initializers kept as references to its external-data file (memory-mapped),
-each solved weight written to a scratch external-data file as it is solved, and the sessions, the footprint
-and the output built over those files. And the sessions must not copy them either: measured (2026-12-06, onnxruntime
-1.31.1, CPU provider, a 1 GB model of 16 MatMuls in external data, VmHWM), a default session built from the
-file holds 1.07 GB of its own (the MatMul weights pre-packed into MLAS's layout; peak 1.17 GB), while with
-`session.disable_prepacking = 1` it maps the external-data file (54 MB after the session is built, 1.08 GB of
-file pages once a run has touched every weight). Mapped pages still count in the resident set, once per
-mapping, so the bound needs the weights mapped once for the whole process — not a copy per proto, solve and
-session.
+### Activations and working memory
 
 EfficientNet-Lite0 (17 MB, so all activations and working memory; `--method channel --target-macs 0.75`):
 how `--max-memory-mb` (default 2048) is shared, since 2026-12-06: a quarter for the cached activations (both

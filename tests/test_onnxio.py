@@ -394,3 +394,86 @@ def test_reaches_bytes_agrees_with_the_serialized_size_without_sizing_the_whole_
     with pytest.raises(pytest.fail.Exception):
         model.ByteSize()
     assert reaches_bytes(model, size // 2)
+
+
+def test_weights_in_external_data_stay_in_their_files_and_compress_to_the_same_model(tmp_path, monkeypatch):
+    """A model read with external data keeps its large weights in the data file (mapped stubs, ``weights.py``);
+    the solved weights go to a scratch file. The compressed weights are those of the same model compressed from one
+    file, the output is written with external data, the input's files are unchanged, and the scratch file is gone
+    with the result."""
+    import gc
+    import hashlib
+
+    from onnxadmm import CompressConfig, ValidateConfig, compress, validate
+    from onnxadmm.onnxio import weights
+
+    monkeypatch.setattr(weights, "MAPPED_MIN_BYTES", 1024)  # the tiny CNN's convolutions and head
+    model = tiny_cnn()
+    feed = samples_for(model, 32)
+    onnx.save_model(onnx.ModelProto.FromString(model.SerializeToString()), str(tmp_path / "m.onnx"),
+                    save_as_external_data=True, location="m.data", size_threshold=0)  # (converts what it is given)
+    digests = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in tmp_path.iterdir()}
+    loaded = load_model(tmp_path / "m.onnx")
+    mapped = [t.name for t in loaded.model.graph.initializer if weights.is_mapped(t)]
+    assert len(mapped) >= 3 and all(t.data_location == TensorProto.DEFAULT
+                                    for t in loaded.model.graph.initializer if t.name not in mapped)
+    view = GraphView(loaded.model)
+    np.testing.assert_array_equal(view.constant(mapped[0]), numpy_helper.to_array(
+        next(t for t in model.graph.initializer if t.name == mapped[0])))
+
+    config = CompressConfig(sparsity=0.5, sensitivity_samples=8, admm_iterations=4, sample_patches=1024)
+    one_file = compress(model, feed, config, ValidateConfig(latency_rounds=1))
+    from_files = compress(tmp_path / "m.onnx", feed, config, ValidateConfig(latency_rounds=1))
+    kept = [t for t in from_files.model.graph.initializer if weights.is_mapped(t)]
+    assert kept and len(from_files.weight_files) == 1
+    assert all(weights.array(t).shape == tuple(t.dims) for t in kept)
+    expected = {t.name: numpy_helper.to_array(t) for t in one_file.model.graph.initializer}
+    for tensor in from_files.model.graph.initializer:
+        np.testing.assert_array_equal(weights.array(tensor), expected[tensor.name], err_msg=tensor.name)
+    assert from_files.report.validation.comparison.outputs[0].cosine == \
+        one_file.report.validation.comparison.outputs[0].cosine
+
+    (tmp_path / "out").mkdir()
+    from_files.save(tmp_path / "out" / "c.onnx")
+    written = onnx.load(str(tmp_path / "out" / "c.onnx"), load_external_data=False)
+    assert sum(t.data_location == TensorProto.EXTERNAL for t in written.graph.initializer) == len(kept)
+    assert all(entry.value == "c.onnx.data" for t in written.graph.initializer for entry in t.external_data
+               if entry.key == "location")
+    np.testing.assert_array_equal(run(onnx.load(str(tmp_path / "out" / "c.onnx")), feed)[0],
+                                  run(one_file.model, feed)[0])
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in tmp_path.iterdir() if p.is_file()} == digests
+    report, _ = validate(tmp_path / "m.onnx", tmp_path / "out" / "c.onnx", feed, ValidateConfig(latency_rounds=1))
+    assert report.validation.comparison.outputs[0].cosine == one_file.report.validation.comparison.outputs[0].cosine
+
+    scratch = from_files.weight_files[0].path
+    assert scratch.exists()
+    del from_files, kept
+    gc.collect()
+    assert not scratch.exists()
+
+
+@pytest.mark.parametrize("settings", [
+    dict(method="channel", target_macs=0.6, solver="magnitude"),
+    dict(method="lowrank-sparse", target_params=0.5, objective="size", admm_iterations=4),
+    dict(method="none", quantize="int8"),
+    dict(sparsity=0.5, admm_iterations=4, quantize="int8"),
+], ids=["channel", "lowrank", "int8", "sparse+int8"])
+def test_every_method_compresses_a_model_with_weights_in_files_as_it_does_from_one_file(tmp_path, monkeypatch,
+                                                                                       settings):
+    from onnxadmm import CompressConfig, ValidateConfig, compress
+    from onnxadmm.onnxio import weights
+
+    monkeypatch.setattr(weights, "MAPPED_MIN_BYTES", 1024)
+    model = tiny_cnn()
+    feed = samples_for(model, 32)
+    onnx.save_model(onnx.ModelProto.FromString(model.SerializeToString()), str(tmp_path / "m.onnx"),
+                    save_as_external_data=True, location="m.data", size_threshold=0)
+    config = CompressConfig(sensitivity_samples=8, sample_patches=1024, **settings)
+    one_file = compress(model, feed, config, ValidateConfig(latency_rounds=1))
+    from_files = compress(tmp_path / "m.onnx", feed, config, ValidateConfig(latency_rounds=1))
+    expected = {t.name: numpy_helper.to_array(t) for t in one_file.model.graph.initializer}
+    assert sorted(expected) == sorted(t.name for t in from_files.model.graph.initializer)
+    for tensor in from_files.model.graph.initializer:
+        np.testing.assert_array_equal(weights.array(tensor), expected[tensor.name], err_msg=tensor.name)
+    from_files.save(tmp_path / "c.onnx")
+    np.testing.assert_array_equal(run(onnx.load(str(tmp_path / "c.onnx")), feed)[0], run(one_file.model, feed)[0])

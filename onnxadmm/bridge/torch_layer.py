@@ -20,6 +20,7 @@ from onnx import helper, numpy_helper
 from ..analysis.layers import Layer
 from ..onnxio.graph import GraphView
 from ..onnxio.load import default_opset
+from ..onnxio.weights import array as tensor_values, inlined
 
 
 class BridgeError(Exception):
@@ -86,10 +87,11 @@ def onnx_to_torch(model: onnx.ModelProto, first: onnx.NodeProto) -> torch.nn.Mod
 
 
 def _as_float32(tensor: onnx.TensorProto) -> onnx.TensorProto:
-    """The solver works in float32: cast fp16/fp64 constants of the cut-out subgraph."""
+    """The solver works in float32: cast fp16/fp64 constants of the cut-out subgraph (values kept in a file are
+    read in: onnx2torch reads only the message)."""
     if tensor.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
-        return numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float32), tensor.name)
-    return tensor
+        return numpy_helper.from_array(tensor_values(tensor).astype(np.float32), tensor.name)
+    return inlined(tensor)
 
 
 def _patch_shape(layer: Layer) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -47,6 +47,7 @@ from typing import Callable
 from ..config import CompressConfig, ValidateConfig, default_of
 from ..cost.timing import measure_side_by_side
 from ..errors import ConfigError, OnnxAdmmError
+from ..onnxio.weights import any_mapped
 from ..solve.reuse import StageReuse
 from ..validation.run import INTERLEAVE_BELOW_BYTES
 from .chart import mermaid_frontier
@@ -180,7 +181,9 @@ def _model_bytes(report) -> int:
 
 def _graph_digest(model) -> str | None:
     """sha256 of the graph (nodes and weights, not the model's metadata, which names each candidate's
-    settings); None for a graph over protobuf's 2 GB limit."""
+    settings); None for a graph over protobuf's 2 GB limit or whose weights are in files."""
+    if any_mapped(model):
+        return None
     try:
         return hashlib.sha256(model.graph.SerializeToString()).hexdigest()
     except ValueError:

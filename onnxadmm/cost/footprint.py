@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
+from ..onnxio import weights
 from ..onnxio.graph import GraphView
 from ..onnxio.runtime import FILES_FROM_BYTES, cpu_threads, session_with_outputs
 from ..onnxio.save import serialized_pieces
@@ -219,7 +219,7 @@ def stored_size(model: onnx.ModelProto, threads: int = 0) -> StoredSize:
     del pieces
     counts = {}
     for tensor in _parameter_initializers(model):
-        array = numpy_helper.to_array(tensor)
+        array = weights.array(tensor)
         counts[tensor.name] = (array.size, int(np.count_nonzero(array)))
         del array
     return StoredSize(size_bytes, zipped_bytes, counts)

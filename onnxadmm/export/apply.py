@@ -16,11 +16,13 @@ from onnx import numpy_helper
 from ..errors import OnnxAdmmError
 from ..onnxio.load import full_check
 from ..onnxio.save import stamp_metadata, without_initializers
+from ..onnxio.weights import stub_for
 
 
 def apply_initializers(model: onnx.ModelProto, values: dict[str, np.ndarray],
                        consume: bool = False) -> onnx.ModelProto:
-    """A copy of ``model`` whose initializers named in ``values`` hold the new arrays (same dtype). With
+    """A copy of ``model`` whose initializers named in ``values`` hold the new arrays (same dtype; an array kept in
+    a weight file is referred to, not copied: ``onnxio/weights.py``). With
     ``consume``, each array is removed from ``values`` once written, so the solved weights and the copy are not
     both held whole (a large model's solve ends holding every solved weight)."""
     out = without_initializers(model)  # then each initializer once: new ones are not copied twice
@@ -30,7 +32,8 @@ def apply_initializers(model: onnx.ModelProto, values: dict[str, np.ndarray],
         if tensor.name in shapes:
             dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
             array = values.pop(tensor.name) if consume else values[tensor.name]
-            out.graph.initializer.append(numpy_helper.from_array(np.asarray(array).astype(dtype), tensor.name))
+            out.graph.initializer.append(stub_for(tensor.name, array, tensor.data_type)
+                                         or numpy_helper.from_array(np.asarray(array).astype(dtype), tensor.name))
             del array
             replaced.add(tensor.name)
         else:
@@ -53,7 +56,7 @@ def write_initializers(graph: onnx.GraphProto, values: Mapping[str, np.ndarray])
     """Replace or add the initializers in ``values``, then drop initializers nothing reads any more."""
     existing = {t.name: i for i, t in enumerate(graph.initializer)}
     for name, array in values.items():
-        tensor = numpy_helper.from_array(np.ascontiguousarray(array), name)
+        tensor = stub_for(name, array) or numpy_helper.from_array(np.ascontiguousarray(array), name)
         if name in existing:
             graph.initializer[existing[name]].CopyFrom(tensor)
         else:

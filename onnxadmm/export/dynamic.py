@@ -27,6 +27,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import UnsupportedModelError
+from ..onnxio.weights import array as tensor_values
 from ..onnxio.graph import FreshNames
 from ..onnxio.load import default_opset
 from ..onnxio.save import without_initializers
@@ -67,7 +68,7 @@ def quantize_dynamic_int8(model: onnx.ModelProto, weights: Mapping[str, WeightSc
         if (b, transposed) not in integers:
             integers[b, transposed] = names = (fresh.name(f"{b}_quantized"), fresh.name(f"{b}_scale"),
                                                fresh.name(f"{b}_zero_point"))
-            q, scales = column_int8(numpy_helper.to_array(inits[b]), transposed, weights.get(b), q_max)
+            q, scales = column_int8(tensor_values(inits[b]), transposed, weights.get(b), q_max)
             added.extend(numpy_helper.from_array(value, name) for value, name in
                          zip((q, scales, np.zeros(scales.size, np.int8)), names))
         nodes.extend(_integer_product(node, activations[x], integers[b, transposed], fresh))
@@ -172,7 +173,7 @@ def _embeddings_by_row(nodes: list[onnx.NodeProto], inits: Mapping[str, onnx.Ten
             out.append(node)
             continue
         if table.name not in done:
-            q, scales = row_int8(numpy_helper.to_array(table))
+            q, scales = row_int8(tensor_values(table))
             done[table.name] = names = (fresh.name(f"{table.name}_rows_int8"), fresh.name(f"{table.name}_row_scale"))
             added.extend([numpy_helper.from_array(q, names[0]), numpy_helper.from_array(scales, names[1])])
         q_name, scale_name = done[table.name]

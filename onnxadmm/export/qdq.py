@@ -23,6 +23,7 @@ from ..calib.ranges import TensorRange
 from ..calib.readers import SampleSet
 from ..onnxio.save import exceeds_protobuf_limit, without_initializers, write_with_external_data
 from ..onnxio.scratch import scratch_folder
+from ..onnxio.weights import any_mapped
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,7 @@ def _through_file(model: onnx.ModelProto, quantizer) -> onnx.ModelProto:
         with scratch_folder("onnxadmm-quantize-") as folder:
             source, path = folder / "float.onnx", os.path.join(folder, "quantized.onnx")
             large = exceeds_protobuf_limit(model)
-            if large:
+            if large or any_mapped(model):
                 write_with_external_data(without_initializers(model), model.graph.initializer, source,
                                          "float.onnx.data")
             else:

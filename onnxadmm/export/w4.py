@@ -22,6 +22,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import UnsupportedModelError
+from ..onnxio.weights import array as tensor_values
 from ..onnxio.graph import FreshNames
 from ..onnxio.load import default_opset
 from .qdq import WeightScales
@@ -43,7 +44,7 @@ def int4_weights(model: onnx.ModelProto, weights: Mapping[str, WeightScales]) ->
         if name not in inits:
             continue
         tensor = inits[name]
-        value = numpy_helper.to_array(tensor).astype(np.float32)
+        value = tensor_values(tensor).astype(np.float32)
         integers, scales = integer_weights(value, solved)
         stored = numpy_helper.from_array(integers.astype(ml_dtypes.int4), fresh.name(f"{name}_int4"))
         scale = numpy_helper.from_array(scales.astype(np.float32), fresh.name(f"{name}_scale"))

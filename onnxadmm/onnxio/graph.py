@@ -9,9 +9,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from ..errors import UnsupportedModelError
+from . import weights
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ class GraphView:
         return name in self.initializers
 
     def constant(self, name: str) -> np.ndarray:
-        return numpy_helper.to_array(self.initializers[name])
+        return weights.array(self.initializers[name])
 
     # -- structure ---------------------------------------------------------------------------
     def _topological_order(self) -> list[int]:

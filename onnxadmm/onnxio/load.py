@@ -1,7 +1,8 @@
 """Read an ONNX file defensively: every failure becomes a BadInputError that names the file and the fix.
 
-External data is loaded only from files inside the model's own folder (no absolute paths, no ``..``).
-The input file is only ever opened for reading.
+External data is read only from files inside the model's own folder (no absolute paths, no ``..``); large
+initializers stay in those files, read when needed (``weights.py``). The input file is only ever opened for
+reading.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from onnx import external_data_helper
 from ..errors import BadInputError, UnsupportedModelError
 from .graph import all_graphs
 from .save import serialized_pieces, weightless
+from .weights import is_mapped, map_external_data
 
 MIN_OPSET = 7
 
@@ -77,7 +79,7 @@ def model_from_proto(model: onnx.ModelProto) -> LoadedModel:
         model = copy.deepcopy(model)  # the caller's object is never modified
     notes = repair_text_fields(model, "<in-memory model>")
     for tensor in _all_initializers(model.graph):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and not is_mapped(tensor):
             raise BadInputError("in-memory model still refers to external data; load it from its file")
     check_model(model, "<in-memory model>")
     size, pieces = serialized_pieces(model)
@@ -119,7 +121,7 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
             raise BadInputError(f"external data file {location!r} is shorter than initializer "
                                 f"{tensor.name!r} needs ({needed} bytes); the file is truncated")
     try:
-        external_data_helper.load_external_data_for_model(model, str(folder))
+        map_external_data(model, folder)
     except (OSError, ValueError) as exc:
         raise BadInputError(f"cannot load external data of {path}: {exc}") from None
 

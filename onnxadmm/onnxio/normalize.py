@@ -37,6 +37,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import UnsupportedModelError
+from . import weights
 from .graph import FreshNames, GraphView, attribute, drop_attribute, node_inputs, set_attribute
 from .load import default_opset, full_check
 from .save import weightless
@@ -230,7 +231,7 @@ def _unshare_biases(graph: onnx.GraphProto, rewrites: list[str]) -> None:
             continue
         name = node.input[2]
         if name in initializers and name not in overridable and readers[name] > 1:
-            private = numpy_helper.from_array(numpy_helper.to_array(initializers[name]), f"{name}__{node.name}")
+            private = numpy_helper.from_array(weights.array(initializers[name]), f"{name}__{node.name}")
             graph.initializer.append(private)
             node.input[2] = private.name
             readers[name] -= 1
@@ -296,7 +297,7 @@ def _matmul_add_to_gemm(model: onnx.ModelProto, rewrites: list[str]) -> None:
             continue
         bias = constants[bias_name]
         columns = constants[matmul.input[1]].dims[1]
-        vector = np.broadcast_to(numpy_helper.to_array(bias).reshape(-1), (columns,)).copy()
+        vector = np.broadcast_to(weights.array(bias).reshape(-1), (columns,)).copy()
         private = numpy_helper.from_array(vector, fresh.name(f"{matmul.name}_bias"))
         graph.initializer.append(private)  # a copy: the bias may be read elsewhere, and the layer refits its own
         gemm = helper.make_node("Gemm", [matmul.input[0], matmul.input[1], private.name], [add.output[0]],
@@ -354,11 +355,11 @@ def _fold_once(graph: onnx.GraphProto) -> str | None:
         axis = 1 if gemm and not attribute(layer, "transB", 0) else 0  # the weight's output-channel axis
         channels = dims[axis]
         affine = _channel_affine(node, data, constants, channels, 2 if gemm else len(dims))
-        b = _per_channel(numpy_helper.to_array(constants[bias_name]), channels) if bias_name else np.zeros(channels)
+        b = _per_channel(weights.array(constants[bias_name]), channels) if bias_name else np.zeros(channels)
         if affine is None or b is None:
             continue
         scale, shift = affine
-        w = numpy_helper.to_array(weight)
+        w = weights.array(weight)
         beta = attribute(layer, "beta", 1.0) if gemm and bias_name else 1.0  # Gemm: y = α·A·B + β·C
         shape = [1] * w.ndim
         shape[axis] = channels
@@ -400,7 +401,7 @@ def _channel_affine(node: onnx.NodeProto, data: str, constants: dict, channels: 
         if attribute(node, "training_mode", 0) or len(node.input) != 5 or node.input[0] != data \
                 or not all(n in constants for n in node.input[1:]):
             return None
-        gamma, beta, mean, var = (numpy_helper.to_array(constants[n]).astype(np.float64) for n in node.input[1:])
+        gamma, beta, mean, var = (weights.array(constants[n]).astype(np.float64) for n in node.input[1:])
         scale = gamma / np.sqrt(var + attribute(node, "epsilon", 1e-5))
         return scale, beta - scale * mean
     other = [n for n in node.input if n != data]
@@ -408,7 +409,7 @@ def _channel_affine(node: onnx.NodeProto, data: str, constants: dict, channels: 
         return None
     if node.op_type in ("Sub", "Div") and node.input[0] != data:
         return None  # c − y and c / y are not maps y ↦ s·y + t
-    c = numpy_helper.to_array(constants[other[0]]).astype(np.float64)
+    c = weights.array(constants[other[0]]).astype(np.float64)
     if c.ndim > rank:
         return None
     shape = (1,) * (rank - c.ndim) + c.shape
@@ -461,9 +462,9 @@ def _zero_pads(pad: onnx.NodeProto, constants: dict) -> np.ndarray | None:
     if len(pad.input) > 1:  # opset >= 11: pads and the value are inputs
         if pad.input[1] not in constants:
             return None
-        pads = numpy_helper.to_array(constants[pad.input[1]])
+        pads = weights.array(constants[pad.input[1]])
         if len(pad.input) > 2 and pad.input[2]:
-            if pad.input[2] not in constants or np.any(numpy_helper.to_array(constants[pad.input[2]]) != 0):
+            if pad.input[2] not in constants or np.any(weights.array(constants[pad.input[2]]) != 0):
                 return None
     else:
         pads = np.array(attribute(pad, "pads", []), np.int64)

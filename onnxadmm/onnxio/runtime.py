@@ -18,6 +18,7 @@ from .save import (
     write_with_external_data,
 )
 from .scratch import scratch_folder
+from .weights import any_mapped
 
 
 def cpu_threads(requested: int) -> int:
@@ -113,5 +114,6 @@ FILES_FROM_BYTES = 64 * 2**20
 def through_files(model: onnx.ModelProto) -> bool:
     """Large models reach onnxruntime through a temporary file with external data, written tensor by tensor:
     serializing them in memory would hold the weights twice more while the session is built (three times for
-    ``session_with_outputs``, which copies the model), and over protobuf's 2 GB limit it cannot be done."""
-    return reaches_bytes(model, FILES_FROM_BYTES)
+    ``session_with_outputs``, which copies the model), and over protobuf's 2 GB limit it cannot be done. A model
+    whose weights are in files (``weights.py``) always goes this way: onnxruntime reads no absolute paths."""
+    return any_mapped(model) or reaches_bytes(model, FILES_FROM_BYTES)

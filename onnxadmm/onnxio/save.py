@@ -16,6 +16,7 @@ from google.protobuf.message import EncodeError
 from onnx import numpy_helper
 
 from ..errors import ExportError, UnsupportedModelError
+from . import weights
 from .outputs import OutputSet
 
 PROTOBUF_LIMIT_BYTES = (1 << 31) - (1 << 20)  # keep 1 MB of margin under protobuf's 2 GB
@@ -33,7 +34,7 @@ def reaches_bytes(model: onnx.ModelProto, limit: int) -> bool:
     protobuf about 11 s — and it then refuses — where each initializer sizes in milliseconds."""
     total = 0
     for tensor in model.graph.initializer:
-        total += tensor.ByteSize() + FRAMING_BYTES
+        total += weights.stored_bytes(tensor) + FRAMING_BYTES
         if total >= limit:
             return True
     try:
@@ -58,7 +59,7 @@ def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
     proxy = without_initializers(model)
     declared = {v.name for v in proxy.graph.input}
     for tensor in model.graph.initializer:
-        if int(np.prod(tensor.dims, dtype=np.int64)) < WEIGHTLESS_MIN_ELEMENTS:
+        if int(np.prod(tensor.dims, dtype=np.int64)) < WEIGHTLESS_MIN_ELEMENTS and not weights.is_mapped(tensor):
             proxy.graph.initializer.append(tensor)
         elif tensor.name not in declared:
             proxy.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type,
@@ -85,16 +86,18 @@ def serialized_pieces(model: onnx.ModelProto, whole_below: int = PROTOBUF_LIMIT_
                       ) -> tuple[int, Iterable[bytes]]:
     """(serialized size, its bytes in pieces): one blob when the model serializes to under ``whole_below``
     bytes; otherwise the graph without initializers, then each initializer, one at a time (the same bytes up to
-    each initializer's field framing), so no model-sized copy is held. The size is exact under protobuf's 2 GB
-    limit; above it the framing counts ``FRAMING_BYTES`` per initializer."""
+    each initializer's field framing), so no model-sized copy is held; weights in files (``weights.py``) are read
+    one tensor at a time. The size is exact under protobuf's 2 GB limit for a model held in memory; otherwise the
+    framing counts ``FRAMING_BYTES`` per initializer."""
     over_limit = exceeds_protobuf_limit(model)
-    if not over_limit and not reaches_bytes(model, whole_below):
+    mapped = weights.any_mapped(model)
+    if not over_limit and not mapped and not reaches_bytes(model, whole_below):
         blob = model.SerializeToString()
         return len(blob), [blob]
     skeleton = without_initializers(model).SerializeToString()
-    size = len(skeleton) + sum(t.ByteSize() + FRAMING_BYTES for t in model.graph.initializer) if over_limit \
-        else model.ByteSize()
-    return size, itertools.chain([skeleton], (t.SerializeToString() for t in model.graph.initializer))
+    size = len(skeleton) + sum(weights.stored_bytes(t) + FRAMING_BYTES for t in model.graph.initializer) \
+        if over_limit or mapped else model.ByteSize()
+    return size, itertools.chain([skeleton], (weights.inlined(t).SerializeToString() for t in model.graph.initializer))
 
 
 FRAMING_BYTES = 6  # tag + length varint of an initializer inside the graph
@@ -128,10 +131,16 @@ def save_model_atomic(model: onnx.ModelProto, out: str | os.PathLike) -> int:
     return written
 
 
+def needs_external_data(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` is written as a graph plus a data file: above protobuf's 2 GB, or when its large weights
+    are in files (a model read with external data, ``weights.py``)."""
+    return weights.any_mapped(model) or exceeds_protobuf_limit(model)
+
+
 def stage_model(outputs: OutputSet, model: onnx.ModelProto, out: Path, role: str = "output model") -> int:
-    """Stage ``model`` for ``out`` in ``outputs`` (an ``OutputSet``): one file, or above protobuf's 2 GB
+    """Stage ``model`` for ``out`` in ``outputs`` (an ``OutputSet``): one file, or (``needs_external_data``)
     the graph plus its tensors in ``<name>.data``. Returns the bytes staged."""
-    if not exceeds_protobuf_limit(model):
+    if not needs_external_data(model):
         return outputs.write_bytes(out, role, [model.SerializeToString()])
     location = out.name + ".data"
     stubs: list[onnx.TensorProto] = []
@@ -149,9 +158,18 @@ def write_tensor_data(initializers: Iterable[onnx.TensorProto], stream, location
     """Write the bytes of every initializer of ``EXTERNAL_MIN_BYTES`` or more to ``stream`` (the file that
     will be called ``location`` beside the model); returns the initializers to put in the model: small ones
     as they are, large ones as stubs pointing into ``location``. Nothing is copied but one tensor at a time,
-    so a model over 2 GB costs one tensor (``onnx.save_model`` would rewrite the caller's model in place)."""
+    so a model over 2 GB costs one tensor (``onnx.save_model`` would rewrite the caller's model in place). A
+    mapped tensor's bytes are copied from its file, a block at a time."""
     stubs, offset = [], 0
     for tensor in initializers:
+        if weights.is_mapped(tensor):
+            length = 0
+            for block in weights.chunks(tensor):
+                stream.write(block)
+                length += len(block)
+            stubs.append(weights.stub(tensor.name, tensor.data_type, tensor.dims, location, offset, length))
+            offset += length
+            continue
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             raise ExportError(f"initializer {tensor.name!r} still refers to external data; load its data first")
         raw = tensor.raw_data if tensor.HasField("raw_data") else None

@@ -11,6 +11,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .graph import GraphView, TensorType, node_inputs
+from .weights import stub_for
 
 
 def value_info(name: str, tensor_type: TensorType | None) -> onnx.ValueInfoProto:
@@ -29,7 +30,8 @@ def cut(view: GraphView, node_ids: Iterable[int], outputs: list[str],
     """Model computing ``outputs`` from the nodes ``node_ids`` (in topological order).
 
     Tensors read by the nodes that are neither produced inside nor initializers become graph inputs;
-    their types come from ``input_types`` or the view. ``initializer_values`` replaces constants.
+    their types come from ``input_types`` or the view. ``initializer_values`` replaces constants (a value kept
+    in a weight file stays there, ``weights.stub_for``).
     """
     chosen = set(node_ids)
     ordered = [i for i in view.order if i in chosen]
@@ -43,8 +45,8 @@ def cut(view: GraphView, node_ids: Iterable[int], outputs: list[str],
                 continue
             seen.add(tensor)
             if tensor in initializer_values:
-                initializers.append(numpy_helper.from_array(
-                    np.asarray(initializer_values[tensor]), tensor))
+                value = initializer_values[tensor]
+                initializers.append(stub_for(tensor, value) or numpy_helper.from_array(np.asarray(value), tensor))
             elif tensor in view.initializers:
                 initializers.append(view.initializers[tensor])
             else:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from . import weights
 from .graph import FreshNames, all_graphs
 
 NARROW_FLOATS = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
@@ -95,7 +96,7 @@ def _rename_reads(graph: onnx.GraphProto, old: str, new: str) -> None:
 
 def _widen_tensor(tensor: onnx.TensorProto) -> None:
     if tensor.data_type in NARROW_FLOATS:
-        tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype("float32"), tensor.name))
+        tensor.CopyFrom(numpy_helper.from_array(weights.array(tensor).astype("float32"), tensor.name))
 
 
 def _widen_type(value: onnx.ValueInfoProto) -> None:

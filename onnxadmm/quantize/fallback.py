@@ -18,9 +18,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from ..cost.footprint import node_macs
+from ..onnxio import weights
 from ..plan.latency import LatencyTable
 
 @dataclass
@@ -68,11 +68,11 @@ def _layer_ratios(model: onnx.ModelProto, names: Sequence[str], feed: dict[str, 
     """Layer name -> its int8 / fp32 time alone, at the shapes ``feed`` gives it."""
     index_of = {node.name: i for i, node in enumerate(model.graph.node)}
     costs = node_macs(model, feed)
-    weights = {t.name: t for t in model.graph.initializer}
+    constants = {t.name: t for t in model.graph.initializer}
     ratios = {}
     for done, name in enumerate(names):
         node = model.graph.node[index_of[name]]
         progress("int8 latency", done, len(names), f"{name} alone, int8 vs float")
-        weight = numpy_helper.to_array(weights[node.input[1]])
+        weight = weights.array(constants[node.input[1]])
         ratios[name] = round(table.int8_node_ratio(node, costs[index_of[name]].input_shape, weight)[1], 4)
     return ratios

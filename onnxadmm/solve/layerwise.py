@@ -25,6 +25,7 @@ from ..calib.readers import SampleSet
 from ..calib.stream import ActivationStream
 from ..config import CompressConfig
 from ..onnxio.graph import GraphView
+from ..onnxio.weights import WeightFile, any_mapped, kept
 from .problem import SampleSettings, SamplingError, sample_problem, token_mask_input
 
 Progress = Callable[[str, int, int, str], None]
@@ -125,6 +126,7 @@ def compress_layers(view: GraphView, layers: list[Layer], samples: SampleSet, st
     outcomes: list[LayerOutcome] = []
     declined: list[Declined] = []
     freed = FreedMemory(budget // 4)  # handed back once the process has grown by a quarter of the budget
+    solved_file = WeightFile() if any_mapped(view.model) else None  # a model whose weights stay in files
     stream = ActivationStream(view, samples, config.batch_size, budget // 4, config.threads,
                               keep=lambda name: pending.get(name, 0) > 0 or name == sampling.token_mask)
     try:  # nothing between creating the stream and here, so an interrupt cannot leave its spill behind
@@ -150,6 +152,7 @@ def compress_layers(view: GraphView, layers: list[Layer], samples: SampleSet, st
             else:
                 outcome.seconds = time.perf_counter() - started
                 outcomes.append(outcome)
+                values = kept(values, solved_file)
                 initializers.update(values)
                 stream.set_initializers(values)
             for name in (layer.input_name, *sides):

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from ..onnxio.runtime import cpu_threads, session_options
+from ..onnxio.runtime import cpu_threads, session, session_options
 from ..onnxio.save import exceeds_protobuf_limit
 from ..onnxio.scratch import scratch_folder
 
@@ -47,8 +47,6 @@ def profile_nodes(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], th
                   warmup: int = 3) -> list[dict[str, NodeTime]] | None:
     """Median kernel time per node over ``runs`` runs of each model, the models run in turn (A B A B …, so
     a change in the machine's load touches both alike); None when a model is over the 2 GB protobuf limit."""
-    import onnxruntime as ort
-
     if any(exceeds_protobuf_limit(model) for model in models):
         return None
     with scratch_folder("onnxadmm-profile-") as folder:
@@ -57,7 +55,7 @@ def profile_nodes(models: list[onnx.ModelProto], feed: dict[str, np.ndarray], th
             options = session_options(cpu_threads(threads), True)
             options.enable_profiling = True
             options.profile_file_prefix = os.path.join(folder, f"profile{index}")
-            sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            sess = session(model, options=options)
             sessions.append((sess, [o.name for o in sess.get_outputs()]))
         for _ in range(warmup + runs):
             for sess, names in sessions:
