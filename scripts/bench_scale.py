@@ -166,7 +166,12 @@ def render() -> str:
               "entries: 47.9 s, but LeNet-5 at sparsity 0.9–0.95 lost 0.1–0.4 pt more (10,000 digits), since at 90 % "
               "sparsity that is 10 % of the support; counted against the support, LeNet is within 0.07 pt of before. "
               "EfficientNet-Lite0 channels at MACs 0.75 with the first rule and with none: 8.60 / 9.20 pt drop, "
-              "agreement 0.850 / 0.860 on the 500 held-out images (the same plan).", "",
+              "agreement 0.850 / 0.860 on the 500 held-out images (the same plan). The same EfficientNet command with `--val` "
+              "on those images, 1bc579d against f18fad7 (2026-12-07, Zen 4, one run each): compress 557 / 256 s, peak RSS "
+              "5,923 / 3,078 MB, top-1 drop 8.00 / 9.20 pt, agreement 0.876 / 0.856, the same layers planned; paired, 19 "
+              "images only the old model gets right against 13 (exact McNemar p = 0.38). With `--admm-products fp32`: "
+              "10.20 pt, 0.844, 292 s (25 against 14, p = 0.11), so bfloat16 is not the cause. The drift of 1–2 pt "
+              "over the changes since, each within the noise of 500 images when it was measured, is not located.", "",
               "Fewer gradient steps per W-step (linearized ADMM) were measured on 2026-12-06 and not adopted: every "
               "model got faster and almost every one a little less accurate. Each pair below is one CLI run with "
               "`--val` on the evaluation split, 3 steps (the default) → 1 step: ResNet-56 `--sparsity 0.5` 75.1 → "
@@ -256,8 +261,9 @@ Where the 2.12 GB model's peak comes from (34 parallel MatMuls in external data,
 | solve | 2.0–2.2 GB | one layer's problem and working memory |
 | validation | peak 3.3 GB | one onnxruntime session at a time |
 
-Peak 3,296 MB, 1.51× the weights, within 1.5× plus `--max-memory-mb` (3,520 MB); with the weights held in the
-protos, 6,272 MB (2.9×). Compress 435 s, 540 s in all. The default, int8 alone (`compress large.onnx OUT --calib
+Peak 3,296 MB, 1.51× the weights, within 1.5× plus `--max-memory-mb` (3,520 MB); the table's row, run again
+from the commit, 3,228 MB (1.48×); with the weights held in the protos, 6,272 MB (2.9×). Compress 435 and 424 s,
+540 and 534 s in all (the row before, 364 and 467 s, ran on the Intel machine with AMX). The default, int8 alone (`compress large.onnx OUT --calib
 random:64 --max-memory-mb 256`): peak 4,088 MB, 1.88× the weights (6,395 MB before), in the probe that chooses
 the activation form: its rounding-only build of the static form goes through onnxruntime's `quantize_static`,
 which loads the whole float model (2.2 GB) to write the QDQ graph. The solve stayed at 1.9–2.3 GB and validation

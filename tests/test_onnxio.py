@@ -477,3 +477,30 @@ def test_every_method_compresses_a_model_with_weights_in_files_as_it_does_from_o
         np.testing.assert_array_equal(weights.array(tensor), expected[tensor.name], err_msg=tensor.name)
     from_files.save(tmp_path / "c.onnx")
     np.testing.assert_array_equal(run(onnx.load(str(tmp_path / "c.onnx")), feed)[0], run(one_file.model, feed)[0])
+
+
+@pytest.mark.parametrize("damage", ["length", "truncated"])
+def test_external_data_that_does_not_fit_a_weight_kept_in_its_file_is_refused_at_load(tmp_path, monkeypatch, damage):
+    """A weight read from its file when needed is checked when the model is loaded: a declared length other than
+    its type and shape need, or a data file too short for it (no length given), is refused naming it."""
+    from onnxadmm.onnxio import weights
+
+    monkeypatch.setattr(weights, "MAPPED_MIN_BYTES", 1024)
+    model = tiny_cnn()
+    onnx.save_model(onnx.ModelProto.FromString(model.SerializeToString()), str(tmp_path / "m.onnx"),
+                    save_as_external_data=True, location="m.data", size_threshold=0)
+    stored = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    large = [t for t in stored.graph.initializer if int(np.prod(t.dims)) * 4 >= 1024]
+    last = max(large, key=lambda t: int(dict((e.key, e.value) for e in t.external_data)["offset"]))
+    entries = {e.key: e for e in last.external_data}
+    if damage == "length":
+        entries["length"].value = str(int(entries["length"].value) - 4)
+        match = f"initializer {last.name!r} declares"
+    else:
+        last.external_data.remove(entries["length"])
+        with open(tmp_path / "m.data", "r+b") as data:
+            data.truncate(int(entries["offset"].value) + 8)
+        match = "truncated"
+    (tmp_path / "m.onnx").write_bytes(stored.SerializeToString())
+    with pytest.raises(BadInputError, match=match):
+        load_model(tmp_path / "m.onnx")

@@ -135,10 +135,15 @@ def map_external_data(model: onnx.ModelProto, folder: Path) -> None:
     for tensor in model.graph.initializer:
         if tensor.data_location == onnx.TensorProto.EXTERNAL and tensor.data_type not in _NOT_MAPPED \
                 and payload_bytes(tensor) >= MAPPED_MIN_BYTES:
-            info = _info(tensor)
-            length = info.length or payload_bytes(tensor)
-            mapped = stub(tensor.name, tensor.data_type, tensor.dims, str((folder / info.location).resolve()),
-                          info.offset or 0, length)
+            info, length = _info(tensor), payload_bytes(tensor)
+            path = (folder / info.location).resolve()
+            if info.length and info.length != length:
+                raise ValueError(f"initializer {tensor.name!r} declares {info.length} bytes of external data, but its "
+                                 f"type and shape {list(tensor.dims)} need {length}; the model is corrupt")
+            if path.stat().st_size < (info.offset or 0) + length:
+                raise ValueError(f"external data file {info.location!r} is shorter than initializer {tensor.name!r} "
+                                 f"needs ({(info.offset or 0) + length} bytes); the file is truncated")
+            mapped = stub(tensor.name, tensor.data_type, tensor.dims, str(path), info.offset or 0, length)
             tensor.ClearField("external_data")
             tensor.external_data.extend(mapped.external_data)
     for tensor in _all_tensors(model.graph):
