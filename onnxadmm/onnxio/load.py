@@ -21,7 +21,7 @@ from onnx import external_data_helper
 from ..errors import BadInputError, UnsupportedModelError
 from .graph import all_graphs
 from .save import serialized_pieces, weightless
-from .weights import is_mapped, map_external_data
+from .weights import is_mapped, map_external_data, value_bytes
 
 MIN_OPSET = 7
 
@@ -116,8 +116,12 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
         if not target.is_file():
             raise BadInputError(f"external data file {location!r} of initializer {tensor.name!r} "
                                 f"is missing (looked in {folder})")
-        needed = (info.offset or 0) + (info.length or 0)
-        if info.length and target.stat().st_size < needed:
+        length = value_bytes(tensor)  # what its type and shape need (None: packed or string)
+        if info.length and length is not None and info.length != length:
+            raise BadInputError(f"initializer {tensor.name!r} declares {info.length} bytes of external data, but "
+                                f"its type and shape {list(tensor.dims)} need {length}; the model is corrupt")
+        needed = (info.offset or 0) + (info.length or length or 0)
+        if target.stat().st_size < needed:
             raise BadInputError(f"external data file {location!r} is shorter than initializer "
                                 f"{tensor.name!r} needs ({needed} bytes); the file is truncated")
     try:

@@ -180,10 +180,7 @@ def write_tensor_data(initializers: Iterable[onnx.TensorProto], stream, location
         if raw is None:  # typed fields (float_data, ...): the little-endian bytes ONNX stores as raw_data
             array = numpy_helper.to_array(tensor)
             raw = array.astype(array.dtype.newbyteorder("<")).tobytes()
-        stub = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,
-                                data_location=onnx.TensorProto.EXTERNAL)
-        for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
-            stub.external_data.add(key=key, value=value)
+        stub = weights.stub(tensor.name, tensor.data_type, tensor.dims, location, offset, len(raw))
         stream.write(raw)
         offset += len(raw)
         stubs.append(stub)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import threading
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,6 +54,11 @@ def _dtype(tensor: onnx.TensorProto) -> np.dtype:
 def payload_bytes(tensor: onnx.TensorProto) -> int:
     """Bytes of a mapped tensor's values (as ``raw_data`` would hold them)."""
     return int(np.prod(tensor.dims, dtype=np.int64)) * _dtype(tensor).itemsize
+
+
+def value_bytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes a tensor's type and shape need as raw data; None for strings and packed sub-byte types."""
+    return None if tensor.data_type in _NOT_MAPPED else payload_bytes(tensor)
 
 
 def stored_bytes(tensor: onnx.TensorProto) -> int:
@@ -131,19 +135,13 @@ def stub_for(name: str, values, data_type: int | None = None) -> onnx.TensorProt
 
 def map_external_data(model: onnx.ModelProto, folder: Path) -> None:
     """Turn the graph's external initializers of ``MAPPED_MIN_BYTES`` or more into mapped stubs (absolute
-    paths under ``folder``, whose paths the loader has checked) and read every other external tensor in."""
+    paths under ``folder``; the loader has checked the paths, lengths and file sizes) and read every other
+    external tensor in."""
     for tensor in model.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL and tensor.data_type not in _NOT_MAPPED \
-                and payload_bytes(tensor) >= MAPPED_MIN_BYTES:
-            info, length = _info(tensor), payload_bytes(tensor)
-            path = (folder / info.location).resolve()
-            if info.length and info.length != length:
-                raise ValueError(f"initializer {tensor.name!r} declares {info.length} bytes of external data, but its "
-                                 f"type and shape {list(tensor.dims)} need {length}; the model is corrupt")
-            if path.stat().st_size < (info.offset or 0) + length:
-                raise ValueError(f"external data file {info.location!r} is shorter than initializer {tensor.name!r} "
-                                 f"needs ({(info.offset or 0) + length} bytes); the file is truncated")
-            mapped = stub(tensor.name, tensor.data_type, tensor.dims, str(path), info.offset or 0, length)
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and (value_bytes(tensor) or 0) >= MAPPED_MIN_BYTES:
+            info = _info(tensor)
+            mapped = stub(tensor.name, tensor.data_type, tensor.dims, str((folder / info.location).resolve()),
+                          info.offset or 0, payload_bytes(tensor))
             tensor.ClearField("external_data")
             tensor.external_data.extend(mapped.external_data)
     for tensor in _all_tensors(model.graph):
@@ -195,7 +193,6 @@ class WeightFile:
         self.folder = new_folder("onnxadmm-weights-")
         self.path = self.folder / "weights.bin"
         self._handle = open(self.path, "wb")
-        self._lock = threading.Lock()
         self._finalizer = weakref.finalize(self, _close, self._handle, self.folder)
         for files in _COLLECTORS:
             files.append(self)
@@ -203,10 +200,9 @@ class WeightFile:
     def keep(self, values: np.ndarray) -> np.memmap:
         values = np.ascontiguousarray(values)
         data = values.astype(values.dtype.newbyteorder("<"), copy=False)
-        with self._lock:
-            offset = self._handle.tell()
-            self._handle.write(memoryview(data).cast("B"))
-            self._handle.flush()
+        offset = self._handle.tell()
+        self._handle.write(memoryview(data).cast("B"))
+        self._handle.flush()
         return np.memmap(self.path, dtype=values.dtype, mode="r", offset=offset, shape=values.shape)
 
     def close(self) -> None:
