@@ -65,7 +65,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...
             continue
         flag = "--" + f.name.replace("_", "-")
         meta = f.metadata
-        help_text = f"{meta.get('help', '')} (default: {meta.get('cli_default', repr(f.default))})"
+        help_text = f"{meta.get('help', '')} (default: {meta.get('cli_default', repr(f.default))})".replace("%", "%%")
         hint = hints[f.name]
         args = typing.get_args(hint)
         base = next((a for a in args if a is not type(None)), hint) if args and type(None) in args else hint

@@ -328,6 +328,47 @@ def test_a_descent_with_a_stall_share_ends_once_its_last_steps_gain_less_than_it
     assert values[1] - objective.value_at(later.reshape(1, -1)) < 1e-3 * values[1]
 
 
+@pytest.mark.parametrize("lam, steps", [([1.0] * 4, 1), ([1.0, 0.5, 1.0, 0.5], 3)])
+def test_a_w_step_ends_after_a_full_step_that_did_what_its_quadratic_model_predicted(lam, steps):
+    """Where the preconditioner is the Hessian, the first full step lowers f by the ½⟨g, D⟩ its model predicts
+    and lands on the minimum: with ``model_fit`` the descent ends there. Where it is not (half the coordinates'
+    curvature is half the preconditioner's), each step gains more than predicted and the descent goes on."""
+    from onnxadmm.algorithms.admm import MODEL_FIT, _descent
+
+    objective = _Quadratic(torch.tensor(lam, dtype=torch.float64))
+    calls, evaluate = [], objective.value_and_parts
+    objective.value_and_parts = lambda z: calls.append(z) or evaluate(z)
+    _descent(objective, torch.ones(1, 1, 4, dtype=torch.float64), None, 0.0, None, 3, model_fit=MODEL_FIT)
+    assert len(calls) == steps
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_the_gradient_is_the_subset_s_transpose_times_dz_from_either_layout(groups):
+    """An ungrouped layer's gradient reads a transposed copy of X̃ (faster along M); a grouped one reads X̃: both
+    are X̃ᵀ·dz per group."""
+    from onnxadmm.algorithms.admm import ActivationObjective
+
+    prob = problem(seed=5, patches=3000, d=24, rows=6, groups=groups)
+    objective = ActivationObjective(prob, AdmmSettings())
+    assert (objective.x_grad is not None) == (groups == 1)
+    dz = torch.randn(objective.x_aug.shape[1], groups * 6, generator=torch.Generator().manual_seed(1))
+    expected = torch.einsum("gmd,gmr->grd", objective.x_aug.double(), dz.reshape(-1, groups, 6).transpose(0, 1).double())
+    grad = objective.gradient(dz, (groups, 6, 25))
+    assert grad.shape == (groups, 6, 25) and grad.is_contiguous()
+    torch.testing.assert_close(grad.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("loss, groups", [("activation", 1), ("linear", 2)])
+def test_errors_of_several_weights_in_one_pass_equal_each_computed_alone(loss, groups):
+    prob = problem(seed=6, patches=20000, d=16, rows=5, groups=groups)
+    candidates = [(prob.w0, prob.b0), (prob.w0 * 0.5, prob.b0 + 0.1), (torch.zeros_like(prob.w0), prob.b0)]
+    together = prob.relative_errors(candidates, loss)
+    for (w, b), error in zip(candidates, together):
+        alone = (prob.prediction(w, b, loss) - prob.target(loss)).double().pow(2).sum() / \
+            prob.target(loss).double().pow(2).sum()
+        assert error == pytest.approx(float(alone), rel=1e-4)
+
+
 def test_a_chain_that_only_shifts_is_solved_as_the_linear_problem():
     """σ(z; s) = z + c + s (bias and residual): the problem becomes the linear one with target y₀ + s − ŝ,
     which has the same minimizer and value; a chain with a nonlinearity is left as it is."""

@@ -103,3 +103,17 @@ def test_toml_tables_group_settings_by_their_prefix(tmp_path):
     path.write_text("[refine]\nepoch = 3\n")
     with pytest.raises(ConfigError, match="did you mean 'refine_epochs'"):
         load_toml(path)
+
+
+@pytest.mark.parametrize("command", ["compress", "validate", "check"])
+def test_help_lists_every_flag(command, capsys):
+    """``--help`` prints (a help text with a literal % once made argparse's formatting fail)."""
+    with pytest.raises(SystemExit) as stop:
+        build_parser().parse_args([command, "--help"])
+    assert stop.value.code == 0
+    printed = capsys.readouterr().out
+    for action in build_parser()._subparsers._group_actions[0].choices[command]._actions:
+        for flag in action.option_strings:
+            assert flag in printed
+    if command == "compress":
+        assert "10 % faster" in " ".join(printed.split())

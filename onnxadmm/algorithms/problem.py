@@ -90,19 +90,32 @@ class LayerProblem:
         z = self.pre_activation(w, b, rows)
         return z if loss == "linear" else self.sigma(z, self.sides("hat", rows))
 
-    @torch.no_grad()
     def relative_error(self, w: torch.Tensor, b: torch.Tensor, loss: str) -> float:
-        """‖prediction − target‖² / ‖target‖² over all sampled positions (chunked; float32 sums, which torch
-        accumulates pairwise)."""
+        """‖prediction − target‖² / ‖target‖² over all sampled positions."""
+        return self.relative_errors([(w, b)], loss)[0]
+
+    @torch.no_grad()
+    def relative_errors(self, candidates: list[tuple[torch.Tensor, torch.Tensor]], loss: str) -> list[float]:
+        """``relative_error`` of each (W, b) in ``candidates``, in one pass over the patches: one product per
+        chunk with their weights stacked, (G, K·R, d) (chunked; float32 sums, which torch accumulates
+        pairwise)."""
         target = self.target(loss)
         if loss not in self._energy:
             self._energy[loss] = float(target.pow(2).sum()) or 1.0
-        num = 0.0
-        step = 8192
+        outputs = self.w0.shape[1]
+        stacked = torch.cat([w for w, _ in candidates], dim=1).transpose(1, 2)  # (G, d, K·R)
+        nums = [0.0] * len(candidates)
+        step = max(256, 8192 // len(candidates))
         for start in range(0, self.num_patches, step):
             rows = slice(start, start + step)
-            num += float((self.prediction(w, b, loss, rows) - target[rows]).pow(2).sum())
-        return num / self._energy[loss]
+            x = self.x_hat[rows]
+            out = torch.bmm(x.transpose(0, 1), stacked)  # (G, P, K·R)
+            sides = self.sides("hat", rows) if loss != "linear" else ()
+            for k, (_, b) in enumerate(candidates):
+                z = out[..., k * outputs:(k + 1) * outputs].transpose(0, 1).reshape(x.shape[0], -1) + b
+                prediction = z if loss == "linear" else self.sigma(z, sides)
+                nums[k] += float((prediction - target[rows]).pow(2).sum())
+        return [num / self._energy[loss] for num in nums]
 
     @torch.no_grad()
     def shift_free(self) -> "LayerProblem":

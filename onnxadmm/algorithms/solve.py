@@ -99,8 +99,6 @@ def solve_layer(problem: LayerProblem, structure: Structure, loss: str = "activa
     if structure.kind == "grid":
         return _solve_grid(problem, structure, loss, solver, settings)
     magnitude_w = _magnitude(w0, structure)
-    error_dense = problem.relative_error(w0, b0, loss)
-    error_projected = problem.relative_error(magnitude_w, b0, loss)
     penalty_mu = None
     history: dict = {}
     if solver == "magnitude":
@@ -118,10 +116,9 @@ def solve_layer(problem: LayerProblem, structure: Structure, loss: str = "activa
         w, b, history, penalty_mu = _penalty_search(problem, structure, loss, settings)
     else:
         w, b, history = _admm(problem, structure.projection(w0), loss, settings, rho_fixed=False)
-    mask = w != 0
-    return LayerSolution(weight=w, bias=b, mask=mask, error_dense=error_dense,
-                         error_projected=error_projected, error_final=problem.relative_error(w, b, loss),
-                         history=history, penalty_mu=penalty_mu)
+    error_dense, error_projected, error_final = problem.relative_errors([(w0, b0), (magnitude_w, b0), (w, b)], loss)
+    return LayerSolution(weight=w, bias=b, mask=w != 0, error_dense=error_dense, error_projected=error_projected,
+                         error_final=error_final, history=history, penalty_mu=penalty_mu)
 
 
 def _solve_factored(problem: LayerProblem, structure: Structure, loss: str, solver: str,
@@ -129,9 +126,9 @@ def _solve_factored(problem: LayerProblem, structure: Structure, loss: str, solv
     w0, b0 = problem.w0, problem.b0
     plain, *_ = solve_factored(problem, structure.rank, loss, "magnitude", settings)
     w, b, factors, history = solve_factored(problem, structure.rank, loss, solver, settings)
-    return LayerSolution(weight=w, bias=b, mask=w != 0, error_dense=problem.relative_error(w0, b0, loss),
-                         error_projected=problem.relative_error(plain, b0, loss),
-                         error_final=problem.relative_error(w, b, loss), history=history, factors=factors)
+    error_dense, error_projected, error_final = problem.relative_errors([(w0, b0), (plain, b0), (w, b)], loss)
+    return LayerSolution(weight=w, bias=b, mask=w != 0, error_dense=error_dense, error_projected=error_projected,
+                         error_final=error_final, history=history, factors=factors)
 
 
 GRID_STALL_ITERATIONS = 5  # the grid's Z stops improving long before ‖W − Z‖ settles (docs/INT8.md)
@@ -150,8 +147,6 @@ def _solve_grid(problem: LayerProblem, structure: Structure, loss: str, solver: 
     scales = output_error_scales(w0, stats.sigma, structure.bits, support)
     project = IntegerGrid(scales, structure.bits, support)
     rounded = project(w0)
-    error_dense = problem.relative_error(w0, b0, loss)
-    error_projected = problem.relative_error(rounded, b0, loss)
     history: dict = {}
 
     def least_squares_bias(w: torch.Tensor) -> torch.Tensor:  # the mean shift
@@ -167,14 +162,16 @@ def _solve_grid(problem: LayerProblem, structure: Structure, loss: str, solver: 
             z, _, trace, objective = admm_activation(problem, w0, b0, project, settings)
         z = project(z)  # exactly on the grid
         history = trace.as_dict()
-        if problem.relative_error(z, least_squares_bias(z), loss) < \
-                problem.relative_error(rounded, least_squares_bias(rounded), loss):
+        solved, plain = problem.relative_errors([(z, least_squares_bias(z)), (rounded, least_squares_bias(rounded))],
+                                                loss)
+        if solved < plain:
             w = z
     b = least_squares_bias(w)
     if loss == "activation" and problem.fit_bias:
         b = refit_bias_activation(objective or ActivationObjective(problem, settings), w, b, settings.refit_steps)
+    error_dense, error_projected, error_final = problem.relative_errors([(w0, b0), (rounded, b0), (w, b)], loss)
     return LayerSolution(weight=w, bias=b, mask=w != 0, error_dense=error_dense, error_projected=error_projected,
-                         error_final=problem.relative_error(w, b, loss), history=history, scales=scales)
+                         error_final=error_final, history=history, scales=scales)
 
 
 def _magnitude(w0: torch.Tensor, structure: Structure) -> torch.Tensor:

@@ -7,6 +7,12 @@ are freed the resident set stays near their peak, and the next step's peak stack
 free pages inside its heaps) once the resident set has grown by ``threshold_bytes`` since it last did: each
 return costs the page faults of reusing that memory (ResNet-56: about 7 % of the solve when done after every
 step), so a process whose steps stay small is left alone. Where the C library is not glibc it does nothing.
+
+Between those returns, ``keep_freed_blocks`` has malloc keep freed blocks for reuse. By default a block over
+its adaptive threshold is a fresh mapping, and free memory at the top of a heap over twice that is returned at
+once: a solve step's temporaries (a few MB each, made and freed thousands of times per layer) then fault in and
+are zeroed page by page at every use (ResNet-56 at sparsity 0.5: about a million page faults; an elementwise
+update of a 16384×64 array at times 3 ms instead of 0.2 ms).
 """
 
 from __future__ import annotations
@@ -18,14 +24,33 @@ import os
 
 
 @functools.cache
-def _malloc_trim():
+def _glibc():
+    """The C library when it is glibc on Linux (it has ``malloc_trim`` and ``mallopt``), else None."""
     if not hasattr(ctypes, "CDLL") or not os.path.exists("/proc/self/statm"):
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim
+        return libc if libc.malloc_trim and libc.mallopt else None
     except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
         return None
+
+
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # glibc's mallopt parameters
+MMAP_FROM_BYTES = 64 << 20  # blocks this large are mappings of their own (returned to the system when freed)
+
+
+@functools.cache
+def keep_freed_blocks(memory_bytes: int) -> None:
+    """For this process from now on: blocks under MMAP_FROM_BYTES come from malloc's heaps, and up to a 32nd
+    of ``memory_bytes`` (the activation budget) of free heap top stays mapped for reuse (a 128th is added to
+    each heap extension). What stays mapped counts in the resident set, hence the small share.
+    ``FreedMemory.release`` still returns every free page."""
+    libc = _glibc()
+    if libc is None:
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, MMAP_FROM_BYTES)
+    libc.mallopt(M_TRIM_THRESHOLD, memory_bytes // 32)
+    libc.mallopt(M_TOP_PAD, memory_bytes // 128)
 
 
 def resident_bytes() -> int:
@@ -37,11 +62,11 @@ def resident_bytes() -> int:
 class FreedMemory:
     def __init__(self, threshold_bytes: int):
         self.threshold_bytes = threshold_bytes
-        self._after_last = resident_bytes() if _malloc_trim() else 0
+        self._after_last = resident_bytes() if _glibc() else 0
 
     def release(self) -> None:
-        trim = _malloc_trim()
-        if trim is None or resident_bytes() - self._after_last < self.threshold_bytes:
+        libc = _glibc()
+        if libc is None or resident_bytes() - self._after_last < self.threshold_bytes:
             return
-        trim(0)
+        libc.malloc_trim(0)
         self._after_last = resident_bytes()

@@ -18,6 +18,9 @@ Errors are relative squared errors of the layer output on the sampled calibratio
   error_dense — original weights on the compressed model's inputs (error inherited from upstream);
   error_projected — the data-free projection of the original weights (what you get without ADMM);
   error_final — after ADMM and the refit.
+admm_history holds, per ADMM iteration, objective (f(Z) on the solver's patch subset; through the activation,
+on a quarter of it where no stopping rule reads it), primal_residual, dual_residual and rho (relative to the
+layer's curvature).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from ..algorithms.factorize import Factors
 from ..algorithms.solve import Structure, solve_layer
 from ..analysis.layers import Declined, Layer
 from ..bridge.torch_layer import BridgeError, activation_function
-from ..calib.memory import FreedMemory
+from ..calib.memory import FreedMemory, keep_freed_blocks
 from ..calib.readers import SampleSet
 from ..calib.stream import ActivationStream
 from ..config import CompressConfig
@@ -125,6 +125,7 @@ def compress_layers(view: GraphView, layers: list[Layer], samples: SampleSet, st
     initializers: dict[str, np.ndarray] = {}
     outcomes: list[LayerOutcome] = []
     declined: list[Declined] = []
+    keep_freed_blocks(budget)
     freed = FreedMemory(budget // 4)  # handed back once the process has grown by a quarter of the budget
     solved_file = WeightFile() if any_mapped(view.model) else None  # a model whose weights stay in files
     stream = ActivationStream(view, samples, config.batch_size, budget // 4, config.threads,
