@@ -312,7 +312,7 @@ def test_freed_blocks_are_kept_for_reuse_between_releases():
 
     if memory._glibc() is None:
         pytest.skip("not glibc: malloc's policy is left as it is")
-    memory.keep_freed_blocks(2048 << 20)
+    memory.keep_freed_blocks()
     z, step = torch.randn(16384, 64), torch.randn(16384, 64)
 
     def temporaries():

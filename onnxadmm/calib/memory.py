@@ -35,22 +35,22 @@ def _glibc():
         return None
 
 
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # glibc's mallopt parameters
-MMAP_FROM_BYTES = 64 << 20  # blocks this large are mappings of their own (returned to the system when freed)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+MMAP_FROM_BYTES = 32 << 20  # the ceiling of glibc's adaptive mmap threshold (64-bit)
 
 
 @functools.cache
-def keep_freed_blocks(memory_bytes: int) -> None:
-    """For this process from now on: blocks under MMAP_FROM_BYTES come from malloc's heaps, and up to a 32nd
-    of ``memory_bytes`` (the activation budget) of free heap top stays mapped for reuse (a 128th is added to
-    each heap extension). What stays mapped counts in the resident set, hence the small share.
-    ``FreedMemory.release`` still returns every free page."""
+def keep_freed_blocks() -> None:
+    """For this process from now on, malloc's thresholds where its adaptive rule would end: blocks under
+    MMAP_FROM_BYTES come from its heaps, and free heap top up to twice that stays mapped for reuse. The adaptive
+    rule starts at 128 KB and rises only as mapped blocks are freed, so until then (and, with several
+    temporaries freed together, again and again) a step's temporaries are fresh mappings or returned heap
+    top. ``FreedMemory.release`` still returns every free page."""
     libc = _glibc()
     if libc is None:
         return
     libc.mallopt(M_MMAP_THRESHOLD, MMAP_FROM_BYTES)
-    libc.mallopt(M_TRIM_THRESHOLD, memory_bytes // 32)
-    libc.mallopt(M_TOP_PAD, memory_bytes // 128)
+    libc.mallopt(M_TRIM_THRESHOLD, 2 * MMAP_FROM_BYTES)
 
 
 def resident_bytes() -> int:

@@ -125,7 +125,7 @@ def compress_layers(view: GraphView, layers: list[Layer], samples: SampleSet, st
     initializers: dict[str, np.ndarray] = {}
     outcomes: list[LayerOutcome] = []
     declined: list[Declined] = []
-    keep_freed_blocks(budget)
+    keep_freed_blocks()
     freed = FreedMemory(budget // 4)  # handed back once the process has grown by a quarter of the budget
     solved_file = WeightFile() if any_mapped(view.model) else None  # a model whose weights stay in files
     stream = ActivationStream(view, samples, config.batch_size, budget // 4, config.threads,
