@@ -369,6 +369,19 @@ def test_errors_of_several_weights_in_one_pass_equal_each_computed_alone(loss, g
         assert error == pytest.approx(float(alone), rel=1e-4)
 
 
+@pytest.mark.parametrize("structure, ends_on_fit", [(Structure("unstructured", sparsity=0.5), True),
+                                                     (Structure("kernels", sparsity=0.5, taps=9), False)])
+def test_only_unstructured_sparsity_ends_its_w_steps_on_the_model_fit(structure, ends_on_fit, monkeypatch):
+    """Whole groups (kernels, channels) keep every W-step's 3 steps: channel pruning lost accuracy without them."""
+    import onnxadmm.algorithms.admm as admm
+
+    shares, descend = [], admm._descent
+    monkeypatch.setattr(admm, "_descent", lambda *a, **k: shares.append(k.get("model_fit", 0.0)) or descend(*a, **k))
+    solve_layer(problem(seed=2, patches=3000, d=18, rows=4), structure, "activation", "admm", AdmmSettings(iterations=5))
+    assert shares and any(shares) == ends_on_fit
+    assert set(shares) <= {0.0, admm.MODEL_FIT}
+
+
 def test_a_chain_that_only_shifts_is_solved_as_the_linear_problem():
     """σ(z; s) = z + c + s (bias and residual): the problem becomes the linear one with target y₀ + s − ŝ,
     which has the same minimizer and value; a chain with a nonlinearity is left as it is."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .admm import (ActivationObjective, AdmmSettings, admm_activation, admm_linear, refit_activation,
+from .admm import (MODEL_FIT, ActivationObjective, AdmmSettings, admm_activation, admm_linear, refit_activation,
                    refit_bias_activation, refit_on_support)
 from .factorize import Factors, RankSpec, solve_factored
 from .problem import LayerProblem
@@ -115,6 +115,8 @@ def solve_layer(problem: LayerProblem, structure: Structure, loss: str = "activa
     elif structure.kind in ("l1", "l0"):
         w, b, history, penalty_mu = _penalty_search(problem, structure, loss, settings)
     else:
+        if structure.kind == "unstructured":
+            settings = dataclasses.replace(settings, model_fit=MODEL_FIT)
         w, b, history = _admm(problem, structure.projection(w0), loss, settings, rho_fixed=False)
     error_dense, error_projected, error_final = problem.relative_errors([(w0, b0), (magnitude_w, b0), (w, b)], loss)
     return LayerSolution(weight=w, bias=b, mask=w != 0, error_dense=error_dense, error_projected=error_projected,
