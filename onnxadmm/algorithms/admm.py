@@ -234,7 +234,7 @@ class ActivationObjective:
     def stop_steering(self) -> None:
         """Every product in float32 from now on."""
         self.x_low = None
-        self.x_grad = None
+        self.x_grad = None  # the bfloat16 copy freed before the float32 one is made
         self.x_grad = self._transposed()
 
     def pre_activation(self, theta: torch.Tensor, steering: bool = False) -> torch.Tensor:
