@@ -62,9 +62,8 @@ REFIT_STALL = 1e-4
 STALL_WINDOW = 5
 EXACT_EVERY = 6  # bf16 products: steps after which the carried z = X̃θᵀ is recomputed in float32
 BF16_FROM_MACS = 10 ** 8  # ... for products this large (smaller ones gain little: docs/SCALE.md)
-# unstructured sparsity: a W-step's descent ends after a full step whose decrease is within this share of its quadratic
-# model's; the next step would gain little (ResNet-56 at sparsity 0.5: under 1 % of this one's gain at the median,
-# 3 % at p90). Not for whole channels: ResNet-20 channel pruning lost 0.3 pt with it (docs/SCALE.md)
+# unstructured sparsity: a W-step's descent ends after a full step whose decrease is within this share of its
+# quadratic model's, where the next step would gain little; not for whole channels (measured: docs/SCALE.md)
 MODEL_FIT = 0.05
 RECORD_SHARE = 4  # the history's f(Z), where no rule reads it, is taken on this fraction of the subset's rows
 DRIFT_SHARE = 0.01  # ... and after which bf16 stops for the layer if f(carried z) was off f(X̃θᵀ) by more
@@ -225,8 +224,8 @@ class ActivationObjective:
 
     def _transposed(self) -> torch.Tensor | None:
         """X̃ᵀ (1, d+1, M), contiguous, in the gradient's precision, for an ungrouped layer: its gradient X̃ᵀ·dz
-        reads X̃ along M, 1.3–1.7× faster from this copy than from X̃ itself (a 16384×578 subset, 64 outputs).
-        Not for grouped layers, whose per-group products (few outputs each) are faster from X̃."""
+        reads X̃ along M, faster from this copy than from X̃ itself. Not for grouped layers, whose per-group
+        products (few outputs each) are faster from X̃ (docs/SCALE.md)."""
         if self.x_aug.shape[0] != 1:
             return None
         return (self.x_aug if self.x_low is None else self.x_low).transpose(1, 2).contiguous()

@@ -8,11 +8,7 @@ free pages inside its heaps) once the resident set has grown by ``threshold_byte
 return costs the page faults of reusing that memory (ResNet-56: about 7 % of the solve when done after every
 step), so a process whose steps stay small is left alone. Where the C library is not glibc it does nothing.
 
-Between those returns, ``keep_freed_blocks`` has malloc keep freed blocks for reuse. By default a block over
-its adaptive threshold is a fresh mapping, and free memory at the top of a heap over twice that is returned at
-once: a solve step's temporaries (a few MB each, made and freed thousands of times per layer) then fault in and
-are zeroed page by page at every use (ResNet-56 at sparsity 0.5: about a million page faults; an elementwise
-update of a 16384×64 array at times 3 ms instead of 0.2 ms).
+Between those returns, ``keep_freed_blocks`` has malloc keep freed blocks for reuse (docs/SCALE.md, Memory).
 """
 
 from __future__ import annotations
