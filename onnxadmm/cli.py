@@ -372,7 +372,7 @@ def _print_summary(report, report_path: Path | None) -> None:
         t = report.totals
         kept = t.layers_kept_dense
         lines.append(f"compressed {t.layers_compressed} layers"
-                     + (f", {kept} kept dense (refit to the compressed model's inputs)" if kept else "")
+                     + (f", {kept} kept dense (refit where compressed layers changed their inputs)" if kept else "")
                      + f", {t.layers_declined} declined; sparsity {t.sparsity:.3f}; nonzero layer weights "
                      f"{t.nonzero_reduction_x:.2f}x fewer")
     if quant:

@@ -478,3 +478,38 @@ def test_small_products_stay_float32_where_converting_would_cost_what_bf16_saves
     assert small.x_aug.numel() * 12 < BF16_FROM_MACS and small.x_low is None
     large = ActivationObjective(problem(seed=7, patches=16384, d=575, rows=16), AdmmSettings(bf16_products=True))
     assert large.x_aug.numel() * 16 >= BF16_FROM_MACS and large.x_low.dtype == torch.bfloat16
+
+
+def _relu_problem(samples: int, d: int, upstream, seed: int) -> tuple[LayerProblem, callable]:
+    prob, fresh = _gemm_problem(samples, d, upstream, seed)
+    relu = lambda z, sides: torch.relu(z)  # noqa: E731
+    return dataclasses.replace(prob, activation=relu), lambda: dataclasses.replace(fresh(), activation=relu)
+
+
+@pytest.mark.parametrize("samples, d, upstream", [
+    (200, 400, lambda x, gen: x + 0.3 * torch.randn(x.shape, generator=gen)),  # noise: the descent fits it
+    (2000, 40, lambda x, gen: 0.5 * x),  # a systematic change the descent compensates
+])
+def test_the_refit_descent_takes_the_steps_after_which_the_held_out_error_was_lowest(samples, d, upstream):
+    """Early stopping: the steps returned are those of the look (every REFIT_CHECK_STEPS steps) with the lowest
+    held-out error before the first look that did not lower it."""
+    from onnxadmm.algorithms.admm import REFIT_CHECK_STEPS, ActivationObjective, _descent, _held_out_steps
+
+    prob, _ = _relu_problem(samples, d, upstream, seed=6)
+    held = prob.held_out()
+    fit, check = prob.subset(~held), prob.subset(held)
+    support = torch.ones_like(prob.w0, dtype=torch.bool)
+    settings = AdmmSettings()
+    steps = _held_out_steps(fit, check, prob.w0, prob.b0, support, "activation", settings)
+    objective = ActivationObjective(fit, settings)
+    theta, carried = torch.cat([prob.w0, prob.b0.reshape(1, -1, 1)], dim=-1), None
+    errors = [check.relative_error(prob.w0, prob.b0, "activation")]
+    for _ in range(settings.refit_steps // REFIT_CHECK_STEPS):
+        theta, carried = _descent(objective, theta, None, 0.0, torch.ones_like(theta), REFIT_CHECK_STEPS, carried,
+                                  stall=1e-4)
+        errors.append(check.relative_error(theta[..., :-1], theta[..., -1].reshape(-1), "activation"))
+    falling = next((k for k in range(1, len(errors)) if not errors[k] < errors[k - 1]), len(errors))
+    assert steps == (falling - 1) * REFIT_CHECK_STEPS
+    if d == 40:
+        assert steps > 0 and errors[steps // REFIT_CHECK_STEPS] < 0.5 * errors[0]
+

@@ -563,6 +563,19 @@ def test_l0_l21_removes_channels_and_zeroes_elements_inside_them():
     assert fp.compressed.nonzero_layer_weights < 0.8 * fp.compressed.layer_weights
 
 
+
+def test_a_dense_layer_whose_inputs_no_compressed_layer_reaches_keeps_its_weights_without_a_solve():
+    """Error compensation refits only where the inputs changed: the stem conv, fed by the graph input, is
+    kept as it is (errors 0, no solve time); the layers after the first compressed one are refit."""
+    model = small_resnet(1)
+    config = CompressConfig(method="channel", target_macs=0.7, sensitivity_samples=16, admm_iterations=10)
+    result = compress(model, samples_for(model, 32), config, ValidateConfig(latency_rounds=2))
+    rows = result.report.layers
+    first = next(i for i, r in enumerate(rows) if r.structure != "dense")
+    assert first > 0 and rows[0].structure == "dense"
+    assert all(r.seconds == 0.0 and r.error_final == 0.0 for r in rows[:first])
+    assert any(r.structure == "dense" and r.seconds > 0.0 for r in rows[first + 1:])
+
 def test_channel_method_needs_a_macs_target():
     with pytest.raises(ConfigError, match="target-macs"):
         CompressConfig(method="channel")

@@ -60,6 +60,7 @@ STALL_GAIN = 0.005  # relative improvement of f(Z) that counts as progress for `
 # the refits' descent (support fixed) ends once STALL_WINDOW steps together gained less than REFIT_STALL of f
 REFIT_STALL = 1e-4
 STALL_WINDOW = 5
+REFIT_CHECK_STEPS = 5  # a held-out refit's steps between two looks at the held-out error (early stopping)
 EXACT_EVERY = 6  # bf16 products: steps after which the carried z = X̃θᵀ is recomputed in float32
 BF16_FROM_MACS = 10 ** 8  # ... for products this large (smaller ones gain little: docs/SCALE.md)
 # unstructured sparsity: a W-step's descent ends after a full step whose decrease is within this share of its
@@ -489,9 +490,10 @@ def refit_on_support(problem: LayerProblem, loss: str, settings: AdmmSettings, m
     compression changed). Least squares on the support shrunk toward A = W₀·mask:
         (Σ + λI) w_S = c_S + λ a_S,   b = μ_y − W μ_x,
     then — for the activation loss — masked descent through σ. λ is chosen on held-out calibration samples
-    (``LayerProblem.held_out``) among ``RIDGE_STRENGTHS`` and λ = ∞ (keep A), and the descent is run (on
-    all samples) only if, run on the others, it lowers the held-out error: with few samples per input (a
-    classifier on 1280 features fed by 500 images) the plain least squares fits the calibration noise.
+    (``LayerProblem.held_out``) among ``RIDGE_STRENGTHS`` and λ = ∞ (keep A); the descent runs on all samples
+    for as many steps as, run on the others, kept lowering the held-out error (early stopping), and not at all
+    when its first steps raise it: with few samples per input (a classifier on 1280 features fed by 500
+    images) both the plain least squares and the descent fit the calibration noise.
     Without held-out samples: λ = 0, and the better of A and the least squares on the calibration error
     starts the descent."""
     support = torch.ones_like(problem.w0, dtype=torch.bool) if mask is None else mask.bool()
@@ -521,10 +523,30 @@ def refit_on_support(problem: LayerProblem, loss: str, settings: AdmmSettings, m
         b = bias_for(all_stats, w) if problem.fit_bias else problem.b0
     if loss == "linear":
         return w, b
-    w_descent, b_descent = refit_activation(ActivationObjective(fit, settings), w, b, support, settings.refit_steps)
-    if check.relative_error(w_descent, b_descent, loss) >= check.relative_error(w, b, loss):
+    steps = _held_out_steps(fit, check, w, b, support, loss, settings)
+    if steps == 0:
         return w, b
-    return refit_activation(ActivationObjective(problem, settings), w, b, support, settings.refit_steps)
+    return refit_activation(ActivationObjective(problem, settings), w, b, support, steps)
+
+
+def _held_out_steps(fit: LayerProblem, check: LayerProblem, w: torch.Tensor, b: torch.Tensor,
+                    support: torch.Tensor, loss: str, settings: AdmmSettings) -> int:
+    """Early stopping: how many masked descent steps on the ``fit`` patches, from (w, b), leave the ``check``
+    patches' error lowest. Looked at every REFIT_CHECK_STEPS steps up to ``settings.refit_steps``, and ended
+    at the first look that does not lower it; 0 when none does."""
+    objective = ActivationObjective(fit, settings)
+    g, r, _ = w.shape
+    theta = torch.cat([w * support, b.reshape(g, r, 1)], dim=-1)
+    full_mask = torch.cat([support.float(), torch.ones(g, r, 1)], dim=-1)
+    best_error, best_steps, carried = check.relative_error(w, b, loss), 0, None
+    for steps in range(REFIT_CHECK_STEPS, settings.refit_steps + 1, REFIT_CHECK_STEPS):
+        theta, carried = _descent(objective, theta, None, 0.0, full_mask, REFIT_CHECK_STEPS, carried,
+                                  stall=REFIT_STALL)
+        error = check.relative_error(theta[..., :-1] * support, theta[..., -1].reshape(-1), loss)
+        if not error < best_error:
+            break
+        best_error, best_steps = error, steps
+    return best_steps
 
 
 __all__ = ["AdmmSettings", "AdmmHistory", "admm_linear", "admm_activation", "refit_activation", "refit_bias_activation",

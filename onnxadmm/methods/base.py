@@ -137,7 +137,7 @@ def _plan_and_solve(method: CompressionMethod, ctx: Context) -> tuple[Plan, Solv
 def refit_the_rest(structures: dict[str, Structure], levels: dict[str, float], layers: list[Layer],
                    config: CompressConfig) -> None:
     """With ``refit_dense``, every layer without a structure is refit to the compressed model's inputs
-    (sequential error compensation)."""
+    (sequential error compensation; the solve keeps a layer that no compressed layer feeds as it is)."""
     if config.refit_dense:
         for layer in layers:
             if layer.name not in structures:

@@ -115,7 +115,7 @@ def compress_layers(view: GraphView, layers: list[Layer], samples: SampleSet, st
     order = schedule(view, layers)
     pending: dict[str, int] = {}
     for layer in order:
-        for name in (layer.input_name, *(layer.chain.side_inputs if layer.chain else ())):
+        for name in (layer.input_name, *_sides(layer)):
             pending[name] = pending.get(name, 0) + 1
     budget = config.max_memory_mb << 20  # a quarter cached activations, a quarter one layer's sampled problem, an
     # eighth the solver's copy of its patch subset (``admm_settings``), the rest onnxruntime's and the solver's own
@@ -128,6 +128,7 @@ def compress_layers(view: GraphView, layers: list[Layer], samples: SampleSet, st
     keep_freed_blocks()
     freed = FreedMemory(budget // 4)  # handed back once the process has grown by a quarter of the budget
     solved_file = WeightFile() if any_mapped(view.model) else None  # a model whose weights stay in files
+    readers_of_new = _readers(view, switches or {})  # nodes reading a value the compressed model replaced
     stream = ActivationStream(view, samples, config.batch_size, budget // 4, config.threads,
                               keep=lambda name: pending.get(name, 0) > 0 or name == sampling.token_mask)
     try:  # nothing between creating the stream and here, so an interrupt cannot leave its spill behind
@@ -135,10 +136,11 @@ def compress_layers(view: GraphView, layers: list[Layer], samples: SampleSet, st
         for index, layer in enumerate(order):
             progress("solve", index, len(order), layer.name)
             started = time.perf_counter()
-            sides = layer.chain.side_inputs if layer.chain else ()
+            sides = _sides(layer)
             level = levels[layer.name]
-            if level == 0 and structures[layer.name].kind not in ("nm", "dense"):
-                outcomes.append(_unchanged(view, layer, structures[layer.name]))
+            kept_as_is = _without_solve(view, layer, structures[layer.name], level, readers_of_new)
+            if kept_as_is is not None:
+                outcomes.append(kept_as_is)
                 for name in (layer.input_name, *sides):
                     pending[name] -= 1
                 continue
@@ -156,6 +158,7 @@ def compress_layers(view: GraphView, layers: list[Layer], samples: SampleSet, st
                 values = kept(values, solved_file)
                 initializers.update(values)
                 stream.set_initializers(values)
+                readers_of_new |= _readers(view, values)
             for name in (layer.input_name, *sides):
                 pending[name] -= 1
             stream.evict()
@@ -177,12 +180,30 @@ def _inner_progress(progress: Progress, index: int, total: int, name: str):
     return report
 
 
-def _unchanged(view: GraphView, layer: Layer, structure: Structure) -> LayerOutcome:
-    """A layer planned at level 0 keeps its original weights bit for bit (no refit)."""
-    nan = float("nan")
+def _without_solve(view: GraphView, layer: Layer, structure: Structure, level: float, readers_of_new: set[int]
+                   ) -> LayerOutcome | None:
+    """The outcome of a layer that keeps its original weights bit for bit without a solve, else None: one
+    planned at level 0 (errors not measured), and a dense refit that no replaced value reaches — its inputs
+    are the original model's, so its weights reproduce its outputs exactly (every error 0)."""
+    if level == 0 and structure.kind not in ("nm", "dense"):
+        error = float("nan")
+    elif structure.kind == "dense" and not (view.ancestors([layer.input_name, *_sides(layer)]) | {layer.node_index}) \
+            & readers_of_new:
+        error = 0.0
+    else:
+        return None
     return LayerOutcome(layer=layer, structure=structure, target_level=0.0, sparsity=0.0,
-                        nonzero=int(np.count_nonzero(view.constant(layer.weight_name))), error_dense=nan, error_projected=nan, error_final=nan,
-                        seconds=0.0, patches=0)
+                        nonzero=int(np.count_nonzero(view.constant(layer.weight_name))), error_dense=error,
+                        error_projected=error, error_final=error, seconds=0.0, patches=0)
+
+
+def _sides(layer: Layer) -> tuple[str, ...]:
+    return tuple(layer.chain.side_inputs) if layer.chain else ()
+
+
+def _readers(view: GraphView, names) -> set[int]:
+    """Nodes that read any of the initializers ``names``."""
+    return {node for name in names for node in view.initializer_users(name)}
 
 
 def _solve_one(stream, view, layer, index, level, structure, config, sampling, settings, total_samples, freed):
