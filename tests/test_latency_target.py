@@ -93,6 +93,7 @@ def test_the_sign_test_matches_the_binomial_tails():
     assert sign_test_p(0, 5) == pytest.approx(2 / 32)  # five rounds can never show a difference at 5 %
     assert sign_test_p(21, 30) == pytest.approx(0.0428, abs=1e-4)  # the fewest of 30 that do
     assert sign_test_p(20, 30) == pytest.approx(0.0987, abs=1e-4)
+    assert sign_test_p(1000, 2000) == 1.0 and sign_test_p(900, 2000) < 1e-5  # 2,000 rounds or discordant pairs
     assert sign_test_p(9, 30) == sign_test_p(21, 30)
 
 

@@ -74,7 +74,7 @@ class LatencyAB:
 
 def half_binomial_cdf(k: int, n: int) -> float:
     """P(X ≤ k) for X ~ Binomial(n, ½)."""
-    return sum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n
+    return sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n  # integers: exact for any n (2.0 ** n overflows)
 
 
 def sign_test_p(successes: int, trials: int) -> float:
