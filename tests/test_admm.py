@@ -526,3 +526,18 @@ def test_the_refit_after_admm_on_a_linear_loss_chooses_its_shrinkage_on_held_out
     test = fresh()
     assert test.relative_error(sol.weight, sol.bias, "linear") < 0.9 * test.relative_error(
         plain, bias_for(stats, plain), "linear")
+
+
+def test_rows_sharing_one_support_are_solved_directly_to_the_same_least_squares():
+    from onnxadmm.algorithms import refit
+
+    prob = problem(d=40, rows=6)
+    stats = moments(prob, damping=0.0)
+    columns = torch.rand(40, generator=torch.Generator().manual_seed(2)) > 0.3  # input channels kept
+    mask = columns.expand(1, 6, 40).clone()
+    direct = refit._shared_support_refit(stats, mask)
+    by_cg = refit._masked_refit_rows(stats.sigma, stats.cross, torch.zeros_like(prob.w0), mask, None, 1e-14)
+    assert direct is not None and torch.allclose(direct, by_cg, atol=1e-5)
+    assert bool((direct[..., ~columns] == 0).all())
+    mask[0, 0, int(torch.nonzero(columns)[0])] = False  # one row's support differs: conjugate gradients
+    assert refit._shared_support_refit(stats, mask) is None

@@ -3,7 +3,8 @@
 Linear metric: with Σ = Cov(x̂), C = Cov(y, x̂) (per group), μ the means, each output row solves
     min_w  w Σ wᵀ − 2 c wᵀ   subject to  w_j = 0 outside its support,
 i.e. w_S = c_S Σ_SS⁻¹, and the bias is b = μ_y − W μ_x. Rows are solved together by Jacobi-
-preconditioned conjugate gradients restricted to each row's support (exact in at most |S| steps).
+preconditioned conjugate gradients restricted to each row's support (exact in at most |S| steps); rows that
+share one support, by one Cholesky factorization of Σ_SS.
 """
 
 from __future__ import annotations
@@ -153,12 +154,19 @@ def bias_for(stats: "Moments | InputMoments", w: torch.Tensor) -> torch.Tensor:
 
 
 REFIT_BLOCK_ELEMENTS = 1 << 22  # rows are solved in blocks of ≤ 4 M weights (32 MB per float64 work array)
+DIRECT_SUPPORT = 4096  # a shared support up to this many inputs is solved by Cholesky (Σ_SS ≤ 128 MB in float64)
 
 
 def masked_refit(stats: Moments, w: torch.Tensor, mask: torch.Tensor, iterations: int | None = None,
                  tolerance: float = 1e-10) -> torch.Tensor:
     """Exact least squares of every row on its support (``mask``), warm-started at ``w``. Rows are
-    independent problems, so a large layer is solved a block of rows at a time (bounded working memory)."""
+    independent problems, so a large layer is solved a block of rows at a time (bounded working memory).
+    An ungrouped layer whose rows share one support (removed input channels, or none) of at most
+    DIRECT_SUPPORT inputs is solved directly instead: one Cholesky factorization of Σ_SS for every row."""
+    if iterations is None:
+        direct = _shared_support_refit(stats, mask)
+        if direct is not None:
+            return direct
     rows, d = w.shape[1], w.shape[2]
     block = max(1, REFIT_BLOCK_ELEMENTS // max(1, d * w.shape[0]))
     if rows <= block:
@@ -166,6 +174,24 @@ def masked_refit(stats: Moments, w: torch.Tensor, mask: torch.Tensor, iterations
     return torch.cat([_masked_refit_rows(stats.sigma, stats.cross[:, i:i + block], w[:, i:i + block],
                                          mask[:, i:i + block], iterations, tolerance)
                       for i in range(0, rows, block)], dim=1)
+
+
+def _shared_support_refit(stats: Moments, mask: torch.Tensor) -> torch.Tensor | None:
+    """w_S = c_S Σ_SS⁻¹ for all rows at once, when there is one group, every row has the same support S and
+    |S| ≤ DIRECT_SUPPORT; None otherwise, or when Σ_SS is not numerically positive definite."""
+    if mask.shape[0] != 1:
+        return None
+    support = mask[0, 0].bool()
+    count = int(support.sum())
+    if count == 0 or count > DIRECT_SUPPORT or not bool((mask[0].bool() == support).all()):
+        return None
+    index = torch.nonzero(support).flatten()
+    factor, info = torch.linalg.cholesky_ex(stats.sigma[0][index][:, index])
+    if int(info) != 0:
+        return None
+    w = torch.zeros(mask.shape, dtype=torch.float32)
+    w[0][:, index] = torch.cholesky_solve(stats.cross[0][:, index].T, factor).T.float()
+    return w
 
 
 def _masked_refit_rows(sigma: torch.Tensor, cross: torch.Tensor, w: torch.Tensor, mask: torch.Tensor,
