@@ -539,9 +539,9 @@ def _held_out_steps(fit: LayerProblem, check: LayerProblem, w: torch.Tensor, b: 
     theta = torch.cat([w * support, b.reshape(g, r, 1)], dim=-1)
     full_mask = torch.cat([support.float(), torch.ones(g, r, 1)], dim=-1)
     best_error, best_steps, carried = check.relative_error(w, b, loss), 0, None
-    for steps in range(REFIT_CHECK_STEPS, settings.refit_steps + 1, REFIT_CHECK_STEPS):
-        theta, carried = _descent(objective, theta, None, 0.0, full_mask, REFIT_CHECK_STEPS, carried,
-                                  stall=REFIT_STALL)
+    every = max(1, min(REFIT_CHECK_STEPS, settings.refit_steps))
+    for steps in range(every, settings.refit_steps + 1, every):
+        theta, carried = _descent(objective, theta, None, 0.0, full_mask, every, carried, stall=REFIT_STALL)
         error = check.relative_error(theta[..., :-1] * support, theta[..., -1].reshape(-1), loss)
         if not error < best_error:
             break
