@@ -541,3 +541,13 @@ def test_rows_sharing_one_support_are_solved_directly_to_the_same_least_squares(
     assert bool((direct[..., ~columns] == 0).all())
     mask[0, 0, int(torch.nonzero(columns)[0])] = False  # one row's support differs: conjugate gradients
     assert refit._shared_support_refit(stats, mask) is None
+
+
+def test_split_moments_from_the_whole_problems_moments_equal_those_taken_again():
+    from onnxadmm.algorithms.refit import split_moments
+
+    prob, _ = _gemm_problem(200, 10, lambda x, gen: x, seed=5)
+    held = prob.held_out()
+    again, reused = split_moments(prob, held), split_moments(prob, held, whole=moments(prob))
+    for a, b in zip(again, reused):
+        assert torch.equal(a.sigma, b.sigma) and torch.equal(a.cross, b.cross) and a.var_y == b.var_y

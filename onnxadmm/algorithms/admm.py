@@ -484,7 +484,8 @@ def refit_bias_activation(objective: ActivationObjective, w: torch.Tensor, b: to
 RIDGE_STRENGTHS = (0.0, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # λ / mean eigenvalue of Σ tried by the held-out choice
 
 
-def refit_on_support(problem: LayerProblem, loss: str, settings: AdmmSettings, mask: torch.Tensor | None = None):
+def refit_on_support(problem: LayerProblem, loss: str, settings: AdmmSettings, mask: torch.Tensor | None = None,
+                     stats: Moments | None = None):
     """Refit the weights on a fixed support (all of them when ``mask`` is None) so the layer reproduces
     the original outputs from the compressed model's inputs (error compensation for layers upstream
     compression changed). Least squares on the support shrunk toward A = W₀·mask:
@@ -495,12 +496,12 @@ def refit_on_support(problem: LayerProblem, loss: str, settings: AdmmSettings, m
     when its first steps raise it: with few samples per input (a classifier on 1280 features fed by 500
     images) both the plain least squares and the descent fit the calibration noise.
     Without held-out samples: λ = 0, and the better of A and the least squares on the calibration error
-    starts the descent."""
+    starts the descent. ``stats``: ``moments(problem)``, when the caller has them."""
     support = torch.ones_like(problem.w0, dtype=torch.bool) if mask is None else mask.bool()
     start = problem.w0 * support
     held = problem.held_out()
     if held is None:
-        stats = moments(problem)
+        stats = stats or moments(problem)
         w = masked_refit(stats, start, support)
         b = bias_for(stats, w) if problem.fit_bias else problem.b0
         if loss == "linear":
@@ -509,7 +510,7 @@ def refit_on_support(problem: LayerProblem, loss: str, settings: AdmmSettings, m
             w, b = start, problem.b0
         return refit_activation(ActivationObjective(problem, settings), w, b, support, settings.refit_steps)
     fit, check = problem.subset(~held), problem.subset(held)
-    fit_stats, all_stats = split_moments(problem, held)
+    fit_stats, all_stats = split_moments(problem, held, whole=stats)
     best_error, best_strength = check.relative_error(start, problem.b0, loss), None
     for strength in RIDGE_STRENGTHS:
         w = masked_refit(ridge(fit_stats, strength, start), start, support)

@@ -125,7 +125,7 @@ def whitened_start(problem: LayerProblem, stats: Moments, rank: int, loss: str) 
     if held is None:
         a, b, _ = whitened_low_rank(stats, rank)
         return a @ b, "whitened"
-    fit_stats, _ = split_moments(problem, held)
+    fit_stats, _ = split_moments(problem, held, whole=stats)
     check = problem.subset(held)
     on_fit = RidgeReducedRank(fit_stats, problem.w0)
 

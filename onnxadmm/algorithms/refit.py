@@ -9,7 +9,7 @@ share one support, by one Cholesky factorization of Σ_SS.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,6 +27,7 @@ class Moments:
     mean_y: torch.Tensor
     var_y: float
     energy_y: float
+    sums: _Sums | None = field(default=None, repr=False, compare=False)  # the raw sums they came from
 
     def relative_error(self, w: torch.Tensor) -> float:
         """Linear-metric relative error of W with its optimal bias."""
@@ -85,7 +86,8 @@ def _moments(sums: _Sums, fit_bias: bool, damping: float) -> Moments:
     cross = sums.yx / count - mean_y.reshape(g, -1)[:, :, None] * mean_x[:, None, :]
     energy_y = sums.yy / count
     var_y = max(energy_y - float(mean_y.pow(2).sum()), 0.0)
-    return Moments(sigma=sigma, cross=cross, mean_x=mean_x, mean_y=mean_y, var_y=var_y, energy_y=energy_y or 1.0)
+    return Moments(sigma=sigma, cross=cross, mean_x=mean_x, mean_y=mean_y, var_y=var_y, energy_y=energy_y or 1.0,
+                   sums=sums)
 
 
 def _covariance(xx: torch.Tensor, mean_x: torch.Tensor, count: int, damping: float) -> torch.Tensor:
@@ -130,10 +132,12 @@ def input_moments(problem: LayerProblem, damping: float = 1e-6) -> InputMoments:
     return InputMoments(_covariance(xx, mean_x, n, damping), mean_x, mean_y)
 
 
-def split_moments(problem: LayerProblem, held: torch.Tensor, damping: float = 1e-6) -> tuple[Moments, Moments]:
+def split_moments(problem: LayerProblem, held: torch.Tensor, damping: float = 1e-6, whole: Moments | None = None
+                  ) -> tuple[Moments, Moments]:
     """Moments of the patches outside ``held`` and of all patches, from one pass over the data
-    (the held-out sums are subtracted from the full sums)."""
-    total = _sums(problem)
+    (the held-out sums are subtracted from the full sums); ``whole``: ``moments(problem)`` when the caller has
+    taken them (their sums are reused: no second pass)."""
+    total = whole.sums if whole is not None and whole.sums is not None else _sums(problem)
     fit = total - _sums(problem.subset(held))
     return _moments(fit, problem.fit_bias, damping), _moments(total, problem.fit_bias, damping)
 

@@ -200,7 +200,7 @@ def _admm(problem: LayerProblem, project, loss: str, settings: AdmmSettings, rho
             w = masked_refit(stats, z, z != 0)
             b = bias_for(stats, w) if problem.fit_bias else problem.b0
         else:
-            w, b = refit_on_support(problem, "linear", settings, z != 0)
+            w, b = refit_on_support(problem, "linear", settings, z != 0, stats)
         return w, b, history.as_dict()
     z, b, history, objective = admm_activation(problem, problem.w0, problem.b0, project, settings,
                                                rho_fixed=rho_fixed, support_decides=not rho_fixed)
