@@ -266,8 +266,80 @@ def test_the_qdq_export_hands_its_ranges_to_the_quantizer_instead_of_letting_it_
     with pytest.raises(AssertionError, match="calibrated"):
         qdq._ort_quantize(normalized.model, feed, qdq.overrides(ranges, {}))  # the check can fail
     cached = qdq.quantize_qdq(normalized.model, SampleSet(feed, "test"), ranges, {})
-    calibrated.ir_version = cached.ir_version
-    assert cached.SerializeToString() == calibrated.SerializeToString()
+    assert same_graph(cached, calibrated)
+
+
+def same_graph(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
+    """The same nodes (in any order), inputs, outputs and initializer values (however encoded)."""
+    def canonical(model):
+        nodes = sorted((n.op_type, n.domain, tuple(n.input), tuple(n.output),
+                        tuple(sorted(x.SerializeToString() for x in n.attribute))) for n in model.graph.node)
+        tensors = {t.name: (numpy_helper.to_array(t).dtype.str, numpy_helper.to_array(t).shape,
+                            numpy_helper.to_array(t).tobytes()) for t in model.graph.initializer}
+        ends = [[v.SerializeToString() for v in values] for values in (model.graph.input, model.graph.output)]
+        return nodes, tensors, ends
+
+    return canonical(a) == canonical(b)
+
+
+def qdq_test_model(bias_scale: float = 1.0) -> onnx.ModelProto:
+    """Conv (bias) → Relu → Conv (no bias) → Add → GlobalAveragePool → Flatten → Gemm (transB, bias) → MatMul,
+    a weight read by two Convs, opset 17."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    init = lambda name, *shape, scale=0.3: numpy_helper.from_array(  # noqa: E731
+        (rng.standard_normal(shape) * scale).astype(np.float32), name)
+    inits = [init("w1", 8, 3, 3, 3), init("b1", 8, scale=0.1 * bias_scale), init("w2", 8, 8, 3, 3),
+             init("w3", 10, 8), init("b3", 10, scale=0.1), init("w4", 10, 6)]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2b"], name="conv2b", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c2", "c2b"], ["s"], name="add"),
+             helper.make_node("GlobalAveragePool", ["s"], ["g"], name="pool"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "w3", "b3"], ["h"], name="fc", transB=1),
+             helper.make_node("MatMul", ["h", "w4"], ["y"], name="head")]
+    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("case", ["rounded", "solved", "reduce_range", "float_node", "bias_too_large"])
+def test_the_qdq_export_hands_the_quantizer_int8_weights_and_gets_the_graph_it_writes_from_float_ones(case):
+    """The weights reach onnxruntime's quantizer as int8 behind DequantizeLinear (so it never holds them as
+    floats), and it writes the same graph, values and scales as from the float weights with the same scales as
+    overrides: rounded with its own max-abs scales, with solved ones, on 7 bits; a weight a float node reads and
+    one whose bias would overflow int32 at s_x·s_w (the quantizer raises those scales) stay float for it."""
+    from onnxadmm.calib.ranges import activation_ranges, float_tensors
+    from onnxadmm.export import qdq
+    from onnxadmm.onnxio.normalize import normalize
+
+    normalized = normalize(qdq_test_model(bias_scale=1e9 if case == "bias_too_large" else 1.0))
+    model = normalized.model
+    feed = {"x": np.random.default_rng(1).standard_normal((16, 3, 8, 8)).astype(np.float32)}
+    ranges = activation_ranges(model, float_tensors(model, normalized.inferred), SampleSet(feed, "test"), "minmax", 8,
+                               0)
+    nodes = {n.name: n for n in model.graph.node}
+    weights = {}
+    if case == "solved":
+        for name, weight in (("conv1", "w1"), ("fc", "w3"), ("head", "w4")):
+            axis = qdq.weight_axis(nodes[name])
+            values = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == weight))
+            weights[weight] = qdq.WeightScales(qdq.channel_scales(values, axis, 127) * 1.3, axis)
+    float_nodes = ["conv2b"] if case == "float_node" else []
+    reduce_range = case == "reduce_range"
+    integer = qdq.integer_weights(model, weights, float_nodes, reduce_range, ranges)
+    expected = {"w1", "w2", "w3", "w4"} - {"float_node": {"w2"}, "bias_too_large": {"w1"}}.get(case, set())
+    assert set(integer.scales) == expected
+    ours = qdq.quantize_qdq(model, SampleSet(feed, "test"), ranges, weights, float_nodes, reduce_range)
+    reference = qdq._ort_quantize(model, feed, qdq.overrides(ranges, weights), float_nodes, reduce_range, ranges)
+    assert same_graph(ours, reference)
+    assert np.array_equal(run(ours, feed)[0], run(reference, feed)[0])
+    if case == "solved":  # the solved scales are the ones written
+        scale = next(t for t in ours.graph.initializer if t.name == "w3_scale")
+        np.testing.assert_array_equal(numpy_helper.to_array(scale), weights["w3"].scales)
 
 
 # -- fusion coverage ----------------------------------------------------------------------------------------
@@ -873,3 +945,43 @@ def test_int8_of_a_cnn_with_unfolded_batchnorms_has_none_left_between_its_intege
     assert "BatchNormalization" not in ops
     assert len(result.report.plan["quantization"]["fusion"]["integer"]) == 3
     assert any("BatchNormalization" in note for note in result.report.notes)
+
+
+def test_a_model_whose_weights_are_in_files_gets_its_int8_weights_in_files_with_the_same_graph(tmp_path):
+    """A model read with external data keeps its weights in files (``onnxio/weights.py``); both int8 exports
+    then write the int8 weights to a scratch file instead of holding them in the graph, and compute the same."""
+    from onnx import TensorProto, helper
+    from onnxadmm.calib.ranges import activation_ranges, float_tensors
+    from onnxadmm.export import qdq
+    from onnxadmm.export.dynamic import quantize_dynamic_int8
+    from onnxadmm.onnxio.load import load_model
+    from onnxadmm.onnxio.normalize import normalize
+    from onnxadmm.onnxio.runtime import session
+    from onnxadmm.onnxio.weights import is_mapped
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.standard_normal((512, 4096)) / 16).astype(np.float32), "w1"),
+             numpy_helper.from_array((rng.standard_normal((4096, 8)) / 64).astype(np.float32), "w2")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 512])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    saved = onnx.ModelProto()
+    saved.CopyFrom(model)  # (onnx.save_model turns the model it writes into references to the file)
+    onnx.save_model(saved, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.onnx.data")
+    in_files = normalize(load_model(tmp_path / "m.onnx").model).model
+    in_memory = normalize(model)
+    assert is_mapped(next(t for t in in_files.graph.initializer if t.name == "w1"))
+    feed = {"x": rng.standard_normal((16, 512)).astype(np.float32)}
+    samples = SampleSet(feed, "test")
+    ranges = activation_ranges(in_memory.model, float_tensors(in_memory.model, in_memory.inferred), samples,
+                               "minmax", 8, 0)
+    for export in (lambda m: qdq.quantize_qdq(m, samples, ranges, {}),
+                   lambda m: quantize_dynamic_int8(m, {})):
+        from_files, from_memory = export(in_files), export(in_memory.model)
+        int8 = {t.name: t for t in from_files.graph.initializer if t.data_type == TensorProto.INT8}
+        assert int8 and is_mapped(int8["w1_quantized"]) and not is_mapped(int8["w2_quantized"])  # (w2: 32 KB)
+        assert not any(is_mapped(t) for t in from_memory.graph.initializer)
+        outputs = [session(m, 1).run(None, feed)[0] for m in (from_files, from_memory)]  # (a session from files)
+        assert np.array_equal(*outputs)

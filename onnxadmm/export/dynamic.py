@@ -14,6 +14,7 @@ DynamicQuantizeMatMul (or MatMulIntegerToFloat where the quantized input is shar
 name, ``{layer}_quant``, which fusion coverage reads. It is the graph onnxruntime's ``quantize_dynamic`` writes
 (``docs/INT8.md``), built here so that the output holds each weight once, as int8: the float model is not
 written out, reloaded and copied beside its int8 form, which on a 2 GB model had cost three times the weights.
+Where the input's weights are in files (``onnxio/weights.py``), the int8 ones are written to a scratch file too.
 
 Embedding tables (Gather of a 2-D float table) become int8 with one scale per row.
 """
@@ -24,17 +25,17 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from ..errors import UnsupportedModelError
+from ..onnxio.weights import WeightFile, any_mapped, tensor_in
 from ..onnxio.weights import array as tensor_values
 from ..onnxio.graph import FreshNames
 from ..onnxio.load import default_opset
 from ..onnxio.save import without_initializers
-from .qdq import WeightScales
+from .qdq import Q_MAX, Q_MAX_REDUCED, WeightScales
 
 DYNAMIC_OPSET = 11  # DynamicQuantizeLinear
-Q_MAX, Q_MAX_REDUCED = 127, 64
 
 
 def quantize_dynamic_int8(model: onnx.ModelProto, weights: Mapping[str, WeightScales],
@@ -55,6 +56,7 @@ def quantize_dynamic_int8(model: onnx.ModelProto, weights: Mapping[str, WeightSc
     added: list[onnx.TensorProto] = []
     nodes: list[onnx.NodeProto] = []
     skip = set(float_nodes)
+    file = WeightFile(until_exit=True) if any_mapped(model) else None  # weights in files: the int8 ones too
     for node in model.graph.node:
         transposed = _constant_weight(node, inits, declared)
         if transposed is None or node.name in skip:
@@ -69,10 +71,10 @@ def quantize_dynamic_int8(model: onnx.ModelProto, weights: Mapping[str, WeightSc
             integers[b, transposed] = names = (fresh.name(f"{b}_quantized"), fresh.name(f"{b}_scale"),
                                                fresh.name(f"{b}_zero_point"))
             q, scales = column_int8(tensor_values(inits[b]), transposed, weights.get(b), q_max)
-            added.extend(numpy_helper.from_array(value, name) for value, name in
+            added.extend(tensor_in(value, name, file) for value, name in
                          zip((q, scales, np.zeros(scales.size, np.int8)), names))
         nodes.extend(_integer_product(node, activations[x], integers[b, transposed], fresh))
-    nodes = _embeddings_by_row(nodes, inits, fresh, added)
+    nodes = _embeddings_by_row(nodes, inits, fresh, added, file)
     graph.node.extend(nodes)
     used = _consumed(nodes) | {v.name for v in model.graph.output}
     graph.initializer.extend(t for t in model.graph.initializer if t.name in used)  # each float tensor once
@@ -161,7 +163,7 @@ def row_int8(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _embeddings_by_row(nodes: list[onnx.NodeProto], inits: Mapping[str, onnx.TensorProto], fresh: FreshNames,
-                       added: list[onnx.TensorProto]) -> list[onnx.NodeProto]:
+                       added: list[onnx.TensorProto], file: WeightFile | None) -> list[onnx.NodeProto]:
     """``nodes`` with every Gather of a 2-D float table as Gather(q int8) → Cast → Mul(Gather(s, ids)): int8 rows
     with one scale each (an embedding table's rows differ in range by orders of magnitude, which one scale per
     table — onnxruntime's form for a Gather — spends its levels on); the new tables go to ``added``."""
@@ -175,7 +177,7 @@ def _embeddings_by_row(nodes: list[onnx.NodeProto], inits: Mapping[str, onnx.Ten
         if table.name not in done:
             q, scales = row_int8(tensor_values(table))
             done[table.name] = names = (fresh.name(f"{table.name}_rows_int8"), fresh.name(f"{table.name}_row_scale"))
-            added.extend([numpy_helper.from_array(q, names[0]), numpy_helper.from_array(scales, names[1])])
+            added.extend([tensor_in(q, names[0], file), tensor_in(scales, names[1], file)])
         q_name, scale_name = done[table.name]
         prefix = fresh.name(f"{node.name}_int8")
         rows, cast, scale = (fresh.name(f"{prefix}_{part}") for part in ("rows", "float", "scale"))

@@ -2,10 +2,19 @@
 
 ``onnxruntime.quantization.quantize_static`` places QuantizeLinear/DequantizeLinear by onnxruntime's
 fusion rules (uint8 activations, int8 per-channel weights, int32 biases at scale s_x·s_w, a Relu folded
-into the Q after it); onnxadmm hands it every range and every solved weight scale as a per-tensor override
-(``TensorQuantOverrides``), so the integers in the output are exactly the solved ones: the weights are
-already on their grid, and ``round(w / s)`` recovers the integers. The ranges also reach it as its calibration
-cache, so it does not calibrate (a copy of the model with every tensor as an output, and a session of it).
+into the Q after it); onnxadmm hands it every range as a per-tensor override (``TensorQuantOverrides``) and as
+its calibration cache, so it does not calibrate (a copy of the model with every tensor as an output, and a
+session of it). The layer weights reach it already as integers, in the form it writes them itself:
+
+    W_q = clip(round(W / s), −128, 127) per output channel  →  DequantizeLinear(W_q, s, 0, axis)
+
+with s the solved scales (the weights are already on that grid, so the rounding recovers the integers), else
+its own, s = max|W_channel| / Q (Q = 127, or 64 with ``reduce_range``). The quantizer keeps a weight it finds
+behind a DequantizeLinear and takes its scale from there for the bias, so the graph it writes is the one it
+would have written from the float weights — but it loads the model whole, and now holds each weight once, as
+int8, instead of the float model (on a 2.2 GB model that load was the int8 stage's peak). Weights it would
+treat otherwise stay float for it to quantize: those an unquantized node also reads, opsets before 13
+(per-channel DequantizeLinear), and a bias too large for int32 at s_x·s_w (it raises s there).
 The dynamic form is ``dynamic.py``; which layers onnxruntime then runs in integers, ``coverage.py``.
 """
 
@@ -14,16 +23,24 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
+from onnx import helper, numpy_helper
 
 from ..calib.ranges import TensorRange
 from ..calib.readers import SampleSet
+from ..onnxio.load import default_opset
 from ..onnxio.save import exceeds_protobuf_limit, without_initializers, write_with_external_data
 from ..onnxio.scratch import scratch_folder
-from ..onnxio.weights import any_mapped
+from ..onnxio.weights import WeightFile, any_mapped, map_external_data, moved_to
+from ..onnxio.weights import array as tensor_values
+
+PER_CHANNEL_OPSET = 13  # DequantizeLinear's axis
+Q_MAX, Q_MAX_REDUCED = 127, 64  # onnxruntime's symmetric int8 weight range, and with reduce_range
+DQ_OUTPUT = "_DequantizeLinear_Output"  # onnxruntime's name for a weight's dequantized tensor
+BIAS_MARGIN = 4.0  # how far from the quantizer's int32 bias limit a weight's scales must stay to be written here
 
 
 @dataclass(frozen=True)
@@ -56,11 +73,142 @@ def quantize_qdq(model: onnx.ModelProto, samples: SampleSet, ranges: Mapping[str
                  weights: Mapping[str, WeightScales], float_nodes: Sequence[str] = (),
                  reduce_range: bool = False) -> onnx.ModelProto:
     """The QDQ model (uint8 activations, int8 per-channel weights) with the given ranges and scales; the nodes
-    named in ``float_nodes`` stay float; ``reduce_range``: weights onnxruntime scales itself on 7 bits."""
-    quantized = _ort_quantize(model, next(samples.batches(8)), overrides(ranges, weights), float_nodes, reduce_range,
-                              ranges)
+    named in ``float_nodes`` stay float; ``reduce_range``: weights without solved scales on 7 bits."""
+    integer = integer_weights(model, weights, float_nodes, reduce_range, ranges)
+    left = {name: solved for name, solved in weights.items() if name not in integer.scales}
+    quantized = _ort_quantize(model, next(samples.batches(8)), overrides(ranges, left), float_nodes, reduce_range,
+                              ranges, integer)
     quantized.ir_version = model.ir_version  # the quantizer may stamp its own; the contract keeps the input's
     return quantized
+
+
+@dataclass
+class IntegerWeights:
+    """The graph handed to onnxruntime's quantizer: ``skeleton`` (no initializers), each weight in ``scales``
+    read through ``{w}_DequantizeLinear`` from ``{w}_quantized``; ``tensors()`` yields the initializers, the
+    int8 ones made one weight at a time."""
+
+    model: onnx.ModelProto
+    skeleton: onnx.ModelProto
+    scales: dict[str, tuple[np.ndarray | None, int]]  # weight -> (per-channel scales, None: max-abs; axis)
+    q_max: int
+
+    def tensors(self) -> Iterator[onnx.TensorProto]:
+        for tensor in self.model.graph.initializer:
+            if tensor.name not in self.scales:
+                yield tensor
+                continue
+            scales, axis = self.scales[tensor.name]
+            values = tensor_values(tensor)
+            scales = channel_scales(values, axis, self.q_max) if scales is None else scales
+            yield numpy_helper.from_array(channel_int8(values, axis, scales), tensor.name + "_quantized")
+            del values
+            yield numpy_helper.from_array(scales, tensor.name + "_scale")
+            yield numpy_helper.from_array(np.zeros(scales.size, np.int8), tensor.name + "_zero_point")
+
+
+def integer_weights(model: onnx.ModelProto, weights: Mapping[str, WeightScales], float_nodes: Sequence[str],
+                    reduce_range: bool, ranges: Mapping[str, TensorRange]) -> IntegerWeights:
+    """Which weights reach the quantizer as integers (module docstring), and the graph that reads them so."""
+    q_max = Q_MAX_REDUCED if reduce_range else Q_MAX
+    inits = {t.name: t for t in model.graph.initializer}
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in model.graph.node:
+        for index, name in enumerate(node.input):
+            if name in inits:
+                readers.setdefault(name, []).append((node, index))
+    taken = {name for node in model.graph.node for name in node.output} | set(inits) | \
+        {v.name for v in model.graph.input}
+    outside = {v.name for v in model.graph.input} | {v.name for v in model.graph.output} | _read_in_subgraphs(model.graph)
+    skip = set(float_nodes)
+    chosen: dict[str, tuple[np.ndarray | None, int]] = {}
+    if default_opset(model) >= PER_CHANNEL_OPSET:
+        for name, uses in readers.items():
+            tensor = inits[name]
+            axes = {_quantizer_axis(node, index, len(tensor.dims)) for node, index in uses}
+            if tensor.data_type != onnx.TensorProto.FLOAT or name in outside or len(axes) != 1 or None in axes or \
+                    any(node.name in skip for node, _ in uses) or \
+                    any(name + suffix in taken for suffix in ("_quantized", "_scale", "_zero_point", DQ_OUTPUT)):
+                continue
+            axis = axes.pop()
+            solved = weights.get(name)
+            if solved is not None:
+                scales = np.asarray(solved.scales, np.float32).reshape(-1)
+                if solved.axis != axis or scales.size != tensor.dims[axis] or not np.all(scales > 0):
+                    continue
+            else:
+                scales = None
+            biased = [node for node, _ in uses if node.op_type != "MatMul" and len(node.input) > 2 and node.input[2]]
+            if biased:
+                scales = channel_scales(tensor_values(tensor), axis, q_max) if scales is None else scales
+                if not all(_bias_fits(node, scales, inits, ranges) for node in biased):
+                    continue
+            chosen[name] = (scales, axis)
+    skeleton = without_initializers(model)
+    if chosen:
+        nodes = [helper.make_node("DequantizeLinear", [f"{name}_quantized", f"{name}_scale", f"{name}_zero_point"],
+                                  [name + DQ_OUTPUT], name=f"{name}_DequantizeLinear", axis=axis)
+                 for name, (_, axis) in chosen.items()]
+        for node in skeleton.graph.node:
+            for index, name in enumerate(node.input):
+                if name in chosen:
+                    node.input[index] = name + DQ_OUTPUT
+        nodes.extend(skeleton.graph.node)
+        del skeleton.graph.node[:]
+        skeleton.graph.node.extend(nodes)
+    return IntegerWeights(model, skeleton, chosen, q_max)
+
+
+def channel_scales(weight: np.ndarray, axis: int, q_max: int) -> np.ndarray:
+    """onnxruntime's symmetric per-channel scales: s = 2·max|W_channel| / (2·Q) in float64, as float32; a channel
+    of zeros gets s = 1."""
+    others = tuple(a for a in range(weight.ndim) if a != axis)
+    absmax = np.abs(weight.astype(np.float32, copy=False)).max(axis=others) if others else np.abs(weight)
+    scales = (2.0 * absmax.astype(np.float64)) / (2.0 * q_max)
+    return np.where(scales < np.finfo(np.float32).tiny, 1.0, scales).astype(np.float32)
+
+
+def channel_int8(weight: np.ndarray, axis: int, scales: np.ndarray) -> np.ndarray:
+    """clip(round(W / s), −128, 127) per channel along ``axis``, in float32 as onnxruntime computes it."""
+    shape = [1] * weight.ndim
+    shape[axis] = -1
+    q = np.round(weight.astype(np.float32, copy=False) / scales.astype(np.float32).reshape(shape))
+    return np.clip(q, -128, 127).astype(np.int8)
+
+
+def _quantizer_axis(node: onnx.NodeProto, index: int, rank: int) -> int | None:
+    """The per-channel axis onnxruntime's quantizer gives this node's weight input ``index``; None where it does
+    not quantize it as a per-channel weight (or this export leaves it to it)."""
+    if node.op_type in ("Conv", "ConvTranspose") and index == 1 and rank >= 3:
+        return 0 if node.op_type == "Conv" else 1
+    if node.op_type in ("Gemm", "MatMul") and index == 1 and rank == 2:
+        return weight_axis(node)
+    return None
+
+
+def _read_in_subgraphs(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name the nodes of ``graph``'s subgraphs (If/Loop/Scan bodies, nested) read."""
+    names: set[str] = set()
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                names.update(name for inner in sub.node for name in inner.input)
+                names |= _read_in_subgraphs(sub)
+    return names
+
+
+def _bias_fits(node: onnx.NodeProto, weight_scales: np.ndarray, inits: Mapping[str, onnx.TensorProto],
+               ranges: Mapping[str, TensorRange]) -> bool:
+    """Whether the int32 bias at scale s_x·s_w·β holds the bias with room to spare, so the quantizer keeps the
+    weight scales (below 1.0001·2|b| / (2³² − 2) it raises them)."""
+    bias, r = inits.get(node.input[2]), ranges.get(node.input[0])
+    if bias is None or r is None:
+        return False
+    s_x = (max(r.hi, 0.0) - min(r.lo, 0.0)) / 255.0
+    beta = next((a.f for a in node.attribute if a.name == "beta"), 1.0) if node.op_type == "Gemm" else 1.0
+    values = np.abs(tensor_values(bias).astype(np.float64)).reshape(-1)
+    b = values if values.size == weight_scales.size else np.full(weight_scales.size, values.max(initial=0.0))
+    return bool(np.all(s_x * weight_scales.astype(np.float64) * abs(beta) >= BIAS_MARGIN * 2.0 * b / (2.0 ** 32 - 2)))
 
 
 def int8_forms(layers, requested: str) -> list[str]:
@@ -118,10 +266,12 @@ def integer_chain(quantized: onnx.ModelProto) -> onnx.ModelProto:
 
 def _ort_quantize(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], tensor_overrides: dict,
                   float_nodes: Sequence[str] = (), reduce_range: bool = False,
-                  ranges: Mapping[str, TensorRange] | None = None) -> onnx.ModelProto:
+                  ranges: Mapping[str, TensorRange] | None = None,
+                  integer: IntegerWeights | None = None) -> onnx.ModelProto:
     """``ranges``: every float tensor's, handed to the quantizer as its calibration cache, so that it does not
     calibrate (an augmented copy of the model and a session of it) for ranges the overrides replace anyway;
-    without them, its own min-max calibration on ``feed``."""
+    without them, its own min-max calibration on ``feed``. ``integer``: the graph with int8 weights to hand it
+    instead of ``model``."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     def run(source, path, large):
@@ -135,7 +285,7 @@ def _ort_quantize(model: onnx.ModelProto, feed: Mapping[str, np.ndarray], tensor
             nodes_to_exclude=list(float_nodes), reduce_range=reduce_range, use_external_data_format=large,
             extra_options={"TensorQuantOverrides": tensor_overrides}, calibration_cache_path=cache)
 
-    return _through_file(model, run)
+    return _through_file(model, run, integer)
 
 
 def _write_calibration_cache(ranges: Mapping[str, TensorRange], path: str) -> None:
@@ -146,26 +296,34 @@ def _write_calibration_cache(ranges: Mapping[str, TensorRange], path: str) -> No
     save_tensors_data(TensorsData(CalibrationMethod.MinMax, data), path)
 
 
-def _through_file(model: onnx.ModelProto, quantizer) -> onnx.ModelProto:
-    """``quantizer(source path, output path, large)`` on ``model`` written to a scratch folder (a path, not the
-    ModelProto: given a ModelProto, onnxruntime's quantizers rewrite its initializers in place into references
-    to external data in a folder they then delete), with the quantizer's advice to its own users silenced.
-    ``large``: the model is over protobuf's 2 GB limit, so the source is written with external data and the
-    quantizer must write its own intermediate models (the calibration graph) and output that way too."""
+def _through_file(model: onnx.ModelProto, quantizer, integer: IntegerWeights | None = None) -> onnx.ModelProto:
+    """``quantizer(source path, output path, large)`` on ``model`` (or ``integer``'s graph) written to a scratch
+    folder (a path, not the ModelProto: given a ModelProto, onnxruntime's quantizers rewrite its initializers in
+    place into references to external data in a folder they then delete), with the quantizer's advice to its own
+    users silenced. ``large``: the model is over protobuf's 2 GB limit, so the source is written with external
+    data and the quantizer must write its own intermediate models (the calibration graph) and output that way
+    too. A model whose weights are in files (``onnxio/weights.py``) gets its quantized weights in a file too.
+    """
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
     try:
         with scratch_folder("onnxadmm-quantize-") as folder:
             source, path = folder / "float.onnx", os.path.join(folder, "quantized.onnx")
-            large = exceeds_protobuf_limit(model)
-            if large or any_mapped(model):
+            large, mapped = exceeds_protobuf_limit(model), any_mapped(model)
+            if integer is not None and integer.scales:
+                write_with_external_data(integer.skeleton, integer.tensors(), source, "float.onnx.data")
+            elif large or mapped:
                 write_with_external_data(without_initializers(model), model.graph.initializer, source,
                                          "float.onnx.data")
             else:
                 source.write_bytes(model.SerializeToString())
-            quantizer(str(source), path, large)
-            return onnx.load(path)
+            quantizer(str(source), path, large or mapped)
+            if not mapped:
+                return onnx.load(path)
+            quantized = onnx.load(path, load_external_data=False)  # weights kept in files, as the input's are
+            map_external_data(quantized, folder)
+            return moved_to(quantized, WeightFile(until_exit=True))
     finally:
         root.setLevel(level)
 

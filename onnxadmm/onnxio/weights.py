@@ -184,18 +184,24 @@ def collected() -> Iterator[list["WeightFile"]]:
         _COLLECTORS.remove(files)
 
 
+_UNTIL_EXIT: list["WeightFile"] = []
+
+
 class WeightFile:
     """An append-only scratch file of solved weights; ``keep`` returns each as a read-only memmap view of it. The
     file is removed with ``close``, or once this object is garbage-collected (or at exit): whatever refers to the
-    kept weights by file (a model's stubs) must hold it."""
+    kept weights by file (a model's stubs) must hold it — the ``collected`` blocks it is made in do, and with
+    ``until_exit`` (a model returned with nothing else to hold its file) the process does outside them."""
 
-    def __init__(self):
+    def __init__(self, until_exit: bool = False):
         self.folder = new_folder("onnxadmm-weights-")
         self.path = self.folder / "weights.bin"
         self._handle = open(self.path, "wb")
         self._finalizer = weakref.finalize(self, _close, self._handle, self.folder)
         for files in _COLLECTORS:
             files.append(self)
+        if until_exit and not _COLLECTORS:
+            _UNTIL_EXIT.append(self)
 
     def keep(self, values: np.ndarray) -> np.memmap:
         values = np.ascontiguousarray(values)
@@ -212,6 +218,25 @@ class WeightFile:
 def _close(handle, folder: Path) -> None:
     handle.close()
     remove(folder)
+
+
+def moved_to(model: onnx.ModelProto, file: WeightFile) -> onnx.ModelProto:
+    """``model`` with every mapped initializer's values copied into ``file``, one tensor at a time, and its stub
+    pointing there (so the files it referred to may be removed)."""
+    for tensor in model.graph.initializer:
+        if is_mapped(tensor):
+            moved = stub_for(tensor.name, file.keep(array(tensor)), tensor.data_type)
+            tensor.ClearField("external_data")
+            tensor.external_data.extend(moved.external_data)
+    return model
+
+
+def tensor_in(values: np.ndarray, name: str, file: WeightFile | None) -> onnx.TensorProto:
+    """``values`` as an initializer: a mapped stub into ``file`` when given and they are ``MAPPED_MIN_BYTES`` or
+    more, else in the message."""
+    if file is None or values.nbytes < MAPPED_MIN_BYTES:
+        return numpy_helper.from_array(values, name)
+    return stub_for(name, file.keep(values))
 
 
 def kept(values: dict[str, np.ndarray], file: WeightFile | None) -> dict[str, np.ndarray]:
