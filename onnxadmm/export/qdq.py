@@ -111,39 +111,8 @@ def integer_weights(model: onnx.ModelProto, weights: Mapping[str, WeightScales],
                     reduce_range: bool, ranges: Mapping[str, TensorRange]) -> IntegerWeights:
     """Which weights reach the quantizer as integers (module docstring), and the graph that reads them so."""
     q_max = Q_MAX_REDUCED if reduce_range else Q_MAX
-    inits = {t.name: t for t in model.graph.initializer}
-    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-    for node in model.graph.node:
-        for index, name in enumerate(node.input):
-            if name in inits:
-                readers.setdefault(name, []).append((node, index))
-    taken = {name for node in model.graph.node for name in node.output} | set(inits) | \
-        {v.name for v in model.graph.input}
-    outside = {v.name for v in model.graph.input} | {v.name for v in model.graph.output} | _read_in_subgraphs(model.graph)
-    skip = set(float_nodes)
-    chosen: dict[str, tuple[np.ndarray | None, int]] = {}
-    if default_opset(model) >= PER_CHANNEL_OPSET:
-        for name, uses in readers.items():
-            tensor = inits[name]
-            axes = {_quantizer_axis(node, index, len(tensor.dims)) for node, index in uses}
-            if tensor.data_type != onnx.TensorProto.FLOAT or name in outside or len(axes) != 1 or None in axes or \
-                    any(node.name in skip for node, _ in uses) or \
-                    any(name + suffix in taken for suffix in ("_quantized", "_scale", "_zero_point", DQ_OUTPUT)):
-                continue
-            axis = axes.pop()
-            solved = weights.get(name)
-            if solved is not None:
-                scales = np.asarray(solved.scales, np.float32).reshape(-1)
-                if solved.axis != axis or scales.size != tensor.dims[axis] or not np.all(scales > 0):
-                    continue
-            else:
-                scales = None
-            biased = [node for node, _ in uses if node.op_type != "MatMul" and len(node.input) > 2 and node.input[2]]
-            if biased:
-                scales = channel_scales(tensor_values(tensor), axis, q_max) if scales is None else scales
-                if not all(_bias_fits(node, scales, inits, ranges) for node in biased):
-                    continue
-            chosen[name] = (scales, axis)
+    chosen = _written_here(model, weights, set(float_nodes), q_max, ranges) \
+        if default_opset(model) >= PER_CHANNEL_OPSET else {}
     skeleton = without_initializers(model)
     if chosen:
         nodes = [helper.make_node("DequantizeLinear", [f"{name}_quantized", f"{name}_scale", f"{name}_zero_point"],
@@ -157,6 +126,43 @@ def integer_weights(model: onnx.ModelProto, weights: Mapping[str, WeightScales],
         del skeleton.graph.node[:]
         skeleton.graph.node.extend(nodes)
     return IntegerWeights(model, skeleton, chosen, q_max)
+
+
+def _written_here(model: onnx.ModelProto, weights: Mapping[str, WeightScales], float_nodes: set[str], q_max: int,
+                  ranges: Mapping[str, TensorRange]) -> dict[str, tuple[np.ndarray | None, int]]:
+    """weight -> (scales, axis) for each float weight every reader of which the quantizer quantizes per channel
+    along one axis, whose solved scales (if any) run along it, and whose bias fits int32 at those scales."""
+    inits = {t.name: t for t in model.graph.initializer}
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in model.graph.node:
+        for index, name in enumerate(node.input):
+            if name in inits:
+                readers.setdefault(name, []).append((node, index))
+    taken = {name for node in model.graph.node for name in node.output} | set(inits) | \
+        {v.name for v in model.graph.input}
+    outside = {v.name for v in model.graph.input} | {v.name for v in model.graph.output} | \
+        _read_in_subgraphs(model.graph)
+    chosen = {}
+    for name, uses in readers.items():
+        tensor = inits[name]
+        axes = {_quantizer_axis(node, index, len(tensor.dims)) for node, index in uses}
+        if tensor.data_type != onnx.TensorProto.FLOAT or name in outside or len(axes) != 1 or None in axes or \
+                any(node.name in float_nodes for node, _ in uses) or \
+                any(name + suffix in taken for suffix in ("_quantized", "_scale", "_zero_point", DQ_OUTPUT)):
+            continue
+        axis = axes.pop()
+        scales = None  # (onnxruntime's own, computed when the weights are written)
+        if name in weights:
+            scales = np.asarray(weights[name].scales, np.float32).reshape(-1)
+            if weights[name].axis != axis or scales.size != tensor.dims[axis] or not np.all(scales > 0):
+                continue
+        biased = [node for node, _ in uses if node.op_type != "MatMul" and len(node.input) > 2 and node.input[2]]
+        if biased:
+            scales = channel_scales(tensor_values(tensor), axis, q_max) if scales is None else scales
+            if not all(_bias_fits(node, scales, inits, ranges) for node in biased):
+                continue
+        chosen[name] = (scales, axis)
+    return chosen
 
 
 def channel_scales(weight: np.ndarray, axis: int, q_max: int) -> np.ndarray:

@@ -13,7 +13,7 @@ every method — sparse, N:M, channels, grouped, low-rank factors (each factor a
    refinement against the float model the stage was given (``finetune/refine.py``); with ``--distill-epochs``,
    distillation against the original (``finetune/distill.py``; the rows it is checked on are left out of
    step 1). Each is kept when the exported graph gets closer to the original on the held-out samples.
-4. QDQ through onnxruntime's quantizer with every range and weight scale as an override (``qdq.py``), and
+4. QDQ through onnxruntime's quantizer, handed every range and the weights already as int8 (``qdq.py``), and
    the fusion coverage: which layers onnxruntime then runs as integer kernels (``coverage.py``).
 Dynamic activations (transformers: calibrated ranges clip the outliers of LayerNorm outputs and residual
 streams): each MatMul input's outlier channels first moved into the weights' rows where that lowers the rounded
