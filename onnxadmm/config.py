@@ -221,9 +221,10 @@ class CompressConfig:
     )
     max_memory_mb: int = field(
         default=2048,
-        metadata=_opt("memory for activations: a quarter for the cached layer inputs (beyond it they spill to a "
+        metadata=_opt("working memory: a quarter for the cached layer inputs (beyond it they spill to a "
                       "temporary folder), a quarter for a layer's sampled patches, an eighth for the solver's "
-                      "copy of them; a quarter for the batches of the int8 range passes"),
+                      "copy of them, the rest for its working copies of the layer (a larger layer is solved in "
+                      "blocks of output rows); a quarter for the batches of the int8 range passes"),
     )
     sample_patches: int = field(
         default=65536, metadata=_opt("input patches sampled per layer for its statistics")

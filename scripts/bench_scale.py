@@ -330,18 +330,70 @@ Peak 3,296 MB, 1.51× the weights, within 1.5× plus `--max-memory-mb` (3,520 MB
 from f18fad7, 3,228 MB (1.48×); from 6623e3c (malloc's thresholds fixed), 3,305 MB (1.52×, within the same
 bound; its 655 s ran partly beside two other compress runs); with the weights held in the protos, 6,272 MB (2.9×). Compress 435 and 424 s,
 540 and 534 s in all (the row before, 364 and 467 s, ran on the Intel machine with AMX). The default, int8 alone (`compress large.onnx OUT --calib
-random:64 --max-memory-mb 256`): peak 4,088 MB, 1.88× the weights (6,395 MB before), in the probe that chooses
-the activation form: its rounding-only build of the static form goes through onnxruntime's `quantize_static`,
-which loads the whole float model (2.2 GB) to write the QDQ graph. The solve stayed at 1.9–2.3 GB and validation
-peaked at 3.9 GB. 1,564 s wall (a few tests ran beside it), 2.05× faster at batch 1 than the original, the same
-582 MB output, agreement 1.000 on the 64 samples. Writing the static QDQ graph directly, as the dynamic form is
-(`export/dynamic.py`), is what would bound this one too.
+random:64 --max-memory-mb 256`), on 2026-12-07: peak 4,088 MB, 1.88× the weights (6,395 MB before), in the probe
+that chooses the activation form: its rounding-only build of the static form went through onnxruntime's
+`quantize_static`, which loads the whole float model (2.2 GB) to write the QDQ graph; the two int8 builds were then
+held in memory (550 MB each) while the probe ran the float model. Since 2026-12-08 (`export/qdq.py`) the weights
+reach the quantizer already as int8 behind a DequantizeLinear, in the form it writes them itself (it keeps such a
+weight, and takes its scale from there for the bias), so it loads 550 MB instead of 2.2 GB and writes the same graph
+(the same nodes, integers and scales as from the float weights: the test-bed's ResNet-20, LeNet-5,
+EfficientNet-Lite0 and MiniLM-L3, rounded and with given scales, on 7 bits and with a layer kept float, give
+identical onnxruntime outputs); and where the model's weights are in files, both int8 forms write theirs to a
+scratch file instead of the graph. The probe's steps alone on this model (RSS, the process's own): the rounding-only
+static build peaks at 697 MB, the dynamic one at 664 MB, and running the float model on the held-out samples at
+2,394 MB (before: 680 and 1,800 MB held after the two builds, 3,464 MB peak). The whole command then peaked at
+3,403 MB, 1.56× the weights, within 1.5× plus `--max-memory-mb` (3,520 MB), in validation, where the original's
+session is timed (3,093 MB before it, at the original's outputs and footprint; the probe 57 s instead of 262 s;
+2,566 s wall, beside the test suite for 25 minutes of it), with the same 582 MB output, agreement 1.000 on the 64
+samples and 2.32× faster at batch 1. This model chooses the dynamic form; a whole run in the static form (its
+weights solved in a copy whose layer inputs are rounded) was not measured on it.
 
-One layer's solve needs about 20× its weight: on the 512 MB version of the model (8 branches, the same command)
-RSS is 0.76 GB between layers and peaked at 2.17 GB inside the first layer's solve (a 256 × 65,536 weight, 64 MB:
-the solver's iterates and temporaries; not broken down further). So the bound above holds for models
-whose largest layer is small against the whole; a single layer of several GB would need its solve split by
-output rows.
+### A layer larger than its share: row blocks
+
+One layer's solve held about 12 float32 copies of its weight at its peak (θ, Z, U, the penalty's anchor, the
+gradient, the direction and the next θ in the W-step; |V|, the selection's copy and the product in the top-k
+projection), plus W₀, its magnitude projection and the solution: on a single MatMul of 65,536 × 1,024 (256 MB)
+followed by a Relu, 64 samples, the solve rose 3.0 GB over its inputs. Since 2026-12-08 (`algorithms/rowblocks.py`)
+a layer whose solve would exceed the rest of `--max-memory-mb` (3/8 of it: a quarter is the cached activations',
+a quarter the sampled problem's, an eighth the subset's) is solved in blocks of its output rows, each within it
+(16 weight-sized copies of a block's rows and 8 of the subset's rows by its outputs, from that measurement and from
+a 1,280 × 320 layer on 10,272 rows, whose solve rose 660 MB). The loss is a sum over output channels, each a
+function of its own row (σ acts per channel: checked on the first 64 patches for the first and the last block,
+and a chain with one constant per channel — a per-channel PRelu slope — is solved whole), so the W-step splits
+exactly; the Z-step splits where the constraint is per row (N:M, the integer grid's per-row scales, a fixed support)
+and, for a layer-wide count (element and kernel sparsity), once each block is given its share of k: its entries
+among the layer's k largest |W₀|, counted from two histograms of the scores' bit patterns, chunk by chunk, without a
+copy of the layer (`kept_per_row`, exactly `top_k_mask`'s choice). ADMM moves entries freely within a block, not
+across blocks. Channel pruning, low rank and the penalties' layer-wide μ search couple every row and are solved
+whole. The blocks share the sampled inputs, the objective's subset of them and its eigenbasis. No layer of the
+test-bed models is split at the default 2048 MB (ResNet-20 `--sparsity 0.5`, `--quantize int8` and `--nm 2:4`:
+byte-identical outputs before and after); AlexNet's and VGG-16's classifiers are (4 and 2, 9 and 2 blocks), and the
+`large_2gb` layers at its 256 MB (13 blocks each).
+
+Back to back, before → after, `--sparsity 0.5 --uniform --calib random:64 --max-memory-mb 256` (2026-12-08, AMD
+EPYC Zen 4):
+
+| model | peak RSS MB | layer solve s | layer error (relative) |
+|---|---|---|---|
+| one MatMul 1,024 → 65,536 + Relu (256 MB) | 4,630 → 1,679 | 41.2 → 15.8 (45 blocks) | 0.0022007 → 0.0022004 |
+| one MatMul 4,096 → 65,536 + Relu (1 GB) | 14,745 → 3,143 | 254 → 69 (173 blocks) | 0.0022344 → 0.0022241 |
+
+The 1 GB model's 3.1 GB, three times its weight, are no longer the solve's: its first run with row blocks peaked
+at 7.9 GB, and three more copies were then removed — the conversion check (`bridge/torch_layer.py`) converted the
+layer with its weight inlined into the cut-out ONNX graph and the torch module (6.9 GB while sampling); a MatMul's
+or Gemm's weight is now the module's input, read where it is. A boolean mask's `.sum()` made an int64 copy of it
+(2 GB; now `count_nonzero`), and the original weights were held while the solved ones were laid out for the graph.
+The footprint serialized each tensor whole to zip it (2.8 GB at load); a tensor in a file is now read a block at a
+time. What remains: the original's onnxruntime session (2.8 GB: its weights pre-packed), the layer's original
+weights in the solver's layout beside the solved ones and their stored layout at the end of the solve, and
+validation's sessions (3.1 GB). So the bound above (1.5× plus `--max-memory-mb`) holds for models whose largest
+layer is small against the whole; a model that is one multi-GB layer needs about 3× its weights. The AlexNet,
+VGG-16 and `large_2gb` rows marked `bae3525 dirty` ran with row blocks, before these last three changes: VGG-16
+6,629 → 6,027 MB (its 6.0 GB, 11× its weights, not broken down here), `large_2gb` 3,305 → 3,157 MB and 503 → 279 s
+(its layers 19 → 8 s at most), AlexNet 3,166 → 2,928 MB and 87 → 117 s, in a slow hour: run back to back with the
+release before, twice each with the final code, AlexNet compressed in 77.4 / 79.1 s before and 76.9 / 80.0 s after,
+peak RSS 3,087 / 3,179 and 2,916 / 2,901 MB, its classifiers' errors 0.00003 / 0.00316 / 0.00084 before and
+0.00002 / 0.00315 / 0.00081 after, each output the same in both runs.
 
 Why files, and why each session gets a copy of them on disk: protobuf's Python runtime (upb) keeps every
 message's bytes in an arena freed only with the whole message — replacing an initializer's `raw_data` or deleting

@@ -5,7 +5,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from models import run, samples_for, tiny_cnn, token_mlp
+from models import mlp, run, samples_for, tiny_cnn, token_mlp
 from onnxadmm.analysis.layers import find_layers
 from onnxadmm.calib.readers import SampleSet, evenly_spaced, open_samples, select
 from onnxadmm.solve.problem import SampleSettings, sample_problem
@@ -180,6 +180,35 @@ def test_stream_sees_compressed_weights_only_downstream():
     stream.ensure([layers[3].input_name])
     assert layers[1].input_name not in stream.stores[ORIGINAL].names()  # no pending reader: evicted
     assert not np.allclose(stream.get(ORIGINAL, layers[3].input_name, 0), stream.get(COMPRESSED, layers[3].input_name, 0))
+
+
+@pytest.mark.parametrize("builder", [lambda: mlp(trans_b=False, alpha=0.5, beta=2.0), token_mlp])
+def test_the_conversion_check_reads_a_gemm_or_matmul_weight_in_place_and_still_catches_a_wrong_view(monkeypatch,
+                                                                                                     builder):
+    """The check converts the layer with its weight as the module's input (a multi-GB weight is not copied into
+    the converted graph and module) and still refuses a patch view that is not the layer's."""
+    from onnxadmm.bridge import torch_layer
+
+    model = builder()
+    view = normalize(model).view()
+    samples = SampleSet(samples_for(model, 24), "mem")
+    stream = ActivationStream(view, samples, 3, 1 << 30)
+    converted = []
+    convert = torch_layer._convert
+    monkeypatch.setattr(torch_layer, "_convert", lambda *args: converted.append(convert(*args)) or converted[-1])
+    for index, layer in enumerate(find_layers(view).layers):
+        assert layer.op_type in ("Gemm", "MatMul")
+        stream.ensure([layer.input_name, *layer.chain.side_inputs])
+        w0 = layer.canonical(view.constant(layer.weight_name))
+        settings = SampleSettings(max_patches=100, seed=0)
+        sigma = torch_layer.activation_function(view, layer)
+        sample_problem(stream, layer, index, w0, layer.canonical_bias(view), sigma, True, settings,
+                       samples.num_samples)
+        checked = converted[-1]
+        assert all(t.numel() < w0.size for t in checked.state_dict().values())
+        with pytest.raises(torch_layer.BridgeError, match="disagrees"):
+            sample_problem(stream, layer, index, w0 * 1.01, layer.canonical_bias(view), sigma, True, settings,
+                           samples.num_samples)
 
 
 @pytest.mark.parametrize("builder", [tiny_cnn, token_mlp])

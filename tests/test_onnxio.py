@@ -396,6 +396,24 @@ def test_reaches_bytes_agrees_with_the_serialized_size_without_sizing_the_whole_
     assert reaches_bytes(model, size // 2)
 
 
+@pytest.mark.parametrize("values", [np.arange(-3, 70000 * 3 - 3, dtype=np.float32).reshape(70000, 3),
+                                    np.float32(2.5), np.array([0, 1.5, -0.0, 2], np.float16)])
+def test_a_tensor_in_a_file_serializes_and_counts_in_blocks_as_when_it_is_read_whole(tmp_path, monkeypatch,
+                                                                                      values):
+    """The footprint reads a weight in a file a block at a time (a multi-GB tensor is never in memory whole)."""
+    from onnxadmm.onnxio import weights
+
+    monkeypatch.setattr(weights, "COPY_BLOCK_BYTES", 4096)
+    values = np.asarray(values)
+    values.tofile(tmp_path / "w.bin")
+    tensor = weights.stub("w", helper.np_dtype_to_tensor_dtype(values.dtype), values.shape,
+                          str(tmp_path / "w.bin"), 0, values.nbytes)
+    pieces = list(weights.serialized(tensor))
+    assert b"".join(pieces) == weights.inlined(tensor).SerializeToString()
+    assert max(map(len, pieces)) <= 4096 + 64
+    assert weights.count_nonzero(tensor) == np.count_nonzero(values)
+
+
 def test_weights_in_external_data_stay_in_their_files_and_compress_to_the_same_model(tmp_path, monkeypatch):
     """A model read with external data keeps its large weights in the data file (mapped stubs, ``weights.py``);
     the solved weights go to a scratch file. The compressed weights are those of the same model compressed from one

@@ -48,12 +48,15 @@ class AdmmSettings:
     bf16_products: bool = False  # the descent's products with X̃ in bfloat16 (see the module docstring)
     subset_bytes: int | None = None  # memory for the objective's copy of its patches (None: no bound)
     model_fit: float = 0.0  # a W-step ends after a full step within this share of its model's decrease (0: off)
-    # called after every iteration with (iteration, iterations, primal residual): progress inside a long layer
-    on_iteration: Callable[[int, int, float], None] | None = field(default=None, compare=False, repr=False)
+    layer_bytes: int | None = None  # memory for one layer's solve: beyond it, in blocks of rows (``rowblocks.py``)
+    # called after every iteration with (iteration, iterations, primal residual, part): progress inside a long
+    # layer; ``part`` names the block of rows being solved (``rowblocks.py``), "" for the whole layer
+    on_iteration: Callable[[int, int, float, str], None] | None = field(default=None, compare=False, repr=False)
+    part: str = field(default="", compare=False)
 
     def report(self, step: int, primal: float) -> None:
         if self.on_iteration is not None:
-            self.on_iteration(step + 1, self.iterations, primal)
+            self.on_iteration(step + 1, self.iterations, primal, self.part)
 
 
 STALL_GAIN = 0.005  # relative improvement of f(Z) that counts as progress for ``stall_iterations``
@@ -118,7 +121,7 @@ class _Settled:
             return False
         support = z != 0
         settled = self.support is not None and \
-            int((support != self.support).sum()) <= int(self.changes * int(support.sum()))
+            int(torch.count_nonzero(support != self.support)) <= int(self.changes * int(torch.count_nonzero(support)))
         self.count = self.count + 1 if settled else 0
         self.support = support
         return self.count >= self.needed
@@ -201,19 +204,14 @@ class ActivationObjective:
     def __init__(self, problem: LayerProblem, settings: AdmmSettings):
         count, g, d = problem.x_hat.shape
         take = min(count, subset_rows(settings, g, d))
-        generator = torch.Generator().manual_seed(settings.seed)
-        self.rows = torch.randperm(count, generator=generator)[:take].sort().values
+        key = ("objective subset", take, settings.seed)  # (built from x̂ alone: shared by a layer's row blocks)
+        if key not in problem.shared or problem.shared[key][0] is not problem.x_hat:
+            problem.shared[key] = (problem.x_hat, _subset_inputs(problem.x_hat, take, settings.seed))
+        self.rows, self.x_aug, self.eigenvalues, self.basis, self.thin = problem.shared[key][1]
         self.problem = problem
         self.target = problem.target("activation")[self.rows]
         self.sides = problem.sides("hat", self.rows)
         self.scale = 1.0 / (float(self.target.pow(2).sum()) or 1.0)
-        self.x_aug = torch.empty((g, take, d + 1))  # (G, M, d+1): [x̂ on the subset; 1], filled in chunks so that
-        self.x_aug[..., d] = 1.0  # no (M, G, d) copy of the subset is held beside it
-        chunk = max(1, CHUNK_BYTES // (4 * g * d))
-        for start in range(0, take, chunk):
-            part = self.rows[start:start + chunk]
-            self.x_aug[:, start:start + len(part), :d] = problem.x_hat[part].transpose(0, 1)
-        self.eigenvalues, self.basis, self.thin = _eigenbasis(self.x_aug)
         macs = self.x_aug.numel() * problem.w0.shape[1]  # of one product with X̃: G·M·(d+1)·R
         self.x_low = self.x_aug.bfloat16() if settings.bf16_products and macs >= BF16_FROM_MACS else None
         self.x_grad = self._transposed()
@@ -304,6 +302,20 @@ class ActivationObjective:
         if self.thin:
             return torch.baddbmm(grad, scaled * (1.0 / denom - 1.0 / rho), self.basis.transpose(1, 2), beta=1.0 / rho)
         return torch.bmm(scaled / denom, self.basis.transpose(1, 2))
+
+
+def _subset_inputs(x_hat: torch.Tensor, take: int, seed: int):
+    """The objective's subset: ``take`` patches drawn with ``seed`` (sorted), X̃ = [x̂ on them; 1] (G, M, d+1) —
+    filled in chunks, so no (M, G, d) copy is held beside it — and the eigenbasis of X̃ᵀX̃ (``_eigenbasis``)."""
+    count, g, d = x_hat.shape
+    rows = torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:take].sort().values
+    x_aug = torch.empty((g, take, d + 1))
+    x_aug[..., d] = 1.0
+    chunk = max(1, CHUNK_BYTES // (4 * g * d))
+    for start in range(0, take, chunk):
+        part = rows[start:start + chunk]
+        x_aug[:, start:start + len(part), :d] = x_hat[part].transpose(0, 1)
+    return (rows, x_aug, *_eigenbasis(x_aug))
 
 
 def squared_norm(x: torch.Tensor) -> float:

@@ -33,6 +33,9 @@ class LayerProblem:
     sample_ids: torch.Tensor | None = None  # (P,) the calibration sample each patch comes from
     _target: torch.Tensor | None = field(default=None, repr=False)
     _energy: dict = field(default_factory=dict, repr=False)  # loss -> ‖target‖²
+    # what is built from x̂ alone (the objective's subset and its eigenbasis), shared by the row blocks of a layer;
+    # each entry is (the x̂ it was built from, the value), so a copy of the problem with other patches builds its own
+    shared: dict = field(default_factory=dict, repr=False)
 
     def held_out(self, every: int = HOLD_OUT_EVERY) -> torch.Tensor | None:
         """(P,) mask of the patches from every ``every``-th calibration sample (id ≡ every−1 mod every);
@@ -54,6 +57,21 @@ class LayerProblem:
             side_hat=tuple(s[rows] for s in self.side_hat), side_ref=tuple(s[rows] for s in self.side_ref),
             activation=self.activation, fit_bias=self.fit_bias,
             sample_ids=None if self.sample_ids is None else self.sample_ids[rows])
+
+    def output_rows(self, start: int, stop: int) -> "LayerProblem":
+        """The same problem for outputs ``start:stop`` of every group (W₀[:, start:stop]): the loss is a sum over
+        output channels, each a function of its own row of W (σ acts per channel; ``rowblocks.py`` checks that it
+        takes a block of them), so a layer's rows can be solved apart. x̂ and ``shared`` are shared, not copied."""
+        g, r, _ = self.w0.shape
+
+        def columns(t: torch.Tensor) -> torch.Tensor:
+            return output_columns(t, g, r, start, stop)
+
+        return LayerProblem(
+            x_hat=self.x_hat, y_ref=columns(self.y_ref), w0=self.w0[:, start:stop],
+            b0=self.b0.reshape(g, r)[:, start:stop].reshape(-1), side_hat=tuple(columns(s) for s in self.side_hat),
+            side_ref=tuple(columns(s) for s in self.side_ref), activation=self.activation, fit_bias=self.fit_bias,
+            sample_ids=self.sample_ids, shared=self.shared)
 
     @property
     def groups(self) -> int:
@@ -94,14 +112,19 @@ class LayerProblem:
         """‖prediction − target‖² / ‖target‖² over all sampled positions."""
         return self.relative_errors([(w, b)], loss)[0]
 
+    def energy(self, loss: str) -> float:
+        """‖target‖² over all sampled positions (1 where it is 0): the relative errors' denominator."""
+        if loss not in self._energy:
+            self._energy[loss] = float(self.target(loss).pow(2).sum()) or 1.0
+        return self._energy[loss]
+
     @torch.no_grad()
     def relative_errors(self, candidates: list[tuple[torch.Tensor, torch.Tensor]], loss: str) -> list[float]:
         """``relative_error`` of each (W, b) in ``candidates``, in one pass over the patches: one product per
         chunk with their weights stacked, (G, K·R, d) (chunked; float32 sums, which torch accumulates
         pairwise)."""
         target = self.target(loss)
-        if loss not in self._energy:
-            self._energy[loss] = float(target.pow(2).sum()) or 1.0
+        energy = self.energy(loss)
         outputs = self.w0.shape[1]
         stacked = torch.cat([w for w, _ in candidates], dim=1).transpose(1, 2)  # (G, d, K·R)
         nums = [0.0] * len(candidates)
@@ -115,7 +138,7 @@ class LayerProblem:
                 z = out[..., k * outputs:(k + 1) * outputs].transpose(0, 1).reshape(x.shape[0], -1) + b
                 prediction = z if loss == "linear" else self.sigma(z, sides)
                 nums[k] += float((prediction - target[rows]).pow(2).sum())
-        return [num / self._energy[loss] for num in nums]
+        return [num / energy for num in nums]
 
     @torch.no_grad()
     def shift_free(self) -> "LayerProblem":
@@ -137,6 +160,11 @@ class LayerProblem:
         shift = self.sigma(zeros, self.side_ref) - self.sigma(zeros, self.side_hat)
         return LayerProblem(x_hat=self.x_hat, y_ref=self.y_ref + shift, w0=self.w0, b0=self.b0,
                             activation=None, fit_bias=self.fit_bias, sample_ids=self.sample_ids)
+
+
+def output_columns(t: torch.Tensor, groups: int, rows: int, start: int, stop: int) -> torch.Tensor:
+    """The columns of outputs ``start:stop`` of every group: (P, G·R) -> (P, G·(stop − start))."""
+    return t.reshape(t.shape[0], groups, rows)[:, :, start:stop].reshape(t.shape[0], -1)
 
 
 def held_out_last(sample_ids: torch.Tensor, every: int = HOLD_OUT_EVERY) -> torch.Tensor:

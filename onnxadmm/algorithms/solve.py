@@ -22,6 +22,7 @@ from .projections.grid import IntegerGrid, output_error_scales
 from .projections.groups import ChannelBlock, ChannelBlocks, ChannelsThenElements, Kernels
 from .projections.sparse import NM, HardThreshold, SoftThreshold, TopK, keep_count
 from .refit import bias_for, input_moments, masked_refit, moments
+from .rowblocks import row_blocks, solve_in_row_blocks
 
 PENALTY_RHO = 1.0  # fixed ρ, relative to the layer's curvature, for the penalty methods (Kiaee et al.)
 PENALTY_SEARCH_STEPS = 10
@@ -52,15 +53,17 @@ class Structure:
     rank: RankSpec | None = None  # lowrank / lowrank-sparse: rank of L and the form of S
     bits: int = 8  # grid: integer width
     keep_zeros: bool = False  # grid: W₀'s zeros stay zero
+    keep: int | None = None  # unstructured / kernels: entries (kernels) kept, instead of what ``sparsity`` implies
 
     def projection(self, w0: torch.Tensor):
         """The Z-step of a constraint set (the penalties build theirs in the μ search)."""
         if self.kind == "unstructured":
-            return TopK(keep_count(w0.numel(), self.sparsity))
+            return TopK(keep_count(w0.numel(), self.sparsity) if self.keep is None else self.keep)
         if self.kind == "nm":
             return NM(self.n, self.m, self.taps)
         if self.kind == "kernels":
-            return Kernels(keep_count(w0.numel() // self.taps, self.sparsity), self.taps)
+            return Kernels(keep_count(w0.numel() // self.taps, self.sparsity) if self.keep is None else self.keep,
+                           self.taps)
         if self.kind == "channels":
             return ChannelBlocks(self.blocks, self.width)
         if self.kind == "l0-l21":
@@ -85,14 +88,25 @@ class LayerSolution:
 
     @property
     def sparsity(self) -> float:
-        return 1.0 - float(self.mask.float().mean())
+        return 1.0 - int(torch.count_nonzero(self.mask)) / max(self.mask.numel(), 1)
 
 
 def solve_layer(problem: LayerProblem, structure: Structure, loss: str = "activation",
                 solver: str = "admm", settings: AdmmSettings = AdmmSettings()) -> LayerSolution:
+    """The layer's solution; in blocks of output rows where its solve would exceed ``settings.layer_bytes``
+    and its constraint allows (``rowblocks.py``)."""
     if loss == "activation" and problem.activation is not None:  # a chain that only shifts (bias, residual)
         linear = problem.shift_free()                              # is solved as the linear problem it is
         problem, loss = (linear, "linear") if linear is not problem else (problem, loss)
+    blocks = row_blocks(problem, structure, settings.layer_bytes)
+    if len(blocks) > 1:
+        return solve_in_row_blocks(problem, structure, blocks, loss,
+                                   lambda part, kind, inner: _solve(part, kind, loss, solver, inner), settings)
+    return _solve(problem, structure, loss, solver, settings)
+
+
+def _solve(problem: LayerProblem, structure: Structure, loss: str, solver: str,
+           settings: AdmmSettings) -> LayerSolution:
     w0, b0 = problem.w0, problem.b0
     if structure.kind in ("lowrank", "lowrank-sparse"):
         return _solve_factored(problem, structure, loss, solver, settings)

@@ -44,8 +44,10 @@ def converter_missing(node: onnx.NodeProto, opset: int) -> bool:
 
 def _convert(view: GraphView, node_ids: list[int], inputs: list[str], output: str,
              input_ranks: dict[str, int | None]) -> torch.nn.Module:
+    """onnx2torch's module of the nodes ``node_ids``, reading ``inputs`` (in that order; an initializer among them
+    is an input of the module, not a constant in it) and returning ``output``."""
     check_convertible(view, node_ids, "; the layer stays dense")
-    needed = {t for i in node_ids for t in view.nodes[i].input if t in view.initializers}
+    needed = {t for i in node_ids for t in view.nodes[i].input if t in view.initializers} - set(inputs)
     graph = helper.make_graph(
         [view.nodes[i] for i in node_ids], "onnxadmm_bridge",
         [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT,
@@ -119,6 +121,19 @@ def activation_function(view: GraphView, layer: Layer):
     return sigma
 
 
+FED_WEIGHT_OPS = ("MatMul", "Gemm")  # layers whose weight the conversion check feeds as an input (``verify_layer``)
+
+
+def _float32_tensor(array: np.ndarray) -> torch.Tensor:
+    """A float32 tensor of ``array``, sharing its memory where it is float32 already (read-only: a mapped file)."""
+    array = np.asarray(array)
+    if array.dtype != np.float32:
+        return torch.from_numpy(array.astype(np.float32))
+    with warnings.catch_warnings():  # (torch warns that it cannot protect a read-only array; it is only read)
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
+
+
 def verify_layer(view: GraphView, layer: Layer, x_batch: np.ndarray, side_batches: list[np.ndarray],
                  positions: Callable[[torch.Tensor], torch.Tensor], expected: torch.Tensor) -> None:
     """Run the converted layer + chain on one real batch; its values at the sampled positions must
@@ -130,10 +145,16 @@ def verify_layer(view: GraphView, layer: Layer, x_batch: np.ndarray, side_batche
     output = chain.output_name if chain and not chain.is_identity else layer.output_name
     ranks = {layer.input_name: np.asarray(x_batch).ndim}
     ranks.update({name: np.asarray(s).ndim for name, s in zip(inputs[1:], side_batches)})
+    fed = []  # a MatMul's or Gemm's weight is fed to the module (onnx2torch multiplies by it as given), not copied
+    if layer.op_type in FED_WEIGHT_OPS:  # into the converted model and module: a multi-GB weight is read in place
+        weight = view.constant(layer.weight_name)
+        inputs.append(layer.weight_name)
+        ranks[layer.weight_name] = weight.ndim
+        fed = [_float32_tensor(weight)]
     module = _convert(view, ids, inputs, output, ranks)
     with torch.no_grad():
         full = module(torch.from_numpy(np.array(x_batch, dtype=np.float32)),
-                      *(torch.from_numpy(np.array(s, dtype=np.float32)) for s in side_batches))
+                      *(torch.from_numpy(np.array(s, dtype=np.float32)) for s in side_batches), *fed)
     got = positions(full)
     scale = float(expected.abs().max()) or 1.0
     error = float((got - expected).abs().max())

@@ -213,15 +213,12 @@ class StoredSize:
 
 def stored_size(model: onnx.ModelProto, threads: int = 0) -> StoredSize:
     """Sizes and parameter counts of ``model``. Models large enough to reach onnxruntime through files are zipped
-    initializer by initializer (no serialized copy); one tensor is decoded at a time."""
+    initializer by initializer (no serialized copy), a tensor in a file a block at a time."""
     size_bytes, pieces = serialized_pieces(model, FILES_FROM_BYTES)
     zipped_bytes = zipped_size(pieces, threads)
     del pieces
-    counts = {}
-    for tensor in _parameter_initializers(model):
-        array = weights.array(tensor)
-        counts[tensor.name] = (array.size, int(np.count_nonzero(array)))
-        del array
+    counts = {tensor.name: (int(np.prod(tensor.dims, dtype=np.int64)), weights.count_nonzero(tensor))
+              for tensor in _parameter_initializers(model)}
     return StoredSize(size_bytes, zipped_bytes, counts)
 
 

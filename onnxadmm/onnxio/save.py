@@ -97,7 +97,7 @@ def serialized_pieces(model: onnx.ModelProto, whole_below: int = PROTOBUF_LIMIT_
     skeleton = without_initializers(model).SerializeToString()
     size = len(skeleton) + sum(weights.stored_bytes(t) + FRAMING_BYTES for t in model.graph.initializer) \
         if over_limit or mapped else model.ByteSize()
-    return size, itertools.chain([skeleton], (weights.inlined(t).SerializeToString() for t in model.graph.initializer))
+    return size, itertools.chain([skeleton], *(weights.serialized(t) for t in model.graph.initializer))
 
 
 FRAMING_BYTES = 6  # tag + length varint of an initializer inside the graph

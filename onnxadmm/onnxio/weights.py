@@ -70,6 +70,9 @@ def stored_bytes(tensor: onnx.TensorProto) -> int:
     return header + 1 + len(_varint(length)) + length
 
 
+RAW_DATA_TAG = bytes([(9 << 3) | 2])  # TensorProto.raw_data: field 9, length-delimited
+
+
 def _varint(value: int) -> bytes:
     out = bytearray()
     while True:
@@ -104,6 +107,25 @@ def chunks(tensor: onnx.TensorProto) -> Iterator[bytes]:
                 raise OSError(f"{info.location} ends before initializer {tensor.name!r}")
             left -= len(block)
             yield block
+
+
+def serialized(tensor: onnx.TensorProto) -> Iterator[bytes]:
+    """``inlined(tensor).SerializeToString()`` in pieces: a mapped tensor's message header, then its values read
+    ``COPY_BLOCK_BYTES`` at a time (never the whole tensor in memory); any other tensor in one piece."""
+    if not is_mapped(tensor):
+        yield tensor.SerializeToString()
+        return
+    header = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims).SerializeToString()
+    yield header + RAW_DATA_TAG + _varint(payload_bytes(tensor))
+    yield from chunks(tensor)
+
+
+def count_nonzero(tensor: onnx.TensorProto) -> int:
+    """Nonzero values of the tensor; a mapped one counted a block at a time."""
+    if not is_mapped(tensor):
+        return int(np.count_nonzero(numpy_helper.to_array(tensor)))
+    dtype = _dtype(tensor)
+    return sum(int(np.count_nonzero(np.frombuffer(block, dtype=dtype))) for block in chunks(tensor))
 
 
 def inlined(tensor: onnx.TensorProto) -> onnx.TensorProto:

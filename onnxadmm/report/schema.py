@@ -20,7 +20,8 @@ Errors are relative squared errors of the layer output on the sampled calibratio
   error_final — after ADMM and the refit.
 admm_history holds, per ADMM iteration, objective (f(Z) on the solver's patch subset; through the activation,
 on a quarter of it where no stopping rule reads it), primal_residual, dual_residual and rho (relative to the
-layer's curvature).
+layer's curvature); for a layer solved in blocks of output rows (``algorithms/rowblocks.py``), row_blocks: one such
+history per block, with its rows [start, stop).
 """
 
 from __future__ import annotations

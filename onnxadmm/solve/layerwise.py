@@ -94,7 +94,8 @@ def admm_settings(config: CompressConfig) -> AdmmSettings:
     return AdmmSettings(iterations=config.admm_iterations, rho_init=config.rho_init,
                         rho_growth=config.rho_growth, grad_patches=config.grad_patches, seed=config.seed,
                         bf16_products=resolved_products(config).admm_products == "bf16",
-                        subset_bytes=(config.max_memory_mb << 20) // 8)  # (the budget's shares: compress_layers)
+                        subset_bytes=(config.max_memory_mb << 20) // 8,  # (the budget's shares: compress_layers)
+                        layer_bytes=(config.max_memory_mb << 20) * 3 // 8)
 
 
 def resolved_products(config: CompressConfig) -> CompressConfig:
@@ -118,7 +119,8 @@ def compress_layers(view: GraphView, layers: list[Layer], samples: SampleSet, st
         for name in (layer.input_name, *_sides(layer)):
             pending[name] = pending.get(name, 0) + 1
     budget = config.max_memory_mb << 20  # a quarter cached activations, a quarter one layer's sampled problem, an
-    # eighth the solver's copy of its patch subset (``admm_settings``), the rest onnxruntime's and the solver's own
+    # eighth the solver's copy of its patch subset, the rest (``admm_settings``) the solver's working copies of the
+    # layer (beyond it, solved in blocks of rows) or onnxruntime's segment runs, which do not run at the same time
     sampling = SampleSettings(max_patches=config.sample_patches, memory_bytes=budget // 4, seed=config.seed,
                               token_mask=token_mask_input(view, config.token_mask))
     settings = admm_settings(config)
@@ -174,9 +176,9 @@ def compress_layers(view: GraphView, layers: list[Layer], samples: SampleSet, st
 def _inner_progress(progress: Progress, index: int, total: int, name: str):
     """Progress inside one layer's solve: its ADMM iteration and primal residual ‖W − Z‖/‖W₀‖ (the sink
     decides how often to show it; on a log, at most every 10 s, so only long layers print these)."""
-    def report(iteration: int, iterations: int, primal: float) -> None:
-        progress("solve", index, total, f"{name}: ADMM iteration {iteration}/{iterations}, "
-                                        f"residual {primal:.1e}")
+    def report(iteration: int, iterations: int, primal: float, part: str = "") -> None:
+        progress("solve", index, total, f"{name}: {part + ', ' if part else ''}ADMM iteration "
+                                        f"{iteration}/{iterations}, residual {primal:.1e}")
     return report
 
 
@@ -215,6 +217,8 @@ def _solve_one(stream, view, layer, index, level, structure, config, sampling, s
     freed.release()  # the batches' patches, before the solve's copies
     torch.manual_seed(config.seed + index)
     solution = solve_layer(problem, structure, config.loss, config.solver, settings)
+    patches = problem.num_patches
+    del problem, w0  # the original weights (a copy in the solver's layout), before the solved ones are laid out
     values = {layer.weight_name: layer.stored(solution.weight.numpy())}
     if layer.bias_name is not None:
         original = view.constant(layer.bias_name)
@@ -224,9 +228,9 @@ def _solve_one(stream, view, layer, index, level, structure, config, sampling, s
             .astype(original.dtype)
     outcome = LayerOutcome(
         layer=layer, structure=structure, target_level=level, sparsity=solution.sparsity,
-        nonzero=int(solution.mask.sum()) if solution.factors is None else solution.factors.nonzero,
+        nonzero=int(torch.count_nonzero(solution.mask)) if solution.factors is None else solution.factors.nonzero,
         error_dense=solution.error_dense, error_projected=solution.error_projected,
-        error_final=solution.error_final, seconds=0.0, patches=problem.num_patches, history=solution.history,
+        error_final=solution.error_final, seconds=0.0, patches=patches, history=solution.history,
         penalty_mu=solution.penalty_mu, factors=solution.factors,
         scales=None if solution.scales is None else solution.scales.reshape(-1).numpy() / np.float32(layer.alpha))
     if solution.factors is not None:

@@ -29,7 +29,7 @@ def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.ones_like(scores, dtype=torch.bool)
     threshold = torch.kthvalue(flat, n - k + 1).values
     mask = flat > threshold
-    ties = torch.nonzero(flat == threshold).reshape(-1)[: k - int(mask.sum())]
+    ties = torch.nonzero(flat == threshold).reshape(-1)[: k - int(torch.count_nonzero(mask))]
     mask[ties] = True
     return mask.reshape(scores.shape)
 
