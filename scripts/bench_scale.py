@@ -253,7 +253,11 @@ def render() -> str:
               "Cholesky (0.33 pt and 0.9644 both). EfficientNet-Lite0 by Cholesky: 8.40 pt, agreement 0.870 "
               "(7.80 pt and 0.874 by conjugate gradients, which stop at 500 iterations: 8 images only that model "
               "gets right against 5, p = 0.58); 1bc579d, before the solve was made to scale, gave 8.00 pt and "
-              "0.876 on the same split. ResNet-56 `--sparsity 0.5` (per-row supports) gives a byte-identical "
+              "0.876 on the same split; with the halves swapped (2026-12-08, one run each), 1bc579d 6.80 pt, "
+              "agreement 0.866 (467 s, 5,994 MB) and baa0001 6.20 pt, 0.874 (171 s, 3,061 MB; 14 images only "
+              "the old model gets right against 17, p = 0.72), so over both halves 7.40 against 7.30 pt "
+              "(baa0001 gives the 8.40 pt and 0.870 above on the standard split). ResNet-56 `--sparsity 0.5` "
+              "(per-row supports) gives a byte-identical "
               "model; ResNet-20 channels at MACs 0.7 2.08 → 2.03 pt, low-rank 9.46 → 9.17 pt at the same "
               "agreement (seed 0).", "",
               "Sensitivity probes cut at the probed weights' first reader (2026-12-06, the rows marked `ae65c45 "
