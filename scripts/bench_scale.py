@@ -393,7 +393,9 @@ weights in the solver's layout beside the solved ones and their stored layout at
 validation's sessions (3.1 GB). So the bound above (1.5× plus `--max-memory-mb`) holds for models whose largest
 layer is small against the whole; a model that is one multi-GB layer needs about 3× its weights. The AlexNet,
 VGG-16 and `large_2gb` rows marked `bae3525 dirty` ran with row blocks, before these last three changes: VGG-16
-6,629 → 6,027 MB (its 6.0 GB, 11× its weights, not broken down here), `large_2gb` 3,305 → 3,157 MB and 503 → 279 s
+6,629 → 6,027 MB (11× its weights: RSS sampled through a run, that peak is the planning stage's sensitivity
+probes, 4.2–6.0 GB over their 110 s — onnxruntime runs of the cut graphs on the 16 samples' 224 × 224 feature
+maps, which `--max-memory-mb` does not bound — while the layer-wise solve stayed at 1.8–3.2 GB), `large_2gb` 3,305 → 3,157 MB and 503 → 279 s
 (its layers 19 → 8 s at most), AlexNet 3,166 → 2,928 MB and 87 → 117 s, in a slow hour: run back to back with the
 release before, twice each with the final code, AlexNet compressed in 77.4 / 79.1 s before and 76.9 / 80.0 s after,
 peak RSS 3,087 / 3,179 and 2,916 / 2,901 MB, its classifiers' errors 0.00003 / 0.00316 / 0.00084 before and
