@@ -26,10 +26,11 @@ def problem(rows=200, d=16, groups=1, patches=3000, activation=None, seed=0):
 
 
 def share(prob, blocks):
-    """A layer_bytes that gives ``prob`` about ``blocks`` row blocks."""
+    """Settings whose layer_bytes give ``prob`` about ``blocks`` row blocks."""
     g, r, d = prob.w0.shape
-    per_row = 4 * g * (rowblocks.WEIGHT_COPIES * (d + 1) + rowblocks.PATCH_COPIES * rowblocks._subset_size(prob, d))
-    return per_row * r // blocks + 1
+    rows = rowblocks.objective_rows(prob, AdmmSettings())
+    per_row = 4 * g * (rowblocks.WEIGHT_COPIES * (d + 1) + rowblocks.PATCH_COPIES * rows)
+    return AdmmSettings(layer_bytes=per_row * r // blocks + 1)
 
 
 @pytest.mark.parametrize("taps", [1, 4])
@@ -45,7 +46,7 @@ def test_kept_per_row_counts_what_top_k_mask_keeps_ties_included(monkeypatch, ta
 def test_a_layer_within_its_share_is_solved_whole_and_unchanged():
     prob = problem()
     structure = Structure("unstructured", sparsity=0.6)
-    assert row_blocks(prob, structure, 1 << 30) == [(0, 200)]
+    assert row_blocks(prob, structure, AdmmSettings(layer_bytes=1 << 30)) == [(0, 200)]
     whole = solve_layer(prob, structure, settings=AdmmSettings(iterations=8))
     again = solve_layer(problem(), structure, settings=AdmmSettings(iterations=8, layer_bytes=1 << 30))
     assert torch.equal(whole.weight, again.weight) and torch.equal(whole.bias, again.bias)
@@ -55,8 +56,8 @@ def test_a_layer_within_its_share_is_solved_whole_and_unchanged():
 def test_unstructured_sparsity_in_row_blocks_keeps_the_layer_s_count_and_the_whole_solve_s_quality(groups):
     prob = problem(groups=groups)
     structure = Structure("unstructured", sparsity=0.6)
-    layer_bytes = share(prob, 3)
-    blocks = row_blocks(prob, structure, layer_bytes)
+    layer_bytes = share(prob, 3).layer_bytes
+    blocks = row_blocks(prob, structure, share(prob, 3))
     assert len(blocks) == 3 and blocks[0][0] == 0 and blocks[-1][1] == 200
     parts = []
     settings = AdmmSettings(iterations=12, layer_bytes=layer_bytes,
@@ -88,7 +89,7 @@ def test_the_blocks_share_the_objective_s_subset_of_the_inputs():
 
 def test_nm_and_the_integer_grid_in_row_blocks_hold_their_pattern_row_by_row():
     prob = problem(d=16)
-    settings = AdmmSettings(iterations=6, layer_bytes=share(prob, 4))
+    settings = AdmmSettings(iterations=6, layer_bytes=share(prob, 4).layer_bytes)
     nm = solve_layer(prob, Structure("nm", n=2, m=4), settings=settings)
     assert "row_blocks" in nm.history
     assert torch.all((nm.weight.reshape(1, 200, 4, 4) != 0).sum(-1) <= 2)

@@ -33,14 +33,15 @@ SPLIT_KINDS = ("unstructured", "nm", "kernels", "grid", "dense", "mask")
 PROBE_PATCHES = 64  # patches on which σ is checked to take a block of channels
 
 
-def row_blocks(problem: LayerProblem, structure, layer_bytes: int | None) -> list[tuple[int, int]]:
+def row_blocks(problem: LayerProblem, structure, settings: AdmmSettings) -> list[tuple[int, int]]:
     """Output-row ranges [start, stop) of each group that the layer is solved in: one, [0, R), unless its
-    solve would exceed ``layer_bytes``, its constraint splits by rows (module docstring) and σ takes a block
-    of channels; else equal blocks, each within ``layer_bytes`` where MIN_ROWS allow."""
+    solve would exceed ``settings.layer_bytes``, its constraint splits by rows (module docstring) and σ takes a
+    block of channels; else equal blocks, each within ``layer_bytes`` where MIN_ROWS allow."""
     g, r, d = problem.w0.shape
+    layer_bytes = settings.layer_bytes
     if layer_bytes is None or structure.kind not in SPLIT_KINDS or r < 2 * MIN_ROWS:
         return [(0, r)]
-    per_row = 4 * g * (WEIGHT_COPIES * (d + 1) + PATCH_COPIES * _subset_size(problem, d))
+    per_row = 4 * g * (WEIGHT_COPIES * (d + 1) + PATCH_COPIES * objective_rows(problem, settings))
     if per_row * r <= layer_bytes:
         return [(0, r)]
     count = min(math.ceil(per_row * r / layer_bytes), r // MIN_ROWS)
@@ -51,9 +52,9 @@ def row_blocks(problem: LayerProblem, structure, layer_bytes: int | None) -> lis
     return blocks
 
 
-def _subset_size(problem: LayerProblem, d: int) -> int:
-    """Rows of the activation objective's subset (``admm.subset_rows`` at the default settings)."""
-    return min(problem.num_patches, subset_rows(AdmmSettings(), problem.groups, d))
+def objective_rows(problem: LayerProblem, settings: AdmmSettings) -> int:
+    """M: the rows of the activation objective's subset (``admm.subset_rows``)."""
+    return min(problem.num_patches, subset_rows(settings, problem.groups, problem.w0.shape[-1]))
 
 
 @torch.no_grad()

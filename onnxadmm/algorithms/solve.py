@@ -98,7 +98,7 @@ def solve_layer(problem: LayerProblem, structure: Structure, loss: str = "activa
     if loss == "activation" and problem.activation is not None:  # a chain that only shifts (bias, residual)
         linear = problem.shift_free()                              # is solved as the linear problem it is
         problem, loss = (linear, "linear") if linear is not problem else (problem, loss)
-    blocks = row_blocks(problem, structure, settings.layer_bytes)
+    blocks = row_blocks(problem, structure, settings)
     if len(blocks) > 1:
         return solve_in_row_blocks(problem, structure, blocks, loss,
                                    lambda part, kind, inner: _solve(part, kind, loss, solver, inner), settings)
