@@ -369,7 +369,9 @@ and, for a layer-wide count (element and kernel sparsity), once each block is gi
 among the layer's k largest |W₀|, counted from two histograms of the scores' bit patterns, chunk by chunk, without a
 copy of the layer (`kept_per_row`, exactly `top_k_mask`'s choice). ADMM moves entries freely within a block, not
 across blocks. Channel pruning, low rank and the penalties' layer-wide μ search couple every row and are solved
-whole. The blocks share the sampled inputs, the objective's subset of them and its eigenbasis. No layer of the
+whole. The blocks share the sampled inputs, the objective's subset of them and its eigenbasis. The progress
+line names the block (`block 3/13 (rows 10082-15123 of 65536), ADMM iteration …`) and the report's
+`admm_history` holds one history per block (`row_blocks`). No layer of the
 test-bed models is split at the default 2048 MB (ResNet-20 `--sparsity 0.5`, `--quantize int8` and `--nm 2:4`:
 byte-identical outputs before and after); AlexNet's and VGG-16's classifiers are (4 and 2, 9 and 2 blocks), and the
 `large_2gb` layers at its 256 MB (13 blocks each).

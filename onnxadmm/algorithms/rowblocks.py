@@ -65,19 +65,18 @@ def _channelwise(problem: LayerProblem, blocks: list[tuple[int, int]]) -> bool:
     if problem.activation is None:
         return True
     rows = slice(0, min(problem.num_patches, PROBE_PATCHES))
-    head = LayerProblem(x_hat=problem.x_hat[rows], y_ref=problem.y_ref[rows], w0=problem.w0, b0=problem.b0,
-                        side_hat=(), side_ref=problem.sides("ref", rows), activation=problem.activation)
-    z = head.y_ref * 1.5 - 0.25 * head.y_ref.abs().mean()  # (some of each sign)
-    whole = head.sigma(z, head.side_ref)
+    z = problem.y_ref[rows] * 1.5 - 0.25 * problem.y_ref[rows].abs().mean()  # (some of each sign)
+    sides = problem.sides("ref", rows)
+    whole = problem.sigma(z, sides)
     g, r, _ = problem.w0.shape
     for start, stop in (blocks[0], blocks[-1]):
-        part = head.output_rows(start, stop)
-        columns = output_columns(whole, g, r, start, stop)
+        def cut(t: torch.Tensor) -> torch.Tensor:
+            return output_columns(t, g, r, start, stop)
         try:
-            got = part.sigma(output_columns(z, g, r, start, stop), part.side_ref)
+            got = problem.sigma(cut(z), tuple(cut(s) for s in sides))
         except RuntimeError:  # (a per-channel constant that does not broadcast with the block)
             return False
-        if got.shape != columns.shape or not torch.allclose(got, columns, rtol=1e-6, atol=1e-6):
+        if got.shape != cut(whole).shape or not torch.allclose(got, cut(whole), rtol=1e-6, atol=1e-6):
             return False
     return True
 
@@ -146,7 +145,7 @@ def solve_in_row_blocks(problem: LayerProblem, structure, blocks: list[tuple[int
     """``solve(block problem, block structure, settings)`` for each block (``loss``: the errors' metric), merged into one solution of the layer: the
     weights, bias and scales in place; each relative error the blocks' errors weighted by their targets'
     energy (the sum of the numerators over the sum of the denominators); the history per block."""
-    g, r, d = problem.w0.shape
+    g, r, _ = problem.w0.shape
     structures = block_structures(structure, problem.w0, blocks)
     weight = torch.empty_like(problem.w0)
     bias = torch.empty(g, r)
